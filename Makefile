@@ -1,0 +1,62 @@
+# adbeacon: build, run and test. Needs GNU make and bash; everything else is
+# installed on demand by scripts/deps.sh (Debian 12).
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+# Ports of the local stack (scripts/stack.sh); override like `make run REDIS_PORT=6380`.
+CH_HTTP_PORT ?= 8123
+CH_TCP_PORT ?= 19000
+REDIS_PORT ?= 6379
+export CH_HTTP_PORT CH_TCP_PORT REDIS_PORT
+
+# Debian installs clickhouse-server in /usr/sbin; the integration tests look it up on PATH.
+export PATH := $(PATH):/usr/sbin
+
+ifeq ($(CI),true)
+export CARGO_TERM_COLOR := never
+endif
+
+VENV_PYTHON := .data/venv/bin/python
+
+.PHONY: help run test bench stop status clean-data fmt lint openapi
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+
+run: ## local stack + `adbeacon serve` on :8080; Ctrl-C stops both
+	bash scripts/run.sh
+
+# One command per line so the first failure stops make.
+test: ## deps, fmt check, clippy, all tests, SQL conformance (what CI runs)
+	bash scripts/deps.sh test
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	cargo test --all-targets
+	$(VENV_PYTHON) tests/sql/conformance.py
+
+bench: ## benchmarks (scripts/bench.sh)
+	bash scripts/deps.sh bench
+	bash scripts/bench.sh
+
+stop: ## stop the servers that scripts/stack.sh started
+	bash scripts/stack.sh stop
+
+status: ## which local servers answer, and who started them
+	bash scripts/stack.sh status || true
+
+clean-data: stop ## stop the stack, then delete .data (databases, spill queue, venv)
+	rm -rf .data
+
+fmt: ## format the code
+	cargo fmt
+
+lint: ## fmt check and clippy, as in `make test`
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+
+# Through a temporary file, so a failed build leaves the checked-in spec intact.
+openapi: ## regenerate openapi/openapi.yaml
+	mkdir -p openapi
+	cargo run --quiet -- openapi > openapi/openapi.yaml.tmp || { rm -f openapi/openapi.yaml.tmp; exit 1; }
+	mv openapi/openapi.yaml.tmp openapi/openapi.yaml

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Installs what `make run|test|bench` needs, and only what is missing.
+# Safe to run every time: prints nothing when everything is already there.
+#
+#   scripts/deps.sh [run|test|bench]     (default: run)
+#
+# Works on a fresh Debian 12 machine with no stdin (CI=true): apt runs
+# non-interactively and its package lists are refreshed once, only when
+# something has to be installed.
+set -euo pipefail
+
+mode="${1:-run}"
+case "$mode" in
+  run | test | bench) ;;
+  *)
+    echo "usage: $0 [run|test|bench]" >&2
+    exit 2
+    ;;
+esac
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+export DEBIAN_FRONTEND=noninteractive
+# Debian puts clickhouse-server in /usr/sbin, which a non-root PATH may lack.
+export PATH="$PATH:/usr/sbin:/sbin"
+
+sudo_cmd=()
+if [ "$(id -u)" -ne 0 ]; then
+  sudo_cmd=(sudo)
+fi
+
+apt_updated=0
+policy_rc_d=/usr/sbin/policy-rc.d
+remove_policy_rc_d=0
+
+cleanup() {
+  if [ "$remove_policy_rc_d" -eq 1 ]; then
+    "${sudo_cmd[@]}" rm -f "$policy_rc_d"
+  fi
+}
+trap cleanup EXIT
+
+apt_install() {
+  if [ "$apt_updated" -eq 0 ]; then
+    echo "deps: apt-get update" >&2
+    "${sudo_cmd[@]}" apt-get update -qq
+    apt_updated=1
+    # Debian's redis-server starts a system service on 6379 when installed;
+    # the project runs its own (scripts/stack.sh, tests), so keep apt from
+    # starting services, unless the machine already has a policy of its own.
+    if [ ! -e "$policy_rc_d" ]; then
+      printf '#!/bin/sh\nexit 101\n' | "${sudo_cmd[@]}" tee "$policy_rc_d" >/dev/null
+      "${sudo_cmd[@]}" chmod 755 "$policy_rc_d"
+      remove_policy_rc_d=1
+    fi
+  fi
+  echo "deps: apt-get install $*" >&2
+  "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+have() { command -v "$1" >/dev/null 2>&1; }
+
+# Collect the missing packages first so apt runs once for all of them.
+missing=()
+have clickhouse-server || missing+=(clickhouse-server)
+have clickhouse-client || missing+=(clickhouse-client)
+have redis-server || missing+=(redis-server)
+have redis-cli || missing+=(redis-tools)
+have curl || missing+=(curl)
+if [ "$mode" = bench ]; then
+  have wrk || missing+=(wrk)
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+  apt_install "${missing[@]}"
+fi
+
+# The Rust toolchain comes from rustup, which this network cannot reach: say so
+# plainly instead of failing later inside make.
+if ! have cargo; then
+  echo "deps: cargo not found; install Rust with rustup (see README.md)" >&2
+  exit 1
+fi
+
+if [ "$mode" = test ]; then
+  components=()
+  cargo fmt --version >/dev/null 2>&1 || components+=(rustfmt)
+  cargo clippy --version >/dev/null 2>&1 || components+=(clippy)
+  if [ "${#components[@]}" -gt 0 ]; then
+    echo "deps: rustup component add ${components[*]}" >&2
+    rustup component add "${components[@]}"
+  fi
+
+  # tests/sql/conformance.py runs the SQL files through chDB, an in-process
+  # ClickHouse, in a venv of its own so the system Python stays untouched.
+  venv=.data/venv
+  if ! "$venv/bin/python" -c 'import chdb' >/dev/null 2>&1; then
+    # A half-made venv (e.g. Debian python without ensurepip) has no pip.
+    if ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
+      rm -rf "$venv"
+      mkdir -p .data
+      echo "deps: python3 -m venv $venv" >&2
+      if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+        rm -rf "$venv"
+        apt_install python3-venv
+        python3 -m venv "$venv"
+      fi
+    fi
+    echo "deps: pip install ${CHDB_PACKAGE:-chdb-core} (a large download)" >&2
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+      "${CHDB_PACKAGE:-chdb-core}"
+    "$venv/bin/python" -c 'import chdb'
+  fi
+fi

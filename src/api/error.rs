@@ -1,0 +1,132 @@
+//! Every error the HTTP surface answers, mapped to a status in this one place.
+//!
+//! Handlers return [`ApiError`]; everything else that fails before a handler runs (an unknown
+//! route, a wrong method, a body that does not parse) is a `poem::Error`, which [`JsonErrors`]
+//! turns into the same `{"error": "…"}` shape. Internal causes are logged, never sent.
+
+use poem::{Endpoint, IntoResponse, Middleware, Request, Response, http::StatusCode};
+use poem_openapi::{ApiResponse, Object, payload::Json};
+
+use crate::{ingest::PushError, store::StoreError};
+
+/// The body of every error response.
+#[derive(Debug, Clone, Object, serde::Serialize)]
+pub struct ErrorBody {
+    /// What is wrong, in words a caller can act on.
+    pub error: String,
+}
+
+/// Errors answered by the operations.
+#[derive(Debug, ApiResponse)]
+pub enum ApiError {
+    /// The request is malformed: invalid JSON, a wrong type, a missing or invalid field.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// The referenced ad (or other resource) does not exist.
+    #[oai(status = 404)]
+    NotFound(Json<ErrorBody>),
+    /// The request body is larger than MAX_BODY_BYTES.
+    #[oai(status = 413)]
+    PayloadTooLarge(Json<ErrorBody>),
+    /// The service cannot hold the event right now (buffer full, storage unavailable, shutting
+    /// down). Nothing was stored; retry after the given number of seconds.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
+}
+
+fn body(msg: impl Into<String>) -> Json<ErrorBody> {
+    Json(ErrorBody { error: msg.into() })
+}
+
+impl ApiError {
+    /// 400 with `msg`.
+    pub fn bad_request(msg: impl Into<String>) -> Self {
+        Self::BadRequest(body(msg))
+    }
+
+    /// 404 with `msg`.
+    pub fn not_found(msg: impl Into<String>) -> Self {
+        Self::NotFound(body(msg))
+    }
+
+    /// 503 for a storage failure; the cause is logged, not sent.
+    pub fn storage(err: StoreError, retry_after: u64) -> Self {
+        tracing::warn!(error = %err, "storage unavailable while answering a request");
+        Self::Unavailable(body("storage is unavailable; retry later"), retry_after)
+    }
+
+    /// 503 for an event the buffer could not take.
+    pub fn push(err: PushError, retry_after: u64) -> Self {
+        let msg = match err {
+            PushError::Full => "the event buffer is full; nothing was stored, retry later",
+            PushError::Closed => "the service is shutting down; nothing was stored, retry later",
+        };
+        Self::Unavailable(body(msg), retry_after)
+    }
+}
+
+/// Turns every non-JSON error response into `{"error": "…"}` with the same status.
+pub struct JsonErrors;
+
+impl<E: Endpoint> Middleware<E> for JsonErrors {
+    type Output = JsonErrorsEndpoint<E>;
+
+    fn transform(&self, ep: E) -> Self::Output {
+        JsonErrorsEndpoint(ep)
+    }
+}
+
+/// The endpoint of [`JsonErrors`].
+pub struct JsonErrorsEndpoint<E>(E);
+
+impl<E: Endpoint> Endpoint for JsonErrorsEndpoint<E> {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> poem::Result<Response> {
+        let resp = match self.0.call(req).await {
+            Ok(r) => r.into_response(),
+            Err(e) => {
+                let data = e.data::<poem_openapi::OperationId>().copied();
+                let mut resp = e.into_response();
+                if let Some(op) = data {
+                    resp.set_data(op);
+                }
+                resp
+            }
+        };
+        if resp.status().as_u16() < 400 || is_json(&resp) {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let op = resp.data::<poem_openapi::OperationId>().copied();
+        let text = resp.into_body().into_string().await.unwrap_or_default();
+        let mut out = error_response(status, &describe(status, &text));
+        if let Some(op) = op {
+            out.set_data(op);
+        }
+        Ok(out)
+    }
+}
+
+fn is_json(resp: &Response) -> bool {
+    resp.content_type().is_some_and(|ct| ct.starts_with("application/json"))
+}
+
+/// Words for errors raised outside the handlers; poem's own texts are kept where they help.
+fn describe(status: StatusCode, text: &str) -> String {
+    let text = text.trim();
+    match status {
+        StatusCode::NOT_FOUND if text.is_empty() || text == "not found" => {
+            "no such endpoint; see /docs for the API".into()
+        }
+        StatusCode::METHOD_NOT_ALLOWED => "method not allowed on this endpoint; see /docs".into(),
+        _ if text.is_empty() => status.canonical_reason().unwrap_or("error").to_lowercase(),
+        _ => text.strip_prefix("parse request payload error: ").unwrap_or(text).to_string(),
+    }
+}
+
+/// A JSON error response with `status` and `msg`.
+pub fn error_response(status: StatusCode, msg: &str) -> Response {
+    let json = serde_json::to_vec(&ErrorBody { error: msg.to_string() }).unwrap_or_default();
+    Response::builder().status(status).content_type("application/json; charset=utf-8").body(json)
+}

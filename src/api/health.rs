@@ -1,0 +1,86 @@
+//! Operations endpoints: liveness, readiness and Prometheus metrics.
+
+use std::sync::Arc;
+
+use poem_openapi::{ApiResponse, Object, OpenApi, payload::Json, payload::PlainText};
+
+use super::{ApiTags, State};
+
+/// Liveness: the process answers.
+#[derive(Debug, Object)]
+pub struct Health {
+    /// Always `ok`.
+    pub status: String,
+}
+
+/// Readiness with the state of each dependency.
+#[derive(Debug, Object)]
+pub struct Readiness {
+    /// `ready` or `not_ready`.
+    pub status: String,
+    /// `ok`, or what is wrong with ClickHouse.
+    pub clickhouse: String,
+    /// `ok`, or `full` when new events would get 503.
+    pub buffer: String,
+}
+
+/// Answer of `GET /readyz`.
+#[derive(Debug, ApiResponse)]
+pub enum ReadyResponse {
+    /// Ready to take traffic.
+    #[oai(status = 200)]
+    Ready(Json<Readiness>),
+    /// Not ready; the body says which dependency fails.
+    #[oai(status = 503)]
+    NotReady(Json<Readiness>),
+}
+
+/// Answer of `GET /metrics`.
+#[derive(Debug, ApiResponse)]
+pub enum MetricsResponse {
+    /// Prometheus text exposition format 0.0.4.
+    #[oai(status = 200, content_type = "text/plain; version=0.0.4; charset=utf-8")]
+    Ok(PlainText<String>),
+}
+
+/// Health and metrics operations.
+pub struct HealthApi {
+    /// Shared service state.
+    pub state: Arc<State>,
+}
+
+#[OpenApi(tag = "ApiTags::Operations")]
+impl HealthApi {
+    /// Liveness.
+    ///
+    /// 200 while the process serves HTTP; it checks no dependency, so orchestrators do not restart
+    /// a healthy process because ClickHouse is down.
+    #[oai(path = "/healthz", method = "get", operation_id = "healthz")]
+    async fn healthz(&self) -> Json<Health> {
+        Json(Health { status: "ok".into() })
+    }
+
+    /// Readiness.
+    ///
+    /// 200 when ClickHouse answers and the buffer has room; else 503 naming what fails.
+    #[oai(path = "/readyz", method = "get", operation_id = "readyz")]
+    async fn readyz(&self) -> ReadyResponse {
+        let clickhouse = match self.state.clickhouse.ping().await {
+            Ok(()) => "ok".to_string(),
+            Err(e) => e.to_string(),
+        };
+        let buffer = if self.state.buffer.is_full() { "full" } else { "ok" }.to_string();
+        let ready = clickhouse == "ok" && buffer == "ok";
+        let body = Readiness { status: if ready { "ready" } else { "not_ready" }.into(), clickhouse, buffer };
+        if ready { ReadyResponse::Ready(Json(body)) } else { ReadyResponse::NotReady(Json(body)) }
+    }
+
+    /// Prometheus metrics.
+    ///
+    /// `http_requests_total{method,path,status}`, `http_request_duration_seconds{path}` and the
+    /// `adbeacon_*` pipeline metrics.
+    #[oai(path = "/metrics", method = "get", operation_id = "metrics")]
+    async fn metrics(&self) -> MetricsResponse {
+        MetricsResponse::Ok(PlainText(self.state.metrics.render()))
+    }
+}

@@ -1,0 +1,215 @@
+//! The HTTP surface: one poem-openapi struct per tag, the shared [`State`], and the routes with
+//! their middleware (JSON errors, HTTP metrics, body limit).
+
+pub mod ads;
+pub mod body;
+pub mod error;
+pub mod health;
+pub mod tracking;
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use poem::{Endpoint, EndpointExt, Middleware, Request, Response, Route, web::RemoteAddr};
+use poem_openapi::{OpenApiService, Tags};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use self::{
+    ads::AdsApi,
+    body::BodyLimit,
+    error::{ApiError, JsonErrors},
+    health::HealthApi,
+    tracking::TrackingApi,
+};
+use crate::{
+    domain::{EventReport, EventTime},
+    ingest::Buffer,
+    iphash::IpHasher,
+    metrics::{Metrics, RejectReason},
+    store::{Catalog, ClickHouse, EventRow},
+};
+
+/// Operation groups in the OpenAPI document.
+#[derive(Tags)]
+pub enum ApiTags {
+    /// Events from players, ad servers and browsers.
+    Tracking,
+    /// The ad catalog.
+    Ads,
+    /// Health, readiness and metrics for operators.
+    Operations,
+}
+
+/// What the handlers share.
+pub struct State {
+    /// Where accepted events wait for the flusher.
+    pub buffer: Arc<Buffer>,
+    /// Ad look-ups.
+    pub catalog: Catalog,
+    /// The ClickHouse handle (readiness).
+    pub clickhouse: ClickHouse,
+    /// Client-IP hashing.
+    pub hasher: IpHasher,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Future skew tolerated in client timestamps.
+    pub max_clock_skew: Duration,
+    /// Age tolerated in client timestamps.
+    pub max_event_age: Duration,
+    /// Seconds a 503 asks the client to wait.
+    pub retry_after: u64,
+    /// Largest request body.
+    pub body_limit: usize,
+}
+
+impl State {
+    /// Turns a request DTO into a validated report, or a 400 naming the problem.
+    pub fn validate<T: TryInto<EventReport, Error = String>>(&self, dto: T) -> Result<EventReport, ApiError> {
+        dto.try_into().map_err(|msg| {
+            self.metrics.rejected(RejectReason::Invalid);
+            ApiError::bad_request(msg)
+        })
+    }
+
+    /// Resolves the ad, stamps the event and buffers it. Ok means the event is held.
+    pub async fn accept(&self, report: EventReport, remote: &RemoteAddr) -> Result<(), ApiError> {
+        match self.catalog.get(report.ad_id).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                self.metrics.rejected(RejectReason::UnknownAd);
+                return Err(ApiError::not_found(format!("ad {} not found", report.ad_id)));
+            }
+            Err(e) => {
+                self.metrics.rejected(RejectReason::CatalogUnavailable);
+                return Err(ApiError::storage(e, self.retry_after));
+            }
+        }
+        let now = OffsetDateTime::now_utc();
+        let time = EventTime::resolve(report.client_time, now, self.max_clock_skew, self.max_event_age);
+        if time.replaced {
+            self.metrics.event_time_replaced.inc();
+        }
+        // The peer address: not a header or body field a client could forge. Issue-5 work adds
+        // trusted proxies.
+        let ip = remote
+            .as_socket_addr()
+            .map(|a| a.ip())
+            .unwrap_or(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
+        let row = EventRow {
+            event_id: Uuid::new_v4(),
+            ad_id: report.ad_id,
+            kind: report.kind,
+            event_time: time.at,
+            received_at: now,
+            ip_hash: self.hasher.hash(ip),
+            playback_time: report.playback_time.map(|p| p.seconds()),
+            error_code: report.error_code,
+            batch_id: Uuid::nil(),
+        };
+        self.buffer.push(std::iter::once(row)).map_err(|e| {
+            self.metrics.rejected(RejectReason::BufferFull);
+            ApiError::push(e, self.retry_after)
+        })?;
+        self.metrics.accepted(report.kind, 1);
+        Ok(())
+    }
+}
+
+/// The OpenAPI service over every operation.
+pub fn openapi(state: Arc<State>) -> OpenApiService<(TrackingApi, AdsApi, HealthApi), ()> {
+    OpenApiService::new(
+        (TrackingApi { state: state.clone() }, AdsApi { state: state.clone() }, HealthApi { state }),
+        "adbeacon",
+        env!("CARGO_PKG_VERSION"),
+    )
+    .description(
+        "Video-ad tracking and analytics. Players, ad servers and web pages send impressions, \
+         clicks and video events; adbeacon acknowledges them at once and stores every one in \
+         ClickHouse. Errors are JSON: {\"error\": \"what is wrong\"}.",
+    )
+}
+
+/// Every route with its middleware.
+pub fn routes(state: Arc<State>) -> impl Endpoint<Output = Response> {
+    let metrics = state.metrics.clone();
+    let body_limit = state.body_limit;
+    let api = openapi(state);
+    let templates = operation_templates(&api.spec());
+    let docs = api.swagger_ui();
+    let spec = api.spec_endpoint();
+    Route::new()
+        .nest("/", api)
+        .nest("/docs", docs)
+        .at("/openapi.json", spec)
+        .with(JsonErrors)
+        .with(HttpMetrics { metrics, templates: Arc::new(templates) })
+        .data(BodyLimit(body_limit))
+}
+
+/// Maps operation ids to their path templates, read from the spec itself.
+fn operation_templates(spec_json: &str) -> HashMap<String, String> {
+    let spec: serde_json::Value = serde_json::from_str(spec_json).unwrap_or_default();
+    let mut out = HashMap::new();
+    if let Some(paths) = spec.get("paths").and_then(|p| p.as_object()) {
+        for (path, ops) in paths {
+            for op in ops.as_object().into_iter().flat_map(|o| o.values()) {
+                if let Some(id) = op.get("operationId").and_then(|v| v.as_str()) {
+                    out.insert(id.to_string(), path.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Counts requests by method, route template and status, and times them by template.
+struct HttpMetrics {
+    metrics: Arc<Metrics>,
+    templates: Arc<HashMap<String, String>>,
+}
+
+impl<E: Endpoint<Output = Response>> Middleware<E> for HttpMetrics {
+    type Output = HttpMetricsEndpoint<E>;
+
+    fn transform(&self, ep: E) -> Self::Output {
+        HttpMetricsEndpoint { inner: ep, metrics: self.metrics.clone(), templates: self.templates.clone() }
+    }
+}
+
+/// The endpoint of [`HttpMetrics`].
+struct HttpMetricsEndpoint<E> {
+    inner: E,
+    metrics: Arc<Metrics>,
+    templates: Arc<HashMap<String, String>>,
+}
+
+impl<E: Endpoint<Output = Response>> Endpoint for HttpMetricsEndpoint<E> {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> poem::Result<Response> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let fallback = if req.uri().path().starts_with("/docs") {
+            "/docs"
+        } else if req.uri().path() == "/openapi.json" {
+            "/openapi.json"
+        } else {
+            "unmatched"
+        };
+        let resp = self.inner.call(req).await?;
+        let path = resp
+            .data::<poem_openapi::OperationId>()
+            .and_then(|op| self.templates.get(op.0))
+            .map_or(fallback, String::as_str);
+        self.metrics.http_requests.with_label_values(&[method.as_str(), path, resp.status().as_str()]).inc();
+        self.metrics.http_duration.with_label_values(&[path]).observe(started.elapsed().as_secs_f64());
+        if resp.status().is_server_error() {
+            tracing::warn!(method = %method, path, status = resp.status().as_u16(), "request failed");
+        }
+        Ok(resp)
+    }
+}

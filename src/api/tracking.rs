@@ -1,0 +1,247 @@
+//! Tracking endpoints with the old services' contracts: `POST /ads/impression` and `POST /ads/click`.
+
+use std::{net::IpAddr, sync::Arc};
+
+use poem::web::RemoteAddr;
+use poem_openapi::{ApiResponse, Object, OpenApi, payload::Json};
+use serde::Deserialize;
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use uuid::Uuid;
+
+use super::{ApiTags, State, body::JsonBody, error::ApiError};
+use crate::domain::{EventKind, EventReport, PlaybackTime};
+
+/// Body of `POST /ads/impression`. Send `adId` or `ad_id`.
+#[derive(Debug, Object, Deserialize)]
+pub struct ImpressionRequest {
+    /// The ad's id (UUID).
+    #[oai(rename = "adId")]
+    #[serde(rename = "adId")]
+    pub ad_id_camel: Option<String>,
+    /// The ad's id; alternative spelling of `adId`.
+    #[oai(rename = "ad_id")]
+    #[serde(rename = "ad_id")]
+    pub ad_id: Option<String>,
+}
+
+/// Body of `POST /ads/click`, camelCase as the old service documented or snake_case.
+#[derive(Debug, Object, Deserialize)]
+pub struct ClickRequest {
+    /// The ad's id (UUID).
+    #[oai(rename = "adId")]
+    #[serde(rename = "adId")]
+    pub ad_id_camel: Option<String>,
+    /// Alternative spelling of `adId`.
+    #[oai(rename = "ad_id")]
+    #[serde(rename = "ad_id")]
+    pub ad_id: Option<String>,
+    /// When the click happened, RFC 3339 (e.g. `2024-05-01T12:00:00Z`). Absent: server time. A
+    /// time more than MAX_CLOCK_SKEW ahead or MAX_EVENT_AGE behind is replaced by server time.
+    pub timestamp: Option<String>,
+    /// The viewer's IP, accepted for compatibility and validated. Unique clicks use the address
+    /// of the connection, never this field, so that they cannot be forged.
+    #[oai(rename = "ipAddress")]
+    #[serde(rename = "ipAddress")]
+    pub ip_address_camel: Option<String>,
+    /// Alternative spelling of `ipAddress`.
+    #[oai(rename = "ip_address")]
+    #[serde(rename = "ip_address")]
+    pub ip_address: Option<String>,
+    /// Alternative spelling of `ipAddress`.
+    pub ip: Option<String>,
+    /// Seconds into the video when the viewer clicked (0 or more).
+    #[oai(rename = "videoPlaybackTime")]
+    #[serde(rename = "videoPlaybackTime")]
+    pub video_playback_time_camel: Option<f64>,
+    /// Alternative spelling of `videoPlaybackTime`.
+    #[oai(rename = "video_playback_time")]
+    #[serde(rename = "video_playback_time")]
+    pub video_playback_time: Option<f64>,
+    /// Alternative spelling of `videoPlaybackTime`.
+    #[oai(rename = "playback_time")]
+    #[serde(rename = "playback_time")]
+    pub playback_time: Option<f64>,
+}
+
+/// A plain acknowledgement.
+#[derive(Debug, Object)]
+pub struct MessageBody {
+    /// What happened.
+    pub message: String,
+}
+
+/// Answer of `POST /ads/impression`.
+#[derive(Debug, ApiResponse)]
+pub enum ImpressionResponse {
+    /// The impression is accepted (no body).
+    #[oai(status = 204)]
+    Accepted,
+}
+
+/// Answer of `POST /ads/click`.
+#[derive(Debug, ApiResponse)]
+pub enum ClickResponse {
+    /// The click is accepted: `{"message": "Click event queued"}`.
+    #[oai(status = 202)]
+    Accepted(Json<MessageBody>),
+}
+
+/// Resolves fields that are spellings of one value: absent, or all present ones equal. Returns
+/// the value with the name the client used, so errors speak the client's spelling.
+fn one_of<T: PartialEq>(fields: Vec<(&str, Option<T>)>) -> Result<Option<(&str, T)>, String> {
+    let present: Vec<(&str, T)> = fields.into_iter().filter_map(|(n, v)| v.map(|v| (n, v))).collect();
+    if let Some(((first_name, first), rest)) = present.split_first()
+        && let Some((other, _)) = rest.iter().find(|(_, v)| v != first)
+    {
+        return Err(format!("{first_name} and {other} disagree; send only one of them"));
+    }
+    Ok(present.into_iter().next())
+}
+
+fn shown(text: &str) -> String {
+    let cut: String = text.chars().take(64).collect();
+    format!("{cut:?}")
+}
+
+fn ad_id(fields: Vec<(&str, Option<String>)>) -> Result<Uuid, String> {
+    let required = fields[0].0;
+    let (name, text) = one_of(fields)?.ok_or_else(|| format!("{required} is required"))?;
+    Uuid::parse_str(text.trim()).map_err(|_| {
+        format!("{name} must be a UUID such as 11111111-1111-1111-1111-111111111111, got {}", shown(&text))
+    })
+}
+
+impl TryFrom<ImpressionRequest> for EventReport {
+    type Error = String;
+
+    fn try_from(r: ImpressionRequest) -> Result<Self, String> {
+        Ok(EventReport {
+            ad_id: ad_id(vec![("adId", r.ad_id_camel), ("ad_id", r.ad_id)])?,
+            kind: EventKind::Impression,
+            client_time: None,
+            playback_time: None,
+            error_code: 0,
+        })
+    }
+}
+
+impl TryFrom<ClickRequest> for EventReport {
+    type Error = String;
+
+    fn try_from(r: ClickRequest) -> Result<Self, String> {
+        let ad_id = ad_id(vec![("adId", r.ad_id_camel), ("ad_id", r.ad_id)])?;
+        let client_time = r
+            .timestamp
+            .map(|t| {
+                OffsetDateTime::parse(t.trim(), &Rfc3339).map_err(|_| {
+                    format!(
+                        "timestamp must be an RFC 3339 time such as 2024-05-01T12:00:00Z, got {}",
+                        shown(&t)
+                    )
+                })
+            })
+            .transpose()?;
+        let ip = one_of(vec![("ipAddress", r.ip_address_camel), ("ip_address", r.ip_address), ("ip", r.ip)])?;
+        if let Some((name, ip)) = ip
+            && ip.trim().parse::<IpAddr>().is_err()
+        {
+            return Err(format!("{name} must be an IPv4 or IPv6 address, got {}", shown(&ip)));
+        }
+        let playback = one_of(vec![
+            ("videoPlaybackTime", r.video_playback_time_camel),
+            ("video_playback_time", r.video_playback_time),
+            ("playback_time", r.playback_time),
+        ])?
+        .map(|(name, s)| PlaybackTime::new(s).map_err(|e| format!("{name} {e}")))
+        .transpose()?;
+        Ok(EventReport { ad_id, kind: EventKind::Click, client_time, playback_time: playback, error_code: 0 })
+    }
+}
+
+/// The seed-compatible tracking operations.
+pub struct TrackingApi {
+    /// Shared service state.
+    pub state: Arc<State>,
+}
+
+#[OpenApi(tag = "ApiTags::Tracking")]
+impl TrackingApi {
+    /// Record an impression.
+    ///
+    /// Accepts `{"ad_id": "…"}` or `{"adId": "…"}`. The event is stored in ClickHouse within
+    /// FLUSH_INTERVAL. Answers 404 for an ad the catalog does not know, 503 (with Retry-After) when
+    /// the service cannot hold the event; nothing is stored for any non-2xx answer.
+    #[oai(path = "/ads/impression", method = "post", operation_id = "recordImpression")]
+    async fn impression(
+        &self,
+        remote: &RemoteAddr,
+        body: JsonBody<ImpressionRequest>,
+    ) -> Result<ImpressionResponse, ApiError> {
+        let report = self.state.validate(body.0)?;
+        self.state.accept(report, remote).await?;
+        Ok(ImpressionResponse::Accepted)
+    }
+
+    /// Record a click.
+    ///
+    /// Accepts the old service's body `{"adId","timestamp","ipAddress","videoPlaybackTime"}` or its
+    /// snake_case form (`ad_id`, `ip_address` or `ip`, `video_playback_time` or `playback_time`).
+    /// Only the ad id is required. Answers 202 `{"message": "Click event queued"}`.
+    #[oai(path = "/ads/click", method = "post", operation_id = "recordClick")]
+    async fn click(
+        &self,
+        remote: &RemoteAddr,
+        body: JsonBody<ClickRequest>,
+    ) -> Result<ClickResponse, ApiError> {
+        let report = self.state.validate(body.0)?;
+        self.state.accept(report, remote).await?;
+        Ok(ClickResponse::Accepted(Json(MessageBody { message: "Click event queued".into() })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn click(json: &str) -> Result<EventReport, String> {
+        EventReport::try_from(super::super::body::parse_json::<ClickRequest>(json.as_bytes())?)
+    }
+
+    const AD: &str = "11111111-1111-1111-1111-111111111111";
+
+    #[test]
+    fn both_spellings_are_accepted() {
+        let a =
+            click(&format!(r#"{{"adId":"{AD}","videoPlaybackTime":12.5,"ipAddress":"192.0.2.1"}}"#)).unwrap();
+        let b = click(&format!(r#"{{"ad_id":"{AD}","playback_time":12.5,"ip":"192.0.2.1"}}"#)).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.playback_time.unwrap().seconds(), 12.5);
+        assert!(a.client_time.is_none());
+    }
+
+    #[test]
+    fn rejections_name_the_problem() {
+        assert_eq!(click("{}").unwrap_err(), "adId is required");
+        assert!(click(r#"{"adId":"nope"}"#).unwrap_err().starts_with("adId must be a UUID"));
+        let e = click(&format!(r#"{{"adId":"{AD}","ad_id":"22222222-2222-2222-2222-222222222222"}}"#))
+            .unwrap_err();
+        assert!(e.contains("disagree"), "{e}");
+        let e = click(&format!(r#"{{"adId":"{AD}","videoPlaybackTime":-3}}"#)).unwrap_err();
+        assert!(e.starts_with("videoPlaybackTime must be 0 or more"), "{e}");
+        let e = click(&format!(r#"{{"adId":"{AD}","timestamp":"yesterday"}}"#)).unwrap_err();
+        assert!(e.starts_with("timestamp must be an RFC 3339"), "{e}");
+        let e = click(&format!(r#"{{"adId":"{AD}","ipAddress":"999.1.1.1"}}"#)).unwrap_err();
+        assert!(e.starts_with("ipAddress must be"), "{e}");
+        let e = click(&format!(r#"{{"ad_id":"{AD}","playback_time":-1}}"#)).unwrap_err();
+        assert!(e.starts_with("playback_time must be 0 or more"), "{e}");
+        assert!(click(r#"{"ad_id":"x"}"#).unwrap_err().starts_with("ad_id must be a UUID"));
+        let e = click(r#"{"adId":42}"#).unwrap_err();
+        assert!(e.starts_with("adId: invalid type"), "{e}");
+    }
+
+    #[test]
+    fn timestamps_parse_as_rfc3339() {
+        let r = click(&format!(r#"{{"adId":"{AD}","timestamp":"2024-05-01T12:00:00+02:00"}}"#)).unwrap();
+        assert_eq!(r.client_time.unwrap().unix_timestamp(), 1_714_557_600);
+    }
+}

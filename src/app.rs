@@ -1,0 +1,150 @@
+//! `App::build` wires the clients, caches, tasks and routes; `run_until` serves until a shutdown
+//! signal and then shuts down in order: stop accepting, finish in-flight requests, flush every
+//! buffered event, return.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use poem::{
+    Server,
+    listener::{Acceptor, Listener, TcpAcceptor, TcpListener},
+};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    api::{self, State},
+    config::Config,
+    ingest::{Buffer, DeadLetters, Flusher, Limits},
+    iphash::IpHasher,
+    metrics::Metrics,
+    store::{Catalog, ClickHouse, StoreError, migrate},
+};
+
+/// Why the service could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// ClickHouse was unreachable or refused the schema.
+    #[error("ClickHouse: {0}")]
+    Store(#[from] StoreError),
+    /// A socket or file could not be used.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> AppError {
+    let context = context.into();
+    move |source| AppError::Io { context, source }
+}
+
+/// How long in-flight requests may take to finish once shutdown begins.
+const REQUEST_GRACE: Duration = Duration::from_secs(10);
+
+/// A built service, bound to its port, not yet serving.
+pub struct App {
+    acceptor: TcpAcceptor,
+    local_addr: SocketAddr,
+    state: Arc<State>,
+    flusher: JoinHandle<()>,
+    stop_flusher: CancellationToken,
+}
+
+/// Builds the shared state from parts that need no I/O beyond what the caller already did.
+fn state(config: &Config, clickhouse: ClickHouse, hasher: IpHasher, metrics: Arc<Metrics>) -> Arc<State> {
+    let buffer = Arc::new(Buffer::new(
+        Limits {
+            max_bytes: config.buffer_max_bytes,
+            batch_rows: config.batch_max_rows,
+            batch_bytes: config.batch_max_bytes,
+            max_age: config.flush_interval,
+        },
+        metrics.clone(),
+    ));
+    let catalog = Catalog::new(
+        clickhouse.clone(),
+        metrics.clone(),
+        config.catalog_cache_ttl,
+        config.catalog_negative_ttl,
+    );
+    Arc::new(State {
+        buffer,
+        catalog,
+        clickhouse,
+        hasher,
+        metrics,
+        max_clock_skew: config.max_clock_skew,
+        max_event_age: config.max_event_age,
+        retry_after: config.flush_interval.as_secs().max(1),
+        body_limit: config.max_body_bytes,
+    })
+}
+
+/// The OpenAPI document as YAML, built without touching the network or the disk.
+pub fn openapi_yaml(config: &Config) -> String {
+    let ch = ClickHouse::detached(&config.clickhouse);
+    let st = state(config, ch, IpHasher::new([0; 16]), Arc::new(Metrics::new()));
+    api::openapi(st).spec_yaml()
+}
+
+/// Connects to ClickHouse (waiting up to STARTUP_TIMEOUT) and applies pending migrations.
+pub async fn connect_and_migrate(config: &Config) -> Result<(ClickHouse, Vec<u32>), AppError> {
+    let ch = ClickHouse::connect(&config.clickhouse, config.startup_timeout).await?;
+    let applied = migrate::apply(&ch).await?;
+    Ok((ch, applied))
+}
+
+impl App {
+    /// Connects, migrates, seeds, starts the flusher and binds `HOST:PORT`.
+    pub async fn build(config: Config) -> Result<App, AppError> {
+        let (clickhouse, _) = connect_and_migrate(&config).await?;
+        let metrics = Arc::new(Metrics::new());
+        let hasher = IpHasher::load_or_create(&config.data_dir, config.ip_hash_key)
+            .map_err(io(format!("IP-hash key under DATA_DIR {}", config.data_dir.display())))?;
+        let state = state(&config, clickhouse.clone(), hasher, metrics.clone());
+        if config.seed_demo_ads {
+            state.catalog.seed_demo_ads_if_empty().await?;
+        }
+        let stop_flusher = CancellationToken::new();
+        let flusher = Flusher {
+            buffer: state.buffer.clone(),
+            clickhouse,
+            metrics,
+            dead_letters: DeadLetters::new(&config.data_dir),
+            insert_timeout: config.insert_timeout,
+            shutdown_timeout: config.shutdown_timeout,
+        };
+        let flusher = tokio::spawn(flusher.run(stop_flusher.clone()));
+        let addr = SocketAddr::new(config.host, config.port);
+        let acceptor = TcpListener::bind(addr)
+            .into_acceptor()
+            .await
+            .map_err(io(format!("cannot listen on {addr} (set HOST/PORT)")))?;
+        let local_addr =
+            acceptor.local_addr().first().and_then(|a| a.as_socket_addr().copied()).unwrap_or(addr);
+        Ok(App { acceptor, local_addr, state, flusher, stop_flusher })
+    }
+
+    /// The address the server is bound to (useful with PORT=0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` completes, then flushes every buffered event and returns.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), AppError> {
+        tracing::info!(addr = %self.local_addr, "serving HTTP");
+        let served = Server::new_with_acceptor(self.acceptor)
+            .run_with_graceful_shutdown(api::routes(self.state.clone()), shutdown, Some(REQUEST_GRACE))
+            .await;
+        tracing::info!("stopped accepting requests; flushing buffered events");
+        self.state.buffer.close();
+        self.stop_flusher.cancel();
+        if let Err(e) = self.flusher.await {
+            tracing::error!(error = %e, "the flusher task failed during shutdown");
+        }
+        served.map_err(io("HTTP server"))
+    }
+}

@@ -1,0 +1,438 @@
+//! Runtime configuration, read once from environment variables.
+//!
+//! Every setting is one variable with a default that works on the local stack. The table
+//! [`SETTINGS`] is the single source for parsing, for `adbeacon --help` and for the README, so the
+//! three never disagree. A bad value stops start-up with a message naming the variable and the
+//! accepted form.
+
+use std::{collections::HashMap, net::IpAddr, path::PathBuf, str::FromStr, time::Duration};
+
+/// One documented environment variable.
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    /// The variable's name.
+    pub name: &'static str,
+    /// The value used when the variable is unset or empty.
+    pub default: &'static str,
+    /// The accepted form, as shown in errors and help.
+    pub form: &'static str,
+    /// What it controls.
+    pub help: &'static str,
+    /// Whether the value is a secret that must never be echoed.
+    pub secret: bool,
+}
+
+const fn s(name: &'static str, default: &'static str, form: &'static str, help: &'static str) -> Setting {
+    Setting { name, default, form, help, secret: false }
+}
+
+/// Every variable adbeacon reads, in the order `--help` shows them.
+pub const SETTINGS: &[Setting] = &[
+    s("HOST", "0.0.0.0", "an IP address", "address the HTTP server binds"),
+    s("PORT", "8080", "a port number 0-65535 (0 = any free port)", "HTTP port"),
+    s("CLICKHOUSE_URL", "http://127.0.0.1:8123", "an http:// or https:// URL", "ClickHouse HTTP endpoint"),
+    s(
+        "CLICKHOUSE_DATABASE",
+        "adbeacon",
+        "a name of letters, digits and _",
+        "database holding adbeacon's tables (created if missing)",
+    ),
+    s("CLICKHOUSE_USER", "default", "a user name", "ClickHouse user"),
+    Setting {
+        name: "CLICKHOUSE_PASSWORD",
+        default: "",
+        form: "any string",
+        help: "ClickHouse password (never logged)",
+        secret: true,
+    },
+    s(
+        "DATA_DIR",
+        "./.data/adbeacon",
+        "a directory path",
+        "local state: the IP-hash key, batches ClickHouse could not take",
+    ),
+    Setting {
+        name: "IP_HASH_KEY",
+        default: "",
+        form: "32 hex digits, or empty to generate one under DATA_DIR",
+        help: "key of the client-IP hash (never logged)",
+        secret: true,
+    },
+    s(
+        "FLUSH_INTERVAL",
+        "1s",
+        "a duration such as 500ms, 1s, 2m",
+        "oldest age of a buffered event before its batch is inserted",
+    ),
+    s("BATCH_MAX_ROWS", "100000", "a whole number >= 1", "rows per INSERT at most"),
+    s("BATCH_MAX_BYTES", "16MiB", "a size such as 512KiB, 16MiB", "bytes per INSERT at most"),
+    s(
+        "BUFFER_MAX_BYTES",
+        "256MiB",
+        "a size such as 64MiB, 1GiB",
+        "events held in memory until ClickHouse confirms them; beyond it requests get 503",
+    ),
+    s("INSERT_TIMEOUT", "30s", "a duration", "time one INSERT may take before it is retried"),
+    s("STARTUP_TIMEOUT", "60s", "a duration", "how long start-up waits for ClickHouse to answer"),
+    s(
+        "SHUTDOWN_TIMEOUT",
+        "30s",
+        "a duration",
+        "how long shutdown keeps retrying the last batches before saving them under DATA_DIR",
+    ),
+    s("MAX_BODY_BYTES", "64KiB", "a size", "largest request body accepted"),
+    s(
+        "MAX_CLOCK_SKEW",
+        "5m",
+        "a duration",
+        "a client timestamp further in the future than this is replaced by server time",
+    ),
+    s("MAX_EVENT_AGE", "7d", "a duration", "a client timestamp older than this is replaced by server time"),
+    s("CATALOG_CACHE_TTL", "60s", "a duration", "how long a known ad stays cached"),
+    s("CATALOG_NEGATIVE_TTL", "5s", "a duration", "how long an unknown ad id stays cached as unknown"),
+    s(
+        "SEED_DEMO_ADS",
+        "true",
+        "true or false",
+        "insert the three demo ads into an empty catalog at start-up",
+    ),
+    s("LOG_FORMAT", "json", "json or pretty", "log line format on stdout"),
+    s("LOG_LEVEL", "info", "a tracing filter such as info or adbeacon=debug,info", "log verbosity"),
+];
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line (for log shippers).
+    Json,
+    /// Human-readable, coloured when on a terminal.
+    Pretty,
+}
+
+/// Where and how to reach ClickHouse.
+#[derive(Debug, Clone)]
+pub struct ClickHouseConfig {
+    /// HTTP endpoint, e.g. `http://127.0.0.1:8123`.
+    pub url: String,
+    /// Database holding adbeacon's tables.
+    pub database: String,
+    /// User name.
+    pub user: String,
+    /// Password; never logged (see the `Debug` impl of [`Config`]).
+    pub password: String,
+}
+
+/// The validated configuration of one adbeacon process.
+#[derive(Clone)]
+pub struct Config {
+    /// Address the HTTP server binds.
+    pub host: IpAddr,
+    /// HTTP port; 0 picks a free one (tests).
+    pub port: u16,
+    /// ClickHouse connection.
+    pub clickhouse: ClickHouseConfig,
+    /// Local state directory.
+    pub data_dir: PathBuf,
+    /// Configured IP-hash key; `None` means load or generate one under `data_dir`.
+    pub ip_hash_key: Option<[u8; 16]>,
+    /// Oldest age of a buffered event before its batch is flushed.
+    pub flush_interval: Duration,
+    /// Rows per INSERT at most.
+    pub batch_max_rows: usize,
+    /// Bytes per INSERT at most.
+    pub batch_max_bytes: usize,
+    /// Bytes of events held in memory (buffered or in flight) before requests get 503.
+    pub buffer_max_bytes: usize,
+    /// Time one INSERT may take.
+    pub insert_timeout: Duration,
+    /// How long start-up waits for ClickHouse.
+    pub startup_timeout: Duration,
+    /// How long shutdown retries the last batches.
+    pub shutdown_timeout: Duration,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Future skew tolerated in client timestamps.
+    pub max_clock_skew: Duration,
+    /// Age tolerated in client timestamps.
+    pub max_event_age: Duration,
+    /// TTL of a known ad in the catalog cache.
+    pub catalog_cache_ttl: Duration,
+    /// TTL of an unknown ad id in the catalog cache.
+    pub catalog_negative_ttl: Duration,
+    /// Seed the demo ads into an empty catalog.
+    pub seed_demo_ads: bool,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter.
+    pub log_level: String,
+}
+
+impl std::fmt::Debug for Config {
+    // Written by hand so that secrets can never reach a log line through `{:?}`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("clickhouse_url", &self.clickhouse.url)
+            .field("clickhouse_database", &self.clickhouse.database)
+            .field("clickhouse_user", &self.clickhouse.user)
+            .field("data_dir", &self.data_dir)
+            .field("flush_interval", &self.flush_interval)
+            .field("batch_max_rows", &self.batch_max_rows)
+            .field("batch_max_bytes", &self.batch_max_bytes)
+            .field("buffer_max_bytes", &self.buffer_max_bytes)
+            .field("seed_demo_ads", &self.seed_demo_ads)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A variable whose value cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {name}{shown}: expected {form} ({reason})")]
+pub struct ConfigError {
+    /// The variable.
+    pub name: &'static str,
+    shown: String,
+    form: &'static str,
+    reason: String,
+}
+
+/// Reads variables through a lookup function, so tests can pass a map instead of the process environment.
+struct Reader<F> {
+    lookup: F,
+}
+
+impl<F: Fn(&str) -> Option<String>> Reader<F> {
+    fn get<T>(
+        &self,
+        name: &'static str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
+        let setting =
+            SETTINGS.iter().find(|s| s.name == name).expect("every variable read is listed in SETTINGS");
+        let raw = (self.lookup)(name).filter(|v| !v.trim().is_empty());
+        let value = raw.as_deref().unwrap_or(setting.default).trim();
+        parse(value).map_err(|reason| ConfigError {
+            name,
+            shown: if setting.secret { String::new() } else { format!("={value:?}") },
+            form: setting.form,
+            reason,
+        })
+    }
+}
+
+fn parse_from_str<T: FromStr>(v: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    v.parse::<T>().map_err(|e| e.to_string())
+}
+
+/// Parses a duration like `500ms`, `1s`, `2m`, `7d`.
+pub fn parse_duration(v: &str) -> Result<Duration, String> {
+    humantime::parse_duration(v).map_err(|e| e.to_string())
+}
+
+/// Parses a byte size like `64KiB`, `16MiB`, `1GiB`, `512KB` or a plain number of bytes.
+pub fn parse_size(v: &str) -> Result<usize, String> {
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (digits, unit) = v.split_at(split);
+    let n: usize = digits.parse().map_err(|_| "no leading number".to_string())?;
+    let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => return Err(format!("unknown unit {other:?}")),
+    };
+    n.checked_mul(mult).ok_or_else(|| "too large".to_string())
+}
+
+fn parse_bool(v: &str) -> Result<bool, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err("not a boolean".into()),
+    }
+}
+
+fn positive<T: PartialOrd + Default>(v: T) -> Result<T, String> {
+    if v > T::default() { Ok(v) } else { Err("must be greater than zero".into()) }
+}
+
+fn parse_key(v: &str) -> Result<Option<[u8; 16]>, String> {
+    if v.is_empty() {
+        return Ok(None);
+    }
+    if v.len() != 32 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("{} characters, not 32 hex digits", v.len()));
+    }
+    let mut key = [0u8; 16];
+    for (i, byte) in key.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&v[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+    }
+    Ok(Some(key))
+}
+
+fn parse_url(v: &str) -> Result<String, String> {
+    let rest = v
+        .strip_prefix("http://")
+        .or_else(|| v.strip_prefix("https://"))
+        .ok_or("scheme must be http or https")?;
+    if rest.trim_end_matches('/').is_empty() {
+        return Err("no host".into());
+    }
+    Ok(v.trim_end_matches('/').to_string())
+}
+
+fn parse_identifier(v: &str) -> Result<String, String> {
+    let ok = !v.is_empty()
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !v.as_bytes()[0].is_ascii_digit();
+    if ok { Ok(v.to_string()) } else { Err("not a plain identifier".into()) }
+}
+
+impl Config {
+    /// Reads the configuration from the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the configuration from explicit pairs; unset variables take their defaults.
+    pub fn from_vars<K: Into<String>, V: Into<String>>(
+        vars: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+        Self::from_lookup(|name| map.get(name).cloned())
+    }
+
+    /// Reads the configuration through `lookup`, which returns a variable's value if it is set.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let r = Reader { lookup };
+        let dur = parse_duration;
+        let pos_dur = |v: &str| parse_duration(v).and_then(positive);
+        let pos_size = |v: &str| parse_size(v).and_then(positive);
+        let config = Config {
+            host: r.get("HOST", parse_from_str)?,
+            port: r.get("PORT", parse_from_str)?,
+            clickhouse: ClickHouseConfig {
+                url: r.get("CLICKHOUSE_URL", parse_url)?,
+                database: r.get("CLICKHOUSE_DATABASE", parse_identifier)?,
+                user: r.get("CLICKHOUSE_USER", |v| Ok(v.to_string()))?,
+                password: r.get("CLICKHOUSE_PASSWORD", |v| Ok(v.to_string()))?,
+            },
+            data_dir: r.get("DATA_DIR", |v| Ok(PathBuf::from(v)))?,
+            ip_hash_key: r.get("IP_HASH_KEY", parse_key)?,
+            flush_interval: r.get("FLUSH_INTERVAL", pos_dur)?,
+            batch_max_rows: r.get("BATCH_MAX_ROWS", |v| parse_from_str(v).and_then(positive))?,
+            batch_max_bytes: r.get("BATCH_MAX_BYTES", pos_size)?,
+            buffer_max_bytes: r.get("BUFFER_MAX_BYTES", pos_size)?,
+            insert_timeout: r.get("INSERT_TIMEOUT", pos_dur)?,
+            startup_timeout: r.get("STARTUP_TIMEOUT", dur)?,
+            shutdown_timeout: r.get("SHUTDOWN_TIMEOUT", dur)?,
+            max_body_bytes: r.get("MAX_BODY_BYTES", pos_size)?,
+            max_clock_skew: r.get("MAX_CLOCK_SKEW", dur)?,
+            max_event_age: r.get("MAX_EVENT_AGE", pos_dur)?,
+            catalog_cache_ttl: r.get("CATALOG_CACHE_TTL", pos_dur)?,
+            catalog_negative_ttl: r.get("CATALOG_NEGATIVE_TTL", dur)?,
+            seed_demo_ads: r.get("SEED_DEMO_ADS", parse_bool)?,
+            log_format: r.get("LOG_FORMAT", |v| match v.to_ascii_lowercase().as_str() {
+                "json" => Ok(LogFormat::Json),
+                "pretty" | "text" => Ok(LogFormat::Pretty),
+                _ => Err("unknown format".into()),
+            })?,
+            log_level: r.get("LOG_LEVEL", |v| {
+                tracing_subscriber::EnvFilter::try_new(v).map(|_| v.to_string()).map_err(|e| e.to_string())
+            })?,
+        };
+        if config.buffer_max_bytes < config.batch_max_bytes {
+            return Err(ConfigError {
+                name: "BUFFER_MAX_BYTES",
+                shown: format!("={}", config.buffer_max_bytes),
+                form: "a size at least BATCH_MAX_BYTES",
+                reason: "the buffer must hold at least one full batch".into(),
+            });
+        }
+        Ok(config)
+    }
+
+    /// The text of `adbeacon --help`: subcommands and every variable with its default.
+    pub fn help_text() -> String {
+        let mut out = String::from(
+            "adbeacon: video-ad tracking and analytics on ClickHouse\n\n\
+             USAGE:\n    adbeacon [serve|migrate|openapi]\n\n\
+             COMMANDS:\n\
+             \x20   serve     apply migrations, then serve HTTP until SIGINT/SIGTERM (the default)\n\
+             \x20   migrate   apply pending ClickHouse migrations and exit\n\
+             \x20   openapi   print the OpenAPI specification (YAML) and exit\n\n\
+             ENVIRONMENT (name, default, meaning):\n",
+        );
+        let width = SETTINGS.iter().map(|s| s.name.len()).max().unwrap_or(0);
+        for s in SETTINGS {
+            let default = if s.default.is_empty() { "(empty)" } else { s.default };
+            out.push_str(&format!("    {:width$}  {:22}  {}\n", s.name, default, s.help, width = width));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::from_vars(Vec::<(String, String)>::new()).unwrap();
+        assert_eq!(c.port, 8080);
+        assert_eq!(c.clickhouse.url, "http://127.0.0.1:8123");
+        assert_eq!(c.flush_interval, Duration::from_secs(1));
+        assert_eq!(c.batch_max_bytes, 16 << 20);
+        assert!(c.seed_demo_ads);
+        assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_form() {
+        let e = Config::from_vars([("PORT", "eighty")]).unwrap_err().to_string();
+        assert!(e.contains("PORT=\"eighty\"") && e.contains("port number"), "{e}");
+        let e = Config::from_vars([("FLUSH_INTERVAL", "soon")]).unwrap_err().to_string();
+        assert!(e.contains("FLUSH_INTERVAL") && e.contains("duration"), "{e}");
+        let e = Config::from_vars([("BUFFER_MAX_BYTES", "12 parsecs")]).unwrap_err().to_string();
+        assert!(e.contains("BUFFER_MAX_BYTES") && e.contains("unknown unit"), "{e}");
+        let e = Config::from_vars([("CLICKHOUSE_URL", "tcp://x")]).unwrap_err().to_string();
+        assert!(e.contains("CLICKHOUSE_URL"), "{e}");
+        let e = Config::from_vars([("SEED_DEMO_ADS", "maybe")]).unwrap_err().to_string();
+        assert!(e.contains("SEED_DEMO_ADS") && e.contains("true or false"), "{e}");
+        let e = Config::from_vars([("BATCH_MAX_ROWS", "0")]).unwrap_err().to_string();
+        assert!(e.contains("greater than zero"), "{e}");
+    }
+
+    #[test]
+    fn secrets_are_not_echoed() {
+        let e = Config::from_vars([("IP_HASH_KEY", "hunter2")]).unwrap_err().to_string();
+        assert!(e.contains("IP_HASH_KEY") && !e.contains("hunter2"), "{e}");
+        let c = Config::from_vars([("CLICKHOUSE_PASSWORD", "s3cret")]).unwrap();
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn sizes_and_keys_parse() {
+        assert_eq!(parse_size("64KiB").unwrap(), 65536);
+        assert_eq!(parse_size("2MB").unwrap(), 2_000_000);
+        assert_eq!(parse_size("100").unwrap(), 100);
+        let key = parse_key("000102030405060708090a0b0c0d0e0f").unwrap().unwrap();
+        assert_eq!(key[15], 15);
+    }
+
+    #[test]
+    fn help_lists_every_variable_with_its_default() {
+        let help = Config::help_text();
+        for s in SETTINGS {
+            assert!(help.contains(s.name), "{} missing", s.name);
+        }
+        assert!(help.contains("serve") && help.contains("migrate") && help.contains("openapi"));
+    }
+}

@@ -1,0 +1,44 @@
+//! An ad in the catalog.
+
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// One ad as the catalog holds it (the newest version).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ad {
+    /// Stable id, used in every event.
+    pub id: Uuid,
+    /// Human name, 1–200 characters.
+    pub name: String,
+    /// The creative: a URL or a path.
+    pub video_url: String,
+    /// Where a click-through leads.
+    pub target_url: String,
+    /// Inactive ads leave `GET /ads` but their events still count.
+    pub active: bool,
+    /// When the ad was created.
+    pub created_at: OffsetDateTime,
+    /// When the ad last changed.
+    pub updated_at: OffsetDateTime,
+    /// Increases with every change; the highest wins.
+    pub version: u64,
+}
+
+/// The three demo ads of the service adbeacon replaces, seeded into an empty catalog.
+pub fn demo_ads(now: OffsetDateTime) -> Vec<Ad> {
+    let ad = |id: &str, name: &str, slug: &str| Ad {
+        id: Uuid::parse_str(id).expect("static id"),
+        name: name.to_string(),
+        video_url: format!("https://cdn.example.com/videos/{slug}.mp4"),
+        target_url: format!("https://www.example.com/{slug}"),
+        active: true,
+        created_at: now,
+        updated_at: now,
+        version: 1,
+    };
+    vec![
+        ad("11111111-1111-1111-1111-111111111111", "Summer Sale", "summer-sale"),
+        ad("22222222-2222-2222-2222-222222222222", "New Phone Launch", "new-phone"),
+        ad("33333333-3333-3333-3333-333333333333", "Travel Deals", "travel-deals"),
+    ]
+}

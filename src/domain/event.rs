@@ -1,0 +1,217 @@
+//! A tracking event and its parts.
+
+use std::time::Duration;
+
+use serde_repr::{Deserialize_repr, Serialize_repr};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// What happened. The discriminants are the `Enum8` values of `events.kind`; never renumber them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize_repr, Deserialize_repr)]
+#[repr(i8)]
+pub enum EventKind {
+    /// The ad was shown.
+    Impression = 1,
+    /// The viewer clicked through.
+    Click = 2,
+    /// VAST creativeView.
+    CreativeView = 3,
+    /// VAST start.
+    Start = 4,
+    /// VAST firstQuartile.
+    FirstQuartile = 5,
+    /// VAST midpoint.
+    Midpoint = 6,
+    /// VAST thirdQuartile.
+    ThirdQuartile = 7,
+    /// VAST complete.
+    Complete = 8,
+    /// VAST skip.
+    Skip = 9,
+    /// VAST pause.
+    Pause = 10,
+    /// VAST resume.
+    Resume = 11,
+    /// VAST mute.
+    Mute = 12,
+    /// VAST unmute.
+    Unmute = 13,
+    /// VAST close.
+    Close = 14,
+    /// VAST error (with an error code).
+    Error = 15,
+}
+
+impl EventKind {
+    /// Every kind, in discriminant order.
+    pub const ALL: [EventKind; 15] = [
+        Self::Impression,
+        Self::Click,
+        Self::CreativeView,
+        Self::Start,
+        Self::FirstQuartile,
+        Self::Midpoint,
+        Self::ThirdQuartile,
+        Self::Complete,
+        Self::Skip,
+        Self::Pause,
+        Self::Resume,
+        Self::Mute,
+        Self::Unmute,
+        Self::Close,
+        Self::Error,
+    ];
+
+    /// The name stored in ClickHouse (snake_case).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Impression => "impression",
+            Self::Click => "click",
+            Self::CreativeView => "creative_view",
+            Self::Start => "start",
+            Self::FirstQuartile => "first_quartile",
+            Self::Midpoint => "midpoint",
+            Self::ThirdQuartile => "third_quartile",
+            Self::Complete => "complete",
+            Self::Skip => "skip",
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::Mute => "mute",
+            Self::Unmute => "unmute",
+            Self::Close => "close",
+            Self::Error => "error",
+        }
+    }
+
+    /// Position in [`EventKind::ALL`], for per-kind arrays.
+    pub fn index(self) -> usize {
+        self as usize - 1
+    }
+}
+
+/// Seconds into the video: finite and not negative.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PlaybackTime(f32);
+
+impl PlaybackTime {
+    /// Longest playback position accepted (a day); anything beyond is a client bug.
+    pub const MAX_SECONDS: f64 = 86_400.0;
+
+    /// Validates a position in seconds.
+    pub fn new(seconds: f64) -> Result<Self, String> {
+        if !seconds.is_finite() {
+            return Err("must be a finite number of seconds".into());
+        }
+        if seconds < 0.0 {
+            return Err(format!("must be 0 or more seconds, got {seconds}"));
+        }
+        if seconds > Self::MAX_SECONDS {
+            return Err(format!("must be at most {} seconds, got {seconds}", Self::MAX_SECONDS));
+        }
+        Ok(Self(seconds as f32))
+    }
+
+    /// The position in seconds.
+    pub fn seconds(self) -> f32 {
+        self.0
+    }
+}
+
+/// When an event happened: the client's clock when it is sane, else the server's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventTime {
+    /// The time stored as `event_time`.
+    pub at: OffsetDateTime,
+    /// True when the client sent a time outside the tolerated window and server time was used.
+    pub replaced: bool,
+}
+
+impl EventTime {
+    /// Picks the event time: `client` if it lies within `[now - max_age, now + max_skew]`.
+    pub fn resolve(
+        client: Option<OffsetDateTime>,
+        now: OffsetDateTime,
+        max_skew: Duration,
+        max_age: Duration,
+    ) -> EventTime {
+        match client {
+            None => EventTime { at: now, replaced: false },
+            Some(t) if t > now + max_skew || t < now - max_age => EventTime { at: now, replaced: true },
+            // Stored with one-second precision, like the DateTime column.
+            Some(t) => EventTime { at: t.replace_nanosecond(0).unwrap_or(t), replaced: false },
+        }
+    }
+}
+
+/// What a client reports about one event, validated. The server adds the event id, its own
+/// clock and the client-IP hash to make an [`Event`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventReport {
+    /// The ad (not yet checked against the catalog).
+    pub ad_id: Uuid,
+    /// What happened.
+    pub kind: EventKind,
+    /// The client's time of the event, if it sent one.
+    pub client_time: Option<OffsetDateTime>,
+    /// Playback position, if it sent one.
+    pub playback_time: Option<PlaybackTime>,
+    /// VAST error code for [`EventKind::Error`], else 0.
+    pub error_code: u16,
+}
+
+/// One accepted tracking event, ready to be stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// Unique per event; the idempotency key.
+    pub event_id: Uuid,
+    /// The ad it belongs to (known to the catalog).
+    pub ad_id: Uuid,
+    /// What happened.
+    pub kind: EventKind,
+    /// When it happened.
+    pub event_time: OffsetDateTime,
+    /// When adbeacon accepted it.
+    pub received_at: OffsetDateTime,
+    /// Keyed hash of the client IP.
+    pub ip_hash: u64,
+    /// Playback position, if the client said.
+    pub playback_time: Option<PlaybackTime>,
+    /// VAST error code for [`EventKind::Error`], else 0.
+    pub error_code: u16,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    #[test]
+    fn kinds_round_trip_their_discriminants() {
+        for (i, k) in EventKind::ALL.iter().enumerate() {
+            assert_eq!(k.index(), i);
+            assert_eq!(*k as i8, i as i8 + 1);
+        }
+    }
+
+    #[test]
+    fn playback_time_rejects_negative_and_nan() {
+        assert!(PlaybackTime::new(-1.0).unwrap_err().contains("0 or more"));
+        assert!(PlaybackTime::new(f64::NAN).is_err());
+        assert!(PlaybackTime::new(1e9).is_err());
+        assert_eq!(PlaybackTime::new(12.5).unwrap().seconds(), 12.5);
+    }
+
+    #[test]
+    fn event_time_keeps_sane_client_times_only() {
+        let now = datetime!(2026-11-21 12:00:00 UTC);
+        let skew = Duration::from_secs(300);
+        let age = Duration::from_secs(7 * 86400);
+        let t = EventTime::resolve(Some(datetime!(2026-11-21 09:30:15.5 UTC)), now, skew, age);
+        assert_eq!(t, EventTime { at: datetime!(2026-11-21 09:30:15 UTC), replaced: false });
+        let t = EventTime::resolve(Some(datetime!(2026-11-21 12:10:00 UTC)), now, skew, age);
+        assert_eq!(t, EventTime { at: now, replaced: true });
+        let t = EventTime::resolve(Some(datetime!(2026-10-01 00:00:00 UTC)), now, skew, age);
+        assert!(t.replaced);
+        assert_eq!(EventTime::resolve(None, now, skew, age).at, now);
+    }
+}

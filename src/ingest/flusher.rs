@@ -1,0 +1,143 @@
+//! The flusher: takes due batches from the buffer and inserts each as one RowBinary INSERT.
+//!
+//! It owns a batch from the moment it is taken until ClickHouse confirms it. A retryable failure
+//! retries the same batch (same token) with capped exponential backoff, for as long as it takes;
+//! meanwhile the buffer fills and requests get 503. A data error is not retried: the batch is saved
+//! as a dead letter. On shutdown every buffered event is flushed; what ClickHouse still refuses
+//! after `SHUTDOWN_TIMEOUT` is saved as a dead letter rather than lost.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    buffer::{Batch, Buffer},
+    dead_letter::DeadLetters,
+};
+use crate::{
+    metrics::Metrics,
+    store::{ClickHouse, StoreError},
+};
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Moves batches from the buffer into ClickHouse.
+pub struct Flusher {
+    /// The buffer to drain.
+    pub buffer: Arc<Buffer>,
+    /// Where batches go.
+    pub clickhouse: ClickHouse,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Where undeliverable batches go.
+    pub dead_letters: DeadLetters,
+    /// Time one INSERT may take.
+    pub insert_timeout: Duration,
+    /// How long shutdown keeps retrying.
+    pub shutdown_timeout: Duration,
+}
+
+impl Flusher {
+    /// Runs until `stop` is cancelled, then drains the buffer and returns.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut give_up_at = None;
+        loop {
+            let deadline = self.buffer.next_deadline();
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                _ = self.buffer.woken() => {}
+                _ = sleep_until(deadline) => {}
+            }
+            while let Some(batch) = self.buffer.take(Instant::now(), false) {
+                self.deliver(batch, &stop, &mut give_up_at).await;
+            }
+        }
+        let mut drained = 0usize;
+        while let Some(batch) = self.buffer.take(Instant::now(), true) {
+            drained += batch.rows.len();
+            self.deliver(batch, &stop, &mut give_up_at).await;
+        }
+        tracing::info!(events = drained, "flushed the buffer at shutdown");
+    }
+
+    /// Inserts `batch`, retrying while that can help; ends with the batch in ClickHouse or saved.
+    async fn deliver(&self, batch: Batch, stop: &CancellationToken, give_up_at: &mut Option<Instant>) {
+        let mut backoff = FIRST_BACKOFF;
+        let mut attempt = 1u32;
+        loop {
+            let started = Instant::now();
+            match self.clickhouse.insert_events(&batch.rows, self.insert_timeout).await {
+                Ok(()) => {
+                    let rows = batch.rows.len();
+                    self.metrics.insert_duration.observe(started.elapsed().as_secs_f64());
+                    self.metrics.batch_rows.observe(rows as f64);
+                    self.metrics.batches_flushed.inc();
+                    self.metrics.events_flushed.inc_by(rows as u64);
+                    self.buffer.release(rows);
+                    tracing::debug!(batch = %batch.id, rows, attempt, "batch inserted");
+                    return;
+                }
+                Err(StoreError::Rejected(reason)) => {
+                    self.metrics.insert_failed(false);
+                    tracing::error!(batch = %batch.id, rows = batch.rows.len(), error = %reason,
+                        "ClickHouse rejected a batch; saving it as a dead letter");
+                    if self.save(&batch, &reason) {
+                        return;
+                    }
+                }
+                Err(StoreError::Retryable(reason)) => {
+                    self.metrics.insert_failed(true);
+                    tracing::warn!(batch = %batch.id, rows = batch.rows.len(), attempt, error = %reason,
+                        "insert failed; retrying the same batch");
+                    if stop.is_cancelled() {
+                        let limit = *give_up_at.get_or_insert_with(|| Instant::now() + self.shutdown_timeout);
+                        if Instant::now() >= limit {
+                            let why = format!("ClickHouse unavailable at shutdown: {reason}");
+                            if self.save(&batch, &why) {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+            // Wake early on shutdown, so the drain starts counting its deadline at once.
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.cancelled(), if !stop.is_cancelled() => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            attempt += 1;
+        }
+    }
+
+    /// Saves a batch as a dead letter; false when even that failed (the caller keeps retrying).
+    fn save(&self, batch: &Batch, reason: &str) -> bool {
+        match self.dead_letters.save(batch, reason) {
+            Ok(path) => {
+                let rows = batch.rows.len();
+                self.metrics.events_dead_lettered.inc_by(rows as u64);
+                self.buffer.release(rows);
+                tracing::error!(batch = %batch.id, rows, path = %path.display(),
+                    "batch saved as a dead letter; load it with: clickhouse-client -q 'INSERT INTO events FORMAT JSONEachRow' < FILE");
+                true
+            }
+            Err(e) => {
+                tracing::error!(batch = %batch.id, error = %e, dir = %self.dead_letters.dir().display(),
+                    "cannot write a dead letter; keeping the batch in memory");
+                false
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,25 @@
+//! adbeacon: video-ad tracking and analytics on ClickHouse.
+//!
+//! The data flow, in five lines:
+//! 1. `api` validates a request into a domain `Event` (ad resolved through the cached `Catalog`).
+//! 2. `ingest::Buffer` holds it in memory, byte-capped (full → 503, never a lost 2xx).
+//! 3. `ingest::Flusher` inserts due batches into ClickHouse `events` as RowBinary, retrying.
+//! 4. Materialized views roll `events` up into `ad_stats_*` aggregates.
+//! 5. Analytics read only the aggregates.
+//!
+//! Modules: [`config`] (environment), [`app`] (wiring and shutdown), [`api`] (HTTP), [`domain`]
+//! (validated types), [`ingest`] (buffer, flusher, dead letters), [`store`] (ClickHouse, migrations,
+//! catalog), [`metrics`], [`telemetry`], [`iphash`].
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod domain;
+pub mod ingest;
+pub mod iphash;
+pub mod metrics;
+pub mod store;
+pub mod telemetry;
+
+pub use app::{App, AppError};
+pub use config::Config;

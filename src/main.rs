@@ -1,0 +1,73 @@
+//! The `adbeacon` binary: parse the command and configuration, start logging, run.
+
+use std::process::ExitCode;
+
+use adbeacon::{App, Config, app, telemetry};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let command = args.first().map(String::as_str).unwrap_or("serve");
+    match command {
+        "-h" | "--help" | "help" => {
+            print!("{}", Config::help_text());
+            return ExitCode::SUCCESS;
+        }
+        "-V" | "--version" | "version" => {
+            println!("adbeacon {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        "serve" | "migrate" | "openapi" if args.len() <= 1 => {}
+        _ => {
+            eprintln!("adbeacon: unknown command {:?}\n\n{}", args.join(" "), Config::help_text());
+            return ExitCode::from(2);
+        }
+    }
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("adbeacon: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if command == "openapi" {
+        print!("{}", app::openapi_yaml(&config));
+        return ExitCode::SUCCESS;
+    }
+    telemetry::init(config.log_format, &config.log_level);
+    let result = match command {
+        "migrate" => app::connect_and_migrate(&config).await.map(|(_, applied)| {
+            tracing::info!(?applied, "migrations are up to date");
+        }),
+        _ => match App::build(config).await {
+            Ok(app) => app.run_until(shutdown_signal()).await,
+            Err(e) => Err(e),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "adbeacon stopped with an error");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM (orchestrators).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received; shutting down"),
+        _ = term => tracing::info!("SIGTERM received; shutting down"),
+    }
+}

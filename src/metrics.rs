@@ -1,0 +1,196 @@
+//! Prometheus metrics: one struct owning the registry and typed handles.
+//!
+//! Labels are low-cardinality only (route templates, event kinds, reasons), never ad ids or raw
+//! paths. The pipeline counters come in pairs (accepted / flushed / dead-lettered) so that the books
+//! can be checked: at rest, accepted = flushed + dead-lettered.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::domain::EventKind;
+
+/// Why an event was refused before it reached the buffer.
+#[derive(Debug, Clone, Copy)]
+pub enum RejectReason {
+    /// The request body or parameters were invalid.
+    Invalid,
+    /// The ad id is not in the catalog.
+    UnknownAd,
+    /// The buffer was full (503).
+    BufferFull,
+    /// The catalog could not be read (503).
+    CatalogUnavailable,
+}
+
+impl RejectReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Invalid => "invalid",
+            Self::UnknownAd => "unknown_ad",
+            Self::BufferFull => "buffer_full",
+            Self::CatalogUnavailable => "catalog_unavailable",
+        }
+    }
+}
+
+/// Every metric adbeacon exports.
+pub struct Metrics {
+    registry: Registry,
+    /// `http_requests_total{method,path,status}`, as the old services named it.
+    pub http_requests: IntCounterVec,
+    /// `http_request_duration_seconds{path}`.
+    pub http_duration: HistogramVec,
+    accepted: Vec<IntCounter>,
+    rejected: IntCounterVec,
+    /// Events confirmed by ClickHouse.
+    pub events_flushed: IntCounter,
+    /// Events written to the local dead-letter directory.
+    pub events_dead_lettered: IntCounter,
+    /// Client timestamps replaced by server time.
+    pub event_time_replaced: IntCounter,
+    /// Events held in memory (buffered or in flight).
+    pub buffer_events: IntGauge,
+    /// Bytes of events held in memory.
+    pub buffer_bytes: IntGauge,
+    /// Batches confirmed by ClickHouse.
+    pub batches_flushed: IntCounter,
+    /// Rows per confirmed batch.
+    pub batch_rows: Histogram,
+    /// Duration of successful inserts.
+    pub insert_duration: Histogram,
+    insert_failures: IntCounterVec,
+    /// Catalog look-ups answered from the cache.
+    pub catalog_hits: IntCounter,
+    /// Catalog look-ups that went to ClickHouse.
+    pub catalog_misses: IntCounter,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let reg = |c: Box<dyn prometheus::core::Collector>| {
+            registry.register(c).expect("metric names are unique");
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            reg(Box::new(c.clone()));
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            reg(Box::new(g.clone()));
+            g
+        };
+        let http_requests = IntCounterVec::new(
+            Opts::new("http_requests_total", "HTTP requests by method, route template and status"),
+            &["method", "path", "status"],
+        )
+        .expect("valid metric");
+        reg(Box::new(http_requests.clone()));
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new("http_request_duration_seconds", "HTTP request duration by route template")
+                .buckets(vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    2.5, 5.0,
+                ]),
+            &["path"],
+        )
+        .expect("valid metric");
+        reg(Box::new(http_duration.clone()));
+        let accepted_vec = IntCounterVec::new(
+            Opts::new("adbeacon_events_accepted_total", "Events accepted into the buffer (answered 2xx)"),
+            &["kind"],
+        )
+        .expect("valid metric");
+        reg(Box::new(accepted_vec.clone()));
+        let accepted = EventKind::ALL.iter().map(|k| accepted_vec.with_label_values(&[k.as_str()])).collect();
+        let rejected = IntCounterVec::new(
+            Opts::new("adbeacon_events_rejected_total", "Events refused before the buffer, by reason"),
+            &["reason"],
+        )
+        .expect("valid metric");
+        reg(Box::new(rejected.clone()));
+        let insert_failures = IntCounterVec::new(
+            Opts::new("adbeacon_insert_failures_total", "Failed INSERTs by class (retryable, rejected)"),
+            &["class"],
+        )
+        .expect("valid metric");
+        reg(Box::new(insert_failures.clone()));
+        let batch_rows = Histogram::with_opts(
+            HistogramOpts::new("adbeacon_batch_rows", "Rows per batch confirmed by ClickHouse").buckets(
+                vec![1.0, 10.0, 100.0, 1_000.0, 10_000.0, 50_000.0, 100_000.0, 500_000.0, 1_000_000.0],
+            ),
+        )
+        .expect("valid metric");
+        reg(Box::new(batch_rows.clone()));
+        let insert_duration = Histogram::with_opts(
+            HistogramOpts::new("adbeacon_insert_duration_seconds", "Duration of successful INSERTs")
+                .buckets(prometheus::exponential_buckets(0.001, 2.0, 16).expect("valid buckets")),
+        )
+        .expect("valid metric");
+        reg(Box::new(insert_duration.clone()));
+
+        Metrics {
+            http_requests,
+            http_duration,
+            accepted,
+            rejected,
+            events_flushed: counter("adbeacon_events_flushed_total", "Events confirmed by ClickHouse"),
+            events_dead_lettered: counter(
+                "adbeacon_events_dead_lettered_total",
+                "Events ClickHouse could not take, saved under DATA_DIR/dead-letter",
+            ),
+            event_time_replaced: counter(
+                "adbeacon_event_time_replaced_total",
+                "Client timestamps outside the tolerated window, replaced by server time",
+            ),
+            buffer_events: gauge(
+                "adbeacon_buffer_events",
+                "Events held in memory until ClickHouse confirms them",
+            ),
+            buffer_bytes: gauge("adbeacon_buffer_bytes", "Bytes of events held in memory"),
+            batches_flushed: counter("adbeacon_batches_flushed_total", "Batches confirmed by ClickHouse"),
+            batch_rows,
+            insert_duration,
+            insert_failures,
+            catalog_hits: counter("adbeacon_catalog_cache_hits_total", "Ad look-ups answered from the cache"),
+            catalog_misses: counter(
+                "adbeacon_catalog_cache_misses_total",
+                "Ad look-ups read from ClickHouse",
+            ),
+            registry,
+        }
+    }
+
+    /// Counts accepted events of one kind.
+    pub fn accepted(&self, kind: EventKind, n: u64) {
+        self.accepted[kind.index()].inc_by(n);
+    }
+
+    /// Counts one refused event.
+    pub fn rejected(&self, reason: RejectReason) {
+        self.rejected.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    /// Counts one failed INSERT.
+    pub fn insert_failed(&self, retryable: bool) {
+        let class = if retryable { "retryable" } else { "rejected" };
+        self.insert_failures.with_label_values(&[class]).inc();
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("encoding to a Vec cannot fail");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

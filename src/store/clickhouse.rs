@@ -1,0 +1,288 @@
+//! The ClickHouse client: connection, server-version detection, the `events` row, batch inserts
+//! and the classification of failures into retryable and rejected.
+
+use std::time::{Duration, Instant};
+
+use clickhouse::Row;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::{
+    config::ClickHouseConfig,
+    domain::{Event, EventKind},
+};
+
+/// A ClickHouse failure, classified by what the caller should do about it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The server is down, slow or refusing for a reason that may pass: retry the same batch.
+    #[error("ClickHouse unavailable: {0}")]
+    Retryable(String),
+    /// The server refused the data itself: retrying the same rows cannot succeed.
+    #[error("ClickHouse rejected the data: {0}")]
+    Rejected(String),
+}
+
+impl StoreError {
+    /// True for failures worth retrying.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Retryable(_))
+    }
+}
+
+/// ClickHouse error codes that mean "this data is wrong", as opposed to "the server is unwell".
+/// A batch failing with one of these is not retried.
+const DATA_ERROR_CODES: &[u32] = &[
+    6,   // CANNOT_PARSE_TEXT
+    26,  // CANNOT_PARSE_QUOTED_STRING
+    27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    32,  // ATTEMPT_TO_READ_AFTER_EOF
+    33,  // CANNOT_READ_ALL_DATA
+    38,  // CANNOT_PARSE_DATE
+    41,  // CANNOT_PARSE_DATETIME
+    53,  // TYPE_MISMATCH
+    69,  // ARGUMENT_OUT_OF_BOUND
+    70,  // CANNOT_CONVERT_TYPE
+    72,  // CANNOT_PARSE_NUMBER
+    117, // INCORRECT_DATA
+    131, // TOO_LARGE_STRING_SIZE
+];
+// Not here on purpose: 252 TOO_MANY_PARTS passes once merges catch up; 60/81 (unknown table or
+// database) need an operator, and dropping data meanwhile would be worse than waiting.
+
+/// The `Code: N` of a ClickHouse error text, if it has one.
+pub fn error_code(text: &str) -> Option<u32> {
+    let rest = &text[text.find("Code: ")? + 6..];
+    let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// Sorts a client error into retryable or rejected.
+pub(crate) fn classify(err: clickhouse::error::Error) -> StoreError {
+    use clickhouse::error::Error as E;
+    let text = err.to_string();
+    match &err {
+        E::BadResponse(body) => match error_code(body) {
+            Some(code) if DATA_ERROR_CODES.contains(&code) => StoreError::Rejected(text),
+            _ => StoreError::Retryable(text),
+        },
+        E::Custom(_) | E::SequenceMustHaveLength | E::InvalidUtf8Encoding(_) => StoreError::Rejected(text),
+        _ => StoreError::Retryable(text),
+    }
+}
+
+/// A ClickHouse server version, as `SELECT version()` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServerVersion {
+    /// e.g. 18 or 24.
+    pub major: u32,
+    /// e.g. 16 or 8.
+    pub minor: u32,
+}
+
+impl ServerVersion {
+    /// Parses `18.16.1` or `24.8.4.13`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.trim().split('.');
+        Some(Self { major: parts.next()?.parse().ok()?, minor: parts.next()?.parse().ok()? })
+    }
+
+    /// Row validation issues `DESCRIBE` with settings that servers before 22.x reject.
+    pub fn supports_row_validation(self) -> bool {
+        self.major >= 22
+    }
+}
+
+impl std::fmt::Display for ServerVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+/// One row of `events`, in column order, encoded as RowBinary.
+#[derive(Debug, Clone, Row, Serialize, Deserialize, PartialEq)]
+pub struct EventRow {
+    /// Unique event id.
+    #[serde(with = "clickhouse::serde::uuid")]
+    pub event_id: Uuid,
+    /// The ad.
+    #[serde(with = "clickhouse::serde::uuid")]
+    pub ad_id: Uuid,
+    /// `Enum8` value.
+    pub kind: EventKind,
+    /// When it happened (UTC seconds).
+    #[serde(with = "clickhouse::serde::time::datetime")]
+    pub event_time: OffsetDateTime,
+    /// When adbeacon accepted it.
+    #[serde(with = "clickhouse::serde::time::datetime")]
+    pub received_at: OffsetDateTime,
+    /// Keyed hash of the client IP.
+    pub ip_hash: u64,
+    /// Seconds into the video.
+    pub playback_time: Option<f32>,
+    /// VAST error code.
+    pub error_code: u16,
+    /// Token of the batch that carries the row, set when the batch is formed.
+    #[serde(with = "clickhouse::serde::uuid")]
+    pub batch_id: Uuid,
+}
+
+impl EventRow {
+    /// Memory one buffered row accounts for.
+    pub const SIZE: usize = std::mem::size_of::<EventRow>();
+}
+
+impl From<Event> for EventRow {
+    fn from(e: Event) -> Self {
+        EventRow {
+            event_id: e.event_id,
+            ad_id: e.ad_id,
+            kind: e.kind,
+            event_time: e.event_time,
+            received_at: e.received_at,
+            ip_hash: e.ip_hash,
+            playback_time: e.playback_time.map(|p| p.seconds()),
+            error_code: e.error_code,
+            batch_id: Uuid::nil(),
+        }
+    }
+}
+
+/// A connected ClickHouse: the client bound to adbeacon's database and the server's version.
+#[derive(Clone)]
+pub struct ClickHouse {
+    client: clickhouse::Client,
+    version: ServerVersion,
+    database: String,
+}
+
+fn base_client(cfg: &ClickHouseConfig) -> clickhouse::Client {
+    let mut client = clickhouse::Client::default().with_url(&cfg.url).with_user(&cfg.user);
+    if !cfg.password.is_empty() {
+        client = client.with_password(&cfg.password);
+    }
+    client
+}
+
+impl ClickHouse {
+    /// Connects, waiting up to `wait` for the server to answer, then creates the database if
+    /// missing. Logs once per attempt so that an operator sees what start-up waits for.
+    pub async fn connect(cfg: &ClickHouseConfig, wait: Duration) -> Result<Self, StoreError> {
+        let bootstrap = base_client(cfg).with_validation(false);
+        let deadline = Instant::now() + wait;
+        let version_text = loop {
+            match bootstrap.query("SELECT version()").fetch_one::<String>().await {
+                Ok(v) => break v,
+                Err(e) => {
+                    let e = classify(e);
+                    if Instant::now() >= deadline {
+                        return Err(e);
+                    }
+                    tracing::warn!(url = %cfg.url, error = %e, "waiting for ClickHouse");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        };
+        let version = ServerVersion::parse(&version_text).ok_or_else(|| {
+            StoreError::Rejected(format!("unrecognised ClickHouse version {version_text:?}"))
+        })?;
+        bootstrap
+            .query(&format!("CREATE DATABASE IF NOT EXISTS {}", cfg.database))
+            .execute()
+            .await
+            .map_err(classify)?;
+        let client =
+            base_client(cfg).with_database(&cfg.database).with_validation(version.supports_row_validation());
+        tracing::info!(url = %cfg.url, database = %cfg.database, %version, "connected to ClickHouse");
+        Ok(Self { client, version, database: cfg.database.clone() })
+    }
+
+    /// A handle that never connected, for generating the OpenAPI spec offline.
+    pub fn detached(cfg: &ClickHouseConfig) -> Self {
+        Self {
+            client: base_client(cfg).with_database(&cfg.database).with_validation(false),
+            version: ServerVersion { major: 0, minor: 0 },
+            database: cfg.database.clone(),
+        }
+    }
+
+    /// The server's version.
+    pub fn version(&self) -> ServerVersion {
+        self.version
+    }
+
+    /// The database name.
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// The underlying client, for queries.
+    pub fn client(&self) -> &clickhouse::Client {
+        &self.client
+    }
+
+    /// Runs one statement that returns nothing (DDL, small inserts).
+    pub async fn execute(&self, sql: &str) -> Result<(), StoreError> {
+        self.client.query(sql).execute().await.map_err(classify)
+    }
+
+    /// Fetches every row of a query.
+    pub async fn fetch_all<T>(&self, query: clickhouse::query::Query) -> Result<Vec<T>, StoreError>
+    where
+        T: clickhouse::RowOwned + clickhouse::RowRead,
+    {
+        query.fetch_all::<T>().await.map_err(classify)
+    }
+
+    /// Answers whether the server takes queries now.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.client.query("SELECT 1").fetch_one::<u8>().await.map(|_| ()).map_err(classify)
+    }
+
+    /// Inserts one batch as a single `INSERT … FORMAT RowBinary`. Either every row is in
+    /// ClickHouse (Ok) or the caller still owns the batch and decides what to do with it.
+    pub async fn insert_events(&self, rows: &[EventRow], timeout: Duration) -> Result<(), StoreError> {
+        let mut insert = self
+            .client
+            .insert::<EventRow>("events")
+            .await
+            .map_err(classify)?
+            .with_timeouts(Some(timeout), Some(timeout));
+        for row in rows {
+            insert.write(row).await.map_err(classify)?;
+        }
+        insert.end().await.map_err(classify)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_parse_and_gate_validation() {
+        let old = ServerVersion::parse("18.16.1").unwrap();
+        assert!(!old.supports_row_validation());
+        assert!(ServerVersion::parse("24.8.4.13").unwrap().supports_row_validation());
+        assert!(ServerVersion::parse("garbage").is_none());
+    }
+
+    #[test]
+    fn error_codes_are_found_in_server_texts() {
+        assert_eq!(error_code("Code: 53, e.displayText() = DB::Exception: Type mismatch"), Some(53));
+        assert_eq!(error_code("Code: 117. DB::Exception: bad"), Some(117));
+        assert_eq!(error_code("connection refused"), None);
+    }
+
+    #[test]
+    fn data_errors_are_not_retryable() {
+        let bad = clickhouse::error::Error::BadResponse("Code: 53, e.displayText() = x".into());
+        assert!(!classify(bad).is_retryable());
+        let busy = clickhouse::error::Error::BadResponse("Code: 252, too many parts".into());
+        assert!(classify(busy).is_retryable());
+        let gone = clickhouse::error::Error::BadResponse("Code: 60, table doesn't exist".into());
+        assert!(classify(gone).is_retryable());
+        assert!(classify(clickhouse::error::Error::TimedOut).is_retryable());
+    }
+}

@@ -1,0 +1,140 @@
+//! Ordered schema migrations from `clickhouse/migrations/`, recorded in `schema_migrations`.
+//!
+//! Each migration runs once; its statements are all `IF NOT EXISTS`, so a migration interrupted
+//! halfway (or run by two instances at once) is safe to run again. A migration whose text changed
+//! after it was applied stops start-up: schema history is append-only.
+
+use std::hash::Hasher;
+
+use clickhouse::Row;
+use serde::Deserialize;
+use siphasher::sip::SipHasher13;
+
+use super::clickhouse::{ClickHouse, StoreError};
+
+/// One migration file.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    /// The number in its file name.
+    pub version: u32,
+    /// The file name.
+    pub name: &'static str,
+    /// The SQL text.
+    pub sql: &'static str,
+}
+
+macro_rules! migration {
+    ($version:expr, $name:literal) => {
+        Migration {
+            version: $version,
+            name: $name,
+            sql: include_str!(concat!("../../clickhouse/migrations/", $name)),
+        }
+    };
+}
+
+/// Every migration, in order. A test checks that this list matches the directory.
+pub const MIGRATIONS: &[Migration] = &[
+    migration!(1, "0001_ads.sql"),
+    migration!(2, "0002_events.sql"),
+    migration!(3, "0003_ad_stats_hourly.sql"),
+];
+
+const CREATE_LEDGER: &str = "CREATE TABLE IF NOT EXISTS schema_migrations \
+    (version UInt32, name String, checksum UInt64, applied_at DateTime('UTC')) \
+    ENGINE = ReplacingMergeTree ORDER BY version";
+
+impl Migration {
+    /// The statements of the file: `--` comment lines dropped, split on `;`.
+    /// Migration files must not put `;` inside string literals.
+    pub fn statements(&self) -> Vec<String> {
+        let text: String =
+            self.sql.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n");
+        text.split(';').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+    }
+
+    /// A stable checksum of the file's text.
+    pub fn checksum(&self) -> u64 {
+        let mut h = SipHasher13::new_with_keys(0, 0);
+        h.write(self.sql.as_bytes());
+        h.finish()
+    }
+}
+
+#[derive(Debug, Row, Deserialize)]
+struct Applied {
+    version: u32,
+    name: String,
+    checksum: u64,
+}
+
+/// Applies every pending migration; returns the versions it applied.
+pub async fn apply(ch: &ClickHouse) -> Result<Vec<u32>, StoreError> {
+    ch.execute(CREATE_LEDGER).await?;
+    let applied: Vec<Applied> = ch
+        .fetch_all(ch.client().query(
+            "SELECT version, argMax(name, applied_at), argMax(checksum, applied_at) \
+             FROM schema_migrations GROUP BY version",
+        ))
+        .await?;
+    let mut done = Vec::new();
+    for m in MIGRATIONS {
+        if let Some(a) = applied.iter().find(|a| a.version == m.version) {
+            if a.checksum != m.checksum() {
+                return Err(StoreError::Rejected(format!(
+                    "migration {} ({}) changed after it was applied as {}; add a new migration instead",
+                    m.version, m.name, a.name
+                )));
+            }
+            continue;
+        }
+        for statement in m.statements() {
+            ch.execute(&statement).await.map_err(|e| match e {
+                StoreError::Rejected(t) => StoreError::Rejected(format!("migration {}: {t}", m.name)),
+                StoreError::Retryable(t) => StoreError::Retryable(format!("migration {}: {t}", m.name)),
+            })?;
+        }
+        ch.execute(&format!(
+            "INSERT INTO schema_migrations (version, name, checksum, applied_at) \
+             SELECT {}, '{}', {}, now()",
+            m.version,
+            m.name,
+            m.checksum()
+        ))
+        .await?;
+        tracing::info!(version = m.version, name = m.name, "applied migration");
+        done.push(m.version);
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_list_matches_the_directory_in_order() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/clickhouse/migrations");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let listed: Vec<&str> = MIGRATIONS.iter().map(|m| m.name).collect();
+        assert_eq!(files, listed, "add every new migration file to MIGRATIONS");
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version as usize, i + 1);
+            assert!(m.name.starts_with(&format!("{:04}_", m.version)));
+        }
+    }
+
+    #[test]
+    fn statements_are_split_without_comments() {
+        let m = MIGRATIONS[2];
+        let st = m.statements();
+        assert_eq!(st.len(), 2);
+        assert!(st[1].starts_with("CREATE MATERIALIZED VIEW IF NOT EXISTS"));
+        assert!(st.iter().all(|s| !s.contains("--")));
+    }
+}

@@ -1,0 +1,151 @@
+//! Start-up and the command line: migrations, configuration errors, `--help`, the OpenAPI contract,
+//! metrics.
+
+use std::process::Command;
+
+use adbeacon::{
+    Config,
+    config::SETTINGS,
+    store::migrate::{self, MIGRATIONS},
+};
+use serde_json::json;
+
+use crate::support::{TestApp, fresh_db, shared_clickhouse};
+
+fn adbeacon() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_adbeacon"))
+}
+
+#[tokio::test]
+async fn migrations_apply_once_and_are_safe_to_run_again() {
+    let db = fresh_db();
+    let config = Config::from_vars([
+        ("CLICKHOUSE_URL", shared_clickhouse().url()),
+        ("CLICKHOUSE_DATABASE", db.clone()),
+    ])
+    .unwrap();
+    let (_, first) = adbeacon::app::connect_and_migrate(&config).await.unwrap();
+    assert_eq!(first, MIGRATIONS.iter().map(|m| m.version).collect::<Vec<_>>());
+    let (ch, second) = adbeacon::app::connect_and_migrate(&config).await.unwrap();
+    assert!(second.is_empty(), "{second:?}");
+    // Re-running every statement by hand (as after an interrupted migration) is harmless too.
+    for m in MIGRATIONS {
+        for statement in m.statements() {
+            ch.execute(&statement).await.unwrap();
+        }
+    }
+    let ledger = shared_clickhouse()
+        .query_in(&db, "SELECT version, name FROM schema_migrations ORDER BY version")
+        .await;
+    let expected: String = MIGRATIONS.iter().map(|m| format!("{}\t{}\n", m.version, m.name)).collect();
+    assert_eq!(ledger, expected);
+    let tables = shared_clickhouse()
+        .query_in(&db, "SELECT name FROM system.tables WHERE database = currentDatabase() ORDER BY name")
+        .await;
+    assert_eq!(tables, "ad_stats_hourly\nad_stats_hourly_mv\nads\nevents\nschema_migrations\n");
+    assert!(migrate::apply(&ch).await.unwrap().is_empty());
+}
+
+#[test]
+fn migrate_subcommand_applies_the_schema() {
+    let db = fresh_db();
+    let out = adbeacon()
+        .arg("migrate")
+        .env("CLICKHOUSE_URL", shared_clickhouse().url())
+        .env("CLICKHOUSE_DATABASE", &db)
+        .env("LOG_FORMAT", "json")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(log.contains("\"applied migration\"") || log.contains("applied migration"), "{log}");
+}
+
+#[test]
+fn help_lists_the_commands_and_every_variable_with_its_default() {
+    let out = adbeacon().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for command in ["serve", "migrate", "openapi"] {
+        assert!(help.contains(command), "{command}");
+    }
+    for s in SETTINGS {
+        let line =
+            help.lines().find(|l| l.trim_start().starts_with(s.name)).unwrap_or_else(|| panic!("{}", s.name));
+        if !s.default.is_empty() {
+            assert!(line.contains(s.default), "{line}");
+        }
+    }
+}
+
+#[test]
+fn a_bad_value_stops_start_up_naming_the_variable_and_form() {
+    for (var, value, needle) in [
+        ("PORT", "http", "PORT=\"http\": expected a port number"),
+        ("FLUSH_INTERVAL", "fast", "FLUSH_INTERVAL=\"fast\": expected a duration"),
+        ("LOG_FORMAT", "xml", "LOG_FORMAT=\"xml\": expected json or pretty"),
+    ] {
+        let out = adbeacon().arg("serve").env(var, value).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{var}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{var}: {err}");
+    }
+    let out = adbeacon().arg("frobnicate").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn the_committed_openapi_spec_matches_the_code() {
+    let out = adbeacon().arg("openapi").output().unwrap();
+    assert!(out.status.success());
+    let generated = String::from_utf8(out.stdout).unwrap();
+    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.yaml"))
+        .expect("openapi/openapi.yaml exists (make openapi)");
+    assert!(generated == committed, "openapi/openapi.yaml is stale: run `make openapi` and commit it");
+    for op in ["recordImpression", "recordClick", "listAds", "healthz", "readyz", "metrics"] {
+        assert!(generated.contains(&format!("operationId: {op}")), "{op}");
+    }
+}
+
+#[tokio::test]
+async fn metrics_label_routes_by_template_and_count_the_pipeline() {
+    let app = TestApp::spawn().await;
+    let ad = "11111111-1111-1111-1111-111111111111";
+    assert_eq!(app.post("/ads/click", &json!({"adId": ad})).await.status(), 202);
+    assert_eq!(
+        app.post("/ads/click", &json!({"adId": "99999999-1111-1111-1111-111111111111"})).await.status(),
+        404
+    );
+    assert_eq!(app.get("/nowhere/11111111").await.status(), 404);
+    assert_eq!(app.wait_for("SELECT count() FROM events", 1).await, 1);
+    // The flusher counts after the insert returns; give it a moment.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let text = app.get("/metrics").await.text().await.unwrap();
+    for line in [
+        r#"http_requests_total{method="POST",path="/ads/click",status="202"} 1"#,
+        r#"http_requests_total{method="POST",path="/ads/click",status="404"} 1"#,
+        r#"http_requests_total{method="GET",path="unmatched",status="404"} 1"#,
+        r#"adbeacon_events_accepted_total{kind="click"} 1"#,
+        r#"adbeacon_events_rejected_total{reason="unknown_ad"} 1"#,
+        "adbeacon_events_flushed_total 1",
+        "adbeacon_buffer_events 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line}");
+    }
+    assert!(text.contains("http_request_duration_seconds_bucket{path=\"/ads/click\""));
+    assert!(!text.contains("11111111"), "an id leaked into a label");
+}
+
+#[tokio::test]
+async fn health_and_readiness_answer() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.get("/healthz").await.json::<serde_json::Value>().await.unwrap(), json!({"status": "ok"}));
+    let ready = app.get("/readyz").await;
+    assert_eq!(ready.status(), 200);
+    assert_eq!(
+        ready.json::<serde_json::Value>().await.unwrap(),
+        json!({"status": "ready", "clickhouse": "ok", "buffer": "ok"})
+    );
+    assert_eq!(app.get("/openapi.json").await.status(), 200);
+    assert_eq!(app.get("/docs").await.status(), 200);
+}

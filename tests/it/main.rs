@@ -1,0 +1,10 @@
+//! adbeacon's integration tests: one binary, real `clickhouse-server` and `redis-server` processes
+//! (started by `support` on free ports), the app built in-process on port 0.
+
+mod support;
+
+mod ads;
+mod lifecycle;
+mod pipeline;
+mod servers;
+mod tracking;

@@ -1,0 +1,126 @@
+//! The pipeline under stress: shutdown flushes, a full buffer answers 503 and recovers, and the
+//! books balance (every 2xx is one row).
+
+use std::time::{Duration, Instant};
+
+use adbeacon::store::EventRow;
+use serde_json::json;
+
+use crate::support::{ClickHouse, TestApp, fresh_db};
+
+const AD1: &str = "11111111-1111-1111-1111-111111111111";
+
+#[tokio::test]
+async fn shutdown_flushes_everything_buffered() {
+    // A flush interval far beyond the test: only the shutdown can move these rows.
+    let mut app = TestApp::spawn_with(&[("FLUSH_INTERVAL", "1h")]).await;
+    for i in 0..50 {
+        let path = if i % 2 == 0 { "/ads/click" } else { "/ads/impression" };
+        assert!(app.post(path, &json!({"adId": AD1})).await.status().is_success());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(app.number("SELECT count() FROM events").await, 0, "still buffered");
+    app.stop().await.expect("clean shutdown");
+    assert_eq!(app.number("SELECT count() FROM events").await, 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_buffer_answers_503_and_recovers_without_losing_a_2xx() {
+    let mut ch = ClickHouse::start();
+    let room = 40 * EventRow::SIZE;
+    let mut app = TestApp::spawn_on(
+        &ch.url(),
+        &fresh_db(),
+        &[
+            ("BUFFER_MAX_BYTES", &room.to_string()),
+            ("BATCH_MAX_BYTES", &room.to_string()),
+            ("FLUSH_INTERVAL", "50ms"),
+            ("INSERT_TIMEOUT", "2s"),
+        ],
+    )
+    .await;
+    let click = json!({"adId": AD1});
+    // Warm the catalog cache and prove the path works.
+    assert_eq!(app.post("/ads/click", &click).await.status(), 202);
+    assert_eq!(app.wait_for("SELECT count() FROM events", 1).await, 1);
+    let mut accepted = 1u64;
+
+    ch.kill();
+    let mut saw_503 = false;
+    for _ in 0..1000 {
+        let resp = app.post("/ads/click", &click).await;
+        match resp.status().as_u16() {
+            202 => accepted += 1,
+            503 => {
+                let retry: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+                assert!(retry >= 1);
+                let err = resp.json::<serde_json::Value>().await.unwrap();
+                assert!(err["error"].as_str().unwrap().contains("buffer is full"), "{err}");
+                saw_503 = true;
+                break;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(saw_503, "the buffer never filled");
+    assert!(accepted <= 41, "more accepted than the buffer holds: {accepted}");
+    let ready = app.get("/readyz").await;
+    assert_eq!(ready.status(), 503);
+
+    ch.restart();
+    // The flusher retries with backoff (at most 5 s apart); the buffer drains and 2xx return.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = app.post("/ads/click", &click).await.status().as_u16();
+        if status == 202 {
+            accepted += 1;
+            break;
+        }
+        assert_eq!(status, 503);
+        assert!(Instant::now() < deadline, "did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(app.get("/readyz").await.status(), 200);
+    // Accounting: every 2xx is in ClickHouse exactly once.
+    assert_eq!(app.wait_for("SELECT count() FROM events", accepted).await, accepted, "lost events");
+    assert_eq!(app.number("SELECT uniqExact(event_id) FROM events").await, accepted, "duplicates");
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_with_clickhouse_down_saves_the_buffer_as_loadable_dead_letters() {
+    let mut ch = ClickHouse::start();
+    let db = fresh_db();
+    let mut app = TestApp::spawn_on(
+        &ch.url(),
+        &db,
+        &[("FLUSH_INTERVAL", "1h"), ("SHUTDOWN_TIMEOUT", "1s"), ("INSERT_TIMEOUT", "1s")],
+    )
+    .await;
+    for _ in 0..25 {
+        assert_eq!(app.post("/ads/click", &json!({"adId": AD1})).await.status(), 202);
+    }
+    ch.kill();
+    let dir = app.data_dir.path().join("dead-letter");
+    app.stop().await.expect("shutdown completes even with ClickHouse down");
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let text = std::fs::read_to_string(&files[0]).unwrap();
+    assert_eq!(text.lines().count(), 25);
+
+    // The operator's recovery: load the file as it is.
+    ch.restart();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/?database={db}&query=INSERT%20INTO%20events%20FORMAT%20JSONEachRow", ch.url()))
+        .body(text)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    assert_eq!(ch.query_in(&db, "SELECT count() FROM events").await.trim(), "25");
+    assert_eq!(ch.query_in(&db, "SELECT countIfMerge(clicks) FROM ad_stats_hourly").await.trim(), "25");
+}

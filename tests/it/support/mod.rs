@@ -1,0 +1,170 @@
+//! Test support: real servers (see [`servers`]) and [`TestApp`], the service built in-process on
+//! port 0 with its own ClickHouse database and data directory, exactly as `main` builds it.
+
+pub mod servers;
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use adbeacon::{App, AppError, Config};
+use tempfile::TempDir;
+use tokio::{sync::oneshot, task::JoinHandle};
+
+pub use servers::{ClickHouse, shared_clickhouse};
+
+/// One running adbeacon with its own database.
+pub struct TestApp {
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// The database this app writes.
+    pub db: String,
+    /// A client for requests to the app.
+    pub http: reqwest::Client,
+    /// DATA_DIR of the app; kept alive as long as the app.
+    pub data_dir: TempDir,
+    clickhouse_url: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), AppError>>>,
+}
+
+/// A fresh database name, so tests sharing one ClickHouse never see each other's rows.
+pub fn fresh_db() -> String {
+    format!("t_{}", uuid::Uuid::new_v4().simple())
+}
+
+impl TestApp {
+    /// An app on the shared ClickHouse with test defaults (fast flushes).
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(&[]).await
+    }
+
+    /// An app on the shared ClickHouse; `vars` override the defaults.
+    pub async fn spawn_with(vars: &[(&str, &str)]) -> TestApp {
+        Self::spawn_on(&shared_clickhouse().url(), &fresh_db(), vars).await
+    }
+
+    /// An app on the ClickHouse at `url`, writing database `db`.
+    pub async fn spawn_on(url: &str, db: &str, vars: &[(&str, &str)]) -> TestApp {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let mut all: Vec<(String, String)> = vec![
+            ("HOST".into(), "127.0.0.1".into()),
+            ("PORT".into(), "0".into()),
+            ("CLICKHOUSE_URL".into(), url.into()),
+            ("CLICKHOUSE_DATABASE".into(), db.into()),
+            ("DATA_DIR".into(), data_dir.path().display().to_string()),
+            ("FLUSH_INTERVAL".into(), "100ms".into()),
+            ("STARTUP_TIMEOUT".into(), "10s".into()),
+            ("INSERT_TIMEOUT".into(), "5s".into()),
+            ("SHUTDOWN_TIMEOUT".into(), "5s".into()),
+        ];
+        all.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let config = Config::from_vars(all).expect("valid test config");
+        adbeacon::telemetry::init(config.log_format, "warn");
+        let app = App::build(config).await.expect("the app builds");
+        let addr: SocketAddr = app.local_addr();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until(async {
+            let _ = rx.await;
+        }));
+        TestApp {
+            base: format!("http://{addr}"),
+            db: db.to_string(),
+            http: reqwest::Client::new(),
+            data_dir,
+            clickhouse_url: url.to_string(),
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// POSTs a JSON body.
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
+        self.http.post(format!("{}{path}", self.base)).json(body).send().await.expect("request sent")
+    }
+
+    /// POSTs a raw body with a content type.
+    pub async fn post_raw(&self, path: &str, content_type: &str, body: &str) -> reqwest::Response {
+        self.http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", content_type)
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// GETs a path.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http.get(format!("{}{path}", self.base)).send().await.expect("request sent")
+    }
+
+    /// Runs SQL in this app's database over HTTP; panics on a ClickHouse error.
+    pub async fn query(&self, sql: &str) -> String {
+        let resp = reqwest::Client::new()
+            .post(format!("{}/?database={}", self.clickhouse_url, self.db))
+            .body(sql.to_string())
+            .send()
+            .await
+            .expect("ClickHouse reachable");
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        assert!(status.is_success(), "ClickHouse error for {sql}: {text}");
+        text
+    }
+
+    /// A single number from SQL.
+    pub async fn number(&self, sql: &str) -> u64 {
+        let text = self.query(sql).await;
+        text.trim().parse().unwrap_or_else(|_| panic!("not a number from {sql}: {text:?}"))
+    }
+
+    /// Polls `sql` until it returns `expected` or 10 s pass; returns the last value.
+    pub async fn wait_for(&self, sql: &str, expected: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n = self.number(sql).await;
+            if n == expected || Instant::now() > deadline {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the flusher has confirmed `n` events (`adbeacon_events_flushed_total`). Unlike a
+    /// `count()` on `events`, this also covers the materialized views: ClickHouse writes the
+    /// table's part before the views' parts, and the INSERT returns only after both.
+    pub async fn wait_flushed(&self, n: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = self.get("/metrics").await.text().await.unwrap_or_default();
+            let flushed = text
+                .lines()
+                .find_map(|l| l.strip_prefix("adbeacon_events_flushed_total "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if flushed >= n || Instant::now() > deadline {
+                return flushed;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Shuts the app down as SIGTERM would and returns how `run_until` ended. The database and
+    /// DATA_DIR stay, for inspection.
+    pub async fn stop(&mut self) -> Result<(), AppError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.task.take().expect("running").await.expect("the app task does not panic")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
