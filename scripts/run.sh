@@ -26,12 +26,15 @@ cleanup() {
   # Finish the clean-up even if Ctrl-C is pressed again; children inherit
   # the ignored SIGINT, so stack.sh's stop isn't cut short either.
   trap '' INT TERM HUP
+  # `make run | tee log` closes our output on Ctrl-C (tee dies too); without this, the first
+  # message below would kill the script by SIGPIPE and leave the servers running.
+  trap '' PIPE
   if [ -n "$app_pid" ] && kill -0 "$app_pid" 2>/dev/null; then
-    echo "run: stopping adbeacon (pid $app_pid)" >&2
+    echo "run: stopping adbeacon (pid $app_pid)" >&2 2>/dev/null || true
     kill -INT "$app_pid" 2>/dev/null || true
     while kill -0 "$app_pid" 2>/dev/null; do
       if [ "$waited" -ge $((APP_STOP_TIMEOUT * 10)) ]; then
-        echo "run: adbeacon did not stop within ${APP_STOP_TIMEOUT}s; sending SIGKILL" >&2
+        echo "run: adbeacon did not stop within ${APP_STOP_TIMEOUT}s; sending SIGKILL" >&2 2>/dev/null || true
         kill -KILL "$app_pid" 2>/dev/null || true
         break
       fi
@@ -43,9 +46,11 @@ cleanup() {
   local started=()
   mapfile -t started <"$started_log"
   if [ "${#started[@]}" -gt 0 ]; then
-    bash scripts/stack.sh stop "${started[@]}" || status=1
+    # Through a file, so that a closed terminal pipe cannot cut the stop short.
+    bash scripts/stack.sh stop "${started[@]}" >"$started_log.out" 2>&1 || status=1
+    cat "$started_log.out" >&2 2>/dev/null || true
   fi
-  rm -f "$started_log"
+  rm -f "$started_log" "$started_log.out"
   exit "$status"
 }
 trap cleanup EXIT

@@ -149,3 +149,66 @@ async fn health_and_readiness_answer() {
     assert_eq!(app.get("/openapi.json").await.status(), 200);
     assert_eq!(app.get("/docs").await.status(), 200);
 }
+
+/// The real binary: SIGTERM stops accepting, flushes every buffered event, and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_everything_and_exits_zero() {
+    use std::io::{BufRead, BufReader};
+
+    let db = fresh_db();
+    let data = tempfile::tempdir().unwrap();
+    let mut child = adbeacon()
+        .arg("serve")
+        .env("HOST", "127.0.0.1")
+        .env("PORT", "0")
+        .env("CLICKHOUSE_URL", shared_clickhouse().url())
+        .env("CLICKHOUSE_DATABASE", &db)
+        .env("DATA_DIR", data.path())
+        .env("FLUSH_INTERVAL", "1h")
+        .env("LOG_FORMAT", "json")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        for line in lines.by_ref().map_while(Result::ok) {
+            let log: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if log["message"] == "serving HTTP" {
+                let _ = tx.send(log["addr"].as_str().unwrap_or_default().to_string());
+            }
+        }
+    });
+    let addr = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the service starts");
+    let http = reqwest::Client::new();
+    for _ in 0..30 {
+        let resp = http
+            .post(format!("http://{addr}/ads/click"))
+            .json(&json!({"adId": "22222222-2222-2222-2222-222222222222"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202);
+    }
+    let count = || shared_clickhouse().query_in(&db, "SELECT count() FROM events");
+    assert_eq!(count().await.trim(), "0", "buffered, not yet flushed");
+    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(count().await.trim(), "30");
+}
+
+#[test]
+fn the_readme_documents_every_setting_with_its_default() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for s in SETTINGS {
+        let row = readme
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{}` |", s.name)))
+            .unwrap_or_else(|| panic!("README lacks a row for {}", s.name));
+        let default = if s.default.is_empty() { "(empty)".to_string() } else { format!("`{}`", s.default) };
+        assert!(row.contains(&default), "README row of {} lacks its default {default}: {row}", s.name);
+    }
+}
