@@ -150,7 +150,8 @@ async fn health_and_readiness_answer() {
     assert_eq!(app.get("/docs").await.status(), 200);
 }
 
-/// The real binary: SIGTERM stops accepting, flushes every buffered event, and exits 0.
+/// The real binary: SIGTERM stops accepting, flushes every buffered event, and exits 0, even when
+/// its stdout and stderr are closed pipes (as under `make run | tee` after Ctrl-C).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_flushes_everything_and_exits_zero() {
     use std::io::{BufRead, BufReader};
@@ -167,16 +168,19 @@ async fn sigterm_flushes_everything_and_exits_zero() {
         .env("FLUSH_INTERVAL", "1h")
         .env("LOG_FORMAT", "json")
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
+    drop(child.stderr.take());
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        for line in lines.by_ref().map_while(Result::ok) {
+        // Stops reading (and closes the pipe) once the address is known.
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let log: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
             if log["message"] == "serving HTTP" {
                 let _ = tx.send(log["addr"].as_str().unwrap_or_default().to_string());
+                return;
             }
         }
     });
