@@ -4,6 +4,11 @@ use std::process::ExitCode;
 
 use adbeacon::{App, Config, app, telemetry};
 
+// Per-request allocations are a measurable share of a tracking request's CPU; mimalloc's
+// thread-local free lists make them cheaper than glibc malloc (see `make bench`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

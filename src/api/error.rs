@@ -1,10 +1,11 @@
 //! Every error the HTTP surface answers, mapped to a status in this one place.
 //!
 //! Handlers return [`ApiError`]; everything else that fails before a handler runs (an unknown
-//! route, a wrong method, a body that does not parse) is a `poem::Error`, which [`JsonErrors`]
-//! turns into the same `{"error": "…"}` shape. Internal causes are logged, never sent.
+//! route, a wrong method, a body that does not parse) is a `poem::Error`, which the front endpoint
+//! turns into the same `{"error": "…"}` shape with [`into_json_error`]. Internal causes are
+//! logged, never sent.
 
-use poem::{Endpoint, IntoResponse, Middleware, Request, Response, http::StatusCode};
+use poem::{Response, http::StatusCode};
 use poem_openapi::{ApiResponse, Object, payload::Json};
 
 use crate::{ingest::PushError, store::StoreError};
@@ -65,47 +66,30 @@ impl ApiError {
     }
 }
 
-/// Turns every non-JSON error response into `{"error": "…"}` with the same status.
-pub struct JsonErrors;
-
-impl<E: Endpoint> Middleware<E> for JsonErrors {
-    type Output = JsonErrorsEndpoint<E>;
-
-    fn transform(&self, ep: E) -> Self::Output {
-        JsonErrorsEndpoint(ep)
+/// Turns a non-JSON error response into `{"error": "…"}` with the same status; everything else
+/// passes through. Keeps the operation id, which the HTTP metrics label by.
+pub async fn into_json_error(resp: Response) -> Response {
+    if resp.status().as_u16() < 400 || is_json(&resp) {
+        return resp;
     }
+    let status = resp.status();
+    let op = resp.data::<poem_openapi::OperationId>().copied();
+    let text = resp.into_body().into_string().await.unwrap_or_default();
+    let mut out = error_response(status, &describe(status, &text));
+    if let Some(op) = op {
+        out.set_data(op);
+    }
+    out
 }
 
-/// The endpoint of [`JsonErrors`].
-pub struct JsonErrorsEndpoint<E>(E);
-
-impl<E: Endpoint> Endpoint for JsonErrorsEndpoint<E> {
-    type Output = Response;
-
-    async fn call(&self, req: Request) -> poem::Result<Response> {
-        let resp = match self.0.call(req).await {
-            Ok(r) => r.into_response(),
-            Err(e) => {
-                let data = e.data::<poem_openapi::OperationId>().copied();
-                let mut resp = e.into_response();
-                if let Some(op) = data {
-                    resp.set_data(op);
-                }
-                resp
-            }
-        };
-        if resp.status().as_u16() < 400 || is_json(&resp) {
-            return Ok(resp);
-        }
-        let status = resp.status();
-        let op = resp.data::<poem_openapi::OperationId>().copied();
-        let text = resp.into_body().into_string().await.unwrap_or_default();
-        let mut out = error_response(status, &describe(status, &text));
-        if let Some(op) = op {
-            out.set_data(op);
-        }
-        Ok(out)
+/// A `poem::Error` as a response, keeping its operation id.
+pub fn error_into_response(e: poem::Error) -> Response {
+    let op = e.data::<poem_openapi::OperationId>().copied();
+    let mut resp = e.into_response();
+    if let Some(op) = op {
+        resp.set_data(op);
     }
+    resp
 }
 
 fn is_json(resp: &Response) -> bool {
