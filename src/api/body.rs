@@ -66,6 +66,9 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
             format!("request body is not valid JSON: {inner}")
         } else if path == "." {
             format!("request body must be a JSON object: {inner}")
+        } else if inner.to_string().starts_with("must be") {
+            // Our field parsers word their errors to follow the field's name.
+            format!("{path} {inner}")
         } else {
             format!("{path}: {inner}")
         }
