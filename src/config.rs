@@ -64,7 +64,12 @@ pub const SETTINGS: &[Setting] = &[
         "a duration such as 500ms, 1s, 2m",
         "oldest age of a buffered event before its batch is inserted",
     ),
-    s("BATCH_MAX_ROWS", "100000", "a whole number >= 1", "rows per INSERT at most"),
+    s(
+        "BATCH_MAX_ROWS",
+        "100000",
+        "a whole number from 1 to 1000000",
+        "rows per INSERT at most (one block, so an INSERT is stored whole or not at all)",
+    ),
     s("BATCH_MAX_BYTES", "16MiB", "a size such as 512KiB, 16MiB", "bytes per INSERT at most"),
     s(
         "BUFFER_MAX_BYTES",
@@ -327,7 +332,13 @@ impl Config {
             data_dir: r.get("DATA_DIR", |v| Ok(PathBuf::from(v)))?,
             ip_hash_key: r.get("IP_HASH_KEY", parse_key)?,
             flush_interval: r.get("FLUSH_INTERVAL", pos_dur)?,
-            batch_max_rows: r.get("BATCH_MAX_ROWS", |v| parse_from_str(v).and_then(positive))?,
+            // ClickHouse splits an INSERT into blocks of max_insert_block_size (1,048,576) rows; a
+            // batch must stay one block for the flusher's "was it stored?" check to be exact.
+            batch_max_rows: r.get("BATCH_MAX_ROWS", |v| {
+                parse_from_str(v)
+                    .and_then(positive)
+                    .and_then(|n: usize| if n <= 1_000_000 { Ok(n) } else { Err("more than 1000000".into()) })
+            })?,
             batch_max_bytes: r.get("BATCH_MAX_BYTES", pos_size)?,
             buffer_max_bytes: r.get("BUFFER_MAX_BYTES", pos_size)?,
             insert_timeout: r.get("INSERT_TIMEOUT", pos_dur)?,

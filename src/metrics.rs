@@ -61,6 +61,8 @@ pub struct Metrics {
     /// Duration of successful inserts.
     pub insert_duration: Histogram,
     insert_failures: IntCounterVec,
+    /// Failed INSERTs found stored when checked before a retry (so not re-sent).
+    pub insert_found_stored: IntCounter,
     /// Catalog look-ups answered from the cache.
     pub catalog_hits: IntCounter,
     /// Catalog look-ups that went to ClickHouse.
@@ -156,6 +158,10 @@ impl Metrics {
             batch_rows,
             insert_duration,
             insert_failures,
+            insert_found_stored: counter(
+                "adbeacon_insert_found_stored_total",
+                "Failed INSERTs that the check before a retry found stored, so were not sent again",
+            ),
             catalog_hits: counter("adbeacon_catalog_cache_hits_total", "Ad look-ups answered from the cache"),
             catalog_misses: counter(
                 "adbeacon_catalog_cache_misses_total",

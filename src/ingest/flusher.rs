@@ -2,7 +2,9 @@
 //!
 //! It owns a batch from the moment it is taken until ClickHouse confirms it. A retryable failure
 //! retries the same batch (same token) with capped exponential backoff, for as long as it takes;
-//! meanwhile the buffer fills and requests get 503. A data error is not retried: the batch is saved
+//! meanwhile the buffer fills and requests get 503. A failed INSERT may still have been stored (the
+//! server wrote it, then the answer was lost), so before each retry the flusher asks whether the
+//! batch's token is already in `events`, and re-sends only if it is not: no double counting. A data error is not retried: the batch is saved
 //! as a dead letter. On shutdown every buffered event is flushed; what ClickHouse still refuses
 //! after `SHUTDOWN_TIMEOUT` is saved as a dead letter rather than lost.
 
@@ -71,7 +73,12 @@ impl Flusher {
         let mut attempt = 1u32;
         loop {
             let started = Instant::now();
-            match self.clickhouse.insert_events(&batch.rows, self.insert_timeout).await {
+            let outcome = if attempt == 1 {
+                self.clickhouse.insert_events(&batch.rows, self.insert_timeout).await
+            } else {
+                self.retry(&batch).await
+            };
+            match outcome {
                 Ok(()) => {
                     let rows = batch.rows.len();
                     self.metrics.insert_duration.observe(started.elapsed().as_secs_f64());
@@ -113,6 +120,27 @@ impl Flusher {
             backoff = (backoff * 2).min(MAX_BACKOFF);
             attempt += 1;
         }
+    }
+
+    /// Re-sends a batch whose earlier INSERT failed, unless that INSERT was stored after all.
+    async fn retry(&self, batch: &Batch) -> Result<(), StoreError> {
+        let first = batch.rows.iter().map(|r| r.event_time).min();
+        let last = batch.rows.iter().map(|r| r.event_time).max();
+        let (Some(first), Some(last)) = (first, last) else { return Ok(()) };
+        let stored = self.clickhouse.batch_rows(batch.id, first, last).await?;
+        if stored == 0 {
+            return self.clickhouse.insert_events(&batch.rows, self.insert_timeout).await;
+        }
+        if stored != batch.rows.len() as u64 {
+            // A batch is one block and stored whole; a partial count means the table was changed
+            // by hand meanwhile. Re-sending would duplicate the stored part.
+            tracing::error!(batch = %batch.id, stored, rows = batch.rows.len(),
+                "a retried batch is partly stored; not re-sending it");
+        }
+        self.metrics.insert_found_stored.inc();
+        tracing::info!(batch = %batch.id, rows = batch.rows.len(),
+            "the failed INSERT had been stored after all; not re-sending");
+        Ok(())
     }
 
     /// Saves a batch as a dead letter; false when even that failed (the caller keeps retrying).

@@ -240,6 +240,22 @@ impl ClickHouse {
         self.client.query("SELECT 1").fetch_one::<u8>().await.map(|_| ()).map_err(classify)
     }
 
+    /// How many rows with this `batch_id` are stored, looking only at `[first, last]` event times.
+    pub async fn batch_rows(
+        &self,
+        batch_id: Uuid,
+        first: OffsetDateTime,
+        last: OffsetDateTime,
+    ) -> Result<u64, StoreError> {
+        let q = self
+            .client
+            .query(super::queries::BATCH_ROWS)
+            .bind(first.unix_timestamp())
+            .bind(last.unix_timestamp())
+            .bind(batch_id.to_string());
+        q.fetch_one::<u64>().await.map_err(classify)
+    }
+
     /// Inserts one batch as a single `INSERT … FORMAT RowBinary`. Either every row is in
     /// ClickHouse (Ok) or the caller still owns the batch and decides what to do with it.
     pub async fn insert_events(&self, rows: &[EventRow], timeout: Duration) -> Result<(), StoreError> {

@@ -8,6 +8,9 @@ pub const ADS_ACTIVE: &str = include_str!("../../clickhouse/queries/ads_active.s
 /// Number of distinct ads.
 pub const ADS_COUNT: &str = include_str!("../../clickhouse/queries/ads_count.sql");
 
+/// Rows of one batch that are stored; `?` = first and last event_time (unix seconds), batch id.
+pub const BATCH_ROWS: &str = include_str!("../../clickhouse/queries/batch_rows.sql");
+
 /// Every query file with its name, for the test that the list is complete.
 pub const ALL: &[(&str, &str)] =
     &[("ad_by_id.sql", AD_BY_ID), ("ads_active.sql", ADS_ACTIVE), ("ads_count.sql", ADS_COUNT)];
