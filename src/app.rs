@@ -4,11 +4,7 @@
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use poem::{
-    Server,
-    listener::{Acceptor, Listener, TcpAcceptor, TcpListener},
-};
-use tokio::task::JoinHandle;
+use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -17,6 +13,7 @@ use crate::{
     ingest::{Buffer, DeadLetters, Flusher, Limits},
     iphash::IpHasher,
     metrics::Metrics,
+    server,
     store::{Catalog, ClickHouse, StoreError, migrate},
 };
 
@@ -46,7 +43,7 @@ const REQUEST_GRACE: Duration = Duration::from_secs(10);
 
 /// A built service, bound to its port, not yet serving.
 pub struct App {
-    acceptor: TcpAcceptor,
+    listener: TcpListener,
     local_addr: SocketAddr,
     state: Arc<State>,
     flusher: JoinHandle<()>,
@@ -119,13 +116,10 @@ impl App {
         };
         let flusher = tokio::spawn(flusher.run(stop_flusher.clone()));
         let addr = SocketAddr::new(config.host, config.port);
-        let acceptor = TcpListener::bind(addr)
-            .into_acceptor()
-            .await
-            .map_err(io(format!("cannot listen on {addr} (set HOST/PORT)")))?;
-        let local_addr =
-            acceptor.local_addr().first().and_then(|a| a.as_socket_addr().copied()).unwrap_or(addr);
-        Ok(App { acceptor, local_addr, state, flusher, stop_flusher })
+        let listener =
+            TcpListener::bind(addr).await.map_err(io(format!("cannot listen on {addr} (set HOST/PORT)")))?;
+        let local_addr = listener.local_addr().map_err(io("listening socket"))?;
+        Ok(App { listener, local_addr, state, flusher, stop_flusher })
     }
 
     /// The address the server is bound to (useful with PORT=0).
@@ -136,9 +130,8 @@ impl App {
     /// Serves until `shutdown` completes, then flushes every buffered event and returns.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), AppError> {
         tracing::info!(addr = %self.local_addr, "serving HTTP");
-        let served = Server::new_with_acceptor(self.acceptor)
-            .run_with_graceful_shutdown(api::routes(self.state.clone()), shutdown, Some(REQUEST_GRACE))
-            .await;
+        let served =
+            server::serve(self.listener, api::routes(self.state.clone()), shutdown, REQUEST_GRACE).await;
         tracing::info!("stopped accepting requests; flushing buffered events");
         self.state.buffer.close();
         self.stop_flusher.cancel();

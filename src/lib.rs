@@ -7,7 +7,8 @@
 //! 4. Materialized views roll `events` up into `ad_stats_*` aggregates.
 //! 5. Analytics read only the aggregates.
 //!
-//! Modules: [`config`] (environment), [`app`] (wiring and shutdown), [`api`] (HTTP), [`domain`]
+//! Modules: [`config`] (environment), [`app`] (wiring and shutdown), [`server`] (the HTTP/1.1
+//! accept loop), [`api`] (routes and handlers), [`domain`]
 //! (validated types), [`ingest`] (buffer, flusher, dead letters), [`store`] (ClickHouse, migrations,
 //! catalog), [`metrics`], [`telemetry`], [`iphash`].
 
@@ -18,6 +19,7 @@ pub mod domain;
 pub mod ingest;
 pub mod iphash;
 pub mod metrics;
+pub mod server;
 pub mod store;
 pub mod telemetry;
 

@@ -160,7 +160,12 @@ impl Payload for ClickQueued {
 
 impl IntoResponse for ClickQueued {
     fn into_response(self) -> Response {
-        Response::builder().content_type(Self::CONTENT_TYPE).body(Self::BODY)
+        Response::builder()
+            .header(
+                poem::http::header::CONTENT_TYPE,
+                poem::http::HeaderValue::from_static(Self::CONTENT_TYPE),
+            )
+            .body(Self::BODY)
     }
 }
 

@@ -2,8 +2,10 @@
 //!
 //! Every tracking request resolves its ad here, so look-ups must not reach ClickHouse on the hot
 //! path: known ads are cached for `CATALOG_CACHE_TTL`, unknown ids for `CATALOG_NEGATIVE_TTL`
-//! (short, so an ad created on another instance is usable within seconds), and concurrent misses
-//! for one id share a single query.
+//! (short, so an ad created on another instance is usable within seconds). A hit is a plain
+//! synchronous look-up: moka's async `get` is a 3.4 KB future, and a click's whole future is
+//! copied each time poem boxes it. Misses are not coalesced: concurrent first look-ups of one id
+//! each query once, until the first answer is cached.
 
 use std::{
     sync::Arc,
@@ -11,7 +13,7 @@ use std::{
 };
 
 use clickhouse::Row;
-use moka::{Expiry, future::Cache};
+use moka::{Expiry, future, sync};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -93,8 +95,8 @@ impl Expiry<Uuid, Option<Arc<Ad>>> for TtlByPresence {
 #[derive(Clone)]
 pub struct Catalog {
     ch: ClickHouse,
-    by_id: Cache<Uuid, Option<Arc<Ad>>>,
-    active: Cache<(), Arc<Vec<Ad>>>,
+    by_id: sync::Cache<Uuid, Option<Arc<Ad>>>,
+    active: future::Cache<(), Arc<Vec<Ad>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -103,30 +105,32 @@ impl Catalog {
     pub fn new(ch: ClickHouse, metrics: Arc<Metrics>, known_ttl: Duration, unknown_ttl: Duration) -> Self {
         Self {
             ch,
-            by_id: Cache::builder()
+            by_id: sync::Cache::builder()
                 .max_capacity(MAX_CACHED_IDS)
                 .expire_after(TtlByPresence { known: known_ttl, unknown: unknown_ttl })
                 .build(),
-            active: Cache::builder().max_capacity(1).time_to_live(ACTIVE_LIST_TTL).build(),
+            active: future::Cache::builder().max_capacity(1).time_to_live(ACTIVE_LIST_TTL).build(),
             metrics,
         }
     }
 
     /// The ad with this id, active or not; `None` if the catalog has never held it.
     pub async fn get(&self, id: Uuid) -> Result<Option<Arc<Ad>>, StoreError> {
-        if let Some(hit) = self.by_id.get(&id).await {
+        if let Some(hit) = self.by_id.get(&id) {
             self.metrics.catalog_hits.inc();
             return Ok(hit);
         }
         self.metrics.catalog_misses.inc();
-        self.by_id
-            .try_get_with(id, async {
-                let q = self.ch.client().query(queries::AD_BY_ID).bind(id.to_string());
-                let rows: Vec<AdRow> = self.ch.fetch_all(q).await?;
-                Ok::<_, StoreError>(rows.into_iter().next().map(|r| Arc::new(Ad::from(r))))
-            })
-            .await
-            .map_err(|e: Arc<StoreError>| (*e).clone())
+        // Boxed so that the query's large future is paid for only by misses.
+        Box::pin(self.load(id)).await
+    }
+
+    async fn load(&self, id: Uuid) -> Result<Option<Arc<Ad>>, StoreError> {
+        let q = self.ch.client().query(queries::AD_BY_ID).bind(id.to_string());
+        let rows: Vec<AdRow> = self.ch.fetch_all(q).await?;
+        let ad = rows.into_iter().next().map(|r| Arc::new(Ad::from(r)));
+        self.by_id.insert(id, ad.clone());
+        Ok(ad)
     }
 
     /// Every active ad, oldest first, at most [`ACTIVE_LIST_TTL`] old.
@@ -148,7 +152,7 @@ impl Catalog {
         }
         insert.end().await.map_err(classify)?;
         for ad in ads {
-            self.by_id.invalidate(&ad.id).await;
+            self.by_id.invalidate(&ad.id);
         }
         self.active.invalidate_all();
         Ok(())

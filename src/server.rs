@@ -1,0 +1,173 @@
+//! The HTTP/1.1 accept loop in front of the poem endpoint, with graceful shutdown.
+//!
+//! poem's own `Server` polls two cancellation tokens on every poll of every connection and
+//! negotiates HTTP/2 and upgrades per connection. A tracking request is small enough for that to
+//! show in `make bench`, so adbeacon runs its own loop: hyper's HTTP/1.1 connection driving the
+//! same poem endpoint (routing, extractors, OpenAPI stay poem's). Shutdown costs one atomic load
+//! per poll: each connection registers its task's waker once, and shutdown wakes them all.
+//!
+//! HTTP/2 is not served: players, ad servers and browsers reach adbeacon through a load balancer
+//! or directly over HTTP/1.1, and HTTP/2 to the origin brings nothing to one-request beacons.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    task::{Context, Poll, Waker},
+    time::Duration,
+};
+
+use hyper::{body::Incoming, server::conn::http1};
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use poem::{
+    Endpoint, Request, Response,
+    http::uri::Scheme,
+    web::{LocalAddr, RemoteAddr},
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::task::TaskTracker;
+
+/// What poem converts a response into for hyper.
+type HyperResponse = hyper::Response<http_body_util::combinators::BoxBody<bytes::Bytes, io::Error>>;
+
+/// Tells connections to finish their current request and close.
+#[derive(Default)]
+struct ShutdownSignal {
+    triggered: AtomicBool,
+    next_id: AtomicU64,
+    wakers: Mutex<HashMap<u64, Waker>>,
+}
+
+impl ShutdownSignal {
+    fn trigger(&self) {
+        self.triggered.store(true, Ordering::Release);
+        for (_, waker) in self.wakers.lock().drain() {
+            waker.wake();
+        }
+    }
+}
+
+/// A connection that starts a graceful shutdown once the signal fires.
+struct Graceful<C> {
+    conn: Pin<Box<C>>,
+    /// hyper's `graceful_shutdown` for this connection type (a fn pointer, because the type,
+    /// with its closure service, cannot be named in a trait bound).
+    begin_shutdown: fn(Pin<&mut C>),
+    signal: Arc<ShutdownSignal>,
+    id: u64,
+    registered: bool,
+    shutting_down: bool,
+}
+
+impl<C: Future> Future for Graceful<C> {
+    type Output = C::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        if !self.shutting_down {
+            if !self.registered && !self.signal.triggered.load(Ordering::Acquire) {
+                // A spawned task keeps one waker for its whole life: registering once suffices.
+                self.registered = true;
+                let (id, waker) = (self.id, cx.waker().clone());
+                self.signal.wakers.lock().insert(id, waker);
+            }
+            // Checked after registering too, so a shutdown between the two is not missed.
+            if self.signal.triggered.load(Ordering::Acquire) {
+                self.shutting_down = true;
+                let begin = self.begin_shutdown;
+                begin(self.conn.as_mut());
+            }
+        }
+        self.conn.as_mut().poll(cx)
+    }
+}
+
+impl<C> Drop for Graceful<C> {
+    fn drop(&mut self) {
+        if self.registered {
+            self.signal.wakers.lock().remove(&self.id);
+        }
+    }
+}
+
+/// Serves `endpoint` on `listener` until `shutdown` completes; then stops accepting, lets every
+/// connection finish its current request (for at most `grace`) and returns.
+pub async fn serve<E>(
+    listener: TcpListener,
+    endpoint: E,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) -> io::Result<()>
+where
+    E: Endpoint<Output = Response> + 'static,
+{
+    let endpoint = Arc::new(endpoint);
+    let local = LocalAddr(listener.local_addr()?.into());
+    let signal = Arc::new(ShutdownSignal::default());
+    let connections = TaskTracker::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        connections.spawn(connection(stream, peer, endpoint.clone(), local.clone(), signal.clone()));
+    }
+    drop(listener);
+    signal.trigger();
+    connections.close();
+    if tokio::time::timeout(grace, connections.wait()).await.is_err() {
+        tracing::warn!(grace = ?grace, "connections still open after the grace period; closing them");
+    }
+    Ok(())
+}
+
+async fn connection<E>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    endpoint: Arc<E>,
+    local: LocalAddr,
+    signal: Arc<ShutdownSignal>,
+) where
+    E: Endpoint<Output = Response> + 'static,
+{
+    let remote = RemoteAddr(peer.into());
+    let service = hyper::service::service_fn(move |req: poem::http::Request<Incoming>| {
+        let endpoint = endpoint.clone();
+        let request = Request::from((req, local.clone(), remote.clone(), Scheme::HTTP));
+        async move {
+            let response = endpoint.get_response(request).await;
+            Ok::<_, Infallible>(HyperResponse::from(response))
+        }
+    });
+    let conn = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), service);
+    let id = signal.next_id.fetch_add(1, Ordering::Relaxed);
+    let graceful = Graceful {
+        conn: Box::pin(conn),
+        begin_shutdown: |conn| conn.graceful_shutdown(),
+        signal,
+        id,
+        registered: false,
+        shutting_down: false,
+    };
+    if let Err(e) = graceful.await {
+        // Clients closing mid-request are ordinary; nothing the operator must act on.
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
