@@ -178,18 +178,24 @@ pub enum ClickResponse {
 }
 
 /// Resolves fields that are spellings of one value: absent, or all present ones equal. Returns
-/// the value with the name the client used, so errors speak the client's spelling.
-fn one_of<T: PartialEq>(fields: Vec<(&str, Option<T>)>) -> Result<Option<(&str, T)>, String> {
-    let present: Vec<(&str, T)> = fields.into_iter().filter_map(|(n, v)| v.map(|v| (n, v))).collect();
-    if let Some(((first_name, first), rest)) = present.split_first()
-        && let Some((other, _)) = rest.iter().find(|(_, v)| v != first)
-    {
-        return Err(format!("{first_name} and {other} disagree; send only one of them"));
+/// the value with the name the client used, so errors speak the client's spelling. (An array, not
+/// a Vec: this runs on every event.)
+fn one_of<T: PartialEq, const N: usize>(fields: [(&str, Option<T>); N]) -> Result<Option<(&str, T)>, String> {
+    let mut found: Option<(&str, T)> = None;
+    for (name, value) in fields {
+        match (&found, value) {
+            (_, None) => {}
+            (None, Some(v)) => found = Some((name, v)),
+            (Some((first, seen)), Some(v)) if *seen != v => {
+                return Err(format!("{first} and {name} disagree; send only one of them"));
+            }
+            (Some(_), Some(_)) => {}
+        }
     }
-    Ok(present.into_iter().next())
+    Ok(found)
 }
 
-fn ad_id(fields: Vec<(&str, Option<Uuid>)>) -> Result<Uuid, String> {
+fn ad_id(fields: [(&str, Option<Uuid>); 2]) -> Result<Uuid, String> {
     let required = fields[0].0;
     one_of(fields)?.map(|(_, id)| id).ok_or_else(|| format!("{required} is required"))
 }
@@ -199,7 +205,7 @@ impl TryFrom<ImpressionRequest> for EventReport {
 
     fn try_from(r: ImpressionRequest) -> Result<Self, String> {
         Ok(EventReport {
-            ad_id: ad_id(vec![("adId", r.ad_id_camel), ("ad_id", r.ad_id)])?,
+            ad_id: ad_id([("adId", r.ad_id_camel), ("ad_id", r.ad_id)])?,
             kind: EventKind::Impression,
             client_time: None,
             playback_time: None,
@@ -212,10 +218,10 @@ impl TryFrom<ClickRequest> for EventReport {
     type Error = String;
 
     fn try_from(r: ClickRequest) -> Result<Self, String> {
-        let ad_id = ad_id(vec![("adId", r.ad_id_camel), ("ad_id", r.ad_id)])?;
+        let ad_id = ad_id([("adId", r.ad_id_camel), ("ad_id", r.ad_id)])?;
         // Validated while parsing; here only checked for disagreeing spellings.
-        one_of(vec![("ipAddress", r.ip_address_camel), ("ip_address", r.ip_address), ("ip", r.ip)])?;
-        let playback = one_of(vec![
+        one_of([("ipAddress", r.ip_address_camel), ("ip_address", r.ip_address), ("ip", r.ip)])?;
+        let playback = one_of([
             ("videoPlaybackTime", r.video_playback_time_camel),
             ("video_playback_time", r.video_playback_time),
             ("playback_time", r.playback_time),

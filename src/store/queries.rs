@@ -12,8 +12,12 @@ pub const ADS_COUNT: &str = include_str!("../../clickhouse/queries/ads_count.sql
 pub const BATCH_ROWS: &str = include_str!("../../clickhouse/queries/batch_rows.sql");
 
 /// Every query file with its name, for the test that the list is complete.
-pub const ALL: &[(&str, &str)] =
-    &[("ad_by_id.sql", AD_BY_ID), ("ads_active.sql", ADS_ACTIVE), ("ads_count.sql", ADS_COUNT)];
+pub const ALL: &[(&str, &str)] = &[
+    ("ad_by_id.sql", AD_BY_ID),
+    ("ads_active.sql", ADS_ACTIVE),
+    ("ads_count.sql", ADS_COUNT),
+    ("batch_rows.sql", BATCH_ROWS),
+];
 
 #[cfg(test)]
 mod tests {
