@@ -35,9 +35,12 @@ test: ## deps, fmt check, clippy, all tests, SQL conformance (what CI runs)
 	cargo test --all-targets
 	$(VENV_PYTHON) tests/sql/conformance.py
 
-bench: ## benchmarks (scripts/bench.sh)
+# Twice: unpinned (servers and wrk share both cores: the plain `wrk` comparison), then pinned
+# (server on one core, wrk on the other: the per-core cost). Each run measures bare and adbeacon.
+bench: ## benchmarks: bare hyper vs adbeacon POST /ads/click, unpinned then pinned
 	bash scripts/deps.sh bench
-	bash scripts/bench.sh
+	BENCH_PIN=0 bash scripts/bench.sh
+	BENCH_PIN=1 bash scripts/bench.sh
 
 stop: ## stop the servers that scripts/stack.sh started
 	bash scripts/stack.sh stop

@@ -4,7 +4,8 @@
 #
 # One run: builds release, starts a private ClickHouse, adbeacon and bare on free loopback ports,
 # drives both with the same wrk load (loadtest/wrk/click.lua), checks that every click adbeacon
-# acknowledged reached ClickHouse, and prints a table (also written to .data/bench/last.md).
+# acknowledged reached ClickHouse, and prints a table (also written to
+# .data/bench/last-pinned.md or last-unpinned.md, by BENCH_PIN).
 #
 # Settings (environment):
 #   BENCH_THREADS (1)  BENCH_CONNECTIONS (64)  BENCH_DURATION (15s)  BENCH_WARMUP (3s)
@@ -157,15 +158,23 @@ print(*(s.getsockname()[1] for s in socks))
 ncpu="$(nproc)"
 wrk_pin=()
 srv_pin=()
-if [ "$ncpu" -ge 2 ] && command -v taskset >/dev/null 2>&1; then
+# BENCH_PIN=0 runs everything unpinned: servers and wrk share all cores, as a plain
+# `wrk` against a server would; the report names which way a figure was taken.
+pin_mode=pinned
+if [ "${BENCH_PIN:-1}" = "0" ]; then
+  pin_mode=unpinned
+  pinning="none (BENCH_PIN=0; servers, wrk and ClickHouse share all $ncpu cores)"
+elif [ "$ncpu" -ge 2 ] && command -v taskset >/dev/null 2>&1; then
   srv_cpus=0
   if [ "$ncpu" -gt 2 ]; then srv_cpus="0-$((ncpu - 2))"; fi
   wrk_pin=(taskset -c "$((ncpu - 1))")
   srv_pin=(taskset -c "$srv_cpus")
   pinning="wrk on cpu $((ncpu - 1)); adbeacon and bare on cpu $srv_cpus; ClickHouse unpinned (nproc=$ncpu)"
 elif [ "$ncpu" -lt 2 ]; then
+  pin_mode=unpinned
   pinning="none (nproc=$ncpu)"
 else
+  pin_mode=unpinned
   pinning="none (taskset not found, nproc=$ncpu)"
 fi
 log "pinning: $pinning"
@@ -436,8 +445,8 @@ load="wrk -t$THREADS -c$CONNECTIONS -d$DURATION, best of $ROUNDS rounds (warm-up
   echo "Load: $load; $ncpu CPUs; pinning: $pinning."
   echo "Events: $accepted acknowledged, $stored in ClickHouse, lost=$lost."
   echo "CPU: $cpu_per_m CPU s per million events."
-} >"$out_dir/last.md"
-log "wrote $out_dir/last.md; logs and raw wrk output in $out_dir/last-logs/"
+} >"$out_dir/last-$pin_mode.md"
+log "wrote $out_dir/last-$pin_mode.md; logs and raw wrk output in $out_dir/last-logs/"
 
 status=0
 if [ "$lost" != 0 ]; then
