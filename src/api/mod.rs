@@ -1,5 +1,6 @@
-//! The HTTP surface: one poem-openapi struct per tag, the shared [`State`], and the routes with
-//! their middleware (JSON errors, HTTP metrics, body limit).
+//! The HTTP surface: one poem-openapi struct per tag, the shared [`State`], and [`routes`]: every
+//! operation behind one front endpoint that sets the body limit, turns errors into JSON and counts
+//! requests for the metrics.
 
 pub mod ads;
 pub mod body;
@@ -87,8 +88,8 @@ impl State {
         if time.replaced {
             self.metrics.event_time_replaced.inc();
         }
-        // The peer address: not a header or body field a client could forge. Issue-5 work adds
-        // trusted proxies.
+        // The TCP peer: not a header or body field a client could forge. Forwarding headers
+        // (X-Forwarded-For) are not trusted at all yet, so behind a proxy uniques count proxies.
         let ip = remote
             .as_socket_addr()
             .map(|a| a.ip())
