@@ -209,19 +209,28 @@ show_tail() { # FILE...
   done
 }
 
-waited=0
-until [ "$(curl -s --noproxy '*' --max-time 2 "http://127.0.0.1:$ch_http/ping" 2>/dev/null)" = "Ok." ]; do
-  if ! alive "$ch_pid"; then
-    show_tail "$ch_dir/log/stdout.log" "$ch_dir/log/clickhouse-server.err.log"
-    die "ClickHouse exited during start-up"
-  fi
-  [ "$waited" -lt 600 ] || {
-    show_tail "$ch_dir/log/clickhouse-server.err.log"
-    die "ClickHouse did not answer on port $ch_http within 60s"
-  }
-  sleep 0.1
-  waited=$((waited + 1))
-done
+# wait_ready NAME PID CHECK LOG...: polls the function CHECK every 0.1 s for up to 60 s; if the
+# process PID dies or time runs out, shows the logs and stops the benchmark.
+wait_ready() {
+  local name=$1 pid=$2 check=$3 waited=0
+  shift 3
+  until "$check"; do
+    if ! alive "$pid"; then
+      show_tail "$@"
+      die "$name exited during start-up"
+    fi
+    [ "$waited" -lt 600 ] || {
+      show_tail "$@"
+      die "$name was not ready within 60s"
+    }
+    sleep 0.1
+    waited=$((waited + 1))
+  done
+}
+
+# shellcheck disable=SC2317  # called through wait_ready
+ch_ping() { [ "$(curl -s --noproxy '*' --max-time 2 "http://127.0.0.1:$ch_http/ping" 2>/dev/null)" = "Ok." ]; }
+wait_ready ClickHouse "$ch_pid" ch_ping "$ch_dir/log/stdout.log" "$ch_dir/log/clickhouse-server.err.log"
 
 # ---------------------------------------------------------------- the two servers
 log "starting adbeacon on 127.0.0.1:$app_port"
@@ -243,32 +252,16 @@ echo "$bare_pid $bare_bin" >>"$tmp/pids"
 app_url="http://127.0.0.1:$app_port"
 bare_url="http://127.0.0.1:$bare_port"
 
+# shellcheck disable=SC2317  # used only by the wait_ready checks
 http_code() { curl -s --noproxy '*' --max-time 2 -o /dev/null -w '%{http_code}' "$@" 2>/dev/null || true; }
 
 # Ready means migrated, demo ads seeded and ClickHouse reachable: the first click is a 202.
-waited=0
-until [ "$(http_code "$app_url/readyz")" = 200 ]; do
-  alive "$app_pid" || {
-    show_tail "$tmp/adbeacon.log"
-    die "adbeacon exited during start-up"
-  }
-  [ "$waited" -lt 600 ] || {
-    show_tail "$tmp/adbeacon.log"
-    die "adbeacon's /readyz did not answer 200 within 60s"
-  }
-  sleep 0.1
-  waited=$((waited + 1))
-done
-waited=0
-until [ "$(http_code -X POST "$bare_url/ads/click")" = 202 ]; do
-  alive "$bare_pid" || {
-    show_tail "$tmp/bare.log"
-    die "bare exited during start-up"
-  }
-  [ "$waited" -lt 300 ] || die "bare did not answer within 30s"
-  sleep 0.1
-  waited=$((waited + 1))
-done
+# shellcheck disable=SC2317  # called through wait_ready
+app_ready() { [ "$(http_code "$app_url/readyz")" = 200 ]; }
+wait_ready adbeacon "$app_pid" app_ready "$tmp/adbeacon.log"
+# shellcheck disable=SC2317  # called through wait_ready
+bare_ready() { [ "$(http_code -X POST "$bare_url/ads/click")" = 202 ]; }
+wait_ready bare "$bare_pid" bare_ready "$tmp/bare.log"
 
 # ---------------------------------------------------------------- helpers for the runs
 # One value from adbeacon's /metrics (sum over the series matching PATTERN, 0 when absent).
