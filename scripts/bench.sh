@@ -25,7 +25,10 @@ CONNECTIONS="${BENCH_CONNECTIONS:-64}"
 DURATION="${BENCH_DURATION:-15s}"
 WARMUP="${BENCH_WARMUP:-3s}"
 ROUNDS="${BENCH_ROUNDS:-2}"
-TARGET_PCT=70 # issue 2: adbeacon keeps at least this share of the bare server's throughput
+# The share of the bare server's throughput adbeacon must keep on POST /ads/click: 70 % for the
+# plain (unpinned) comparison, 80 % per core (pinned), the later and stricter bar.
+TARGET_PCT_UNPINNED=70
+TARGET_PCT_PINNED=80
 
 # Debian puts clickhouse-server in /usr/sbin, which a non-root PATH may lack.
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -161,8 +164,12 @@ srv_pin=()
 # BENCH_PIN=0 runs everything unpinned: servers and wrk share all cores, as a plain
 # `wrk` against a server would; the report names which way a figure was taken.
 pin_mode=pinned
+TARGET_PCT=$TARGET_PCT_PINNED
+TARGET_NAME="per core, pinned"
 if [ "${BENCH_PIN:-1}" = "0" ]; then
   pin_mode=unpinned
+  TARGET_PCT=$TARGET_PCT_UNPINNED
+  TARGET_NAME="same load, unpinned"
   pinning="none (BENCH_PIN=0; servers, wrk and ClickHouse share all $ncpu cores)"
 elif [ "$ncpu" -ge 2 ] && command -v taskset >/dev/null 2>&1; then
   srv_cpus=0
@@ -172,9 +179,13 @@ elif [ "$ncpu" -ge 2 ] && command -v taskset >/dev/null 2>&1; then
   pinning="wrk on cpu $((ncpu - 1)); adbeacon and bare on cpu $srv_cpus; ClickHouse unpinned (nproc=$ncpu)"
 elif [ "$ncpu" -lt 2 ]; then
   pin_mode=unpinned
+  TARGET_PCT=$TARGET_PCT_UNPINNED
+  TARGET_NAME="same load, unpinned"
   pinning="none (nproc=$ncpu)"
 else
   pin_mode=unpinned
+  TARGET_PCT=$TARGET_PCT_UNPINNED
+  TARGET_NAME="same load, unpinned"
   pinning="none (taskset not found, nproc=$ncpu)"
 fi
 log "pinning: $pinning"
@@ -415,7 +426,7 @@ load="wrk -t$THREADS -c$CONNECTIONS -d$DURATION, best of $ROUNDS rounds (warm-up
   printf '%-16s %12s %10s %10s\n' adbeacon "$(rps_fmt "$best_app_rps")" "$(ms "$best_app_p50")" "$(ms "$best_app_p99")"
   printf '%-16s %12s %10s %10s\n' adbeacon/bare "$pct %" "" "${p99x}x"
   echo
-  echo "target: adbeacon >= ${TARGET_PCT}% of bare (issue 2): $verdict ($pct %)"
+  echo "target: adbeacon >= ${TARGET_PCT}% of bare ($TARGET_NAME): $verdict ($pct %)"
   echo "events: wrk counted $app_2xx 2xx from adbeacon in $runs runs; adbeacon accepted $accepted" \
     "($unread answered after wrk stopped reading, at most $((runs * CONNECTIONS))); ClickHouse holds $stored; lost=$lost"
   echo "cpu:    adbeacon used $cpu_s s for $measured events in the measured runs = $cpu_per_m CPU s per million events"
@@ -434,7 +445,7 @@ load="wrk -t$THREADS -c$CONNECTIONS -d$DURATION, best of $ROUNDS rounds (warm-up
   echo "| adbeacon | $(rps_fmt "$best_app_rps") | $(ms "$best_app_p50") | $(ms "$best_app_p99") |"
   echo "| adbeacon / bare | $pct % | | ${p99x}× |"
   echo
-  echo "Target: adbeacon >= ${TARGET_PCT}% of bare (issue 2): **$verdict**."
+  echo "Target: adbeacon >= ${TARGET_PCT}% of bare ($TARGET_NAME): **$verdict**."
   echo "Load: $load; $ncpu CPUs; pinning: $pinning."
   echo "Events: $accepted acknowledged, $stored in ClickHouse, lost=$lost."
   echo "CPU: $cpu_per_m CPU s per million events."
