@@ -14,7 +14,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use poem::{Endpoint, IntoEndpoint, IntoResponse, Request, Response, Route, web::RemoteAddr};
+use poem::{
+    Endpoint, IntoEndpoint, IntoResponse, Request, Response, Route, http::StatusCode, web::RemoteAddr,
+};
 use poem_openapi::{OpenApiService, Tags};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -64,10 +66,7 @@ pub struct State {
 impl State {
     /// Turns a request DTO into a validated report, or a 400 naming the problem.
     pub fn validate<T: TryInto<EventReport, Error = String>>(&self, dto: T) -> Result<EventReport, ApiError> {
-        dto.try_into().map_err(|msg| {
-            self.metrics.rejected(RejectReason::Invalid);
-            ApiError::bad_request(msg)
-        })
+        dto.try_into().map_err(ApiError::bad_request)
     }
 
     /// Resolves the ad, stamps the event and buffers it. Ok means the event is held.
@@ -133,20 +132,29 @@ pub fn routes(state: Arc<State>) -> impl Endpoint<Output = Response> {
     let metrics = state.metrics.clone();
     let body_limit = state.body_limit;
     let api = openapi(state);
-    let templates = operation_templates(&api.spec());
+    let routes = operation_routes(&api.spec());
     let other = Route::new().nest("/docs", api.swagger_ui()).at("/openapi.json", api.spec_endpoint());
-    Front { api: api.into_endpoint(), other, metrics, templates, body_limit }
+    Front { api: api.into_endpoint(), other, metrics, routes, body_limit }
 }
 
-/// Maps operation ids to their path templates, read from the spec itself.
-fn operation_templates(spec_json: &str) -> HashMap<String, String> {
+/// What the front endpoint needs to know of an operation, read from the spec itself.
+struct OperationRoute {
+    /// The path template, the `path` label of the HTTP metrics.
+    template: String,
+    /// Tagged Tracking: its 400 and 413 answers are refused events.
+    tracking: bool,
+}
+
+/// Maps operation ids to their routes.
+fn operation_routes(spec_json: &str) -> HashMap<String, OperationRoute> {
     let spec: serde_json::Value = serde_json::from_str(spec_json).unwrap_or_default();
     let mut out = HashMap::new();
     if let Some(paths) = spec.get("paths").and_then(|p| p.as_object()) {
         for (path, ops) in paths {
             for op in ops.as_object().into_iter().flat_map(|o| o.values()) {
                 if let Some(id) = op.get("operationId").and_then(|v| v.as_str()) {
-                    out.insert(id.to_string(), path.clone());
+                    let tracking = op["tags"].as_array().is_some_and(|t| t.iter().any(|t| t == "Tracking"));
+                    out.insert(id.to_string(), OperationRoute { template: path.clone(), tracking });
                 }
             }
         }
@@ -162,7 +170,7 @@ struct Front<A, O> {
     api: A,
     other: O,
     metrics: Arc<Metrics>,
-    templates: HashMap<String, String>,
+    routes: HashMap<String, OperationRoute>,
     body_limit: usize,
 }
 
@@ -190,14 +198,22 @@ impl<A: Endpoint, O: Endpoint> Endpoint for Front<A, O> {
             Ok(resp) => error::into_json_error(resp).await,
             Err(e) => error::into_json_error(error::error_into_response(e)).await,
         };
-        let path = resp
-            .data::<poem_openapi::OperationId>()
-            .and_then(|op| self.templates.get(op.0))
-            .map_or(fallback, String::as_str);
-        self.metrics.http_requests.with_label_values(&[method.as_str(), path, resp.status().as_str()]).inc();
+        let route = resp.data::<poem_openapi::OperationId>().and_then(|op| self.routes.get(op.0));
+        let path = route.map_or(fallback, |r| r.template.as_str());
+        let status = resp.status();
+        // Counted here, not in the handlers, so that bodies refused before a handler runs
+        // (malformed JSON, too large) count too.
+        if route.is_some_and(|r| r.tracking)
+            && (status == StatusCode::BAD_REQUEST || status == StatusCode::PAYLOAD_TOO_LARGE)
+        {
+            self.metrics.rejected(RejectReason::Invalid);
+        }
+        self.metrics.http_requests.with_label_values(&[method.as_str(), path, status.as_str()]).inc();
         self.metrics.http_duration.with_label_values(&[path]).observe(started.elapsed().as_secs_f64());
-        if resp.status().is_server_error() {
-            tracing::warn!(method = %method, path, status = resp.status().as_u16(), "request failed");
+        // 503 is back-pressure, expected under overload and counted above; logging each one would
+        // flood the logs exactly when the machine has no time to spare.
+        if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+            tracing::warn!(method = %method, path, status = status.as_u16(), "request failed");
         }
         Ok(resp)
     }

@@ -117,6 +117,8 @@ async fn metrics_label_routes_by_template_and_count_the_pipeline() {
         404
     );
     assert_eq!(app.get("/nowhere/11111111").await.status(), 404);
+    assert_eq!(app.post_raw("/ads/click", "application/json", "{not json").await.status(), 400);
+    assert_eq!(app.post("/ads/click", &json!({"adId": "x"})).await.status(), 400);
     assert_eq!(app.wait_for("SELECT count() FROM events", 1).await, 1);
     // The flusher counts after the insert returns; give it a moment.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
@@ -127,6 +129,8 @@ async fn metrics_label_routes_by_template_and_count_the_pipeline() {
         r#"http_requests_total{method="GET",path="unmatched",status="404"} 1"#,
         r#"adbeacon_events_accepted_total{kind="click"} 1"#,
         r#"adbeacon_events_rejected_total{reason="unknown_ad"} 1"#,
+        r#"adbeacon_events_rejected_total{reason="invalid"} 2"#,
+        r#"http_requests_total{method="POST",path="/ads/click",status="400"} 2"#,
         "adbeacon_events_flushed_total 1",
         "adbeacon_buffer_events 0",
     ] {
