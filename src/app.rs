@@ -48,6 +48,7 @@ pub struct App {
     state: Arc<State>,
     flusher: JoinHandle<()>,
     stop_flusher: CancellationToken,
+    header_read_timeout: Duration,
 }
 
 /// Builds the shared state from parts that need no I/O beyond what the caller already did.
@@ -119,7 +120,8 @@ impl App {
         let listener =
             TcpListener::bind(addr).await.map_err(io(format!("cannot listen on {addr} (set HOST/PORT)")))?;
         let local_addr = listener.local_addr().map_err(io("listening socket"))?;
-        Ok(App { listener, local_addr, state, flusher, stop_flusher })
+        let header_read_timeout = config.header_read_timeout;
+        Ok(App { listener, local_addr, state, flusher, stop_flusher, header_read_timeout })
     }
 
     /// The address the server is bound to (useful with PORT=0).
@@ -130,8 +132,9 @@ impl App {
     /// Serves until `shutdown` completes, then flushes every buffered event and returns.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), AppError> {
         tracing::info!(addr = %self.local_addr, "serving HTTP");
-        let served =
-            server::serve(self.listener, api::routes(self.state.clone()), shutdown, REQUEST_GRACE).await;
+        let limits =
+            server::Limits { header_read_timeout: self.header_read_timeout, shutdown_grace: REQUEST_GRACE };
+        let served = server::serve(self.listener, api::routes(self.state.clone()), shutdown, limits).await;
         tracing::info!("stopped accepting requests; flushing buffered events");
         self.state.buffer.close();
         self.stop_flusher.cancel();

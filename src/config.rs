@@ -87,6 +87,12 @@ pub const SETTINGS: &[Setting] = &[
     ),
     s("MAX_BODY_BYTES", "64KiB", "a size", "largest request body accepted"),
     s(
+        "HEADER_READ_TIMEOUT",
+        "30s",
+        "a duration",
+        "time a client may take to send a request's headers; slower connections are closed",
+    ),
+    s(
         "MAX_CLOCK_SKEW",
         "5m",
         "a duration",
@@ -156,6 +162,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Largest request body.
     pub max_body_bytes: usize,
+    /// Time a client may take to send a request's headers.
+    pub header_read_timeout: Duration,
     /// Future skew tolerated in client timestamps.
     pub max_clock_skew: Duration,
     /// Age tolerated in client timestamps.
@@ -345,6 +353,7 @@ impl Config {
             startup_timeout: r.get("STARTUP_TIMEOUT", dur)?,
             shutdown_timeout: r.get("SHUTDOWN_TIMEOUT", dur)?,
             max_body_bytes: r.get("MAX_BODY_BYTES", pos_size)?,
+            header_read_timeout: r.get("HEADER_READ_TIMEOUT", pos_dur)?,
             max_clock_skew: r.get("MAX_CLOCK_SKEW", dur)?,
             max_event_age: r.get("MAX_EVENT_AGE", pos_dur)?,
             catalog_cache_ttl: r.get("CATALOG_CACHE_TTL", pos_dur)?,

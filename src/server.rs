@@ -25,7 +25,7 @@ use std::{
 };
 
 use hyper::{body::Incoming, server::conn::http1};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use poem::{
     Endpoint, Request, Response,
@@ -97,13 +97,23 @@ impl<C> Drop for Graceful<C> {
     }
 }
 
+/// How the server treats connections.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// How long a client may take to send a request's headers (slow-header attacks hold
+    /// connections open otherwise).
+    pub header_read_timeout: Duration,
+    /// How long in-flight requests may take to finish once shutdown begins.
+    pub shutdown_grace: Duration,
+}
+
 /// Serves `endpoint` on `listener` until `shutdown` completes; then stops accepting, lets every
-/// connection finish its current request (for at most `grace`) and returns.
+/// connection finish its current request (for at most `limits.shutdown_grace`) and returns.
 pub async fn serve<E>(
     listener: TcpListener,
     endpoint: E,
     shutdown: impl Future<Output = ()>,
-    grace: Duration,
+    limits: Limits,
 ) -> io::Result<()>
 where
     E: Endpoint<Output = Response> + 'static,
@@ -127,13 +137,13 @@ where
                 }
             },
         };
-        connections.spawn(connection(stream, peer, endpoint.clone(), local.clone(), signal.clone()));
+        connections.spawn(connection(stream, peer, endpoint.clone(), local.clone(), signal.clone(), limits));
     }
     drop(listener);
     signal.trigger();
     connections.close();
-    if tokio::time::timeout(grace, connections.wait()).await.is_err() {
-        tracing::warn!(grace = ?grace, "connections still open after the grace period; closing them");
+    if tokio::time::timeout(limits.shutdown_grace, connections.wait()).await.is_err() {
+        tracing::warn!(grace = ?limits.shutdown_grace, "connections still open after the grace period; closing them");
     }
     Ok(())
 }
@@ -144,6 +154,7 @@ async fn connection<E>(
     endpoint: Arc<E>,
     local: LocalAddr,
     signal: Arc<ShutdownSignal>,
+    limits: Limits,
 ) where
     E: Endpoint<Output = Response> + 'static,
 {
@@ -156,7 +167,11 @@ async fn connection<E>(
             Ok::<_, Infallible>(HyperResponse::from(response))
         }
     });
-    let conn = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), service);
+    let conn = http1::Builder::new()
+        .keep_alive(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .serve_connection(TokioIo::new(stream), service);
     let id = signal.next_id.fetch_add(1, Ordering::Relaxed);
     let graceful = Graceful {
         conn: Box::pin(conn),

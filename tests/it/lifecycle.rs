@@ -220,3 +220,26 @@ fn the_readme_documents_every_setting_with_its_default() {
         assert!(row.contains(&default), "README row of {} lacks its default {default}: {row}", s.name);
     }
 }
+
+/// A client that never finishes its headers (a slow-header attack) is disconnected after
+/// HEADER_READ_TIMEOUT; a normal client on another connection is served meanwhile.
+#[tokio::test]
+async fn slow_headers_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let app = TestApp::spawn_with(&[("HEADER_READ_TIMEOUT", "300ms")]).await;
+    let addr = app.base.trim_start_matches("http://").to_string();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"POST /ads/click HTTP/1.1\r\nHost: adbeacon\r\n").await.unwrap();
+    assert_eq!(app.get("/healthz").await.status(), 200);
+    let mut buf = [0u8; 256];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), slow.read(&mut buf)).await;
+    match read {
+        Ok(Ok(n)) => {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "expected a close, got {text:?}");
+        }
+        Ok(Err(_)) => {} // reset: closed too
+        Err(_) => panic!("the slow connection was still open after 5 s"),
+    }
+}
