@@ -135,15 +135,23 @@ impl EventTime {
         max_age: Duration,
     ) -> EventTime {
         // Whole seconds, like the DateTime column; integer bounds are cheaper than date arithmetic
-        // on every click.
+        // on every click. The window never leaves what DateTime holds (1970 to 2106), so no
+        // configured age or skew can let through a time that would fail the whole batch.
         let secs = now.unix_timestamp();
-        let (earliest, latest) = (secs - max_age.as_secs() as i64, secs + max_skew.as_secs() as i64);
+        let earliest = secs.saturating_sub(i64::try_from(max_age.as_secs()).unwrap_or(i64::MAX)).max(0);
+        let latest = secs
+            .saturating_add(i64::try_from(max_skew.as_secs()).unwrap_or(i64::MAX))
+            .min(i64::from(u32::MAX));
         match client {
             None => EventTime { at: now, replaced: false },
             Some(t) if !(earliest..=latest).contains(&t.unix_timestamp()) => {
                 EventTime { at: now, replaced: true }
             }
-            Some(t) => EventTime { at: t.replace_nanosecond(0).unwrap_or(t), replaced: false },
+            // Stored in UTC: the offset the client wrote is not part of the event.
+            Some(t) => {
+                let utc = t.to_offset(time::UtcOffset::UTC);
+                EventTime { at: utc.replace_nanosecond(0).unwrap_or(utc), replaced: false }
+            }
         }
     }
 }
@@ -216,6 +224,16 @@ mod tests {
         let t = EventTime::resolve(Some(datetime!(2026-11-21 12:10:00 UTC)), now, skew, age);
         assert_eq!(t, EventTime { at: now, replaced: true });
         let t = EventTime::resolve(Some(datetime!(2026-10-01 00:00:00 UTC)), now, skew, age);
+        assert!(t.replaced);
+        // A client offset is converted, not kept.
+        let t = EventTime::resolve(Some(datetime!(2026-11-21 14:00:00 +02:00)), now, skew, age);
+        assert_eq!(t.at.offset(), time::UtcOffset::UTC);
+        assert_eq!(t.at, datetime!(2026-11-21 12:00:00 UTC));
+        // Whatever the configured window, times DateTime cannot hold are replaced.
+        let forever = Duration::from_secs(u64::MAX);
+        let t = EventTime::resolve(Some(datetime!(1950-01-01 00:00:00 UTC)), now, forever, forever);
+        assert!(t.replaced);
+        let t = EventTime::resolve(Some(datetime!(2200-01-01 00:00:00 UTC)), now, forever, forever);
         assert!(t.replaced);
         assert_eq!(EventTime::resolve(None, now, skew, age).at, now);
     }

@@ -89,9 +89,6 @@ impl Buffer {
 
     /// Accepts rows, or refuses all of them at once. Never waits.
     pub fn push(&self, rows: impl ExactSizeIterator<Item = EventRow>) -> Result<(), PushError> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(PushError::Closed);
-        }
         let count = rows.len();
         let bytes = count * EventRow::SIZE;
         // Reserve first, so that concurrent pushes can never overshoot the cap together.
@@ -102,6 +99,13 @@ impl Buffer {
         }
         let wake = {
             let mut p = self.pending.lock();
+            // Checked under the lock that `close` takes: a push either lands before the close (and
+            // the final drain takes it) or sees the close. Never a 2xx for an event left behind.
+            if self.closed.load(Ordering::Acquire) {
+                drop(p);
+                self.held_bytes.fetch_sub(bytes, Ordering::AcqRel);
+                return Err(PushError::Closed);
+            }
             let was_empty = p.rows.is_empty();
             if was_empty {
                 p.since = Some(Instant::now());
@@ -166,7 +170,9 @@ impl Buffer {
 
     /// Refuses further pushes (shutdown).
     pub fn close(&self) {
+        let _pending = self.pending.lock();
         self.closed.store(true, Ordering::Release);
+        drop(_pending);
         self.wake.notify_one();
     }
 
