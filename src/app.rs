@@ -14,7 +14,7 @@ use crate::{
     iphash::IpHasher,
     metrics::Metrics,
     server,
-    store::{Catalog, ClickHouse, StoreError, migrate},
+    store::{Catalog, ClickHouse, StoreError, Timeouts, migrate},
 };
 
 /// Why the service could not start or stop cleanly.
@@ -90,7 +90,8 @@ pub fn openapi_yaml(config: &Config) -> String {
 
 /// Connects to ClickHouse (waiting up to STARTUP_TIMEOUT) and applies pending migrations.
 pub async fn connect_and_migrate(config: &Config) -> Result<(ClickHouse, Vec<u32>), AppError> {
-    let ch = ClickHouse::connect(&config.clickhouse, config.startup_timeout).await?;
+    let timeouts = Timeouts { insert: config.insert_timeout, query: config.query_timeout };
+    let ch = ClickHouse::connect(&config.clickhouse, config.startup_timeout, timeouts).await?;
     let applied = migrate::apply(&ch).await?;
     Ok((ch, applied))
 }
@@ -112,7 +113,6 @@ impl App {
             clickhouse,
             metrics,
             dead_letters: DeadLetters::new(&config.data_dir),
-            insert_timeout: config.insert_timeout,
             shutdown_timeout: config.shutdown_timeout,
         };
         let flusher = tokio::spawn(flusher.run(stop_flusher.clone()));

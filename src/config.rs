@@ -77,7 +77,18 @@ pub const SETTINGS: &[Setting] = &[
         "a size such as 64MiB, 1GiB",
         "events held in memory until ClickHouse confirms them; beyond it requests get 503",
     ),
-    s("INSERT_TIMEOUT", "30s", "a duration", "time one INSERT may take before it is retried"),
+    s(
+        "INSERT_TIMEOUT",
+        "30s",
+        "a duration",
+        "time an INSERT may take to send each chunk, and to be answered, before it is retried",
+    ),
+    s(
+        "QUERY_TIMEOUT",
+        "10s",
+        "a duration",
+        "time any other ClickHouse call may take (catalog look-ups, readiness, retry checks)",
+    ),
     s("STARTUP_TIMEOUT", "60s", "a duration", "how long start-up waits for ClickHouse to answer"),
     s(
         "SHUTDOWN_TIMEOUT",
@@ -154,8 +165,10 @@ pub struct Config {
     pub batch_max_bytes: usize,
     /// Bytes of events held in memory (buffered or in flight) before requests get 503.
     pub buffer_max_bytes: usize,
-    /// Time one INSERT may take.
+    /// Time an INSERT may take (per chunk sent, and for the answer).
     pub insert_timeout: Duration,
+    /// Time any other ClickHouse call may take.
+    pub query_timeout: Duration,
     /// How long start-up waits for ClickHouse.
     pub startup_timeout: Duration,
     /// How long shutdown retries the last batches.
@@ -350,6 +363,7 @@ impl Config {
             batch_max_bytes: r.get("BATCH_MAX_BYTES", pos_size)?,
             buffer_max_bytes: r.get("BUFFER_MAX_BYTES", pos_size)?,
             insert_timeout: r.get("INSERT_TIMEOUT", pos_dur)?,
+            query_timeout: r.get("QUERY_TIMEOUT", pos_dur)?,
             startup_timeout: r.get("STARTUP_TIMEOUT", dur)?,
             shutdown_timeout: r.get("SHUTDOWN_TIMEOUT", dur)?,
             max_body_bytes: r.get("MAX_BODY_BYTES", pos_size)?,

@@ -61,7 +61,7 @@ pub struct Metrics {
     /// Duration of successful inserts.
     pub insert_duration: Histogram,
     insert_failures: IntCounterVec,
-    /// Failed INSERTs found stored when checked before a retry (so not re-sent).
+    /// Failed INSERTs found stored, wholly or in part, when checked before a retry.
     pub insert_found_stored: IntCounter,
     /// Catalog look-ups answered from the cache.
     pub catalog_hits: IntCounter,
@@ -160,7 +160,7 @@ impl Metrics {
             insert_failures,
             insert_found_stored: counter(
                 "adbeacon_insert_found_stored_total",
-                "Failed INSERTs that the check before a retry found stored, so were not sent again",
+                "Failed INSERTs that the check before a retry found stored (wholly or in part); only missing rows were sent again",
             ),
             catalog_hits: counter("adbeacon_catalog_cache_hits_total", "Ad look-ups answered from the cache"),
             catalog_misses: counter(

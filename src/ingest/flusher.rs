@@ -2,16 +2,21 @@
 //!
 //! It owns a batch from the moment it is taken until ClickHouse confirms it. A retryable failure
 //! retries the same batch (same token) with capped exponential backoff, for as long as it takes;
-//! meanwhile the buffer fills and requests get 503. A failed INSERT may still have been stored (the
-//! server wrote it, then the answer was lost), so before each retry the flusher asks whether the
-//! batch's token is already in `events`, and re-sends only if it is not: no double counting. A data error is not retried: the batch is saved
+//! meanwhile the buffer fills and requests get 503. A failed INSERT may still have been stored, or
+//! still be running (the answer was lost, or the client gave up waiting), so every INSERT runs with
+//! the batch id as its query_id, and before each retry the flusher ends any such INSERT
+//! (`KILL QUERY … SYNC`), looks up which of the batch's events are stored, and sends only the rest:
+//! no double counting, also when a batch spanning two monthly partitions was stored in part. A data error is not retried: the batch is saved
 //! as a dead letter. On shutdown every buffered event is flushed; what ClickHouse still refuses
 //! after `SHUTDOWN_TIMEOUT` is saved as a dead letter rather than lost.
 
 use std::{
+    collections::HashSet,
     sync::Arc,
     time::{Duration, Instant},
 };
+
+use uuid::Uuid;
 
 use tokio_util::sync::CancellationToken;
 
@@ -37,8 +42,6 @@ pub struct Flusher {
     pub metrics: Arc<Metrics>,
     /// Where undeliverable batches go.
     pub dead_letters: DeadLetters,
-    /// Time one INSERT may take.
-    pub insert_timeout: Duration,
     /// How long shutdown keeps retrying.
     pub shutdown_timeout: Duration,
 }
@@ -59,6 +62,8 @@ impl Flusher {
                 self.deliver(batch, &stop, &mut give_up_at).await;
             }
         }
+        // The shutdown budget starts now, not at the first failure.
+        give_up_at.get_or_insert_with(|| Instant::now() + self.shutdown_timeout);
         let mut drained = 0usize;
         while let Some(batch) = self.buffer.take(Instant::now(), true) {
             drained += batch.rows.len();
@@ -72,11 +77,33 @@ impl Flusher {
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 1u32;
         loop {
+            if let Some(limit) = *give_up_at
+                && attempt > 1
+                && Instant::now() >= limit
+            {
+                // Out of shutdown time: no further attempt, straight to disk.
+                if self.save(&batch, "ClickHouse unavailable at shutdown") {
+                    return;
+                }
+            }
             let started = Instant::now();
-            let outcome = if attempt == 1 {
-                self.clickhouse.insert_events(&batch.rows, self.insert_timeout).await
-            } else {
-                self.retry(&batch).await
+            let attempt_future = async {
+                if attempt == 1 {
+                    self.clickhouse.insert_events(batch.id, &batch.rows).await
+                } else {
+                    self.retry(&batch).await
+                }
+            };
+            // During shutdown an attempt gets only what is left of the budget.
+            let outcome = match *give_up_at {
+                Some(limit) => {
+                    let left =
+                        limit.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+                    tokio::time::timeout(left, attempt_future)
+                        .await
+                        .unwrap_or_else(|_| Err(StoreError::Retryable("shutdown time ran out".into())))
+                }
+                None => attempt_future.await,
             };
             match outcome {
                 Ok(()) => {
@@ -122,25 +149,28 @@ impl Flusher {
         }
     }
 
-    /// Re-sends a batch whose earlier INSERT failed, unless that INSERT was stored after all.
+    /// Re-sends what of a batch is not stored, after making sure no earlier INSERT of it can
+    /// still be running (otherwise the look-up could miss rows that land a moment later).
     async fn retry(&self, batch: &Batch) -> Result<(), StoreError> {
         let first = batch.rows.iter().map(|r| r.event_time).min();
         let last = batch.rows.iter().map(|r| r.event_time).max();
         let (Some(first), Some(last)) = (first, last) else { return Ok(()) };
-        let stored = self.clickhouse.batch_rows(batch.id, first, last).await?;
-        if stored == 0 {
-            return self.clickhouse.insert_events(&batch.rows, self.insert_timeout).await;
-        }
-        if stored != batch.rows.len() as u64 {
-            // A batch is one block and stored whole; a partial count means the table was changed
-            // by hand meanwhile. Re-sending would duplicate the stored part.
-            tracing::error!(batch = %batch.id, stored, rows = batch.rows.len(),
-                "a retried batch is partly stored; not re-sending it");
+        self.clickhouse.kill_batch_insert(batch.id).await?;
+        let stored: HashSet<Uuid> =
+            self.clickhouse.batch_event_ids(batch.id, first, last).await?.into_iter().collect();
+        if stored.is_empty() {
+            return self.clickhouse.insert_events(batch.id, &batch.rows).await;
         }
         self.metrics.insert_found_stored.inc();
-        tracing::info!(batch = %batch.id, rows = batch.rows.len(),
-            "the failed INSERT had been stored after all; not re-sending");
-        Ok(())
+        let missing: Vec<_> = batch.rows.iter().filter(|r| !stored.contains(&r.event_id)).cloned().collect();
+        if missing.is_empty() {
+            tracing::info!(batch = %batch.id, rows = batch.rows.len(),
+                "the failed INSERT had been stored after all; not re-sending");
+            return Ok(());
+        }
+        tracing::warn!(batch = %batch.id, stored = stored.len(), missing = missing.len(),
+            "the failed INSERT was stored in part; sending the missing rows");
+        self.clickhouse.insert_events(batch.id, &missing).await
     }
 
     /// Saves a batch as a dead letter; false when even that failed (the caller keeps retrying).

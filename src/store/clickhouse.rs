@@ -144,12 +144,21 @@ impl From<Event> for EventRow {
     }
 }
 
-/// A connected ClickHouse: the client bound to adbeacon's database and the server's version.
+/// A connected ClickHouse: the client bound to adbeacon's database, and the time each call may
+/// take (so that a hung server holds up neither a request nor the shutdown).
 #[derive(Clone)]
 pub struct ClickHouse {
     client: clickhouse::Client,
-    version: ServerVersion,
-    database: String,
+    timeouts: Timeouts,
+}
+
+/// How long ClickHouse calls may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// An INSERT: each chunk sent, and the wait for the answer.
+    pub insert: Duration,
+    /// Any other call.
+    pub query: Duration,
 }
 
 fn base_client(cfg: &ClickHouseConfig) -> clickhouse::Client {
@@ -163,11 +172,19 @@ fn base_client(cfg: &ClickHouseConfig) -> clickhouse::Client {
 impl ClickHouse {
     /// Connects, waiting up to `wait` for the server to answer, then creates the database if
     /// missing. Logs once per attempt so that an operator sees what start-up waits for.
-    pub async fn connect(cfg: &ClickHouseConfig, wait: Duration) -> Result<Self, StoreError> {
+    pub async fn connect(
+        cfg: &ClickHouseConfig,
+        wait: Duration,
+        timeouts: Timeouts,
+    ) -> Result<Self, StoreError> {
         let bootstrap = base_client(cfg).with_validation(false);
         let deadline = Instant::now() + wait;
         let version_text = loop {
-            match bootstrap.query("SELECT version()").fetch_one::<String>().await {
+            let attempt = tokio::time::timeout(
+                timeouts.query,
+                bootstrap.query("SELECT version()").fetch_one::<String>(),
+            );
+            match attempt.await.unwrap_or(Err(clickhouse::error::Error::TimedOut)) {
                 Ok(v) => break v,
                 Err(e) => {
                     let e = classify(e);
@@ -192,26 +209,26 @@ impl ClickHouse {
         // in clickhouse/queries name their columns for analysts, not for our structs.
         let client = base_client(cfg).with_database(&cfg.database).with_validation(false);
         tracing::info!(url = %cfg.url, database = %cfg.database, %version, "connected to ClickHouse");
-        Ok(Self { client, version, database: cfg.database.clone() })
+        Ok(Self { client, timeouts })
     }
 
     /// A handle that never connected, for generating the OpenAPI spec offline.
     pub fn detached(cfg: &ClickHouseConfig) -> Self {
         Self {
             client: base_client(cfg).with_database(&cfg.database).with_validation(false),
-            version: ServerVersion { major: 0, minor: 0 },
-            database: cfg.database.clone(),
+            timeouts: Timeouts { insert: Duration::from_secs(30), query: Duration::from_secs(10) },
         }
     }
 
-    /// The server's version.
-    pub fn version(&self) -> ServerVersion {
-        self.version
-    }
-
-    /// The database name.
-    pub fn database(&self) -> &str {
-        &self.database
+    /// Runs `call` for at most the query timeout; running out is a retryable failure.
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = clickhouse::error::Result<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeouts.query, call).await {
+            Ok(result) => result.map_err(classify),
+            Err(_) => Err(StoreError::Retryable(format!("no answer within {:?}", self.timeouts.query))),
+        }
     }
 
     /// The underlying client, for queries.
@@ -221,7 +238,7 @@ impl ClickHouse {
 
     /// Runs one statement that returns nothing (DDL, small inserts).
     pub async fn execute(&self, sql: &str) -> Result<(), StoreError> {
-        self.client.query(sql).execute().await.map_err(classify)
+        self.bounded(self.client.query(sql).execute()).await
     }
 
     /// Fetches every row of a query.
@@ -229,38 +246,53 @@ impl ClickHouse {
     where
         T: clickhouse::RowOwned + clickhouse::RowRead,
     {
-        query.fetch_all::<T>().await.map_err(classify)
+        self.bounded(query.fetch_all::<T>()).await
     }
 
     /// Answers whether the server takes queries now.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.client.query("SELECT 1").fetch_one::<u8>().await.map(|_| ()).map_err(classify)
+        self.bounded(self.client.query("SELECT 1").fetch_one::<u8>()).await.map(|_| ())
     }
 
-    /// How many rows with this `batch_id` are stored, looking only at `[first, last]` event times.
-    pub async fn batch_rows(
+    /// Ends any INSERT of this batch still running on the server and waits until it has.
+    pub async fn kill_batch_insert(&self, batch_id: Uuid) -> Result<(), StoreError> {
+        let q = self.client.query(super::queries::KILL_BATCH_INSERT).bind(batch_id.to_string());
+        self.bounded(q.execute()).await
+    }
+
+    /// The stored event ids with this `batch_id`, looking only at `[first, last]` event times.
+    pub async fn batch_event_ids(
         &self,
         batch_id: Uuid,
         first: OffsetDateTime,
         last: OffsetDateTime,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Vec<Uuid>, StoreError> {
+        #[derive(Row, Deserialize)]
+        struct Id {
+            #[serde(with = "clickhouse::serde::uuid")]
+            event_id: Uuid,
+        }
         let q = self
             .client
-            .query(super::queries::BATCH_ROWS)
+            .query(super::queries::BATCH_EVENT_IDS)
             .bind(first.unix_timestamp())
             .bind(last.unix_timestamp())
             .bind(batch_id.to_string());
-        q.fetch_one::<u64>().await.map_err(classify)
+        let ids: Vec<Id> = self.bounded(q.fetch_all()).await?;
+        Ok(ids.into_iter().map(|i| i.event_id).collect())
     }
 
-    /// Inserts one batch as a single `INSERT … FORMAT RowBinary`. Either every row is in
-    /// ClickHouse (Ok) or the caller still owns the batch and decides what to do with it.
-    pub async fn insert_events(&self, rows: &[EventRow], timeout: Duration) -> Result<(), StoreError> {
+    /// Inserts rows of one batch as a single `INSERT … FORMAT RowBinary`, with the batch id as
+    /// its query_id (so a later attempt can end it). Either every row is in ClickHouse (Ok) or the
+    /// caller still owns the rows and decides what to do with them.
+    pub async fn insert_events(&self, batch_id: Uuid, rows: &[EventRow]) -> Result<(), StoreError> {
+        let timeout = self.timeouts.insert;
         let mut insert = self
             .client
             .insert::<EventRow>("events")
             .await
             .map_err(classify)?
+            .with_setting("query_id", batch_id.to_string())
             .with_timeouts(Some(timeout), Some(timeout));
         for row in rows {
             insert.write(row).await.map_err(classify)?;

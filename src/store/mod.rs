@@ -7,5 +7,5 @@ pub mod queries;
 
 pub use self::{
     catalog::Catalog,
-    clickhouse::{ClickHouse, EventRow, ServerVersion, StoreError},
+    clickhouse::{ClickHouse, EventRow, ServerVersion, StoreError, Timeouts},
 };

@@ -8,15 +8,18 @@ pub const ADS_ACTIVE: &str = include_str!("../../clickhouse/queries/ads_active.s
 /// Number of distinct ads.
 pub const ADS_COUNT: &str = include_str!("../../clickhouse/queries/ads_count.sql");
 
-/// Rows of one batch that are stored; `?` = first and last event_time (unix seconds), batch id.
-pub const BATCH_ROWS: &str = include_str!("../../clickhouse/queries/batch_rows.sql");
+/// Stored event ids of one batch; `?` = first and last event_time (unix seconds), batch id.
+pub const BATCH_EVENT_IDS: &str = include_str!("../../clickhouse/queries/batch_event_ids.sql");
+/// Ends a possibly running INSERT of a batch; `?` = the batch id (its query_id).
+pub const KILL_BATCH_INSERT: &str = include_str!("../../clickhouse/queries/kill_batch_insert.sql");
 
 /// Every query file with its name, for the test that the list is complete.
 pub const ALL: &[(&str, &str)] = &[
     ("ad_by_id.sql", AD_BY_ID),
     ("ads_active.sql", ADS_ACTIVE),
     ("ads_count.sql", ADS_COUNT),
-    ("batch_rows.sql", BATCH_ROWS),
+    ("batch_event_ids.sql", BATCH_EVENT_IDS),
+    ("kill_batch_insert.sql", KILL_BATCH_INSERT),
 ];
 
 #[cfg(test)]
