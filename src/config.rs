@@ -30,7 +30,7 @@ const fn s(name: &'static str, default: &'static str, form: &'static str, help: 
 pub const SETTINGS: &[Setting] = &[
     s("HOST", "0.0.0.0", "an IP address", "address the HTTP server binds"),
     s("PORT", "8080", "a port number 0-65535 (0 = any free port)", "HTTP port"),
-    s("CLICKHOUSE_URL", "http://127.0.0.1:8123", "an http:// or https:// URL", "ClickHouse HTTP endpoint"),
+    s("CLICKHOUSE_URL", "http://127.0.0.1:8123", "an http:// URL", "ClickHouse HTTP endpoint"),
     s(
         "CLICKHOUSE_DATABASE",
         "adbeacon",
@@ -68,7 +68,7 @@ pub const SETTINGS: &[Setting] = &[
         "BATCH_MAX_ROWS",
         "100000",
         "a whole number from 1 to 1000000",
-        "rows per INSERT at most (one block, so an INSERT is stored whole or not at all)",
+        "rows per INSERT at most (a retry looks up the stored event ids of a batch, so keep batches moderate)",
     ),
     s("BATCH_MAX_BYTES", "16MiB", "a size such as 512KiB, 16MiB", "bytes per INSERT at most"),
     s(
@@ -304,10 +304,9 @@ fn parse_key(v: &str) -> Result<Option<[u8; 16]>, String> {
 }
 
 fn parse_url(v: &str) -> Result<String, String> {
-    let rest = v
-        .strip_prefix("http://")
-        .or_else(|| v.strip_prefix("https://"))
-        .ok_or("scheme must be http or https")?;
+    // The clickhouse client is built without TLS: reach a TLS-only ClickHouse through a local
+    // proxy, or add the crate's rustls feature.
+    let rest = v.strip_prefix("http://").ok_or("scheme must be http (TLS is not built in)")?;
     if rest.trim_end_matches('/').is_empty() {
         return Err("no host".into());
     }
@@ -353,8 +352,7 @@ impl Config {
             data_dir: r.get("DATA_DIR", |v| Ok(PathBuf::from(v)))?,
             ip_hash_key: r.get("IP_HASH_KEY", parse_key)?,
             flush_interval: r.get("FLUSH_INTERVAL", pos_dur)?,
-            // ClickHouse splits an INSERT into blocks of max_insert_block_size (1,048,576) rows; a
-            // batch must stay one block for the flusher's "was it stored?" check to be exact.
+            // A retry fetches the stored event ids of the batch; a million of them is 16 MB.
             batch_max_rows: r.get("BATCH_MAX_ROWS", |v| {
                 parse_from_str(v)
                     .and_then(positive)
