@@ -293,14 +293,7 @@ fn parse_key(v: &str) -> Result<Option<[u8; 16]>, String> {
     if v.is_empty() {
         return Ok(None);
     }
-    if v.len() != 32 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!("{} characters, not 32 hex digits", v.len()));
-    }
-    let mut key = [0u8; 16];
-    for (i, byte) in key.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&v[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
-    }
-    Ok(Some(key))
+    crate::iphash::decode_key(v).map(Some).ok_or_else(|| format!("{} characters, not 32 hex digits", v.len()))
 }
 
 fn parse_url(v: &str) -> Result<String, String> {

@@ -42,7 +42,7 @@ impl IpHasher {
         let path = data_dir.join(KEY_FILE);
         match std::fs::read_to_string(&path) {
             Ok(text) => {
-                let key = decode_hex(text.trim()).ok_or_else(|| {
+                let key = decode_key(text.trim()).ok_or_else(|| {
                     std::io::Error::other(format!(
                         "{} is not 32 hex digits; restore it or remove it to start new unique counts",
                         path.display()
@@ -80,7 +80,8 @@ impl IpHasher {
     }
 }
 
-fn decode_hex(s: &str) -> Option<[u8; 16]> {
+/// Decodes a key written as 32 hex digits.
+pub fn decode_key(s: &str) -> Option<[u8; 16]> {
     if s.len() != 32 {
         return None;
     }

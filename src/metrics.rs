@@ -22,6 +22,8 @@ pub enum RejectReason {
     BufferFull,
     /// The catalog could not be read (503).
     CatalogUnavailable,
+    /// The service was shutting down (503).
+    ShuttingDown,
 }
 
 impl RejectReason {
@@ -31,6 +33,7 @@ impl RejectReason {
             Self::UnknownAd => "unknown_ad",
             Self::BufferFull => "buffer_full",
             Self::CatalogUnavailable => "catalog_unavailable",
+            Self::ShuttingDown => "shutting_down",
         }
     }
 }

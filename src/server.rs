@@ -63,7 +63,7 @@ struct Graceful<C> {
     begin_shutdown: fn(Pin<&mut C>),
     signal: Arc<ShutdownSignal>,
     id: u64,
-    registered: bool,
+    registered: Option<Waker>,
     shutting_down: bool,
 }
 
@@ -72,11 +72,12 @@ impl<C: Future> Future for Graceful<C> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
         if !self.shutting_down {
-            if !self.registered && !self.signal.triggered.load(Ordering::Acquire) {
-                // A spawned task keeps one waker for its whole life: registering once suffices.
-                self.registered = true;
+            // A spawned task keeps its waker, so this runs about once per connection.
+            let stale = self.registered.as_ref().is_none_or(|w| !w.will_wake(cx.waker()));
+            if stale && !self.signal.triggered.load(Ordering::Acquire) {
                 let (id, waker) = (self.id, cx.waker().clone());
-                self.signal.wakers.lock().insert(id, waker);
+                self.signal.wakers.lock().insert(id, waker.clone());
+                self.registered = Some(waker);
             }
             // Checked after registering too, so a shutdown between the two is not missed.
             if self.signal.triggered.load(Ordering::Acquire) {
@@ -91,7 +92,7 @@ impl<C: Future> Future for Graceful<C> {
 
 impl<C> Drop for Graceful<C> {
     fn drop(&mut self) {
-        if self.registered {
+        if self.registered.is_some() {
             self.signal.wakers.lock().remove(&self.id);
         }
     }
@@ -143,7 +144,8 @@ where
     signal.trigger();
     connections.close();
     if tokio::time::timeout(limits.shutdown_grace, connections.wait()).await.is_err() {
-        tracing::warn!(grace = ?limits.shutdown_grace, "connections still open after the grace period; closing them");
+        // Their requests can no longer be stored: the buffer refuses pushes once closed (503).
+        tracing::warn!(grace = ?limits.shutdown_grace, "connections still open after the grace period");
     }
     Ok(())
 }
@@ -178,7 +180,7 @@ async fn connection<E>(
         begin_shutdown: |conn| conn.graceful_shutdown(),
         signal,
         id,
-        registered: false,
+        registered: None,
         shutting_down: false,
     };
     if let Err(e) = graceful.await {

@@ -52,7 +52,8 @@ impl AdsApi {
     /// Every active ad with the fields a player needs. Served from memory, at most two seconds old.
     #[oai(path = "/ads", method = "get", operation_id = "listAds")]
     async fn list(&self) -> Result<ListAdsResponse, ApiError> {
-        let ads = self.state.catalog.active().await.map_err(|e| ApiError::storage(e, 1))?;
+        let ads =
+            self.state.catalog.active().await.map_err(|e| ApiError::storage(e, self.state.retry_after))?;
         Ok(ListAdsResponse::Ok(Json(ads.iter().map(AdSummary::from).collect())))
     }
 }

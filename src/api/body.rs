@@ -13,7 +13,7 @@ use poem_openapi::{
 };
 use serde::de::DeserializeOwned;
 
-/// The largest body a [`JsonBody`] reads; set per app with `Route::data`.
+/// The largest body a [`JsonBody`] reads; the front endpoint puts it into every request.
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimit(pub usize);
 

@@ -26,7 +26,8 @@ pub enum ApiError {
     /// The referenced ad (or other resource) does not exist.
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
-    /// The request body is larger than MAX_BODY_BYTES.
+    /// The request body is larger than MAX_BODY_BYTES (answered by the body reader; listed here
+    /// so that the contract shows it).
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
     /// The service cannot hold the event right now (buffer full, storage unavailable, shutting
@@ -50,9 +51,10 @@ impl ApiError {
         Self::NotFound(body(msg))
     }
 
-    /// 503 for a storage failure; the cause is logged, not sent.
+    /// 503 for a storage failure; the cause is logged, not sent. At debug level: during an outage
+    /// this runs per request, and the flusher already reports the outage at WARN.
     pub fn storage(err: StoreError, retry_after: u64) -> Self {
-        tracing::warn!(error = %err, "storage unavailable while answering a request");
+        tracing::debug!(error = %err, "storage unavailable while answering a request");
         Self::Unavailable(body("storage is unavailable; retry later"), retry_after)
     }
 

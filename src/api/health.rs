@@ -18,7 +18,7 @@ pub struct Health {
 pub struct Readiness {
     /// `ready` or `not_ready`.
     pub status: String,
-    /// `ok`, or what is wrong with ClickHouse.
+    /// `ok` or `unavailable` (the cause is logged).
     pub clickhouse: String,
     /// `ok`, or `full` when new events would get 503.
     pub buffer: String,
@@ -67,7 +67,10 @@ impl HealthApi {
     async fn readyz(&self) -> ReadyResponse {
         let clickhouse = match self.state.clickhouse.ping().await {
             Ok(()) => "ok".to_string(),
-            Err(e) => e.to_string(),
+            Err(e) => {
+                tracing::debug!(error = %e, "readiness: ClickHouse unavailable");
+                "unavailable".to_string()
+            }
         };
         let buffer = if self.state.buffer.is_full() { "full" } else { "ok" }.to_string();
         let ready = clickhouse == "ok" && buffer == "ok";

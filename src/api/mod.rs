@@ -23,8 +23,8 @@ use uuid::Uuid;
 
 use self::{ads::AdsApi, body::BodyLimit, error::ApiError, health::HealthApi, tracking::TrackingApi};
 use crate::{
-    domain::{EventReport, EventTime},
-    ingest::Buffer,
+    domain::{Event, EventReport, EventTime},
+    ingest::{Buffer, PushError},
     iphash::IpHasher,
     metrics::{Metrics, RejectReason},
     store::{Catalog, ClickHouse, EventRow},
@@ -93,19 +93,21 @@ impl State {
             .as_socket_addr()
             .map(|a| a.ip())
             .unwrap_or(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
-        let row = EventRow {
+        let event = Event {
             event_id: Uuid::new_v4(),
             ad_id: report.ad_id,
             kind: report.kind,
             event_time: time.at,
             received_at: now,
             ip_hash: self.hasher.hash(ip),
-            playback_time: report.playback_time.map(|p| p.seconds()),
+            playback_time: report.playback_time,
             error_code: report.error_code,
-            batch_id: Uuid::nil(),
         };
-        self.buffer.push(std::iter::once(row)).map_err(|e| {
-            self.metrics.rejected(RejectReason::BufferFull);
+        self.buffer.push(std::iter::once(EventRow::from(event))).map_err(|e| {
+            self.metrics.rejected(match e {
+                PushError::Full => RejectReason::BufferFull,
+                PushError::Closed => RejectReason::ShuttingDown,
+            });
             ApiError::push(e, self.retry_after)
         })?;
         self.metrics.accepted(report.kind, 1);
