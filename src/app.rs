@@ -62,12 +62,7 @@ fn state(config: &Config, clickhouse: ClickHouse, hasher: IpHasher, metrics: Arc
         },
         metrics.clone(),
     ));
-    let catalog = Catalog::new(
-        clickhouse.clone(),
-        metrics.clone(),
-        config.catalog_cache_ttl,
-        config.catalog_negative_ttl,
-    );
+    let catalog = Catalog::new(clickhouse.clone(), metrics.clone(), config.catalog_negative_ttl);
     Arc::new(State {
         buffer,
         catalog,

@@ -110,7 +110,6 @@ pub const SETTINGS: &[Setting] = &[
         "a client timestamp further in the future than this is replaced by server time",
     ),
     s("MAX_EVENT_AGE", "7d", "a duration", "a client timestamp older than this is replaced by server time"),
-    s("CATALOG_CACHE_TTL", "60s", "a duration", "how long a known ad stays cached"),
     s("CATALOG_NEGATIVE_TTL", "5s", "a duration", "how long an unknown ad id stays cached as unknown"),
     s(
         "SEED_DEMO_ADS",
@@ -181,8 +180,6 @@ pub struct Config {
     pub max_clock_skew: Duration,
     /// Age tolerated in client timestamps.
     pub max_event_age: Duration,
-    /// TTL of a known ad in the catalog cache.
-    pub catalog_cache_ttl: Duration,
     /// TTL of an unknown ad id in the catalog cache.
     pub catalog_negative_ttl: Duration,
     /// Seed the demo ads into an empty catalog.
@@ -361,7 +358,6 @@ impl Config {
             header_read_timeout: r.get("HEADER_READ_TIMEOUT", pos_dur)?,
             max_clock_skew: r.get("MAX_CLOCK_SKEW", dur)?,
             max_event_age: r.get("MAX_EVENT_AGE", pos_dur)?,
-            catalog_cache_ttl: r.get("CATALOG_CACHE_TTL", pos_dur)?,
             catalog_negative_ttl: r.get("CATALOG_NEGATIVE_TTL", dur)?,
             seed_demo_ads: r.get("SEED_DEMO_ADS", parse_bool)?,
             log_format: r.get("LOG_FORMAT", |v| match v.to_ascii_lowercase().as_str() {

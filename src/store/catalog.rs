@@ -1,8 +1,10 @@
 //! The ad catalog: ads in ClickHouse (`ads`, versioned rows) behind a moka cache.
 //!
 //! Every tracking request resolves its ad here, so look-ups must not reach ClickHouse on the hot
-//! path: known ads are cached for `CATALOG_CACHE_TTL`, unknown ids for `CATALOG_NEGATIVE_TTL`
-//! (short, so an ad created on another instance is usable within seconds). A hit is a plain
+//! path. Ads are never deleted (retiring one makes it inactive, and its events still count), so a
+//! known id stays cached until the cache is full, and events for it are accepted even through a
+//! ClickHouse outage. Unknown ids are cached for `CATALOG_NEGATIVE_TTL` (short, so an ad created on
+//! another instance is usable within seconds). A hit is a plain
 //! synchronous look-up: moka's async `get` is a 3.4 KB future, and a click's whole future is
 //! copied each time poem boxes it. Misses are not coalesced: concurrent first look-ups of one id
 //! each query once, until the first answer is cached.
@@ -79,15 +81,14 @@ impl From<&Ad> for AdRow {
     }
 }
 
-/// Known ads live long, unknown ids briefly.
-struct TtlByPresence {
-    known: Duration,
-    unknown: Duration,
+/// Known ads stay (until evicted for room), unknown ids expire.
+struct UnknownExpires {
+    after: Duration,
 }
 
-impl Expiry<Uuid, Option<Arc<Ad>>> for TtlByPresence {
+impl Expiry<Uuid, Option<Arc<Ad>>> for UnknownExpires {
     fn expire_after_create(&self, _: &Uuid, value: &Option<Arc<Ad>>, _: Instant) -> Option<Duration> {
-        Some(if value.is_some() { self.known } else { self.unknown })
+        value.is_none().then_some(self.after)
     }
 }
 
@@ -101,13 +102,13 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// A catalog over `ch` with the given cache lifetimes.
-    pub fn new(ch: ClickHouse, metrics: Arc<Metrics>, known_ttl: Duration, unknown_ttl: Duration) -> Self {
+    /// A catalog over `ch`; unknown ids are cached for `unknown_ttl`.
+    pub fn new(ch: ClickHouse, metrics: Arc<Metrics>, unknown_ttl: Duration) -> Self {
         Self {
             ch,
             by_id: sync::Cache::builder()
                 .max_capacity(MAX_CACHED_IDS)
-                .expire_after(TtlByPresence { known: known_ttl, unknown: unknown_ttl })
+                .expire_after(UnknownExpires { after: unknown_ttl })
                 .build(),
             active: future::Cache::builder().max_capacity(1).time_to_live(ACTIVE_LIST_TTL).build(),
             metrics,

@@ -168,3 +168,39 @@ async fn an_insert_stored_despite_a_timeout_is_not_sent_twice() {
         .unwrap();
     assert!(found > 0, "no INSERT was stored behind a timeout; the test did not exercise the check");
 }
+
+/// A batch ClickHouse refuses as data (here: the table's `error_code` column changed under the running
+/// service, so its rows no longer parse) is not retried forever: it becomes a dead-letter file,
+/// counted, and the service goes on accepting events.
+#[tokio::test]
+async fn a_batch_clickhouse_rejects_becomes_a_dead_letter() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.post("/ads/click", &json!({"adId": AD1})).await.status(), 202);
+    assert_eq!(app.wait_flushed(1).await, 1);
+    app.query("ALTER TABLE events MODIFY COLUMN error_code UInt64").await;
+    for _ in 0..3 {
+        assert_eq!(app.post("/ads/click", &json!({"adId": AD1})).await.status(), 202);
+    }
+    let dir = app.data_dir.path().join("dead-letter");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let files = loop {
+        let files: Vec<_> = std::fs::read_dir(&dir)
+            .map(|d| {
+                d.map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "jsonl")).collect()
+            })
+            .unwrap_or_default();
+        if !files.is_empty() || Instant::now() > deadline {
+            break files;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(files.len(), 1, "no dead letter written");
+    assert_eq!(std::fs::read_to_string(&files[0]).unwrap().lines().count(), 3);
+    let reason = std::fs::read_to_string(files[0].with_extension("reason")).unwrap();
+    assert!(reason.contains("Code:"), "{reason}");
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.lines().any(|l| l == "adbeacon_events_dead_lettered_total 3"), "{metrics}");
+    assert!(metrics.lines().any(|l| l == r#"adbeacon_insert_failures_total{class="rejected"} 1"#));
+    assert_eq!(app.number("SELECT count() FROM events").await, 1);
+    assert_eq!(app.get("/readyz").await.status(), 200);
+}
