@@ -78,10 +78,10 @@ impl Flusher {
         let mut attempt = 1u32;
         loop {
             if let Some(limit) = *give_up_at
-                && attempt > 1
                 && Instant::now() >= limit
             {
-                // Out of shutdown time: no further attempt, straight to disk.
+                // Out of shutdown time: no further attempt (one that landed after all would be
+                // stored twice once the file is loaded), straight to disk.
                 if self.save(&batch, "ClickHouse unavailable at shutdown") {
                     return;
                 }
@@ -129,19 +129,16 @@ impl Flusher {
                     tracing::warn!(batch = %batch.id, rows = batch.rows.len(), attempt, error = %reason,
                         "insert failed; retrying the same batch");
                     if stop.is_cancelled() {
-                        let limit = *give_up_at.get_or_insert_with(|| Instant::now() + self.shutdown_timeout);
-                        if Instant::now() >= limit {
-                            let why = format!("ClickHouse unavailable at shutdown: {reason}");
-                            if self.save(&batch, &why) {
-                                return;
-                            }
-                        }
+                        give_up_at.get_or_insert_with(|| Instant::now() + self.shutdown_timeout);
                     }
                 }
             }
-            // Wake early on shutdown, so the drain starts counting its deadline at once.
+            // Wake early on shutdown, so the drain starts counting its deadline at once, and never
+            // sleep past the shutdown budget.
+            let pause =
+                give_up_at.map_or(backoff, |l| backoff.min(l.saturating_duration_since(Instant::now())));
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(pause) => {}
                 _ = stop.cancelled(), if !stop.is_cancelled() => {}
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
