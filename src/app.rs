@@ -14,7 +14,7 @@ use crate::{
     iphash::IpHasher,
     metrics::Metrics,
     server,
-    store::{Catalog, ClickHouse, StoreError, Timeouts, migrate},
+    store::{Analytics, Catalog, ClickHouse, StoreError, Timeouts, migrate},
 };
 
 /// Why the service could not start or stop cleanly.
@@ -66,9 +66,11 @@ fn state(config: &Config, clickhouse: ClickHouse, hasher: IpHasher, metrics: Arc
     Arc::new(State {
         buffer,
         catalog,
+        analytics: Analytics::new(clickhouse.clone()),
         clickhouse,
         hasher,
         metrics,
+        raw_retention_months: config.raw_retention_months,
         max_clock_skew: config.max_clock_skew,
         max_event_age: config.max_event_age,
         retry_after: config.flush_interval.as_secs().max(1),

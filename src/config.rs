@@ -110,6 +110,12 @@ pub const SETTINGS: &[Setting] = &[
         "a client timestamp further in the future than this is replaced by server time",
     ),
     s("MAX_EVENT_AGE", "7d", "a duration", "a client timestamp older than this is replaced by server time"),
+    s(
+        "RAW_RETENTION_MONTHS",
+        "13",
+        "a whole number of months from 1 to 1200",
+        "how long raw events are kept; an analytics window (from/to) may not be longer",
+    ),
     s("CATALOG_NEGATIVE_TTL", "5s", "a duration", "how long an unknown ad id stays cached as unknown"),
     s(
         "SEED_DEMO_ADS",
@@ -180,6 +186,8 @@ pub struct Config {
     pub max_clock_skew: Duration,
     /// Age tolerated in client timestamps.
     pub max_event_age: Duration,
+    /// Months raw events are kept; the longest custom analytics window.
+    pub raw_retention_months: u32,
     /// TTL of an unknown ad id in the catalog cache.
     pub catalog_negative_ttl: Duration,
     /// Seed the demo ads into an empty catalog.
@@ -358,6 +366,11 @@ impl Config {
             header_read_timeout: r.get("HEADER_READ_TIMEOUT", pos_dur)?,
             max_clock_skew: r.get("MAX_CLOCK_SKEW", dur)?,
             max_event_age: r.get("MAX_EVENT_AGE", pos_dur)?,
+            raw_retention_months: r.get("RAW_RETENTION_MONTHS", |v| {
+                parse_from_str(v)
+                    .and_then(positive)
+                    .and_then(|n: u32| if n <= 1200 { Ok(n) } else { Err("more than 1200".into()) })
+            })?,
             catalog_negative_ttl: r.get("CATALOG_NEGATIVE_TTL", dur)?,
             seed_demo_ads: r.get("SEED_DEMO_ADS", parse_bool)?,
             log_format: r.get("LOG_FORMAT", |v| match v.to_ascii_lowercase().as_str() {

@@ -3,6 +3,7 @@
 //! requests for the metrics.
 
 pub mod ads;
+pub mod analytics;
 pub mod body;
 pub mod error;
 pub mod health;
@@ -21,13 +22,16 @@ use poem_openapi::{OpenApiService, Tags};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use self::{ads::AdsApi, body::BodyLimit, error::ApiError, health::HealthApi, tracking::TrackingApi};
+use self::{
+    ads::AdsApi, analytics::AnalyticsApi, body::BodyLimit, error::ApiError, health::HealthApi,
+    tracking::TrackingApi,
+};
 use crate::{
     domain::{Event, EventReport, EventTime},
     ingest::{Buffer, PushError},
     iphash::IpHasher,
     metrics::{Metrics, RejectReason},
-    store::{Catalog, ClickHouse, EventRow},
+    store::{Analytics, Catalog, ClickHouse, EventRow},
 };
 
 /// Operation groups in the OpenAPI document.
@@ -37,6 +41,8 @@ pub enum ApiTags {
     Tracking,
     /// The ad catalog.
     Ads,
+    /// Numbers per ad, from pre-aggregated tables.
+    Analytics,
     /// Health, readiness and metrics for operators.
     Operations,
 }
@@ -49,6 +55,10 @@ pub struct State {
     pub catalog: Catalog,
     /// The ClickHouse handle (readiness).
     pub clickhouse: ClickHouse,
+    /// Reads of the aggregate tables.
+    pub analytics: Analytics,
+    /// Months raw events are kept: the longest custom analytics window.
+    pub raw_retention_months: u32,
     /// Client-IP hashing.
     pub hasher: IpHasher,
     /// Metrics.
@@ -116,9 +126,14 @@ impl State {
 }
 
 /// The OpenAPI service over every operation.
-pub fn openapi(state: Arc<State>) -> OpenApiService<(TrackingApi, AdsApi, HealthApi), ()> {
+pub fn openapi(state: Arc<State>) -> OpenApiService<(TrackingApi, AdsApi, AnalyticsApi, HealthApi), ()> {
     OpenApiService::new(
-        (TrackingApi { state: state.clone() }, AdsApi { state: state.clone() }, HealthApi { state }),
+        (
+            TrackingApi { state: state.clone() },
+            AdsApi { state: state.clone() },
+            AnalyticsApi { state: state.clone() },
+            HealthApi { state },
+        ),
         "adbeacon",
         env!("CARGO_PKG_VERSION"),
     )

@@ -1,9 +1,11 @@
-//! Validated domain types: what an event and an ad are, with no I/O.
+//! Validated domain types: what an event, an ad and an analytics window are, with no I/O.
 //!
 //! Request DTOs (`api/`) become these through `TryFrom`; these become storage rows (`store/`).
 
 mod ad;
 mod event;
+mod window;
 
 pub use ad::{Ad, demo_ads};
 pub use event::{Event, EventKind, EventReport, EventTime, PlaybackTime};
+pub use window::{Cuts, Grain, Timeframe, Window, WindowKind, end_of_minute, months_before, rfc3339};

@@ -38,6 +38,8 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(1, "0001_ads.sql"),
     migration!(2, "0002_events.sql"),
     migration!(3, "0003_ad_stats_hourly.sql"),
+    migration!(4, "0004_ad_stats_minutely.sql"),
+    migration!(5, "0005_ad_stats_daily.sql"),
 ];
 
 const CREATE_LEDGER: &str = "CREATE TABLE IF NOT EXISTS schema_migrations \

@@ -1,11 +1,13 @@
-//! Storage: ClickHouse (events, the catalog, migrations) and the SQL the service runs.
+//! Storage: ClickHouse (events, the catalog, analytics, migrations) and the SQL the service runs.
 
+pub mod analytics;
 pub mod catalog;
 pub mod clickhouse;
 pub mod migrate;
 pub mod queries;
 
 pub use self::{
+    analytics::Analytics,
     catalog::Catalog,
     clickhouse::{ClickHouse, EventRow, ServerVersion, StoreError, Timeouts},
 };

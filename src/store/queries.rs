@@ -8,6 +8,15 @@ pub const ADS_ACTIVE: &str = include_str!("../../clickhouse/queries/ads_active.s
 /// Number of distinct ads.
 pub const ADS_COUNT: &str = include_str!("../../clickhouse/queries/ads_count.sql");
 
+/// One ad's per-hour series over a window; parameters in the file's header.
+pub const AD_SERIES: &str = include_str!("../../clickhouse/queries/ad_series.sql");
+/// One ad's totals over a window; parameters in the file's header.
+pub const AD_TOTALS: &str = include_str!("../../clickhouse/queries/ad_totals.sql");
+/// Every ad's totals over a window, busiest first, paged; parameters in the file's header.
+pub const ADS_TOTALS: &str = include_str!("../../clickhouse/queries/ads_totals.sql");
+/// The first UTC day with any event.
+pub const FIRST_EVENT_DAY: &str = include_str!("../../clickhouse/queries/first_event_day.sql");
+
 /// Stored event ids of one batch; `?` = first and last event_time (unix seconds), batch id.
 pub const BATCH_EVENT_IDS: &str = include_str!("../../clickhouse/queries/batch_event_ids.sql");
 /// Ends a possibly running INSERT of a batch; `?` = the batch id (its query_id).
@@ -16,6 +25,10 @@ pub const KILL_BATCH_INSERT: &str = include_str!("../../clickhouse/queries/kill_
 /// Every query file with its name, for the test that the list is complete.
 pub const ALL: &[(&str, &str)] = &[
     ("ad_by_id.sql", AD_BY_ID),
+    ("ad_series.sql", AD_SERIES),
+    ("ad_totals.sql", AD_TOTALS),
+    ("ads_totals.sql", ADS_TOTALS),
+    ("first_event_day.sql", FIRST_EVENT_DAY),
     ("ads_active.sql", ADS_ACTIVE),
     ("ads_count.sql", ADS_COUNT),
     ("batch_event_ids.sql", BATCH_EVENT_IDS),

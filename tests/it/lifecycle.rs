@@ -42,7 +42,11 @@ async fn migrations_apply_once_and_are_safe_to_run_again() {
     let tables = shared_clickhouse()
         .query_in(&db, "SELECT name FROM system.tables WHERE database = currentDatabase() ORDER BY name")
         .await;
-    assert_eq!(tables, "ad_stats_hourly\nad_stats_hourly_mv\nads\nevents\nschema_migrations\n");
+    assert_eq!(
+        tables,
+        "ad_stats_daily\nad_stats_daily_mv\nad_stats_hourly\nad_stats_hourly_mv\nad_stats_minutely\n\
+         ad_stats_minutely_mv\nads\nevents\nschema_migrations\n"
+    );
     assert!(migrate::apply(&ch).await.unwrap().is_empty());
 }
 

@@ -1,0 +1,426 @@
+//! `GET /ads/analytics`: one ad's numbers over a window (totals, an hourly series, the video
+//! funnel), or every ad's totals. Answered from the aggregate tables only (see
+//! [`crate::store::analytics`]); counts are exact to the minute.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use poem_openapi::{ApiResponse, Object, OpenApi, Union, param::Query, payload::Json};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{ApiTags, State, error::ApiError};
+use crate::{
+    domain::{Timeframe, Window, WindowKind},
+    store::analytics::{AdTotals, HourStats, Stats},
+};
+
+/// Ads per page of the every-ad listing when `limit` is not given.
+pub const DEFAULT_LIMIT: u64 = 100;
+/// The largest page of the every-ad listing.
+pub const MAX_LIMIT: u64 = 1000;
+
+/// Clicks per impression; 0 when there are no impressions.
+fn ratio(part: u64, whole: u64) -> f64 {
+    if whole == 0 { 0.0 } else { part as f64 / whole as f64 }
+}
+
+/// One UTC hour of the series.
+#[derive(Debug, Object)]
+#[oai(rename_all = "camelCase")]
+pub struct HourPoint {
+    /// Start of the hour (UTC). The first and last hour may be partly outside the window; only
+    /// their minutes inside it count.
+    pub start: OffsetDateTime,
+    /// Impressions in the hour.
+    pub impressions: u64,
+    /// Clicks in the hour.
+    pub clicks: u64,
+    /// Distinct clicking client IPs in the hour.
+    pub unique_clicks: u64,
+    /// clicks / impressions (0 without impressions).
+    pub ctr: f64,
+}
+
+/// The video funnel over the window (VAST linear tracking events).
+#[derive(Debug, Object)]
+#[oai(rename_all = "camelCase")]
+pub struct VideoStats {
+    /// Playback starts.
+    pub starts: u64,
+    /// 25 % reached.
+    pub first_quartile: u64,
+    /// 50 % reached.
+    pub midpoint: u64,
+    /// 75 % reached.
+    pub third_quartile: u64,
+    /// Played to the end.
+    pub completes: u64,
+    /// Skipped.
+    pub skips: u64,
+    /// completes / starts (0 without starts).
+    pub completion_rate: f64,
+    /// skips / starts (0 without starts).
+    pub skip_rate: f64,
+    /// Average playback position (seconds) of the clicks that reported one; null when none did.
+    pub avg_click_playback_time: Option<f64>,
+    /// creativeView events.
+    pub creative_views: u64,
+    /// Pauses.
+    pub pauses: u64,
+    /// Resumes.
+    pub resumes: u64,
+    /// Mutes.
+    pub mutes: u64,
+    /// Unmutes.
+    pub unmutes: u64,
+    /// Closes.
+    pub closes: u64,
+    /// VAST errors.
+    pub errors: u64,
+}
+
+impl From<&Stats> for VideoStats {
+    fn from(s: &Stats) -> Self {
+        VideoStats {
+            starts: s.starts,
+            first_quartile: s.first_quartiles,
+            midpoint: s.midpoints,
+            third_quartile: s.third_quartiles,
+            completes: s.completes,
+            skips: s.skips,
+            completion_rate: ratio(s.completes, s.starts),
+            skip_rate: ratio(s.skips, s.starts),
+            avg_click_playback_time: (s.click_playback_count > 0)
+                .then(|| s.click_playback_sum / s.click_playback_count as f64),
+            creative_views: s.creative_views,
+            pauses: s.pauses,
+            resumes: s.resumes,
+            mutes: s.mutes,
+            unmutes: s.unmutes,
+            closes: s.closes,
+            errors: s.errors,
+        }
+    }
+}
+
+/// One ad's analytics over a window.
+#[derive(Debug, Object)]
+#[oai(rename_all = "camelCase")]
+pub struct AdAnalytics {
+    /// The ad.
+    pub ad_id: Uuid,
+    /// `1h`, `24h`, `7d`, `30d`, `all`, or `custom` for from/to.
+    pub timeframe: String,
+    /// Start of the window (UTC, whole minute, inclusive). For `all`, the first hour with events.
+    pub from: OffsetDateTime,
+    /// End of the window (UTC, whole minute, exclusive).
+    pub to: OffsetDateTime,
+    /// Clicks.
+    pub total_clicks: u64,
+    /// Distinct clicking client IPs (keyed hashes). Exact below 65,536 distinct values apart
+    /// from rare 32-bit hash collisions; above, an estimate within about 1 %.
+    pub unique_clicks: u64,
+    /// Impressions.
+    pub impressions: u64,
+    /// totalClicks / impressions as a fraction (0 without impressions).
+    pub ctr: f64,
+    /// Clicks per UTC hour of the day, "00" to "23", summed over the window (all 24 keys).
+    pub hourly_clicks: BTreeMap<String, u64>,
+    /// One entry per UTC hour of the window, in order; hours without events have zeros.
+    pub series: Vec<HourPoint>,
+    /// The video funnel.
+    pub video: VideoStats,
+}
+
+/// One ad in the every-ad listing.
+#[derive(Debug, Object)]
+#[oai(rename_all = "camelCase")]
+pub struct AdTotalsItem {
+    /// The ad.
+    pub ad_id: Uuid,
+    /// Its current name.
+    pub name: String,
+    /// False once the ad is retired; its events still count.
+    pub active: bool,
+    /// Impressions.
+    pub impressions: u64,
+    /// Clicks.
+    pub clicks: u64,
+    /// Distinct clicking client IPs.
+    pub unique_clicks: u64,
+    /// clicks / impressions (0 without impressions).
+    pub ctr: f64,
+}
+
+impl From<AdTotals> for AdTotalsItem {
+    fn from(a: AdTotals) -> Self {
+        AdTotalsItem {
+            ad_id: a.ad_id,
+            name: a.name,
+            active: a.active != 0,
+            impressions: a.impressions,
+            clicks: a.clicks,
+            unique_clicks: a.unique_clicks,
+            ctr: ratio(a.clicks, a.impressions),
+        }
+    }
+}
+
+/// Every ad's totals over a window, busiest first.
+#[derive(Debug, Object)]
+#[oai(rename_all = "camelCase")]
+pub struct AdsAnalytics {
+    /// `1h`, `24h`, `7d`, `30d`, `all`, or `custom` for from/to.
+    pub timeframe: String,
+    /// Start of the window (UTC, whole minute, inclusive). For `all`, the first day with events.
+    pub from: OffsetDateTime,
+    /// End of the window (UTC, whole minute, exclusive).
+    pub to: OffsetDateTime,
+    /// Ads in the catalog (all pages).
+    pub total: u64,
+    /// Page size asked for.
+    pub limit: u64,
+    /// Ads skipped before this page.
+    pub offset: u64,
+    /// This page: by clicks, then impressions, descending, then by id. Ads without events in the
+    /// window are listed with zeros.
+    pub ads: Vec<AdTotalsItem>,
+}
+
+/// The two answers of `GET /ads/analytics`.
+#[derive(Debug, Union)]
+#[oai(one_of)]
+pub enum AnalyticsBody {
+    /// With `adId`.
+    Ad(AdAnalytics),
+    /// Without `adId`.
+    Ads(AdsAnalytics),
+}
+
+/// Answer of `GET /ads/analytics`.
+#[derive(Debug, ApiResponse)]
+pub enum AnalyticsResponse {
+    /// The numbers.
+    #[oai(status = 200)]
+    Ok(Json<AnalyticsBody>),
+}
+
+/// Analytics operations.
+pub struct AnalyticsApi {
+    /// Shared service state.
+    pub state: Arc<State>,
+}
+
+fn parse_page(name: &str, text: Option<&str>, default: u64, max: u64) -> Result<u64, ApiError> {
+    let Some(text) = text else { return Ok(default) };
+    match text.parse::<u64>() {
+        Ok(n) if n <= max => Ok(n),
+        _ => {
+            Err(ApiError::bad_request(format!("{name} must be a whole number from 0 to {max}; got {text:?}")))
+        }
+    }
+}
+
+fn parse_ad_id(camel: Option<&str>, snake: Option<&str>) -> Result<Option<Uuid>, ApiError> {
+    let (name, text) = match (camel, snake) {
+        (Some(_), Some(_)) => return Err(ApiError::bad_request("give adId or ad_id, not both")),
+        (Some(t), None) => ("adId", t),
+        (None, Some(t)) => ("ad_id", t),
+        (None, None) => return Ok(None),
+    };
+    Uuid::try_parse(text).map(Some).map_err(|_| {
+        ApiError::bad_request(format!(
+            "{name} must be a UUID such as 11111111-1111-1111-1111-111111111111; got {text:?}"
+        ))
+    })
+}
+
+/// The series with every hour of the window, zeros where the table has no row, and the
+/// clicks per hour of the day.
+fn fill_hours(window: &Window, rows: &[HourStats]) -> (Vec<HourPoint>, BTreeMap<String, u64>) {
+    let mut by_hour = rows.iter().map(|r| (i64::from(r.hour), &r.stats)).peekable();
+    let mut hourly_clicks: BTreeMap<String, u64> = (0..24).map(|h| (format!("{h:02}"), 0)).collect();
+    let mut series = Vec::new();
+    for start in window.hours() {
+        let t = start.unix_timestamp();
+        // Rows are ascending and inside the window, so one pass pairs them with the hours.
+        while by_hour.next_if(|(h, _)| *h < t).is_some() {}
+        let s = by_hour.next_if(|(h, _)| *h == t).map(|(_, s)| *s).unwrap_or_default();
+        *hourly_clicks.entry(format!("{:02}", start.hour())).or_default() += s.clicks;
+        series.push(HourPoint {
+            start,
+            impressions: s.impressions,
+            clicks: s.clicks,
+            unique_clicks: s.unique_clicks,
+            ctr: ratio(s.clicks, s.impressions),
+        });
+    }
+    (series, hourly_clicks)
+}
+
+#[OpenApi(tag = "ApiTags::Analytics")]
+impl AnalyticsApi {
+    /// Analytics of one ad, or of every ad.
+    ///
+    /// The window is `timeframe` (a rolling 1h, 24h, 7d or 30d ending at the end of the current
+    /// minute, or all), or `from` (and optionally `to`), RFC 3339 times on whole minutes; the
+    /// default is 24h. Every count is exact for events with event_time in [from, to). With
+    /// `adId`: totals, an hourly series and the video funnel. Without: every ad's totals,
+    /// busiest first, paged with `limit` and `offset`. Answered from pre-aggregated tables,
+    /// typically in milliseconds; an event shows here within FLUSH_INTERVAL + 1 s.
+    #[oai(path = "/ads/analytics", method = "get", operation_id = "getAnalytics")]
+    #[allow(clippy::too_many_arguments)]
+    async fn analytics(
+        &self,
+        /// The ad; omit for every ad.
+        #[oai(name = "adId")]
+        ad_id: Query<Option<String>>,
+        /// Alternative spelling of `adId`.
+        #[oai(name = "ad_id")]
+        ad_id_snake: Query<Option<String>>,
+        /// `1h`, `24h` (default), `7d`, `30d` or `all`.
+        timeframe: Query<Option<String>>,
+        /// Window start, RFC 3339 on a whole minute (e.g. 2026-11-21T10:15:00Z); instead of timeframe.
+        from: Query<Option<String>>,
+        /// Window end (exclusive), RFC 3339 on a whole minute; default: the end of the current minute.
+        to: Query<Option<String>>,
+        /// Listing page size, 1 to 1000 (default 100); only without adId.
+        limit: Query<Option<String>>,
+        /// Ads to skip in the listing (default 0); only without adId.
+        offset: Query<Option<String>>,
+    ) -> Result<AnalyticsResponse, ApiError> {
+        let st = &self.state;
+        let ad = parse_ad_id(ad_id.0.as_deref(), ad_id_snake.0.as_deref())?;
+        let window = Window::resolve(
+            timeframe.0.as_deref(),
+            from.0.as_deref(),
+            to.0.as_deref(),
+            OffsetDateTime::now_utc(),
+            st.raw_retention_months,
+        )
+        .map_err(ApiError::bad_request)?;
+        let unavailable = |e| ApiError::storage(e, st.retry_after);
+        let body = match ad {
+            Some(ad) => {
+                if limit.0.is_some() || offset.0.is_some() {
+                    return Err(ApiError::bad_request(
+                        "limit and offset page the listing of every ad; leave them out with adId",
+                    ));
+                }
+                match st.catalog.get(ad).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Err(ApiError::not_found(format!("ad {ad} not found"))),
+                    Err(e) => return Err(unavailable(e)),
+                }
+                AnalyticsBody::Ad(self.one_ad(ad, window).await.map_err(unavailable)?)
+            }
+            None => {
+                let limit = parse_page("limit", limit.0.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)?;
+                if limit == 0 {
+                    return Err(ApiError::bad_request(format!(
+                        "limit must be a whole number from 1 to {MAX_LIMIT}; got \"0\""
+                    )));
+                }
+                let offset = parse_page("offset", offset.0.as_deref(), 0, u64::from(u32::MAX))?;
+                AnalyticsBody::Ads(self.every_ad(window, limit, offset).await.map_err(unavailable)?)
+            }
+        };
+        Ok(AnalyticsResponse::Ok(Json(body)))
+    }
+}
+
+impl AnalyticsApi {
+    async fn one_ad(&self, ad: Uuid, mut window: Window) -> Result<AdAnalytics, crate::store::StoreError> {
+        let cuts = window.cuts();
+        let analytics = &self.state.analytics;
+        let (rows, totals) =
+            tokio::try_join!(analytics.ad_series(ad, &cuts), analytics.ad_totals(ad, &cuts))?;
+        if window.kind == WindowKind::Timeframe(Timeframe::All) {
+            // All time starts at the first hour with events (or is empty without any).
+            window.from = rows
+                .first()
+                .and_then(|r| OffsetDateTime::from_unix_timestamp(i64::from(r.hour)).ok())
+                .unwrap_or(window.to);
+        }
+        let (series, hourly_clicks) = fill_hours(&window, &rows);
+        Ok(AdAnalytics {
+            ad_id: ad,
+            timeframe: window.kind.to_string(),
+            from: window.from,
+            to: window.to,
+            total_clicks: totals.clicks,
+            unique_clicks: totals.unique_clicks,
+            impressions: totals.impressions,
+            ctr: ratio(totals.clicks, totals.impressions),
+            hourly_clicks,
+            series,
+            video: VideoStats::from(&totals),
+        })
+    }
+
+    async fn every_ad(
+        &self,
+        mut window: Window,
+        limit: u64,
+        offset: u64,
+    ) -> Result<AdsAnalytics, crate::store::StoreError> {
+        let cuts = window.cuts();
+        let analytics = &self.state.analytics;
+        let all = window.kind == WindowKind::Timeframe(Timeframe::All);
+        let first_day = async { if all { analytics.first_event_day().await } else { Ok(None) } };
+        let (ads, total, first_day) =
+            tokio::try_join!(analytics.ads_totals(&cuts, offset, limit), analytics.ads_count(), first_day)?;
+        if all {
+            window.from = first_day.unwrap_or(window.to);
+        }
+        Ok(AdsAnalytics {
+            timeframe: window.kind.to_string(),
+            from: window.from,
+            to: window.to,
+            total,
+            limit,
+            offset,
+            ads: ads.into_iter().map(AdTotalsItem::from).collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use time::macros::datetime;
+
+    use super::*;
+
+    #[test]
+    fn hours_without_rows_are_zeros_and_hour_of_day_sums_across_days() {
+        let window = Window {
+            kind: WindowKind::Custom,
+            from: datetime!(2026-10-31 22:30 UTC),
+            to: datetime!(2026-11-01 23:15 UTC),
+        };
+        let row = |t: OffsetDateTime, clicks| HourStats {
+            hour: t.unix_timestamp() as u32,
+            stats: Stats { clicks, impressions: 4, ..Stats::default() },
+        };
+        let rows = [row(datetime!(2026-10-31 22:00 UTC), 1), row(datetime!(2026-11-01 22:00 UTC), 2)];
+        let (series, by_hour) = fill_hours(&window, &rows);
+        assert_eq!(series.len(), 26);
+        assert_eq!(series[0].start, datetime!(2026-10-31 22:00 UTC));
+        assert_eq!((series[0].clicks, series[0].ctr), (1, 0.25));
+        assert_eq!((series[1].clicks, series[1].impressions, series[1].ctr), (0, 0, 0.0));
+        assert_eq!(series[24].clicks, 2);
+        assert_eq!(by_hour.len(), 24);
+        assert_eq!(by_hour["22"], 3);
+        assert_eq!(by_hour["00"], 0);
+    }
+
+    #[test]
+    fn query_parameters_are_checked() {
+        assert!(parse_ad_id(Some("x"), None).is_err());
+        assert!(parse_ad_id(Some("11111111-1111-1111-1111-111111111111"), Some("x")).is_err());
+        assert_eq!(parse_ad_id(None, None).ok(), Some(None));
+        assert!(parse_page("limit", Some("-1"), 100, 1000).is_err());
+        assert!(parse_page("limit", Some("1001"), 100, 1000).is_err());
+        assert_eq!(parse_page("limit", None, 100, 1000).ok(), Some(100));
+    }
+}

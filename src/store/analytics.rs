@@ -1,0 +1,141 @@
+//! Analytics reads: the per-hour series and totals of one ad, and every ad's totals, over a
+//! window cut into days, hours and minutes ([`Cuts`]). Every query reads only the `ad_stats_*`
+//! aggregate tables, never raw `events`; the SQL is in `clickhouse/queries/`.
+
+use clickhouse::Row;
+use serde::Deserialize;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{
+    clickhouse::{ClickHouse, StoreError},
+    queries,
+};
+use crate::domain::Cuts;
+
+/// Every count of one ad (or one hour of it), merged from the aggregate states. Field order is
+/// the column order of the queries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Row, Deserialize)]
+pub struct Stats {
+    /// Impressions.
+    pub impressions: u64,
+    /// Clicks.
+    pub clicks: u64,
+    /// Distinct client-IP hashes among the clicks (`uniq`: exact below 65,536).
+    pub unique_clicks: u64,
+    /// VAST creativeView events.
+    pub creative_views: u64,
+    /// Video starts.
+    pub starts: u64,
+    /// First quartiles reached.
+    pub first_quartiles: u64,
+    /// Midpoints reached.
+    pub midpoints: u64,
+    /// Third quartiles reached.
+    pub third_quartiles: u64,
+    /// Completions.
+    pub completes: u64,
+    /// Skips.
+    pub skips: u64,
+    /// Pauses.
+    pub pauses: u64,
+    /// Resumes.
+    pub resumes: u64,
+    /// Mutes.
+    pub mutes: u64,
+    /// Unmutes.
+    pub unmutes: u64,
+    /// Closes.
+    pub closes: u64,
+    /// VAST errors.
+    pub errors: u64,
+    /// Sum of the playback positions (seconds) of clicks that reported one.
+    pub click_playback_sum: f64,
+    /// Clicks that reported a playback position.
+    pub click_playback_count: u64,
+}
+
+/// One UTC hour of an ad's series.
+#[derive(Debug, Clone, Copy, PartialEq, Row, Deserialize)]
+pub struct HourStats {
+    /// Start of the hour, unix seconds.
+    pub hour: u32,
+    /// Its counts.
+    pub stats: Stats,
+}
+
+/// One ad of the every-ad listing.
+#[derive(Debug, Clone, PartialEq, Row, Deserialize)]
+pub struct AdTotals {
+    /// The ad.
+    #[serde(with = "clickhouse::serde::uuid")]
+    pub ad_id: Uuid,
+    /// Its current name.
+    pub name: String,
+    /// Whether it is active (1) or retired (0).
+    pub active: u8,
+    /// Impressions in the window.
+    pub impressions: u64,
+    /// Clicks in the window.
+    pub clicks: u64,
+    /// Distinct clicking IP hashes in the window.
+    pub unique_clicks: u64,
+}
+
+/// Reads the aggregate tables.
+#[derive(Clone)]
+pub struct Analytics {
+    ch: ClickHouse,
+}
+
+impl Analytics {
+    /// Analytics over `ch`.
+    pub fn new(ch: ClickHouse) -> Self {
+        Self { ch }
+    }
+
+    /// One ad's hours that have events, ascending; parameters as `ad_series.sql` documents.
+    pub async fn ad_series(&self, ad: Uuid, c: &Cuts) -> Result<Vec<HourStats>, StoreError> {
+        let ad = ad.to_string();
+        let q = self.ch.client().query(queries::AD_SERIES);
+        let q = q.bind(&ad).bind(c.h_from).bind(c.h_to);
+        let q = q.bind(&ad).bind(c.from).bind(c.to).bind(c.h_from).bind(c.h_to);
+        self.ch.fetch_all(q).await
+    }
+
+    /// One ad's totals; parameters as `ad_totals.sql` documents.
+    pub async fn ad_totals(&self, ad: Uuid, c: &Cuts) -> Result<Stats, StoreError> {
+        let ad = ad.to_string();
+        let q = self.ch.client().query(queries::AD_TOTALS);
+        let q = q.bind(&ad).bind(c.d_from).bind(c.d_to);
+        let q = q.bind(&ad).bind(c.h_from).bind(c.h_to).bind(c.d_from).bind(c.d_to);
+        let q = q.bind(&ad).bind(c.from).bind(c.to).bind(c.h_from).bind(c.h_to);
+        let rows: Vec<Stats> = self.ch.fetch_all(q).await?;
+        Ok(rows.into_iter().next().unwrap_or_default())
+    }
+
+    /// A page of every ad with its totals, busiest first; parameters as `ads_totals.sql` documents.
+    pub async fn ads_totals(&self, c: &Cuts, offset: u64, limit: u64) -> Result<Vec<AdTotals>, StoreError> {
+        let q = self.ch.client().query(queries::ADS_TOTALS);
+        let q = q.bind(c.d_from).bind(c.d_to);
+        let q = q.bind(c.h_from).bind(c.h_to).bind(c.d_from).bind(c.d_to);
+        let q = q.bind(c.from).bind(c.to).bind(c.h_from).bind(c.h_to);
+        self.ch.fetch_all(q.bind(offset).bind(limit)).await
+    }
+
+    /// How many ads the catalog holds (the length of the every-ad listing).
+    pub async fn ads_count(&self) -> Result<u64, StoreError> {
+        let rows: Vec<u64> = self.ch.fetch_all(self.ch.client().query(queries::ADS_COUNT)).await?;
+        Ok(rows.into_iter().next().unwrap_or(0))
+    }
+
+    /// The first UTC day with any event, if there is one.
+    pub async fn first_event_day(&self) -> Result<Option<OffsetDateTime>, StoreError> {
+        let rows: Vec<u32> = self.ch.fetch_all(self.ch.client().query(queries::FIRST_EVENT_DAY)).await?;
+        Ok(rows
+            .into_iter()
+            .next()
+            .filter(|&d| d > 0)
+            .and_then(|d| OffsetDateTime::from_unix_timestamp(i64::from(d)).ok()))
+    }
+}
