@@ -4,6 +4,7 @@
 mod support;
 
 mod ads;
+mod analytics;
 mod lifecycle;
 mod pipeline;
 mod servers;

@@ -298,7 +298,10 @@ impl ClickHouse {
     }
 }
 
-/// Fills in the template's placeholders, shortens the keep-alive timeout (see
+/// The server time zone of the test ClickHouse (the local stack uses UTC).
+pub const TEST_SERVER_TIMEZONE: &str = "Asia/Kolkata";
+
+/// Fills in the template's placeholders, sets [`TEST_SERVER_TIMEZONE`], shortens the keep-alive timeout (see
 /// [`TEST_KEEP_ALIVE_TIMEOUT`]) and, when the template names no server, adds a display name unique to
 /// this test process and port.
 fn render_clickhouse_config(dir: &Path, http_port: u16, tcp_port: u16) -> (String, Option<String>) {
@@ -312,6 +315,10 @@ fn render_clickhouse_config(dir: &Path, http_port: u16, tcp_port: u16) -> (Strin
     {
         config.replace_range(start..start + len, TEST_KEEP_ALIVE_TIMEOUT);
     }
+    // A server time zone with a half-hour offset: every hour and day bucket must still be UTC,
+    // because the columns say DateTime('UTC') and the SQL binds unix seconds, never local text.
+    let config =
+        config.replace("<timezone>UTC</timezone>", &format!("<timezone>{TEST_SERVER_TIMEZONE}</timezone>"));
     if config.contains("<display_name>") {
         return (config, None);
     }

@@ -1,0 +1,500 @@
+//! `GET /ads/analytics` against a recount of raw `events`: randomized windows exact to the minute
+//! (edges, midnight, a month boundary, late events, whole days), the rolling timeframes, the
+//! every-ad listing with paging, freshness and the 400/404 answers. The test ClickHouse runs in
+//! a non-UTC time zone (see `support::servers::TEST_SERVER_TIMEZONE`), so every bucket is proven
+//! to be UTC.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr},
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+use time::{OffsetDateTime, format_description::well_known::Rfc3339, macros::datetime};
+use uuid::Uuid;
+
+use crate::support::{TestApp, servers::TEST_SERVER_TIMEZONE};
+
+const ADS: [&str; 3] = [
+    "11111111-1111-1111-1111-111111111111",
+    "22222222-2222-2222-2222-222222222222",
+    "33333333-3333-3333-3333-333333333333",
+];
+
+const KINDS: [&str; 15] = [
+    "impression",
+    "click",
+    "creative_view",
+    "start",
+    "first_quartile",
+    "midpoint",
+    "third_quartile",
+    "complete",
+    "skip",
+    "pause",
+    "resume",
+    "mute",
+    "unmute",
+    "close",
+    "error",
+];
+
+/// splitmix64: a seeded generator, so a failure replays exactly.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn rfc(t: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(t).unwrap().format(&Rfc3339).unwrap()
+}
+
+fn unix(text: &str) -> i64 {
+    OffsetDateTime::parse(text, &Rfc3339).unwrap().unix_timestamp()
+}
+
+async fn get_json(app: &TestApp, path: &str) -> (u16, Value) {
+    let resp = app.get(path).await;
+    let status = resp.status().as_u16();
+    (status, resp.json().await.expect("a JSON body"))
+}
+
+/// The numbers of one ad in `[from, to)`, recounted from raw `events`, keyed by ad id.
+async fn recount(app: &TestApp, from: i64, to: i64) -> HashMap<String, Value> {
+    let sql = format!(
+        "SELECT toString(ad_id), countIf(kind = 'impression'), countIf(kind = 'click'), \
+         uniqExactIf(ip_hash, kind = 'click'), countIf(kind = 'start'), countIf(kind = 'first_quartile'), \
+         countIf(kind = 'midpoint'), countIf(kind = 'third_quartile'), countIf(kind = 'complete'), \
+         countIf(kind = 'skip'), countIf(kind = 'creative_view'), countIf(kind = 'pause'), \
+         countIf(kind = 'resume'), countIf(kind = 'mute'), countIf(kind = 'unmute'), \
+         countIf(kind = 'close'), countIf(kind = 'error'), \
+         ifNull(sumIf(toFloat64(playback_time), kind = 'click' AND isNotNull(playback_time)), 0), \
+         countIf(kind = 'click' AND isNotNull(playback_time)) \
+         FROM events WHERE event_time >= toDateTime({from}) AND event_time < toDateTime({to}) \
+         GROUP BY ad_id FORMAT TSV"
+    );
+    let names = [
+        "impressions",
+        "totalClicks",
+        "uniqueClicks",
+        "starts",
+        "firstQuartile",
+        "midpoint",
+        "thirdQuartile",
+        "completes",
+        "skips",
+        "creativeViews",
+        "pauses",
+        "resumes",
+        "mutes",
+        "unmutes",
+        "closes",
+        "errors",
+    ];
+    let mut out = HashMap::new();
+    for line in app.query(&sql).await.lines() {
+        let cols: Vec<&str> = line.split('\t').collect();
+        let mut v = serde_json::Map::new();
+        for (name, col) in names.iter().zip(&cols[1..]) {
+            v.insert(name.to_string(), json!(col.parse::<u64>().unwrap()));
+        }
+        let (sum, n): (f64, u64) = (cols[17].parse().unwrap(), cols[18].parse().unwrap());
+        v.insert("avgClickPlaybackTime".into(), if n == 0 { Value::Null } else { json!(sum / n as f64) });
+        out.insert(cols[0].to_string(), Value::Object(v));
+    }
+    out
+}
+
+fn zero_counts() -> Value {
+    json!({"impressions": 0, "totalClicks": 0, "uniqueClicks": 0, "starts": 0, "firstQuartile": 0,
+        "midpoint": 0, "thirdQuartile": 0, "completes": 0, "skips": 0, "creativeViews": 0, "pauses": 0,
+        "resumes": 0, "mutes": 0, "unmutes": 0, "closes": 0, "errors": 0, "avgClickPlaybackTime": null})
+}
+
+/// Per-hour impressions, clicks and unique clicks of one ad inside `[from, to)`, from raw events.
+async fn recount_hours(app: &TestApp, ad: &str, from: i64, to: i64) -> HashMap<i64, [u64; 3]> {
+    let sql = format!(
+        "SELECT toUInt32(toStartOfHour(event_time)) AS h, countIf(kind = 'impression'), countIf(kind = 'click'), \
+         uniqExactIf(ip_hash, kind = 'click') FROM events WHERE ad_id = toUUID('{ad}') \
+         AND event_time >= toDateTime({from}) AND event_time < toDateTime({to}) GROUP BY h FORMAT TSV"
+    );
+    app.query(&sql)
+        .await
+        .lines()
+        .map(|l| {
+            let c: Vec<u64> = l.split('\t').map(|x| x.parse().unwrap()).collect();
+            (c[0] as i64, [c[1], c[2], c[3]])
+        })
+        .collect()
+}
+
+/// Checks one ad's answer for `[from, to)` against the raw events, field by field.
+async fn check_ad(app: &TestApp, ad: &str, from: i64, to: i64) {
+    let path = format!("/ads/analytics?adId={ad}&from={}&to={}", rfc(from), rfc(to));
+    let (status, got) = get_json(app, &path).await;
+    assert_eq!(status, 200, "{path}: {got}");
+    let ctx = format!("{ad} [{}, {})", rfc(from), rfc(to));
+    assert_eq!((unix(got["from"].as_str().unwrap()), unix(got["to"].as_str().unwrap())), (from, to), "{ctx}");
+    assert_eq!(got["timeframe"], "custom");
+    let want = recount(app, from, to).await.remove(ad).unwrap_or_else(zero_counts);
+    for key in ["impressions", "totalClicks", "uniqueClicks"] {
+        assert_eq!(got[key], want[key], "{ctx}: {key}");
+    }
+    for (key, value) in want.as_object().unwrap() {
+        if ["impressions", "totalClicks", "uniqueClicks"].contains(&key.as_str()) {
+            continue;
+        }
+        match (value.as_f64(), got["video"][key].as_f64()) {
+            (Some(w), Some(g)) => assert!((w - g).abs() < 1e-9, "{ctx}: video.{key} {g} != {w}"),
+            _ => assert_eq!(got["video"][key], *value, "{ctx}: video.{key}"),
+        }
+    }
+    let clicks = want["totalClicks"].as_u64().unwrap();
+    let impressions = want["impressions"].as_u64().unwrap();
+    let ctr = if impressions == 0 { 0.0 } else { clicks as f64 / impressions as f64 };
+    assert!((got["ctr"].as_f64().unwrap() - ctr).abs() < 1e-12, "{ctx}: ctr");
+
+    // The series: every hour the window touches, in order, each equal to its recount.
+    let hours = recount_hours(app, ad, from, to).await;
+    let series = got["series"].as_array().unwrap();
+    let first_hour = from.div_euclid(3600) * 3600;
+    let expected_len = ((to - first_hour) + 3599) / 3600;
+    assert_eq!(series.len() as i64, expected_len, "{ctx}: series length");
+    let mut by_hour_of_day = [0u64; 24];
+    for (i, point) in series.iter().enumerate() {
+        let start = first_hour + i as i64 * 3600;
+        assert_eq!(unix(point["start"].as_str().unwrap()), start, "{ctx}: series[{i}].start");
+        let [imp, clk, uniq] = hours.get(&start).copied().unwrap_or_default();
+        assert_eq!(
+            [&point["impressions"], &point["clicks"], &point["uniqueClicks"]],
+            [&json!(imp), &json!(clk), &json!(uniq)],
+            "{ctx}: series hour {}",
+            rfc(start)
+        );
+        by_hour_of_day[(start.rem_euclid(86_400) / 3600) as usize] += clk;
+    }
+    for (h, n) in by_hour_of_day.iter().enumerate() {
+        assert_eq!(got["hourlyClicks"][format!("{h:02}")], json!(n), "{ctx}: hourlyClicks {h:02}");
+    }
+}
+
+/// Checks the every-ad listing for `[from, to)` against the raw events.
+async fn check_listing(app: &TestApp, from: i64, to: i64) {
+    let path = format!("/ads/analytics?from={}&to={}", rfc(from), rfc(to));
+    let (status, got) = get_json(app, &path).await;
+    assert_eq!(status, 200, "{path}: {got}");
+    let want = recount(app, from, to).await;
+    let ads = got["ads"].as_array().unwrap();
+    assert_eq!(ads.len(), ADS.len(), "{path}: {got}");
+    for item in ads {
+        let id = item["adId"].as_str().unwrap();
+        let w = want.get(id).cloned().unwrap_or_else(zero_counts);
+        assert_eq!(
+            [&item["impressions"], &item["clicks"], &item["uniqueClicks"]],
+            [&w["impressions"], &w["totalClicks"], &w["uniqueClicks"]],
+            "{path}: {id}"
+        );
+    }
+    let keys: Vec<(u64, u64)> =
+        ads.iter().map(|a| (a["clicks"].as_u64().unwrap(), a["impressions"].as_u64().unwrap())).collect();
+    assert!(keys.windows(2).all(|w| w[0] >= w[1]), "{path}: not busiest first: {keys:?}");
+}
+
+/// POSTs clicks from distinct loopback addresses (127.0.0.2, …): uniques come from the TCP peer.
+async fn click_from(app: &TestApp, ip: u8, body: Value) {
+    let client =
+        reqwest::Client::builder().local_address(IpAddr::V4(Ipv4Addr::new(127, 0, 0, ip))).build().unwrap();
+    let resp = client.post(format!("{}/ads/click", app.base)).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap_or_default());
+}
+
+#[tokio::test]
+async fn randomized_windows_equal_a_recount_of_raw_events() {
+    let app = TestApp::spawn_with(&[("MAX_EVENT_AGE", "3650d")]).await;
+    let tz = app.query("SELECT timezone()").await;
+    assert_eq!(tz.trim(), TEST_SERVER_TIMEZONE, "the server must not run in UTC for this test to mean much");
+
+    // Five days around midnight of 31 October / 1 November 2026 (a month and partition boundary).
+    let base = datetime!(2026-10-29 00:00 UTC).unix_timestamp();
+    let span = 5 * 86_400;
+    let mut rng = Rng(0xADBE_AC0F);
+    // An event time that often sits on a minute edge, the last second of a minute, or an hour/day edge.
+    let time = |rng: &mut Rng| -> i64 {
+        let t = base + rng.below(span as u64) as i64;
+        match rng.below(6) {
+            0 => t - t % 60,
+            1 => t - t % 60 + 59,
+            2 => t - t % 3600,
+            3 => t - t % 86_400 + rng.below(2) as i64 * 86_400 - 1,
+            _ => t,
+        }
+    };
+
+    // Clicks through the API, with client timestamps (late events: days before they arrive).
+    let mut api_clicks = 0;
+    for i in 0..80u64 {
+        let ad = ADS[(i % 3) as usize];
+        let body =
+            json!({"adId": ad, "timestamp": rfc(time(&mut rng)), "videoPlaybackTime": (i % 40) as f64 / 4.0});
+        click_from(&app, 2 + (i % 13) as u8, body).await;
+        api_clicks += 1;
+    }
+    // Every other kind straight into `events`, in several INSERTs (several parts for the views to
+    // merge), received now but happened days ago.
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let mut direct = 0;
+    for _ in 0..6 {
+        let batch = Uuid::new_v4();
+        let rows: Vec<String> = (0..400)
+            .map(|_| {
+                let kind = KINDS[rng.below(KINDS.len() as u64) as usize];
+                let ad = ADS[rng.below(3) as usize];
+                let playback = if rng.below(5) == 0 {
+                    "NULL".to_string()
+                } else {
+                    format!("{}", rng.below(480) as f64 / 4.0)
+                };
+                format!(
+                    "('{}', '{ad}', '{kind}', {}, {now}, {}, {playback}, 0, '{batch}')",
+                    Uuid::new_v4(),
+                    time(&mut rng),
+                    1 + rng.below(150)
+                )
+            })
+            .collect();
+        direct += rows.len();
+        app.query(&format!("INSERT INTO events VALUES {}", rows.join(", "))).await;
+    }
+    assert_eq!(app.wait_flushed(api_clicks).await, api_clicks);
+    assert_eq!(app.number("SELECT count() FROM events").await, (api_clicks + direct as u64));
+
+    // Hand-picked windows, then random ones: inside an hour, one whole hour, across midnight and the
+    // month, whole days, starting and ending on edges.
+    let m = |d: i64, h: i64, min: i64| {
+        datetime!(2026-10-31 00:00 UTC).unix_timestamp() + d * 86_400 + h * 3600 + min * 60
+    };
+    let mut windows = vec![
+        (m(0, 23, 15), m(0, 23, 45)),
+        (m(0, 23, 0), m(1, 0, 0)),
+        (m(0, 23, 59), m(1, 0, 1)),
+        (m(0, 22, 30), m(1, 1, 30)),
+        (m(1, 0, 0), m(2, 0, 0)),
+        (m(-2, 0, 0), m(3, 0, 0)),
+        (m(-1, 13, 7), m(1, 21, 53)),
+        (m(-1, 0, 0), m(1, 0, 1)),
+    ];
+    for _ in 0..40 {
+        let from = base + rng.below(span as u64 / 60) as i64 * 60;
+        let len = match rng.below(3) {
+            0 => 1 + rng.below(59),
+            1 => 60 + rng.below(600),
+            _ => 1440 + rng.below(3 * 1440),
+        } as i64;
+        windows.push((from, from + len * 60));
+    }
+    for (i, &(from, to)) in windows.iter().enumerate() {
+        check_ad(&app, ADS[i % 3], from, to).await;
+        check_listing(&app, from, to).await;
+    }
+
+    // The same after ClickHouse merged every part: states merge to the same numbers.
+    for table in ["ad_stats_minutely", "ad_stats_hourly", "ad_stats_daily"] {
+        app.query(&format!("OPTIMIZE TABLE {table} FINAL")).await;
+    }
+    for &(from, to) in windows.iter().take(12) {
+        check_ad(&app, ADS[0], from, to).await;
+    }
+
+    // All time: every event, and the series starts at the first hour with an event.
+    let (status, all) = get_json(&app, &format!("/ads/analytics?adId={}&timeframe=all", ADS[1])).await;
+    assert_eq!(status, 200);
+    let first = app
+        .number(&format!(
+            "SELECT toUInt32(toStartOfHour(min(event_time))) FROM events WHERE ad_id = '{}'",
+            ADS[1]
+        ))
+        .await as i64;
+    assert_eq!(unix(all["from"].as_str().unwrap()), first);
+    let total =
+        app.number(&format!("SELECT countIf(kind = 'click') FROM events WHERE ad_id = '{}'", ADS[1])).await;
+    assert_eq!(all["totalClicks"], json!(total));
+}
+
+#[tokio::test]
+async fn rolling_timeframes_end_at_the_current_minute_and_count_exactly() {
+    let app = TestApp::spawn().await;
+    // Events at the edges of each rolling window: just inside and just outside, at whole minutes
+    // and a second before them. Inserted directly so that the times are exact.
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let end = now - now % 60 + 60;
+    let mut rows = Vec::new();
+    for len in [3600i64, 86_400, 7 * 86_400, 30 * 86_400] {
+        for t in [end - len, end - len - 1, end - len + 60, end - len - 60, end - len + 1] {
+            for (kind, ip) in [("click", t as u64 % 7), ("impression", 0)] {
+                rows.push(format!(
+                    "('{}', '{}', '{kind}', {t}, {now}, {ip}, NULL, 0, '{}')",
+                    Uuid::new_v4(),
+                    ADS[0],
+                    Uuid::nil()
+                ));
+            }
+        }
+    }
+    app.query(&format!("INSERT INTO events VALUES {}", rows.join(", "))).await;
+    app.post("/ads/impression", &json!({"adId": ADS[0]})).await;
+    app.post("/ads/click", &json!({"adId": ADS[0]})).await;
+    assert_eq!(app.wait_flushed(2).await, 2);
+
+    for (tf, len) in [("1h", 3600i64), ("24h", 86_400), ("7d", 7 * 86_400), ("30d", 30 * 86_400)] {
+        let before = OffsetDateTime::now_utc().unix_timestamp();
+        let (status, got) = get_json(&app, &format!("/ads/analytics?adId={}&timeframe={tf}", ADS[0])).await;
+        let after = OffsetDateTime::now_utc().unix_timestamp();
+        assert_eq!(status, 200, "{got}");
+        assert_eq!(got["timeframe"], tf);
+        let (from, to) = (unix(got["from"].as_str().unwrap()), unix(got["to"].as_str().unwrap()));
+        assert_eq!(to % 60, 0, "{tf}: to on a whole minute");
+        assert!(
+            to > before - 60 && to >= before && to <= after + 60,
+            "{tf}: to {to} is not the end of this minute"
+        );
+        assert_eq!(to - from, len, "{tf}");
+        let want = recount(&app, from, to).await.remove(ADS[0]).unwrap_or_else(zero_counts);
+        for key in ["impressions", "totalClicks", "uniqueClicks"] {
+            assert_eq!(got[key], want[key], "{tf}: {key}");
+        }
+        assert_eq!(
+            got["series"].as_array().unwrap().len() as i64,
+            (to - from.div_euclid(3600) * 3600 + 3599) / 3600
+        );
+    }
+    // Without a timeframe: the last 24 hours.
+    let (_, got) = get_json(&app, &format!("/ads/analytics?adId={}", ADS[0])).await;
+    assert_eq!(got["timeframe"], "24h");
+}
+
+#[tokio::test]
+async fn the_listing_pages_every_ad_busiest_first() {
+    let app = TestApp::spawn().await;
+    // Three more ads next to the three demo ads; one retired.
+    let extra = [
+        ("44444444-4444-4444-4444-444444444444", "Four", 1),
+        ("55555555-5555-5555-5555-555555555555", "Five", 0),
+        ("66666666-6666-6666-6666-666666666666", "Six", 1),
+    ];
+    for (id, name, active) in extra {
+        app.query(&format!(
+            "INSERT INTO ads (id, name, video_url, target_url, active, created_at, updated_at, version) \
+             VALUES ('{id}', '{name}', '/v.mp4', 'https://example.com', {active}, now(), now(), 1)"
+        ))
+        .await;
+    }
+    // Clicks: Five 3, Two 2, Four 2 (but more impressions), One 1; Three and Six none.
+    let clicks = [(extra[1].0, 3), (ADS[1], 2), (extra[0].0, 2), (ADS[0], 1)];
+    let mut sent = 0;
+    for (id, n) in clicks {
+        for _ in 0..n {
+            assert_eq!(app.post("/ads/click", &json!({"adId": id})).await.status(), 202);
+            sent += 1;
+        }
+    }
+    assert_eq!(app.post("/ads/impression", &json!({"adId": extra[0].0})).await.status(), 204);
+    assert_eq!(app.wait_flushed(sent + 1).await, sent + 1);
+
+    let mut seen = Vec::new();
+    for offset in [0, 2, 4, 6] {
+        let (status, page) =
+            get_json(&app, &format!("/ads/analytics?timeframe=1h&limit=2&offset={offset}")).await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(
+            (page["total"].as_u64(), page["limit"].as_u64(), page["offset"].as_u64()),
+            (Some(6), Some(2), Some(offset))
+        );
+        seen.extend(page["ads"].as_array().unwrap().iter().cloned());
+    }
+    let order: Vec<&str> = seen.iter().map(|a| a["name"].as_str().unwrap()).collect();
+    // Ties at zero clicks and impressions go by id: Three (3333…) before Six (6666…).
+    assert_eq!(order, ["Five", "Four", "New Phone Launch", "Summer Sale", "Travel Deals", "Six"]);
+    assert_eq!(seen[0]["active"], false, "retired ads are listed; their events count");
+    assert_eq!((seen[1]["impressions"].as_u64(), seen[1]["ctr"].as_f64()), (Some(1), Some(2.0)));
+    assert_eq!(seen[4]["clicks"], 0);
+    assert_eq!(seen[4]["ctr"], 0.0);
+
+    let (_, all) = get_json(&app, "/ads/analytics?timeframe=all").await;
+    let today = OffsetDateTime::now_utc().unix_timestamp().div_euclid(86_400) * 86_400;
+    assert_eq!(unix(all["from"].as_str().unwrap()), today, "all time starts at the first day with events");
+}
+
+#[tokio::test]
+async fn an_accepted_click_shows_within_the_flush_interval_plus_a_second() {
+    let flush = Duration::from_millis(500);
+    let app = TestApp::spawn_with(&[("FLUSH_INTERVAL", "500ms")]).await;
+    let path = format!("/ads/analytics?adId={}&timeframe=1h", ADS[2]);
+    assert_eq!(get_json(&app, &path).await.1["totalClicks"], 0);
+    let sent = Instant::now();
+    assert_eq!(app.post("/ads/click", &json!({"adId": ADS[2]})).await.status(), 202);
+    let seen = loop {
+        if get_json(&app, &path).await.1["totalClicks"] == 1 {
+            break sent.elapsed();
+        }
+        assert!(sent.elapsed() < Duration::from_secs(10), "the click never showed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(seen <= flush + Duration::from_secs(1), "showed after {seen:?}");
+}
+
+#[tokio::test]
+async fn bad_questions_get_400_or_404_naming_the_problem() {
+    let app = TestApp::spawn().await;
+    let ad = ADS[0];
+    let cases = [
+        (format!("adId={ad}&timeframe=2h"), 400, "timeframe must be one of 1h, 24h, 7d, 30d, all"),
+        (format!("adId={ad}&from=2026-11-02T00:00:00Z&to=2026-11-01T00:00:00Z"), 400, "must be before to"),
+        (format!("adId={ad}&from=2026-11-01T00:00:00Z&to=2026-11-01T00:00:00Z"), 400, "must be before to"),
+        (format!("adId={ad}&from=yesterday"), 400, "from must be an RFC 3339 time"),
+        (format!("adId={ad}&from=2026-11-01T00:00:00Z&to=2026-11-01"), 400, "to must be an RFC 3339 time"),
+        (format!("adId={ad}&from=2026-11-01T00:00:30Z"), 400, "from must be on a whole minute"),
+        (
+            format!("adId={ad}&from=2024-01-01T00:00:00Z&to=2026-11-01T00:00:00Z"),
+            400,
+            "longer than the raw-event retention of 13 months",
+        ),
+        (format!("adId={ad}&to=2026-11-01T00:00:00Z"), 400, "to needs from"),
+        (format!("adId={ad}&timeframe=1h&from=2026-11-01T00:00:00Z"), 400, "either timeframe or from/to"),
+        (format!("adId={ad}&limit=5"), 400, "leave them out with adId"),
+        ("adId=nope".to_string(), 400, "adId must be a UUID"),
+        ("limit=0".to_string(), 400, "limit must be a whole number from 1 to 1000"),
+        ("limit=5000".to_string(), 400, "limit must be a whole number"),
+        ("offset=-1".to_string(), 400, "offset must be a whole number"),
+        (
+            "adId=99999999-9999-9999-9999-999999999999".to_string(),
+            404,
+            "ad 99999999-9999-9999-9999-999999999999 not found",
+        ),
+    ];
+    for (query, status, message) in cases {
+        let (got_status, body) = get_json(&app, &format!("/ads/analytics?{query}")).await;
+        assert_eq!(got_status, status, "{query}: {body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(error.contains(message), "{query}: {error:?} does not say {message:?}");
+    }
+    // Inside the retention, a window may reach back as far as it likes; snake_case works too.
+    let (status, body) = get_json(
+        &app,
+        &format!("/ads/analytics?ad_id={ad}&from=2026-01-01T00:00:00Z&to=2026-11-01T00:00:00Z"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["series"].as_array().unwrap().len(), 304 * 24);
+}
