@@ -4,6 +4,11 @@
 -- -Merge combinators, e.g.
 --   SELECT hour, countIfMerge(clicks) AS clicks, uniqIfMerge(unique_clicks) AS unique_clicks
 --   FROM ad_stats_hourly WHERE ad_id = '…' GROUP BY hour ORDER BY hour
+--
+-- Small granules (128 rows, not the default 8192): a read of one ad's hours then decodes the
+-- states of little more than those rows, not of thousands of other ads' rows around them, and
+-- decoding uniq states is most of the cost of an analytics query. (This is a revision of the
+-- file; a database created with the first text keeps 8192-row granules: correct, only slower.)
 CREATE TABLE IF NOT EXISTS ad_stats_hourly
 (
     ad_id          UUID,
@@ -29,7 +34,8 @@ CREATE TABLE IF NOT EXISTS ad_stats_hourly
 )
 ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(hour)
-ORDER BY (ad_id, hour);
+ORDER BY (ad_id, hour)
+SETTINGS index_granularity = 128;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS ad_stats_hourly_mv TO ad_stats_hourly AS
 SELECT

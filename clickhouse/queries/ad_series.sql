@@ -1,12 +1,14 @@
--- One ad's statistics per UTC hour over the window [from, to), both on whole minutes: the
--- `series` of GET /ads/analytics for one ad (its totals come from ad_totals.sql).
+-- One ad's impressions, clicks and unique clicks per UTC hour over the window [from, to), both
+-- on whole minutes: the `series` of GET /ads/analytics for one ad (its totals and the video
+-- funnel come from ad_totals.sql). Only the three columns the series shows are read: decoding
+-- aggregate states is what such a query spends its time on.
 --
 -- Exact to the minute without reading raw events: the whole hours of the window come from
 -- ad_stats_hourly, the minutes before the first whole hour and after the last one from
 -- ad_stats_minutely, and each hour is read from one table only. With
 --   h_from = from rounded up to the hour, h_to = to rounded down to the hour,
 -- the hourly branch takes [h_from, h_to) and the minute branch takes the minutes of [from, to)
--- outside it (when the window holds no whole hour, h_from > h_to and every minute qualifies).
+-- outside it (when the window holds no whole hour, h_from >= h_to and every minute qualifies).
 -- Hours without events are absent; the service fills them with zeros.
 --
 -- Parameters (times as unix seconds): ad id, h_from, h_to, ad id, from, to, h_from, h_to.
@@ -16,35 +18,14 @@ SELECT
     hour,
     countIfMerge(impressions) AS impressions,
     countIfMerge(clicks) AS clicks,
-    uniqIfMerge(unique_clicks) AS unique_clicks,
-    countIfMerge(creative_views) AS creative_views,
-    countIfMerge(starts) AS starts,
-    countIfMerge(first_quartiles) AS first_quartiles,
-    countIfMerge(midpoints) AS midpoints,
-    countIfMerge(third_quartiles) AS third_quartiles,
-    countIfMerge(completes) AS completes,
-    countIfMerge(skips) AS skips,
-    countIfMerge(pauses) AS pauses,
-    countIfMerge(resumes) AS resumes,
-    countIfMerge(mutes) AS mutes,
-    countIfMerge(unmutes) AS unmutes,
-    countIfMerge(closes) AS closes,
-    countIfMerge(errors) AS errors,
-    sumIfMerge(click_playback_sum) AS click_playback_sum,
-    countIfMerge(click_playback_count) AS click_playback_count
+    uniqIfMerge(unique_clicks) AS unique_clicks
 FROM
 (
-    SELECT hour,
-           impressions, clicks, unique_clicks, creative_views, starts, first_quartiles, midpoints,
-           third_quartiles, completes, skips, pauses, resumes, mutes, unmutes, closes, errors,
-           click_playback_sum, click_playback_count
+    SELECT hour, impressions, clicks, unique_clicks
     FROM ad_stats_hourly
     WHERE ad_id = toUUID(?) AND hour >= toDateTime(?) AND hour < toDateTime(?)
     UNION ALL
-    SELECT toStartOfHour(minute) AS hour,
-           impressions, clicks, unique_clicks, creative_views, starts, first_quartiles, midpoints,
-           third_quartiles, completes, skips, pauses, resumes, mutes, unmutes, closes, errors,
-           click_playback_sum, click_playback_count
+    SELECT toStartOfHour(minute) AS hour, impressions, clicks, unique_clicks
     FROM ad_stats_minutely
     WHERE ad_id = toUUID(?) AND minute >= toDateTime(?) AND minute < toDateTime(?)
       AND (minute < toDateTime(?) OR minute >= toDateTime(?))

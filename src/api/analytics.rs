@@ -238,7 +238,7 @@ fn parse_ad_id(camel: Option<&str>, snake: Option<&str>) -> Result<Option<Uuid>,
 /// The series with every hour of the window, zeros where the table has no row, and the
 /// clicks per hour of the day.
 fn fill_hours(window: &Window, rows: &[HourStats]) -> (Vec<HourPoint>, BTreeMap<String, u64>) {
-    let mut by_hour = rows.iter().map(|r| (i64::from(r.hour), &r.stats)).peekable();
+    let mut by_hour = rows.iter().map(|r| (i64::from(r.hour), r)).peekable();
     let mut hourly_clicks: BTreeMap<String, u64> = (0..24).map(|h| (format!("{h:02}"), 0)).collect();
     let mut series = Vec::new();
     for start in window.hours() {
@@ -400,7 +400,9 @@ mod tests {
         };
         let row = |t: OffsetDateTime, clicks| HourStats {
             hour: t.unix_timestamp() as u32,
-            stats: Stats { clicks, impressions: 4, ..Stats::default() },
+            clicks,
+            impressions: 4,
+            ..HourStats::default()
         };
         let rows = [row(datetime!(2026-10-31 22:00 UTC), 1), row(datetime!(2026-11-01 22:00 UTC), 2)];
         let (series, by_hour) = fill_hours(&window, &rows);

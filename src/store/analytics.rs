@@ -56,12 +56,16 @@ pub struct Stats {
 }
 
 /// One UTC hour of an ad's series.
-#[derive(Debug, Clone, Copy, PartialEq, Row, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Row, Deserialize)]
 pub struct HourStats {
     /// Start of the hour, unix seconds.
     pub hour: u32,
-    /// Its counts.
-    pub stats: Stats,
+    /// Impressions in the hour.
+    pub impressions: u64,
+    /// Clicks in the hour.
+    pub clicks: u64,
+    /// Distinct clicking IP hashes in the hour.
+    pub unique_clicks: u64,
 }
 
 /// One ad of the every-ad listing.

@@ -8,15 +8,30 @@ chDB embeds the current engine in-process, so this script proves the other half 
   * every migration applies, in order, into a fresh database, and applies a second time
     (they are all IF NOT EXISTS: "safe to apply twice");
   * the schema_migrations ledger statements the service runs (src/store/migrate.rs) work;
-  * sample events fed through the materialized view ad_stats_hourly_mv land in ad_stats_hourly
-    with exactly the numbers a recount from raw `events` gives;
+  * sample events fed through the materialized views land in every aggregate table
+    (ad_stats_minutely, ad_stats_hourly, ad_stats_daily) with exactly the numbers a recount from
+    raw `events` gives, while the inserts' parts are still apart and again after OPTIMIZE FINAL;
+  * the window queries (ad_series.sql, ad_totals.sql, ads_totals.sql) give, for hand-picked and
+    deterministic-random windows [from, to), exactly what a recount of raw `events` in the window
+    gives; their parameters are computed by window_params() like the service computes them and
+    bound in the order each file's header documents;
   * every clickhouse/queries/*.sql runs on the sample data (parameters come from the file's
-    `-- sample-params: ...` line) and, for the queries the service depends on, answers sensibly.
+    `-- sample-params: ...` line) and, for the queries the service depends on, answers sensibly;
+  * every ```sql block of docs/analysts.md runs and returns rows; a block whose first line reads
+    `-- The same rows from raw events ...` must return what the block before it (same section)
+    returned. ```sql backfill blocks are run where they are meant for (a database whose newer
+    aggregate tables were created after its events were stored) and the tables they fill must then
+    equal a recount; the ```sql retention block is run on that database too and must leave the
+    aggregates untouched.
 
 Files are discovered by globbing, so new migrations and queries are covered without editing this.
 
 Run:   .data/venv/bin/python tests/sql/conformance.py     (`make test` runs it too)
+       .data/venv/bin/python tests/sql/conformance.py --server http://127.0.0.1:8123
+           runs the same checks over HTTP against a real server (e.g. the local ClickHouse 18.16)
+           in a scratch database `conformance_<pid>` that is dropped at the end.
 Env:   ADBEACON_ROOT=/path/to/checkout  to check another tree (default: this script's repository).
+       CONFORMANCE_SERVER=http://host:8123  same as --server.
 Output: `ok   <check>` / `FAIL <check>: <reason>` per check, then `N passed, M failed`.
 Exit:  0 when everything passed, 1 on any failure or when no check ran.
 """
@@ -29,23 +44,41 @@ import re
 import sys
 import tempfile
 import traceback
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-try:
-    from chdb import session as chdb_session
-except ImportError:
-    print("FAIL chdb: the Python package chdb is not importable by " + sys.executable)
-    print("  install it with `make test` (scripts/deps.sh puts chdb-core into .data/venv)")
-    print("  or: .data/venv/bin/python -m pip install chdb-core")
-    print("0 passed, 1 failed")
-    sys.exit(1)
+
+def server_url() -> str | None:
+    args = sys.argv[1:]
+    if args[:1] == ["--server"] and len(args) == 2:
+        return args[1]
+    if args:
+        print(f"usage: {sys.argv[0]} [--server http://host:8123]")
+        sys.exit(2)
+    return os.environ.get("CONFORMANCE_SERVER") or None
+
+
+SERVER = server_url()
+
+if SERVER is None:
+    try:
+        from chdb import session as chdb_session
+    except ImportError:
+        print("FAIL chdb: the Python package chdb is not importable by " + sys.executable)
+        print("  install it with `make test` (scripts/deps.sh puts chdb-core into .data/venv)")
+        print("  or: .data/venv/bin/python -m pip install chdb-core")
+        print("0 passed, 1 failed")
+        sys.exit(1)
 
 ROOT = Path(os.environ.get("ADBEACON_ROOT") or Path(__file__).resolve().parents[2])
 MIGRATIONS_DIR = ROOT / "clickhouse" / "migrations"
 QUERIES_DIR = ROOT / "clickhouse" / "queries"
-DB = "conformance"
+ANALYSTS_DOC = ROOT / "docs" / "analysts.md"
+DB = "conformance" if SERVER is None else f"conformance_{os.getpid()}"
 
 # The ledger statements of src/store/migrate.rs, verbatim.
 CREATE_LEDGER = (
@@ -65,7 +98,7 @@ KINDS = [
     "complete", "skip", "pause", "resume", "mute", "unmute", "close", "error",
 ]  # fmt: skip
 
-# How to recount every aggregate column of ad_stats_hourly from raw `events`. A column of the
+# How to recount every aggregate column of the ad_stats_* tables from raw `events`. A column of a
 # table missing here fails the check: add its recount when a migration adds the column.
 RECOUNT = {
     "impressions": "countIf(kind = 'impression')",
@@ -88,7 +121,16 @@ RECOUNT = {
     "click_playback_sum": "ifNull(sumIf(toFloat64(playback_time), kind = 'click'), 0)",
     "click_playback_count": "countIf(kind = 'click' AND isNotNull(playback_time))",
 }
-STATS_KEY = ("ad_id", "hour")
+# Sums of Float32 positions: compared within this; every other column is a count, compared exactly.
+FLOAT_COLUMNS = {"click_playback_sum": 1e-6}
+
+# Every aggregate table: (table, its time-bucket column, the bucket of an event's event_time).
+# An ad_stats_* table of the schema missing here fails the check.
+STATS_TABLES = [
+    ("ad_stats_minutely", "minute", "toStartOfMinute(event_time)"),
+    ("ad_stats_hourly", "hour", "toStartOfHour(event_time)"),
+    ("ad_stats_daily", "day", "toStartOfDay(event_time)"),
+]
 
 # --- sample data -----------------------------------------------------------------------------
 
@@ -96,7 +138,10 @@ AD1 = "11111111-1111-1111-1111-111111111111"  # three versions, inserted out of 
 AD2 = "22222222-2222-2222-2222-222222222222"  # active at first, deactivated by its newest version
 AD3 = "33333333-3333-3333-3333-333333333333"  # one version, active
 AD4 = "44444444-4444-4444-4444-444444444444"  # one version, never active
+AD5 = "55555555-5555-5555-5555-555555555555"  # one version, active, never has an event
 UNKNOWN_AD = "99999999-9999-9999-9999-999999999999"  # events for an ad the catalog doesn't hold
+# Each id repeats one hex digit, so their text order is also the engine's UUID order (which is
+# not the text order in general): ads_totals.sql's `ORDER BY …, id` can be predicted here.
 
 # (id, name, active, created_at, updated_at, version), in insertion order.
 ADS = [
@@ -107,14 +152,28 @@ ADS = [
     (AD2, "ad two v2", 0, "2024-03-02 10:00:00", "2024-03-04 10:00:00", 2),
     (AD3, "ad three", 1, "2024-02-28 12:00:00", "2024-02-28 12:00:00", 1),
     (AD4, "ad four", 0, "2024-03-06 12:00:00", "2024-03-06 12:00:00", 1),
+    (AD5, "ad five", 1, "2024-03-07 12:00:00", "2024-03-07 12:00:00", 1),
 ]
+CATALOG = sorted({a[0] for a in ADS})
 
 
 def newest(ad_id: str) -> tuple:
     return max((a for a in ADS if a[0] == ad_id), key=lambda a: a[5])
 
 
-ACTIVE_NAMES = {i: newest(i)[1] for i in {a[0] for a in ADS} if newest(i)[2] == 1}
+ACTIVE_NAMES = {i: newest(i)[1] for i in CATALOG if newest(i)[2] == 1}
+
+UTC = timezone.utc
+SPREAD_START = datetime(2024, 3, 27, tzinfo=UTC)  # spread_events() covers 8 whole UTC days
+SPREAD_DAYS = 8
+
+
+def event_tuple(event_id, ad, kind, t, received, ip_hash, playback, error_code, batch) -> str:
+    """One VALUES tuple for `events` (columns as in insert_events)."""
+    return (
+        f"('{event_id}', '{ad}', '{kind}', '{t:%Y-%m-%d %H:%M:%S}', '{received:%Y-%m-%d %H:%M:%S}', "
+        f"{ip_hash}, {playback}, {error_code}, '{batch}')"
+    )
 
 
 def sample_events(n: int = 360) -> list[str]:
@@ -137,6 +196,70 @@ def sample_events(n: int = 360) -> list[str]:
             f"'{uuid.UUID(int=i // 90 + 1)}')"
         )
     return rows
+
+
+def spread_events(n: int = 1200) -> list[str]:
+    """VALUES tuples for `events` over 8 whole UTC days (27 March to 3 April 2024, across the month
+    and partition boundary), so that windows holding whole days exist: kinds weighted like a
+    real funnel (impressions > starts > quartiles > completes), busier ads first, client IPs that
+    repeat across hours and days, and about 1 in 20 events arriving 1 to 30 hours late
+    (received_at well after event_time)."""
+    rng = random.Random(20240327)
+    weights = {
+        "impression": 30, "start": 20, "first_quartile": 16, "midpoint": 12, "third_quartile": 9,
+        "complete": 7, "click": 12, "creative_view": 4, "skip": 3, "pause": 2, "resume": 2,
+        "mute": 1, "unmute": 1, "close": 2, "error": 1,
+    }  # fmt: skip
+    kinds, kind_weights = list(weights), list(weights.values())
+    ads, ad_weights = [AD1, AD2, AD3, AD4, UNKNOWN_AD], [8, 4, 6, 1, 1]
+    rows = []
+    for i in range(n):
+        kind = rng.choices(kinds, kind_weights)[0]
+        ad = rng.choices(ads, ad_weights)[0]
+        t = SPREAD_START + timedelta(seconds=rng.randrange(SPREAD_DAYS * 86400))
+        late = rng.random() < 0.05
+        received = t + (timedelta(hours=rng.randrange(1, 31)) if late else timedelta(seconds=rng.randrange(3)))
+        playback = "NULL" if rng.random() < 0.2 else repr(rng.randrange(0, 120) / 4)
+        error_code = rng.choice([100, 303, 400, 901]) if kind == "error" else 0
+        rows.append(
+            event_tuple(
+                uuid.UUID(int=rng.getrandbits(128)), ad, kind, t, received, rng.randrange(1, 60),
+                playback, error_code, uuid.UUID(int=1000 + i // 150),
+            )
+        )  # fmt: skip
+    return rows
+
+
+# Instants on (and one second before) minute, hour, day and month edges, among them the two ends
+# of the sample window of the window queries (21:17 on 31 March to 02:43 on 1 April).
+EDGE_INSTANTS = [
+    "2024-03-29 00:00:00", "2024-03-28 23:59:59", "2024-03-31 00:00:00", "2024-03-30 23:59:59",
+    "2024-04-01 00:00:00", "2024-03-31 23:59:59", "2024-04-03 00:00:00", "2024-04-02 23:59:59",
+    "2024-03-31 22:00:00", "2024-03-31 21:59:59", "2024-04-01 01:00:00", "2024-04-01 00:59:59",
+    "2024-04-02 13:00:00", "2024-04-02 12:59:59", "2024-03-31 21:17:00", "2024-03-31 21:16:59",
+    "2024-04-01 02:43:00", "2024-04-01 02:42:59", "2024-03-30 10:15:00", "2024-03-30 10:14:59",
+]  # fmt: skip
+
+
+def edge_events() -> tuple[list[str], list[str]]:
+    """Two inserts' worth of events at EDGE_INSTANTS: the same (ad, minute) keys in both, so that
+    even ad_stats_minutely holds several unmerged rows per key."""
+    rng = random.Random(20240401)
+    first, second = [], []
+    others = [AD2, AD3, UNKNOWN_AD]
+    for i, text in enumerate(EDGE_INSTANTS):
+        t = datetime.strptime(text, "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+        batch = uuid.UUID(int=2000 + i)
+
+        def row(ad, kind, ip, playback="2.5"):
+            return event_tuple(uuid.UUID(int=rng.getrandbits(128)), ad, kind, t, t, ip, playback, 0, batch)
+
+        first.append(row(AD1, "click", 100 + i % 7))
+        first.append(row(others[i % 3], "impression", 100 + i % 5))
+        second.append(row(AD1, "impression", 100 + i % 7, "NULL"))
+        second.append(row(others[i % 3], "click", 100 + i % 5))
+        second.append(row(AD1, "click", 100 + i % 7, "7.25"))  # a repeat clicker in the same minute
+    return first, second
 
 
 # --- plumbing --------------------------------------------------------------------------------
@@ -176,6 +299,12 @@ class Engine:
     def __init__(self, path: str) -> None:
         self.s = chdb_session.Session(path)
 
+    def describe(self) -> str:
+        return f"chDB {self.scalar('SELECT version()')}"
+
+    def use(self, db: str) -> None:
+        self.execute(f"USE {db}")
+
     def execute(self, sql: str) -> str:
         res = self.s.query(sql, "TabSeparatedWithNames")
         # Current chdb raises; older builds returned a result carrying the error instead.
@@ -199,6 +328,42 @@ class Engine:
 
     def close(self) -> None:
         self.s.close()
+
+
+class HttpEngine(Engine):
+    """A ClickHouse server over HTTP (any version, 18.16 included); same interface as Engine."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.db = "default"
+        self.created: list[str] = []
+
+    def describe(self) -> str:
+        return f"ClickHouse server {self.scalar('SELECT version()')} at {self.url}"
+
+    def use(self, db: str) -> None:
+        self.db = db  # HTTP is stateless: the database goes with every request
+
+    def execute(self, sql: str) -> str:
+        m = re.fullmatch(r"\s*CREATE DATABASE (\w+)\s*", sql)
+        if m:
+            self.created.append(m.group(1))
+        query = urllib.parse.urlencode({"database": self.db, "default_format": "TabSeparatedWithNames"})
+        req = urllib.request.Request(f"{self.url}/?{query}", data=sql.encode())
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return resp.read().decode()
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(e.read().decode(errors="replace").strip()) from None
+
+    def close(self) -> None:
+        """Drops the scratch databases this run created."""
+        self.db = "default"
+        for db in self.created:
+            try:
+                self.execute(f"DROP DATABASE IF EXISTS {db}")
+            except Exception as e:
+                print(f"# note: could not drop {db}: {e}")
 
 
 def statements(text: str) -> list[str]:
@@ -244,7 +409,32 @@ def bind(sql: str, params: list[str]) -> str:
     return "".join(next(it) if p == "?" else "?" if p == "??" else p for p in parts)
 
 
-# --- the checks ------------------------------------------------------------------------------
+def ts(text: str) -> int:
+    """'2024-03-31 21:17' (UTC) -> unix seconds."""
+    return int(datetime.strptime(text, "%Y-%m-%d %H:%M").replace(tzinfo=UTC).timestamp())
+
+
+def fmt_ts(unix: int) -> str:
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def numbers_differ(got: str, want: str, tolerance: float = 0.0) -> bool:
+    try:
+        return abs(float(got) - float(want)) > tolerance
+    except ValueError:
+        return got != want
+
+
+def column_diffs(got: dict, want: dict, columns, label: str = "") -> list[str]:
+    """`got` against `want` for every column: counts exactly, FLOAT_COLUMNS within tolerance."""
+    return [
+        f"{label}{c}: query {got.get(c)} != recount {want[c]}"
+        for c in columns
+        if c not in got or numbers_differ(got[c], want[c], FLOAT_COLUMNS.get(c, 0.0))
+    ]
+
+
+# --- migrations and the aggregate tables -----------------------------------------------------
 
 
 def migration_files() -> list[tuple[int, Path]]:
@@ -294,34 +484,60 @@ def check_ledger(ch: Engine, files) -> str | None:
     return None if got == expected else f"ledger read back {got}, expected {expected}"
 
 
-def insert_sample_data(ch: Engine) -> str | None:
+def stop_merges(ch: Engine, db: str) -> None:
     # chDB merges parts within milliseconds, which would collapse the old ad versions and the
     # per-insert aggregate states before anything reads them. Keep the parts apart, as on a busy
     # server, so argMax(…, version) and the -Merge combinators really have work to do.
-    for table in ("ads", "events", "ad_stats_hourly"):
-        ch.execute(f"SYSTEM STOP MERGES {table}")
+    tables = ch.rows(f"SELECT name FROM system.tables WHERE database = '{db}' AND engine LIKE '%MergeTree'")
+    for t in tables:
+        ch.execute(f"SYSTEM STOP MERGES {t['name']}")
+
+
+def insert_events(ch: Engine, rows: list[str], per_insert: int = 90) -> None:
+    """Several inserts -> several parts (and MV blocks) whose states must merge correctly."""
+    for start in range(0, len(rows), per_insert):
+        ch.execute(
+            "INSERT INTO events (event_id, ad_id, kind, event_time, received_at, ip_hash, playback_time, "
+            "error_code, batch_id) VALUES " + ", ".join(rows[start : start + per_insert])
+        )
+
+
+def all_sample_events() -> list[list[str]]:
+    """Every sample event, in the insert groups insert_sample_data uses."""
+    first, second = edge_events()
+    return [sample_events(), spread_events(), first, second]
+
+
+def insert_sample_data(ch: Engine) -> str | None:
     cols = "(id, name, video_url, target_url, active, created_at, updated_at, version)"
     for id_, name, active, created, updated, version in ADS:
         ch.execute(
             f"INSERT INTO ads {cols} VALUES ('{id_}', '{name}', 'https://cdn.example/{name}.mp4', "
             f"'https://example.com/{version}', {active}, '{created}', '{updated}', {version})"
         )
-    events = sample_events()
-    # Several inserts -> several parts (and MV blocks) whose states must merge correctly.
-    for start in range(0, len(events), 90):
-        ch.execute(
-            "INSERT INTO events (event_id, ad_id, kind, event_time, received_at, ip_hash, playback_time, "
-            "error_code, batch_id) VALUES " + ", ".join(events[start : start + 90])
-        )
+    groups = all_sample_events()
+    for rows, per_insert in zip(groups, (90, 400, len(groups[2]), len(groups[3]))):
+        insert_events(ch, rows, per_insert)
+    n = sum(len(g) for g in groups)
     got = ch.rows(
         "SELECT count() AS n, uniqExact(kind) AS kinds, uniqExact(ad_id) AS ads, "
-        "uniqExact(toDate(event_time)) AS days, uniqExact(toStartOfHour(event_time)) AS hours, "
+        "uniqExact(toDate(event_time)) AS days, uniqExact(toYYYYMM(event_time)) AS months, "
+        "countIf(event_time >= toDateTime('2024-03-31 21:00:00', 'UTC') "
+        "    AND event_time < toDateTime('2024-04-01 03:00:00', 'UTC')) AS dense, "
         "countIf(isNull(playback_time)) AS nulls, "
-        "countIf(kind = 'click') - uniqExactIf(ip_hash, kind = 'click') AS repeat_clickers FROM events"
+        "countIf(kind = 'click') - uniqExactIf(ip_hash, kind = 'click') AS repeat_clickers, "
+        "countIf(received_at >= event_time + 3600) AS late, "
+        "countIf(toStartOfDay(event_time) = event_time) AS on_day_edge, "
+        "countIf(toStartOfHour(event_time) = event_time AND toStartOfDay(event_time) != event_time) AS on_hour_edge, "
+        "countIf(toStartOfMinute(event_time) = event_time AND toStartOfHour(event_time) != event_time) AS on_minute_edge "
+        "FROM events"
     )[0]
-    want = {"n": str(len(events)), "kinds": str(len(KINDS)), "ads": "5", "days": "2", "hours": "6"}
-    if any(got[k] != v for k, v in want.items()) or got["nulls"] == "0" or got["repeat_clickers"] == "0":
-        return f"sample events look wrong: {got}"
+    want = {"n": str(n), "kinds": str(len(KINDS)), "ads": "5", "days": str(SPREAD_DAYS), "months": "2"}
+    positive = ["dense", "nulls", "repeat_clickers", "late", "on_day_edge", "on_hour_edge", "on_minute_edge"]
+    if any(got[k] != v for k, v in want.items()) or any(int(got[k]) == 0 for k in positive):
+        return f"sample events look wrong: {got}, expected {want} and {positive} > 0"
+    if int(got["dense"]) < len(groups[0]):
+        return f"the 6-hour block from 21:00 on 31 March holds {got['dense']} events, fewer than {len(groups[0])}"
     if ch.scalar("SELECT count() FROM ads") != str(len(ADS)):
         return "not every ads row arrived"
     return None
@@ -335,39 +551,54 @@ def merge_function(col_type: str) -> str:
     return m.group(1) + "Merge"
 
 
-def check_hourly_stats(ch: Engine) -> str | None:
-    columns = ch.rows(
-        f"SELECT name, type FROM system.columns WHERE database = '{DB}' AND table = 'ad_stats_hourly' "
-        "ORDER BY position"
-    )
+def check_stats_tables_listed(ch: Engine, db: str) -> str | None:
+    found = {r["name"] for r in ch.rows(f"SELECT name FROM system.tables WHERE database = '{db}'")}
+    stats = {t for t in found if t.startswith("ad_stats_") and not t.endswith("_mv")}
+    listed = {t for t, _, _ in STATS_TABLES}
+    if stats - listed:
+        return f"table(s) {sorted(stats - listed)} have no entry in STATS_TABLES; add them"
+    if listed - stats:
+        return f"STATS_TABLES names table(s) {sorted(listed - stats)} that the migrations do not create"
+    return None
+
+
+def check_stats(ch: Engine, table: str, bucket: str, bucket_expr: str, several_rows_per_key: bool) -> str | None:
+    """The table, read with -Merge, equals a recount of `events` grouped by ad and bucket."""
+    columns = ch.rows(f"DESCRIBE TABLE {table}")
     if not columns:
-        return "ad_stats_hourly has no columns (does it exist?)"
-    aggregates = {c["name"]: c["type"] for c in columns if c["name"] not in STATS_KEY}
+        return f"{table} has no columns (does it exist?)"
+    key = ("ad_id", bucket)
+    if [c["name"] for c in columns[:2]] != list(key):
+        return f"{table} should start with the key columns {key}, has {[c['name'] for c in columns]}"
+    aggregates = {c["name"]: c["type"] for c in columns if c["name"] not in key}
     uncovered = sorted(set(aggregates) - set(RECOUNT))
     if uncovered:
-        return f"column(s) {uncovered} of ad_stats_hourly have no recount in RECOUNT; add them"
+        return f"column(s) {uncovered} of {table} have no recount in RECOUNT; add them"
     stale = sorted(set(RECOUNT) - set(aggregates))
     if stale:
-        return f"RECOUNT names column(s) {stale} that ad_stats_hourly lacks"
+        return f"RECOUNT names column(s) {stale} that {table} lacks"
+    if several_rows_per_key:
+        rows, keys = ch.rows(f"SELECT count() AS rows, uniqExact(ad_id, {bucket}) AS keys FROM {table}")[0].values()
+        if int(rows) <= int(keys):
+            return f"{table} holds {rows} rows for {keys} keys: the parts were merged, so GROUP BY goes untested"
     names = list(aggregates)
     merged = ", ".join(f"{merge_function(aggregates[c])}({c}) AS {c}" for c in names)
     recount = ", ".join(f"{RECOUNT[c]} AS {c}" for c in names)
-    key = "ad_id, hour"
-    mv = ch.rows(f"SELECT {key}, {merged} FROM ad_stats_hourly GROUP BY {key} ORDER BY {key}")
-    raw = ch.rows(
-        f"SELECT ad_id, toStartOfHour(event_time) AS hour, {recount} FROM events GROUP BY {key} ORDER BY {key}"
-    )
+    order = f"ad_id, {bucket}"
+    mv = ch.rows(f"SELECT {order}, {merged} FROM {table} GROUP BY {order} ORDER BY {order}")
+    raw = ch.rows(f"SELECT ad_id, {bucket_expr} AS {bucket}, {recount} FROM events GROUP BY {order} ORDER BY {order}")
     if not raw:
         return "no events to compare with"
-    mv_by = {(r["ad_id"], r["hour"]): r for r in mv}
-    raw_by = {(r["ad_id"], r["hour"]): r for r in raw}
+    mv_by = {(r["ad_id"], r[bucket]): r for r in mv}
+    raw_by = {(r["ad_id"], r[bucket]): r for r in raw}
     if mv_by.keys() != raw_by.keys():
-        return f"(ad_id, hour) groups differ: only in MV {sorted(mv_by.keys() - raw_by.keys())[:3]}, only in events {sorted(raw_by.keys() - mv_by.keys())[:3]}"
+        return (
+            f"(ad_id, {bucket}) groups differ: only in the table {sorted(mv_by.keys() - raw_by.keys())[:3]}, "
+            f"only in events {sorted(raw_by.keys() - mv_by.keys())[:3]}"
+        )
     diffs = []
     for k, r in raw_by.items():
-        for c in names:
-            if abs(float(mv_by[k][c]) - float(r[c])) > 1e-6:
-                diffs.append(f"{k} {c}: view {mv_by[k][c]} != recount {r[c]}")
+        diffs += column_diffs(mv_by[k], r, names, f"{k} ")
     if diffs:
         return f"{len(diffs)} mismatch(es), e.g. " + "; ".join(diffs[:3])
     empty = [c for c in names if sum(float(r[c]) for r in raw) == 0]
@@ -376,7 +607,11 @@ def check_hourly_stats(ch: Engine) -> str | None:
     return None
 
 
-def prepare_query(path: Path) -> str:
+# --- query files -----------------------------------------------------------------------------
+
+
+def read_query(path: Path) -> tuple[str, list[str]]:
+    """The file's SQL (comment lines dropped, `?` unbound) and its sample params."""
     text = path.read_text()
     lines = text.splitlines()
     declared = [l for l in lines if re.match(r"\s*--\s*sample-params:", l)]
@@ -395,10 +630,14 @@ def prepare_query(path: Path) -> str:
             raise ValueError(f"`?` in a comment line is bound by the Rust client too; write `??`: {l.strip()!r}")
     if "?" in sql.replace("??", "") and not declared:
         raise ValueError("uses `?` parameters but has no `-- sample-params: ...` line")
-    return bind(sql, params)
+    return sql, params
 
 
-def expect_ads_active(rows) -> str | None:
+def prepare_query(path: Path) -> str:
+    return bind(*read_query(path))
+
+
+def expect_ads_active(ch: Engine, rows) -> str | None:
     got = {r["id"]: r["latest_name"] for r in rows}
     if len(got) != len(rows):
         return f"an ad appears more than once: {[r['id'] for r in rows]}"
@@ -407,7 +646,7 @@ def expect_ads_active(rows) -> str | None:
     return None
 
 
-def expect_ad_by_id(rows) -> str | None:
+def expect_ad_by_id(ch: Engine, rows) -> str | None:
     if len(rows) != 1:
         return f"expected one row for {AD1}, got {len(rows)}"
     r = rows[0]
@@ -416,10 +655,17 @@ def expect_ad_by_id(rows) -> str | None:
     return None
 
 
-def expect_ads_count(rows) -> str | None:
-    want = len({a[0] for a in ADS})
+def expect_ads_count(ch: Engine, rows) -> str | None:
+    want = len(CATALOG)
     if len(rows) != 1 or [int(v) for v in rows[0].values()] != [want]:
         return f"expected [{want}], got {rows}"
+    return None
+
+
+def expect_first_event_day(ch: Engine, rows) -> str | None:
+    want = ch.scalar("SELECT toUInt32(toStartOfDay(min(event_time))) FROM events")
+    if len(rows) != 1 or list(rows[0].values()) != [want]:
+        return f"expected [{want}] ({fmt_ts(int(want))}, the day of the first event), got {rows}"
     return None
 
 
@@ -427,19 +673,455 @@ EXPECTATIONS = {
     "ads_active.sql": expect_ads_active,
     "ad_by_id.sql": expect_ad_by_id,
     "ads_count.sql": expect_ads_count,
+    "first_event_day.sql": expect_first_event_day,
 }
 
 
 def check_query(ch: Engine, path: Path) -> str | None:
     rows = ch.rows(prepare_query(path))
     expect = EXPECTATIONS.get(path.name)
-    return expect(rows) if expect else None
+    return expect(ch, rows) if expect else None
+
+
+# --- window queries --------------------------------------------------------------------------
+
+
+# Windows longer than this read whole days (src/domain/window.rs, WHOLE_DAYS_BEYOND).
+WHOLE_DAYS_BEYOND = 31 * 86400
+
+
+def window_params(from_ts: int, to_ts: int, whole_days: bool | None = None) -> dict[str, int]:
+    """The parameters of a window [from, to) as the service computes them (src/domain/window.rs,
+    Window::cuts): h_from/d_from = from rounded up to the hour/UTC day, h_to/d_to = to rounded
+    down. A window without a whole hour (day) gets h_from >= h_to (d_from >= d_to): equal when it
+    starts on the hour (day), greater otherwise. Windows of up to 31 days read no days: the
+    service passes d_from = d_to = h_from. `whole_days` forces either way (the SQL must be right
+    in both)."""
+    if from_ts % 60 or to_ts % 60:
+        raise ValueError(f"window bounds must be whole minutes: {from_ts}, {to_ts}")
+    if from_ts > to_ts:
+        raise ValueError(f"from {from_ts} is after to {to_ts}")
+    h_from, h_to = -(-from_ts // 3600) * 3600, to_ts // 3600 * 3600
+    if whole_days is None:
+        whole_days = to_ts - from_ts > WHOLE_DAYS_BEYOND
+    d_from, d_to = (-(-from_ts // 86400) * 86400, to_ts // 86400 * 86400) if whole_days else (h_from, h_from)
+    return {"from": from_ts, "to": to_ts, "h_from": h_from, "h_to": h_to, "d_from": d_from, "d_to": d_to}
+
+
+PARAM_NAMES = {"ad", "from", "to", "h_from", "h_to", "d_from", "d_to", "offset", "limit"}
+
+
+def documented_params(path: Path) -> list[str]:
+    """The parameter order a window query's header documents, e.g. the header sentence
+    `Parameters (times as unix seconds): ad id, h_from, h_to, ….` -> ['ad', 'h_from', 'h_to', …]."""
+    comments = " ".join(l.lstrip()[2:].strip() for l in path.read_text().splitlines() if l.lstrip().startswith("--"))
+    m = re.search(r"Parameters\s*(?:\([^)]*\))?:\s*(.+?)\.(?:\s|$)", comments)
+    if not m:
+        raise ValueError("the header has no `Parameters (…): a, b, ….` sentence to bind by")
+    names = []
+    for part in m.group(1).split(","):
+        part = re.sub(r"^(then\s+)?(the\s+)?(paging\s+)?", "", part.strip())
+        for name in re.split(r"\s+and\s+", part):
+            names.append("ad" if name.strip() == "ad id" else name.strip())
+    unknown = [n for n in names if n not in PARAM_NAMES]
+    if unknown:
+        raise ValueError(f"cannot read parameter(s) {unknown} of the header's list {names}")
+    return names
+
+
+def params_for(order: list[str], window: dict[str, int], ad: str | None = None, page=(0, 1000)) -> list[str]:
+    values = {**{k: str(v) for k, v in window.items()}, "offset": str(page[0]), "limit": str(page[1])}
+    if ad is not None:
+        values["ad"] = f"'{ad}'"
+    return [values[n] for n in order]
+
+
+def check_sample_params(path: Path) -> str | None:
+    """The file's sample-params are window_params() of the sample window, in the documented order."""
+    order = documented_params(path)
+    _, sample = read_query(path)
+    if len(sample) != len(order):
+        return f"the header documents {len(order)} parameters {order}, sample-params has {len(sample)}"
+    named = list(zip(order, sample))
+    from_ts = int(next(v for n, v in named if n == "from"))
+    to_ts = int(next(v for n, v in named if n == "to"))
+    want = window_params(from_ts, to_ts)
+    bad = [f"{n}={v} (window_params: {want[n]})" for n, v in named if n in want and int(v) != want[n]]
+    ads = {v for n, v in named if n == "ad"}
+    if len(ads) > 1:
+        bad.append(f"different ad ids {sorted(ads)}")
+    return f"sample window {fmt_ts(from_ts)} to {fmt_ts(to_ts)}: " + ", ".join(bad) if bad else None
+
+
+# Hand-picked windows [from, to) on whole minutes (UTC).
+EDGE_WINDOWS = [
+    ("inside one hour", "2024-03-31 22:10", "2024-03-31 22:50"),
+    ("one minute", "2024-04-01 00:00", "2024-04-01 00:01"),
+    ("the minute before midnight", "2024-03-31 23:59", "2024-04-01 00:00"),
+    ("exactly one whole hour", "2024-03-31 22:00", "2024-03-31 23:00"),
+    ("one hour, off the hour", "2024-03-31 22:30", "2024-03-31 23:30"),
+    ("crossing midnight and the month boundary", "2024-03-31 23:17", "2024-04-01 00:43"),
+    ("the sample window", "2024-03-31 21:17", "2024-04-01 02:43"),
+    ("starting exactly on an hour", "2024-04-01 01:00", "2024-04-01 03:37"),
+    ("ending exactly on an hour", "2024-03-31 20:13", "2024-03-31 22:00"),
+    ("starting exactly on a day", "2024-04-01 00:00", "2024-04-01 05:30"),
+    ("ending exactly on a day", "2024-03-31 18:45", "2024-04-01 00:00"),
+    ("exactly one whole day", "2024-03-31 00:00", "2024-04-01 00:00"),
+    ("a day less one minute", "2024-03-31 00:00", "2024-03-31 23:59"),
+    ("a day and two minutes around it", "2024-03-30 23:59", "2024-04-01 00:01"),
+    ("whole days with hours and minutes at both ends", "2024-03-28 21:17", "2024-04-02 02:43"),
+    ("whole days from and to midnight", "2024-03-27 00:00", "2024-04-04 00:00"),
+    ("everything, with empty days around", "2024-03-20 00:00", "2024-04-10 00:00"),
+    ("before the first event", "2024-03-10 00:00", "2024-03-12 00:00"),
+]
+
+
+def random_windows(n: int = 48) -> list[tuple[str, int, int]]:
+    """Deterministic-random windows around the sample data: a third under an hour, a third up to
+    two days, a third up to nine days; some start or end exactly on an hour or a day."""
+    rng = random.Random(20240402)
+    lo, hi = ts("2024-03-26 22:00"), ts("2024-04-04 02:00")
+    out = []
+    for i in range(n):
+        minutes = [rng.randrange(1, 60), rng.randrange(60, 48 * 60), rng.randrange(24 * 60, 9 * 24 * 60)][i % 3]
+        from_ts = lo + rng.randrange((hi - lo) // 60) * 60
+        snap = rng.random()
+        if snap < 0.2:
+            from_ts -= from_ts % 3600
+        elif snap < 0.3:
+            from_ts -= from_ts % 86400
+        to_ts = from_ts + minutes * 60
+        snap = rng.random()
+        if snap < 0.2 and to_ts % 3600:
+            to_ts += 3600 - to_ts % 3600
+        elif snap < 0.3 and to_ts % 86400:
+            to_ts += 86400 - to_ts % 86400
+        out.append((f"random #{i + 1}", from_ts, to_ts))
+    return out
+
+
+WINDOW_ADS = [AD1, AD2, AD3, AD4, AD5, UNKNOWN_AD]
+ZERO = {c: "0" for c in RECOUNT}
+
+
+class Recount:
+    """Raw-event recounts of one window [from, to): per ad, and per ad and hour."""
+
+    def __init__(self, ch: Engine, from_ts: int, to_ts: int) -> None:
+        recount = ", ".join(f"{RECOUNT[c]} AS {c}" for c in RECOUNT)
+        where = f"event_time >= toDateTime({from_ts}) AND event_time < toDateTime({to_ts})"
+        self.totals = {
+            r["ad_id"]: r for r in ch.rows(f"SELECT ad_id, {recount} FROM events WHERE {where} GROUP BY ad_id")
+        }
+        self.hours: dict[str, dict[str, dict]] = {}
+        for r in ch.rows(
+            f"SELECT ad_id, toStartOfHour(event_time) AS hour, {recount} FROM events WHERE {where} "
+            "GROUP BY ad_id, hour ORDER BY ad_id, hour"
+        ):
+            self.hours.setdefault(r["ad_id"], {})[r["hour"]] = r
+
+
+def check_ad_totals(ch: Engine, sql: str, order: list[str], w: dict, rc: Recount, ads) -> list[str]:
+    problems = []
+    for ad in ads:
+        rows = ch.rows(bind(sql, params_for(order, w, ad)))
+        if len(rows) != 1:
+            problems.append(f"{ad}: {len(rows)} rows, expected 1")
+            continue
+        extra = sorted(set(rows[0]) - set(RECOUNT))
+        if extra:
+            problems.append(f"column(s) {extra} have no recount in RECOUNT")
+        problems += column_diffs(rows[0], rc.totals.get(ad, ZERO), [c for c in rows[0] if c in RECOUNT], f"{ad} ")
+    return problems
+
+
+def check_ad_series(ch: Engine, sql: str, order: list[str], w: dict, rc: Recount, ads) -> list[str]:
+    problems = []
+    for ad in ads:
+        rows = ch.rows(bind(sql, params_for(order, w, ad)))
+        hours = [r.get("hour") for r in rows]
+        if hours != sorted(set(hours)):
+            problems.append(f"{ad}: hours not strictly ascending: {hours[:4]}")
+        want = rc.hours.get(ad, {})
+        if set(hours) != set(want):
+            problems.append(
+                f"{ad}: hours only in the query {sorted(set(hours) - set(want))[:3]}, "
+                f"only in the recount {sorted(set(want) - set(hours))[:3]}"
+            )
+        extra = sorted(set(rows[0]) - set(RECOUNT) - {"hour"}) if rows else []
+        if extra:
+            problems.append(f"column(s) {extra} have no recount in RECOUNT")
+        for r in rows:
+            if r.get("hour") in want:
+                problems += column_diffs(r, want[r["hour"]], [c for c in r if c in RECOUNT], f"{ad} {r['hour']} ")
+    return problems
+
+
+def expected_ads_totals(rc: Recount) -> list[dict[str, str]]:
+    rows = []
+    for ad in CATALOG:
+        counts = rc.totals.get(ad, ZERO)
+        _, name, active, *_ = newest(ad)
+        rows.append(
+            {"ad_id": ad, "name": name, "active": str(active)}
+            | {c: counts[c] for c in ("impressions", "clicks", "unique_clicks")}
+        )
+    return sorted(rows, key=lambda r: (-int(r["clicks"]), -int(r["impressions"]), r["ad_id"]))
+
+
+def check_ads_totals(ch: Engine, sql: str, order: list[str], w: dict, rc: Recount, pages) -> list[str]:
+    want = expected_ads_totals(rc)
+    got = ch.rows(bind(sql, params_for(order, w, page=(0, 1000))))
+    if [r.get("ad_id") for r in got] != [r["ad_id"] for r in want]:
+        return [
+            f"ads/order {[(r.get('ad_id', '?')[:2], r.get('clicks'), r.get('impressions')) for r in got]}, "
+            f"expected {[(r['ad_id'][:2], r['clicks'], r['impressions']) for r in want]} "
+            "(every catalog ad, clicks desc, impressions desc, id)"
+        ]
+    problems = []
+    for g, e in zip(got, want):
+        for c in ("name", "active"):
+            if g.get(c) != e[c]:
+                problems.append(f"{e['ad_id']} {c}: {g.get(c)!r} != {e[c]!r}")
+        problems += column_diffs(g, e, ["impressions", "clicks", "unique_clicks"], f"{e['ad_id']} ")
+    for offset, limit in pages:
+        page = ch.rows(bind(sql, params_for(order, w, page=(offset, limit))))
+        if page != got[offset : offset + limit]:
+            problems.append(
+                f"page offset {offset} limit {limit} gave {[r.get('ad_id', '?')[:2] for r in page]}, "
+                f"expected {[r['ad_id'][:2] for r in got[offset : offset + limit]]}"
+            )
+    return problems
+
+
+WINDOW_QUERIES = ["ad_series.sql", "ad_totals.sql", "ads_totals.sql"]
+
+
+def summary(problems: list[str]) -> str | None:
+    return f"{len(problems)} problem(s): " + "; ".join(problems[:3]) if problems else None
+
+
+def run_window_checks(checks: Checks, ch: Engine) -> None:
+    """Each window query over EDGE_WINDOWS (a check per query and window) and random_windows()
+    (a check per query), against Recount."""
+    loaded = {}
+    for name in WINDOW_QUERIES:
+        path = QUERIES_DIR / name
+
+        def load(path=path) -> str | None:
+            sql, _ = read_query(path)
+            loaded[path.name] = (sql, documented_params(path))
+            return check_sample_params(path)
+
+        checks.run(f"query {name}: sample-params are window_params() in the header's order", load)
+    rng = random.Random(20240403)
+    hand = [(label, ts(a), ts(b), True) for label, a, b in EDGE_WINDOWS]
+    windows = hand + [(label, f, t, False) for label, f, t in random_windows()]
+    # Pages of the 5-ad catalog: single ads, slices, an empty page, pages reaching past the end.
+    all_pages = [(0, 1), (1, 1), (1, 2), (2, 3), (4, 1), (3, 5), (0, 0), (7, 3)]
+    random_failures: dict[str, list[str]] = {name: [] for name in loaded}
+    for i, (label, from_ts, to_ts, named) in enumerate(windows):
+        # The totals queries are checked with and without whole days (the service uses days only
+        # for windows over 31 days, but the SQL must be exact either way).
+        w_service, w_days = window_params(from_ts, to_ts), window_params(from_ts, to_ts, whole_days=True)
+        rc = Recount(ch, from_ts, to_ts)
+        where = f"{fmt_ts(from_ts)} to {fmt_ts(to_ts)}"
+        # Every ad (with events, without any, unknown to the catalog) in the hand-picked windows;
+        # the busiest ad and one other in the random ones, to keep the run short.
+        ads = WINDOW_ADS if named else [AD1, rng.choice(WINDOW_ADS[1:])]
+        pages = [all_pages[(3 * i + k) % len(all_pages)] for k in range(3 if named else 1)]
+        for name, (sql, order) in loaded.items():
+
+            def run(name=name, sql=sql, order=order) -> list[str]:
+                if name == "ads_totals.sql":
+                    return [p for w in (w_service, w_days) for p in check_ads_totals(ch, sql, order, w, rc, pages)]
+                if name == "ad_totals.sql":
+                    return [p for w in (w_service, w_days) for p in check_ad_totals(ch, sql, order, w, rc, ads)]
+                return check_ad_series(ch, sql, order, w_service, rc, ads)
+
+            if named:
+                checks.run(f"query {name} over {where} ({label}) equals a recount", lambda: summary(run()))
+                continue
+            try:
+                problem = summary(run())
+            except Exception as e:
+                problem = f"{type(e).__name__}: {e}"
+            if problem:
+                random_failures[name].append(f"[{where}] {problem}")
+    n = len(windows) - len(hand)
+    for name, failures in random_failures.items():
+        checks.run(
+            f"query {name} over {n} random windows equals a recount",
+            lambda f=failures: f"wrong in {len(f)} window(s), e.g. " + " | ".join(f[:2]) if f else None,
+        )
+
+
+# --- docs/analysts.md ------------------------------------------------------------------------
+
+
+def doc_blocks(text: str) -> list[tuple[str, str, str]]:
+    """(nearest heading, fence info, SQL) of every fenced block whose info starts with `sql`."""
+    blocks, heading, fence, buf = [], "(no heading)", None, []
+    for line in text.splitlines():
+        if fence is not None:
+            if line.strip() == "```":
+                if fence.split()[:1] == ["sql"]:
+                    blocks.append((heading, fence, "\n".join(buf)))
+                fence, buf = None, []
+            else:
+                buf.append(line)
+        elif line.startswith("```"):
+            fence = line[3:].strip()
+        elif re.match(r"#{1,6} ", line):
+            heading = line.lstrip("#").strip()
+    if fence is not None:
+        raise ValueError(f"unclosed ``` block under {heading!r}")
+    return blocks
+
+
+RAW_TWIN = re.compile(r"--\s*The same (rows|answer|numbers) from raw events", re.I)
+
+
+def doc_sql(sql: str) -> str:
+    body = sql.strip().rstrip(";").strip()
+    if ";" in "\n".join(l for l in body.splitlines() if not l.lstrip().startswith("--")):
+        raise ValueError("more than one statement in one block")
+    if "?" in body:
+        raise ValueError("a `?` left in an example: examples must run as they are")
+    return body
+
+
+def results_differ(a: list[dict], b: list[dict]) -> str | None:
+    if len(a) != len(b):
+        return f"{len(a)} rows against {len(b)}"
+    for i, (x, y) in enumerate(zip(a, b)):
+        if list(x) != list(y):
+            return f"columns {list(x)} against {list(y)}"
+        for c in x:
+            if numbers_differ(x[c], y[c], 1e-6):
+                return f"row {i + 1} {c}: {x[c]} against {y[c]}"
+    return None
+
+
+def run_doc_checks(checks: Checks, ch: Engine, make_db) -> None:
+    if not ANALYSTS_DOC.exists():
+        checks.fail("docs/analysts.md", f"{ANALYSTS_DOC} is missing")
+        return
+    blocks = doc_blocks(ANALYSTS_DOC.read_text())
+    queries = [b for b in blocks if b[1] == "sql"]
+    backfills = [b for b in blocks if b[1] == "sql backfill"]
+    retention = [b for b in blocks if b[1] == "sql retention"]
+    odd = [b[1] for b in blocks if b not in queries + backfills + retention]
+    if odd or not queries:
+        checks.fail("docs/analysts.md blocks", f"unknown ```{odd} blocks" if odd else "no ```sql blocks")
+    seen: dict[str, int] = {}
+    previous: dict[str, list[dict]] = {}
+    for heading, _, sql in queries:
+        seen[heading] = seen.get(heading, 0) + 1
+        name = f"docs/analysts.md: {heading}" + (f" (block {seen[heading]})" if seen[heading] > 1 else "")
+
+        def run(heading=heading, sql=sql) -> str | None:
+            rows = ch.rows(doc_sql(sql))
+            before, previous[heading] = previous.get(heading), rows
+            if not rows:
+                return "returned no rows on the sample data"
+            if RAW_TWIN.match(sql.strip()):
+                if before is None:
+                    return "a raw-events twin needs a query before it under the same heading"
+                diff = results_differ(before, rows)
+                return f"the raw-events twin disagrees with the query above it: {diff}" if diff else None
+            return None
+
+        checks.run(name, run)
+    if not (backfills or retention):
+        return
+    make_db(DB + "_backfill")
+    try:
+        if backfills:
+            heading = backfills[0][0]
+            checks.run(f"docs/analysts.md: {heading} ({len(backfills)} ```sql backfill blocks on a database "
+                       "whose events predate the new tables, then new events): every table equals a recount",
+                       check_backfill, ch, [b[2] for b in backfills])  # fmt: skip
+        else:
+            setup_backfill(ch, set())
+        if retention:
+            checks.run(f"docs/analysts.md: {retention[0][0]} (```sql retention): one month of raw events gone, "
+                       "aggregates unchanged", check_retention, ch, [b[2] for b in retention])  # fmt: skip
+    finally:
+        ch.use(DB)
+        ch.execute(f"DROP DATABASE IF EXISTS {DB}_backfill")
+
+
+def snapshot(ch: Engine, table: str, bucket: str) -> list[dict]:
+    columns = [c for c in ch.rows(f"DESCRIBE TABLE {table}") if c["name"] not in ("ad_id", bucket)]
+    merged = ", ".join(f"{merge_function(c['type'])}({c['name']}) AS {c['name']}" for c in columns)
+    return ch.rows(f"SELECT ad_id, {bucket}, {merged} FROM {table} GROUP BY ad_id, {bucket} ORDER BY ad_id, {bucket}")
+
+
+def setup_backfill(ch: Engine, targets: set[str]) -> str | None:
+    """The schema without the tables in `targets`, the sample events, then the rest of the schema:
+    the tables in `targets` (and their views) are created after the events were stored."""
+    later = [
+        p for _, p in migration_files()
+        if any(re.search(rf"CREATE TABLE IF NOT EXISTS {t}\b", p.read_text()) for t in targets)
+    ]  # fmt: skip
+    if targets and not later:
+        return f"no migration creates {sorted(targets)}"
+    for _, p in migration_files():
+        if p not in later and (problem := apply_migration(ch, p)):
+            return f"{p.name}: {problem}"
+    for rows in all_sample_events()[:2]:
+        insert_events(ch, rows)
+    for p in later:
+        if problem := apply_migration(ch, p):
+            return f"{p.name}: {problem}"
+    return None
+
+
+def check_backfill(ch: Engine, backfills: list[str]) -> str | None:
+    """The doc's backfill blocks, in document order, on a database whose newer aggregate tables
+    were created after its events were stored; then more events arrive through the views. Every
+    aggregate table must then equal a recount of `events`."""
+    targets = set()
+    for sql in backfills:
+        m = re.match(r"(?:INSERT\s+INTO|ALTER\s+TABLE)\s+(ad_stats_\w+)\b", doc_sql(sql), re.I)
+        if not m:
+            return f"a ```sql backfill block is neither INSERT INTO nor ALTER TABLE an ad_stats_* table: {sql[:60]!r}"
+        targets.add(m.group(1))
+    if problem := setup_backfill(ch, targets):
+        return problem
+    for t in sorted(targets):
+        if ch.scalar(f"SELECT count() FROM {t}") != "0":
+            return f"{t} is not empty before the backfill, so the scenario tests nothing"
+    for sql in backfills:
+        ch.execute(doc_sql(sql))
+    for rows in all_sample_events()[2:]:  # events that arrive after the views exist
+        insert_events(ch, rows, per_insert=len(rows))
+    for table, bucket, expr in STATS_TABLES:
+        if problem := check_stats(ch, table, bucket, expr, several_rows_per_key=False):
+            return f"after the backfill: {problem}"
+    return None
+
+
+def check_retention(ch: Engine, retention: list[str]) -> str | None:
+    before = {t: snapshot(ch, t, b) for t, b, _ in STATS_TABLES}
+    months = ch.scalar("SELECT uniqExact(toYYYYMM(event_time)) FROM events")
+    for sql in retention:
+        ch.execute(doc_sql(sql))
+    left = ch.scalar("SELECT uniqExact(toYYYYMM(event_time)) FROM events")
+    if left != str(int(months) - 1):
+        return f"raw events span {left} month(s) after the retention block, {months} before: expected one fewer"
+    changed = [t for t, b, _ in STATS_TABLES if snapshot(ch, t, b) != before[t]]
+    return f"the retention block changed {changed}" if changed else None
+
+
+# --- main ------------------------------------------------------------------------------------
 
 
 def main() -> int:
     checks = Checks()
     with tempfile.TemporaryDirectory(prefix="adbeacon-chdb-") as tmp:
-        ch = Engine(tmp)
+        ch = Engine(tmp) if SERVER is None else HttpEngine(SERVER)
         try:
             run_all(checks, ch)
         except Exception:
@@ -452,13 +1134,16 @@ def main() -> int:
 
 
 def run_all(checks: Checks, ch: Engine) -> None:
-    version = ch.scalar("SELECT version()")
-    print(f"# chDB {version}, checking {ROOT}")
+    print(f"# {ch.describe()}, checking {ROOT}")
+
+    def make_db(name: str) -> str:
+        ch.execute(f"DROP DATABASE IF EXISTS {name}")
+        ch.execute(f"CREATE DATABASE {name}")
+        ch.use(name)
+        return name
 
     def use_db() -> str | None:
-        ch.execute(f"DROP DATABASE IF EXISTS {DB}")
-        ch.execute(f"CREATE DATABASE {DB}")
-        ch.execute(f"USE {DB}")
+        make_db(DB)
         current = ch.scalar("SELECT currentDatabase()")
         return None if current == DB else f"USE {DB} did not stick: currentDatabase() = {current}"
 
@@ -478,17 +1163,35 @@ def run_all(checks: Checks, ch: Engine) -> None:
         if not all(results):
             return  # later checks need the whole schema
     checks.run("schema_migrations ledger", check_ledger, ch, files)
+    checks.run("every ad_stats_* table is in STATS_TABLES", check_stats_tables_listed, ch, DB)
 
+    first_day = QUERIES_DIR / "first_event_day.sql"
+    if first_day.exists():
+        checks.run(
+            "query first_event_day.sql on an empty database is 0",
+            lambda: (lambda r: None if r == "0" else f"got {r}")(ch.scalar(prepare_query(first_day))),
+        )
+
+    stop_merges(ch, DB)
     if not checks.run("sample data", insert_sample_data, ch):
         return
-    checks.run("ad_stats_hourly_mv matches a recount of events (unmerged parts)", check_hourly_stats, ch)
+    for table, bucket, expr in STATS_TABLES:
+        checks.run(
+            f"{table} matches a recount of events (unmerged parts)",
+            check_stats, ch, table, bucket, expr, True,
+        )  # fmt: skip
 
-    def merge_stats() -> str | None:
-        ch.execute("SYSTEM START MERGES ad_stats_hourly")
-        ch.execute("OPTIMIZE TABLE ad_stats_hourly FINAL")
-        return check_hourly_stats(ch)
+    # The window queries run on the unmerged parts: their GROUP BY must merge several states per key.
+    run_window_checks(checks, ch)
 
-    checks.run("ad_stats_hourly_mv matches a recount of events (after OPTIMIZE FINAL)", merge_stats)
+    for table, bucket, expr in STATS_TABLES:
+
+        def merge_stats(table=table, bucket=bucket, expr=expr) -> str | None:
+            ch.execute(f"SYSTEM START MERGES {table}")
+            ch.execute(f"OPTIMIZE TABLE {table} FINAL")
+            return check_stats(ch, table, bucket, expr, False)
+
+        checks.run(f"{table} matches a recount of events (after OPTIMIZE FINAL)", merge_stats)
 
     queries = sorted(QUERIES_DIR.glob("*.sql"))
     if not queries:
@@ -497,6 +1200,8 @@ def run_all(checks: Checks, ch: Engine) -> None:
         print(f"# note: {name} is gone; its result check is unused")
     for q in queries:
         checks.run(f"query {q.name}", check_query, ch, q)
+
+    run_doc_checks(checks, ch, make_db)
 
 
 if __name__ == "__main__":
