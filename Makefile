@@ -19,10 +19,10 @@ endif
 
 VENV_PYTHON := .data/venv/bin/python
 
-.PHONY: help run test bench stop status clean-data fmt lint openapi
+.PHONY: help run test bench bench-analytics stop status clean-data fmt lint openapi
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 run: ## local stack + `adbeacon serve` on :8080; Ctrl-C stops both
 	bash scripts/run.sh
@@ -41,6 +41,11 @@ bench: ## benchmarks: bare hyper vs adbeacon POST /ads/click, unpinned then pinn
 	bash scripts/deps.sh bench
 	BENCH_PIN=0 bash scripts/bench.sh
 	BENCH_PIN=1 bash scripts/bench.sh
+
+# Loads BENCH_EVENTS (10M) events into a private ClickHouse; report in .data/bench/analytics.md.
+bench-analytics: ## GET /ads/analytics p50/p99 per timeframe vs the same SQL on raw events
+	bash scripts/deps.sh bench
+	bash scripts/bench-analytics.sh
 
 stop: ## stop the servers that scripts/stack.sh started
 	bash scripts/stack.sh stop

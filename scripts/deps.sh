@@ -67,6 +67,8 @@ have clickhouse-client || missing+=(clickhouse-client)
 have redis-server || missing+=(redis-server)
 have redis-cli || missing+=(redis-tools)
 have curl || missing+=(curl)
+# The SQL conformance check and the analytics benchmark driver are Python.
+have python3 || missing+=(python3)
 if [ "$mode" = bench ]; then
   have wrk || missing+=(wrk)
 fi

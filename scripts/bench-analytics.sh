@@ -1,0 +1,369 @@
+#!/usr/bin/env bash
+# `make bench-analytics`: how fast GET /ads/analytics answers over a realistic amount of data,
+# next to the same numbers computed from the raw `events` table.
+#
+# One run: builds release, starts a private ClickHouse and adbeacon on free loopback ports, loads
+# BENCH_EVENTS events (spread uniformly over the 35 days up to now, across BENCH_ADS ads with
+# Zipf-like weights, the hottest ad taking ~30 %) with INSERT … SELECT on the server, then lets
+# loadtest/analytics/bench.py time the endpoint per timeframe (1h, 24h, 7d, 30d, all), for the
+# hottest ad and for the listing of all ads, against the raw-table SQL for the same windows, and
+# check that both give the same counts. The report is printed and written to
+# .data/bench/analytics.md.
+#
+# Settings (environment):
+#   BENCH_EVENTS (10000000)   events to load
+#   BENCH_ADS (20)            ads to spread them over
+#   BENCH_CHUNK (1000000)     rows per INSERT (each goes through the materialized views whole)
+#   BENCH_REQUESTS (200)      timed requests per timeframe and side (endpoint, raw SQL)
+#   BENCH_WARMUP (20)         untimed requests before those
+#   BENCH_KEEP (0)            1: after the report, keep both servers up for poking until Ctrl-C
+#
+# Exits non-zero when loading failed, the endpoint answered errors, or its counts differ from the
+# raw table's. A missed latency target is reported, not an error. Never touches servers it did not
+# start: `make run`'s stack, test servers and `make bench`'s servers are left alone.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root="$PWD"
+
+EVENTS="${BENCH_EVENTS:-10000000}"
+ADS="${BENCH_ADS:-20}"
+CHUNK="${BENCH_CHUNK:-1000000}"
+REQUESTS="${BENCH_REQUESTS:-200}"
+WARMUP="${BENCH_WARMUP:-20}"
+KEEP="${BENCH_KEEP:-0}"
+DB=bench_analytics
+DAYS=35
+# Zipf exponent: with 20 ads, 1.05 gives the hottest one 29.5 % of the events.
+ZIPF_S=1.05
+
+# Debian puts clickhouse-server in /usr/sbin, which a non-root PATH may lack.
+export PATH="$PATH:/usr/sbin:/sbin"
+
+log() { echo "bench-analytics: $*" >&2; }
+die() {
+  log "error: $*"
+  exit 1
+}
+
+for v in EVENTS ADS CHUNK REQUESTS; do
+  [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "BENCH_$v must be a whole number >= 1, got '${!v}'"
+done
+[[ "$WARMUP" =~ ^[0-9]+$ ]] || die "BENCH_WARMUP must be a whole number, got '$WARMUP'"
+[ "$ADS" -le 999 ] || die "BENCH_ADS must be at most 999, got $ADS"
+
+# ---------------------------------------------------------------- prerequisites
+for tool in curl python3 clickhouse-server cargo; do
+  command -v "$tool" >/dev/null 2>&1 || die "$tool not found (run 'make bench-analytics', which installs what is missing)"
+done
+
+# ---------------------------------------------------------------- clean-up
+out_dir="$root/.data/bench"
+mkdir -p "$out_dir"
+# ClickHouse's data (~1 GB for 10M events) lives here for the run only; the report stays.
+tmp="$(mktemp -d "$out_dir/analytics-run.XXXXXX")"
+
+ch_pid="" app_pid="" watchdog_pid=""
+
+# True while PID runs and is not a zombie (our children stay zombies until reaped, and kill -0
+# still succeeds on those).
+alive() {
+  local state
+  [ -r "/proc/$1/stat" ] || return 1
+  state="$(sed -E 's/^[0-9]+ \(.*\) (.).*/\1/' "/proc/$1/stat" 2>/dev/null)" || return 1
+  [ "$state" != Z ]
+}
+
+# SIGTERM, up to TIMEOUT seconds' grace, then SIGKILL. Only ever called with pids of our own
+# unreaped children, so the pid cannot have been recycled for someone else's process.
+# shellcheck disable=SC2317  # called from the EXIT trap
+stop_pid() { # NAME PID TIMEOUT
+  local name="$1" pid="$2" timeout="$3" waited=0
+  [ -n "$pid" ] || return 0
+  if alive "$pid"; then
+    kill -TERM "$pid" 2>/dev/null || true
+    while alive "$pid"; do
+      if [ "$waited" -ge $((timeout * 10)) ]; then
+        log "$name (pid $pid) ignored SIGTERM for ${timeout}s; sending SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+        break
+      fi
+      sleep 0.1
+      waited=$((waited + 1))
+    done
+  fi
+  wait "$pid" 2>/dev/null || true
+}
+
+# shellcheck disable=SC2317  # invoked by the EXIT trap
+cleanup() {
+  local status=$?
+  # Finish the clean-up even if Ctrl-C is pressed again.
+  trap '' INT TERM HUP
+  # adbeacon first, while its ClickHouse still answers; ClickHouse last.
+  stop_pid adbeacon "$app_pid" 40
+  stop_pid clickhouse-server "$ch_pid" 20
+  if [ -n "$watchdog_pid" ]; then
+    kill -TERM "$watchdog_pid" 2>/dev/null || true
+    wait "$watchdog_pid" 2>/dev/null || true
+  fi
+  # Keep the logs of the last run for a look afterwards; ClickHouse's data goes.
+  rm -rf "$out_dir/analytics-logs"
+  mkdir -p "$out_dir/analytics-logs"
+  cp "$tmp"/*.log "$out_dir/analytics-logs/" 2>/dev/null || true
+  local f name
+  for f in "$tmp"/clickhouse/log/*.log; do
+    [ -f "$f" ] || continue
+    name="$(basename "$f")"
+    [[ "$name" == clickhouse* ]] || name="clickhouse-$name" # stdout.log
+    cp "$f" "$out_dir/analytics-logs/$name" 2>/dev/null || true
+  done
+  rm -rf "$tmp"
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
+
+# The trap cannot run on SIGKILL; the servers run in sessions of their own and would outlive us.
+# This watchdog SIGKILLs the ones listed in $tmp/pids once this shell is gone, checking each
+# command line so that a recycled pid is never hit.
+: >"$tmp/pids"
+(
+  trap 'exit 0' TERM
+  while kill -0 $$ 2>/dev/null; do sleep 1; done
+  while read -r pid name; do
+    if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$name"; then
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  done <"$tmp/pids"
+  rm -rf "$tmp"
+) </dev/null >/dev/null 2>&1 &
+watchdog_pid=$!
+
+# ---------------------------------------------------------------- build
+log "cargo build --release --bin adbeacon"
+cargo build --release --bin adbeacon
+app_bin="$root/target/release/adbeacon"
+
+# ---------------------------------------------------------------- ports
+# Free ports from the OS (bound together, so they are distinct), not fixed numbers that a
+# developer's stack or a test server may hold.
+read -r ch_http ch_tcp app_port < <(python3 -c '
+import socket
+socks = [socket.socket() for _ in range(3)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))
+')
+ch_url="http://127.0.0.1:$ch_http"
+app_url="http://127.0.0.1:$app_port"
+
+# ---------------------------------------------------------------- ClickHouse
+ch_dir="$tmp/clickhouse"
+mkdir -p "$ch_dir/log" "$ch_dir/data" "$ch_dir/tmp" "$ch_dir/user_files" "$ch_dir/format_schemas"
+sed_escape() { printf '%s' "$1" | sed -e 's/[\\|&]/\\&/g'; }
+sed -e "s|@HTTP_PORT@|$ch_http|g" -e "s|@TCP_PORT@|$ch_tcp|g" -e "s|@DIR@|$(sed_escape "$ch_dir")|g" \
+  clickhouse/local/config.xml >"$ch_dir/config.xml"
+# config.xml names users.xml relatively, so it sits next to it.
+cp clickhouse/local/users.xml "$ch_dir/users.xml"
+
+log "starting ClickHouse on 127.0.0.1:$ch_http (tcp $ch_tcp) in $ch_dir"
+# setsid: Ctrl-C reaches only this script, whose trap then stops everything in order.
+(cd "$ch_dir" && exec setsid clickhouse-server --config-file="$ch_dir/config.xml") \
+  </dev/null >"$ch_dir/log/stdout.log" 2>&1 &
+ch_pid=$!
+echo "$ch_pid clickhouse-server" >>"$tmp/pids"
+
+ch_query() { # SQL [MAX_SECONDS] -> result on stdout; ClickHouse's error text on failure
+  local out
+  if ! out="$(curl -sS --noproxy '*' --max-time "${2:-60}" -w '\n%{http_code}' "$ch_url/?database=$DB" \
+    --data-binary "$1" 2>&1)"; then
+    log "ClickHouse query failed: $out"
+    return 1
+  fi
+  if [ "${out##*$'\n'}" != 200 ]; then
+    log "ClickHouse answered: ${out%$'\n'*}"
+    return 1
+  fi
+  out="${out%$'\n'*}"
+  [ -z "$out" ] || printf '%s\n' "$out"
+}
+
+show_tail() { # FILE...
+  local f
+  for f in "$@"; do
+    [ -s "$f" ] || continue
+    echo "---- $f (last lines) ----" >&2
+    tail -n 25 "$f" >&2
+  done
+}
+
+# wait_ready NAME PID CHECK LOG...: polls the function CHECK every 0.1 s for up to 60 s; if the
+# process PID dies or time runs out, shows the logs and stops the benchmark.
+wait_ready() {
+  local name=$1 pid=$2 check=$3 waited=0
+  shift 3
+  until "$check"; do
+    if ! alive "$pid"; then
+      show_tail "$@"
+      die "$name exited during start-up"
+    fi
+    [ "$waited" -lt 600 ] || {
+      show_tail "$@"
+      die "$name was not ready within 60s"
+    }
+    sleep 0.1
+    waited=$((waited + 1))
+  done
+}
+
+# shellcheck disable=SC2317  # called through wait_ready
+ch_ping() { [ "$(curl -s --noproxy '*' --max-time 2 "$ch_url/ping" 2>/dev/null)" = "Ok." ]; }
+wait_ready ClickHouse "$ch_pid" ch_ping "$ch_dir/log/stdout.log" "$ch_dir/log/clickhouse-server.err.log"
+
+# ---------------------------------------------------------------- adbeacon
+log "starting adbeacon on $app_url (database $DB)"
+# Credentials meant for another ClickHouse do not pass through; adbeacon creates the database
+# and runs its migrations at start-up.
+setsid env -u CLICKHOUSE_USER -u CLICKHOUSE_PASSWORD SEED_DEMO_ADS=true \
+  PORT="$app_port" HOST=127.0.0.1 CLICKHOUSE_URL="$ch_url" \
+  CLICKHOUSE_DATABASE="$DB" DATA_DIR="$tmp/adbeacon-data" LOG_FORMAT=json LOG_LEVEL=warn \
+  "$app_bin" serve </dev/null >"$tmp/adbeacon.log" 2>&1 &
+app_pid=$!
+echo "$app_pid $app_bin" >>"$tmp/pids"
+
+# shellcheck disable=SC2317  # called through wait_ready
+app_ready() {
+  [ "$(curl -s --noproxy '*' --max-time 2 -o /dev/null -w '%{http_code}' "$app_url/readyz" 2>/dev/null)" = 200 ]
+}
+wait_ready adbeacon "$app_pid" app_ready "$tmp/adbeacon.log"
+
+# ---------------------------------------------------------------- data
+# Ads b0000000-0000-4000-8000-000000000001 … (the number is the ad's popularity rank).
+ad_id() { printf 'b0000000-0000-4000-8000-%012d' "$1"; }
+hot_ad="$(ad_id 1)"
+
+now="$(date -u +%s)"
+ads_rows=""
+for i in $(seq 1 "$ADS"); do
+  ads_rows+="${ads_rows:+, }('$(ad_id "$i")', 'bench ad $i', 'https://cdn.example.com/bench/$i.mp4', "
+  ads_rows+="'https://www.example.com/landing/$i', 1, toDateTime($now), toDateTime($now), 1)"
+done
+ch_query "INSERT INTO ads (id, name, video_url, target_url, active, created_at, updated_at, version) VALUES $ads_rows" ||
+  die "could not insert the ads"
+
+# multiIf(r < t1, v1, r < t2, v2, …, vn): picks a value by a uniform r in [0, 1e6). (Plain
+# multiIf, not arrayFirstIndex with a lambda: ClickHouse 18.16 drops a subquery column that is
+# used only inside a lambda.)
+pick() { # R VALUE:WEIGHT... (weights as parts per million, adding up to 1e6)
+  local r="$1" acc=0 sql="multiIf(" pair
+  shift
+  for pair in "$@"; do
+    if [ "$#" -eq 1 ]; then
+      sql+="${pair%:*})"
+    else
+      acc=$((acc + ${pair##*:}))
+      sql+="$r < $acc, ${pair%:*}, "
+    fi
+    shift
+  done
+  printf '%s' "$sql"
+}
+
+# Ad weights 1/rank^s, as parts per million (the last ad takes the rounding).
+mapfile -t ad_weights < <(python3 -c "
+n, s = $ADS, $ZIPF_S
+w = [k ** -s for k in range(1, n + 1)]
+for x in w:
+    print(round(x / sum(w) * 1e6))
+")
+ad_picks=()
+for i in $(seq 1 "$ADS"); do ad_picks+=("'$(ad_id "$i")':${ad_weights[$((i - 1))]}"); done
+ad_sql="toUUID($(pick r_ad "${ad_picks[@]}"))"
+hot_pct="$(awk -v w="${ad_weights[0]}" 'BEGIN { printf "%.1f", w / 1e4 }')"
+
+# Event kinds, parts per million: impressions 40 %, clicks 5 %, the VAST progress events the rest.
+kind_sql="$(pick r_kind "'impression':400000" "'click':50000" "'creative_view':20000" "'start':120000" \
+  "'first_quartile':100000" "'midpoint':90000" "'third_quartile':80000" "'complete':70000" \
+  "'skip':40000" "'pause':10000" "'resume':10000" "'mute':4000" "'unmute':3000" "'close':2000" \
+  "'error':1000")"
+
+span=$((DAYS * 86400))
+start=$((now - span))
+chunks=$(((EVENTS + CHUNK - 1) / CHUNK))
+log "loading $EVENTS events over the $DAYS days before $(date -u -d "@$now" +%FT%TZ) in $chunks INSERTs" \
+  "($ADS ads, the hottest $hot_ad with $hot_pct %)"
+
+# Each INSERT covers its own slice of time, in order (as live traffic arrives), so that the
+# minute and hour aggregates of one chunk land in few parts; over all chunks the times are
+# uniform. Its rows: ip_hash from 2 million client addresses, playback_time NULL for one in ten,
+# received_at 0-4 s after event_time.
+load_start="$(date +%s.%N)"
+done_rows=0
+for c in $(seq 1 "$chunks"); do
+  rows=$((c == chunks ? EVENTS - done_rows : CHUNK))
+  t_from=$((start + span * done_rows / EVENTS))
+  t_len=$((start + span * (done_rows + rows) / EVENTS - t_from))
+  [ "$t_len" -ge 1 ] || t_len=1
+  chunk_start="$(date +%s.%N)"
+  ch_query "INSERT INTO events
+      (event_id, ad_id, kind, event_time, received_at, ip_hash, playback_time, error_code, batch_id)
+    SELECT
+      generateUUIDv4(), $ad_sql, $kind_sql, toDateTime(t), toDateTime(t + r_misc % 5),
+      intHash64(r_ip), if(r_misc % 10 = 0, NULL, toFloat32(r_misc % 30000 / 1000)),
+      toUInt16(0), toUUID('b0000000-0000-4000-8000-ffffffffffff')
+    FROM (
+      SELECT rand(1) % 1000000 AS r_ad, rand(2) % 1000000 AS r_kind,
+             toUInt32($t_from + rand(3) % $t_len) AS t, rand(4) % 2000000 AS r_ip, rand(5) AS r_misc
+      FROM numbers($rows)
+    )" 1800 || die "INSERT $c/$chunks failed"
+  done_rows=$((done_rows + rows))
+  log "  $c/$chunks: $rows rows in $(awk -v a="$chunk_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }') s"
+done
+load_s="$(awk -v a="$load_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')"
+load_rate="$(awk -v n="$EVENTS" -v s="$load_s" 'BEGIN { printf "%.0f", n / s }')"
+log "loaded $EVENTS events in $load_s s ($load_rate rows/s, materialized views included)"
+
+stored="$(ch_query "SELECT count() FROM events")" || die "SELECT count() failed"
+[ "$stored" = "$EVENTS" ] || die "events holds $stored rows, expected $EVENTS"
+
+# Let the background merges of the load settle (up to 5 minutes), so that the timings are those
+# of a table at rest, not of one being merged on the same two cores.
+settle_start="$(date +%s)"
+while :; do
+  merging="$(ch_query "SELECT count() FROM system.merges WHERE database = '$DB'")" || merging=0
+  [ "$merging" != 0 ] || break
+  [ $(($(date +%s) - settle_start)) -lt 300 ] || {
+    log "warning: $merging merges still running after 300 s; measuring anyway"
+    break
+  }
+  sleep 1
+done
+parts="$(ch_query "SELECT table, count() AS parts, sum(rows) AS rows, formatReadableSize(sum(bytes)) AS size
+  FROM system.parts WHERE database = '$DB' AND active GROUP BY table ORDER BY table FORMAT PrettyCompactNoEscapes")" || parts=""
+log "merges settled after $(($(date +%s) - settle_start)) s; tables:"
+printf '%s\n' "$parts" >&2
+
+# ---------------------------------------------------------------- measure
+rev="$(git rev-parse --short HEAD 2>/dev/null || echo none)"
+# --no-optional-locks: never take the index lock from under someone's git command.
+if [ -n "$(git --no-optional-locks status --porcelain 2>/dev/null | head -n 1)" ]; then rev="$rev+dirty"; fi
+
+bench_status=0
+python3 loadtest/analytics/bench.py \
+  --app "$app_url" --clickhouse "$ch_url" --database "$DB" --ad "$hot_ad" \
+  --requests "$REQUESTS" --warmup "$WARMUP" --out "$out_dir/analytics.md" \
+  --note "$EVENTS events over $DAYS days, $ADS ads (hottest: $hot_pct %), loaded in $load_s s ($load_rate rows/s); rev $rev; nproc $(nproc), load avg $(cut -d' ' -f1-3 /proc/loadavg) before timing" ||
+  bench_status=$?
+log "wrote $out_dir/analytics.md; logs in $out_dir/analytics-logs/"
+
+if [ "$KEEP" = 1 ]; then
+  log "BENCH_KEEP=1: servers stay up until Ctrl-C:"
+  log "  adbeacon   $app_url   e.g. curl '$app_url/ads/analytics?adId=$hot_ad&timeframe=30d'"
+  log "  ClickHouse $ch_url/   e.g. echo 'SELECT count() FROM $DB.events' | curl --data-binary @- $ch_url/"
+  while alive "$app_pid" && alive "$ch_pid"; do sleep 1; done
+  log "a server exited"
+fi
+exit "$bench_status"
