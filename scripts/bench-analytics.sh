@@ -25,6 +25,10 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root="$PWD"
+# Shared with bench.sh: log/die, our servers' start-up and clean-up; see its header.
+# shellcheck source-path=SCRIPTDIR source=lib/bench-common.sh
+. "$root/scripts/lib/bench-common.sh"
+log_tag=bench-analytics # what log lines start with
 
 EVENTS="${BENCH_EVENTS:-10000000}"
 ADS="${BENCH_ADS:-20}"
@@ -37,25 +41,12 @@ DAYS=35
 # Zipf exponent: with 20 ads, 1.05 gives the hottest one 29.5 % of the events.
 ZIPF_S=1.05
 
-# Debian puts clickhouse-server in /usr/sbin, which a non-root PATH may lack.
-export PATH="$PATH:/usr/sbin:/sbin"
-
-log() { echo "bench-analytics: $*" >&2; }
-die() {
-  log "error: $*"
-  exit 1
-}
-
-for v in EVENTS ADS CHUNK REQUESTS; do
-  [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "BENCH_$v must be a whole number >= 1, got '${!v}'"
-done
+check_counts EVENTS ADS CHUNK REQUESTS
 [[ "$WARMUP" =~ ^[0-9]+$ ]] || die "BENCH_WARMUP must be a whole number, got '$WARMUP'"
 [ "$ADS" -le 999 ] || die "BENCH_ADS must be at most 999, got $ADS"
 
 # ---------------------------------------------------------------- prerequisites
-for tool in curl python3 clickhouse-server cargo; do
-  command -v "$tool" >/dev/null 2>&1 || die "$tool not found (run 'make bench-analytics', which installs what is missing)"
-done
+require_tools "run 'make bench-analytics', which installs what is missing" curl python3 clickhouse-server cargo
 
 # ---------------------------------------------------------------- clean-up
 out_dir="$root/.data/bench"
@@ -63,37 +54,7 @@ mkdir -p "$out_dir"
 # ClickHouse's data (~1 GB for 10M events) lives here for the run only; the report stays.
 tmp="$(mktemp -d "$out_dir/analytics-run.XXXXXX")"
 
-ch_pid="" app_pid="" watchdog_pid=""
-
-# True while PID runs and is not a zombie (our children stay zombies until reaped, and kill -0
-# still succeeds on those).
-alive() {
-  local state
-  [ -r "/proc/$1/stat" ] || return 1
-  state="$(sed -E 's/^[0-9]+ \(.*\) (.).*/\1/' "/proc/$1/stat" 2>/dev/null)" || return 1
-  [ "$state" != Z ]
-}
-
-# SIGTERM, up to TIMEOUT seconds' grace, then SIGKILL. Only ever called with pids of our own
-# unreaped children, so the pid cannot have been recycled for someone else's process.
-# shellcheck disable=SC2317  # called from the EXIT trap
-stop_pid() { # NAME PID TIMEOUT
-  local name="$1" pid="$2" timeout="$3" waited=0
-  [ -n "$pid" ] || return 0
-  if alive "$pid"; then
-    kill -TERM "$pid" 2>/dev/null || true
-    while alive "$pid"; do
-      if [ "$waited" -ge $((timeout * 10)) ]; then
-        log "$name (pid $pid) ignored SIGTERM for ${timeout}s; sending SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-        break
-      fi
-      sleep 0.1
-      waited=$((waited + 1))
-    done
-  fi
-  wait "$pid" 2>/dev/null || true
-}
+# ch_pid, app_pid and watchdog_pid come from bench-common.sh (empty until started).
 
 # shellcheck disable=SC2317  # invoked by the EXIT trap
 cleanup() {
@@ -103,44 +64,14 @@ cleanup() {
   # adbeacon first, while its ClickHouse still answers; ClickHouse last.
   stop_pid adbeacon "$app_pid" 40
   stop_pid clickhouse-server "$ch_pid" 20
-  if [ -n "$watchdog_pid" ]; then
-    kill -TERM "$watchdog_pid" 2>/dev/null || true
-    wait "$watchdog_pid" 2>/dev/null || true
-  fi
+  stop_watchdog
   # Keep the logs of the last run for a look afterwards; ClickHouse's data goes.
-  rm -rf "$out_dir/analytics-logs"
-  mkdir -p "$out_dir/analytics-logs"
-  cp "$tmp"/*.log "$out_dir/analytics-logs/" 2>/dev/null || true
-  local f name
-  for f in "$tmp"/clickhouse/log/*.log; do
-    [ -f "$f" ] || continue
-    name="$(basename "$f")"
-    [[ "$name" == clickhouse* ]] || name="clickhouse-$name" # stdout.log
-    cp "$f" "$out_dir/analytics-logs/$name" 2>/dev/null || true
-  done
+  keep_logs "$out_dir/analytics-logs" "$tmp"/*.log
   rm -rf "$tmp"
   exit "$status"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-trap 'exit 129' HUP
-
-# The trap cannot run on SIGKILL; the servers run in sessions of their own and would outlive us.
-# This watchdog SIGKILLs the ones listed in $tmp/pids once this shell is gone, checking each
-# command line so that a recycled pid is never hit.
-: >"$tmp/pids"
-(
-  trap 'exit 0' TERM
-  while kill -0 $$ 2>/dev/null; do sleep 1; done
-  while read -r pid name; do
-    if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$name"; then
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
-  done <"$tmp/pids"
-  rm -rf "$tmp"
-) </dev/null >/dev/null 2>&1 &
-watchdog_pid=$!
+set_traps cleanup
+start_watchdog
 
 # ---------------------------------------------------------------- build
 log "cargo build --release --bin adbeacon"
@@ -148,33 +79,11 @@ cargo build --release --bin adbeacon
 app_bin="$root/target/release/adbeacon"
 
 # ---------------------------------------------------------------- ports
-# Free ports from the OS (bound together, so they are distinct), not fixed numbers that a
-# developer's stack or a test server may hold.
-read -r ch_http ch_tcp app_port < <(python3 -c '
-import socket
-socks = [socket.socket() for _ in range(3)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in socks))
-')
-ch_url="http://127.0.0.1:$ch_http"
+read -r ch_http ch_tcp app_port < <(free_ports 3)
 app_url="http://127.0.0.1:$app_port"
 
 # ---------------------------------------------------------------- ClickHouse
-ch_dir="$tmp/clickhouse"
-mkdir -p "$ch_dir/log" "$ch_dir/data" "$ch_dir/tmp" "$ch_dir/user_files" "$ch_dir/format_schemas"
-sed_escape() { printf '%s' "$1" | sed -e 's/[\\|&]/\\&/g'; }
-sed -e "s|@HTTP_PORT@|$ch_http|g" -e "s|@TCP_PORT@|$ch_tcp|g" -e "s|@DIR@|$(sed_escape "$ch_dir")|g" \
-  clickhouse/local/config.xml >"$ch_dir/config.xml"
-# config.xml names users.xml relatively, so it sits next to it.
-cp clickhouse/local/users.xml "$ch_dir/users.xml"
-
-log "starting ClickHouse on 127.0.0.1:$ch_http (tcp $ch_tcp) in $ch_dir"
-# setsid: Ctrl-C reaches only this script, whose trap then stops everything in order.
-(cd "$ch_dir" && exec setsid clickhouse-server --config-file="$ch_dir/config.xml") \
-  </dev/null >"$ch_dir/log/stdout.log" 2>&1 &
-ch_pid=$!
-echo "$ch_pid clickhouse-server" >>"$tmp/pids"
+start_clickhouse "$ch_http" "$ch_tcp" # sets ch_url
 
 ch_query() { # SQL [MAX_SECONDS] -> result on stdout; ClickHouse's error text on failure
   local out
@@ -191,53 +100,9 @@ ch_query() { # SQL [MAX_SECONDS] -> result on stdout; ClickHouse's error text on
   [ -z "$out" ] || printf '%s\n' "$out"
 }
 
-show_tail() { # FILE...
-  local f
-  for f in "$@"; do
-    [ -s "$f" ] || continue
-    echo "---- $f (last lines) ----" >&2
-    tail -n 25 "$f" >&2
-  done
-}
-
-# wait_ready NAME PID CHECK LOG...: polls the function CHECK every 0.1 s for up to 60 s; if the
-# process PID dies or time runs out, shows the logs and stops the benchmark.
-wait_ready() {
-  local name=$1 pid=$2 check=$3 waited=0
-  shift 3
-  until "$check"; do
-    if ! alive "$pid"; then
-      show_tail "$@"
-      die "$name exited during start-up"
-    fi
-    [ "$waited" -lt 600 ] || {
-      show_tail "$@"
-      die "$name was not ready within 60s"
-    }
-    sleep 0.1
-    waited=$((waited + 1))
-  done
-}
-
-# shellcheck disable=SC2317  # called through wait_ready
-ch_ping() { [ "$(curl -s --noproxy '*' --max-time 2 "$ch_url/ping" 2>/dev/null)" = "Ok." ]; }
-wait_ready ClickHouse "$ch_pid" ch_ping "$ch_dir/log/stdout.log" "$ch_dir/log/clickhouse-server.err.log"
-
 # ---------------------------------------------------------------- adbeacon
 log "starting adbeacon on $app_url (database $DB)"
-# Credentials meant for another ClickHouse do not pass through; adbeacon creates the database
-# and runs its migrations at start-up.
-setsid env -u CLICKHOUSE_USER -u CLICKHOUSE_PASSWORD SEED_DEMO_ADS=true \
-  PORT="$app_port" HOST=127.0.0.1 CLICKHOUSE_URL="$ch_url" \
-  CLICKHOUSE_DATABASE="$DB" DATA_DIR="$tmp/adbeacon-data" LOG_FORMAT=json LOG_LEVEL=warn \
-  "$app_bin" serve </dev/null >"$tmp/adbeacon.log" 2>&1 &
-app_pid=$!
-echo "$app_pid $app_bin" >>"$tmp/pids"
-
-# shellcheck disable=SC2317  # called through wait_ready
-app_ready() {
-  [ "$(curl -s --noproxy '*' --max-time 2 -o /dev/null -w '%{http_code}' "$app_url/readyz" 2>/dev/null)" = 200 ]
-}
+start_adbeacon "$app_bin" "$app_port" "$DB"
 wait_ready adbeacon "$app_pid" app_ready "$tmp/adbeacon.log"
 
 # ---------------------------------------------------------------- data
@@ -347,9 +212,7 @@ log "merges settled after $(($(date +%s) - settle_start)) s; tables:"
 printf '%s\n' "$parts" >&2
 
 # ---------------------------------------------------------------- measure
-rev="$(git rev-parse --short HEAD 2>/dev/null || echo none)"
-# --no-optional-locks: never take the index lock from under someone's git command.
-if [ -n "$(git --no-optional-locks status --porcelain 2>/dev/null | head -n 1)" ]; then rev="$rev+dirty"; fi
+rev="$(git_rev)"
 
 bench_status=0
 python3 loadtest/analytics/bench.py \

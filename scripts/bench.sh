@@ -19,6 +19,10 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root="$PWD"
+# Shared with bench-analytics.sh: log/die, our servers' start-up and clean-up; see its header.
+# shellcheck source-path=SCRIPTDIR source=lib/bench-common.sh
+. "$root/scripts/lib/bench-common.sh"
+log_tag=bench # what log lines start with
 
 THREADS="${BENCH_THREADS:-1}"
 CONNECTIONS="${BENCH_CONNECTIONS:-64}"
@@ -30,24 +34,11 @@ ROUNDS="${BENCH_ROUNDS:-2}"
 TARGET_PCT_UNPINNED=70
 TARGET_PCT_PINNED=80
 
-# Debian puts clickhouse-server in /usr/sbin, which a non-root PATH may lack.
-export PATH="$PATH:/usr/sbin:/sbin"
-
-log() { echo "bench: $*" >&2; }
-die() {
-  log "error: $*"
-  exit 1
-}
-
-for v in THREADS CONNECTIONS ROUNDS; do
-  [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "BENCH_$v must be a whole number >= 1, got '${!v}'"
-done
+check_counts THREADS CONNECTIONS ROUNDS
 
 # ---------------------------------------------------------------- prerequisites
 command -v wrk >/dev/null 2>&1 || die "wrk not found; install it with 'apt-get install wrk' (or run 'make bench', which does)"
-for tool in curl python3 clickhouse-server cargo; do
-  command -v "$tool" >/dev/null 2>&1 || die "$tool not found (run 'make bench' to install what is missing)"
-done
+require_tools "run 'make bench' to install what is missing" curl python3 clickhouse-server cargo
 clk_tck="$(getconf CLK_TCK)"
 
 # ---------------------------------------------------------------- clean-up
@@ -55,37 +46,7 @@ tmp="$(mktemp -d "${TMPDIR:-/tmp}/adbeacon-bench.XXXXXX")"
 out_dir="$root/.data/bench"
 mkdir -p "$out_dir"
 
-ch_pid="" app_pid="" bare_pid="" wrk_pid="" watchdog_pid=""
-
-# True while PID runs and is not a zombie (our children stay zombies until reaped, and kill -0
-# still succeeds on those).
-alive() {
-  local state
-  [ -r "/proc/$1/stat" ] || return 1
-  state="$(sed -E 's/^[0-9]+ \(.*\) (.).*/\1/' "/proc/$1/stat" 2>/dev/null)" || return 1
-  [ "$state" != Z ]
-}
-
-# SIGTERM, up to TIMEOUT seconds' grace, then SIGKILL. Only ever called with pids of our own
-# unreaped children, so the pid cannot have been recycled for someone else's process.
-# shellcheck disable=SC2317  # called from the EXIT trap
-stop_pid() { # NAME PID TIMEOUT
-  local name="$1" pid="$2" timeout="$3" waited=0
-  [ -n "$pid" ] || return 0
-  if alive "$pid"; then
-    kill -TERM "$pid" 2>/dev/null || true
-    while alive "$pid"; do
-      if [ "$waited" -ge $((timeout * 10)) ]; then
-        log "$name (pid $pid) ignored SIGTERM for ${timeout}s; sending SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-        break
-      fi
-      sleep 0.1
-      waited=$((waited + 1))
-    done
-  fi
-  wait "$pid" 2>/dev/null || true
-}
+bare_pid="" wrk_pid="" # ch_pid, app_pid and watchdog_pid come from bench-common.sh
 
 # shellcheck disable=SC2317  # invoked by the EXIT trap
 cleanup() {
@@ -98,44 +59,14 @@ cleanup() {
   stop_pid adbeacon "$app_pid" 40
   stop_pid bare "$bare_pid" 10
   stop_pid clickhouse-server "$ch_pid" 10
-  if [ -n "$watchdog_pid" ]; then
-    kill -TERM "$watchdog_pid" 2>/dev/null || true
-    wait "$watchdog_pid" 2>/dev/null || true
-  fi
+  stop_watchdog
   # Keep the logs of the last run for a look afterwards; the temp dir (ClickHouse data) goes.
-  rm -rf "$out_dir/last-logs"
-  mkdir -p "$out_dir/last-logs"
-  cp "$tmp"/*.log "$tmp"/wrk-*.txt "$out_dir/last-logs/" 2>/dev/null || true
-  local f name
-  for f in "$tmp"/clickhouse/log/*.log; do
-    [ -f "$f" ] || continue
-    name="$(basename "$f")"
-    [[ "$name" == clickhouse* ]] || name="clickhouse-$name" # stdout.log
-    cp "$f" "$out_dir/last-logs/$name" 2>/dev/null || true
-  done
+  keep_logs "$out_dir/last-logs" "$tmp"/*.log "$tmp"/wrk-*.txt
   rm -rf "$tmp"
   exit "$status"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-trap 'exit 129' HUP
-
-# The trap cannot run on SIGKILL (a CI timeout, an OOM kill); the servers run in sessions of their
-# own and would outlive us. This watchdog SIGKILLs the ones listed in $tmp/pids once this shell
-# is gone, checking each command line so that a recycled pid is never hit.
-: >"$tmp/pids"
-(
-  trap 'exit 0' TERM
-  while kill -0 $$ 2>/dev/null; do sleep 1; done
-  while read -r pid name; do
-    if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$name"; then
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
-  done <"$tmp/pids"
-  rm -rf "$tmp"
-) </dev/null >/dev/null 2>&1 &
-watchdog_pid=$!
+set_traps cleanup
+start_watchdog
 
 # ---------------------------------------------------------------- build
 log "cargo build --release --bin adbeacon --example bare"
@@ -144,16 +75,7 @@ app_bin="$root/target/release/adbeacon"
 bare_bin="$root/target/release/examples/bare"
 
 # ---------------------------------------------------------------- ports and pinning
-# Free ports from the OS (bound together, so they are distinct) instead of fixed numbers that a
-# developer's stack or a test server may hold. Another program could take one before we bind it;
-# start-up would then fail loudly, not touch that program.
-read -r ch_http ch_tcp app_port bare_port < <(python3 -c '
-import socket
-socks = [socket.socket() for _ in range(4)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in socks))
-')
+read -r ch_http ch_tcp app_port bare_port < <(free_ports 4)
 
 # wrk and the server under test fight for CPU; on a machine with cores to spare, give wrk its own
 # core so the server's numbers aren't wrk's. ClickHouse stays unpinned: it only takes the
@@ -192,83 +114,25 @@ log "pinning: $pinning"
 
 # ---------------------------------------------------------------- ClickHouse
 # A private one, so the bench's inserts and its count() never mix with `make run`'s data.
-ch_dir="$tmp/clickhouse"
-mkdir -p "$ch_dir/log" "$ch_dir/data" "$ch_dir/tmp" "$ch_dir/user_files" "$ch_dir/format_schemas"
-sed_escape() { printf '%s' "$1" | sed -e 's/[\\|&]/\\&/g'; }
-sed -e "s|@HTTP_PORT@|$ch_http|g" -e "s|@TCP_PORT@|$ch_tcp|g" -e "s|@DIR@|$(sed_escape "$ch_dir")|g" \
-  clickhouse/local/config.xml >"$ch_dir/config.xml"
-# config.xml names users.xml relatively, so it sits next to it.
-cp clickhouse/local/users.xml "$ch_dir/users.xml"
-
-log "starting ClickHouse on 127.0.0.1:$ch_http (tcp $ch_tcp) in $ch_dir"
-# setsid: Ctrl-C reaches only this script, whose trap then stops everything in order.
-(cd "$ch_dir" && exec setsid clickhouse-server --config-file="$ch_dir/config.xml") \
-  </dev/null >"$ch_dir/log/stdout.log" 2>&1 &
-ch_pid=$!
-echo "$ch_pid clickhouse-server" >>"$tmp/pids"
+start_clickhouse "$ch_http" "$ch_tcp"
 
 ch_query() { # SQL -> result on stdout
-  curl -fsS --noproxy '*' --max-time 30 "http://127.0.0.1:$ch_http/" --data-binary "$1"
+  curl -fsS --noproxy '*' --max-time 30 "$ch_url/" --data-binary "$1"
 }
-
-show_tail() { # FILE...
-  local f
-  for f in "$@"; do
-    [ -s "$f" ] || continue
-    echo "---- $f (last lines) ----" >&2
-    tail -n 25 "$f" >&2
-  done
-}
-
-# wait_ready NAME PID CHECK LOG...: polls the function CHECK every 0.1 s for up to 60 s; if the
-# process PID dies or time runs out, shows the logs and stops the benchmark.
-wait_ready() {
-  local name=$1 pid=$2 check=$3 waited=0
-  shift 3
-  until "$check"; do
-    if ! alive "$pid"; then
-      show_tail "$@"
-      die "$name exited during start-up"
-    fi
-    [ "$waited" -lt 600 ] || {
-      show_tail "$@"
-      die "$name was not ready within 60s"
-    }
-    sleep 0.1
-    waited=$((waited + 1))
-  done
-}
-
-# shellcheck disable=SC2317  # called through wait_ready
-ch_ping() { [ "$(curl -s --noproxy '*' --max-time 2 "http://127.0.0.1:$ch_http/ping" 2>/dev/null)" = "Ok." ]; }
-wait_ready ClickHouse "$ch_pid" ch_ping "$ch_dir/log/stdout.log" "$ch_dir/log/clickhouse-server.err.log"
 
 # ---------------------------------------------------------------- the two servers
 log "starting adbeacon on 127.0.0.1:$app_port"
-# Other adbeacon settings (FLUSH_INTERVAL, BATCH_MAX_ROWS, ...) pass through from the caller's
-# environment, for experiments; credentials meant for another ClickHouse do not, and the demo ads
-# must be seeded or every click would be a 404.
-setsid env -u CLICKHOUSE_USER -u CLICKHOUSE_PASSWORD SEED_DEMO_ADS=true \
-  PORT="$app_port" HOST=127.0.0.1 CLICKHOUSE_URL="http://127.0.0.1:$ch_http" \
-  CLICKHOUSE_DATABASE=bench DATA_DIR="$tmp/adbeacon-data" LOG_FORMAT=json LOG_LEVEL=warn \
-  "${srv_pin[@]}" "$app_bin" serve </dev/null >"$tmp/adbeacon.log" 2>&1 &
-app_pid=$!
-echo "$app_pid $app_bin" >>"$tmp/pids"
+start_adbeacon "$app_bin" "$app_port" bench "${srv_pin[@]}"
 
 log "starting bare on 127.0.0.1:$bare_port"
 setsid env PORT="$bare_port" "${srv_pin[@]}" "$bare_bin" </dev/null >"$tmp/bare.log" 2>&1 &
 bare_pid=$!
-echo "$bare_pid $bare_bin" >>"$tmp/pids"
+watch_pid "$bare_pid" "$bare_bin"
 
 app_url="http://127.0.0.1:$app_port"
 bare_url="http://127.0.0.1:$bare_port"
 
-# shellcheck disable=SC2317  # used only by the wait_ready checks
-http_code() { curl -s --noproxy '*' --max-time 2 -o /dev/null -w '%{http_code}' "$@" 2>/dev/null || true; }
-
 # Ready means migrated, demo ads seeded and ClickHouse reachable: the first click is a 202.
-# shellcheck disable=SC2317  # called through wait_ready
-app_ready() { [ "$(http_code "$app_url/readyz")" = 200 ]; }
 wait_ready adbeacon "$app_pid" app_ready "$tmp/adbeacon.log"
 # shellcheck disable=SC2317  # called through wait_ready
 bare_ready() { [ "$(http_code -X POST "$bare_url/ads/click")" = 202 ]; }
@@ -316,7 +180,7 @@ run_wrk() { # LABEL URL DURATION
   "${wrk_pin[@]}" wrk --latency -t "$THREADS" -c "$CONNECTIONS" -d "$duration" \
     -s loadtest/wrk/click.lua "$url" </dev/null >"$file" 2>&1 &
   wrk_pid=$!
-  echo "$wrk_pid wrk" >>"$tmp/pids"
+  watch_pid "$wrk_pid" wrk
   if ! wait "$wrk_pid"; then
     wrk_pid=""
     cat "$file" >&2
@@ -409,9 +273,7 @@ verdict="$(awk -v p="$pct" -v t="$TARGET_PCT" 'BEGIN { print (p >= t ? "PASS" : 
 ms() { awk -v us="$1" 'BEGIN { printf "%.2f ms", us / 1000 }'; }
 rps_fmt() { awk -v r="$1" 'BEGIN { printf "%.0f", r }'; }
 
-rev="$(git rev-parse --short HEAD 2>/dev/null || echo none)"
-# --no-optional-locks: never take the index lock from under someone's git command.
-if [ -n "$(git --no-optional-locks status --porcelain 2>/dev/null | head -n 1)" ]; then rev="$rev+dirty"; fi
+rev="$(git_rev)"
 when="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 load="wrk -t$THREADS -c$CONNECTIONS -d$DURATION, best of $ROUNDS rounds (warm-up $WARMUP), POST /ads/click"
 

@@ -1,0 +1,225 @@
+# shellcheck shell=bash
+# The machinery that scripts/bench.sh (`make bench`) and scripts/bench-analytics.sh
+# (`make bench-analytics`) share; both source this file after they cd to the repository root
+# (the paths below are relative to it). It provides: log and die, the checks of the settings and
+# tools, stopping our own children with grace, a SIGKILL watchdog for when the clean-up trap
+# cannot run, keeping the run's logs, free loopback ports, a private ClickHouse rendered from
+# clickhouse/local/, adbeacon started against it, the start-up waits, and the revision string.
+#
+# Each script keeps its own cleanup function (it alone knows what it started and in which order
+# to stop it) and hands it to set_traps. Shared state is plain globals:
+#   the script sets  log_tag (what log lines start with), tmp (this run's private directory,
+#                    removed at the end) and app_url (adbeacon's base URL, for app_ready);
+#   this file sets   ch_pid, app_pid, watchdog_pid (empty until started, so that the clean-up
+#                    can name them at any point), ch_dir and ch_url (by start_clickhouse).
+# Sourcing also extends PATH; nothing else runs until a function is called.
+
+# Debian puts clickhouse-server in /usr/sbin, which a non-root PATH may lack.
+export PATH="$PATH:/usr/sbin:/sbin"
+
+ch_pid="" app_pid="" watchdog_pid=""
+
+# Progress and errors go to stderr, so that stdout carries only the report.
+log() { echo "${log_tag:?}: $*" >&2; }
+
+# Stops the benchmark; the EXIT trap then stops whatever was started.
+die() {
+  log "error: $*"
+  exit 1
+}
+
+# check_counts NAME...: each $NAME (set from BENCH_NAME) must be a whole number >= 1.
+check_counts() {
+  local v
+  for v in "$@"; do
+    [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "BENCH_$v must be a whole number >= 1, got '${!v}'"
+  done
+}
+
+# require_tools HINT TOOL...: stops at once, with HINT on installing, not half-way through a run.
+require_tools() {
+  local hint="$1" tool
+  shift
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null 2>&1 || die "$tool not found ($hint)"
+  done
+}
+
+# True while PID runs and is not a zombie: our unreaped children are, and kill -0 passes on those.
+alive() {
+  local state
+  [ -r "/proc/$1/stat" ] || return 1
+  state="$(sed -E 's/^[0-9]+ \(.*\) (.).*/\1/' "/proc/$1/stat" 2>/dev/null)" || return 1
+  [ "$state" != Z ]
+}
+
+# SIGTERM, TIMEOUT s of grace, SIGKILL; only for our unreaped children, so no pid can be recycled.
+stop_pid() { # NAME PID TIMEOUT
+  local name="$1" pid="$2" timeout="$3" waited=0
+  [ -n "$pid" ] || return 0
+  if alive "$pid"; then
+    kill -TERM "$pid" 2>/dev/null || true
+    while alive "$pid"; do
+      if [ "$waited" -ge $((timeout * 10)) ]; then
+        log "$name (pid $pid) ignored SIGTERM for ${timeout}s; sending SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+        break
+      fi
+      sleep 0.1
+      waited=$((waited + 1))
+    done
+  fi
+  wait "$pid" 2>/dev/null || true
+}
+
+# set_traps CLEANUP: signals exit 128+N, so CLEANUP runs once, from EXIT, however the run ends.
+set_traps() {
+  # shellcheck disable=SC2064  # the function name is meant to be expanded now
+  trap "$1" EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  trap 'exit 129' HUP
+}
+
+# Our servers run in sessions of their own and would outlive a SIGKILLed script (CI timeout, OOM).
+start_watchdog() {
+  : >"${tmp:?}/pids"
+  # Once this shell is gone, SIGKILL those listed in $tmp/pids (see watch_pid), checking each
+  # command line so that a recycled pid is never hit. The clean-up stops it with SIGTERM.
+  (
+    trap 'exit 0' TERM
+    while kill -0 $$ 2>/dev/null; do sleep 1; done
+    while read -r pid name; do
+      if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$name"; then
+        kill -KILL "$pid" 2>/dev/null || true
+      fi
+    done <"$tmp/pids"
+    rm -rf "$tmp"
+  ) </dev/null >/dev/null 2>&1 &
+  watchdog_pid=$!
+}
+
+# watch_pid PID NAME: hands PID to the watchdog; NAME must occur in its command line.
+watch_pid() { echo "$1 $2" >>"$tmp/pids"; }
+
+# Called by the clean-up once our children are stopped: the watchdog has nothing left to guard.
+stop_watchdog() {
+  [ -n "$watchdog_pid" ] || return 0
+  kill -TERM "$watchdog_pid" 2>/dev/null || true
+  wait "$watchdog_pid" 2>/dev/null || true
+}
+
+# keep_logs DEST FILE...: the run's logs (ClickHouse's too) stay for a look once $tmp is gone.
+keep_logs() {
+  local dest="$1" f name
+  shift
+  rm -rf "$dest"
+  mkdir -p "$dest"
+  cp "$@" "$dest/" 2>/dev/null || true
+  for f in "$tmp"/clickhouse/log/*.log; do
+    [ -f "$f" ] || continue
+    name="$(basename "$f")"
+    [[ "$name" == clickhouse* ]] || name="clickhouse-$name" # stdout.log
+    cp "$f" "$dest/$name" 2>/dev/null || true
+  done
+}
+
+# free_ports N: N free loopback ports, not fixed numbers that a developer's stack may hold.
+free_ports() {
+  # Bound together, so they are distinct. Another program could take one before we bind it;
+  # start-up would then fail loudly, not touch that program.
+  python3 -c '
+import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))
+' "$1"
+}
+
+# Escapes a value for the right-hand side of a sed s|…|…| command.
+sed_escape() { printf '%s' "$1" | sed -e 's/[\\|&]/\\&/g'; }
+
+# start_clickhouse HTTP_PORT TCP_PORT: a private server in $tmp/clickhouse; returns once it answers.
+start_clickhouse() {
+  local http="$1" tcp="$2"
+  ch_dir="$tmp/clickhouse"
+  ch_url="http://127.0.0.1:$http"
+  mkdir -p "$ch_dir/log" "$ch_dir/data" "$ch_dir/tmp" "$ch_dir/user_files" "$ch_dir/format_schemas"
+  sed -e "s|@HTTP_PORT@|$http|g" -e "s|@TCP_PORT@|$tcp|g" -e "s|@DIR@|$(sed_escape "$ch_dir")|g" \
+    clickhouse/local/config.xml >"$ch_dir/config.xml"
+  # config.xml names users.xml relatively, so it sits next to it.
+  cp clickhouse/local/users.xml "$ch_dir/users.xml"
+
+  log "starting ClickHouse on 127.0.0.1:$http (tcp $tcp) in $ch_dir"
+  # setsid: Ctrl-C reaches only the script, whose trap then stops everything in order.
+  (cd "$ch_dir" && exec setsid clickhouse-server --config-file="$ch_dir/config.xml") \
+    </dev/null >"$ch_dir/log/stdout.log" 2>&1 &
+  ch_pid=$!
+  watch_pid "$ch_pid" clickhouse-server
+  wait_ready ClickHouse "$ch_pid" ch_ping "$ch_dir/log/stdout.log" "$ch_dir/log/clickhouse-server.err.log"
+}
+
+# start_adbeacon BIN PORT DATABASE [PREFIX...]: `PREFIX... BIN serve` against our ClickHouse.
+start_adbeacon() {
+  local bin="$1" port="$2" db="$3"
+  shift 3
+  # setsid as for ClickHouse. Other adbeacon settings (FLUSH_INTERVAL, BATCH_MAX_ROWS, ...) pass
+  # through from the caller's environment, for experiments; credentials meant for another
+  # ClickHouse do not, and the demo ads must be seeded or every click would be a 404. adbeacon
+  # creates DATABASE and runs its migrations at start-up.
+  setsid env -u CLICKHOUSE_USER -u CLICKHOUSE_PASSWORD SEED_DEMO_ADS=true \
+    PORT="$port" HOST=127.0.0.1 CLICKHOUSE_URL="$ch_url" \
+    CLICKHOUSE_DATABASE="$db" DATA_DIR="$tmp/adbeacon-data" LOG_FORMAT=json LOG_LEVEL=warn \
+    "$@" "$bin" serve </dev/null >"$tmp/adbeacon.log" 2>&1 &
+  app_pid=$!
+  watch_pid "$app_pid" "$bin"
+}
+
+# show_tail FILE...: the end of each non-empty log, so a failed start-up explains itself.
+show_tail() {
+  local f
+  for f in "$@"; do
+    [ -s "$f" ] || continue
+    echo "---- $f (last lines) ----" >&2
+    tail -n 25 "$f" >&2
+  done
+}
+
+# wait_ready NAME PID CHECK LOG...: polls CHECK for 60 s; dies, showing LOG, if PID exits first.
+wait_ready() {
+  local name=$1 pid=$2 check=$3 waited=0
+  shift 3
+  until "$check"; do
+    if ! alive "$pid"; then
+      show_tail "$@"
+      die "$name exited during start-up"
+    fi
+    [ "$waited" -lt 600 ] || {
+      show_tail "$@"
+      die "$name was not ready within 60s"
+    }
+    sleep 0.1
+    waited=$((waited + 1))
+  done
+}
+
+# http_code CURL_ARGS...: the HTTP status alone (000 while nothing listens), for start-up probes.
+http_code() { curl -s --noproxy '*' --max-time 2 -o /dev/null -w '%{http_code}' "$@" 2>/dev/null || true; }
+
+# A wait_ready check: ClickHouse's /ping says "Ok." once it takes queries.
+# shellcheck disable=SC2317  # called through wait_ready
+ch_ping() { [ "$(curl -s --noproxy '*' --max-time 2 "$ch_url/ping" 2>/dev/null)" = "Ok." ]; }
+
+# A wait_ready check: /readyz is 200 once adbeacon migrated, seeded demo ads and reaches ClickHouse.
+# shellcheck disable=SC2317  # called through wait_ready
+app_ready() { [ "$(http_code "${app_url:?}/readyz")" = 200 ]; }
+
+# The commit the figures were taken at, "+dirty" when the working tree differs from it.
+git_rev() {
+  local rev
+  rev="$(git rev-parse --short HEAD 2>/dev/null || echo none)"
+  # --no-optional-locks: never take the index lock from under someone's git command.
+  if [ -n "$(git --no-optional-locks status --porcelain 2>/dev/null | head -n 1)" ]; then rev="$rev+dirty"; fi
+  printf '%s\n' "$rev"
+}
