@@ -14,7 +14,7 @@ use crate::{
     iphash::IpHasher,
     metrics::Metrics,
     server,
-    store::{Analytics, Catalog, ClickHouse, StoreError, Timeouts, migrate},
+    store::{Analytics, Catalog, ClickHouse, StoreError, Timeouts, migrate, retention},
 };
 
 /// Why the service could not start or stop cleanly.
@@ -48,6 +48,8 @@ pub struct App {
     state: Arc<State>,
     flusher: JoinHandle<()>,
     stop_flusher: CancellationToken,
+    retention: JoinHandle<()>,
+    stop_retention: CancellationToken,
     header_read_timeout: Duration,
 }
 
@@ -113,12 +115,28 @@ impl App {
             shutdown_timeout: config.shutdown_timeout,
         };
         let flusher = tokio::spawn(flusher.run(stop_flusher.clone()));
+        let stop_retention = CancellationToken::new();
+        let retention = tokio::spawn(retention::run(
+            state.clickhouse.clone(),
+            config.raw_retention_months,
+            state.metrics.clone(),
+            stop_retention.clone(),
+        ));
         let addr = SocketAddr::new(config.host, config.port);
         let listener =
             TcpListener::bind(addr).await.map_err(io(format!("cannot listen on {addr} (set HOST/PORT)")))?;
         let local_addr = listener.local_addr().map_err(io("listening socket"))?;
         let header_read_timeout = config.header_read_timeout;
-        Ok(App { listener, local_addr, state, flusher, stop_flusher, header_read_timeout })
+        Ok(App {
+            listener,
+            local_addr,
+            state,
+            flusher,
+            stop_flusher,
+            retention,
+            stop_retention,
+            header_read_timeout,
+        })
     }
 
     /// The address the server is bound to (useful with PORT=0).
@@ -133,10 +151,15 @@ impl App {
             server::Limits { header_read_timeout: self.header_read_timeout, shutdown_grace: REQUEST_GRACE };
         let served = server::serve(self.listener, api::routes(self.state.clone()), shutdown, limits).await;
         tracing::info!("stopped accepting requests; flushing buffered events");
+        self.stop_retention.cancel();
         self.state.buffer.close();
         self.stop_flusher.cancel();
         if let Err(e) = self.flusher.await {
             tracing::error!(error = %e, "the flusher task failed during shutdown");
+        }
+        // Between two statements it stops at once; a DROP in flight is bounded by QUERY_TIMEOUT.
+        if let Err(e) = self.retention.await {
+            tracing::error!(error = %e, "the raw-retention task failed");
         }
         served.map_err(io("HTTP server"))
     }

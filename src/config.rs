@@ -109,12 +109,17 @@ pub const SETTINGS: &[Setting] = &[
         "a duration",
         "a client timestamp further in the future than this is replaced by server time",
     ),
-    s("MAX_EVENT_AGE", "7d", "a duration", "a client timestamp older than this is replaced by server time"),
+    s(
+        "MAX_EVENT_AGE",
+        "7d",
+        "a duration, at most RAW_RETENTION_MONTHS",
+        "a client timestamp older than this is replaced by server time",
+    ),
     s(
         "RAW_RETENTION_MONTHS",
         "13",
         "a whole number of months from 1 to 1200",
-        "how long raw events are kept; an analytics window (from/to) may not be longer",
+        "raw events are kept this many months, then dropped a month at a time (aggregates stay); also the longest analytics window (from/to)",
     ),
     s("CATALOG_NEGATIVE_TTL", "5s", "a duration", "how long an unknown ad id stays cached as unknown"),
     s(
@@ -390,6 +395,20 @@ impl Config {
                 reason: "the buffer must hold at least one full batch".into(),
             });
         }
+        // Raw retention drops whole months older than RAW_RETENTION_MONTHS; an event accepted with
+        // an older time would land in a month that is (or soon is) dropped.
+        let retained = Duration::from_secs(u64::from(config.raw_retention_months) * 28 * 86_400);
+        if config.max_event_age > retained {
+            return Err(ConfigError {
+                name: "MAX_EVENT_AGE",
+                shown: format!("={}", humantime::format_duration(config.max_event_age)),
+                form: "a duration no longer than RAW_RETENTION_MONTHS (counted as 28-day months)",
+                reason: format!(
+                    "events that old would be dropped by raw retention ({} months)",
+                    config.raw_retention_months
+                ),
+            });
+        }
         Ok(config)
     }
 
@@ -442,6 +461,13 @@ mod tests {
         assert!(e.contains("SEED_DEMO_ADS") && e.contains("true or false"), "{e}");
         let e = Config::from_vars([("BATCH_MAX_ROWS", "0")]).unwrap_err().to_string();
         assert!(e.contains("greater than zero"), "{e}");
+        let e = Config::from_vars([("RAW_RETENTION_MONTHS", "0")]).unwrap_err().to_string();
+        assert!(e.contains("RAW_RETENTION_MONTHS"), "{e}");
+        let e = Config::from_vars([("RAW_RETENTION_MONTHS", "2"), ("MAX_EVENT_AGE", "60d")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("MAX_EVENT_AGE") && e.contains("raw retention"), "{e}");
+        assert!(Config::from_vars([("RAW_RETENTION_MONTHS", "3"), ("MAX_EVENT_AGE", "60d")]).is_ok());
     }
 
     #[test]

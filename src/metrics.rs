@@ -53,6 +53,8 @@ pub struct Metrics {
     pub events_dead_lettered: IntCounter,
     /// Client timestamps replaced by server time.
     pub event_time_replaced: IntCounter,
+    /// Months of raw events dropped by raw retention.
+    pub retention_months_dropped: IntCounter,
     /// Events held in memory (buffered or in flight).
     pub buffer_events: IntGauge,
     /// Bytes of events held in memory.
@@ -151,6 +153,10 @@ impl Metrics {
             event_time_replaced: counter(
                 "adbeacon_event_time_replaced_total",
                 "Client timestamps outside the tolerated window, replaced by server time",
+            ),
+            retention_months_dropped: counter(
+                "adbeacon_retention_months_dropped_total",
+                "Monthly partitions of raw events dropped because they are older than RAW_RETENTION_MONTHS",
             ),
             buffer_events: gauge(
                 "adbeacon_buffer_events",

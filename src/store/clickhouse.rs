@@ -238,7 +238,12 @@ impl ClickHouse {
 
     /// Runs one statement that returns nothing (DDL, small inserts).
     pub async fn execute(&self, sql: &str) -> Result<(), StoreError> {
-        self.bounded(self.client.query(sql).execute()).await
+        self.execute_query(self.client.query(sql)).await
+    }
+
+    /// Runs one built query (with bound parameters) that returns nothing.
+    pub async fn execute_query(&self, query: clickhouse::query::Query) -> Result<(), StoreError> {
+        self.bounded(query.execute()).await
     }
 
     /// Fetches every row of a query.

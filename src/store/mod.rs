@@ -5,6 +5,7 @@ pub mod catalog;
 pub mod clickhouse;
 pub mod migrate;
 pub mod queries;
+pub mod retention;
 
 pub use self::{
     analytics::Analytics,

@@ -17,6 +17,11 @@ pub const ADS_TOTALS: &str = include_str!("../../clickhouse/queries/ads_totals.s
 /// The first UTC day with any event.
 pub const FIRST_EVENT_DAY: &str = include_str!("../../clickhouse/queries/first_event_day.sql");
 
+/// The months (YYYYMM partitions) of raw events that hold data.
+pub const EVENTS_PARTITIONS: &str = include_str!("../../clickhouse/queries/events_partitions.sql");
+/// Drops one month of raw events; `?` = the month as YYYYMM.
+pub const DROP_EVENTS_PARTITION: &str = include_str!("../../clickhouse/queries/drop_events_partition.sql");
+
 /// Stored event ids of one batch; `?` = first and last event_time (unix seconds), batch id.
 pub const BATCH_EVENT_IDS: &str = include_str!("../../clickhouse/queries/batch_event_ids.sql");
 /// Ends a possibly running INSERT of a batch; `?` = the batch id (its query_id).
@@ -32,6 +37,8 @@ pub const ALL: &[(&str, &str)] = &[
     ("ads_active.sql", ADS_ACTIVE),
     ("ads_count.sql", ADS_COUNT),
     ("batch_event_ids.sql", BATCH_EVENT_IDS),
+    ("drop_events_partition.sql", DROP_EVENTS_PARTITION),
+    ("events_partitions.sql", EVENTS_PARTITIONS),
     ("kill_batch_insert.sql", KILL_BATCH_INSERT),
 ];
 

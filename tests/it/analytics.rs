@@ -222,7 +222,7 @@ async fn click_from(app: &TestApp, ip: u8, body: Value) {
 
 #[tokio::test]
 async fn randomized_windows_equal_a_recount_of_raw_events() {
-    let app = TestApp::spawn_with(&[("MAX_EVENT_AGE", "3650d")]).await;
+    let app = TestApp::spawn_with(&[("MAX_EVENT_AGE", "60d")]).await;
     let tz = app.query("SELECT timezone()").await;
     assert_eq!(tz.trim(), TEST_SERVER_TIMEZONE, "the server must not run in UTC for this test to mean much");
 

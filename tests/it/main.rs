@@ -7,5 +7,6 @@ mod ads;
 mod analytics;
 mod lifecycle;
 mod pipeline;
+mod retention;
 mod servers;
 mod tracking;
