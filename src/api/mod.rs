@@ -7,6 +7,7 @@ pub mod analytics;
 pub mod body;
 pub mod error;
 pub mod health;
+pub mod pixel;
 pub mod tracking;
 
 use std::{
@@ -24,7 +25,7 @@ use uuid::Uuid;
 
 use self::{
     ads::AdsApi, analytics::AnalyticsApi, body::BodyLimit, error::ApiError, health::HealthApi,
-    tracking::TrackingApi,
+    pixel::PixelApi, tracking::TrackingApi,
 };
 use crate::{
     domain::{Event, EventReport, EventTime},
@@ -71,6 +72,22 @@ pub struct State {
     pub retry_after: u64,
     /// Largest request body.
     pub body_limit: usize,
+    /// Client event ids accepted recently on this instance, so that a repeated one is answered
+    /// but not stored twice (see [`RECENT_EVENT_IDS`]).
+    pub recent_event_ids: moka::sync::Cache<Uuid, ()>,
+}
+
+/// How many client event ids, and for how long, an instance remembers. A player that re-fires a
+/// beacon does so within seconds; the bound keeps a flood of fresh ids from growing memory.
+pub const RECENT_EVENT_IDS: (u64, Duration) = (1_000_000, Duration::from_secs(3600));
+
+/// What became of an accepted event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// Held for storage.
+    Stored,
+    /// Its client event id was accepted before (on this instance): answered, not stored again.
+    Duplicate,
 }
 
 impl State {
@@ -79,8 +96,9 @@ impl State {
         dto.try_into().map_err(ApiError::bad_request)
     }
 
-    /// Resolves the ad, stamps the event and buffers it. Ok means the event is held.
-    pub async fn accept(&self, report: EventReport, remote: &RemoteAddr) -> Result<(), ApiError> {
+    /// Resolves the ad, stamps the event and buffers it. Ok means the event is held (or, for a
+    /// repeated client event id, was held before).
+    pub async fn accept(&self, report: EventReport, remote: &RemoteAddr) -> Result<Accepted, ApiError> {
         match self.catalog.get(report.ad_id).await {
             Ok(Some(_)) => {}
             Ok(None) => {
@@ -103,8 +121,14 @@ impl State {
             .as_socket_addr()
             .map(|a| a.ip())
             .unwrap_or(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
+        // A client id is claimed atomically, so that of two concurrent repeats only one is stored.
+        if let Some(id) = report.event_id
+            && !self.recent_event_ids.entry(id).or_insert(()).is_fresh()
+        {
+            return Ok(Accepted::Duplicate);
+        }
         let event = Event {
-            event_id: Uuid::new_v4(),
+            event_id: report.event_id.unwrap_or_else(Uuid::new_v4),
             ad_id: report.ad_id,
             kind: report.kind,
             event_time: time.at,
@@ -114,6 +138,10 @@ impl State {
             error_code: report.error_code,
         };
         self.buffer.push(std::iter::once(EventRow::from(event))).map_err(|e| {
+            // Not held: a retry with the same id must be able to store it.
+            if let Some(id) = report.event_id {
+                self.recent_event_ids.invalidate(&id);
+            }
             self.metrics.rejected(match e {
                 PushError::Full => RejectReason::BufferFull,
                 PushError::Closed => RejectReason::ShuttingDown,
@@ -121,15 +149,18 @@ impl State {
             ApiError::push(e, self.retry_after)
         })?;
         self.metrics.accepted(report.kind, 1);
-        Ok(())
+        Ok(Accepted::Stored)
     }
 }
 
 /// The OpenAPI service over every operation.
-pub fn openapi(state: Arc<State>) -> OpenApiService<(TrackingApi, AdsApi, AnalyticsApi, HealthApi), ()> {
+pub fn openapi(
+    state: Arc<State>,
+) -> OpenApiService<(TrackingApi, PixelApi, AdsApi, AnalyticsApi, HealthApi), ()> {
     OpenApiService::new(
         (
             TrackingApi { state: state.clone() },
+            PixelApi { state: state.clone() },
             AdsApi { state: state.clone() },
             AnalyticsApi { state: state.clone() },
             HealthApi { state },

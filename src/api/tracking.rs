@@ -205,6 +205,7 @@ impl TryFrom<ImpressionRequest> for EventReport {
 
     fn try_from(r: ImpressionRequest) -> Result<Self, String> {
         Ok(EventReport {
+            event_id: None,
             ad_id: ad_id([("adId", r.ad_id_camel), ("ad_id", r.ad_id)])?,
             kind: EventKind::Impression,
             client_time: None,
@@ -229,6 +230,7 @@ impl TryFrom<ClickRequest> for EventReport {
         .map(|(name, s)| PlaybackTime::new(s).map_err(|e| format!("{name} {e}")))
         .transpose()?;
         Ok(EventReport {
+            event_id: None,
             ad_id,
             kind: EventKind::Click,
             client_time: r.timestamp,

@@ -87,6 +87,21 @@ impl EventKind {
     pub fn index(self) -> usize {
         self as usize - 1
     }
+
+    /// The name of the event in VAST 4 tracking (`creativeView`, `firstQuartile`, …).
+    pub fn vast_name(self) -> &'static str {
+        match self {
+            Self::CreativeView => "creativeView",
+            Self::FirstQuartile => "firstQuartile",
+            Self::ThirdQuartile => "thirdQuartile",
+            other => other.as_str(),
+        }
+    }
+
+    /// The kind named `name` in VAST's spelling or in ClickHouse's (`first_quartile`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.vast_name() == name || k.as_str() == name)
+    }
 }
 
 /// Seconds into the video: finite and not negative.
@@ -96,6 +111,28 @@ pub struct PlaybackTime(f32);
 impl PlaybackTime {
     /// Longest playback position accepted (a day); anything beyond is a client bug.
     pub const MAX_SECONDS: f64 = 86_400.0;
+
+    /// Parses VAST's `[ADPLAYHEAD]` form, `HH:MM:SS` or `HH:MM:SS.mmm`.
+    pub fn parse_playhead(text: &str) -> Result<Self, String> {
+        let bad = || format!("must be HH:MM:SS.mmm, got {text:?}");
+        let mut parts = text.split(':');
+        let (Some(h), Some(m), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        let digits = |x: &str| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit());
+        let (whole, frac) = s.split_once('.').unwrap_or((s, "0"));
+        if !(digits(h) && digits(m) && m.len() == 2 && digits(whole) && whole.len() == 2 && digits(frac)) {
+            return Err(bad());
+        }
+        let (h, m, whole): (f64, f64, f64) =
+            (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?, whole.parse().map_err(|_| bad())?);
+        if m >= 60.0 || whole >= 60.0 {
+            return Err(bad());
+        }
+        let frac: f64 = format!("0.{frac}").parse().map_err(|_| bad())?;
+        Self::new(h * 3600.0 + m * 60.0 + whole + frac)
+    }
 
     /// Validates a position in seconds.
     pub fn new(seconds: f64) -> Result<Self, String> {
@@ -156,10 +193,12 @@ impl EventTime {
     }
 }
 
-/// What a client reports about one event, validated. The server adds the event id, its own
-/// clock and the client-IP hash to make an [`Event`].
+/// What a client reports about one event, validated. The server adds its own clock and the
+/// client-IP hash (and an event id, unless the client sent one) to make an [`Event`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventReport {
+    /// The client's id of the event, when it sent one: the idempotency key.
+    pub event_id: Option<Uuid>,
     /// The ad (not yet checked against the catalog).
     pub ad_id: Uuid,
     /// What happened.
@@ -203,6 +242,27 @@ mod tests {
         for (i, k) in EventKind::ALL.iter().enumerate() {
             assert_eq!(k.index(), i);
             assert_eq!(*k as i8, i as i8 + 1);
+        }
+    }
+
+    #[test]
+    fn vast_names_map_to_kinds() {
+        assert_eq!(EventKind::from_name("firstQuartile"), Some(EventKind::FirstQuartile));
+        assert_eq!(EventKind::from_name("first_quartile"), Some(EventKind::FirstQuartile));
+        assert_eq!(EventKind::from_name("creativeView"), Some(EventKind::CreativeView));
+        assert_eq!(EventKind::from_name("error"), Some(EventKind::Error));
+        assert_eq!(EventKind::from_name("FirstQuartile"), None);
+        for k in EventKind::ALL {
+            assert_eq!(EventKind::from_name(k.vast_name()), Some(k));
+        }
+    }
+
+    #[test]
+    fn playheads_parse() {
+        assert_eq!(PlaybackTime::parse_playhead("00:00:12.500").unwrap().seconds(), 12.5);
+        assert_eq!(PlaybackTime::parse_playhead("01:02:03").unwrap().seconds(), 3723.0);
+        for bad in ["[ADPLAYHEAD]", "12.5", "00:60:00", "00:00:7", "-1:00:00", "00:00:00.x", "::", ""] {
+            assert!(PlaybackTime::parse_playhead(bad).is_err(), "{bad}");
         }
     }
 

@@ -7,6 +7,7 @@ mod ads;
 mod analytics;
 mod lifecycle;
 mod pipeline;
+mod pixels;
 mod retention;
 mod servers;
 mod tracking;

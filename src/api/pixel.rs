@@ -1,0 +1,352 @@
+//! What video players and browsers fire without JavaScript: VAST tracking pixels
+//! (`GET /t/{event}?ad=…`) and the click-through redirect (`GET /c/{adId}`).
+//!
+//! Players fire a VAST tracking URL once and never retry it, so a beacon is answered as soon as
+//! the event is held, and with a 5xx only when nothing can hold it. Macros the player did not
+//! expand (`[TIMESTAMP]`) or garbage in optional parameters never lose the event: the server's
+//! time stands in for a bad timestamp (counted in `adbeacon_event_time_replaced_total`), a bad
+//! playhead is left out.
+
+use std::{hash::Hasher, sync::Arc};
+
+use bytes::Bytes;
+use poem::web::RemoteAddr;
+use poem_openapi::{
+    ApiResponse, OpenApi,
+    param::{Path, Query},
+    payload::Binary,
+};
+use siphasher::sip128::{Hasher128, SipHasher13};
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use uuid::Uuid;
+
+use super::{Accepted, ApiTags, State, error::ApiError};
+use crate::domain::{EventKind, EventReport, PlaybackTime};
+
+/// A transparent 1×1 GIF, the smallest image every browser and player accepts.
+pub const PIXEL_GIF: &[u8] = &[
+    0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00, 0xff,
+    0xff, 0xff, 0x21, 0xf9, 0x04, 0x01, 0x00, 0x00, 0x00, 0x00, 0x2c, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00,
+    0x01, 0x00, 0x00, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3b,
+];
+
+/// Beacons and redirects must never be cached: a cached pixel is an event never seen.
+const NO_STORE: &str = "no-store";
+
+/// VAST 4's "undefined error", stored for an error beacon whose code is missing or unreadable.
+pub const UNDEFINED_VAST_ERROR: u16 = 900;
+
+/// The longest client event id taken as is; ids are usually UUIDs.
+const MAX_EVENT_ID_LEN: usize = 200;
+
+/// Answer of a beacon.
+#[derive(Debug, ApiResponse)]
+pub enum PixelResponse {
+    /// The event is held: a transparent 1×1 GIF.
+    #[oai(status = 200, content_type = "image/gif")]
+    Gif(Binary<Bytes>, #[oai(header = "Cache-Control")] String),
+    /// The event is held (asked for with `f=204`).
+    #[oai(status = 204)]
+    NoContent(#[oai(header = "Cache-Control")] String),
+}
+
+impl PixelResponse {
+    fn new(format: Option<&str>) -> Self {
+        if format == Some("204") {
+            Self::NoContent(NO_STORE.into())
+        } else {
+            Self::Gif(Binary(Bytes::from_static(PIXEL_GIF)), NO_STORE.into())
+        }
+    }
+}
+
+/// Answer of the click-through.
+#[derive(Debug, ApiResponse)]
+pub enum RedirectResponse {
+    /// The click is recorded; on to the ad's registered target.
+    #[oai(status = 302)]
+    Found(#[oai(header = "Location")] String, #[oai(header = "Cache-Control")] String),
+}
+
+/// The query of a beacon, as sent.
+struct Beacon<'a> {
+    event: &'a str,
+    ad: Option<&'a str>,
+    ts: Option<&'a str>,
+    pt: Option<&'a str>,
+    eid: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+/// A beacon turned into a report, and whether its timestamp had to be dropped.
+struct Parsed {
+    report: EventReport,
+    bad_timestamp: bool,
+}
+
+/// A client event id: a UUID as is, any other string mapped to a stable UUID (so that repeats of
+/// it are recognised), or a 400 when it is too long to be an id.
+fn event_id(text: &str) -> Result<Uuid, String> {
+    if let Ok(id) = Uuid::try_parse(text) {
+        return Ok(id);
+    }
+    if text.is_empty() || text.len() > MAX_EVENT_ID_LEN {
+        return Err(format!("eid must be 1 to {MAX_EVENT_ID_LEN} characters, got {}", text.len()));
+    }
+    let mut h = SipHasher13::new_with_keys(0x6164_6265_6163_6f6e, 0x6576_656e_7420_6964);
+    h.write(text.as_bytes());
+    Ok(Uuid::from_u128(h.finish128().as_u128()))
+}
+
+fn parse(b: &Beacon<'_>) -> Result<Parsed, ApiError> {
+    let kind = EventKind::from_name(b.event).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "unknown tracking event {:?}; use one of impression, creativeView, start, firstQuartile, \
+             midpoint, thirdQuartile, complete, skip, pause, resume, mute, unmute, close, error, click",
+            b.event
+        ))
+    })?;
+    let ad = b.ad.ok_or_else(|| ApiError::bad_request("ad is required: /t/{event}?ad={adId}"))?;
+    let ad_id = Uuid::try_parse(ad).map_err(|_| {
+        ApiError::bad_request(format!(
+            "ad must be a UUID such as 11111111-1111-1111-1111-111111111111, got {ad:?}"
+        ))
+    })?;
+    let client_time = b.ts.map(|t| OffsetDateTime::parse(t, &Rfc3339).ok());
+    let error_code = match kind {
+        EventKind::Error => b.code.and_then(|c| c.parse().ok()).unwrap_or(UNDEFINED_VAST_ERROR),
+        _ => 0,
+    };
+    let event_id = b.eid.map(event_id).transpose().map_err(ApiError::bad_request)?;
+    Ok(Parsed {
+        report: EventReport {
+            event_id,
+            ad_id,
+            kind,
+            client_time: client_time.flatten(),
+            playback_time: b.pt.and_then(|p| PlaybackTime::parse_playhead(p).ok()),
+            error_code,
+        },
+        bad_timestamp: matches!(client_time, Some(None)),
+    })
+}
+
+/// A usable redirect target: an absolute http(s) URL without spaces or control characters.
+fn redirect_target(url: &str) -> Option<&str> {
+    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"))?;
+    let host_ok = !rest.is_empty() && !rest.starts_with(['/', '?', '#']);
+    (host_ok && !url.chars().any(|c| c.is_whitespace() || c.is_control())).then_some(url)
+}
+
+/// Pixel and redirect operations.
+pub struct PixelApi {
+    /// Shared service state.
+    pub state: Arc<State>,
+}
+
+#[OpenApi(tag = "ApiTags::Tracking")]
+impl PixelApi {
+    /// VAST tracking beacon.
+    ///
+    /// The tracking URL to write into VAST: `/t/{event}?ad={adId}` with `event` one of
+    /// impression, creativeView, start, firstQuartile, midpoint, thirdQuartile, complete, skip,
+    /// pause, resume, mute, unmute, close, error (with `code=[ERRORCODE]`) or click. Answers a
+    /// transparent 1×1 GIF, or 204 with `f=204`, never cached. A bad or unexpanded `ts` is
+    /// replaced by the server's time, a bad `pt` is left out; neither loses the event. With `eid`,
+    /// a repeated beacon is answered but stored once (per instance, within an hour). 5xx only when
+    /// the service cannot hold the event.
+    #[oai(path = "/t/:event", method = "get", operation_id = "trackBeacon")]
+    #[allow(clippy::too_many_arguments)]
+    async fn beacon(
+        &self,
+        remote: &RemoteAddr,
+        /// The VAST event name.
+        event: Path<String>,
+        /// The ad's id.
+        ad: Query<Option<String>>,
+        /// When it happened: `[TIMESTAMP]`, ISO 8601 with an offset.
+        ts: Query<Option<String>>,
+        /// Playback position: `[ADPLAYHEAD]`, HH:MM:SS.mmm.
+        pt: Query<Option<String>>,
+        /// `[CACHEBUSTING]`: ignored; it only defeats caches on the way.
+        cb: Query<Option<String>>,
+        /// The client's event id, for idempotency.
+        eid: Query<Option<String>>,
+        /// VAST error code for `error`: `[ERRORCODE]` (900, undefined, when missing or unreadable).
+        code: Query<Option<String>>,
+        /// `204` for an empty answer instead of the GIF.
+        f: Query<Option<String>>,
+    ) -> Result<PixelResponse, ApiError> {
+        let _ = cb;
+        let beacon = Beacon {
+            event: &event.0,
+            ad: ad.0.as_deref(),
+            ts: ts.0.as_deref(),
+            pt: pt.0.as_deref(),
+            eid: eid.0.as_deref(),
+            code: code.0.as_deref(),
+        };
+        let Parsed { report, bad_timestamp } = parse(&beacon)?;
+        if self.state.accept(report, remote).await? == Accepted::Stored && bad_timestamp {
+            self.state.metrics.event_time_replaced.inc();
+        }
+        Ok(PixelResponse::new(f.0.as_deref()))
+    }
+
+    /// VAST tracking beacon, checked but not recorded.
+    ///
+    /// Answers what `GET` would (status and headers, no body) without recording anything: link
+    /// checkers and prefetchers send HEAD, players fire GET.
+    #[oai(path = "/t/:event", method = "head", operation_id = "checkBeacon")]
+    #[allow(clippy::too_many_arguments)]
+    async fn check_beacon(
+        &self,
+        /// The VAST event name.
+        event: Path<String>,
+        /// The ad's id.
+        ad: Query<Option<String>>,
+        /// As for GET.
+        ts: Query<Option<String>>,
+        /// As for GET.
+        pt: Query<Option<String>>,
+        /// As for GET.
+        cb: Query<Option<String>>,
+        /// As for GET.
+        eid: Query<Option<String>>,
+        /// As for GET.
+        code: Query<Option<String>>,
+        /// As for GET.
+        f: Query<Option<String>>,
+    ) -> Result<PixelResponse, ApiError> {
+        let _ = cb;
+        let beacon = Beacon {
+            event: &event.0,
+            ad: ad.0.as_deref(),
+            ts: ts.0.as_deref(),
+            pt: pt.0.as_deref(),
+            eid: eid.0.as_deref(),
+            code: code.0.as_deref(),
+        };
+        let Parsed { report, .. } = parse(&beacon)?;
+        match self.state.catalog.get(report.ad_id).await {
+            Ok(Some(_)) => Ok(PixelResponse::new(f.0.as_deref())),
+            Ok(None) => Err(ApiError::not_found(format!("ad {} not found", report.ad_id))),
+            Err(e) => Err(ApiError::storage(e, self.state.retry_after)),
+        }
+    }
+
+    /// Click-through.
+    ///
+    /// The click URL to give browsers and players: records a click and redirects (302) to the
+    /// ad's registered target_url, and only there: no parameter can choose the destination.
+    /// 404 for an unknown or inactive ad. When the service cannot hold the click, the viewer is
+    /// still sent on (the lost click is counted in `adbeacon_events_rejected_total`).
+    #[oai(path = "/c/:ad_id", method = "get", operation_id = "clickThrough")]
+    async fn click_through(
+        &self,
+        remote: &RemoteAddr,
+        /// The ad's id.
+        #[oai(name = "ad_id")]
+        ad_id: Path<String>,
+    ) -> Result<RedirectResponse, ApiError> {
+        let id = Uuid::try_parse(&ad_id.0).map_err(|_| {
+            ApiError::bad_request(format!(
+                "the ad id must be a UUID such as 11111111-1111-1111-1111-111111111111, got {:?}",
+                ad_id.0
+            ))
+        })?;
+        let ad = match self.state.catalog.get(id).await {
+            Ok(Some(ad)) if ad.active => ad,
+            Ok(Some(_)) => return Err(ApiError::not_found(format!("ad {id} is not active"))),
+            Ok(None) => return Err(ApiError::not_found(format!("ad {id} not found"))),
+            Err(e) => return Err(ApiError::storage(e, self.state.retry_after)),
+        };
+        let target = redirect_target(&ad.target_url)
+            .ok_or_else(|| {
+                ApiError::not_found(format!("ad {id} has no http(s) target_url to send clicks to"))
+            })?
+            .to_string();
+        let report = EventReport {
+            event_id: None,
+            ad_id: id,
+            kind: EventKind::Click,
+            client_time: None,
+            playback_time: None,
+            error_code: 0,
+        };
+        match self.state.accept(report, remote).await {
+            Ok(_) | Err(ApiError::Unavailable(..)) => Ok(RedirectResponse::Found(target, NO_STORE.into())),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn beacon<'a>(event: &'a str, ad: Option<&'a str>) -> Beacon<'a> {
+        Beacon { event, ad, ts: None, pt: None, eid: None, code: None }
+    }
+
+    const AD: &str = "11111111-1111-1111-1111-111111111111";
+
+    #[test]
+    fn the_gif_is_a_1x1_gif() {
+        assert_eq!(PIXEL_GIF.len(), 43);
+        assert!(PIXEL_GIF.starts_with(b"GIF89a\x01\x00\x01\x00"));
+        assert_eq!(PIXEL_GIF.last(), Some(&0x3b));
+    }
+
+    #[test]
+    fn beacons_parse_and_tolerate_unexpanded_macros() {
+        let mut b = beacon("firstQuartile", Some(AD));
+        b.ts = Some("[TIMESTAMP]");
+        b.pt = Some("[ADPLAYHEAD]");
+        let p = parse(&b).unwrap();
+        assert_eq!(p.report.kind, EventKind::FirstQuartile);
+        assert!(p.bad_timestamp && p.report.client_time.is_none() && p.report.playback_time.is_none());
+        b.ts = Some("2026-11-21T10:00:00.250-05:00");
+        b.pt = Some("00:00:07.250");
+        let p = parse(&b).unwrap();
+        assert!(!p.bad_timestamp);
+        assert_eq!(p.report.client_time.unwrap().unix_timestamp(), 1_795_273_200);
+        assert_eq!(p.report.playback_time.unwrap().seconds(), 7.25);
+        let mut e = beacon("error", Some(AD));
+        e.code = Some("[ERRORCODE]");
+        assert_eq!(parse(&e).unwrap().report.error_code, 900);
+        e.code = Some("405");
+        assert_eq!(parse(&e).unwrap().report.error_code, 405);
+        assert_eq!(parse(&beacon("start", Some(AD))).unwrap().report.error_code, 0);
+    }
+
+    #[test]
+    fn bad_beacons_are_refused_with_the_reason() {
+        assert!(matches!(parse(&beacon("firstquartile", Some(AD))), Err(ApiError::NotFound(_))));
+        assert!(matches!(parse(&beacon("start", None)), Err(ApiError::BadRequest(_))));
+        assert!(matches!(parse(&beacon("start", Some("x"))), Err(ApiError::BadRequest(_))));
+        let mut b = beacon("start", Some(AD));
+        let long = "x".repeat(201);
+        b.eid = Some(&long);
+        assert!(matches!(parse(&b), Err(ApiError::BadRequest(_))));
+    }
+
+    #[test]
+    fn event_ids_are_stable() {
+        let u = "5b0c1a52-8a35-4c8b-9a4d-2f0e6b3c9d11";
+        assert_eq!(event_id(u).unwrap().to_string(), u);
+        assert_eq!(event_id("player-42-start").unwrap(), event_id("player-42-start").unwrap());
+        assert_ne!(event_id("player-42-start").unwrap(), event_id("player-42-stop").unwrap());
+    }
+
+    #[test]
+    fn only_absolute_http_targets_are_followed() {
+        assert_eq!(redirect_target("https://example.com/x?y=1"), Some("https://example.com/x?y=1"));
+        assert_eq!(redirect_target("http://example.com"), Some("http://example.com"));
+        for bad in
+            ["javascript:alert(1)", "//evil.example", "/local", "https://", "https:///x", "https://a b"]
+        {
+            assert_eq!(redirect_target(bad), None, "{bad}");
+        }
+    }
+}

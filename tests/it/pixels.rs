@@ -1,0 +1,208 @@
+//! VAST tracking pixels and the click-through redirect, as players and browsers fire them: GET
+//! requests with (sometimes unexpanded) macros, never retried, answered with a GIF or a 302.
+
+use serde_json::Value;
+use time::{OffsetDateTime, format_description::well_known::Rfc3339, macros::offset};
+
+use adbeacon::store::EventRow;
+
+use crate::support::{ClickHouse, TestApp, fresh_db};
+
+const AD: &str = "11111111-1111-1111-1111-111111111111";
+const VAST_EVENTS: [(&str, &str); 14] = [
+    ("impression", "impression"),
+    ("creativeView", "creative_view"),
+    ("start", "start"),
+    ("firstQuartile", "first_quartile"),
+    ("midpoint", "midpoint"),
+    ("thirdQuartile", "third_quartile"),
+    ("complete", "complete"),
+    ("skip", "skip"),
+    ("pause", "pause"),
+    ("resume", "resume"),
+    ("mute", "mute"),
+    ("unmute", "unmute"),
+    ("close", "close"),
+    ("error", "error"),
+];
+
+/// A client that, like a browser following a VAST URL, does not follow redirects by itself.
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+}
+
+#[tokio::test]
+async fn every_vast_event_is_a_no_store_gif_and_one_row() {
+    let app = TestApp::spawn().await;
+    for (name, _) in VAST_EVENTS {
+        let resp = app.get(&format!("/t/{name}?ad={AD}&cb=8231&code=405")).await;
+        assert_eq!(resp.status(), 200, "{name}");
+        assert_eq!(resp.headers()["content-type"], "image/gif");
+        assert_eq!(resp.headers()["cache-control"], "no-store");
+        let body = resp.bytes().await.unwrap();
+        assert!(body.starts_with(b"GIF89a") && body.len() == 43, "{name}");
+    }
+    let n = VAST_EVENTS.len() as u64;
+    assert_eq!(app.wait_flushed(n).await, n);
+    let kinds = app.query("SELECT toString(kind) FROM events ORDER BY kind FORMAT TSV").await;
+    let want: Vec<&str> = VAST_EVENTS.iter().map(|(_, k)| *k).collect();
+    assert_eq!(kinds.lines().collect::<Vec<_>>(), want);
+    // The error code is kept for errors only.
+    assert_eq!(app.number("SELECT sum(error_code) FROM events").await, 405);
+    // And analytics sees them.
+    let a: Value = app.get(&format!("/ads/analytics?adId={AD}&timeframe=1h")).await.json().await.unwrap();
+    assert_eq!((a["impressions"].as_u64(), a["video"]["thirdQuartile"].as_u64()), (Some(1), Some(1)));
+    assert_eq!(a["video"]["errors"], 1);
+}
+
+#[tokio::test]
+async fn macros_and_garbage_never_lose_the_event() {
+    let app = TestApp::spawn().await;
+    let ok = |path: String| {
+        let app = &app;
+        async move {
+            let resp = app.get(&path).await;
+            assert!(resp.status().is_success(), "{path}: {}", resp.status());
+        }
+    };
+    // Unexpanded macros, as a player that does not support them sends them.
+    ok(format!("/t/start?ad={AD}&ts=[TIMESTAMP]&pt=[ADPLAYHEAD]&cb=[CACHEBUSTING]")).await;
+    ok(format!("/t/error?ad={AD}&code=[ERRORCODE]")).await;
+    // Expanded ones: an hour ago, written in New York's offset as a player there would.
+    let an_hour_ago = OffsetDateTime::now_utc().unix_timestamp() - 3600;
+    let ts = OffsetDateTime::from_unix_timestamp(an_hour_ago)
+        .unwrap()
+        .to_offset(offset!(-5))
+        .format(&Rfc3339)
+        .unwrap();
+    ok(format!("/t/midpoint?ad={AD}&ts={ts}&pt=00:00:15.250")).await;
+    // f=204.
+    let resp = app.get(&format!("/t/complete?ad={AD}&f=204")).await;
+    assert_eq!(resp.status(), 204);
+    assert_eq!(resp.headers()["cache-control"], "no-store");
+    assert_eq!(app.wait_flushed(4).await, 4);
+
+    let rows = app
+        .query(
+            "SELECT toString(kind), playback_time, error_code, event_time = received_at FROM events \
+             ORDER BY kind FORMAT TSV",
+        )
+        .await;
+    assert_eq!(rows, "start\t\\N\t0\t1\nmidpoint\t15.25\t0\t0\ncomplete\t\\N\t0\t1\nerror\t\\N\t900\t1\n");
+    let late = app.number("SELECT toUnixTimestamp(event_time) FROM events WHERE kind = 'midpoint'").await;
+    assert_eq!(late as i64, an_hour_ago, "an expanded [TIMESTAMP] is the event time, in UTC");
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains("adbeacon_event_time_replaced_total 1"), "the unexpanded ts is counted");
+}
+
+#[tokio::test]
+async fn a_repeated_event_id_is_answered_but_stored_once() {
+    let app = TestApp::spawn().await;
+    for _ in 0..3 {
+        assert_eq!(app.get(&format!("/t/impression?ad={AD}&eid=player-7-imp-1")).await.status(), 200);
+    }
+    let uuid = "5b0c1a52-8a35-4c8b-9a4d-2f0e6b3c9d11";
+    for _ in 0..2 {
+        assert_eq!(app.get(&format!("/t/start?ad={AD}&eid={uuid}")).await.status(), 200);
+    }
+    assert_eq!(app.wait_flushed(2).await, 2);
+    assert_eq!(app.number("SELECT count() FROM events").await, 2);
+    assert_eq!(app.number(&format!("SELECT count() FROM events WHERE event_id = '{uuid}'")).await, 1);
+}
+
+#[tokio::test]
+async fn head_answers_like_get_and_records_nothing() {
+    let app = TestApp::spawn().await;
+    let resp = app.http.head(format!("{}/t/start?ad={AD}", app.base)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "image/gif");
+    assert_eq!(resp.headers()["cache-control"], "no-store");
+    assert!(resp.bytes().await.unwrap().is_empty());
+    let unknown = app.http.head(format!("{}/t/start?ad=99999999-9999-9999-9999-999999999999", app.base));
+    assert_eq!(unknown.send().await.unwrap().status(), 404);
+    // A GET after it is the only event.
+    assert_eq!(app.get(&format!("/t/start?ad={AD}")).await.status(), 200);
+    assert_eq!(app.wait_flushed(1).await, 1);
+    assert_eq!(app.number("SELECT count() FROM events").await, 1);
+}
+
+#[tokio::test]
+async fn bad_beacons_say_what_is_wrong() {
+    let app = TestApp::spawn().await;
+    for (path, status, says) in [
+        (format!("/t/firstquartile?ad={AD}"), 404, "unknown tracking event \"firstquartile\""),
+        ("/t/start".to_string(), 400, "ad is required"),
+        ("/t/start?ad=[AD_ID]".to_string(), 400, "ad must be a UUID"),
+        ("/t/start?ad=99999999-9999-9999-9999-999999999999".to_string(), 404, "not found"),
+    ] {
+        let resp = app.get(&path).await;
+        assert_eq!(resp.status(), status, "{path}");
+        let body: Value = resp.json().await.unwrap();
+        assert!(body["error"].as_str().unwrap().contains(says), "{path}: {body}");
+    }
+    assert_eq!(app.number("SELECT count() FROM events").await, 0);
+}
+
+#[tokio::test]
+async fn the_click_through_records_a_click_and_goes_only_to_the_ads_target() {
+    let app = TestApp::spawn().await;
+    let client = no_redirects();
+    // A `url` parameter is not a destination: no open redirect.
+    let resp = client.get(format!("{}/c/{AD}?url=https://evil.example/", app.base)).send().await.unwrap();
+    assert_eq!(resp.status(), 302);
+    assert_eq!(resp.headers()["location"], "https://www.example.com/summer-sale");
+    assert_eq!(resp.headers()["cache-control"], "no-store");
+    assert_eq!(app.wait_flushed(1).await, 1);
+    assert_eq!(app.number("SELECT countIf(kind = 'click') FROM events").await, 1);
+
+    // Unknown, malformed and retired ads get 404/400, and nothing is recorded.
+    let retired = "44444444-4444-4444-4444-444444444444";
+    app.query(&format!(
+        "INSERT INTO ads (id, name, video_url, target_url, active, created_at, updated_at, version) \
+         VALUES ('{retired}', 'Old', '/v.mp4', 'https://example.com/old', 0, now(), now(), 1)"
+    ))
+    .await;
+    for (id, status) in [("99999999-9999-9999-9999-999999999999", 404), ("nope", 400), (retired, 404)] {
+        let resp = client.get(format!("{}/c/{id}", app.base)).send().await.unwrap();
+        assert_eq!(resp.status(), status, "{id}");
+        assert!(resp.headers().get("location").is_none());
+    }
+    assert_eq!(app.number("SELECT count() FROM events").await, 1);
+}
+
+#[tokio::test]
+async fn with_no_room_a_beacon_gets_503_and_a_click_through_still_redirects() {
+    let mut ch = ClickHouse::start();
+    let room = 4 * EventRow::SIZE;
+    let (room, batch) = (room.to_string(), room.to_string());
+    let app = TestApp::spawn_on(
+        &ch.url(),
+        &fresh_db(),
+        &[("BUFFER_MAX_BYTES", &room), ("BATCH_MAX_BYTES", &batch), ("INSERT_TIMEOUT", "1s")],
+    )
+    .await;
+    // Warm the catalog, then take ClickHouse away so the buffer fills and stays full.
+    assert_eq!(app.get(&format!("/t/impression?ad={AD}")).await.status(), 200);
+    assert_eq!(app.wait_flushed(1).await, 1);
+    ch.kill();
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(app.get(&format!("/t/start?ad={AD}")).await.status().as_u16());
+    }
+    assert!(statuses.iter().take_while(|s| **s == 200).count() <= 4, "{statuses:?}");
+    assert_eq!(statuses.last(), Some(&503), "a beacon nothing can hold is a 5xx: {statuses:?}");
+    // The viewer still reaches the advertiser; the click that could not be held is counted.
+    let full_refusals = || async {
+        let metrics = app.get("/metrics").await.text().await.unwrap();
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("adbeacon_events_rejected_total{reason=\"buffer_full\"} "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = full_refusals().await;
+    let resp = no_redirects().get(format!("{}/c/{AD}", app.base)).send().await.unwrap();
+    assert_eq!(resp.status(), 302);
+    assert_eq!(resp.headers()["location"], "https://www.example.com/summer-sale");
+    assert_eq!(full_refusals().await, before + 1);
+}
