@@ -123,6 +123,12 @@ pub const SETTINGS: &[Setting] = &[
     ),
     s("CATALOG_NEGATIVE_TTL", "5s", "a duration", "how long an unknown ad id stays cached as unknown"),
     s(
+        "CORS_ALLOWED_ORIGINS",
+        "*",
+        "* or a comma-separated list of origins such as https://www.example.com",
+        "web pages that may send events with fetch (CORS on the tracking endpoints only)",
+    ),
+    s(
         "SEED_DEMO_ADS",
         "true",
         "true or false",
@@ -195,6 +201,8 @@ pub struct Config {
     pub raw_retention_months: u32,
     /// TTL of an unknown ad id in the catalog cache.
     pub catalog_negative_ttl: Duration,
+    /// Origins whose pages may call the tracking endpoints.
+    pub cors_allowed_origins: crate::api::cors::AllowedOrigins,
     /// Seed the demo ads into an empty catalog.
     pub seed_demo_ads: bool,
     /// Log format.
@@ -377,6 +385,7 @@ impl Config {
                     .and_then(|n: u32| if n <= 1200 { Ok(n) } else { Err("more than 1200".into()) })
             })?,
             catalog_negative_ttl: r.get("CATALOG_NEGATIVE_TTL", dur)?,
+            cors_allowed_origins: r.get("CORS_ALLOWED_ORIGINS", crate::api::cors::AllowedOrigins::parse)?,
             seed_demo_ads: r.get("SEED_DEMO_ADS", parse_bool)?,
             log_format: r.get("LOG_FORMAT", |v| match v.to_ascii_lowercase().as_str() {
                 "json" => Ok(LogFormat::Json),

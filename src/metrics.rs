@@ -24,6 +24,8 @@ pub enum RejectReason {
     CatalogUnavailable,
     /// The service was shutting down (503).
     ShuttingDown,
+    /// Sent from a web page whose origin CORS_ALLOWED_ORIGINS does not list (403).
+    ForbiddenOrigin,
 }
 
 impl RejectReason {
@@ -34,6 +36,7 @@ impl RejectReason {
             Self::BufferFull => "buffer_full",
             Self::CatalogUnavailable => "catalog_unavailable",
             Self::ShuttingDown => "shutting_down",
+            Self::ForbiddenOrigin => "forbidden_origin",
         }
     }
 }

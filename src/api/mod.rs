@@ -5,6 +5,7 @@
 pub mod ads;
 pub mod analytics;
 pub mod body;
+pub mod cors;
 pub mod error;
 pub mod health;
 pub mod pixel;
@@ -72,6 +73,8 @@ pub struct State {
     pub retry_after: u64,
     /// Largest request body.
     pub body_limit: usize,
+    /// Origins whose pages may call the tracking endpoints.
+    pub cors: cors::AllowedOrigins,
     /// Client event ids accepted recently on this instance, so that a repeated one is answered
     /// but not stored twice (see [`RECENT_EVENT_IDS`]).
     pub recent_event_ids: moka::sync::Cache<Uuid, ()>,
@@ -179,10 +182,11 @@ pub fn openapi(
 pub fn routes(state: Arc<State>) -> impl Endpoint<Output = Response> {
     let metrics = state.metrics.clone();
     let body_limit = state.body_limit;
+    let cors = state.cors.clone();
     let api = openapi(state);
     let routes = operation_routes(&api.spec());
     let other = Route::new().nest("/docs", api.swagger_ui()).at("/openapi.json", api.spec_endpoint());
-    Front { api: api.into_endpoint(), other, metrics, routes, body_limit }
+    Front { api: api.into_endpoint(), other, metrics, routes, body_limit, cors }
 }
 
 /// What the front endpoint needs to know of an operation, read from the spec itself.
@@ -220,6 +224,7 @@ struct Front<A, O> {
     metrics: Arc<Metrics>,
     routes: HashMap<String, OperationRoute>,
     body_limit: usize,
+    cors: cors::AllowedOrigins,
 }
 
 impl<A: Endpoint, O: Endpoint> Endpoint for Front<A, O> {
@@ -228,6 +233,21 @@ impl<A: Endpoint, O: Endpoint> Endpoint for Front<A, O> {
     async fn call(&self, mut req: Request) -> poem::Result<Response> {
         let started = Instant::now();
         let method = req.method().clone();
+        if cors::is_preflight(&req) {
+            let resp = cors::preflight(&self.cors, &req);
+            let status = resp.status();
+            self.metrics
+                .http_requests
+                .with_label_values(&[method.as_str(), "preflight", status.as_str()])
+                .inc();
+            return Ok(resp);
+        }
+        if let Some(resp) = cors::refuse(&self.cors, &req) {
+            self.metrics.rejected(RejectReason::ForbiddenOrigin);
+            self.metrics.http_requests.with_label_values(&[method.as_str(), "forbidden_origin", "403"]).inc();
+            return Ok(resp);
+        }
+        let origin = req.headers().get(poem::http::header::ORIGIN).cloned();
         let path = req.uri().path();
         let (docs, fallback) = if path.starts_with("/docs") {
             (true, "/docs")
@@ -242,11 +262,15 @@ impl<A: Endpoint, O: Endpoint> Endpoint for Front<A, O> {
         } else {
             self.api.call(req).await.map(IntoResponse::into_response)
         };
-        let resp = match result {
+        let mut resp = match result {
             Ok(resp) => error::into_json_error(resp).await,
             Err(e) => error::into_json_error(error::error_into_response(e)).await,
         };
         let route = resp.data::<poem_openapi::OperationId>().and_then(|op| self.routes.get(op.0));
+        let tracking = route.is_some_and(|r| r.tracking);
+        if tracking && origin.is_some() {
+            cors::decorate(&self.cors, origin.as_ref(), &mut resp);
+        }
         let path = route.map_or(fallback, |r| r.template.as_str());
         let status = resp.status();
         // Counted here, not in the handlers, so that bodies refused before a handler runs

@@ -241,12 +241,12 @@ impl PixelApi {
     /// ad's registered target_url, and only there: no parameter can choose the destination.
     /// 404 for an unknown or inactive ad. When the service cannot hold the click, the viewer is
     /// still sent on (the lost click is counted in `adbeacon_events_rejected_total`).
-    #[oai(path = "/c/:ad_id", method = "get", operation_id = "clickThrough")]
+    #[oai(path = "/c/:adId", method = "get", operation_id = "clickThrough")]
     async fn click_through(
         &self,
         remote: &RemoteAddr,
         /// The ad's id.
-        #[oai(name = "ad_id")]
+        #[oai(name = "adId")]
         ad_id: Path<String>,
     ) -> Result<RedirectResponse, ApiError> {
         let id = Uuid::try_parse(&ad_id.0).map_err(|_| {

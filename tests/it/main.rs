@@ -5,6 +5,7 @@ mod support;
 
 mod ads;
 mod analytics;
+mod cors;
 mod lifecycle;
 mod pipeline;
 mod pixels;
