@@ -77,6 +77,7 @@ fn state(config: &Config, clickhouse: ClickHouse, hasher: IpHasher, metrics: Arc
         max_event_age: config.max_event_age,
         retry_after: config.flush_interval.as_secs().max(1),
         body_limit: config.max_body_bytes,
+        batch_body_limit: config.max_batch_body_bytes,
         cors: config.cors_allowed_origins.clone(),
         recent_event_ids: moka::sync::Cache::builder()
             .max_capacity(api::RECENT_EVENT_IDS.0)

@@ -98,6 +98,12 @@ pub const SETTINGS: &[Setting] = &[
     ),
     s("MAX_BODY_BYTES", "64KiB", "a size", "largest request body accepted"),
     s(
+        "MAX_BATCH_BODY_BYTES",
+        "1MiB",
+        "a size such as 512KiB, 1MiB",
+        "largest request body of POST /ads/events (a batch of up to 1000 events)",
+    ),
+    s(
         "HEADER_READ_TIMEOUT",
         "30s",
         "a duration",
@@ -191,6 +197,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Largest request body.
     pub max_body_bytes: usize,
+    /// Largest body of a batch.
+    pub max_batch_body_bytes: usize,
     /// Time a client may take to send a request's headers.
     pub header_read_timeout: Duration,
     /// Future skew tolerated in client timestamps.
@@ -376,6 +384,7 @@ impl Config {
             startup_timeout: r.get("STARTUP_TIMEOUT", dur)?,
             shutdown_timeout: r.get("SHUTDOWN_TIMEOUT", dur)?,
             max_body_bytes: r.get("MAX_BODY_BYTES", pos_size)?,
+            max_batch_body_bytes: r.get("MAX_BATCH_BODY_BYTES", pos_size)?,
             header_read_timeout: r.get("HEADER_READ_TIMEOUT", pos_dur)?,
             max_clock_skew: r.get("MAX_CLOCK_SKEW", dur)?,
             max_event_age: r.get("MAX_EVENT_AGE", pos_dur)?,

@@ -28,7 +28,7 @@ fn bad_request(msg: String) -> poem::Error {
 /// Reads a whole body of at most `limit` bytes. poem's own `into_bytes_limit` zeroes a 4 KiB
 /// buffer on every call and was a tenth of a tracking request's instructions; `Limited` over the
 /// underlying body collects the frames without copying them through a buffer.
-async fn read_limited(body: poem::Body, limit: usize) -> poem::Result<bytes::Bytes> {
+pub(crate) async fn read_limited(body: poem::Body, limit: usize) -> poem::Result<bytes::Bytes> {
     let too_large = || {
         poem::Error::from_string(
             format!("request body is larger than the {limit}-byte limit"),

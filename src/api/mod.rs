@@ -4,6 +4,7 @@
 
 pub mod ads;
 pub mod analytics;
+pub mod batch;
 pub mod body;
 pub mod cors;
 pub mod error;
@@ -25,11 +26,11 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use self::{
-    ads::AdsApi, analytics::AnalyticsApi, body::BodyLimit, error::ApiError, health::HealthApi,
-    pixel::PixelApi, tracking::TrackingApi,
+    ads::AdsApi, analytics::AnalyticsApi, batch::BatchApi, body::BodyLimit, error::ApiError,
+    health::HealthApi, pixel::PixelApi, tracking::TrackingApi,
 };
 use crate::{
-    domain::{Event, EventReport, EventTime},
+    domain::{Event, EventKind, EventReport, EventTime},
     ingest::{Buffer, PushError},
     iphash::IpHasher,
     metrics::{Metrics, RejectReason},
@@ -73,6 +74,8 @@ pub struct State {
     pub retry_after: u64,
     /// Largest request body.
     pub body_limit: usize,
+    /// Largest body of `POST /ads/events`.
+    pub batch_body_limit: usize,
     /// Origins whose pages may call the tracking endpoints.
     pub cors: cors::AllowedOrigins,
     /// Client event ids accepted recently on this instance, so that a repeated one is answered
@@ -102,67 +105,101 @@ impl State {
     /// Resolves the ad, stamps the event and buffers it. Ok means the event is held (or, for a
     /// repeated client event id, was held before).
     pub async fn accept(&self, report: EventReport, remote: &RemoteAddr) -> Result<Accepted, ApiError> {
-        match self.catalog.get(report.ad_id).await {
-            Ok(Some(_)) => {}
+        self.known_ad(report.ad_id).await?;
+        // A client id is claimed atomically, so that of two concurrent repeats only one is stored.
+        if let Some(id) = report.event_id
+            && !self.claim(id)
+        {
+            return Ok(Accepted::Duplicate);
+        }
+        let row = self.stamp(&report, OffsetDateTime::now_utc(), self.hasher.hash(client_ip(remote)));
+        self.hold(vec![row], report.event_id.as_slice())?;
+        Ok(Accepted::Stored)
+    }
+
+    /// Ok when the catalog knows the ad; else the refusal to answer (counted).
+    pub async fn known_ad(&self, ad: Uuid) -> Result<(), ApiError> {
+        match self.catalog.get(ad).await {
+            Ok(Some(_)) => Ok(()),
             Ok(None) => {
                 self.metrics.rejected(RejectReason::UnknownAd);
-                return Err(ApiError::not_found(format!("ad {} not found", report.ad_id)));
+                Err(ApiError::not_found(format!("ad {ad} not found")))
             }
             Err(e) => {
                 self.metrics.rejected(RejectReason::CatalogUnavailable);
-                return Err(ApiError::storage(e, self.retry_after));
+                Err(ApiError::storage(e, self.retry_after))
             }
         }
-        let now = OffsetDateTime::now_utc();
+    }
+
+    /// Claims a client event id for this instance; false when it was accepted before.
+    pub fn claim(&self, id: Uuid) -> bool {
+        self.recent_event_ids.entry(id).or_insert(()).is_fresh()
+    }
+
+    /// The row of an accepted report: the server's clock, the event id and the client-IP hash.
+    pub fn stamp(&self, report: &EventReport, now: OffsetDateTime, ip_hash: u64) -> EventRow {
         let time = EventTime::resolve(report.client_time, now, self.max_clock_skew, self.max_event_age);
         if time.replaced {
             self.metrics.event_time_replaced.inc();
         }
-        // The TCP peer: not a header or body field a client could forge. Forwarding headers
-        // (X-Forwarded-For) are not trusted at all yet, so behind a proxy uniques count proxies.
-        let ip = remote
-            .as_socket_addr()
-            .map(|a| a.ip())
-            .unwrap_or(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
-        // A client id is claimed atomically, so that of two concurrent repeats only one is stored.
-        if let Some(id) = report.event_id
-            && !self.recent_event_ids.entry(id).or_insert(()).is_fresh()
-        {
-            return Ok(Accepted::Duplicate);
-        }
-        let event = Event {
+        EventRow::from(Event {
             event_id: report.event_id.unwrap_or_else(Uuid::new_v4),
             ad_id: report.ad_id,
             kind: report.kind,
             event_time: time.at,
             received_at: now,
-            ip_hash: self.hasher.hash(ip),
+            ip_hash,
             playback_time: report.playback_time,
             error_code: report.error_code,
-        };
-        self.buffer.push(std::iter::once(EventRow::from(event))).map_err(|e| {
-            // Not held: a retry with the same id must be able to store it.
-            if let Some(id) = report.event_id {
-                self.recent_event_ids.invalidate(&id);
+        })
+    }
+
+    /// Buffers rows, all or none. When none, the client ids in `claimed` are released, so that a
+    /// retry with the same ids can store them.
+    pub fn hold(&self, rows: Vec<EventRow>, claimed: &[Uuid]) -> Result<(), ApiError> {
+        let count = rows.len() as u64;
+        let mut per_kind = [0u64; EventKind::ALL.len()];
+        for r in &rows {
+            per_kind[r.kind.index()] += 1;
+        }
+        self.buffer.push(rows.into_iter()).map_err(|e| {
+            for id in claimed {
+                self.recent_event_ids.invalidate(id);
             }
-            self.metrics.rejected(match e {
+            let reason = match e {
                 PushError::Full => RejectReason::BufferFull,
                 PushError::Closed => RejectReason::ShuttingDown,
-            });
+            };
+            for _ in 0..count {
+                self.metrics.rejected(reason);
+            }
             ApiError::push(e, self.retry_after)
         })?;
-        self.metrics.accepted(report.kind, 1);
-        Ok(Accepted::Stored)
+        for (kind, n) in EventKind::ALL.into_iter().zip(per_kind) {
+            if n > 0 {
+                self.metrics.accepted(kind, n);
+            }
+        }
+        Ok(())
     }
+}
+
+/// The client's address: the TCP peer, not a header or body field a client could forge.
+/// Forwarding headers (X-Forwarded-For) are not trusted at all yet, so behind a proxy uniques
+/// count proxies.
+pub fn client_ip(remote: &RemoteAddr) -> std::net::IpAddr {
+    remote.as_socket_addr().map(|a| a.ip()).unwrap_or(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED))
 }
 
 /// The OpenAPI service over every operation.
 pub fn openapi(
     state: Arc<State>,
-) -> OpenApiService<(TrackingApi, PixelApi, AdsApi, AnalyticsApi, HealthApi), ()> {
+) -> OpenApiService<(TrackingApi, BatchApi, PixelApi, AdsApi, AnalyticsApi, HealthApi), ()> {
     OpenApiService::new(
         (
             TrackingApi { state: state.clone() },
+            BatchApi { state: state.clone() },
             PixelApi { state: state.clone() },
             AdsApi { state: state.clone() },
             AnalyticsApi { state: state.clone() },
@@ -182,11 +219,12 @@ pub fn openapi(
 pub fn routes(state: Arc<State>) -> impl Endpoint<Output = Response> {
     let metrics = state.metrics.clone();
     let body_limit = state.body_limit;
+    let batch_body_limit = state.batch_body_limit;
     let cors = state.cors.clone();
     let api = openapi(state);
     let routes = operation_routes(&api.spec());
     let other = Route::new().nest("/docs", api.swagger_ui()).at("/openapi.json", api.spec_endpoint());
-    Front { api: api.into_endpoint(), other, metrics, routes, body_limit, cors }
+    Front { api: api.into_endpoint(), other, metrics, routes, body_limit, batch_body_limit, cors }
 }
 
 /// What the front endpoint needs to know of an operation, read from the spec itself.
@@ -224,6 +262,7 @@ struct Front<A, O> {
     metrics: Arc<Metrics>,
     routes: HashMap<String, OperationRoute>,
     body_limit: usize,
+    batch_body_limit: usize,
     cors: cors::AllowedOrigins,
 }
 
@@ -256,7 +295,8 @@ impl<A: Endpoint, O: Endpoint> Endpoint for Front<A, O> {
         } else {
             (false, "unmatched")
         };
-        req.set_data(BodyLimit(self.body_limit));
+        let limit = if path == "/ads/events" { self.batch_body_limit } else { self.body_limit };
+        req.set_data(BodyLimit(limit));
         let result = if docs {
             self.other.call(req).await.map(IntoResponse::into_response)
         } else {

@@ -86,7 +86,7 @@ struct Parsed {
 
 /// A client event id: a UUID as is, any other string mapped to a stable UUID (so that repeats of
 /// it are recognised), or a 400 when it is too long to be an id.
-fn event_id(text: &str) -> Result<Uuid, String> {
+pub(crate) fn event_id(text: &str) -> Result<Uuid, String> {
     if let Ok(id) = Uuid::try_parse(text) {
         return Ok(id);
     }

@@ -49,7 +49,7 @@ fn shown(text: &str) -> String {
     format!("{cut:?}")
 }
 
-fn uuid<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Uuid>, D::Error> {
+pub(crate) fn uuid<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Uuid>, D::Error> {
     parsed(d, |s| {
         Uuid::parse_str(s).map_err(|_| {
             format!("must be a UUID such as 11111111-1111-1111-1111-111111111111, got {}", shown(s))
@@ -57,7 +57,7 @@ fn uuid<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Uuid>, D::Error> {
     })
 }
 
-fn rfc3339<'de, D: Deserializer<'de>>(d: D) -> Result<Option<OffsetDateTime>, D::Error> {
+pub(crate) fn rfc3339<'de, D: Deserializer<'de>>(d: D) -> Result<Option<OffsetDateTime>, D::Error> {
     parsed(d, |s| {
         OffsetDateTime::parse(s, &Rfc3339)
             .map_err(|_| format!("must be an RFC 3339 time such as 2024-05-01T12:00:00Z, got {}", shown(s)))
@@ -180,7 +180,9 @@ pub enum ClickResponse {
 /// Resolves fields that are spellings of one value: absent, or all present ones equal. Returns
 /// the value with the name the client used, so errors speak the client's spelling. (An array, not
 /// a Vec: this runs on every event.)
-fn one_of<T: PartialEq, const N: usize>(fields: [(&str, Option<T>); N]) -> Result<Option<(&str, T)>, String> {
+pub(crate) fn one_of<T: PartialEq, const N: usize>(
+    fields: [(&str, Option<T>); N],
+) -> Result<Option<(&str, T)>, String> {
     let mut found: Option<(&str, T)> = None;
     for (name, value) in fields {
         match (&found, value) {
@@ -195,7 +197,7 @@ fn one_of<T: PartialEq, const N: usize>(fields: [(&str, Option<T>); N]) -> Resul
     Ok(found)
 }
 
-fn ad_id(fields: [(&str, Option<Uuid>); 2]) -> Result<Uuid, String> {
+pub(crate) fn ad_id(fields: [(&str, Option<Uuid>); 2]) -> Result<Uuid, String> {
     let required = fields[0].0;
     one_of(fields)?.map(|(_, id)| id).ok_or_else(|| format!("{required} is required"))
 }

@@ -5,6 +5,7 @@ mod support;
 
 mod ads;
 mod analytics;
+mod batch;
 mod cors;
 mod lifecycle;
 mod pipeline;

@@ -1,0 +1,325 @@
+//! `POST /ads/events`: up to [`MAX_BATCH_EVENTS`] typed events in one request, for SDKs and ad
+//! servers, with a result per item. Items are judged one by one (a bad item never sinks the
+//! others), and the good ones are held all together or not at all: a 202 means every item marked
+//! accepted is held, a 503 that none is.
+
+use std::sync::Arc;
+
+use poem::{Request, RequestBody, http::StatusCode, web::RemoteAddr};
+use poem_openapi::{
+    ApiExtractor, ApiExtractorType, ApiResponse, Enum, ExtractParamOptions, Object, OpenApi,
+    payload::Json,
+    registry::{MetaMediaType, MetaRequest, MetaSchemaRef, Registry},
+    types::Type,
+};
+use serde::Deserialize;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{
+    ApiTags, State,
+    body::{BodyLimit, read_limited},
+    client_ip,
+    error::ApiError,
+    pixel::event_id,
+    tracking::{ad_id, one_of, rfc3339, uuid},
+};
+use crate::{
+    domain::{EventKind, EventReport, PlaybackTime},
+    metrics::RejectReason,
+};
+
+/// The most events one batch may hold.
+pub const MAX_BATCH_EVENTS: usize = 1000;
+
+/// One event of a batch. camelCase as shown, or snake_case (`event_id`, `ad_id`, …).
+#[derive(Debug, Object, Deserialize)]
+#[oai(rename_all = "camelCase")]
+pub struct BatchEvent {
+    /// Your id of the event (a UUID, or any string up to 200 characters): a repeat is reported
+    /// as `duplicate` and stored once (on the same instance, within an hour).
+    #[serde(rename = "eventId", default)]
+    pub event_id: Option<String>,
+    /// The ad's id.
+    #[serde(rename = "adId", default, deserialize_with = "uuid")]
+    pub ad_id: Option<Uuid>,
+    /// impression, click, or a VAST event: creativeView, start, firstQuartile, midpoint,
+    /// thirdQuartile, complete, skip, pause, resume, mute, unmute, close, error (snake_case
+    /// names such as first_quartile work too).
+    pub kind: String,
+    /// When it happened, RFC 3339. Absent: server time; more than MAX_CLOCK_SKEW ahead or
+    /// MAX_EVENT_AGE behind: server time.
+    #[serde(default, deserialize_with = "rfc3339")]
+    pub timestamp: Option<OffsetDateTime>,
+    /// Seconds into the video.
+    #[serde(rename = "playbackTime", default)]
+    pub playback_time: Option<f64>,
+    /// VAST error code, for `error` (900, undefined, when absent).
+    #[serde(rename = "errorCode", default)]
+    pub error_code: Option<u16>,
+    /// Alternative spelling of `eventId`.
+    #[oai(rename = "event_id")]
+    #[serde(rename = "event_id", default)]
+    pub event_id_snake: Option<String>,
+    /// Alternative spelling of `adId`.
+    #[oai(rename = "ad_id")]
+    #[serde(rename = "ad_id", default, deserialize_with = "uuid")]
+    pub ad_id_snake: Option<Uuid>,
+    /// Alternative spelling of `playbackTime`.
+    #[oai(rename = "playback_time")]
+    #[serde(rename = "playback_time", default)]
+    pub playback_time_snake: Option<f64>,
+    /// Alternative spelling of `errorCode`.
+    #[oai(rename = "error_code")]
+    #[serde(rename = "error_code", default)]
+    pub error_code_snake: Option<u16>,
+}
+
+impl TryFrom<BatchEvent> for EventReport {
+    type Error = String;
+
+    fn try_from(e: BatchEvent) -> Result<Self, String> {
+        let kind = EventKind::from_name(&e.kind).ok_or_else(|| {
+            format!(
+                "kind {:?} is not an event kind; use impression, click, creativeView, start, firstQuartile, \
+                 midpoint, thirdQuartile, complete, skip, pause, resume, mute, unmute, close or error",
+                e.kind
+            )
+        })?;
+        let ad_id = ad_id([("adId", e.ad_id), ("ad_id", e.ad_id_snake)])?;
+        let event_id = one_of([("eventId", e.event_id), ("event_id", e.event_id_snake)])?
+            .map(|(name, id)| event_id(&id).map_err(|m| m.replacen("eid", name, 1)))
+            .transpose()?;
+        let playback_time =
+            one_of([("playbackTime", e.playback_time), ("playback_time", e.playback_time_snake)])?
+                .map(|(name, s)| PlaybackTime::new(s).map_err(|m| format!("{name} {m}")))
+                .transpose()?;
+        let code = one_of([("errorCode", e.error_code), ("error_code", e.error_code_snake)])?.map(|(_, c)| c);
+        let error_code = match kind {
+            EventKind::Error => code.unwrap_or(super::pixel::UNDEFINED_VAST_ERROR),
+            _ => 0,
+        };
+        Ok(EventReport { event_id, ad_id, kind, client_time: e.timestamp, playback_time, error_code })
+    }
+}
+
+/// What became of one item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum ItemStatus {
+    /// Held for storage.
+    Accepted,
+    /// Its eventId was accepted before; not stored again.
+    Duplicate,
+    /// Not stored; `error` says why.
+    Rejected,
+}
+
+/// The result of one item, in request order.
+#[derive(Debug, Object)]
+#[oai(rename_all = "camelCase")]
+pub struct ItemResult {
+    /// The item's position in the request, from 0.
+    pub index: u32,
+    /// accepted, duplicate or rejected.
+    pub status: ItemStatus,
+    /// The stored event id (yours, or the one the server gave it); absent when rejected.
+    pub event_id: Option<Uuid>,
+    /// Why it was rejected.
+    pub error: Option<String>,
+}
+
+/// Answer of a batch.
+#[derive(Debug, Object)]
+pub struct BatchResult {
+    /// Items held for storage.
+    pub accepted: u32,
+    /// Items already accepted before.
+    pub duplicates: u32,
+    /// Items refused.
+    pub rejected: u32,
+    /// One entry per item, in request order.
+    pub results: Vec<ItemResult>,
+}
+
+/// Answer of `POST /ads/events`.
+#[derive(Debug, ApiResponse)]
+pub enum BatchResponse {
+    /// Every item judged; those marked accepted are held.
+    #[oai(status = 202)]
+    Accepted(Json<BatchResult>),
+}
+
+/// The body of a batch: a JSON array of events, each kept as a JSON value so that a bad one is
+/// reported on its own instead of failing the whole request.
+pub struct EventBatch(pub Vec<serde_json::Value>);
+
+impl<'a> ApiExtractor<'a> for EventBatch {
+    const TYPES: &'static [ApiExtractorType] = &[ApiExtractorType::RequestObject];
+    type ParamType = ();
+    type ParamRawType = ();
+
+    fn register(registry: &mut Registry) {
+        Vec::<BatchEvent>::register(registry);
+    }
+
+    fn request_meta() -> Option<MetaRequest> {
+        let schema = || -> MetaSchemaRef { Vec::<BatchEvent>::schema_ref() };
+        Some(MetaRequest {
+            description: Some("A JSON array of at most 1000 events; also accepted as text/plain"),
+            content: vec![
+                MetaMediaType { content_type: "application/json", schema: schema() },
+                MetaMediaType { content_type: "text/plain", schema: schema() },
+            ],
+            required: true,
+        })
+    }
+
+    async fn from_request(
+        request: &'a Request,
+        body: &mut RequestBody,
+        _param_opts: ExtractParamOptions<Self::ParamType>,
+    ) -> poem::Result<Self> {
+        let limit = request.data::<BodyLimit>().map_or(1 << 20, |l| l.0);
+        let bytes = read_limited(body.take()?, limit).await?;
+        let bad = |m: String| poem::Error::from_string(m, StatusCode::BAD_REQUEST);
+        let value: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| bad(format!("request body is not valid JSON: {e}")))?;
+        let serde_json::Value::Array(items) = value else {
+            return Err(bad("request body must be a JSON array of events".into()));
+        };
+        if items.len() > MAX_BATCH_EVENTS {
+            return Err(poem::Error::from_string(
+                format!("a batch holds at most {MAX_BATCH_EVENTS} events; this one has {}", items.len()),
+                StatusCode::PAYLOAD_TOO_LARGE,
+            ));
+        }
+        Ok(EventBatch(items))
+    }
+}
+
+/// Parses one item, naming the field that is wrong.
+fn parse_item(value: serde_json::Value) -> Result<EventReport, String> {
+    if !value.is_object() {
+        return Err("must be a JSON object".into());
+    }
+    let item: BatchEvent = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        if path == "." {
+            inner
+        } else if inner.starts_with("must be") {
+            format!("{path} {inner}")
+        } else {
+            format!("{path}: {inner}")
+        }
+    })?;
+    EventReport::try_from(item)
+}
+
+/// Batch operations.
+pub struct BatchApi {
+    /// Shared service state.
+    pub state: Arc<State>,
+}
+
+#[OpenApi(tag = "ApiTags::Tracking")]
+impl BatchApi {
+    /// Record a batch of events.
+    ///
+    /// Up to 1000 typed events; answers 202 with a result per item: accepted, duplicate (its
+    /// eventId was accepted before) or rejected with the reason. The accepted ones are held all
+    /// together: when the service cannot hold them, the answer is 503 and none is stored. More
+    /// than 1000 items, or a body over MAX_BATCH_BODY_BYTES, is a 413.
+    #[oai(path = "/ads/events", method = "post", operation_id = "recordEvents")]
+    async fn record(&self, remote: &RemoteAddr, body: EventBatch) -> Result<BatchResponse, ApiError> {
+        let st = &self.state;
+        let now = OffsetDateTime::now_utc();
+        let ip_hash = st.hasher.hash(client_ip(remote));
+        let mut results = Vec::with_capacity(body.0.len());
+        let mut rows = Vec::with_capacity(body.0.len());
+        let mut claimed = Vec::new();
+        let (mut duplicates, mut rejected) = (0, 0);
+        for (index, value) in body.0.into_iter().enumerate() {
+            let index = index as u32;
+            let mut refuse = |reason: RejectReason, error: String| {
+                st.metrics.rejected(reason);
+                rejected += 1;
+                ItemResult { index, status: ItemStatus::Rejected, event_id: None, error: Some(error) }
+            };
+            let report = match parse_item(value) {
+                Ok(report) => report,
+                Err(e) => {
+                    results.push(refuse(RejectReason::Invalid, format!("events[{index}]: {e}")));
+                    continue;
+                }
+            };
+            match st.catalog.get(report.ad_id).await {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    results.push(refuse(RejectReason::UnknownAd, format!("ad {} not found", report.ad_id)));
+                    continue;
+                }
+                Err(e) => {
+                    // Nothing is held yet: release what this request claimed and let it retry.
+                    for id in &claimed {
+                        st.recent_event_ids.invalidate(id);
+                    }
+                    st.metrics.rejected(RejectReason::CatalogUnavailable);
+                    return Err(ApiError::storage(e, st.retry_after));
+                }
+            }
+            if let Some(id) = report.event_id {
+                if !st.claim(id) {
+                    duplicates += 1;
+                    results.push(ItemResult {
+                        index,
+                        status: ItemStatus::Duplicate,
+                        event_id: Some(id),
+                        error: None,
+                    });
+                    continue;
+                }
+                claimed.push(id);
+            }
+            let row = st.stamp(&report, now, ip_hash);
+            results.push(ItemResult {
+                index,
+                status: ItemStatus::Accepted,
+                event_id: Some(row.event_id),
+                error: None,
+            });
+            rows.push(row);
+        }
+        let accepted = rows.len() as u32;
+        if !rows.is_empty() {
+            st.hold(rows, &claimed)?;
+        }
+        Ok(BatchResponse::Accepted(Json(BatchResult { accepted, duplicates, rejected, results })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn items_parse_or_say_why_not() {
+        let ok = serde_json::json!({"adId": "11111111-1111-1111-1111-111111111111", "kind": "firstQuartile",
+            "eventId": "abc", "playbackTime": 7.5});
+        let r = parse_item(ok).unwrap();
+        assert_eq!((r.kind, r.playback_time.unwrap().seconds()), (EventKind::FirstQuartile, 7.5));
+        assert_eq!(r.event_id, Some(event_id("abc").unwrap()));
+        let e = parse_item(serde_json::json!({"adId": "x", "kind": "start"})).unwrap_err();
+        assert!(e.starts_with("adId must be a UUID"), "{e}");
+        let e =
+            parse_item(serde_json::json!({"adId": "11111111-1111-1111-1111-111111111111", "kind": "view"}))
+                .unwrap_err();
+        assert!(e.starts_with("kind \"view\" is not an event kind"), "{e}");
+        let e = parse_item(serde_json::json!({"kind": "start"})).unwrap_err();
+        assert!(e.contains("adId is required"), "{e}");
+        assert!(parse_item(serde_json::json!(5)).unwrap_err().contains("JSON object"));
+        let err = serde_json::json!({"adId": "11111111-1111-1111-1111-111111111111", "kind": "error"});
+        assert_eq!(parse_item(err).unwrap().error_code, 900);
+    }
+}

@@ -1,0 +1,107 @@
+//! `POST /ads/events`: a result per item, good items held together, bad ones named, repeats of an
+//! eventId stored once, and the limits.
+
+use adbeacon::store::EventRow;
+use serde_json::{Value, json};
+
+use crate::support::TestApp;
+
+const AD: &str = "11111111-1111-1111-1111-111111111111";
+const AD2: &str = "22222222-2222-2222-2222-222222222222";
+
+#[tokio::test]
+async fn each_item_gets_its_result_and_only_good_ones_are_stored() {
+    let app = TestApp::spawn().await;
+    let batch = json!([
+        {"adId": AD, "kind": "impression", "eventId": "imp-1"},
+        {"adId": AD, "kind": "firstQuartile", "playbackTime": 7.5, "timestamp": "2026-11-22T00:00:00Z"},
+        {"ad_id": AD2, "kind": "error", "error_code": 402},
+        {"adId": "nope", "kind": "start"},
+        {"adId": "99999999-9999-9999-9999-999999999999", "kind": "start"},
+        {"adId": AD, "kind": "view"},
+        {"adId": AD, "kind": "impression", "eventId": "imp-1"},
+        {"adId": AD, "kind": "click", "playbackTime": -1},
+        "not an object"
+    ]);
+    let resp = app.post("/ads/events", &batch).await;
+    assert_eq!(resp.status(), 202);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (body["accepted"].as_u64(), body["duplicates"].as_u64(), body["rejected"].as_u64()),
+        (Some(3), Some(1), Some(5))
+    );
+    let statuses: Vec<&str> =
+        body["results"].as_array().unwrap().iter().map(|r| r["status"].as_str().unwrap()).collect();
+    assert_eq!(
+        statuses,
+        [
+            "accepted",
+            "accepted",
+            "accepted",
+            "rejected",
+            "rejected",
+            "rejected",
+            "duplicate",
+            "rejected",
+            "rejected"
+        ]
+    );
+    let error = |i: usize| body["results"][i]["error"].as_str().unwrap().to_string();
+    assert!(error(3).contains("adId must be a UUID"), "{}", error(3));
+    assert!(error(4).contains("not found"), "{}", error(4));
+    assert!(error(5).contains("kind \"view\""), "{}", error(5));
+    assert!(error(7).contains("playbackTime must be 0 or more"), "{}", error(7));
+    assert!(error(8).contains("JSON object"), "{}", error(8));
+    assert_eq!(
+        body["results"][6]["eventId"], body["results"][0]["eventId"],
+        "the duplicate names the stored id"
+    );
+
+    assert_eq!(app.wait_flushed(3).await, 3);
+    let rows = app
+        .query("SELECT toString(kind), playback_time, error_code FROM events ORDER BY kind FORMAT TSV")
+        .await;
+    assert_eq!(rows, "impression\t\\N\t0\nfirst_quartile\t7.5\t0\nerror\t\\N\t402\n");
+    let stored_ids = app.query("SELECT toString(event_id) FROM events ORDER BY kind FORMAT TSV").await;
+    let answered: Vec<&str> = (0..3).map(|i| body["results"][i]["eventId"].as_str().unwrap()).collect();
+    assert_eq!(stored_ids.lines().collect::<Vec<_>>(), answered);
+
+    // The same eventId in a later batch is a duplicate too.
+    let again: Value = app
+        .post("/ads/events", &json!([{"adId": AD, "kind": "impression", "eventId": "imp-1"}]))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["results"][0]["status"], "duplicate");
+    assert_eq!(app.number("SELECT count() FROM events").await, 3);
+}
+
+#[tokio::test]
+async fn the_limits_are_413_and_a_batch_that_cannot_be_held_is_503_with_nothing_stored() {
+    let room = (4 * EventRow::SIZE).to_string();
+    let app = TestApp::spawn_with(&[
+        ("MAX_BATCH_BODY_BYTES", "64KiB"),
+        ("BUFFER_MAX_BYTES", &room),
+        ("BATCH_MAX_BYTES", &room),
+    ])
+    .await;
+    let item = json!({"adId": AD, "kind": "start"});
+    let too_many = Value::Array(vec![item.clone(); 1001]);
+    let resp = app.post("/ads/events", &too_many).await;
+    assert_eq!(resp.status(), 413);
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("at most 1000 events; this one has 1001"), "{body}");
+    let padded = json!([{"adId": AD, "kind": "start", "eventId": "x".repeat(200)}]);
+    let big = Value::Array(vec![padded[0].clone(); 400]);
+    assert_eq!(app.post("/ads/events", &big).await.status(), 413);
+    assert_eq!(app.post("/ads/events", &json!({"adId": AD})).await.status(), 400);
+    // More than the buffer can take at once: all or nothing.
+    let resp = app.post("/ads/events", &Value::Array(vec![item.clone(); 10])).await;
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    let fits = app.post("/ads/events", &Value::Array(vec![item; 2])).await;
+    assert_eq!(fits.status(), 202);
+    assert_eq!(app.wait_flushed(2).await, 2);
+    assert_eq!(app.number("SELECT count() FROM events").await, 2);
+}
