@@ -103,6 +103,15 @@ impl From<&Stats> for VideoStats {
     }
 }
 
+/// VAST errors of one code over the window.
+#[derive(Debug, Object)]
+pub struct ErrorCode {
+    /// The VAST error code (900, "undefined error", when the player sent none).
+    pub code: u16,
+    /// Error events with that code.
+    pub count: u64,
+}
+
 /// One ad's analytics over a window.
 #[derive(Debug, Object)]
 #[oai(rename_all = "camelCase")]
@@ -130,6 +139,8 @@ pub struct AdAnalytics {
     pub series: Vec<HourPoint>,
     /// The video funnel.
     pub video: VideoStats,
+    /// VAST error events by error code, most frequent first (their total is `video.errors`).
+    pub error_codes: Vec<ErrorCode>,
 }
 
 /// One ad in the every-ad listing.
@@ -192,7 +203,7 @@ pub struct AdsAnalytics {
 #[oai(one_of)]
 pub enum AnalyticsBody {
     /// With `adId`.
-    Ad(AdAnalytics),
+    Ad(Box<AdAnalytics>),
     /// Without `adId`.
     Ads(AdsAnalytics),
 }
@@ -312,7 +323,7 @@ impl AnalyticsApi {
                     Ok(None) => return Err(ApiError::not_found(format!("ad {ad} not found"))),
                     Err(e) => return Err(unavailable(e)),
                 }
-                AnalyticsBody::Ad(self.one_ad(ad, window).await.map_err(unavailable)?)
+                AnalyticsBody::Ad(Box::new(self.one_ad(ad, window).await.map_err(unavailable)?))
             }
             None => {
                 let limit = parse_page("limit", limit.0.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)?;
@@ -333,8 +344,11 @@ impl AnalyticsApi {
     async fn one_ad(&self, ad: Uuid, mut window: Window) -> Result<AdAnalytics, crate::store::StoreError> {
         let cuts = window.cuts();
         let analytics = &self.state.analytics;
-        let (rows, totals) =
-            tokio::try_join!(analytics.ad_series(ad, &cuts), analytics.ad_totals(ad, &cuts))?;
+        let (rows, totals, errors) = tokio::try_join!(
+            analytics.ad_series(ad, &cuts),
+            analytics.ad_totals(ad, &cuts),
+            analytics.ad_errors(ad, &cuts)
+        )?;
         if window.kind == WindowKind::Timeframe(Timeframe::All) {
             // All time starts at the first hour with events (or is empty without any).
             window.from = rows
@@ -355,6 +369,10 @@ impl AnalyticsApi {
             hourly_clicks,
             series,
             video: VideoStats::from(&totals),
+            error_codes: errors
+                .into_iter()
+                .map(|e| ErrorCode { code: e.error_code, count: e.errors })
+                .collect(),
         })
     }
 

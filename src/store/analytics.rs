@@ -68,6 +68,15 @@ pub struct HourStats {
     pub unique_clicks: u64,
 }
 
+/// VAST errors of one code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Row, Deserialize)]
+pub struct ErrorCount {
+    /// The VAST error code (900 when the player sent none).
+    pub error_code: u16,
+    /// Error events with that code.
+    pub errors: u64,
+}
+
 /// One ad of the every-ad listing.
 #[derive(Debug, Clone, PartialEq, Row, Deserialize)]
 pub struct AdTotals {
@@ -123,6 +132,12 @@ impl Analytics {
         let q = q.bind(&ad).bind(c.from).bind(c.to).bind(c.h_from).bind(c.h_to);
         let rows: Vec<Stats> = self.ch.fetch_all(q).await?;
         Ok(rows.into_iter().next().unwrap_or_default())
+    }
+
+    /// One ad's VAST errors by code, most frequent first; parameters as `ad_errors.sql` documents.
+    pub async fn ad_errors(&self, ad: Uuid, c: &Cuts) -> Result<Vec<ErrorCount>, StoreError> {
+        let q = self.query(queries::AD_ERRORS).bind(ad.to_string()).bind(c.from).bind(c.to);
+        self.ch.fetch_all(q).await
     }
 
     /// A page of every ad with its totals, busiest first; parameters as `ads_totals.sql` documents.

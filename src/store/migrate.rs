@@ -49,6 +49,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(3, "0003_ad_stats_hourly.sql", [13_758_912_732_950_552_151]),
     migration!(4, "0004_ad_stats_minutely.sql"),
     migration!(5, "0005_ad_stats_daily.sql"),
+    migration!(6, "0006_ad_errors_minutely.sql"),
 ];
 
 const CREATE_LEDGER: &str = "CREATE TABLE IF NOT EXISTS schema_migrations \

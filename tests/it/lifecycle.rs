@@ -44,8 +44,8 @@ async fn migrations_apply_once_and_are_safe_to_run_again() {
         .await;
     assert_eq!(
         tables,
-        "ad_stats_daily\nad_stats_daily_mv\nad_stats_hourly\nad_stats_hourly_mv\nad_stats_minutely\n\
-         ad_stats_minutely_mv\nads\nevents\nschema_migrations\n"
+        "ad_errors_minutely\nad_errors_minutely_mv\nad_stats_daily\nad_stats_daily_mv\nad_stats_hourly\n\
+         ad_stats_hourly_mv\nad_stats_minutely\nad_stats_minutely_mv\nads\nevents\nschema_migrations\n"
     );
     assert!(migrate::apply(&ch).await.unwrap().is_empty());
 

@@ -669,7 +669,25 @@ def expect_first_event_day(ch: Engine, rows) -> str | None:
     return None
 
 
+def expect_ad_errors(ch: Engine, rows) -> str | None:
+    """ad_errors.sql over its sample window equals the error events of raw `events`, by code."""
+    path = QUERIES_DIR / "ad_errors.sql"
+    _, sample = read_query(path)
+    ad, from_ts, to_ts = sample[0], int(sample[1]), int(sample[2])
+    want = ch.rows(
+        f"SELECT error_code, count() AS errors FROM events WHERE ad_id = toUUID({ad}) AND kind = 'error' "
+        f"AND event_time >= toDateTime({from_ts}) AND event_time < toDateTime({to_ts}) "
+        "GROUP BY error_code ORDER BY errors DESC, error_code"
+    )
+    if not want:
+        return "the sample window holds no error events of the ad; the check would prove nothing"
+    got = [(r["error_code"], r["errors"]) for r in rows]
+    expected = [(r["error_code"], r["errors"]) for r in want]
+    return None if got == expected else f"by code {got}, raw events say {expected}"
+
+
 EXPECTATIONS = {
+    "ad_errors.sql": expect_ad_errors,
     "ads_active.sql": expect_ads_active,
     "ad_by_id.sql": expect_ad_by_id,
     "ads_count.sql": expect_ads_count,
