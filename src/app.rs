@@ -64,7 +64,8 @@ fn state(config: &Config, clickhouse: ClickHouse, hasher: IpHasher, metrics: Arc
         },
         metrics.clone(),
     ));
-    let catalog = Catalog::new(clickhouse.clone(), metrics.clone(), config.catalog_negative_ttl);
+    let catalog =
+        Catalog::new(clickhouse.clone(), metrics.clone(), config.catalog_ttl, config.catalog_negative_ttl);
     Arc::new(State {
         buffer,
         catalog,

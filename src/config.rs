@@ -127,6 +127,12 @@ pub const SETTINGS: &[Setting] = &[
         "a whole number of months from 1 to 1200",
         "raw events are kept this many months, then dropped a month at a time (aggregates stay); also the longest analytics window (from/to)",
     ),
+    s(
+        "CATALOG_TTL",
+        "30s",
+        "a duration",
+        "how long a known ad is served from memory before it is re-read (in the background; kept while ClickHouse is down)",
+    ),
     s("CATALOG_NEGATIVE_TTL", "5s", "a duration", "how long an unknown ad id stays cached as unknown"),
     s(
         "CORS_ALLOWED_ORIGINS",
@@ -207,6 +213,8 @@ pub struct Config {
     pub max_event_age: Duration,
     /// Months raw events are kept; the longest custom analytics window.
     pub raw_retention_months: u32,
+    /// How long a known ad is served before it is re-read.
+    pub catalog_ttl: Duration,
     /// TTL of an unknown ad id in the catalog cache.
     pub catalog_negative_ttl: Duration,
     /// Origins whose pages may call the tracking endpoints.
@@ -393,6 +401,7 @@ impl Config {
                     .and_then(positive)
                     .and_then(|n: u32| if n <= 1200 { Ok(n) } else { Err("more than 1200".into()) })
             })?,
+            catalog_ttl: r.get("CATALOG_TTL", pos_dur)?,
             catalog_negative_ttl: r.get("CATALOG_NEGATIVE_TTL", dur)?,
             cors_allowed_origins: r.get("CORS_ALLOWED_ORIGINS", crate::api::cors::AllowedOrigins::parse)?,
             seed_demo_ads: r.get("SEED_DEMO_ADS", parse_bool)?,

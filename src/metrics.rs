@@ -73,8 +73,10 @@ pub struct Metrics {
     pub insert_found_stored: IntCounter,
     /// Catalog look-ups answered from the cache.
     pub catalog_hits: IntCounter,
-    /// Catalog look-ups that went to ClickHouse.
+    /// Catalog look-ups that had to wait for ClickHouse.
     pub catalog_misses: IntCounter,
+    /// Queries for single ads sent to ClickHouse (concurrent misses of one id share one).
+    pub catalog_lookups: IntCounter,
 }
 
 impl Metrics {
@@ -177,7 +179,11 @@ impl Metrics {
             catalog_hits: counter("adbeacon_catalog_cache_hits_total", "Ad look-ups answered from the cache"),
             catalog_misses: counter(
                 "adbeacon_catalog_cache_misses_total",
-                "Ad look-ups read from ClickHouse",
+                "Ad look-ups that waited for ClickHouse (not in memory)",
+            ),
+            catalog_lookups: counter(
+                "adbeacon_catalog_lookups_total",
+                "Queries for one ad sent to ClickHouse; concurrent misses of one id share one, and known ads are re-read in the background every CATALOG_TTL",
             ),
             registry,
         }

@@ -1,13 +1,19 @@
-//! The ad catalog: ads in ClickHouse (`ads`, versioned rows) behind a moka cache.
+//! The ad catalog: ads in ClickHouse (`ads`, versioned rows) behind an in-memory cache.
 //!
 //! Every tracking request resolves its ad here, so look-ups must not reach ClickHouse on the hot
-//! path. Ads are never deleted (retiring one makes it inactive, and its events still count), so a
-//! known id stays cached until the cache is full, and events for it are accepted even through a
-//! ClickHouse outage. Unknown ids are cached for `CATALOG_NEGATIVE_TTL` (short, so an ad created on
-//! another instance is usable within seconds). A hit is a plain
-//! synchronous look-up: moka's async `get` is a 3.4 KB future, and a click's whole future is
-//! copied each time poem boxes it. Misses are not coalesced: concurrent first look-ups of one id
-//! each query once, until the first answer is cached.
+//! path. A hit is a plain synchronous look-up (moka's async `get` is a 3.4 KB future, and a
+//! click's whole future is copied each time poem boxes it).
+//!
+//! - A known ad is served from memory; once it is older than `CATALOG_TTL` it is re-read in the
+//!   background while the old copy keeps answering, so a change made on another instance shows
+//!   within the TTL and no request waits for it. When ClickHouse is down the old copy stays:
+//!   ads are never deleted (retiring one makes it inactive), so events keep flowing through an
+//!   outage.
+//! - An unknown id is cached as unknown for `CATALOG_NEGATIVE_TTL` (short, so an ad created on
+//!   another instance is usable within seconds).
+//! - Concurrent misses of one id wait for one ClickHouse query (a per-id lock), so a burst of
+//!   requests for a new ad costs one look-up.
+//! - Writes through this instance invalidate its copies at once.
 
 use std::{
     sync::Arc,
@@ -81,35 +87,64 @@ impl From<&Ad> for AdRow {
     }
 }
 
-/// Known ads stay (until evicted for room), unknown ids expire.
+/// A cached answer: the ad, or `None` for an id the catalog does not hold, and when it was read.
+#[derive(Debug)]
+struct Cached {
+    ad: Option<Arc<Ad>>,
+    read_at: Instant,
+}
+
+/// Known ads stay (until evicted for room; their age decides a re-read, not their removal),
+/// unknown ids expire.
 struct UnknownExpires {
     after: Duration,
 }
 
-impl Expiry<Uuid, Option<Arc<Ad>>> for UnknownExpires {
-    fn expire_after_create(&self, _: &Uuid, value: &Option<Arc<Ad>>, _: Instant) -> Option<Duration> {
-        value.is_none().then_some(self.after)
+impl Expiry<Uuid, Arc<Cached>> for UnknownExpires {
+    fn expire_after_create(&self, _: &Uuid, value: &Arc<Cached>, _: Instant) -> Option<Duration> {
+        value.ad.is_none().then_some(self.after)
+    }
+
+    fn expire_after_update(
+        &self,
+        key: &Uuid,
+        value: &Arc<Cached>,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        self.expire_after_create(key, value, now)
     }
 }
+
+/// One lock per id being read, so that concurrent misses share one query. Kept a little while
+/// after use, so that a request that missed just before the answer was cached still finds it.
+type Loading = sync::Cache<Uuid, Arc<tokio::sync::Mutex<()>>>;
 
 /// Reads and writes the catalog.
 #[derive(Clone)]
 pub struct Catalog {
     ch: ClickHouse,
-    by_id: sync::Cache<Uuid, Option<Arc<Ad>>>,
+    by_id: sync::Cache<Uuid, Arc<Cached>>,
+    loading: Loading,
+    ttl: Duration,
     active: future::Cache<(), Arc<Vec<Ad>>>,
     metrics: Arc<Metrics>,
 }
 
 impl Catalog {
-    /// A catalog over `ch`; unknown ids are cached for `unknown_ttl`.
-    pub fn new(ch: ClickHouse, metrics: Arc<Metrics>, unknown_ttl: Duration) -> Self {
+    /// A catalog over `ch`: known ads are re-read after `ttl`, unknown ids cached for `unknown_ttl`.
+    pub fn new(ch: ClickHouse, metrics: Arc<Metrics>, ttl: Duration, unknown_ttl: Duration) -> Self {
         Self {
             ch,
             by_id: sync::Cache::builder()
                 .max_capacity(MAX_CACHED_IDS)
                 .expire_after(UnknownExpires { after: unknown_ttl })
                 .build(),
+            loading: sync::Cache::builder()
+                .max_capacity(MAX_CACHED_IDS)
+                .time_to_idle(Duration::from_secs(10))
+                .build(),
+            ttl,
             active: future::Cache::builder().max_capacity(1).time_to_live(ACTIVE_LIST_TTL).build(),
             metrics,
         }
@@ -119,18 +154,53 @@ impl Catalog {
     pub async fn get(&self, id: Uuid) -> Result<Option<Arc<Ad>>, StoreError> {
         if let Some(hit) = self.by_id.get(&id) {
             self.metrics.catalog_hits.inc();
-            return Ok(hit);
+            let ad = hit.ad.clone();
+            if ad.is_some() && hit.read_at.elapsed() >= self.ttl {
+                self.refresh_in_background(id, hit);
+            }
+            return Ok(ad);
         }
         self.metrics.catalog_misses.inc();
         // Boxed so that the query's large future is paid for only by misses.
-        Box::pin(self.load(id)).await
+        Box::pin(self.load_shared(id)).await
+    }
+
+    /// The per-id lock.
+    fn lock_of(&self, id: Uuid) -> Arc<tokio::sync::Mutex<()>> {
+        self.loading.get_with(id, || Arc::new(tokio::sync::Mutex::new(())))
+    }
+
+    /// Reads the ad unless a concurrent caller already did while this one waited for the lock.
+    async fn load_shared(&self, id: Uuid) -> Result<Option<Arc<Ad>>, StoreError> {
+        let lock = self.lock_of(id);
+        let _guard = lock.lock().await;
+        if let Some(cached) = self.by_id.get(&id) {
+            return Ok(cached.ad.clone());
+        }
+        self.load(id).await
+    }
+
+    /// Re-reads a known ad without making anyone wait; skipped when a read of it is under way.
+    /// On failure the old copy stays for another TTL, so that an outage costs one failed query
+    /// per ad and TTL, not one per request.
+    fn refresh_in_background(&self, id: Uuid, stale: Arc<Cached>) {
+        let Ok(guard) = self.lock_of(id).try_lock_owned() else { return };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            if let Err(e) = this.load(id).await {
+                tracing::debug!(ad = %id, error = %e, "re-reading a cached ad failed; keeping the copy");
+                this.by_id.insert(id, Arc::new(Cached { ad: stale.ad.clone(), read_at: Instant::now() }));
+            }
+        });
     }
 
     async fn load(&self, id: Uuid) -> Result<Option<Arc<Ad>>, StoreError> {
+        self.metrics.catalog_lookups.inc();
         let q = self.ch.client().query(queries::AD_BY_ID).bind(id.to_string());
         let rows: Vec<AdRow> = self.ch.fetch_all(q).await?;
         let ad = rows.into_iter().next().map(|r| Arc::new(Ad::from(r)));
-        self.by_id.insert(id, ad.clone());
+        self.by_id.insert(id, Arc::new(Cached { ad: ad.clone(), read_at: Instant::now() }));
         Ok(ad)
     }
 

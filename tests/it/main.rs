@@ -6,6 +6,7 @@ mod support;
 mod ads;
 mod analytics;
 mod batch;
+mod catalog;
 mod cors;
 mod lifecycle;
 mod pipeline;
