@@ -8,6 +8,7 @@ mod analytics;
 mod batch;
 mod catalog;
 mod cors;
+mod integration_doc;
 mod lifecycle;
 mod pipeline;
 mod pixels;
