@@ -80,6 +80,7 @@ fn state(config: &Config, clickhouse: ClickHouse, hasher: IpHasher, metrics: Arc
         body_limit: config.max_body_bytes,
         batch_body_limit: config.max_batch_body_bytes,
         cors: config.cors_allowed_origins.clone(),
+        api_keys: config.api_keys.clone(),
         recent_event_ids: moka::sync::Cache::builder()
             .max_capacity(api::RECENT_EVENT_IDS.0)
             .time_to_live(api::RECENT_EVENT_IDS.1)
@@ -110,6 +111,12 @@ impl App {
         let hasher = IpHasher::load_or_create(&config.data_dir, config.ip_hash_key)
             .map_err(io(format!("IP-hash key under DATA_DIR {}", config.data_dir.display())))?;
         let state = state(&config, clickhouse.clone(), hasher, metrics.clone());
+        if config.api_keys.is_open() {
+            tracing::warn!(
+                "API_KEYS is empty: anyone who can reach this service may create, change and retire ads and \
+                 read analytics; set API_KEYS (scope:key pairs) in production"
+            );
+        }
         if config.seed_demo_ads {
             state.catalog.seed_demo_ads_if_empty().await?;
         }

@@ -134,6 +134,13 @@ pub const SETTINGS: &[Setting] = &[
         "how long a known ad is served from memory before it is re-read (in the background; kept while ClickHouse is down)",
     ),
     s("CATALOG_NEGATIVE_TTL", "5s", "a duration", "how long an unknown ad id stays cached as unknown"),
+    Setting {
+        name: "API_KEYS",
+        default: "",
+        form: "empty (open), or scope:key pairs separated by commas; scopes admin, read, ingest; keys of 16+ characters",
+        help: "who may manage the catalog (admin) and read ads and analytics (read); never logged",
+        secret: true,
+    },
     s(
         "CORS_ALLOWED_ORIGINS",
         "*",
@@ -217,6 +224,8 @@ pub struct Config {
     pub catalog_ttl: Duration,
     /// TTL of an unknown ad id in the catalog cache.
     pub catalog_negative_ttl: Duration,
+    /// API keys and their scopes; empty means open.
+    pub api_keys: crate::api::auth::ApiKeys,
     /// Origins whose pages may call the tracking endpoints.
     pub cors_allowed_origins: crate::api::cors::AllowedOrigins,
     /// Seed the demo ads into an empty catalog.
@@ -403,6 +412,7 @@ impl Config {
             })?,
             catalog_ttl: r.get("CATALOG_TTL", pos_dur)?,
             catalog_negative_ttl: r.get("CATALOG_NEGATIVE_TTL", dur)?,
+            api_keys: r.get("API_KEYS", crate::api::auth::ApiKeys::parse)?,
             cors_allowed_origins: r.get("CORS_ALLOWED_ORIGINS", crate::api::cors::AllowedOrigins::parse)?,
             seed_demo_ads: r.get("SEED_DEMO_ADS", parse_bool)?,
             log_format: r.get("LOG_FORMAT", |v| match v.to_ascii_lowercase().as_str() {

@@ -1,10 +1,17 @@
-//! Ad catalog endpoints: `GET /ads`, the old services' list of active ads.
+//! Ad catalog endpoints: `GET /ads`, the old services' list of active ads for players (open), and
+//! the catalog's management for ad ops (`POST /ads`, `GET/PUT/DELETE /ads/{id}`, behind API keys).
 
 use std::sync::Arc;
 
-use poem_openapi::{ApiResponse, Object, OpenApi, payload::Json};
+use poem_openapi::{ApiResponse, Object, OpenApi, param::Path, payload::Json};
+use time::OffsetDateTime;
+use uuid::Uuid;
 
-use super::{ApiTags, State, error::ApiError};
+use super::{
+    ApiTags, State,
+    auth::{Credentials, Scope},
+    error::ApiError,
+};
 use crate::domain::Ad;
 
 /// An active ad as players see it (field names as the old service had them).
@@ -39,6 +46,132 @@ pub enum ListAdsResponse {
     Ok(Json<Vec<AdSummary>>),
 }
 
+/// An ad as the catalog holds it.
+#[derive(Debug, Object)]
+pub struct AdDetail {
+    /// The ad's id; send it with every event.
+    pub id: Uuid,
+    /// The ad's name.
+    pub name: String,
+    /// The creative to play.
+    pub video_url: String,
+    /// Where a click leads.
+    pub target_url: String,
+    /// False once retired: it leaves `GET /ads`, and its events still count.
+    pub active: bool,
+    /// When it was created.
+    pub created_at: OffsetDateTime,
+    /// When it last changed.
+    pub updated_at: OffsetDateTime,
+    /// Increases with every change.
+    pub version: u64,
+}
+
+impl From<&Ad> for AdDetail {
+    fn from(a: &Ad) -> Self {
+        AdDetail {
+            id: a.id,
+            name: a.name.clone(),
+            video_url: a.video_url.clone(),
+            target_url: a.target_url.clone(),
+            active: a.active,
+            created_at: a.created_at,
+            updated_at: a.updated_at,
+            version: a.version,
+        }
+    }
+}
+
+/// Body of `POST /ads` and `PUT /ads/{id}`.
+#[derive(Debug, Object)]
+pub struct AdInput {
+    /// For `POST`: the id to create the ad with (a new one when absent). For `PUT`: must be the
+    /// path's id when given.
+    pub id: Option<Uuid>,
+    /// 1 to 200 characters.
+    pub name: String,
+    /// The creative: an http(s) URL or a path starting with `/`.
+    pub video_url: String,
+    /// Where a click leads: an absolute http(s) URL (the click-through redirects only there).
+    pub target_url: String,
+    /// Whether players get the ad (default true).
+    pub active: Option<bool>,
+}
+
+/// An absolute http(s) URL with a host and no spaces.
+fn is_http_url(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://")) else {
+        return false;
+    };
+    !rest.is_empty()
+        && !rest.starts_with(['/', '?', '#'])
+        && !url.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// Checks an ad's fields, naming the first that is wrong.
+fn validate(input: &AdInput) -> Result<(), ApiError> {
+    let name = input.name.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Err(ApiError::unprocessable(format!(
+            "name must be 1 to 200 characters, got {}",
+            input.name.chars().count()
+        )));
+    }
+    if !is_http_url(&input.target_url) {
+        return Err(ApiError::unprocessable(format!(
+            "target_url must be an absolute http(s) URL such as https://www.example.com/landing, got {:?}",
+            input.target_url
+        )));
+    }
+    let path = input.video_url.starts_with('/')
+        && !input.video_url.chars().any(|c| c.is_whitespace() || c.is_control());
+    if !(path || is_http_url(&input.video_url)) {
+        return Err(ApiError::unprocessable(format!(
+            "video_url must be an http(s) URL or a path starting with /, got {:?}",
+            input.video_url
+        )));
+    }
+    Ok(())
+}
+
+/// A version above `previous` that also orders writes of different instances by time.
+fn next_version(previous: u64, now: OffsetDateTime) -> u64 {
+    let micros = u64::try_from(now.unix_timestamp_nanos() / 1000).unwrap_or(0);
+    micros.max(previous + 1)
+}
+
+/// Answer of `POST /ads`.
+#[derive(Debug, ApiResponse)]
+pub enum CreatedResponse {
+    /// Created.
+    #[oai(status = 201)]
+    Created(Json<AdDetail>, #[oai(header = "Location")] String),
+}
+
+/// Answer of `GET` and `PUT /ads/{id}`.
+#[derive(Debug, ApiResponse)]
+pub enum AdResponse {
+    /// The ad.
+    #[oai(status = 200)]
+    Ok(Json<AdDetail>),
+}
+
+/// Answer of `DELETE /ads/{id}`.
+#[derive(Debug, ApiResponse)]
+pub enum RetiredResponse {
+    /// Retired (or already inactive).
+    #[oai(status = 204)]
+    Retired,
+}
+
+fn parse_id(text: &str) -> Result<Uuid, ApiError> {
+    Uuid::try_parse(text).map_err(|_| {
+        ApiError::bad_request(format!(
+            "the ad id must be a UUID such as 11111111-1111-1111-1111-111111111111, got {text:?}"
+        ))
+    })
+}
+
 /// Catalog operations.
 pub struct AdsApi {
     /// Shared service state.
@@ -55,5 +188,156 @@ impl AdsApi {
         let ads =
             self.state.catalog.active().await.map_err(|e| ApiError::storage(e, self.state.retry_after))?;
         Ok(ListAdsResponse::Ok(Json(ads.iter().map(AdSummary::from).collect())))
+    }
+
+    /// Create an ad.
+    ///
+    /// Needs the admin scope when API keys are configured. 201 with the ad and its Location; 409
+    /// when the id is taken; 422 naming the field that is wrong.
+    #[oai(path = "/ads", method = "post", operation_id = "createAd")]
+    async fn create(&self, auth: Credentials, body: Json<AdInput>) -> Result<CreatedResponse, ApiError> {
+        self.state.api_keys.require(&auth, Scope::Admin)?;
+        validate(&body.0)?;
+        let id = body.0.id.unwrap_or_else(Uuid::new_v4);
+        if self.find(id).await?.is_some() {
+            return Err(ApiError::conflict(format!("ad {id} exists already; change it with PUT /ads/{id}")));
+        }
+        let now =
+            OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or_else(|_| OffsetDateTime::now_utc());
+        let ad = Ad {
+            id,
+            name: body.0.name.trim().to_string(),
+            video_url: body.0.video_url,
+            target_url: body.0.target_url,
+            active: body.0.active.unwrap_or(true),
+            created_at: now,
+            updated_at: now,
+            version: next_version(0, now),
+        };
+        self.save(&ad).await?;
+        Ok(CreatedResponse::Created(Json(AdDetail::from(&ad)), format!("/ads/{id}")))
+    }
+
+    /// Get an ad.
+    ///
+    /// Any ad, active or retired. Needs the read scope when API keys are configured.
+    #[oai(path = "/ads/:id", method = "get", operation_id = "getAd")]
+    async fn get(&self, auth: Credentials, id: Path<String>) -> Result<AdResponse, ApiError> {
+        self.state.api_keys.require(&auth, Scope::Read)?;
+        let id = parse_id(&id.0)?;
+        let ad = self.find(id).await?.ok_or_else(|| ApiError::not_found(format!("ad {id} not found")))?;
+        Ok(AdResponse::Ok(Json(AdDetail::from(ad.as_ref()))))
+    }
+
+    /// Change an ad.
+    ///
+    /// Replaces name, video_url, target_url and active (true when absent). Needs the admin scope
+    /// when API keys are configured. 404 for an unknown id; 422 naming the field that is wrong.
+    #[oai(path = "/ads/:id", method = "put", operation_id = "updateAd")]
+    async fn update(
+        &self,
+        auth: Credentials,
+        id: Path<String>,
+        body: Json<AdInput>,
+    ) -> Result<AdResponse, ApiError> {
+        self.state.api_keys.require(&auth, Scope::Admin)?;
+        let id = parse_id(&id.0)?;
+        if body.0.id.is_some_and(|b| b != id) {
+            return Err(ApiError::unprocessable("id in the body differs from the id in the path"));
+        }
+        validate(&body.0)?;
+        let old = self.find(id).await?.ok_or_else(|| ApiError::not_found(format!("ad {id} not found")))?;
+        let now =
+            OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or_else(|_| OffsetDateTime::now_utc());
+        let ad = Ad {
+            id,
+            name: body.0.name.trim().to_string(),
+            video_url: body.0.video_url,
+            target_url: body.0.target_url,
+            active: body.0.active.unwrap_or(true),
+            created_at: old.created_at,
+            updated_at: now,
+            version: next_version(old.version, now),
+        };
+        self.save(&ad).await?;
+        Ok(AdResponse::Ok(Json(AdDetail::from(&ad))))
+    }
+
+    /// Retire an ad.
+    ///
+    /// Soft: the ad becomes inactive and leaves `GET /ads`; its events and analytics stay, and
+    /// PUT can bring it back. Needs the admin scope when API keys are configured. 404 for an
+    /// unknown id.
+    #[oai(path = "/ads/:id", method = "delete", operation_id = "retireAd")]
+    async fn retire(&self, auth: Credentials, id: Path<String>) -> Result<RetiredResponse, ApiError> {
+        self.state.api_keys.require(&auth, Scope::Admin)?;
+        let id = parse_id(&id.0)?;
+        let old = self.find(id).await?.ok_or_else(|| ApiError::not_found(format!("ad {id} not found")))?;
+        if old.active {
+            let now =
+                OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or_else(|_| OffsetDateTime::now_utc());
+            let ad = Ad {
+                active: false,
+                updated_at: now,
+                version: next_version(old.version, now),
+                ..(*old).clone()
+            };
+            self.save(&ad).await?;
+        }
+        Ok(RetiredResponse::Retired)
+    }
+}
+
+impl AdsApi {
+    async fn find(&self, id: Uuid) -> Result<Option<Arc<Ad>>, ApiError> {
+        self.state.catalog.get(id).await.map_err(|e| ApiError::storage(e, self.state.retry_after))
+    }
+
+    async fn save(&self, ad: &Ad) -> Result<(), ApiError> {
+        self.state
+            .catalog
+            .put(std::slice::from_ref(ad))
+            .await
+            .map_err(|e| ApiError::storage(e, self.state.retry_after))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(name: &str, video: &str, target: &str) -> AdInput {
+        AdInput {
+            id: None,
+            name: name.into(),
+            video_url: video.into(),
+            target_url: target.into(),
+            active: None,
+        }
+    }
+
+    #[test]
+    fn ads_are_validated_field_by_field() {
+        assert!(validate(&input("Sale", "/v/sale.mp4", "https://shop.example/sale")).is_ok());
+        assert!(validate(&input("Sale", "https://cdn.example/s.mp4", "http://shop.example")).is_ok());
+        for (bad, field) in [
+            (input("", "/v.mp4", "https://a.example"), "name"),
+            (input(&"x".repeat(201), "/v.mp4", "https://a.example"), "name"),
+            (input("A", "/v.mp4", "javascript:alert(1)"), "target_url"),
+            (input("A", "/v.mp4", "/relative"), "target_url"),
+            (input("A", "v.mp4", "https://a.example"), "video_url"),
+        ] {
+            match validate(&bad) {
+                Err(ApiError::Unprocessable(b)) => assert!(b.0.error.starts_with(field), "{}", b.0.error),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn versions_grow() {
+        let now = OffsetDateTime::now_utc();
+        assert!(next_version(0, now) > 1_700_000_000_000_000);
+        assert_eq!(next_version(u64::MAX - 1, now), u64::MAX);
     }
 }

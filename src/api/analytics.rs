@@ -8,7 +8,11 @@ use poem_openapi::{ApiResponse, Object, OpenApi, Union, param::Query, payload::J
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{ApiTags, State, error::ApiError};
+use super::{
+    ApiTags, State,
+    auth::{Credentials, Scope},
+    error::ApiError,
+};
 use crate::{
     domain::{Timeframe, Window, WindowKind},
     store::analytics::{AdTotals, HourStats, Stats},
@@ -277,12 +281,14 @@ impl AnalyticsApi {
     /// minute, or all), or `from` (and optionally `to`), RFC 3339 times on whole minutes; the
     /// default is 24h. Every count is exact for events with event_time in [from, to). With
     /// `adId`: totals, an hourly series and the video funnel. Without: every ad's totals,
-    /// busiest first, paged with `limit` and `offset`. Answered from pre-aggregated tables,
+    /// busiest first, paged with `limit` and `offset`. Needs the read scope when API keys are
+    /// configured. Answered from pre-aggregated tables,
     /// typically in milliseconds; an event shows here within FLUSH_INTERVAL + 1 s.
     #[oai(path = "/ads/analytics", method = "get", operation_id = "getAnalytics")]
     #[allow(clippy::too_many_arguments)]
     async fn analytics(
         &self,
+        auth: Credentials,
         /// The ad; omit for every ad.
         #[oai(name = "adId")]
         ad_id: Query<Option<String>>,
@@ -301,6 +307,7 @@ impl AnalyticsApi {
         offset: Query<Option<String>>,
     ) -> Result<AnalyticsResponse, ApiError> {
         let st = &self.state;
+        st.api_keys.require(&auth, Scope::Read)?;
         let ad = parse_ad_id(ad_id.0.as_deref(), ad_id_snake.0.as_deref())?;
         let window = Window::resolve(
             timeframe.0.as_deref(),

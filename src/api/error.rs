@@ -23,9 +23,21 @@ pub enum ApiError {
     /// The request is malformed: invalid JSON, a wrong type, a missing or invalid field.
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
+    /// No API key, or one that API_KEYS does not hold (only when API_KEYS is set).
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorBody>, #[oai(header = "WWW-Authenticate")] String),
+    /// The API key lacks the scope the operation needs, or the page's origin is not allowed.
+    #[oai(status = 403)]
+    Forbidden(Json<ErrorBody>),
     /// The referenced ad (or other resource) does not exist.
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
+    /// The resource exists already (an ad created with an id in use).
+    #[oai(status = 409)]
+    Conflict(Json<ErrorBody>),
+    /// Well-formed JSON whose values are not acceptable (an ad's name, URLs).
+    #[oai(status = 422)]
+    Unprocessable(Json<ErrorBody>),
     /// The request body is larger than MAX_BODY_BYTES (answered by the body reader; listed here
     /// so that the contract shows it).
     #[oai(status = 413)]
@@ -49,6 +61,26 @@ impl ApiError {
     /// 404 with `msg`.
     pub fn not_found(msg: impl Into<String>) -> Self {
         Self::NotFound(body(msg))
+    }
+
+    /// 401 with `msg`, asking for a bearer token.
+    pub fn unauthorized(msg: impl Into<String>) -> Self {
+        Self::Unauthorized(body(msg), "Bearer".into())
+    }
+
+    /// 403 with `msg`.
+    pub fn forbidden(msg: impl Into<String>) -> Self {
+        Self::Forbidden(body(msg))
+    }
+
+    /// 409 with `msg`.
+    pub fn conflict(msg: impl Into<String>) -> Self {
+        Self::Conflict(body(msg))
+    }
+
+    /// 422 with `msg`.
+    pub fn unprocessable(msg: impl Into<String>) -> Self {
+        Self::Unprocessable(body(msg))
     }
 
     /// 503 for a storage failure; the cause is logged, not sent. At debug level: during an outage

@@ -22,6 +22,9 @@ pub struct Readiness {
     pub clickhouse: String,
     /// `ok`, or `full` when new events would get 503.
     pub buffer: String,
+    /// `api_keys`, or `open` when API_KEYS is empty and anyone may manage the catalog and read
+    /// analytics.
+    pub auth: String,
 }
 
 /// Answer of `GET /readyz`.
@@ -74,7 +77,9 @@ impl HealthApi {
         };
         let buffer = if self.state.buffer.is_full() { "full" } else { "ok" }.to_string();
         let ready = clickhouse == "ok" && buffer == "ok";
-        let body = Readiness { status: if ready { "ready" } else { "not_ready" }.into(), clickhouse, buffer };
+        let auth = if self.state.api_keys.is_open() { "open" } else { "api_keys" }.to_string();
+        let body =
+            Readiness { status: if ready { "ready" } else { "not_ready" }.into(), clickhouse, buffer, auth };
         if ready { ReadyResponse::Ready(Json(body)) } else { ReadyResponse::NotReady(Json(body)) }
     }
 

@@ -4,6 +4,7 @@
 
 pub mod ads;
 pub mod analytics;
+pub mod auth;
 pub mod batch;
 pub mod body;
 pub mod cors;
@@ -78,6 +79,8 @@ pub struct State {
     pub batch_body_limit: usize,
     /// Origins whose pages may call the tracking endpoints.
     pub cors: cors::AllowedOrigins,
+    /// API keys; empty means open.
+    pub api_keys: auth::ApiKeys,
     /// Client event ids accepted recently on this instance, so that a repeated one is answered
     /// but not stored twice (see [`RECENT_EVENT_IDS`]).
     pub recent_event_ids: moka::sync::Cache<Uuid, ()>,

@@ -7,6 +7,7 @@ mod ads;
 mod analytics;
 mod batch;
 mod catalog;
+mod catalog_api;
 mod cors;
 mod integration_doc;
 mod lifecycle;

@@ -1,0 +1,171 @@
+//! API keys (`API_KEYS`): who may manage the catalog and read analytics. Tracking endpoints stay
+//! open (players cannot keep a secret). With no keys configured the service runs open, and says
+//! so at start-up and on `/readyz`.
+//!
+//! A key is sent as `Authorization: Bearer <key>` or `X-API-Key: <key>`. Scopes: `admin` (the
+//! catalog's writes, and everything `read` may do), `read` (an ad by id, analytics) and `ingest`
+//! (reserved for server-to-server event callers; it grants nothing beyond the open tracking
+//! endpoints yet).
+
+use std::collections::HashMap;
+
+use poem_openapi::{SecurityScheme, auth};
+use siphasher::sip128::{Hasher128, SipHasher13};
+use std::hash::Hasher;
+
+use super::error::ApiError;
+
+/// What a key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// Everything, including catalog writes.
+    Admin,
+    /// Reads: an ad by id, analytics.
+    Read,
+    /// Sending events on behalf of clients (server-side callers).
+    Ingest,
+}
+
+impl Scope {
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            "admin" => Some(Self::Admin),
+            "read" => Some(Self::Read),
+            "ingest" => Some(Self::Ingest),
+            _ => None,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::Read => "read",
+            Self::Ingest => "ingest",
+        }
+    }
+}
+
+/// The configured keys. Keys are kept as hashes, so that a memory dump or a `{:?}` shows none.
+#[derive(Clone, Default)]
+pub struct ApiKeys {
+    by_hash: HashMap<u128, Vec<Scope>>,
+}
+
+impl std::fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ApiKeys({} keys)", self.by_hash.len())
+    }
+}
+
+fn fingerprint(key: &str) -> u128 {
+    let mut h = SipHasher13::new_with_keys(0x6b65_7973, 0x6164_6265_6163_6f6e);
+    h.write(key.as_bytes());
+    h.finish128().as_u128()
+}
+
+impl ApiKeys {
+    /// Parses `scope:key,scope:key`; empty means none (open). Errors never show a key.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut by_hash: HashMap<u128, Vec<Scope>> = HashMap::new();
+        for (i, pair) in text.split(',').map(str::trim).filter(|p| !p.is_empty()).enumerate() {
+            let (scope, key) =
+                pair.split_once(':').ok_or_else(|| format!("entry {} is not scope:key", i + 1))?;
+            let scope = Scope::parse(scope.trim())
+                .ok_or_else(|| format!("entry {} has a scope other than admin, read or ingest", i + 1))?;
+            let key = key.trim();
+            if key.len() < 16 {
+                return Err(format!("the key of entry {} is shorter than 16 characters", i + 1));
+            }
+            by_hash.entry(fingerprint(key)).or_default().push(scope);
+        }
+        Ok(Self { by_hash })
+    }
+
+    /// True when no key is configured: every operation is open.
+    pub fn is_open(&self) -> bool {
+        self.by_hash.is_empty()
+    }
+
+    /// Ok when `credentials` carry a key with `scope` (admin covers every scope), or when no key
+    /// is configured; 401 for a missing or unknown key, 403 for a key without the scope.
+    pub fn require(&self, credentials: &Credentials, scope: Scope) -> Result<(), ApiError> {
+        if self.is_open() {
+            return Ok(());
+        }
+        let key = match credentials {
+            Credentials::Bearer(b) => b.0.token.as_str(),
+            Credentials::Header(k) => k.0.key.as_str(),
+            Credentials::None => {
+                return Err(ApiError::unauthorized(
+                    "an API key is required: send Authorization: Bearer <key> or X-API-Key: <key>",
+                ));
+            }
+        };
+        let Some(scopes) = self.by_hash.get(&fingerprint(key)) else {
+            return Err(ApiError::unauthorized("this API key is not valid"));
+        };
+        if scopes.iter().any(|s| *s == scope || *s == Scope::Admin) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!("this API key lacks the {} scope", scope.as_str())))
+        }
+    }
+}
+
+/// `Authorization: Bearer <key>`.
+#[derive(SecurityScheme)]
+#[oai(ty = "bearer")]
+pub struct BearerKey(auth::Bearer);
+
+/// `X-API-Key: <key>`.
+#[derive(SecurityScheme)]
+#[oai(ty = "api_key", key_name = "X-API-Key", key_in = "header")]
+pub struct HeaderKey(auth::ApiKey);
+
+/// The credentials a request carries, if any (checked against API_KEYS by [`ApiKeys::require`]).
+#[derive(SecurityScheme)]
+pub enum Credentials {
+    /// A bearer token.
+    Bearer(BearerKey),
+    /// An X-API-Key header.
+    Header(HeaderKey),
+    /// None: allowed while API_KEYS is empty.
+    #[oai(fallback)]
+    None,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bearer(key: &str) -> Credentials {
+        Credentials::Bearer(BearerKey(auth::Bearer { token: key.into() }))
+    }
+
+    #[test]
+    fn keys_parse_and_scopes_apply() {
+        let keys =
+            ApiKeys::parse("admin:aaaaaaaaaaaaaaaa, read:rrrrrrrrrrrrrrrr,ingest:iiiiiiiiiiiiiiii").unwrap();
+        assert!(keys.require(&bearer("aaaaaaaaaaaaaaaa"), Scope::Read).is_ok());
+        assert!(keys.require(&bearer("rrrrrrrrrrrrrrrr"), Scope::Read).is_ok());
+        assert!(matches!(
+            keys.require(&bearer("rrrrrrrrrrrrrrrr"), Scope::Admin),
+            Err(ApiError::Forbidden(_))
+        ));
+        assert!(matches!(
+            keys.require(&bearer("nope-nope-nope-nope"), Scope::Read),
+            Err(ApiError::Unauthorized(..))
+        ));
+        assert!(matches!(keys.require(&Credentials::None, Scope::Read), Err(ApiError::Unauthorized(..))));
+        assert!(ApiKeys::parse("").unwrap().require(&Credentials::None, Scope::Admin).is_ok());
+    }
+
+    #[test]
+    fn bad_entries_never_show_the_key() {
+        for bad in ["admin", "root:aaaaaaaaaaaaaaaa", "read:tiny7"] {
+            let e = ApiKeys::parse(bad).unwrap_err();
+            assert!(!e.contains("aaaa") && !e.contains("tiny7"), "{e}");
+        }
+        assert!(!format!("{:?}", ApiKeys::parse("admin:aaaaaaaaaaaaaaaa").unwrap()).contains("aaaa"));
+    }
+}

@@ -1,0 +1,197 @@
+//! Managing the catalog over HTTP (create, read, change, retire) with validation, and API keys:
+//! open when none are configured (and said so), scoped when they are.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::TestApp;
+
+const ADMIN: &str = "admin-key-0123456789";
+const READER: &str = "read-key-0123456789";
+
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+}
+
+async fn send(
+    app: &TestApp,
+    method: reqwest::Method,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = app.http.request(method, format!("{}{path}", app.base));
+    if let Some(key) = key {
+        req = req.bearer_auth(key);
+    }
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Polls GET /ads (served from memory for up to 2 s) until `pred` holds.
+async fn wait_listed(app: &TestApp, pred: impl Fn(&Vec<Value>) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let ads: Vec<Value> = app.get("/ads").await.json().await.unwrap();
+        if pred(&ads) || Instant::now() > deadline {
+            return ads;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn ad_ops_create_change_and_retire_ads_and_players_follow() {
+    let app = TestApp::spawn().await;
+    let ready: Value = app.get("/readyz").await.json().await.unwrap();
+    assert_eq!(ready["auth"], "open", "an open service says so");
+
+    let ad = json!({"name": "Winter Sale", "video_url": "/videos/winter.mp4", "target_url": "https://shop.example/winter"});
+    let resp = app.post("/ads", &ad).await;
+    assert_eq!(resp.status(), 201);
+    let location = resp.headers()["location"].to_str().unwrap().to_string();
+    let created: Value = resp.json().await.unwrap();
+    let id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(location, format!("/ads/{id}"));
+    assert_eq!((created["active"].as_bool(), created["name"].as_str()), (Some(true), Some("Winter Sale")));
+    let (status, got) = send(&app, reqwest::Method::GET, &location, None, None).await;
+    assert_eq!((status, got["target_url"].as_str()), (200, Some("https://shop.example/winter")));
+    let listed = wait_listed(&app, |ads| ads.iter().any(|a| a["id"] == id)).await;
+    assert!(listed.iter().any(|a| a["id"] == id), "a new ad reaches GET /ads");
+    // Events for it are taken at once (this instance invalidated its cache on the write).
+    assert_eq!(app.post("/ads/click", &json!({"adId": id})).await.status(), 202);
+
+    // Changed: the click-through follows the new target.
+    let change = json!({"name": "Winter Sale II", "video_url": "https://cdn.example/w2.mp4", "target_url": "https://shop.example/w2"});
+    let (status, changed) = send(&app, reqwest::Method::PUT, &location, None, Some(change)).await;
+    assert_eq!(status, 200, "{changed}");
+    assert!(changed["version"].as_u64() > created["version"].as_u64());
+    assert_eq!(changed["created_at"], created["created_at"]);
+    let resp = no_redirects().get(format!("{}/c/{id}", app.base)).send().await.unwrap();
+    assert_eq!(resp.headers()["location"], "https://shop.example/w2");
+
+    // Retired: it leaves GET /ads, clicks get 404, its data stays readable.
+    let (status, _) = send(&app, reqwest::Method::DELETE, &location, None, None).await;
+    assert_eq!(status, 204);
+    let listed = wait_listed(&app, |ads| ads.iter().all(|a| a["id"] != id)).await;
+    assert!(listed.iter().all(|a| a["id"] != id));
+    assert_eq!(no_redirects().get(format!("{}/c/{id}", app.base)).send().await.unwrap().status(), 404);
+    let (_, retired) = send(&app, reqwest::Method::GET, &location, None, None).await;
+    assert_eq!(retired["active"], false);
+    let (status, _) = send(&app, reqwest::Method::DELETE, &location, None, None).await;
+    assert_eq!(status, 204, "retiring twice is fine");
+    assert_eq!(app.wait_flushed(2).await, 2);
+    let a: Value = app.get(&format!("/ads/analytics?adId={id}&timeframe=1h")).await.json().await.unwrap();
+    assert_eq!(a["totalClicks"], 2, "a retired ad's events still count");
+}
+
+#[tokio::test]
+async fn bad_catalog_requests_get_the_right_status() {
+    let app = TestApp::spawn().await;
+    let id = "11111111-1111-1111-1111-111111111111";
+    let ok = json!({"name": "A", "video_url": "/v.mp4", "target_url": "https://a.example"});
+    let cases = [
+        (
+            reqwest::Method::POST,
+            "/ads".to_string(),
+            json!({"id": id, "name": "A", "video_url": "/v.mp4", "target_url": "https://a.example"}),
+            409,
+            "exists already",
+        ),
+        (
+            reqwest::Method::POST,
+            "/ads".to_string(),
+            json!({"name": "", "video_url": "/v.mp4", "target_url": "https://a.example"}),
+            422,
+            "name must be 1 to 200 characters",
+        ),
+        (
+            reqwest::Method::POST,
+            "/ads".to_string(),
+            json!({"name": "A", "video_url": "/v.mp4", "target_url": "ftp://a.example"}),
+            422,
+            "target_url must be an absolute http(s) URL",
+        ),
+        (
+            reqwest::Method::POST,
+            "/ads".to_string(),
+            json!({"name": "A", "video_url": "v.mp4", "target_url": "https://a.example"}),
+            422,
+            "video_url must be",
+        ),
+        (
+            reqwest::Method::PUT,
+            "/ads/99999999-9999-9999-9999-999999999999".to_string(),
+            ok.clone(),
+            404,
+            "not found",
+        ),
+        (
+            reqwest::Method::PUT,
+            format!("/ads/{id}"),
+            json!({"id": "22222222-2222-2222-2222-222222222222", "name": "A", "video_url": "/v.mp4", "target_url": "https://a.example"}),
+            422,
+            "differs",
+        ),
+        (reqwest::Method::GET, "/ads/not-a-uuid".to_string(), Value::Null, 400, "must be a UUID"),
+        (
+            reqwest::Method::DELETE,
+            "/ads/99999999-9999-9999-9999-999999999999".to_string(),
+            Value::Null,
+            404,
+            "not found",
+        ),
+    ];
+    for (method, path, body, status, says) in cases {
+        let body = (!body.is_null()).then_some(body);
+        let (got, answer) = send(&app, method.clone(), &path, None, body).await;
+        assert_eq!(got, status, "{method} {path}: {answer}");
+        assert!(answer["error"].as_str().unwrap_or_default().contains(says), "{method} {path}: {answer}");
+    }
+}
+
+#[tokio::test]
+async fn api_keys_guard_the_catalog_and_analytics_but_not_tracking() {
+    let keys = format!("admin:{ADMIN},read:{READER}");
+    let app = TestApp::spawn_with(&[("API_KEYS", &keys)]).await;
+    let ready: Value = app.get("/readyz").await.json().await.unwrap();
+    assert_eq!(ready["auth"], "api_keys");
+    let ad = json!({"name": "Keyed", "video_url": "/v.mp4", "target_url": "https://a.example"});
+
+    let resp = app.post("/ads", &ad).await;
+    assert_eq!(resp.status(), 401);
+    assert_eq!(resp.headers()["www-authenticate"], "Bearer");
+    let (status, body) =
+        send(&app, reqwest::Method::POST, "/ads", Some("wrong-key-0123456789"), Some(ad.clone())).await;
+    assert_eq!((status, body["error"].as_str()), (401, Some("this API key is not valid")));
+    let (status, body) = send(&app, reqwest::Method::POST, "/ads", Some(READER), Some(ad.clone())).await;
+    assert_eq!((status, body["error"].as_str()), (403, Some("this API key lacks the admin scope")));
+    let (status, created) = send(&app, reqwest::Method::POST, "/ads", Some(ADMIN), Some(ad)).await;
+    assert_eq!(status, 201);
+    let id = created["id"].as_str().unwrap();
+    // X-API-Key works as well as a bearer token.
+    let resp =
+        app.http.get(format!("{}/ads/{id}", app.base)).header("X-API-Key", READER).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+
+    let analytics = format!("/ads/analytics?adId={id}");
+    assert_eq!(send(&app, reqwest::Method::GET, &analytics, None, None).await.0, 401);
+    assert_eq!(send(&app, reqwest::Method::GET, &analytics, Some(READER), None).await.0, 200);
+    assert_eq!(send(&app, reqwest::Method::GET, "/ads/analytics", Some(ADMIN), None).await.0, 200);
+
+    // Players need no key.
+    assert_eq!(app.post("/ads/click", &json!({"adId": id})).await.status(), 202);
+    assert_eq!(app.get(&format!("/t/start?ad={id}")).await.status(), 200);
+    assert_eq!(app.get("/ads").await.status(), 200);
+
+    // The spec shows both ways to send a key.
+    let spec: Value = app.get("/openapi.json").await.json().await.unwrap();
+    let schemes = spec["components"]["securitySchemes"].as_object().unwrap();
+    assert!(schemes.values().any(|s| s["scheme"] == "bearer"), "{schemes:?}");
+    assert!(schemes.values().any(|s| s["name"] == "X-API-Key"), "{schemes:?}");
+}
