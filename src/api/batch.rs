@@ -124,8 +124,10 @@ pub struct ItemResult {
     /// accepted, duplicate or rejected.
     pub status: ItemStatus,
     /// The stored event id (yours, or the one the server gave it); absent when rejected.
+    #[oai(skip_serializing_if_is_none)]
     pub event_id: Option<Uuid>,
-    /// Why it was rejected.
+    /// Why it was rejected; absent otherwise.
+    #[oai(skip_serializing_if_is_none)]
     pub error: Option<String>,
 }
 
