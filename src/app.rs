@@ -83,6 +83,8 @@ fn state(config: &Config, clickhouse: ClickHouse, hasher: IpHasher, metrics: Arc
         api_keys: config.api_keys.clone(),
         recent_event_ids: moka::sync::Cache::builder()
             .max_capacity(api::RECENT_EVENT_IDS.0)
+            // LRU, not moka's default TinyLFU admission, which may refuse a new id when full.
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
             .time_to_live(api::RECENT_EVENT_IDS.1)
             .build(),
     })

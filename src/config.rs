@@ -145,7 +145,7 @@ pub const SETTINGS: &[Setting] = &[
         "CORS_ALLOWED_ORIGINS",
         "*",
         "* or a comma-separated list of origins such as https://www.example.com",
-        "web pages that may send events with fetch (CORS on the tracking endpoints only)",
+        "web pages whose origin may send events (CORS on the tracking endpoints; other origins get 403)",
     ),
     s(
         "SEED_DEMO_ADS",

@@ -289,8 +289,10 @@ impl AdsApi {
 }
 
 impl AdsApi {
+    /// The ad as ClickHouse holds it now: the catalog's writes must not act on a cached copy
+    /// that another instance has changed since.
     async fn find(&self, id: Uuid) -> Result<Option<Arc<Ad>>, ApiError> {
-        self.state.catalog.get(id).await.map_err(|e| ApiError::storage(e, self.state.retry_after))
+        self.state.catalog.get_fresh(id).await.map_err(|e| ApiError::storage(e, self.state.retry_after))
     }
 
     async fn save(&self, ad: &Ad) -> Result<(), ApiError> {

@@ -3,7 +3,7 @@
 //! others), and the good ones are held all together or not at all: a 202 means every item marked
 //! accepted is held, a 503 that none is.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use poem::{Request, RequestBody, http::StatusCode, web::RemoteAddr};
 use poem_openapi::{
@@ -17,7 +17,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    ApiTags, State,
+    ApiTags, Claim, State,
     body::{BodyLimit, read_limited},
     client_ip,
     error::ApiError,
@@ -88,7 +88,7 @@ impl TryFrom<BatchEvent> for EventReport {
         })?;
         let ad_id = ad_id([("adId", e.ad_id), ("ad_id", e.ad_id_snake)])?;
         let event_id = one_of([("eventId", e.event_id), ("event_id", e.event_id_snake)])?
-            .map(|(name, id)| event_id(&id).map_err(|m| m.replacen("eid", name, 1)))
+            .map(|(name, id)| event_id(&id, ad_id, kind).map_err(|m| m.replacen("eid", name, 1)))
             .transpose()?;
         let playback_time =
             one_of([("playbackTime", e.playback_time), ("playback_time", e.playback_time_snake)])?
@@ -236,53 +236,85 @@ impl BatchApi {
     #[oai(path = "/ads/events", method = "post", operation_id = "recordEvents")]
     async fn record(&self, remote: &RemoteAddr, body: EventBatch) -> Result<BatchResponse, ApiError> {
         let st = &self.state;
-        let now = OffsetDateTime::now_utc();
-        let ip_hash = st.hasher.hash(client_ip(remote));
-        let mut results = Vec::with_capacity(body.0.len());
-        let mut rows = Vec::with_capacity(body.0.len());
-        let mut claimed = Vec::new();
-        let (mut duplicates, mut rejected) = (0, 0);
+        let n = body.0.len();
+        // First everything that waits: parse every item and resolve every distinct ad once.
+        let mut judged: Vec<Result<EventReport, (RejectReason, String)>> = Vec::with_capacity(n);
+        let mut known: HashMap<Uuid, bool> = HashMap::new();
         for (index, value) in body.0.into_iter().enumerate() {
-            let index = index as u32;
-            let mut refuse = |reason: RejectReason, error: String| {
-                st.metrics.rejected(reason);
-                rejected += 1;
-                ItemResult { index, status: ItemStatus::Rejected, event_id: None, error: Some(error) }
-            };
             let report = match parse_item(value) {
                 Ok(report) => report,
                 Err(e) => {
-                    results.push(refuse(RejectReason::Invalid, format!("events[{index}]: {e}")));
+                    judged.push(Err((RejectReason::Invalid, format!("events[{index}]: {e}"))));
                     continue;
                 }
             };
-            match st.catalog.get(report.ad_id).await {
-                Ok(Some(_)) => {}
-                Ok(None) => {
-                    results.push(refuse(RejectReason::UnknownAd, format!("ad {} not found", report.ad_id)));
-                    continue;
-                }
-                Err(e) => {
-                    // Nothing is held yet: release what this request claimed and let it retry.
-                    for id in &claimed {
-                        st.recent_event_ids.invalidate(id);
+            let exists = match known.get(&report.ad_id) {
+                Some(exists) => *exists,
+                None => match st.catalog.get(report.ad_id).await {
+                    Ok(ad) => *known.entry(report.ad_id).or_insert(ad.is_some()),
+                    Err(e) => {
+                        st.metrics.rejected(RejectReason::CatalogUnavailable);
+                        return Err(ApiError::storage(e, st.retry_after));
                     }
-                    st.metrics.rejected(RejectReason::CatalogUnavailable);
-                    return Err(ApiError::storage(e, st.retry_after));
-                }
-            }
-            if let Some(id) = report.event_id {
-                if !st.claim(id) {
-                    duplicates += 1;
+                },
+            };
+            judged.push(if exists {
+                Ok(report)
+            } else {
+                Err((RejectReason::UnknownAd, format!("ad {} not found", report.ad_id)))
+            });
+        }
+        // Then, without waiting, claim the event ids and hold the rows: a claim never outlives a
+        // request that could still fail after it.
+        let now = OffsetDateTime::now_utc();
+        let ip_hash = st.hasher.hash(client_ip(remote));
+        let mut results = Vec::with_capacity(n);
+        let mut rows = Vec::with_capacity(n);
+        let mut claimed = Vec::new();
+        let (mut duplicates, mut rejected) = (0, 0);
+        for (index, item) in judged.into_iter().enumerate() {
+            let index = index as u32;
+            let report = match item {
+                Ok(report) => report,
+                Err((reason, error)) => {
+                    st.metrics.rejected(reason);
+                    rejected += 1;
                     results.push(ItemResult {
                         index,
-                        status: ItemStatus::Duplicate,
-                        event_id: Some(id),
-                        error: None,
+                        status: ItemStatus::Rejected,
+                        event_id: None,
+                        error: Some(error),
                     });
                     continue;
                 }
-                claimed.push(id);
+            };
+            if let Some(id) = report.event_id {
+                let claim = if claimed.contains(&id) { Claim::Held } else { st.claim(id) };
+                match claim {
+                    Claim::Fresh => claimed.push(id),
+                    Claim::Held => {
+                        duplicates += 1;
+                        results.push(ItemResult {
+                            index,
+                            status: ItemStatus::Duplicate,
+                            event_id: Some(id),
+                            error: None,
+                        });
+                        continue;
+                    }
+                    Claim::InFlight => {
+                        rejected += 1;
+                        let error =
+                            format!("event {id} is being stored by another request; send this item again");
+                        results.push(ItemResult {
+                            index,
+                            status: ItemStatus::Rejected,
+                            event_id: None,
+                            error: Some(error),
+                        });
+                        continue;
+                    }
+                }
             }
             let row = st.stamp(&report, now, ip_hash);
             results.push(ItemResult {
@@ -311,7 +343,7 @@ mod tests {
             "eventId": "abc", "playbackTime": 7.5});
         let r = parse_item(ok).unwrap();
         assert_eq!((r.kind, r.playback_time.unwrap().seconds()), (EventKind::FirstQuartile, 7.5));
-        assert_eq!(r.event_id, Some(event_id("abc").unwrap()));
+        assert_eq!(r.event_id, Some(event_id("abc", r.ad_id, r.kind).unwrap()));
         let e = parse_item(serde_json::json!({"adId": "x", "kind": "start"})).unwrap_err();
         assert!(e.starts_with("adId must be a UUID"), "{e}");
         let e =

@@ -81,14 +81,28 @@ pub struct State {
     pub cors: cors::AllowedOrigins,
     /// API keys; empty means open.
     pub api_keys: auth::ApiKeys,
-    /// Client event ids accepted recently on this instance, so that a repeated one is answered
-    /// but not stored twice (see [`RECENT_EVENT_IDS`]).
-    pub recent_event_ids: moka::sync::Cache<Uuid, ()>,
+    /// Client event ids claimed recently on this instance, so that a repeated one is answered
+    /// but not stored twice (see [`RECENT_EVENT_IDS`]); the flag turns true once the event is
+    /// held.
+    pub recent_event_ids: moka::sync::Cache<Uuid, Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// How many client event ids, and for how long, an instance remembers. A player that re-fires a
-/// beacon does so within seconds; the bound keeps a flood of fresh ids from growing memory.
+/// beacon does so within seconds; the bound keeps a flood of fresh ids from growing memory (past
+/// it the oldest ids go first: least-recently-used, so a new id is always remembered).
 pub const RECENT_EVENT_IDS: (u64, Duration) = (1_000_000, Duration::from_secs(3600));
+
+/// The outcome of claiming a client event id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// First seen: this request stores it.
+    Fresh,
+    /// Held already: answer it as a duplicate.
+    Held,
+    /// Another request is storing it right now and may still fail: the caller must retry, since
+    /// answering "duplicate" could acknowledge an event that ends up not stored.
+    InFlight,
+}
 
 /// What became of an accepted event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,11 +123,14 @@ impl State {
     /// repeated client event id, was held before).
     pub async fn accept(&self, report: EventReport, remote: &RemoteAddr) -> Result<Accepted, ApiError> {
         self.known_ad(report.ad_id).await?;
-        // A client id is claimed atomically, so that of two concurrent repeats only one is stored.
-        if let Some(id) = report.event_id
-            && !self.claim(id)
-        {
-            return Ok(Accepted::Duplicate);
+        // A client id is claimed atomically, so that of two concurrent repeats only one is stored;
+        // nothing awaits between the claim and the hold.
+        if let Some(id) = report.event_id {
+            match self.claim(id) {
+                Claim::Fresh => {}
+                Claim::Held => return Ok(Accepted::Duplicate),
+                Claim::InFlight => return Err(self.in_flight(id)),
+            }
         }
         let row = self.stamp(&report, OffsetDateTime::now_utc(), self.hasher.hash(client_ip(remote)));
         self.hold(vec![row], report.event_id.as_slice())?;
@@ -135,9 +152,26 @@ impl State {
         }
     }
 
-    /// Claims a client event id for this instance; false when it was accepted before.
-    pub fn claim(&self, id: Uuid) -> bool {
-        self.recent_event_ids.entry(id).or_insert(()).is_fresh()
+    /// Claims a client event id for this instance.
+    pub fn claim(&self, id: Uuid) -> Claim {
+        let entry = self.recent_event_ids.entry(id).or_default();
+        if entry.is_fresh() {
+            Claim::Fresh
+        } else if entry.value().load(std::sync::atomic::Ordering::Acquire) {
+            Claim::Held
+        } else {
+            Claim::InFlight
+        }
+    }
+
+    /// The 503 for a repeat of an event another request is storing right now.
+    pub fn in_flight(&self, id: Uuid) -> ApiError {
+        ApiError::Unavailable(
+            poem_openapi::payload::Json(error::ErrorBody {
+                error: format!("event {id} is being stored by another request; retry to learn the outcome"),
+            }),
+            1,
+        )
     }
 
     /// The row of an accepted report: the server's clock, the event id and the client-IP hash.
@@ -179,6 +213,11 @@ impl State {
             }
             ApiError::push(e, self.retry_after)
         })?;
+        for id in claimed {
+            if let Some(flag) = self.recent_event_ids.get(id) {
+                flag.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
         for (kind, n) in EventKind::ALL.into_iter().zip(per_kind) {
             if n > 0 {
                 self.metrics.accepted(kind, n);

@@ -84,9 +84,11 @@ struct Parsed {
     bad_timestamp: bool,
 }
 
-/// A client event id: a UUID as is, any other string mapped to a stable UUID (so that repeats of
-/// it are recognised), or a 400 when it is too long to be an id.
-pub(crate) fn event_id(text: &str) -> Result<Uuid, String> {
+/// A client event id: a UUID as is (the client vouches that it names one event), any other
+/// string mapped to a stable UUID together with the ad and the kind, so that a label such as a
+/// session id reused for another ad or event kind is not taken for a repeat. A 400 when it is
+/// too long to be an id.
+pub(crate) fn event_id(text: &str, ad: Uuid, kind: EventKind) -> Result<Uuid, String> {
     if let Ok(id) = Uuid::try_parse(text) {
         return Ok(id);
     }
@@ -95,6 +97,8 @@ pub(crate) fn event_id(text: &str) -> Result<Uuid, String> {
     }
     let mut h = SipHasher13::new_with_keys(0x6164_6265_6163_6f6e, 0x6576_656e_7420_6964);
     h.write(text.as_bytes());
+    h.write(ad.as_bytes());
+    h.write(kind.as_str().as_bytes());
     Ok(Uuid::from_u128(h.finish128().as_u128()))
 }
 
@@ -117,7 +121,7 @@ fn parse(b: &Beacon<'_>) -> Result<Parsed, ApiError> {
         EventKind::Error => b.code.and_then(|c| c.parse().ok()).unwrap_or(UNDEFINED_VAST_ERROR),
         _ => 0,
     };
-    let event_id = b.eid.map(event_id).transpose().map_err(ApiError::bad_request)?;
+    let event_id = b.eid.map(|e| event_id(e, ad_id, kind)).transpose().map_err(ApiError::bad_request)?;
     Ok(Parsed {
         report: EventReport {
             event_id,
@@ -235,6 +239,21 @@ impl PixelApi {
         }
     }
 
+    /// Click-through, checked but not recorded.
+    ///
+    /// Answers what `GET` would (the redirect, or 404) without recording a click: link checkers
+    /// and prefetchers send HEAD, browsers following a click send GET.
+    #[oai(path = "/c/:adId", method = "head", operation_id = "checkClickThrough")]
+    async fn check_click_through(
+        &self,
+        /// The ad's id.
+        #[oai(name = "adId")]
+        ad_id: Path<String>,
+    ) -> Result<RedirectResponse, ApiError> {
+        let (_, target) = self.click_target(&ad_id.0).await?;
+        Ok(RedirectResponse::Found(target, NO_STORE.into()))
+    }
+
     /// Click-through.
     ///
     /// The click URL to give browsers and players: records a click and redirects (302) to the
@@ -249,23 +268,7 @@ impl PixelApi {
         #[oai(name = "adId")]
         ad_id: Path<String>,
     ) -> Result<RedirectResponse, ApiError> {
-        let id = Uuid::try_parse(&ad_id.0).map_err(|_| {
-            ApiError::bad_request(format!(
-                "the ad id must be a UUID such as 11111111-1111-1111-1111-111111111111, got {:?}",
-                ad_id.0
-            ))
-        })?;
-        let ad = match self.state.catalog.get(id).await {
-            Ok(Some(ad)) if ad.active => ad,
-            Ok(Some(_)) => return Err(ApiError::not_found(format!("ad {id} is not active"))),
-            Ok(None) => return Err(ApiError::not_found(format!("ad {id} not found"))),
-            Err(e) => return Err(ApiError::storage(e, self.state.retry_after)),
-        };
-        let target = redirect_target(&ad.target_url)
-            .ok_or_else(|| {
-                ApiError::not_found(format!("ad {id} has no http(s) target_url to send clicks to"))
-            })?
-            .to_string();
+        let (id, target) = self.click_target(&ad_id.0).await?;
         let report = EventReport {
             event_id: None,
             ad_id: id,
@@ -278,6 +281,28 @@ impl PixelApi {
             Ok(_) | Err(ApiError::Unavailable(..)) => Ok(RedirectResponse::Found(target, NO_STORE.into())),
             Err(e) => Err(e),
         }
+    }
+}
+
+impl PixelApi {
+    /// The ad behind a click-through and where it sends the viewer; 400 for a malformed id, 404
+    /// for an unknown or retired ad or one without an http(s) target.
+    async fn click_target(&self, text: &str) -> Result<(Uuid, String), ApiError> {
+        let id = Uuid::try_parse(text).map_err(|_| {
+            ApiError::bad_request(format!(
+                "the ad id must be a UUID such as 11111111-1111-1111-1111-111111111111, got {text:?}"
+            ))
+        })?;
+        let ad = match self.state.catalog.get(id).await {
+            Ok(Some(ad)) if ad.active => ad,
+            Ok(Some(_)) => return Err(ApiError::not_found(format!("ad {id} is not active"))),
+            Ok(None) => return Err(ApiError::not_found(format!("ad {id} not found"))),
+            Err(e) => return Err(ApiError::storage(e, self.state.retry_after)),
+        };
+        let target = redirect_target(&ad.target_url).ok_or_else(|| {
+            ApiError::not_found(format!("ad {id} has no http(s) target_url to send clicks to"))
+        })?;
+        Ok((id, target.to_string()))
     }
 }
 
@@ -332,11 +357,16 @@ mod tests {
     }
 
     #[test]
-    fn event_ids_are_stable() {
+    fn event_ids_are_stable_per_ad_and_kind() {
+        let ad = Uuid::parse_str(AD).unwrap();
+        let other = Uuid::nil();
         let u = "5b0c1a52-8a35-4c8b-9a4d-2f0e6b3c9d11";
-        assert_eq!(event_id(u).unwrap().to_string(), u);
-        assert_eq!(event_id("player-42-start").unwrap(), event_id("player-42-start").unwrap());
-        assert_ne!(event_id("player-42-start").unwrap(), event_id("player-42-stop").unwrap());
+        assert_eq!(event_id(u, ad, EventKind::Start).unwrap().to_string(), u);
+        let id = |e: &str, ad, k| event_id(e, ad, k).unwrap();
+        assert_eq!(id("sess-42", ad, EventKind::Start), id("sess-42", ad, EventKind::Start));
+        assert_ne!(id("sess-42", ad, EventKind::Start), id("sess-43", ad, EventKind::Start));
+        assert_ne!(id("sess-42", ad, EventKind::Start), id("sess-42", other, EventKind::Start));
+        assert_ne!(id("sess-42", ad, EventKind::Start), id("sess-42", ad, EventKind::Complete));
     }
 
     #[test]

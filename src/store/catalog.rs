@@ -13,7 +13,8 @@
 //!   another instance is usable within seconds).
 //! - Concurrent misses of one id wait for one ClickHouse query (a per-id lock), so a burst of
 //!   requests for a new ad costs one look-up.
-//! - Writes through this instance invalidate its copies at once.
+//! - Writes through this instance replace its copies at once, and a read that started before a
+//!   write cannot put the older version back.
 
 use std::{
     sync::Arc,
@@ -195,11 +196,27 @@ impl Catalog {
         });
     }
 
+    /// The ad as ClickHouse holds it now, bypassing the cache (for the catalog's own writes,
+    /// which must not act on a copy up to a TTL old).
+    pub async fn get_fresh(&self, id: Uuid) -> Result<Option<Arc<Ad>>, StoreError> {
+        let lock = self.lock_of(id);
+        let _guard = lock.lock().await;
+        self.load(id).await
+    }
+
     async fn load(&self, id: Uuid) -> Result<Option<Arc<Ad>>, StoreError> {
         self.metrics.catalog_lookups.inc();
         let q = self.ch.client().query(queries::AD_BY_ID).bind(id.to_string());
         let rows: Vec<AdRow> = self.ch.fetch_all(q).await?;
         let ad = rows.into_iter().next().map(|r| Arc::new(Ad::from(r)));
+        // A read that started before a write through this instance must not put the older
+        // version back: the newer one stays.
+        let cached = self.by_id.get(&id).and_then(|c| c.ad.clone());
+        if let (Some(read), Some(newer)) = (&ad, &cached)
+            && newer.version > read.version
+        {
+            return Ok(cached);
+        }
         self.by_id.insert(id, Arc::new(Cached { ad: ad.clone(), read_at: Instant::now() }));
         Ok(ad)
     }
@@ -222,8 +239,10 @@ impl Catalog {
             insert.write(&AdRow::from(ad)).await.map_err(classify)?;
         }
         insert.end().await.map_err(classify)?;
+        // The written versions, at once: a later stale read cannot replace them (see `load`).
         for ad in ads {
-            self.by_id.invalidate(&ad.id);
+            self.by_id
+                .insert(ad.id, Arc::new(Cached { ad: Some(Arc::new(ad.clone())), read_at: Instant::now() }));
         }
         self.active.invalidate_all();
         Ok(())

@@ -294,6 +294,10 @@ async fn randomized_windows_equal_a_recount_of_raw_events() {
         (m(-2, 0, 0), m(3, 0, 0)),
         (m(-1, 13, 7), m(1, 21, 53)),
         (m(-1, 0, 0), m(1, 0, 1)),
+        // Longer than 31 days: whole days come from ad_stats_daily, with hour and minute edges.
+        (m(-20, 13, 17), m(15, 2, 43)),
+        (m(-31, 23, 59), m(1, 0, 1)),
+        (m(-2, 0, 0), m(38, 0, 0)),
     ];
     for _ in 0..40 {
         let from = base + rng.below(span as u64 / 60) as i64 * 60;

@@ -96,12 +96,19 @@ async fn the_limits_are_413_and_a_batch_that_cannot_be_held_is_503_with_nothing_
     let big = Value::Array(vec![padded[0].clone(); 400]);
     assert_eq!(app.post("/ads/events", &big).await.status(), 413);
     assert_eq!(app.post("/ads/events", &json!({"adId": AD})).await.status(), 400);
-    // More than the buffer can take at once: all or nothing.
-    let resp = app.post("/ads/events", &Value::Array(vec![item.clone(); 10])).await;
+    // More than the buffer can take at once: all or nothing, and the event ids are free again,
+    // so that the retry of the same items is stored, not answered as duplicates.
+    let with_ids: Vec<Value> =
+        (0..10).map(|i| json!({"adId": AD, "kind": "start", "eventId": format!("big-{i}")})).collect();
+    let resp = app.post("/ads/events", &Value::Array(with_ids.clone())).await;
     assert_eq!(resp.status(), 503);
     assert!(resp.headers().contains_key("retry-after"));
+    let retry: Value =
+        app.post("/ads/events", &Value::Array(with_ids[..2].to_vec())).await.json().await.unwrap();
+    assert_eq!((retry["accepted"].as_u64(), retry["duplicates"].as_u64()), (Some(2), Some(0)), "{retry}");
+    assert_eq!(app.wait_flushed(2).await, 2);
     let fits = app.post("/ads/events", &Value::Array(vec![item; 2])).await;
     assert_eq!(fits.status(), 202);
-    assert_eq!(app.wait_flushed(2).await, 2);
-    assert_eq!(app.number("SELECT count() FROM events").await, 2);
+    assert_eq!(app.wait_flushed(4).await, 4);
+    assert_eq!(app.number("SELECT count() FROM events").await, 4);
 }

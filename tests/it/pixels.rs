@@ -111,6 +111,22 @@ async fn a_repeated_event_id_is_answered_but_stored_once() {
 }
 
 #[tokio::test]
+async fn an_event_id_label_is_per_ad_and_kind() {
+    let app = TestApp::spawn().await;
+    let other = "22222222-2222-2222-2222-222222222222";
+    for path in [
+        format!("/t/start?ad={AD}&eid=session-9"),
+        format!("/t/start?ad={other}&eid=session-9"),
+        format!("/t/complete?ad={AD}&eid=session-9"),
+        format!("/t/start?ad={AD}&eid=session-9"),
+    ] {
+        assert_eq!(app.get(&path).await.status(), 200, "{path}");
+    }
+    assert_eq!(app.wait_flushed(3).await, 3);
+    assert_eq!(app.number("SELECT count() FROM events").await, 3, "only the last is a repeat");
+}
+
+#[tokio::test]
 async fn head_answers_like_get_and_records_nothing() {
     let app = TestApp::spawn().await;
     let resp = app.http.head(format!("{}/t/start?ad={AD}", app.base)).send().await.unwrap();
@@ -120,7 +136,11 @@ async fn head_answers_like_get_and_records_nothing() {
     assert!(resp.bytes().await.unwrap().is_empty());
     let unknown = app.http.head(format!("{}/t/start?ad=99999999-9999-9999-9999-999999999999", app.base));
     assert_eq!(unknown.send().await.unwrap().status(), 404);
-    // A GET after it is the only event.
+    // The click-through too: the redirect, and no click.
+    let resp = no_redirects().head(format!("{}/c/{AD}", app.base)).send().await.unwrap();
+    assert_eq!(resp.status(), 302);
+    assert_eq!(resp.headers()["location"], "https://www.example.com/summer-sale");
+    // A GET after them is the only event.
     assert_eq!(app.get(&format!("/t/start?ad={AD}")).await.status(), 200);
     assert_eq!(app.wait_flushed(1).await, 1);
     assert_eq!(app.number("SELECT count() FROM events").await, 1);
