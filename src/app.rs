@@ -81,6 +81,7 @@ fn state(config: &Config, clickhouse: ClickHouse, hasher: IpHasher, metrics: Arc
         batch_body_limit: config.max_batch_body_bytes,
         cors: config.cors_allowed_origins.clone(),
         api_keys: config.api_keys.clone(),
+        trusted_proxies: config.trusted_proxies.clone(),
         recent_event_ids: moka::sync::Cache::builder()
             .max_capacity(api::RECENT_EVENT_IDS.0)
             // LRU, not moka's default TinyLFU admission, which may refuse a new id when full.

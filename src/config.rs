@@ -142,6 +142,12 @@ pub const SETTINGS: &[Setting] = &[
         secret: true,
     },
     s(
+        "TRUSTED_PROXIES",
+        "",
+        "empty, or CIDR blocks separated by commas such as 10.0.0.0/8,192.168.1.10",
+        "proxies (load balancers) whose X-Forwarded-For / X-Real-IP name the client; from anyone else those headers are ignored",
+    ),
+    s(
         "CORS_ALLOWED_ORIGINS",
         "*",
         "* or a comma-separated list of origins such as https://www.example.com",
@@ -226,6 +232,8 @@ pub struct Config {
     pub catalog_negative_ttl: Duration,
     /// API keys and their scopes; empty means open.
     pub api_keys: crate::api::auth::ApiKeys,
+    /// Proxies whose forwarding headers name the client.
+    pub trusted_proxies: crate::api::client_ip::TrustedProxies,
     /// Origins whose pages may call the tracking endpoints.
     pub cors_allowed_origins: crate::api::cors::AllowedOrigins,
     /// Seed the demo ads into an empty catalog.
@@ -413,6 +421,7 @@ impl Config {
             catalog_ttl: r.get("CATALOG_TTL", pos_dur)?,
             catalog_negative_ttl: r.get("CATALOG_NEGATIVE_TTL", dur)?,
             api_keys: r.get("API_KEYS", crate::api::auth::ApiKeys::parse)?,
+            trusted_proxies: r.get("TRUSTED_PROXIES", crate::api::client_ip::TrustedProxies::parse)?,
             cors_allowed_origins: r.get("CORS_ALLOWED_ORIGINS", crate::api::cors::AllowedOrigins::parse)?,
             seed_demo_ads: r.get("SEED_DEMO_ADS", parse_bool)?,
             log_format: r.get("LOG_FORMAT", |v| match v.to_ascii_lowercase().as_str() {

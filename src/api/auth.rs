@@ -86,6 +86,21 @@ impl ApiKeys {
         self.by_hash.is_empty()
     }
 
+    /// Whether the request's headers carry a key with `scope` (admin covers every scope). Never
+    /// true while no key is configured: an open service has no callers it can vouch for.
+    pub fn grants(&self, headers: &poem::http::HeaderMap, scope: Scope) -> bool {
+        if self.is_open() {
+            return false;
+        }
+        let bearer = headers
+            .get(poem::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let key = bearer.or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
+        key.and_then(|k| self.by_hash.get(&fingerprint(k.trim())))
+            .is_some_and(|scopes| scopes.iter().any(|s| *s == scope || *s == Scope::Admin))
+    }
+
     /// Ok when `credentials` carry a key with `scope` (admin covers every scope), or when no key
     /// is configured; 401 for a missing or unknown key, 403 for a key without the scope.
     pub fn require(&self, credentials: &Credentials, scope: Scope) -> Result<(), ApiError> {

@@ -5,7 +5,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use poem::{Request, RequestBody, http::StatusCode, web::RemoteAddr};
+use poem::{Request, RequestBody, http::StatusCode};
 use poem_openapi::{
     ApiExtractor, ApiExtractorType, ApiResponse, Enum, ExtractParamOptions, Object, OpenApi,
     payload::Json,
@@ -19,7 +19,6 @@ use uuid::Uuid;
 use super::{
     ApiTags, Claim, State,
     body::{BodyLimit, read_limited},
-    client_ip,
     error::ApiError,
     pixel::event_id,
     tracking::{ad_id, one_of, rfc3339, uuid},
@@ -234,7 +233,7 @@ impl BatchApi {
     /// together: when the service cannot hold them, the answer is 503 and none is stored. More
     /// than 1000 items, or a body over MAX_BATCH_BODY_BYTES, is a 413.
     #[oai(path = "/ads/events", method = "post", operation_id = "recordEvents")]
-    async fn record(&self, remote: &RemoteAddr, body: EventBatch) -> Result<BatchResponse, ApiError> {
+    async fn record(&self, req: &Request, body: EventBatch) -> Result<BatchResponse, ApiError> {
         let st = &self.state;
         let n = body.0.len();
         // First everything that waits: parse every item and resolve every distinct ad once.
@@ -267,7 +266,7 @@ impl BatchApi {
         // Then, without waiting, claim the event ids and hold the rows: a claim never outlives a
         // request that could still fail after it.
         let now = OffsetDateTime::now_utc();
-        let ip_hash = st.hasher.hash(client_ip(remote));
+        let ip_hash = st.hasher.hash(st.client_ip(req, None));
         let mut results = Vec::with_capacity(n);
         let mut rows = Vec::with_capacity(n);
         let mut claimed = Vec::new();

@@ -7,6 +7,7 @@ pub mod analytics;
 pub mod auth;
 pub mod batch;
 pub mod body;
+pub mod client_ip;
 pub mod cors;
 pub mod error;
 pub mod health;
@@ -19,9 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use poem::{
-    Endpoint, IntoEndpoint, IntoResponse, Request, Response, Route, http::StatusCode, web::RemoteAddr,
-};
+use poem::{Endpoint, IntoEndpoint, IntoResponse, Request, Response, Route, http::StatusCode};
 use poem_openapi::{OpenApiService, Tags};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -81,6 +80,8 @@ pub struct State {
     pub cors: cors::AllowedOrigins,
     /// API keys; empty means open.
     pub api_keys: auth::ApiKeys,
+    /// Proxies whose forwarding headers name the client.
+    pub trusted_proxies: client_ip::TrustedProxies,
     /// Client event ids claimed recently on this instance, so that a repeated one is answered
     /// but not stored twice (see [`RECENT_EVENT_IDS`]); the flag turns true once the event is
     /// held.
@@ -121,7 +122,7 @@ impl State {
 
     /// Resolves the ad, stamps the event and buffers it. Ok means the event is held (or, for a
     /// repeated client event id, was held before).
-    pub async fn accept(&self, report: EventReport, remote: &RemoteAddr) -> Result<Accepted, ApiError> {
+    pub async fn accept(&self, report: EventReport, ip: std::net::IpAddr) -> Result<Accepted, ApiError> {
         self.known_ad(report.ad_id).await?;
         // A client id is claimed atomically, so that of two concurrent repeats only one is stored;
         // nothing awaits between the claim and the hold.
@@ -132,7 +133,7 @@ impl State {
                 Claim::InFlight => return Err(self.in_flight(id)),
             }
         }
-        let row = self.stamp(&report, OffsetDateTime::now_utc(), self.hasher.hash(client_ip(remote)));
+        let row = self.stamp(&report, OffsetDateTime::now_utc(), self.hasher.hash(ip));
         self.hold(vec![row], report.event_id.as_slice())?;
         Ok(Accepted::Stored)
     }
@@ -150,6 +151,12 @@ impl State {
                 Err(ApiError::storage(e, self.retry_after))
             }
         }
+    }
+
+    /// The address an event from `req` counts for (see [`client_ip`]); `stated` is an address
+    /// the body claims.
+    pub fn client_ip(&self, req: &Request, stated: Option<std::net::IpAddr>) -> std::net::IpAddr {
+        client_ip::resolve(req, &self.trusted_proxies, &self.api_keys, stated)
     }
 
     /// Claims a client event id for this instance.
@@ -225,13 +232,6 @@ impl State {
         }
         Ok(())
     }
-}
-
-/// The client's address: the TCP peer, not a header or body field a client could forge.
-/// Forwarding headers (X-Forwarded-For) are not trusted at all yet, so behind a proxy uniques
-/// count proxies.
-pub fn client_ip(remote: &RemoteAddr) -> std::net::IpAddr {
-    remote.as_socket_addr().map(|a| a.ip()).unwrap_or(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED))
 }
 
 /// The OpenAPI service over every operation.

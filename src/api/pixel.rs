@@ -10,7 +10,7 @@
 use std::{hash::Hasher, sync::Arc};
 
 use bytes::Bytes;
-use poem::web::RemoteAddr;
+use poem::Request;
 use poem_openapi::{
     ApiResponse, OpenApi,
     param::{Path, Query},
@@ -163,7 +163,7 @@ impl PixelApi {
     #[allow(clippy::too_many_arguments)]
     async fn beacon(
         &self,
-        remote: &RemoteAddr,
+        req: &Request,
         /// The VAST event name.
         event: Path<String>,
         /// The ad's id.
@@ -191,7 +191,8 @@ impl PixelApi {
             code: code.0.as_deref(),
         };
         let Parsed { report, bad_timestamp } = parse(&beacon)?;
-        if self.state.accept(report, remote).await? == Accepted::Stored && bad_timestamp {
+        let ip = self.state.client_ip(req, None);
+        if self.state.accept(report, ip).await? == Accepted::Stored && bad_timestamp {
             self.state.metrics.event_time_replaced.inc();
         }
         Ok(PixelResponse::new(f.0.as_deref()))
@@ -263,7 +264,7 @@ impl PixelApi {
     #[oai(path = "/c/:adId", method = "get", operation_id = "clickThrough")]
     async fn click_through(
         &self,
-        remote: &RemoteAddr,
+        req: &Request,
         /// The ad's id.
         #[oai(name = "adId")]
         ad_id: Path<String>,
@@ -277,7 +278,7 @@ impl PixelApi {
             playback_time: None,
             error_code: 0,
         };
-        match self.state.accept(report, remote).await {
+        match self.state.accept(report, self.state.client_ip(req, None)).await {
             Ok(_) | Err(ApiError::Unavailable(..)) => Ok(RedirectResponse::Found(target, NO_STORE.into())),
             Err(e) => Err(e),
         }

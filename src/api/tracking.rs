@@ -2,7 +2,7 @@
 
 use std::{fmt, marker::PhantomData, net::IpAddr, sync::Arc};
 
-use poem::{IntoResponse, Response, web::RemoteAddr};
+use poem::{IntoResponse, Request, Response};
 use poem_openapi::{
     ApiResponse, Object, OpenApi,
     payload::Payload,
@@ -96,8 +96,9 @@ pub struct ClickRequest {
     /// time more than MAX_CLOCK_SKEW ahead or MAX_EVENT_AGE behind is replaced by server time.
     #[serde(default, deserialize_with = "rfc3339")]
     pub timestamp: Option<OffsetDateTime>,
-    /// The viewer's IP, accepted for compatibility and validated. Unique clicks use the address
-    /// of the connection, never this field, so that they cannot be forged.
+    /// The viewer's IP, as server-side callers state it. It counts only for a caller whose API
+    /// key has the ingest scope; from anyone else unique clicks use the address of the
+    /// connection (or of a trusted proxy's client), so that they cannot be forged.
     #[oai(rename = "ipAddress")]
     #[serde(rename = "ipAddress", default, deserialize_with = "ip")]
     pub ip_address_camel: Option<IpAddr>,
@@ -258,11 +259,11 @@ impl TrackingApi {
     #[oai(path = "/ads/impression", method = "post", operation_id = "recordImpression")]
     async fn impression(
         &self,
-        remote: &RemoteAddr,
+        req: &Request,
         body: JsonBody<ImpressionRequest>,
     ) -> Result<ImpressionResponse, ApiError> {
         let report = self.state.validate(body.0)?;
-        self.state.accept(report, remote).await?;
+        self.state.accept(report, self.state.client_ip(req, None)).await?;
         Ok(ImpressionResponse::Accepted)
     }
 
@@ -272,13 +273,11 @@ impl TrackingApi {
     /// snake_case form (`ad_id`, `ip_address` or `ip`, `video_playback_time` or `playback_time`).
     /// Only the ad id is required. Answers 202 `{"message": "Click event queued"}`.
     #[oai(path = "/ads/click", method = "post", operation_id = "recordClick")]
-    async fn click(
-        &self,
-        remote: &RemoteAddr,
-        body: JsonBody<ClickRequest>,
-    ) -> Result<ClickResponse, ApiError> {
+    async fn click(&self, req: &Request, body: JsonBody<ClickRequest>) -> Result<ClickResponse, ApiError> {
+        // Counts only for a caller with the ingest scope (see client_ip.rs).
+        let stated = body.0.ip_address_camel.or(body.0.ip_address).or(body.0.ip);
         let report = self.state.validate(body.0)?;
-        self.state.accept(report, remote).await?;
+        self.state.accept(report, self.state.client_ip(req, stated)).await?;
         Ok(ClickResponse::Accepted(ClickQueued))
     }
 }

@@ -8,6 +8,7 @@ mod analytics;
 mod batch;
 mod catalog;
 mod catalog_api;
+mod client_ip;
 mod cors;
 mod integration_doc;
 mod lifecycle;

@@ -1,0 +1,162 @@
+//! Which address an event is counted for (uniques, and later rate limits and dedup).
+//!
+//! The TCP peer, unless it is a proxy listed in `TRUSTED_PROXIES`: then `X-Forwarded-For` (read
+//! from the right, skipping trusted proxies, so that a client cannot slip an address in front)
+//! or else `X-Real-IP`. An address the caller states itself (the click body's `ipAddress`, the
+//! `X-Device-IP` header of server-side ad insertion) counts only for a caller whose API key has
+//! the `ingest` scope; from anyone else, and always while API_KEYS is empty, it is ignored, since
+//! it would let anyone forge unique counts.
+
+use std::net::IpAddr;
+
+use poem::{Request, http::HeaderMap};
+
+use super::auth::{ApiKeys, Scope};
+
+/// An address block such as `10.0.0.0/8` or `2001:db8::/32` (a lone address is a /32 or /128).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `addr/prefix` or a lone address.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let network: IpAddr =
+            addr.trim().parse().map_err(|_| format!("{text:?} is not an IP address or CIDR block"))?;
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{text:?} has a prefix length other than 0 to {max}"))?,
+        };
+        Ok(Self { network, prefix })
+    }
+
+    /// Whether `ip` lies in the block (an IPv4-mapped IPv6 address counts as its IPv4 address).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.network, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The proxies whose forwarding headers are believed (`TRUSTED_PROXIES`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<Cidr>);
+
+impl TrustedProxies {
+    /// Parses a comma-separated list of CIDR blocks; empty trusts no proxy.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        text.split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(Cidr::parse)
+            .collect::<Result<_, _>>()
+            .map(Self)
+    }
+
+    fn trusts(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|c| c.contains(ip))
+    }
+
+    /// The client behind `peer`: the peer itself unless it is a trusted proxy.
+    pub fn client(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        if !self.trusts(peer) {
+            return peer;
+        }
+        let forwarded: Vec<IpAddr> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map_while(|a| a.trim().parse().ok())
+            .collect();
+        // From the right: the last address no trusted proxy vouches for is the client.
+        if let Some(client) = forwarded.iter().rev().find(|a| !self.trusts(**a)) {
+            return *client;
+        }
+        if let Some(first) = forwarded.first() {
+            return *first;
+        }
+        header_ip(headers, "x-real-ip").unwrap_or(peer)
+    }
+}
+
+fn header_ip(headers: &HeaderMap, name: &str) -> Option<IpAddr> {
+    headers.get(name)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// The address an event from `req` counts for; `stated` is an address the request body claims.
+pub fn resolve(req: &Request, proxies: &TrustedProxies, keys: &ApiKeys, stated: Option<IpAddr>) -> IpAddr {
+    let headers = req.headers();
+    let claim = header_ip(headers, "x-device-ip").or(stated);
+    if let Some(claim) = claim
+        && keys.grants(headers, Scope::Ingest)
+    {
+        return claim;
+    }
+    let peer = req
+        .remote_addr()
+        .as_socket_addr()
+        .map(|a| a.ip())
+        .unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
+    proxies.client(peer, headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use poem::http::HeaderValue;
+
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn blocks_contain_what_they_should() {
+        let b = Cidr::parse("10.1.0.0/16").unwrap();
+        assert!(b.contains(ip("10.1.200.3")) && !b.contains(ip("10.2.0.1")));
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains(ip("8.8.8.8")));
+        assert!(Cidr::parse("127.0.0.1").unwrap().contains(ip("::ffff:127.0.0.1")));
+        assert!(Cidr::parse("2001:db8::/32").unwrap().contains(ip("2001:db8:1::5")));
+        assert!(Cidr::parse("10.0.0.0/33").is_err() && Cidr::parse("proxy").is_err());
+    }
+
+    #[test]
+    fn forwarded_addresses_count_only_from_trusted_proxies() {
+        let proxies = TrustedProxies::parse("10.0.0.0/8").unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4, 198.51.100.9, 10.0.0.7"));
+        // From a trusted proxy: the rightmost address it does not vouch for.
+        assert_eq!(proxies.client(ip("10.0.0.1"), &h), ip("198.51.100.9"));
+        // From anyone else: the peer, whatever the header says.
+        assert_eq!(proxies.client(ip("203.0.113.5"), &h), ip("203.0.113.5"));
+        let mut real = HeaderMap::new();
+        real.insert("x-real-ip", HeaderValue::from_static("192.0.2.44"));
+        assert_eq!(proxies.client(ip("10.0.0.1"), &real), ip("192.0.2.44"));
+        assert_eq!(proxies.client(ip("10.0.0.1"), &HeaderMap::new()), ip("10.0.0.1"));
+    }
+}
