@@ -86,19 +86,26 @@ impl TrustedProxies {
         if !self.trusts(peer) {
             return peer;
         }
-        let forwarded: Vec<IpAddr> = headers
+        let entries: Vec<&str> = headers
             .get_all("x-forwarded-for")
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .map_while(|a| a.trim().parse().ok())
+            .map(str::trim)
             .collect();
-        // From the right: the last address no trusted proxy vouches for is the client.
-        if let Some(client) = forwarded.iter().rev().find(|a| !self.trusts(**a)) {
-            return *client;
+        // From the right: each trusted proxy appended the address it saw, so the last address no
+        // trusted proxy vouches for is the client. Anything left of an entry that does not parse
+        // was written by someone unknown and is not believed.
+        let mut leftmost_trusted = None;
+        for entry in entries.iter().rev() {
+            match entry.parse::<IpAddr>() {
+                Ok(addr) if self.trusts(addr) => leftmost_trusted = Some(addr),
+                Ok(addr) => return addr,
+                Err(_) => return leftmost_trusted.unwrap_or(peer),
+            }
         }
-        if let Some(first) = forwarded.first() {
-            return *first;
+        if let Some(addr) = leftmost_trusted {
+            return addr;
         }
         header_ip(headers, "x-real-ip").unwrap_or(peer)
     }
@@ -158,5 +165,13 @@ mod tests {
         real.insert("x-real-ip", HeaderValue::from_static("192.0.2.44"));
         assert_eq!(proxies.client(ip("10.0.0.1"), &real), ip("192.0.2.44"));
         assert_eq!(proxies.client(ip("10.0.0.1"), &HeaderMap::new()), ip("10.0.0.1"));
+        // Garbage after a forged address does not make the forged one count.
+        let mut junk = HeaderMap::new();
+        junk.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6, unknown, 10.0.0.9"));
+        assert_eq!(proxies.client(ip("10.0.0.1"), &junk), ip("10.0.0.9"));
+        // Only trusted hops: the first of them.
+        let mut hops = HeaderMap::new();
+        hops.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.3, 10.0.0.9"));
+        assert_eq!(proxies.client(ip("10.0.0.1"), &hops), ip("10.0.0.3"));
     }
 }
