@@ -12,7 +12,7 @@ use super::{
     auth::{Credentials, Scope},
     error::ApiError,
 };
-use crate::domain::Ad;
+use crate::domain::{Ad, is_http_url};
 
 /// An active ad as players see it (field names as the old service had them).
 #[derive(Debug, Object)]
@@ -96,16 +96,6 @@ pub struct AdInput {
     pub target_url: String,
     /// Whether players get the ad (default true).
     pub active: Option<bool>,
-}
-
-/// An absolute http(s) URL with a host and no spaces.
-fn is_http_url(url: &str) -> bool {
-    let Some(rest) = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://")) else {
-        return false;
-    };
-    !rest.is_empty()
-        && !rest.starts_with(['/', '?', '#'])
-        && !url.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 /// Checks an ad's fields, naming the first that is wrong.

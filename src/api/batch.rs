@@ -9,7 +9,7 @@ use poem::{Request, RequestBody, http::StatusCode};
 use poem_openapi::{
     ApiExtractor, ApiExtractorType, ApiResponse, Enum, ExtractParamOptions, Object, OpenApi,
     payload::Json,
-    registry::{MetaMediaType, MetaRequest, MetaSchemaRef, Registry},
+    registry::{MetaRequest, Registry},
     types::Type,
 };
 use serde::Deserialize;
@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use super::{
     ApiTags, Claim, State,
-    body::{BodyLimit, read_limited},
+    body::{BodyLimit, json_or_text, read_limited},
     error::ApiError,
     pixel::event_id,
     tracking::{ad_id, one_of, rfc3339, uuid},
@@ -165,15 +165,10 @@ impl<'a> ApiExtractor<'a> for EventBatch {
     }
 
     fn request_meta() -> Option<MetaRequest> {
-        let schema = || -> MetaSchemaRef { Vec::<BatchEvent>::schema_ref() };
-        Some(MetaRequest {
-            description: Some("A JSON array of at most 1000 events; also accepted as text/plain"),
-            content: vec![
-                MetaMediaType { content_type: "application/json", schema: schema() },
-                MetaMediaType { content_type: "text/plain", schema: schema() },
-            ],
-            required: true,
-        })
+        Some(json_or_text(
+            "A JSON array of at most 1000 events; also accepted as text/plain",
+            Vec::<BatchEvent>::schema_ref,
+        ))
     }
 
     async fn from_request(

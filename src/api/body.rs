@@ -43,6 +43,19 @@ pub(crate) async fn read_limited(body: poem::Body, limit: usize) -> poem::Result
     }
 }
 
+/// The OpenAPI request of a JSON body that is read whatever its Content-Type: listed under
+/// `application/json` and `text/plain` (what `navigator.sendBeacon` sends).
+pub(crate) fn json_or_text(description: &'static str, schema: fn() -> MetaSchemaRef) -> MetaRequest {
+    MetaRequest {
+        description: Some(description),
+        content: vec![
+            MetaMediaType { content_type: "application/json", schema: schema() },
+            MetaMediaType { content_type: "text/plain", schema: schema() },
+        ],
+        required: true,
+    }
+}
+
 /// Parses `bytes` as `T`, naming the offending field on error.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
@@ -87,15 +100,7 @@ impl<'a, T: DeserializeOwned + Type + Send> ApiExtractor<'a> for JsonBody<T> {
     }
 
     fn request_meta() -> Option<MetaRequest> {
-        let schema = || -> MetaSchemaRef { T::schema_ref() };
-        Some(MetaRequest {
-            description: Some("JSON; also accepted as text/plain (navigator.sendBeacon)"),
-            content: vec![
-                MetaMediaType { content_type: "application/json", schema: schema() },
-                MetaMediaType { content_type: "text/plain", schema: schema() },
-            ],
-            required: true,
-        })
+        Some(json_or_text("JSON; also accepted as text/plain (navigator.sendBeacon)", T::schema_ref))
     }
 
     async fn from_request(

@@ -24,6 +24,17 @@ pub struct Ad {
     pub version: u64,
 }
 
+/// An absolute http(s) URL with a host and no spaces or control characters: what an ad's
+/// `target_url` must be, since the click-through redirects there.
+pub fn is_http_url(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://")) else {
+        return false;
+    };
+    !rest.is_empty()
+        && !rest.starts_with(['/', '?', '#'])
+        && !url.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
 /// The three demo ads of the service adbeacon replaces, seeded into an empty catalog.
 pub fn demo_ads(now: OffsetDateTime) -> Vec<Ad> {
     let ad = |id: &str, name: &str, slug: &str| Ad {
@@ -41,4 +52,25 @@ pub fn demo_ads(now: OffsetDateTime) -> Vec<Ad> {
         ad("22222222-2222-2222-2222-222222222222", "New Phone Launch", "new-phone"),
         ad("33333333-3333-3333-3333-333333333333", "Travel Deals", "travel-deals"),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_absolute_http_urls_pass() {
+        assert!(is_http_url("https://example.com/x?y=1") && is_http_url("http://example.com"));
+        for bad in [
+            "javascript:alert(1)",
+            "//evil.example",
+            "/local",
+            "https://",
+            "https:///x",
+            "https://a b",
+            "ftp://a",
+        ] {
+            assert!(!is_http_url(bad), "{bad}");
+        }
+    }
 }

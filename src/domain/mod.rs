@@ -6,6 +6,6 @@ mod ad;
 mod event;
 mod window;
 
-pub use ad::{Ad, demo_ads};
+pub use ad::{Ad, demo_ads, is_http_url};
 pub use event::{Event, EventKind, EventReport, EventTime, PlaybackTime};
-pub use window::{Cuts, Grain, Timeframe, Window, WindowKind, end_of_minute, months_before, rfc3339};
+pub use window::{Cuts, Timeframe, Window, WindowKind, end_of_minute, months_before, rfc3339};

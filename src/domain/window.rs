@@ -236,51 +236,53 @@ pub struct Cuts {
     pub d_to: i64,
 }
 
-impl Cuts {
-    /// The tables the totals queries (`ad_totals.sql`, `ads_totals.sql`) read the minute starting
-    /// at `minute` from: the same conditions as their `WHERE` clauses, so that tests can check
-    /// that every minute of a window is read exactly once and no other minute at all.
-    pub fn totals_sources(&self, minute: i64) -> Vec<Grain> {
-        let (day, hour) = (floor(minute, 86_400), floor(minute, 3600));
-        let by_day = day >= self.d_from && day < self.d_to;
-        let by_hour = hour >= self.h_from && hour < self.h_to && (hour < self.d_from || hour >= self.d_to);
-        [(by_day, Grain::Day), (by_hour, Grain::Hour), (self.by_minute(minute), Grain::Minute)]
-            .into_iter()
-            .filter_map(|(read, grain)| read.then_some(grain))
-            .collect()
-    }
-
-    /// The same for the per-hour series (`ad_series.sql`), which reads hours and minutes only.
-    pub fn series_sources(&self, minute: i64) -> Vec<Grain> {
-        let hour = floor(minute, 3600);
-        let by_hour = hour >= self.h_from && hour < self.h_to;
-        [(by_hour, Grain::Hour), (self.by_minute(minute), Grain::Minute)]
-            .into_iter()
-            .filter_map(|(read, grain)| read.then_some(grain))
-            .collect()
-    }
-
-    fn by_minute(&self, minute: i64) -> bool {
-        minute >= self.from && minute < self.to && (minute < self.h_from || minute >= self.h_to)
-    }
-}
-
-/// The aggregate table a bucket comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Grain {
-    /// `ad_stats_daily`.
-    Day,
-    /// `ad_stats_hourly`.
-    Hour,
-    /// `ad_stats_minutely`.
-    Minute,
-}
-
 #[cfg(test)]
 mod tests {
     use time::macros::datetime;
 
     use super::*;
+
+    // The totals and series queries' WHERE clauses, mirrored for the test of their decomposition.
+    impl Cuts {
+        /// The tables the totals queries (`ad_totals.sql`, `ads_totals.sql`) read the minute starting
+        /// at `minute` from: the same conditions as their `WHERE` clauses, so that the test below can check
+        /// that every minute of a window is read exactly once and no other minute at all.
+        fn totals_sources(&self, minute: i64) -> Vec<Grain> {
+            let (day, hour) = (floor(minute, 86_400), floor(minute, 3600));
+            let by_day = day >= self.d_from && day < self.d_to;
+            let by_hour =
+                hour >= self.h_from && hour < self.h_to && (hour < self.d_from || hour >= self.d_to);
+            [(by_day, Grain::Day), (by_hour, Grain::Hour), (self.by_minute(minute), Grain::Minute)]
+                .into_iter()
+                .filter_map(|(read, grain)| read.then_some(grain))
+                .collect()
+        }
+
+        /// The same for the per-hour series (`ad_series.sql`), which reads hours and minutes only.
+        fn series_sources(&self, minute: i64) -> Vec<Grain> {
+            let hour = floor(minute, 3600);
+            let by_hour = hour >= self.h_from && hour < self.h_to;
+            [(by_hour, Grain::Hour), (self.by_minute(minute), Grain::Minute)]
+                .into_iter()
+                .filter_map(|(read, grain)| read.then_some(grain))
+                .collect()
+        }
+
+        fn by_minute(&self, minute: i64) -> bool {
+            minute >= self.from && minute < self.to && (minute < self.h_from || minute >= self.h_to)
+        }
+    }
+
+    /// The aggregate table a bucket comes from.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Grain {
+        /// `ad_stats_daily`.
+        Day,
+        /// `ad_stats_hourly`.
+        Hour,
+        /// `ad_stats_minutely`.
+        Minute,
+    }
 
     const NOW: OffsetDateTime = datetime!(2026-11-22 01:37:12.5 UTC);
 

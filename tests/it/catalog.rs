@@ -17,13 +17,6 @@ fn insert_ad(id: Uuid, active: u8, version: u64, target: &str) -> String {
     )
 }
 
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_concurrent_first_lookups_cost_one_query() {
     let db = fresh_db();
@@ -54,7 +47,7 @@ async fn a_burst_of_requests_for_a_new_ad_costs_one_lookup() {
     let app = TestApp::spawn().await;
     let id = Uuid::new_v4();
     app.query(&insert_ad(id, 1, 1, "https://example.com")).await;
-    let before = metric(&app.get("/metrics").await.text().await.unwrap(), "adbeacon_catalog_lookups_total");
+    let before = app.metric("adbeacon_catalog_lookups_total").await;
     let mut tasks = JoinSet::new();
     for _ in 0..100 {
         let (http, url) = (app.http.clone(), format!("{}/t/impression?ad={id}", app.base));
@@ -63,7 +56,7 @@ async fn a_burst_of_requests_for_a_new_ad_costs_one_lookup() {
     while let Some(status) = tasks.join_next().await {
         assert_eq!(status.unwrap(), 200);
     }
-    let after = metric(&app.get("/metrics").await.text().await.unwrap(), "adbeacon_catalog_lookups_total");
+    let after = app.metric("adbeacon_catalog_lookups_total").await;
     assert_eq!(after - before, 1);
 }
 

@@ -212,19 +212,11 @@ async fn with_no_room_a_beacon_gets_503_and_a_click_through_still_redirects() {
     assert!(statuses.iter().take_while(|s| **s == 200).count() <= 4, "{statuses:?}");
     assert_eq!(statuses.last(), Some(&503), "a beacon nothing can hold is a 5xx: {statuses:?}");
     // The viewer still reaches the advertiser; the click that could not be held is counted.
-    let full_refusals = || async {
-        let metrics = app.get("/metrics").await.text().await.unwrap();
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("adbeacon_events_rejected_total{reason=\"buffer_full\"} "))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let before = full_refusals().await;
+    let before = app.metric("adbeacon_events_rejected_total{reason=\"buffer_full\"}").await;
     let resp = no_redirects().get(format!("{}/c/{AD}", app.base)).send().await.unwrap();
     assert_eq!(resp.status(), 302);
     assert_eq!(resp.headers()["location"], "https://www.example.com/summer-sale");
-    assert_eq!(full_refusals().await, before + 1);
+    assert_eq!(app.metric("adbeacon_events_rejected_total{reason=\"buffer_full\"}").await, before + 1);
 }
 
 #[tokio::test]

@@ -138,17 +138,22 @@ impl TestApp {
     pub async fn wait_flushed(&self, n: u64) -> u64 {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let text = self.get("/metrics").await.text().await.unwrap_or_default();
-            let flushed = text
-                .lines()
-                .find_map(|l| l.strip_prefix("adbeacon_events_flushed_total "))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
+            let flushed = self.metric("adbeacon_events_flushed_total").await;
             if flushed >= n || Instant::now() > deadline {
                 return flushed;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The value of one sample on `/metrics`, named with its labels as exposed
+    /// (`adbeacon_events_rejected_total{reason="buffer_full"}`); 0 when absent.
+    pub async fn metric(&self, sample: &str) -> u64 {
+        let text = self.get("/metrics").await.text().await.unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// Shuts the app down as SIGTERM would and returns how `run_until` ended. The database and
