@@ -113,13 +113,13 @@ pub const SETTINGS: &[Setting] = &[
         "MAX_CLOCK_SKEW",
         "5m",
         "a duration",
-        "a client timestamp further in the future than this is replaced by server time",
+        "an event whose client timestamp is further in the future than this is refused (400)",
     ),
     s(
         "MAX_EVENT_AGE",
-        "7d",
-        "a duration, at most RAW_RETENTION_MONTHS",
-        "a client timestamp older than this is replaced by server time",
+        "",
+        "a duration, at most RAW_RETENTION_MONTHS; empty = RAW_RETENTION_MONTHS (28-day months)",
+        "an event whose client timestamp is older than this is refused (400)",
     ),
     s(
         "RAW_RETENTION_MONTHS",
@@ -152,6 +152,36 @@ pub const SETTINGS: &[Setting] = &[
         "*",
         "* or a comma-separated list of origins such as https://www.example.com",
         "web pages whose origin may send events (CORS on the tracking endpoints; other origins get 403)",
+    ),
+    s(
+        "RATE_LIMIT",
+        "500",
+        "requests per second, a whole number (0 = no limit)",
+        "sustained requests per second one client IP (IPv6: one /64) may make to the tracking endpoints, per instance; more get 429",
+    ),
+    s(
+        "RATE_LIMIT_BURST",
+        "1000",
+        "a whole number from 1",
+        "requests one client IP may make at once before RATE_LIMIT applies",
+    ),
+    s(
+        "DEDUP_WINDOW",
+        "10s",
+        "a duration (0 = off)",
+        "a repeat of the same ad, client IP and kind (DEDUP_KINDS) within this is stored flagged duplicate and not counted",
+    ),
+    s(
+        "DEDUP_KINDS",
+        "click",
+        "event kinds separated by commas, such as click,impression (empty = none)",
+        "the kinds DEDUP_WINDOW applies to",
+    ),
+    s(
+        "BOT_USER_AGENTS",
+        "",
+        "user-agent fragments separated by commas, matched ignoring case",
+        "more bot user agents, besides the built-in list; their events are stored flagged bot and not counted",
     ),
     s(
         "SEED_DEMO_ADS",
@@ -224,6 +254,16 @@ pub struct Config {
     pub max_clock_skew: Duration,
     /// Age tolerated in client timestamps.
     pub max_event_age: Duration,
+    /// Sustained tracking requests per second per client IP; 0 means no limit.
+    pub rate_limit: u32,
+    /// Tracking requests per client IP at once.
+    pub rate_limit_burst: u32,
+    /// Window of the repeat rule; zero turns it off.
+    pub dedup_window: Duration,
+    /// Kinds the repeat rule applies to.
+    pub dedup_kinds: Vec<crate::domain::EventKind>,
+    /// User-agent fragments flagged as bots besides the built-in ones.
+    pub bot_user_agents: Vec<String>,
     /// Months raw events are kept; the longest custom analytics window.
     pub raw_retention_months: u32,
     /// How long a known ad is served before it is re-read.
@@ -328,6 +368,11 @@ pub fn parse_size(v: &str) -> Result<usize, String> {
     n.checked_mul(mult).ok_or_else(|| "too large".to_string())
 }
 
+/// The non-empty items of a comma-separated list.
+fn list(v: &str) -> impl Iterator<Item = &str> {
+    v.split(',').map(str::trim).filter(|i| !i.is_empty())
+}
+
 fn parse_bool(v: &str) -> Result<bool, String> {
     match v.to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "on" => Ok(true),
@@ -384,7 +429,7 @@ impl Config {
         let dur = parse_duration;
         let pos_dur = |v: &str| parse_duration(v).and_then(positive);
         let pos_size = |v: &str| parse_size(v).and_then(positive);
-        let config = Config {
+        let mut config = Config {
             host: r.get("HOST", parse_from_str)?,
             port: r.get("PORT", parse_from_str)?,
             clickhouse: ClickHouseConfig {
@@ -412,7 +457,19 @@ impl Config {
             max_batch_body_bytes: r.get("MAX_BATCH_BODY_BYTES", pos_size)?,
             header_read_timeout: r.get("HEADER_READ_TIMEOUT", pos_dur)?,
             max_clock_skew: r.get("MAX_CLOCK_SKEW", dur)?,
-            max_event_age: r.get("MAX_EVENT_AGE", pos_dur)?,
+            max_event_age: r
+                .get("MAX_EVENT_AGE", |v| if v.is_empty() { Ok(Duration::ZERO) } else { pos_dur(v) })?,
+            rate_limit: r.get("RATE_LIMIT", parse_from_str)?,
+            rate_limit_burst: r.get("RATE_LIMIT_BURST", |v| parse_from_str(v).and_then(positive))?,
+            dedup_window: r.get("DEDUP_WINDOW", dur)?,
+            dedup_kinds: r.get("DEDUP_KINDS", |v| {
+                list(v)
+                    .map(|k| {
+                        crate::domain::EventKind::from_name(k).ok_or_else(|| format!("unknown kind {k:?}"))
+                    })
+                    .collect()
+            })?,
+            bot_user_agents: r.get("BOT_USER_AGENTS", |v| Ok(list(v).map(String::from).collect()))?,
             raw_retention_months: r.get("RAW_RETENTION_MONTHS", |v| {
                 parse_from_str(v)
                     .and_then(positive)
@@ -444,6 +501,9 @@ impl Config {
         // Raw retention drops whole months older than RAW_RETENTION_MONTHS; an event accepted with
         // an older time would land in a month that is (or soon is) dropped.
         let retained = Duration::from_secs(u64::from(config.raw_retention_months) * 28 * 86_400);
+        if config.max_event_age.is_zero() {
+            config.max_event_age = retained;
+        }
         if config.max_event_age > retained {
             return Err(ConfigError {
                 name: "MAX_EVENT_AGE",

@@ -9,7 +9,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::domain::EventKind;
+use crate::domain::{EventKind, Traffic};
 
 /// Why an event was refused before it reached the buffer.
 #[derive(Debug, Clone, Copy)]
@@ -26,6 +26,10 @@ pub enum RejectReason {
     ShuttingDown,
     /// Sent from a web page whose origin CORS_ALLOWED_ORIGINS does not list (403).
     ForbiddenOrigin,
+    /// The client IP went over RATE_LIMIT (429).
+    RateLimited,
+    /// The client timestamp lay outside MAX_CLOCK_SKEW / MAX_EVENT_AGE (400).
+    BadTimestamp,
 }
 
 impl RejectReason {
@@ -37,6 +41,8 @@ impl RejectReason {
             Self::CatalogUnavailable => "catalog_unavailable",
             Self::ShuttingDown => "shutting_down",
             Self::ForbiddenOrigin => "forbidden_origin",
+            Self::RateLimited => "rate_limited",
+            Self::BadTimestamp => "bad_timestamp",
         }
     }
 }
@@ -50,11 +56,15 @@ pub struct Metrics {
     pub http_duration: HistogramVec,
     accepted: Vec<IntCounter>,
     rejected: IntCounterVec,
+    /// Per filtered [`Traffic`], at its discriminant − 1.
+    filtered: Vec<IntCounter>,
+    /// Events whose client event id was accepted before: answered, not stored again.
+    pub event_id_repeats: IntCounter,
     /// Events confirmed by ClickHouse.
     pub events_flushed: IntCounter,
     /// Events written to the local dead-letter directory.
     pub events_dead_lettered: IntCounter,
-    /// Client timestamps replaced by server time.
+    /// Unreadable pixel timestamps replaced by server time.
     pub event_time_replaced: IntCounter,
     /// Months of raw events dropped by raw retention.
     pub retention_months_dropped: IntCounter,
@@ -145,7 +155,24 @@ impl Metrics {
         .expect("valid metric");
         reg(Box::new(insert_duration.clone()));
 
+        let filtered_vec = IntCounterVec::new(
+            Opts::new(
+                "adbeacon_events_filtered_total",
+                "Accepted events stored flagged as invalid traffic, by reason; a subset of adbeacon_events_accepted_total, left out of the net numbers",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        reg(Box::new(filtered_vec.clone()));
+        let filtered =
+            Traffic::FILTERED.iter().map(|t| filtered_vec.with_label_values(&[t.name()])).collect();
+
         Metrics {
+            filtered,
+            event_id_repeats: counter(
+                "adbeacon_events_repeated_total",
+                "Events whose client event id was accepted before: answered as duplicates, not stored again",
+            ),
             http_requests,
             http_duration,
             accepted,
@@ -157,7 +184,7 @@ impl Metrics {
             ),
             event_time_replaced: counter(
                 "adbeacon_event_time_replaced_total",
-                "Client timestamps outside the tolerated window, replaced by server time",
+                "Pixel timestamps that could not be read (such as an unexpanded [TIMESTAMP] macro), replaced by server time",
             ),
             retention_months_dropped: counter(
                 "adbeacon_retention_months_dropped_total",
@@ -197,6 +224,13 @@ impl Metrics {
     /// Counts one refused event.
     pub fn rejected(&self, reason: RejectReason) {
         self.rejected.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    /// Counts accepted events stored flagged as `traffic` (valid ones are not counted here).
+    pub fn filtered(&self, traffic: Traffic, n: u64) {
+        if traffic != Traffic::Valid {
+            self.filtered[traffic as usize - 1].inc_by(n);
+        }
     }
 
     /// Counts one failed INSERT.

@@ -35,7 +35,12 @@ end
 
 -- Runs in each thread's own Lua state.
 function init(args)
-  local headers = { ["Content-Type"] = "application/json" }
+  -- A player's user agent: without one every click would be stored as invalid traffic and skip
+  -- the repeat rule, which is part of the path being measured.
+  local headers = {
+    ["Content-Type"] = "application/json",
+    ["User-Agent"] = "Mozilla/5.0 (SMART-TV; Linux; Tizen 7.0) AppleWebKit/537.36 (KHTML, like Gecko) Version/7.0 TV Safari/537.36",
+  }
   for _, ad in ipairs(ads) do
     for _, t in ipairs(playback_times) do
       local body = string.format(

@@ -14,8 +14,8 @@ use super::{
     error::ApiError,
 };
 use crate::{
-    domain::{Timeframe, Window, WindowKind},
-    store::analytics::{AdTotals, HourStats, Stats},
+    domain::{EventKind, Timeframe, Traffic, Window, WindowKind},
+    store::analytics::{AdTotals, FilteredCount, HourStats, Stats},
 };
 
 /// Ads per page of the every-ad listing when `limit` is not given.
@@ -116,6 +116,81 @@ pub struct ErrorCode {
     pub count: u64,
 }
 
+/// Counts of one slice of traffic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Object)]
+pub struct TrafficCounts {
+    /// Impressions.
+    pub impressions: u64,
+    /// Clicks.
+    pub clicks: u64,
+    /// Events of every kind (impressions, clicks and video events).
+    pub events: u64,
+    /// clicks / impressions (0 without impressions).
+    pub ctr: f64,
+}
+
+impl TrafficCounts {
+    fn new(impressions: u64, clicks: u64, events: u64) -> TrafficCounts {
+        TrafficCounts { impressions, clicks, events, ctr: ratio(clicks, impressions) }
+    }
+
+    fn plus(self, other: TrafficCounts) -> TrafficCounts {
+        TrafficCounts::new(
+            self.impressions + other.impressions,
+            self.clicks + other.clicks,
+            self.events + other.events,
+        )
+    }
+}
+
+/// Filtered traffic by reason.
+#[derive(Debug, Default, Object)]
+#[oai(rename_all = "camelCase")]
+pub struct FilteredTraffic {
+    /// Repeats of a counted event of the same ad, client IP and kind within DEDUP_WINDOW.
+    pub duplicate: TrafficCounts,
+    /// User agents of declared bots, spiders and crawlers, and of non-browser HTTP tools.
+    pub bot: TrafficCounts,
+    /// Requests without a user agent.
+    pub empty_user_agent: TrafficCounts,
+}
+
+/// Traffic quality over the window: what was accepted (gross), what counts (net: the numbers
+/// everywhere else in this answer) and what was filtered out, by reason (general invalid
+/// traffic and repeats). gross = net + every filtered reason.
+#[derive(Debug, Object)]
+pub struct TrafficQuality {
+    /// Every accepted event.
+    pub gross: TrafficCounts,
+    /// The events that count.
+    pub net: TrafficCounts,
+    /// The events that do not count, by reason.
+    pub filtered: FilteredTraffic,
+}
+
+impl TrafficQuality {
+    fn new(net: &Stats, filtered_rows: &[FilteredCount]) -> TrafficQuality {
+        let mut filtered = FilteredTraffic::default();
+        for row in filtered_rows {
+            let slot = match row.reason {
+                Traffic::Duplicate => &mut filtered.duplicate,
+                Traffic::Bot => &mut filtered.bot,
+                Traffic::EmptyUserAgent => &mut filtered.empty_user_agent,
+                Traffic::Valid => continue,
+            };
+            let (impressions, clicks) = match row.kind {
+                EventKind::Impression => (row.events, 0),
+                EventKind::Click => (0, row.events),
+                _ => (0, 0),
+            };
+            *slot = slot.plus(TrafficCounts::new(impressions, clicks, row.events));
+        }
+        let net = TrafficCounts::new(net.impressions, net.clicks, net.events());
+        let gross = net.plus(filtered.duplicate).plus(filtered.bot).plus(filtered.empty_user_agent);
+        TrafficQuality { gross, net, filtered }
+    }
+}
+
 /// One ad's analytics over a window.
 #[derive(Debug, Object)]
 #[oai(rename_all = "camelCase")]
@@ -145,6 +220,8 @@ pub struct AdAnalytics {
     pub video: VideoStats,
     /// VAST error events by error code, most frequent first (their total is `video.errors`).
     pub error_codes: Vec<ErrorCode>,
+    /// Gross, net and filtered counts: every other number here is net (valid traffic only).
+    pub traffic: TrafficQuality,
 }
 
 /// One ad in the every-ad listing.
@@ -351,10 +428,11 @@ impl AnalyticsApi {
     async fn one_ad(&self, ad: Uuid, mut window: Window) -> Result<AdAnalytics, crate::store::StoreError> {
         let cuts = window.cuts();
         let analytics = &self.state.analytics;
-        let (rows, totals, errors) = tokio::try_join!(
+        let (rows, totals, errors, filtered) = tokio::try_join!(
             analytics.ad_series(ad, &cuts),
             analytics.ad_totals(ad, &cuts),
-            analytics.ad_errors(ad, &cuts)
+            analytics.ad_errors(ad, &cuts),
+            analytics.ad_filtered(ad, &cuts)
         )?;
         if window.kind == WindowKind::Timeframe(Timeframe::All) {
             // All time starts at the first hour with events (or is empty without any).
@@ -380,6 +458,7 @@ impl AnalyticsApi {
                 .into_iter()
                 .map(|e| ErrorCode { code: e.error_code, count: e.errors })
                 .collect(),
+            traffic: TrafficQuality::new(&totals, &filtered),
         })
     }
 

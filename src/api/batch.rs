@@ -17,14 +17,14 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    ApiTags, Claim, State,
+    ApiTags, Claim, Claims, State,
     body::{BodyLimit, json_or_text, read_limited},
     error::ApiError,
     pixel::event_id,
     tracking::{ad_id, one_of, rfc3339, uuid},
 };
 use crate::{
-    domain::{EventKind, EventReport, PlaybackTime},
+    domain::{EventKind, EventReport, PlaybackTime, Traffic},
     metrics::RejectReason,
 };
 
@@ -46,8 +46,8 @@ pub struct BatchEvent {
     /// thirdQuartile, complete, skip, pause, resume, mute, unmute, close, error (snake_case
     /// names such as first_quartile work too).
     pub kind: String,
-    /// When it happened, RFC 3339. Absent: server time; more than MAX_CLOCK_SKEW ahead or
-    /// MAX_EVENT_AGE behind: server time.
+    /// When it happened, RFC 3339. Absent: server time. More than MAX_CLOCK_SKEW ahead or
+    /// MAX_EVENT_AGE behind: the item is rejected.
     #[serde(default, deserialize_with = "rfc3339")]
     pub timestamp: Option<OffsetDateTime>,
     /// Seconds into the video.
@@ -108,7 +108,9 @@ impl TryFrom<BatchEvent> for EventReport {
 pub enum ItemStatus {
     /// Held for storage.
     Accepted,
-    /// Its eventId was accepted before; not stored again.
+    /// A repeat, not counted: its eventId was accepted before (not stored again), or an event
+    /// of the same ad, client and kind was counted within DEDUP_WINDOW (stored, flagged as
+    /// filtered traffic).
     Duplicate,
     /// Not stored; `error` says why.
     Rejected,
@@ -133,9 +135,9 @@ pub struct ItemResult {
 /// Answer of a batch.
 #[derive(Debug, Object)]
 pub struct BatchResult {
-    /// Items held for storage.
+    /// Items held for storage that count.
     pub accepted: u32,
-    /// Items already accepted before.
+    /// Items that repeat earlier ones (see `duplicate` in the results).
     pub duplicates: u32,
     /// Items refused.
     pub rejected: u32,
@@ -224,7 +226,8 @@ impl BatchApi {
     /// Record a batch of events.
     ///
     /// Up to 1000 typed events; answers 202 with a result per item: accepted, duplicate (its
-    /// eventId was accepted before) or rejected with the reason. The accepted ones are held all
+    /// eventId was accepted before, or it repeats a counted event within DEDUP_WINDOW) or
+    /// rejected with the reason. The accepted ones are held all
     /// together: when the service cannot hold them, the answer is 503 and none is stored. More
     /// than 1000 items, or a body over MAX_BATCH_BODY_BYTES, is a 413.
     #[oai(path = "/ads/events", method = "post", operation_id = "recordEvents")]
@@ -232,13 +235,22 @@ impl BatchApi {
         let st = &self.state;
         let n = body.0.len();
         // First everything that waits: parse every item and resolve every distinct ad once.
-        let mut judged: Vec<Result<EventReport, (RejectReason, String)>> = Vec::with_capacity(n);
+        let mut judged: Vec<Result<(EventReport, OffsetDateTime), (RejectReason, String)>> =
+            Vec::with_capacity(n);
         let mut known: HashMap<Uuid, bool> = HashMap::new();
+        let now = OffsetDateTime::now_utc();
         for (index, value) in body.0.into_iter().enumerate() {
             let report = match parse_item(value) {
                 Ok(report) => report,
                 Err(e) => {
                     judged.push(Err((RejectReason::Invalid, format!("events[{index}]: {e}"))));
+                    continue;
+                }
+            };
+            let at = match st.event_time(&report, now) {
+                Ok(at) => at,
+                Err(e) => {
+                    judged.push(Err((RejectReason::BadTimestamp, format!("events[{index}]: {e}"))));
                     continue;
                 }
             };
@@ -253,23 +265,22 @@ impl BatchApi {
                 },
             };
             judged.push(if exists {
-                Ok(report)
+                Ok((report, at))
             } else {
                 Err((RejectReason::UnknownAd, format!("ad {} not found", report.ad_id)))
             });
         }
         // Then, without waiting, claim the event ids and hold the rows: a claim never outlives a
         // request that could still fail after it.
-        let now = OffsetDateTime::now_utc();
-        let ip_hash = st.hasher.hash(st.client_ip(req, None));
+        let caller = st.caller(req, None);
         let mut results = Vec::with_capacity(n);
         let mut rows = Vec::with_capacity(n);
-        let mut claimed = Vec::new();
+        let mut claims = Claims::default();
         let (mut duplicates, mut rejected) = (0, 0);
         for (index, item) in judged.into_iter().enumerate() {
             let index = index as u32;
-            let report = match item {
-                Ok(report) => report,
+            let (report, at) = match item {
+                Ok(item) => item,
                 Err((reason, error)) => {
                     st.metrics.rejected(reason);
                     rejected += 1;
@@ -283,10 +294,11 @@ impl BatchApi {
                 }
             };
             if let Some(id) = report.event_id {
-                let claim = if claimed.contains(&id) { Claim::Held } else { st.claim(id) };
+                let claim = if claims.ids.contains(&id) { Claim::Held } else { st.claim(id) };
                 match claim {
-                    Claim::Fresh => claimed.push(id),
+                    Claim::Fresh => claims.ids.push(id),
                     Claim::Held => {
+                        st.metrics.event_id_repeats.inc();
                         duplicates += 1;
                         results.push(ItemResult {
                             index,
@@ -310,18 +322,19 @@ impl BatchApi {
                     }
                 }
             }
-            let row = st.stamp(&report, now, ip_hash);
-            results.push(ItemResult {
-                index,
-                status: ItemStatus::Accepted,
-                event_id: Some(row.event_id),
-                error: None,
-            });
+            let row = st.stamp(&report, at, now, &caller, &mut claims);
+            let status = if row.traffic == Traffic::Duplicate {
+                duplicates += 1;
+                ItemStatus::Duplicate
+            } else {
+                ItemStatus::Accepted
+            };
+            results.push(ItemResult { index, status, event_id: Some(row.event_id), error: None });
             rows.push(row);
         }
-        let accepted = rows.len() as u32;
+        let accepted = results.iter().filter(|r| r.status == ItemStatus::Accepted).count() as u32;
         if !rows.is_empty() {
-            st.hold(rows, &claimed)?;
+            st.hold(rows, claims)?;
         }
         Ok(BatchResponse::Accepted(Json(BatchResult { accepted, duplicates, rejected, results })))
     }

@@ -1,4 +1,4 @@
-//! Which address an event is counted for (uniques, and later rate limits and dedup).
+//! Which address an event is counted for: uniques, rate limits and the repeat rule.
 //!
 //! The TCP peer, unless it is a proxy listed in `TRUSTED_PROXIES`: then `X-Forwarded-For` (read
 //! from the right, skipping trusted proxies, so that a client cannot slip an address in front)
@@ -10,8 +10,6 @@
 use std::net::IpAddr;
 
 use poem::{Request, http::HeaderMap};
-
-use super::auth::{ApiKeys, Scope};
 
 /// An address block such as `10.0.0.0/8` or `2001:db8::/32` (a lone address is a /32 or /128).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,13 +113,11 @@ fn header_ip(headers: &HeaderMap, name: &str) -> Option<IpAddr> {
     headers.get(name)?.to_str().ok()?.trim().parse().ok()
 }
 
-/// The address an event from `req` counts for; `stated` is an address the request body claims.
-pub fn resolve(req: &Request, proxies: &TrustedProxies, keys: &ApiKeys, stated: Option<IpAddr>) -> IpAddr {
+/// The address an event from `req` counts for; `stated` is an address the request body claims,
+/// believed (like `X-Device-IP`) only when `ingest` says the caller's key has the ingest scope.
+pub fn resolve(req: &Request, proxies: &TrustedProxies, ingest: bool, stated: Option<IpAddr>) -> IpAddr {
     let headers = req.headers();
-    let claim = header_ip(headers, "x-device-ip").or(stated);
-    if let Some(claim) = claim
-        && keys.grants(headers, Scope::Ingest)
-    {
+    if ingest && let Some(claim) = header_ip(headers, "x-device-ip").or(stated) {
         return claim;
     }
     let peer = req

@@ -42,6 +42,10 @@ pub enum ApiError {
     /// so that the contract shows it).
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
+    /// Tracking endpoints only: the client IP sent more than RATE_LIMIT requests per second
+    /// (after a burst of RATE_LIMIT_BURST). Nothing was stored; retry after the given seconds.
+    #[oai(status = 429)]
+    TooManyRequests(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
     /// The service cannot hold the event right now (buffer full, storage unavailable, shutting
     /// down). Nothing was stored; retry after the given number of seconds.
     #[oai(status = 503)]
@@ -141,6 +145,18 @@ fn describe(status: StatusCode, text: &str) -> String {
         _ if text.is_empty() => status.canonical_reason().unwrap_or("error").to_lowercase(),
         _ => text.strip_prefix("parse request payload error: ").unwrap_or(text).to_string(),
     }
+}
+
+/// The 429 of a client over its rate limit that may try again after `wait` (rounded up to
+/// whole seconds, as Retry-After counts).
+pub fn too_many_requests(wait: std::time::Duration) -> Response {
+    let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+    let mut resp = error_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        &format!("too many requests from this address; retry in {secs} s (RATE_LIMIT per client IP)"),
+    );
+    resp.headers_mut().insert(poem::http::header::RETRY_AFTER, poem::http::HeaderValue::from(secs));
+    resp
 }
 
 /// A JSON error response with `status` and `msg`.

@@ -9,9 +9,11 @@ pub mod batch;
 pub mod body;
 pub mod client_ip;
 pub mod cors;
+pub mod dedup;
 pub mod error;
 pub mod health;
 pub mod pixel;
+pub mod ratelimit;
 pub mod tracking;
 
 use std::{
@@ -30,7 +32,7 @@ use self::{
     health::HealthApi, pixel::PixelApi, tracking::TrackingApi,
 };
 use crate::{
-    domain::{Event, EventKind, EventReport, EventTime},
+    domain::{Event, EventKind, EventReport, Traffic, UserAgentFilter, event_time},
     ingest::{Buffer, PushError},
     iphash::IpHasher,
     metrics::{Metrics, RejectReason},
@@ -86,6 +88,45 @@ pub struct State {
     /// but not stored twice (see [`RECENT_EVENT_IDS`]); the flag turns true once the event is
     /// held.
     pub recent_event_ids: moka::sync::Cache<Uuid, Arc<std::sync::atomic::AtomicBool>>,
+    /// Bot and empty user agents.
+    pub user_agents: UserAgentFilter,
+    /// The repeat rule (same ad, client and kind within DEDUP_WINDOW).
+    pub dedup: dedup::DedupWindow,
+    /// Per-client limits on the tracking endpoints; `None` when RATE_LIMIT is 0.
+    pub rate_limiter: Option<ratelimit::RateLimiter>,
+}
+
+/// Who sent a tracking request, as far as counting goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    /// The address its events count for (never stored or logged).
+    pub ip: std::net::IpAddr,
+    /// The keyed hash of `ip`, which is stored.
+    pub ip_hash: u64,
+    /// Valid, or why its user agent makes its events invalid traffic.
+    pub agent: Traffic,
+}
+
+/// What a request has reserved while it stores events, to be given back if they are not held:
+/// claimed client event ids and the repeat rule's marks.
+#[derive(Debug, Default)]
+pub struct Claims {
+    /// Client event ids claimed by this request.
+    pub ids: Vec<Uuid>,
+    /// Events the repeat rule counted.
+    pub marks: Vec<dedup::Mark>,
+}
+
+/// Tracking paths, and the route template each is counted under when refused before routing.
+pub fn tracking_route(path: &str) -> Option<&'static str> {
+    match path {
+        "/ads/impression" => Some("/ads/impression"),
+        "/ads/click" => Some("/ads/click"),
+        "/ads/events" => Some("/ads/events"),
+        _ if path.starts_with("/t/") => Some("/t/{event}"),
+        _ if path.starts_with("/c/") => Some("/c/{adId}"),
+        _ => None,
+    }
 }
 
 /// How many client event ids, and for how long, an instance remembers. A player that re-fires a
@@ -108,10 +149,19 @@ pub enum Claim {
 /// What became of an accepted event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accepted {
-    /// Held for storage.
-    Stored,
+    /// Held for storage, valid or flagged as invalid traffic.
+    Stored(Traffic),
     /// Its client event id was accepted before (on this instance): answered, not stored again.
-    Duplicate,
+    Repeat,
+}
+
+impl Accepted {
+    /// True when the event does not add to the net numbers because it repeats an earlier one:
+    /// its event id was seen, or the repeat rule flagged it. Answers say `"duplicate": true`.
+    /// (Bot traffic is not told that it was spotted.)
+    pub fn is_duplicate(self) -> bool {
+        matches!(self, Accepted::Repeat | Accepted::Stored(Traffic::Duplicate))
+    }
 }
 
 impl State {
@@ -120,22 +170,37 @@ impl State {
         dto.try_into().map_err(ApiError::bad_request)
     }
 
-    /// Resolves the ad, stamps the event and buffers it. Ok means the event is held (or, for a
-    /// repeated client event id, was held before).
-    pub async fn accept(&self, report: EventReport, ip: std::net::IpAddr) -> Result<Accepted, ApiError> {
+    /// Checks the time, resolves the ad, judges the traffic, stamps the event and buffers it.
+    /// Ok means the event is held (or, for a repeated client event id, was held before).
+    pub async fn accept(&self, report: EventReport, caller: &Caller) -> Result<Accepted, ApiError> {
+        let now = OffsetDateTime::now_utc();
+        let at = self.event_time(&report, now).map_err(|e| {
+            self.metrics.rejected(RejectReason::BadTimestamp);
+            ApiError::bad_request(e)
+        })?;
         self.known_ad(report.ad_id).await?;
         // A client id is claimed atomically, so that of two concurrent repeats only one is stored;
         // nothing awaits between the claim and the hold.
+        let mut claims = Claims::default();
         if let Some(id) = report.event_id {
             match self.claim(id) {
-                Claim::Fresh => {}
-                Claim::Held => return Ok(Accepted::Duplicate),
+                Claim::Fresh => claims.ids.push(id),
+                Claim::Held => {
+                    self.metrics.event_id_repeats.inc();
+                    return Ok(Accepted::Repeat);
+                }
                 Claim::InFlight => return Err(self.in_flight(id)),
             }
         }
-        let row = self.stamp(&report, OffsetDateTime::now_utc(), self.hasher.hash(ip));
-        self.hold(vec![row], report.event_id.as_slice())?;
-        Ok(Accepted::Stored)
+        let row = self.stamp(&report, at, now, caller, &mut claims);
+        let traffic = row.traffic;
+        self.hold(vec![row], claims)?;
+        Ok(Accepted::Stored(traffic))
+    }
+
+    /// The event time to store for `report`, or why its client timestamp is refused.
+    pub fn event_time(&self, report: &EventReport, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
+        event_time(report.client_time, now, self.max_clock_skew, self.max_event_age)
     }
 
     /// Ok when the catalog knows the ad; else the refusal to answer (counted).
@@ -153,10 +218,36 @@ impl State {
         }
     }
 
-    /// The address an event from `req` counts for (see [`client_ip`]); `stated` is an address
-    /// the body claims.
-    pub fn client_ip(&self, req: &Request, stated: Option<std::net::IpAddr>) -> std::net::IpAddr {
-        client_ip::resolve(req, &self.trusted_proxies, &self.api_keys, stated)
+    /// Who sent `req` (see [`client_ip`]); `stated` is an address the body claims. A caller
+    /// with the ingest scope speaks for devices: its `X-Device-IP` / `stated` address and its
+    /// `X-Device-User-Agent` are the device's; without the latter its events are not judged by
+    /// user agent (its own is a server's).
+    pub fn caller(&self, req: &Request, stated: Option<std::net::IpAddr>) -> Caller {
+        let headers = req.headers();
+        let device_agent = headers.get("x-device-user-agent");
+        // The key check costs a hash, so only requests that speak for a device pay it.
+        let speaks_for_device =
+            stated.is_some() || device_agent.is_some() || headers.contains_key("x-device-ip");
+        let ingest = speaks_for_device && self.api_keys.grants(headers, auth::Scope::Ingest);
+        let ip = client_ip::resolve(req, &self.trusted_proxies, ingest, stated);
+        let agent = if ingest {
+            device_agent.map_or(Traffic::Valid, |ua| self.user_agents.classify(Some(ua.as_bytes())))
+        } else {
+            self.user_agents.classify(headers.get(poem::http::header::USER_AGENT).map(|v| v.as_bytes()))
+        };
+        Caller { ip, ip_hash: self.hasher.hash(ip), agent }
+    }
+
+    /// How long the sender of `req` must wait when it is over its rate limit on a tracking
+    /// endpoint; `None` when it may go on. Callers with the ingest scope (ad servers sending
+    /// for many viewers from few addresses) are not limited per address.
+    pub fn rate_limited(&self, req: &Request) -> Option<Duration> {
+        let limiter = self.rate_limiter.as_ref()?;
+        tracking_route(req.uri().path())?;
+        if !self.api_keys.is_open() && self.api_keys.grants(req.headers(), auth::Scope::Ingest) {
+            return None;
+        }
+        limiter.check(client_ip::resolve(req, &self.trusted_proxies, false, None)).err()
     }
 
     /// Claims a client event id for this instance.
@@ -181,35 +272,58 @@ impl State {
         )
     }
 
-    /// The row of an accepted report: the server's clock, the event id and the client-IP hash.
-    pub fn stamp(&self, report: &EventReport, now: OffsetDateTime, ip_hash: u64) -> EventRow {
-        let time = EventTime::resolve(report.client_time, now, self.max_clock_skew, self.max_event_age);
-        if time.replaced {
-            self.metrics.event_time_replaced.inc();
-        }
+    /// The row of an accepted report at event time `at`: the server's clock, the event id, the
+    /// client-IP hash and the traffic verdict (the caller's user agent, else the repeat rule,
+    /// whose mark goes into `claims`).
+    pub fn stamp(
+        &self,
+        report: &EventReport,
+        at: OffsetDateTime,
+        now: OffsetDateTime,
+        caller: &Caller,
+        claims: &mut Claims,
+    ) -> EventRow {
+        let traffic = match caller.agent {
+            Traffic::Valid => {
+                match self.dedup.judge(report.ad_id, caller.ip_hash, report.kind, at.unix_timestamp()) {
+                    dedup::Verdict::Counts(mark) => {
+                        claims.marks.extend(mark);
+                        Traffic::Valid
+                    }
+                    dedup::Verdict::Repeat => Traffic::Duplicate,
+                }
+            }
+            flagged => flagged,
+        };
         EventRow::from(Event {
             event_id: report.event_id.unwrap_or_else(Uuid::new_v4),
             ad_id: report.ad_id,
             kind: report.kind,
-            event_time: time.at,
+            event_time: at,
             received_at: now,
-            ip_hash,
+            ip_hash: caller.ip_hash,
             playback_time: report.playback_time,
             error_code: report.error_code,
+            traffic,
         })
     }
 
-    /// Buffers rows, all or none. When none, the client ids in `claimed` are released, so that a
-    /// retry with the same ids can store them.
-    pub fn hold(&self, rows: Vec<EventRow>, claimed: &[Uuid]) -> Result<(), ApiError> {
+    /// Buffers rows, all or none. When none, `claims` are given back, so that a retry with the
+    /// same ids counts as it would have.
+    pub fn hold(&self, rows: Vec<EventRow>, claims: Claims) -> Result<(), ApiError> {
         let count = rows.len() as u64;
         let mut per_kind = [0u64; EventKind::ALL.len()];
+        let mut per_traffic = [0u64; Traffic::FILTERED.len() + 1];
         for r in &rows {
             per_kind[r.kind.index()] += 1;
+            per_traffic[r.traffic as usize] += 1;
         }
         self.buffer.push(rows.into_iter()).map_err(|e| {
-            for id in claimed {
+            for id in &claims.ids {
                 self.recent_event_ids.invalidate(id);
+            }
+            for mark in &claims.marks {
+                self.dedup.release(*mark);
             }
             let reason = match e {
                 PushError::Full => RejectReason::BufferFull,
@@ -220,7 +334,7 @@ impl State {
             }
             ApiError::push(e, self.retry_after)
         })?;
-        for id in claimed {
+        for id in &claims.ids {
             if let Some(flag) = self.recent_event_ids.get(id) {
                 flag.store(true, std::sync::atomic::Ordering::Release);
             }
@@ -228,6 +342,12 @@ impl State {
         for (kind, n) in EventKind::ALL.into_iter().zip(per_kind) {
             if n > 0 {
                 self.metrics.accepted(kind, n);
+            }
+        }
+        for traffic in Traffic::FILTERED {
+            let n = per_traffic[traffic as usize];
+            if n > 0 {
+                self.metrics.filtered(traffic, n);
             }
         }
         Ok(())
@@ -263,10 +383,11 @@ pub fn routes(state: Arc<State>) -> impl Endpoint<Output = Response> {
     let body_limit = state.body_limit;
     let batch_body_limit = state.batch_body_limit;
     let cors = state.cors.clone();
+    let limits = state.clone();
     let api = openapi(state);
     let routes = operation_routes(&api.spec());
     let other = Route::new().nest("/docs", api.swagger_ui()).at("/openapi.json", api.spec_endpoint());
-    Front { api: api.into_endpoint(), other, metrics, routes, body_limit, batch_body_limit, cors }
+    Front { api: api.into_endpoint(), other, metrics, routes, body_limit, batch_body_limit, cors, limits }
 }
 
 /// What the front endpoint needs to know of an operation, read from the spec itself.
@@ -306,6 +427,8 @@ struct Front<A, O> {
     body_limit: usize,
     batch_body_limit: usize,
     cors: cors::AllowedOrigins,
+    /// Rate limits, checked before a body is read.
+    limits: Arc<State>,
 }
 
 impl<A: Endpoint, O: Endpoint> Endpoint for Front<A, O> {
@@ -326,6 +449,16 @@ impl<A: Endpoint, O: Endpoint> Endpoint for Front<A, O> {
         if let Some(resp) = cors::refuse(&self.cors, &req) {
             self.metrics.rejected(RejectReason::ForbiddenOrigin);
             self.metrics.http_requests.with_label_values(&[method.as_str(), "forbidden_origin", "403"]).inc();
+            return Ok(resp);
+        }
+        if let Some(wait) = self.limits.rate_limited(&req) {
+            self.metrics.rejected(RejectReason::RateLimited);
+            let route = tracking_route(req.uri().path()).unwrap_or("unmatched");
+            self.metrics.http_requests.with_label_values(&[method.as_str(), route, "429"]).inc();
+            let mut resp = error::too_many_requests(wait);
+            if let Some(origin) = req.headers().get(poem::http::header::ORIGIN) {
+                cors::decorate(&self.cors, Some(origin), &mut resp);
+            }
             return Ok(resp);
         }
         let origin = req.headers().get(poem::http::header::ORIGIN).cloned();

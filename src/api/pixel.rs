@@ -4,8 +4,9 @@
 //! Players fire a VAST tracking URL once and never retry it, so a beacon is answered as soon as
 //! the event is held, and with a 5xx only when nothing can hold it. Macros the player did not
 //! expand (`[TIMESTAMP]`) or garbage in optional parameters never lose the event: the server's
-//! time stands in for a bad timestamp (counted in `adbeacon_event_time_replaced_total`), a bad
-//! playhead is left out.
+//! time stands in for an unreadable timestamp (counted in `adbeacon_event_time_replaced_total`),
+//! a bad playhead is left out. A readable timestamp outside the accepted window is refused like
+//! any other endpoint's.
 
 use std::{hash::Hasher, sync::Arc};
 
@@ -169,8 +170,9 @@ impl PixelApi {
     /// The tracking URL to write into VAST: `/t/{event}?ad={adId}` with `event` one of
     /// impression, creativeView, start, firstQuartile, midpoint, thirdQuartile, complete, skip,
     /// pause, resume, mute, unmute, close, error (with `code=[ERRORCODE]`) or click. Answers a
-    /// transparent 1×1 GIF, or 204 with `f=204`, never cached. A bad or unexpanded `ts` is
-    /// replaced by the server's time, a bad `pt` is left out; neither loses the event. With `eid`,
+    /// transparent 1×1 GIF, or 204 with `f=204`, never cached. An unreadable or unexpanded `ts`
+    /// is replaced by the server's time, a bad `pt` is left out; neither loses the event (a `ts`
+    /// outside MAX_CLOCK_SKEW / MAX_EVENT_AGE is refused, 400). With `eid`,
     /// a repeated beacon is answered but stored once (per instance, within an hour). 5xx only when
     /// the service cannot hold the event.
     #[oai(path = "/t/:event", method = "get", operation_id = "trackBeacon")]
@@ -198,8 +200,8 @@ impl PixelApi {
         let _ = cb;
         let beacon = Beacon::new(&event, &ad, &ts, &pt, &eid, &code);
         let Parsed { report, bad_timestamp } = parse(&beacon)?;
-        let ip = self.state.client_ip(req, None);
-        if self.state.accept(report, ip).await? == Accepted::Stored && bad_timestamp {
+        let caller = self.state.caller(req, None);
+        if matches!(self.state.accept(report, &caller).await?, Accepted::Stored(_)) && bad_timestamp {
             self.state.metrics.event_time_replaced.inc();
         }
         Ok(PixelResponse::new(f.0.as_deref()))
@@ -278,7 +280,7 @@ impl PixelApi {
             playback_time: None,
             error_code: 0,
         };
-        match self.state.accept(report, self.state.client_ip(req, None)).await {
+        match self.state.accept(report, &self.state.caller(req, None)).await {
             Ok(_) | Err(ApiError::Unavailable(..)) => Ok(RedirectResponse::Found(target, NO_STORE.into())),
             Err(e) => Err(e),
         }

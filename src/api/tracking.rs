@@ -5,7 +5,7 @@ use std::{fmt, marker::PhantomData, net::IpAddr, sync::Arc};
 use poem::{IntoResponse, Request, Response};
 use poem_openapi::{
     ApiResponse, Object, OpenApi,
-    payload::Payload,
+    payload::{Json, Payload},
     registry::{MetaSchemaRef, Registry},
     types::Type,
 };
@@ -79,6 +79,15 @@ pub struct ImpressionRequest {
     #[oai(rename = "ad_id")]
     #[serde(rename = "ad_id", default, deserialize_with = "uuid")]
     pub ad_id: Option<Uuid>,
+    /// The client's id of this impression (a UUID), for idempotency: a repeat is answered
+    /// `{"duplicate": true}` and stored once (per instance, within an hour).
+    #[oai(rename = "eventId")]
+    #[serde(rename = "eventId", default, deserialize_with = "uuid")]
+    pub event_id_camel: Option<Uuid>,
+    /// Alternative spelling of `eventId`.
+    #[oai(rename = "event_id")]
+    #[serde(rename = "event_id", default, deserialize_with = "uuid")]
+    pub event_id: Option<Uuid>,
 }
 
 /// Body of `POST /ads/click`, camelCase as the old service documented or snake_case.
@@ -92,8 +101,17 @@ pub struct ClickRequest {
     #[oai(rename = "ad_id")]
     #[serde(rename = "ad_id", default, deserialize_with = "uuid")]
     pub ad_id: Option<Uuid>,
+    /// The client's id of this click (a UUID), for idempotency: a repeat is answered with
+    /// `"duplicate": true` and stored once (per instance, within an hour).
+    #[oai(rename = "eventId")]
+    #[serde(rename = "eventId", default, deserialize_with = "uuid")]
+    pub event_id_camel: Option<Uuid>,
+    /// Alternative spelling of `eventId`.
+    #[oai(rename = "event_id")]
+    #[serde(rename = "event_id", default, deserialize_with = "uuid")]
+    pub event_id: Option<Uuid>,
     /// When the click happened, RFC 3339 (e.g. `2024-05-01T12:00:00Z`). Absent: server time. A
-    /// time more than MAX_CLOCK_SKEW ahead or MAX_EVENT_AGE behind is replaced by server time.
+    /// time more than MAX_CLOCK_SKEW ahead or MAX_EVENT_AGE behind is refused (400).
     #[serde(default, deserialize_with = "rfc3339")]
     pub timestamp: Option<OffsetDateTime>,
     /// The viewer's IP, as server-side callers state it. It counts only for a caller whose API
@@ -123,11 +141,14 @@ pub struct ClickRequest {
     pub playback_time: Option<f64>,
 }
 
-/// A plain acknowledgement (the schema of [`ClickQueued`]).
+/// An acknowledgement (the schema of [`ClickQueued`] and of a repeated impression).
 #[derive(Debug, Object)]
 pub struct MessageBody {
     /// What happened.
     pub message: String,
+    /// Present and true when the event repeats one already accepted (the same `eventId`, or
+    /// the same ad, client and kind within DEDUP_WINDOW): acknowledged, not counted again.
+    pub duplicate: Option<bool>,
 }
 
 /// Answer of `POST /ads/impression`.
@@ -136,15 +157,23 @@ pub enum ImpressionResponse {
     /// The impression is accepted (no body).
     #[oai(status = 204)]
     Accepted,
+    /// The impression repeats one already accepted: `{"message": …, "duplicate": true}`.
+    #[oai(status = 200)]
+    Duplicate(Json<MessageBody>),
 }
 
-/// The constant body of an accepted click, `{"message":"Click event queued"}`, sent as static
-/// bytes: building it through `serde_json::Value` on every click was measurable.
+/// The constant body of an accepted click, `{"message":"Click event queued"}` (with
+/// `"duplicate":true` for a repeat), sent as static bytes: building it through
+/// `serde_json::Value` on every click was measurable.
 #[derive(Debug)]
-pub struct ClickQueued;
+pub struct ClickQueued {
+    /// Whether the click repeats one already accepted.
+    pub duplicate: bool,
+}
 
 impl ClickQueued {
     const BODY: &'static [u8] = br#"{"message":"Click event queued"}"#;
+    const DUPLICATE: &'static [u8] = br#"{"message":"Click event queued","duplicate":true}"#;
 }
 
 impl Payload for ClickQueued {
@@ -166,14 +195,15 @@ impl IntoResponse for ClickQueued {
                 poem::http::header::CONTENT_TYPE,
                 poem::http::HeaderValue::from_static(Self::CONTENT_TYPE),
             )
-            .body(Self::BODY)
+            .body(if self.duplicate { Self::DUPLICATE } else { Self::BODY })
     }
 }
 
 /// Answer of `POST /ads/click`.
 #[derive(Debug, ApiResponse)]
 pub enum ClickResponse {
-    /// The click is accepted: `{"message": "Click event queued"}`.
+    /// The click is accepted: `{"message": "Click event queued"}`, plus `"duplicate": true`
+    /// when it repeats one already accepted.
     #[oai(status = 202)]
     Accepted(ClickQueued),
 }
@@ -208,7 +238,7 @@ impl TryFrom<ImpressionRequest> for EventReport {
 
     fn try_from(r: ImpressionRequest) -> Result<Self, String> {
         Ok(EventReport {
-            event_id: None,
+            event_id: one_of([("eventId", r.event_id_camel), ("event_id", r.event_id)])?.map(|(_, id)| id),
             ad_id: ad_id([("adId", r.ad_id_camel), ("ad_id", r.ad_id)])?,
             kind: EventKind::Impression,
             client_time: None,
@@ -233,7 +263,7 @@ impl TryFrom<ClickRequest> for EventReport {
         .map(|(name, s)| PlaybackTime::new(s).map_err(|e| format!("{name} {e}")))
         .transpose()?;
         Ok(EventReport {
-            event_id: None,
+            event_id: one_of([("eventId", r.event_id_camel), ("event_id", r.event_id)])?.map(|(_, id)| id),
             ad_id,
             kind: EventKind::Click,
             client_time: r.timestamp,
@@ -253,9 +283,11 @@ pub struct TrackingApi {
 impl TrackingApi {
     /// Record an impression.
     ///
-    /// Accepts `{"ad_id": "…"}` or `{"adId": "…"}`. The event is stored in ClickHouse within
-    /// FLUSH_INTERVAL. Answers 404 for an ad the catalog does not know, 503 (with Retry-After) when
-    /// the service cannot hold the event; nothing is stored for any non-2xx answer.
+    /// Accepts `{"ad_id": "…"}` or `{"adId": "…"}`, optionally with an `eventId`. The event is
+    /// stored in ClickHouse within FLUSH_INTERVAL. Answers 204, or 200 `{"duplicate": true}` for
+    /// a repeat of an accepted `eventId`; 404 for an ad the catalog does not know, 429 over the
+    /// rate limit, 503 (with Retry-After) when the service cannot hold the event; nothing is
+    /// stored for any non-2xx answer.
     #[oai(path = "/ads/impression", method = "post", operation_id = "recordImpression")]
     async fn impression(
         &self,
@@ -263,7 +295,12 @@ impl TrackingApi {
         body: JsonBody<ImpressionRequest>,
     ) -> Result<ImpressionResponse, ApiError> {
         let report = self.state.validate(body.0)?;
-        self.state.accept(report, self.state.client_ip(req, None)).await?;
+        if self.state.accept(report, &self.state.caller(req, None)).await?.is_duplicate() {
+            return Ok(ImpressionResponse::Duplicate(Json(MessageBody {
+                message: "Impression already recorded".into(),
+                duplicate: Some(true),
+            })));
+        }
         Ok(ImpressionResponse::Accepted)
     }
 
@@ -277,8 +314,8 @@ impl TrackingApi {
         // Counts only for a caller with the ingest scope (see client_ip.rs).
         let stated = body.0.ip_address_camel.or(body.0.ip_address).or(body.0.ip);
         let report = self.state.validate(body.0)?;
-        self.state.accept(report, self.state.client_ip(req, stated)).await?;
-        Ok(ClickResponse::Accepted(ClickQueued))
+        let accepted = self.state.accept(report, &self.state.caller(req, stated)).await?;
+        Ok(ClickResponse::Accepted(ClickQueued { duplicate: accepted.is_duplicate() }))
     }
 }
 

@@ -6,6 +6,8 @@ use serde_repr::{Deserialize_repr, Serialize_repr};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use super::Traffic;
+
 /// What happened. The discriminants are the `Enum8` values of `events.kind`; never renumber them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize_repr, Deserialize_repr)]
 #[repr(i8)]
@@ -154,43 +156,54 @@ impl PlaybackTime {
     }
 }
 
-/// When an event happened: the client's clock when it is sane, else the server's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EventTime {
-    /// The time stored as `event_time`.
-    pub at: OffsetDateTime,
-    /// True when the client sent a time outside the tolerated window and server time was used.
-    pub replaced: bool,
+/// The time to store as `event_time`: `client` in whole UTC seconds, or `now` without one.
+/// A client time more than `max_skew` ahead of `now` or more than `max_age` behind it is
+/// refused with the reason: a clock that far off is a broken device or a forgery, and
+/// storing either time would put the event where it did not happen.
+pub fn event_time(
+    client: Option<OffsetDateTime>,
+    now: OffsetDateTime,
+    max_skew: Duration,
+    max_age: Duration,
+) -> Result<OffsetDateTime, String> {
+    let Some(t) = client else { return Ok(now) };
+    // Whole seconds, like the DateTime column; integer bounds are cheaper than date arithmetic
+    // on every click. The window never leaves what DateTime holds (1970 to 2106), so no
+    // configured age or skew can let through a time that would fail the whole batch.
+    let secs = now.unix_timestamp();
+    let earliest = secs.saturating_sub(i64::try_from(max_age.as_secs()).unwrap_or(i64::MAX)).max(0);
+    let latest =
+        secs.saturating_add(i64::try_from(max_skew.as_secs()).unwrap_or(i64::MAX)).min(i64::from(u32::MAX));
+    let at = t.unix_timestamp();
+    if at > latest {
+        return Err(format!(
+            "timestamp is {} ahead of the server's clock; at most {} ahead is accepted (MAX_CLOCK_SKEW)",
+            roughly(at - secs),
+            humantime::format_duration(max_skew)
+        ));
+    }
+    if at < earliest {
+        return Err(format!(
+            "timestamp is {} before the server's clock; at most {} before is accepted (MAX_EVENT_AGE)",
+            roughly(secs - at),
+            humantime::format_duration(max_age)
+        ));
+    }
+    // Stored in UTC: the offset the client wrote is not part of the event.
+    let utc = t.to_offset(time::UtcOffset::UTC);
+    Ok(utc.replace_nanosecond(0).unwrap_or(utc))
 }
 
-impl EventTime {
-    /// Picks the event time: `client` if it lies within `[now - max_age, now + max_skew]`.
-    pub fn resolve(
-        client: Option<OffsetDateTime>,
-        now: OffsetDateTime,
-        max_skew: Duration,
-        max_age: Duration,
-    ) -> EventTime {
-        // Whole seconds, like the DateTime column; integer bounds are cheaper than date arithmetic
-        // on every click. The window never leaves what DateTime holds (1970 to 2106), so no
-        // configured age or skew can let through a time that would fail the whole batch.
-        let secs = now.unix_timestamp();
-        let earliest = secs.saturating_sub(i64::try_from(max_age.as_secs()).unwrap_or(i64::MAX)).max(0);
-        let latest = secs
-            .saturating_add(i64::try_from(max_skew.as_secs()).unwrap_or(i64::MAX))
-            .min(i64::from(u32::MAX));
-        match client {
-            None => EventTime { at: now, replaced: false },
-            Some(t) if !(earliest..=latest).contains(&t.unix_timestamp()) => {
-                EventTime { at: now, replaced: true }
-            }
-            // Stored in UTC: the offset the client wrote is not part of the event.
-            Some(t) => {
-                let utc = t.to_offset(time::UtcOffset::UTC);
-                EventTime { at: utc.replace_nanosecond(0).unwrap_or(utc), replaced: false }
-            }
-        }
-    }
+/// A span of seconds in its largest whole unit ("51 days", "3 hours"), for error messages.
+fn roughly(secs: i64) -> String {
+    let s = secs.unsigned_abs();
+    let (n, unit) = match s {
+        0..120 => (s, "second"),
+        120..7200 => (s / 60, "minute"),
+        7200..172_800 => (s / 3600, "hour"),
+        _ => (s / 86_400, "day"),
+    };
+    format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
 }
 
 /// What a client reports about one event, validated. The server adds its own clock and the
@@ -230,6 +243,8 @@ pub struct Event {
     pub playback_time: Option<PlaybackTime>,
     /// VAST error code for [`EventKind::Error`], else 0.
     pub error_code: u16,
+    /// Whether it counts in the net numbers, and if not, why.
+    pub traffic: Traffic,
 }
 
 #[cfg(test)]
@@ -275,26 +290,25 @@ mod tests {
     }
 
     #[test]
-    fn event_time_keeps_sane_client_times_only() {
+    fn event_time_keeps_sane_client_times_and_refuses_the_rest() {
         let now = datetime!(2026-11-21 12:00:00 UTC);
         let skew = Duration::from_secs(300);
         let age = Duration::from_secs(7 * 86400);
-        let t = EventTime::resolve(Some(datetime!(2026-11-21 09:30:15.5 UTC)), now, skew, age);
-        assert_eq!(t, EventTime { at: datetime!(2026-11-21 09:30:15 UTC), replaced: false });
-        let t = EventTime::resolve(Some(datetime!(2026-11-21 12:10:00 UTC)), now, skew, age);
-        assert_eq!(t, EventTime { at: now, replaced: true });
-        let t = EventTime::resolve(Some(datetime!(2026-10-01 00:00:00 UTC)), now, skew, age);
-        assert!(t.replaced);
+        let at = |t| event_time(Some(t), now, skew, age);
+        assert_eq!(at(datetime!(2026-11-21 09:30:15.5 UTC)), Ok(datetime!(2026-11-21 09:30:15 UTC)));
+        assert_eq!(at(datetime!(2026-11-21 12:05:00 UTC)), Ok(datetime!(2026-11-21 12:05:00 UTC)));
+        let e = at(datetime!(2026-11-21 12:10:00 UTC)).unwrap_err();
+        assert!(e.starts_with("timestamp is 10 minutes ahead") && e.contains("MAX_CLOCK_SKEW"), "{e}");
+        let e = at(datetime!(2026-10-01 00:00:00 UTC)).unwrap_err();
+        assert!(e.starts_with("timestamp is 51 days before") && e.contains("MAX_EVENT_AGE"), "{e}");
         // A client offset is converted, not kept.
-        let t = EventTime::resolve(Some(datetime!(2026-11-21 14:00:00 +02:00)), now, skew, age);
-        assert_eq!(t.at.offset(), time::UtcOffset::UTC);
-        assert_eq!(t.at, datetime!(2026-11-21 12:00:00 UTC));
-        // Whatever the configured window, times DateTime cannot hold are replaced.
+        let t = at(datetime!(2026-11-21 14:00:00 +02:00)).unwrap();
+        assert_eq!(t.offset(), time::UtcOffset::UTC);
+        assert_eq!(t, datetime!(2026-11-21 12:00:00 UTC));
+        // Whatever the configured window, times DateTime cannot hold are refused.
         let forever = Duration::from_secs(u64::MAX);
-        let t = EventTime::resolve(Some(datetime!(1950-01-01 00:00:00 UTC)), now, forever, forever);
-        assert!(t.replaced);
-        let t = EventTime::resolve(Some(datetime!(2200-01-01 00:00:00 UTC)), now, forever, forever);
-        assert!(t.replaced);
-        assert_eq!(EventTime::resolve(None, now, skew, age).at, now);
+        assert!(event_time(Some(datetime!(1950-01-01 00:00:00 UTC)), now, forever, forever).is_err());
+        assert!(event_time(Some(datetime!(2200-01-01 00:00:00 UTC)), now, forever, forever).is_err());
+        assert_eq!(event_time(None, now, skew, age), Ok(now));
     }
 }

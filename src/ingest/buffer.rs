@@ -204,6 +204,7 @@ mod tests {
             playback_time: None,
             error_code: 0,
             batch_id: Uuid::nil(),
+            traffic: crate::domain::Traffic::Valid,
         }
     }
 

@@ -29,6 +29,7 @@ struct JsonRow<'a> {
     playback_time: Option<f32>,
     error_code: u16,
     batch_id: String,
+    traffic: &'a str,
 }
 
 fn datetime(t: OffsetDateTime) -> String {
@@ -70,6 +71,7 @@ impl DeadLetters {
                 playback_time: r.playback_time,
                 error_code: r.error_code,
                 batch_id: r.batch_id.to_string(),
+                traffic: r.traffic.name(),
             };
             serde_json::to_writer(&mut out, &row)?;
             out.write_all(b"\n")?;

@@ -11,7 +11,7 @@ use super::{
     clickhouse::{ClickHouse, StoreError},
     queries,
 };
-use crate::domain::Cuts;
+use crate::domain::{Cuts, EventKind, Traffic};
 
 /// Every count of one ad (or one hour of it), merged from the aggregate states. Field order is
 /// the column order of the queries.
@@ -55,6 +55,27 @@ pub struct Stats {
     pub click_playback_count: u64,
 }
 
+impl Stats {
+    /// Events of every kind.
+    pub fn events(&self) -> u64 {
+        self.impressions
+            + self.clicks
+            + self.creative_views
+            + self.starts
+            + self.first_quartiles
+            + self.midpoints
+            + self.third_quartiles
+            + self.completes
+            + self.skips
+            + self.pauses
+            + self.resumes
+            + self.mutes
+            + self.unmutes
+            + self.closes
+            + self.errors
+    }
+}
+
 /// One UTC hour of an ad's series.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Row, Deserialize)]
 pub struct HourStats {
@@ -75,6 +96,17 @@ pub struct ErrorCount {
     pub error_code: u16,
     /// Error events with that code.
     pub errors: u64,
+}
+
+/// Filtered events of one reason and kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Row, Deserialize)]
+pub struct FilteredCount {
+    /// Why they do not count.
+    pub reason: Traffic,
+    /// What they were.
+    pub kind: EventKind,
+    /// How many.
+    pub events: u64,
 }
 
 /// One ad of the every-ad listing.
@@ -137,6 +169,12 @@ impl Analytics {
     /// One ad's VAST errors by code, most frequent first; parameters as `ad_errors.sql` documents.
     pub async fn ad_errors(&self, ad: Uuid, c: &Cuts) -> Result<Vec<ErrorCount>, StoreError> {
         let q = self.query(queries::AD_ERRORS).bind(ad.to_string()).bind(c.from).bind(c.to);
+        self.ch.fetch_all(q).await
+    }
+
+    /// One ad's filtered events by reason and kind; parameters as `ad_filtered.sql` documents.
+    pub async fn ad_filtered(&self, ad: Uuid, c: &Cuts) -> Result<Vec<FilteredCount>, StoreError> {
+        let q = self.query(queries::AD_FILTERED).bind(ad.to_string()).bind(c.from).bind(c.to);
         self.ch.fetch_all(q).await
     }
 

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::{
     config::ClickHouseConfig,
-    domain::{Event, EventKind},
+    domain::{Event, EventKind, Traffic},
 };
 
 /// A ClickHouse failure, classified by what the caller should do about it.
@@ -121,6 +121,8 @@ pub struct EventRow {
     /// Token of the batch that carries the row, set when the batch is formed.
     #[serde(with = "clickhouse::serde::uuid")]
     pub batch_id: Uuid,
+    /// `Enum8` value: valid, or why the event does not count in the net numbers.
+    pub traffic: Traffic,
 }
 
 impl EventRow {
@@ -140,6 +142,7 @@ impl From<Event> for EventRow {
             playback_time: e.playback_time.map(|p| p.seconds()),
             error_code: e.error_code,
             batch_id: Uuid::nil(),
+            traffic: e.traffic,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Ordered schema migrations from `clickhouse/migrations/`, recorded in `schema_migrations`.
 //!
-//! Each migration runs once; its statements are all `IF NOT EXISTS`, so a migration interrupted
-//! halfway (or run by two instances at once) is safe to run again. A migration whose text changed
+//! Each migration runs once; its statements are all `IF NOT EXISTS` / `IF EXISTS` (or an
+//! `ADD COLUMN` whose "already exists" counts as done, since ClickHouse 18.16 has no
+//! `ADD COLUMN IF NOT EXISTS`), so a migration interrupted halfway is safe to run again. A migration whose text changed
 //! after it was applied stops start-up: schema history is append-only.
 
 use std::hash::Hasher;
@@ -50,6 +51,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(4, "0004_ad_stats_minutely.sql"),
     migration!(5, "0005_ad_stats_daily.sql"),
     migration!(6, "0006_ad_errors_minutely.sql"),
+    migration!(7, "0007_traffic_quality.sql"),
 ];
 
 const CREATE_LEDGER: &str = "CREATE TABLE IF NOT EXISTS schema_migrations \
@@ -107,7 +109,7 @@ pub async fn apply(ch: &ClickHouse) -> Result<Vec<u32>, StoreError> {
             continue;
         }
         for statement in m.statements() {
-            ch.execute(&statement).await.map_err(|e| match e {
+            run(ch, &statement).await.map_err(|e| match e {
                 StoreError::Rejected(t) => StoreError::Rejected(format!("migration {}: {t}", m.name)),
                 StoreError::Retryable(t) => StoreError::Retryable(format!("migration {}: {t}", m.name)),
             })?;
@@ -124,6 +126,25 @@ pub async fn apply(ch: &ClickHouse) -> Result<Vec<u32>, StoreError> {
         done.push(m.version);
     }
     Ok(done)
+}
+
+/// Runs one statement of a migration; an `ADD COLUMN` of a column that exists is done already.
+pub async fn run(ch: &ClickHouse, statement: &str) -> Result<(), StoreError> {
+    match ch.execute(statement).await {
+        Err(StoreError::Rejected(text) | StoreError::Retryable(text))
+            if adds_existing_column(statement, &text) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// True when `statement` adds a column and the server said the column exists: a re-run of a
+/// migration that got that far before.
+fn adds_existing_column(statement: &str, error: &str) -> bool {
+    let upper = statement.to_ascii_uppercase();
+    upper.starts_with("ALTER TABLE") && upper.contains(" ADD COLUMN ") && error.contains("already exists")
 }
 
 #[cfg(test)]

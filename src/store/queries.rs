@@ -14,6 +14,8 @@ pub const AD_SERIES: &str = include_str!("../../clickhouse/queries/ad_series.sql
 pub const AD_TOTALS: &str = include_str!("../../clickhouse/queries/ad_totals.sql");
 /// One ad's VAST errors over a window by code; `?` = ad id, from, to (unix seconds).
 pub const AD_ERRORS: &str = include_str!("../../clickhouse/queries/ad_errors.sql");
+/// One ad's filtered events over a window by reason and kind; `?` = ad id, from, to (unix seconds).
+pub const AD_FILTERED: &str = include_str!("../../clickhouse/queries/ad_filtered.sql");
 /// Every ad's totals over a window, busiest first, paged; parameters in the file's header.
 pub const ADS_TOTALS: &str = include_str!("../../clickhouse/queries/ads_totals.sql");
 /// The first UTC day with any event.
@@ -33,6 +35,7 @@ pub const KILL_BATCH_INSERT: &str = include_str!("../../clickhouse/queries/kill_
 pub const ALL: &[(&str, &str)] = &[
     ("ad_by_id.sql", AD_BY_ID),
     ("ad_errors.sql", AD_ERRORS),
+    ("ad_filtered.sql", AD_FILTERED),
     ("ad_series.sql", AD_SERIES),
     ("ad_totals.sql", AD_TOTALS),
     ("ads_totals.sql", ADS_TOTALS),

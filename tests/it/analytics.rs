@@ -83,7 +83,7 @@ async fn recount(app: &TestApp, from: i64, to: i64) -> HashMap<String, Value> {
          ifNull(sumIf(toFloat64(playback_time), kind = 'click' AND isNotNull(playback_time)), 0), \
          countIf(kind = 'click' AND isNotNull(playback_time)) \
          FROM events WHERE event_time >= toDateTime({from}) AND event_time < toDateTime({to}) \
-         GROUP BY ad_id FORMAT TSV"
+         AND traffic = 'valid' GROUP BY ad_id FORMAT TSV"
     );
     let names = [
         "impressions",
@@ -127,7 +127,7 @@ fn zero_counts() -> Value {
 async fn recount_hours(app: &TestApp, ad: &str, from: i64, to: i64) -> HashMap<i64, [u64; 3]> {
     let sql = format!(
         "SELECT toUInt32(toStartOfHour(event_time)) AS h, countIf(kind = 'impression'), countIf(kind = 'click'), \
-         uniqExactIf(ip_hash, kind = 'click') FROM events WHERE ad_id = toUUID('{ad}') \
+         uniqExactIf(ip_hash, kind = 'click') FROM events WHERE ad_id = toUUID('{ad}') AND traffic = 'valid' \
          AND event_time >= toDateTime({from}) AND event_time < toDateTime({to}) GROUP BY h FORMAT TSV"
     );
     app.query(&sql)
@@ -165,6 +165,35 @@ async fn check_ad(app: &TestApp, ad: &str, from: i64, to: i64) {
     let impressions = want["impressions"].as_u64().unwrap();
     let ctr = if impressions == 0 { 0.0 } else { clicks as f64 / impressions as f64 };
     assert!((got["ctr"].as_f64().unwrap() - ctr).abs() < 1e-12, "{ctx}: ctr");
+
+    // Traffic quality: each reason's impressions, clicks and events, and gross = net + filtered.
+    let sql = format!(
+        "SELECT toString(traffic), countIf(kind = 'impression'), countIf(kind = 'click'), count() FROM events \
+         WHERE ad_id = toUUID('{ad}') AND event_time >= toDateTime({from}) AND event_time < toDateTime({to}) \
+         GROUP BY traffic FORMAT TSV"
+    );
+    let mut by_reason: HashMap<String, [u64; 3]> = HashMap::new();
+    for line in app.query(&sql).await.lines() {
+        let c: Vec<&str> = line.split('\t').collect();
+        by_reason
+            .insert(c[0].to_string(), [c[1].parse().unwrap(), c[2].parse().unwrap(), c[3].parse().unwrap()]);
+    }
+    let counts = |v: &Value| {
+        [v["impressions"].as_u64(), v["clicks"].as_u64(), v["events"].as_u64()].map(Option::unwrap)
+    };
+    let traffic = &got["traffic"];
+    let mut gross = [0u64; 3];
+    for (reason, key) in
+        [("valid", "net"), ("duplicate", "duplicate"), ("bot", "bot"), ("empty_user_agent", "emptyUserAgent")]
+    {
+        let want = by_reason.get(reason).copied().unwrap_or_default();
+        let slot = if key == "net" { &traffic["net"] } else { &traffic["filtered"][key] };
+        assert_eq!(counts(slot), want, "{ctx}: traffic {reason}");
+        for i in 0..3 {
+            gross[i] += want[i];
+        }
+    }
+    assert_eq!(counts(&traffic["gross"]), gross, "{ctx}: gross");
 
     // The series: every hour the window touches, in order, each equal to its recount.
     let hours = recount_hours(app, ad, from, to).await;
@@ -215,7 +244,7 @@ async fn check_listing(app: &TestApp, from: i64, to: i64) {
 /// POSTs clicks from distinct loopback addresses (127.0.0.2, …): uniques come from the TCP peer.
 async fn click_from(app: &TestApp, ip: u8, body: Value) {
     let client =
-        reqwest::Client::builder().local_address(IpAddr::V4(Ipv4Addr::new(127, 0, 0, ip))).build().unwrap();
+        crate::support::browser().local_address(IpAddr::V4(Ipv4Addr::new(127, 0, 0, ip))).build().unwrap();
     let resp = client.post(format!("{}/ads/click", app.base)).json(&body).send().await.unwrap();
     assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap_or_default());
 }
@@ -266,8 +295,15 @@ async fn randomized_windows_equal_a_recount_of_raw_events() {
                 } else {
                     format!("{}", rng.below(480) as f64 / 4.0)
                 };
+                // One row in five is filtered traffic, which must stay out of the net numbers.
+                let traffic = match rng.below(10) {
+                    0 => "duplicate",
+                    1 => "bot",
+                    _ if rng.below(8) == 0 => "empty_user_agent",
+                    _ => "valid",
+                };
                 format!(
-                    "('{}', '{ad}', '{kind}', {}, {now}, {}, {playback}, 0, '{batch}')",
+                    "('{}', '{ad}', '{kind}', {}, {now}, {}, {playback}, 0, '{batch}', '{traffic}')",
                     Uuid::new_v4(),
                     time(&mut rng),
                     1 + rng.below(150)
@@ -314,7 +350,7 @@ async fn randomized_windows_equal_a_recount_of_raw_events() {
     }
 
     // The same after ClickHouse merged every part: states merge to the same numbers.
-    for table in ["ad_stats_minutely", "ad_stats_hourly", "ad_stats_daily"] {
+    for table in ["ad_stats_minutely", "ad_stats_hourly", "ad_stats_daily", "ad_filtered_minutely"] {
         app.query(&format!("OPTIMIZE TABLE {table} FINAL")).await;
     }
     for &(from, to) in windows.iter().take(12) {
@@ -331,8 +367,12 @@ async fn randomized_windows_equal_a_recount_of_raw_events() {
         ))
         .await as i64;
     assert_eq!(unix(all["from"].as_str().unwrap()), first);
-    let total =
-        app.number(&format!("SELECT countIf(kind = 'click') FROM events WHERE ad_id = '{}'", ADS[1])).await;
+    let total = app
+        .number(&format!(
+            "SELECT countIf(kind = 'click' AND traffic = 'valid') FROM events WHERE ad_id = '{}'",
+            ADS[1]
+        ))
+        .await;
     assert_eq!(all["totalClicks"], json!(total));
 }
 
@@ -348,7 +388,7 @@ async fn rolling_timeframes_end_at_the_current_minute_and_count_exactly() {
         for t in [end - len, end - len - 1, end - len + 60, end - len - 60, end - len + 1] {
             for (kind, ip) in [("click", t as u64 % 7), ("impression", 0)] {
                 rows.push(format!(
-                    "('{}', '{}', '{kind}', {t}, {now}, {ip}, NULL, 0, '{}')",
+                    "('{}', '{}', '{kind}', {t}, {now}, {ip}, NULL, 0, '{}', 'valid')",
                     Uuid::new_v4(),
                     ADS[0],
                     Uuid::nil()

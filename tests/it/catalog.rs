@@ -67,7 +67,7 @@ async fn a_change_made_elsewhere_shows_after_the_ttl_and_an_outage_keeps_the_cop
         TestApp::spawn_on(&ch.url(), &fresh_db(), &[("CATALOG_TTL", "300ms"), ("QUERY_TIMEOUT", "1s")]).await;
     let id = Uuid::new_v4();
     app.query(&insert_ad(id, 1, 1, "https://example.com/a")).await;
-    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let client = crate::support::browser().redirect(reqwest::redirect::Policy::none()).build().unwrap();
     let click = || client.get(format!("{}/c/{id}", app.base)).send();
     assert_eq!(click().await.unwrap().headers()["location"], "https://example.com/a");
     // Another instance retires the ad: within a TTL (plus the background re-read) this one knows.

@@ -11,7 +11,7 @@ const ADMIN: &str = "admin-key-0123456789";
 const READER: &str = "read-key-0123456789";
 
 fn no_redirects() -> reqwest::Client {
-    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+    crate::support::browser().redirect(reqwest::redirect::Policy::none()).build().unwrap()
 }
 
 async fn send(

@@ -39,8 +39,7 @@ async fn the_integration_guide_works_as_written() {
         .unwrap()
         .format(&Rfc3339)
         .unwrap();
-    let no_redirects =
-        reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let no_redirects = crate::support::browser().redirect(reqwest::redirect::Policy::none()).build().unwrap();
     for (i, url) in urls.iter().enumerate() {
         // What a VAST player does with the macros.
         let fired = url

@@ -31,7 +31,7 @@ async fn migrations_apply_once_and_are_safe_to_run_again() {
     // Re-running every statement by hand (as after an interrupted migration) is harmless too.
     for m in MIGRATIONS {
         for statement in m.statements() {
-            ch.execute(&statement).await.unwrap();
+            adbeacon::store::migrate::run(&ch, &statement).await.unwrap();
         }
     }
     let ledger = shared_clickhouse()
@@ -44,7 +44,7 @@ async fn migrations_apply_once_and_are_safe_to_run_again() {
         .await;
     assert_eq!(
         tables,
-        "ad_errors_minutely\nad_errors_minutely_mv\nad_stats_daily\nad_stats_daily_mv\nad_stats_hourly\n\
+        "ad_errors_minutely\nad_errors_minutely_mv\nad_filtered_minutely\nad_filtered_minutely_mv\nad_stats_daily\nad_stats_daily_mv\nad_stats_hourly\n\
          ad_stats_hourly_mv\nad_stats_minutely\nad_stats_minutely_mv\nads\nevents\nschema_migrations\n"
     );
     assert!(migrate::apply(&ch).await.unwrap().is_empty());
@@ -142,9 +142,15 @@ async fn metrics_label_routes_by_template_and_count_the_pipeline() {
     assert_eq!(app.post_raw("/ads/click", "application/json", "{not json").await.status(), 400);
     assert_eq!(app.post("/ads/click", &json!({"adId": "x"})).await.status(), 400);
     assert_eq!(app.wait_for("SELECT count() FROM events", 1).await, 1);
-    // The flusher counts after the insert returns; give it a moment.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let text = app.get("/metrics").await.text().await.unwrap();
+    // The flusher counts after the insert returns: wait for it.
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = app.get("/metrics").await.text().await.unwrap();
+        if text.lines().any(|l| l == "adbeacon_events_flushed_total 1") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     for line in [
         r#"http_requests_total{method="POST",path="/ads/click",status="202"} 1"#,
         r#"http_requests_total{method="POST",path="/ads/click",status="404"} 1"#,
@@ -211,7 +217,7 @@ async fn sigterm_flushes_everything_and_exits_zero() {
         }
     });
     let addr = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the service starts");
-    let http = reqwest::Client::new();
+    let http = crate::support::browser().build().unwrap();
     for _ in 0..30 {
         let resp = http
             .post(format!("http://{addr}/ads/click"))

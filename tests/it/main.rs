@@ -17,3 +17,4 @@ mod pixels;
 mod retention;
 mod servers;
 mod tracking;
+mod traffic;

@@ -28,7 +28,7 @@ const VAST_EVENTS: [(&str, &str); 14] = [
 
 /// A client that, like a browser following a VAST URL, does not follow redirects by itself.
 fn no_redirects() -> reqwest::Client {
-    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+    crate::support::browser().redirect(reqwest::redirect::Policy::none()).build().unwrap()
 }
 
 #[tokio::test]

@@ -40,7 +40,7 @@ async fn months_older_than_the_retention_are_dropped_and_aggregates_stay() {
         .flat_map(|&b| {
             (0..3).map(move |i| {
                 format!(
-                    "('{}', '{AD}', 'click', {}, {now}, {i}, NULL, 0, '{}')",
+                    "('{}', '{AD}', 'click', {}, {now}, {i}, NULL, 0, '{}', 'valid')",
                     Uuid::new_v4(),
                     mid_month(b) + i,
                     Uuid::nil()

@@ -141,7 +141,7 @@ async fn n_events_are_n_rows_and_the_hourly_aggregate_matches() {
     let app = TestApp::spawn().await;
     let ips: Vec<IpAddr> = (1..=4).map(|i| format!("127.0.0.{i}").parse().unwrap()).collect();
     let clients: Vec<reqwest::Client> =
-        ips.iter().map(|ip| reqwest::Client::builder().local_address(*ip).build().unwrap()).collect();
+        ips.iter().map(|ip| crate::support::browser().local_address(*ip).build().unwrap()).collect();
     let ads = [AD1, AD2, AD3];
     let base = now();
     // (ad, hour start) -> (impressions, clicks, distinct ips)

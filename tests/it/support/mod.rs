@@ -29,6 +29,15 @@ pub struct TestApp {
     task: Option<JoinHandle<Result<(), AppError>>>,
 }
 
+/// A user agent like a browser's: requests without one are stored as invalid traffic.
+pub const BROWSER_AGENT: &str =
+    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36";
+
+/// A client builder that sends [`BROWSER_AGENT`], as players and browsers do.
+pub fn browser() -> reqwest::ClientBuilder {
+    reqwest::Client::builder().user_agent(BROWSER_AGENT)
+}
+
 /// A fresh database name, so tests sharing one ClickHouse never see each other's rows.
 pub fn fresh_db() -> String {
     format!("t_{}", uuid::Uuid::new_v4().simple())
@@ -58,6 +67,10 @@ impl TestApp {
             ("STARTUP_TIMEOUT".into(), "10s".into()),
             ("INSERT_TIMEOUT".into(), "5s".into()),
             ("SHUTDOWN_TIMEOUT".into(), "5s".into()),
+            // Tests send many clicks from one address on purpose; the repeat rule and the rate
+            // limit have their own tests.
+            ("DEDUP_WINDOW".into(), "0s".into()),
+            ("RATE_LIMIT".into(), "0".into()),
         ];
         all.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let config = Config::from_vars(all).expect("valid test config");
@@ -71,7 +84,7 @@ impl TestApp {
         TestApp {
             base: format!("http://{addr}"),
             db: db.to_string(),
-            http: reqwest::Client::new(),
+            http: browser().build().unwrap(),
             data_dir,
             clickhouse_url: url.to_string(),
             shutdown: Some(tx),

@@ -1,0 +1,126 @@
+//! The old service's repeat rule: one event of a kind per ad and client within a window.
+//!
+//! A second click on the same ad from the same client-IP hash within DEDUP_WINDOW (10 s by
+//! default) of a counted one is a double click, a reload or a script, not a second customer. It
+//! is still stored, flagged `duplicate`, so it shows as filtered traffic; only the first counts.
+//! Windows are measured on event time, so a batch an SDK sends after being offline is judged by
+//! when its events happened, not by when they arrived. Memory is bounded: an entry lives one
+//! window after its last counted event, and at most [`MAX_KEYS`] are kept (past that the least
+//! useful go first, and a repeat of a forgotten one counts).
+
+use std::time::Duration;
+
+use moka::ops::compute::{CompResult, Op};
+use uuid::Uuid;
+
+use crate::domain::EventKind;
+
+/// How many (ad, client, kind) keys are remembered at most.
+pub const MAX_KEYS: u64 = 1_000_000;
+
+type Key = (Uuid, u64, EventKind);
+
+/// A counted event's entry, so that it can be taken back when the event is not held after all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    key: Key,
+    at: i64,
+}
+
+/// What the window says of an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The first in its window (or a kind the rule does not cover): it counts.
+    Counts(Option<Mark>),
+    /// A repeat within the window of a counted one.
+    Repeat,
+}
+
+/// The repeat rule's memory.
+pub struct DedupWindow {
+    window: i64,
+    kinds: [bool; EventKind::ALL.len()],
+    seen: moka::sync::Cache<Key, i64>,
+}
+
+impl DedupWindow {
+    /// A window of `window` (zero turns the rule off) applied to `kinds`.
+    pub fn new(window: Duration, kinds: &[EventKind]) -> DedupWindow {
+        let mut covered = [false; EventKind::ALL.len()];
+        for k in kinds {
+            covered[k.index()] = true;
+        }
+        DedupWindow {
+            window: i64::try_from(window.as_secs()).unwrap_or(i64::MAX),
+            kinds: covered,
+            seen: moka::sync::Cache::builder()
+                .max_capacity(MAX_KEYS)
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .time_to_live(window.max(Duration::from_secs(1)))
+                .build(),
+        }
+    }
+
+    /// Judges an event of `kind` on `ad` from `ip_hash` that happened at `at` (Unix seconds),
+    /// remembering it when it counts.
+    pub fn judge(&self, ad: Uuid, ip_hash: u64, kind: EventKind, at: i64) -> Verdict {
+        if self.window == 0 || !self.kinds[kind.index()] {
+            return Verdict::Counts(None);
+        }
+        let key = (ad, ip_hash, kind);
+        let window = self.window;
+        let result = self.seen.entry(key).and_compute_with(|last| match last {
+            Some(last) if (at - *last.value()).abs() < window => Op::Nop,
+            _ => Op::Put(at),
+        });
+        match result {
+            CompResult::Unchanged(_) => Verdict::Repeat,
+            _ => Verdict::Counts(Some(Mark { key, at })),
+        }
+    }
+
+    /// Forgets a counted event that was not held, so that its retry counts.
+    pub fn release(&self, mark: Mark) {
+        self.seen.entry(mark.key).and_compute_with(|last| match last {
+            Some(last) if *last.value() == mark.at => Op::Remove,
+            _ => Op::Nop,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AD: Uuid = Uuid::from_u128(1);
+
+    #[test]
+    fn a_repeat_within_the_window_does_not_count() {
+        let w = DedupWindow::new(Duration::from_secs(10), &[EventKind::Click]);
+        assert!(matches!(w.judge(AD, 7, EventKind::Click, 1000), Verdict::Counts(Some(_))));
+        assert_eq!(w.judge(AD, 7, EventKind::Click, 1009), Verdict::Repeat);
+        assert_eq!(w.judge(AD, 7, EventKind::Click, 991), Verdict::Repeat, "a late event too");
+        // Anchored on the counted event: 10 s after it counts again.
+        assert!(matches!(w.judge(AD, 7, EventKind::Click, 1010), Verdict::Counts(Some(_))));
+        // Another client, ad or kind is another key; impressions are not covered.
+        assert!(matches!(w.judge(AD, 8, EventKind::Click, 1010), Verdict::Counts(Some(_))));
+        assert!(matches!(w.judge(Uuid::from_u128(2), 7, EventKind::Click, 1010), Verdict::Counts(_)));
+        assert_eq!(w.judge(AD, 7, EventKind::Impression, 1010), Verdict::Counts(None));
+        assert_eq!(w.judge(AD, 7, EventKind::Impression, 1010), Verdict::Counts(None));
+    }
+
+    #[test]
+    fn a_released_event_counts_again() {
+        let w = DedupWindow::new(Duration::from_secs(10), &[EventKind::Click]);
+        let Verdict::Counts(Some(mark)) = w.judge(AD, 7, EventKind::Click, 1000) else { panic!() };
+        w.release(mark);
+        assert!(matches!(w.judge(AD, 7, EventKind::Click, 1001), Verdict::Counts(Some(_))));
+    }
+
+    #[test]
+    fn zero_turns_the_rule_off() {
+        let w = DedupWindow::new(Duration::ZERO, &[EventKind::Click]);
+        assert_eq!(w.judge(AD, 7, EventKind::Click, 1000), Verdict::Counts(None));
+        assert_eq!(w.judge(AD, 7, EventKind::Click, 1000), Verdict::Counts(None));
+    }
+}
