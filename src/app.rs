@@ -79,6 +79,7 @@ fn state(config: &Config, clickhouse: ClickHouse, hasher: IpHasher, metrics: Arc
         retry_after: config.flush_interval.as_secs().max(1),
         body_limit: config.max_body_bytes,
         batch_body_limit: config.max_batch_body_bytes,
+        body_read_timeout: config.body_read_timeout,
         cors: config.cors_allowed_origins.clone(),
         api_keys: config.api_keys.clone(),
         trusted_proxies: config.trusted_proxies.clone(),

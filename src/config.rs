@@ -110,6 +110,12 @@ pub const SETTINGS: &[Setting] = &[
         "time a client may take to send a request's headers; slower connections are closed",
     ),
     s(
+        "BODY_READ_TIMEOUT",
+        "30s",
+        "a duration",
+        "time a client may take to send a request's body once its headers are in; slower ones get 408 and are closed",
+    ),
+    s(
         "MAX_CLOCK_SKEW",
         "5m",
         "a duration",
@@ -250,6 +256,9 @@ pub struct Config {
     pub max_batch_body_bytes: usize,
     /// Time a client may take to send a request's headers.
     pub header_read_timeout: Duration,
+    /// Time a client may take to send a request's body (slow-body clients hold a connection and
+    /// a handler otherwise).
+    pub body_read_timeout: Duration,
     /// Future skew tolerated in client timestamps.
     pub max_clock_skew: Duration,
     /// Age tolerated in client timestamps.
@@ -456,6 +465,7 @@ impl Config {
             max_body_bytes: r.get("MAX_BODY_BYTES", pos_size)?,
             max_batch_body_bytes: r.get("MAX_BATCH_BODY_BYTES", pos_size)?,
             header_read_timeout: r.get("HEADER_READ_TIMEOUT", pos_dur)?,
+            body_read_timeout: r.get("BODY_READ_TIMEOUT", pos_dur)?,
             max_clock_skew: r.get("MAX_CLOCK_SKEW", dur)?,
             max_event_age: r
                 .get("MAX_EVENT_AGE", |v| if v.is_empty() { Ok(Duration::ZERO) } else { pos_dur(v) })?,

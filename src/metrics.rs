@@ -11,11 +11,26 @@ use prometheus::{
 
 use crate::domain::{EventKind, Traffic};
 
-/// Why an event was refused before it reached the buffer.
-#[derive(Debug, Clone, Copy)]
+/// Why an event (or, for the other endpoints, a request) was refused before it reached the
+/// buffer. The HTTP-level reasons let an operator tell a broken client from an attack: a body that
+/// is not JSON, a field that is wrong, a client too slow or too large.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectReason {
-    /// The request body or parameters were invalid.
+    /// A field or parameter is missing, of the wrong type or out of bounds (400, 422).
     Invalid,
+    /// The body is not a JSON object: a syntax error, invalid UTF-8, a NUL byte, NaN or
+    /// Infinity, nesting too deep, empty (400).
+    MalformedJson,
+    /// A Content-Type that is not read as JSON, such as application/xml (415).
+    UnsupportedMediaType,
+    /// A body over MAX_BODY_BYTES / MAX_BATCH_BODY_BYTES, or a batch of too many events (413).
+    TooLarge,
+    /// The body did not arrive within BODY_READ_TIMEOUT (408).
+    BodyTimeout,
+    /// A method the endpoint does not serve (405).
+    MethodNotAllowed,
+    /// A client timestamp outside MAX_CLOCK_SKEW / MAX_EVENT_AGE (400).
+    BadTimestamp,
     /// The ad id is not in the catalog.
     UnknownAd,
     /// The buffer was full (503).
@@ -28,21 +43,47 @@ pub enum RejectReason {
     ForbiddenOrigin,
     /// The client IP went over RATE_LIMIT (429).
     RateLimited,
-    /// The client timestamp lay outside MAX_CLOCK_SKEW / MAX_EVENT_AGE (400).
-    BadTimestamp,
 }
 
 impl RejectReason {
-    fn as_str(self) -> &'static str {
+    /// Every reason.
+    pub const ALL: [RejectReason; 13] = [
+        Self::Invalid,
+        Self::MalformedJson,
+        Self::UnsupportedMediaType,
+        Self::TooLarge,
+        Self::BodyTimeout,
+        Self::MethodNotAllowed,
+        Self::BadTimestamp,
+        Self::UnknownAd,
+        Self::BufferFull,
+        Self::CatalogUnavailable,
+        Self::ShuttingDown,
+        Self::ForbiddenOrigin,
+        Self::RateLimited,
+    ];
+
+    /// The reason with label `label`.
+    pub fn from_label(label: &str) -> Option<RejectReason> {
+        Self::ALL.into_iter().find(|r| r.as_str() == label)
+    }
+
+    /// The `reason` label.
+    pub fn as_str(self) -> &'static str {
         match self {
-            Self::Invalid => "invalid",
+            Self::Invalid => "invalid_field",
+            Self::MalformedJson => "malformed_json",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::TooLarge => "too_large",
+            Self::BodyTimeout => "body_timeout",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::BadTimestamp => "bad_timestamp",
             Self::UnknownAd => "unknown_ad",
             Self::BufferFull => "buffer_full",
             Self::CatalogUnavailable => "catalog_unavailable",
             Self::ShuttingDown => "shutting_down",
             Self::ForbiddenOrigin => "forbidden_origin",
             Self::RateLimited => "rate_limited",
-            Self::BadTimestamp => "bad_timestamp",
         }
     }
 }
@@ -60,6 +101,7 @@ pub struct Metrics {
     filtered: Vec<IntCounter>,
     /// Events whose client event id was accepted before: answered, not stored again.
     pub event_id_repeats: IntCounter,
+    requests_rejected: IntCounterVec,
     /// Events confirmed by ClickHouse.
     pub events_flushed: IntCounter,
     /// Events written to the local dead-letter directory.
@@ -130,11 +172,20 @@ impl Metrics {
         reg(Box::new(accepted_vec.clone()));
         let accepted = EventKind::ALL.iter().map(|k| accepted_vec.with_label_values(&[k.as_str()])).collect();
         let rejected = IntCounterVec::new(
-            Opts::new("adbeacon_events_rejected_total", "Events refused before the buffer, by reason"),
+            Opts::new("adbeacon_events_rejected_total", "Events refused before the buffer, by reason; a tracking request refused as a whole (malformed, too large, too slow) counts once"),
             &["reason"],
         )
         .expect("valid metric");
         reg(Box::new(rejected.clone()));
+        let requests_rejected = IntCounterVec::new(
+            Opts::new(
+                "adbeacon_requests_rejected_total",
+                "Requests to the catalog, analytics and operations endpoints refused as malformed (400, 405, 408, 413, 415, 422), by reason; refused tracking requests count in adbeacon_events_rejected_total",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        reg(Box::new(requests_rejected.clone()));
         let insert_failures = IntCounterVec::new(
             Opts::new("adbeacon_insert_failures_total", "Failed INSERTs by class (retryable, rejected)"),
             &["class"],
@@ -177,6 +228,7 @@ impl Metrics {
             http_duration,
             accepted,
             rejected,
+            requests_rejected,
             events_flushed: counter("adbeacon_events_flushed_total", "Events confirmed by ClickHouse"),
             events_dead_lettered: counter(
                 "adbeacon_events_dead_lettered_total",
@@ -233,6 +285,11 @@ impl Metrics {
         }
     }
 
+    /// Counts one refused request to an endpoint other than tracking (the catalog, analytics).
+    pub fn request_rejected(&self, reason: RejectReason) {
+        self.requests_rejected.with_label_values(&[reason.as_str()]).inc();
+    }
+
     /// Counts one failed INSERT.
     pub fn insert_failed(&self, retryable: bool) {
         let class = if retryable { "retryable" } else { "rejected" };
@@ -250,5 +307,21 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_labels_are_distinct_and_read_back() {
+        for r in RejectReason::ALL {
+            assert_eq!(RejectReason::from_label(r.as_str()), Some(r));
+        }
+        let mut labels: Vec<_> = RejectReason::ALL.iter().map(|r| r.as_str()).collect();
+        labels.sort();
+        labels.dedup();
+        assert_eq!(labels.len(), RejectReason::ALL.len());
     }
 }

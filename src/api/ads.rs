@@ -4,12 +4,14 @@
 use std::sync::Arc;
 
 use poem_openapi::{ApiResponse, Object, OpenApi, param::Path, payload::Json};
+use serde::Deserialize;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
     ApiTags, State,
     auth::{Credentials, Scope},
+    body::JsonBody,
     error::ApiError,
 };
 use crate::domain::{Ad, is_http_url};
@@ -82,11 +84,14 @@ impl From<&Ad> for AdDetail {
     }
 }
 
-/// Body of `POST /ads` and `PUT /ads/{id}`.
-#[derive(Debug, Object)]
+/// Body of `POST /ads` and `PUT /ads/{id}`. Read like the tracking bodies (any JSON content type,
+/// errors naming the field); fields it does not know are ignored, so that an ad read with `GET`
+/// can be sent back with `PUT` as it is (`created_at`, `version`…).
+#[derive(Debug, Object, Deserialize)]
 pub struct AdInput {
     /// For `POST`: the id to create the ad with (a new one when absent). For `PUT`: must be the
     /// path's id when given.
+    #[serde(default, deserialize_with = "super::tracking::uuid")]
     pub id: Option<Uuid>,
     /// 1 to 200 characters.
     pub name: String,
@@ -95,6 +100,7 @@ pub struct AdInput {
     /// Where a click leads: an absolute http(s) URL (the click-through redirects only there).
     pub target_url: String,
     /// Whether players get the ad (default true).
+    #[serde(default)]
     pub active: Option<bool>,
 }
 
@@ -105,6 +111,14 @@ fn validate(input: &AdInput) -> Result<(), ApiError> {
         return Err(ApiError::unprocessable(format!(
             "name must be 1 to 200 characters, got {}",
             input.name.chars().count()
+        )));
+    }
+    // A NUL or other control character in a name breaks the dashboards and CSV exports that
+    // show it, and no ad needs one.
+    if let Some(c) = name.chars().find(|c| c.is_control()) {
+        return Err(ApiError::unprocessable(format!(
+            "name must not contain control characters, got {:?} in {:?}",
+            c, input.name
         )));
     }
     if !is_http_url(&input.target_url) {
@@ -185,7 +199,7 @@ impl AdsApi {
     /// Needs the admin scope when API keys are configured. 201 with the ad and its Location; 409
     /// when the id is taken; 422 naming the field that is wrong.
     #[oai(path = "/ads", method = "post", operation_id = "createAd")]
-    async fn create(&self, auth: Credentials, body: Json<AdInput>) -> Result<CreatedResponse, ApiError> {
+    async fn create(&self, auth: Credentials, body: JsonBody<AdInput>) -> Result<CreatedResponse, ApiError> {
         self.state.api_keys.require(&auth, Scope::Admin)?;
         validate(&body.0)?;
         let id = body.0.id.unwrap_or_else(Uuid::new_v4);
@@ -228,7 +242,7 @@ impl AdsApi {
         &self,
         auth: Credentials,
         id: Path<String>,
-        body: Json<AdInput>,
+        body: JsonBody<AdInput>,
     ) -> Result<AdResponse, ApiError> {
         self.state.api_keys.require(&auth, Scope::Admin)?;
         let id = parse_id(&id.0)?;
@@ -314,6 +328,9 @@ mod tests {
         assert!(validate(&input("Sale", "https://cdn.example/s.mp4", "http://shop.example")).is_ok());
         for (bad, field) in [
             (input("", "/v.mp4", "https://a.example"), "name"),
+            (input("a\0b", "/v.mp4", "https://a.example"), "name"),
+            (input("A", "/v\0.mp4", "https://a.example"), "video_url"),
+            (input("A", "/v.mp4", "https://a.example/\0"), "target_url"),
             (input(&"x".repeat(201), "/v.mp4", "https://a.example"), "name"),
             (input("A", "/v.mp4", "javascript:alert(1)"), "target_url"),
             (input("A", "/v.mp4", "/relative"), "target_url"),

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use super::{
     ApiTags, Claim, Claims, State,
-    body::{BodyLimit, json_or_text, read_limited},
+    body::{describe_malformed, json_or_text, malformed, read_body},
     error::ApiError,
     pixel::event_id,
     tracking::{ad_id, one_of, rfc3339, uuid},
@@ -178,13 +178,11 @@ impl<'a> ApiExtractor<'a> for EventBatch {
         body: &mut RequestBody,
         _param_opts: ExtractParamOptions<Self::ParamType>,
     ) -> poem::Result<Self> {
-        let limit = request.data::<BodyLimit>().map_or(1 << 20, |l| l.0);
-        let bytes = read_limited(body.take()?, limit).await?;
-        let bad = |m: String| poem::Error::from_string(m, StatusCode::BAD_REQUEST);
-        let value: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|e| bad(format!("request body is not valid JSON: {e}")))?;
+        let bytes = read_body(request, body, 1 << 20).await?;
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| malformed(describe_malformed(&bytes, &e)))?;
         let serde_json::Value::Array(items) = value else {
-            return Err(bad("request body must be a JSON array of events".into()));
+            return Err(malformed("request body must be a JSON array of events".into()));
         };
         if items.len() > MAX_BATCH_EVENTS {
             return Err(poem::Error::from_string(

@@ -1,11 +1,19 @@
-//! `JsonBody<T>`: a JSON request body parsed in one pass with serde, whatever its Content-Type.
+//! `JsonBody<T>`: a JSON request body parsed in one pass with serde, and [`read_body`], the one
+//! way every body is read: its Content-Type checked, its size capped, its arrival timed.
 //!
 //! The old services parsed any body as JSON (so `curl -d '{…}'`, which sends a form content type,
 //! worked) and browsers' `navigator.sendBeacon` sends JSON as `text/plain`; both keep working.
-//! Parse errors name the field that is wrong (`adId: invalid type: …`). The schema in the OpenAPI
+//! Any other declared type (XML, multipart, an image) is a 415: such a client is not speaking
+//! this API. Parse errors name the field that is wrong (`adId: invalid type: …`), or what makes
+//! the body unreadable (not UTF-8, a NUL byte, nested too deeply). The schema in the OpenAPI
 //! document is `T`'s, listed under `application/json` and `text/plain`.
 
-use poem::{Request, RequestBody, http::StatusCode};
+use std::time::Duration;
+
+use poem::{
+    Request, RequestBody,
+    http::{StatusCode, header},
+};
 use poem_openapi::{
     ApiExtractor, ApiExtractorType, ExtractParamOptions,
     registry::{MetaMediaType, MetaRequest, MetaSchemaRef, Registry},
@@ -13,33 +21,131 @@ use poem_openapi::{
 };
 use serde::de::DeserializeOwned;
 
+use super::error::refusal;
+use crate::metrics::RejectReason;
+
 /// The largest body a [`JsonBody`] reads; the front endpoint puts it into every request.
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimit(pub usize);
+
+/// How long reading a whole body may take (BODY_READ_TIMEOUT); the front endpoint puts it into
+/// every request.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyTimeout(pub Duration);
 
 /// A JSON request body of type `T`.
 #[derive(Debug)]
 pub struct JsonBody<T>(pub T);
 
-fn bad_request(msg: String) -> poem::Error {
-    poem::Error::from_string(msg, StatusCode::BAD_REQUEST)
+/// Content types whose bodies are read as JSON, as the 415 names them.
+const ACCEPTED_TYPES: &str =
+    "application/json (also application/*+json, text/plain and application/x-www-form-urlencoded, or none)";
+
+/// True for a Content-Type read as JSON: none, JSON, or what `sendBeacon` and `curl -d` send.
+pub fn is_json_content_type(value: Option<&[u8]>) -> bool {
+    let Some(value) = value else { return true };
+    let Ok(text) = std::str::from_utf8(value) else { return false };
+    let essence = text.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    matches!(essence.as_str(), "" | "application/json" | "text/plain" | "application/x-www-form-urlencoded")
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// Reads the body of `request` for a JSON extractor: 415 for a content type that is not read as
+/// JSON, 413 for a declared or actual length over the [`BodyLimit`] (the bytes read are capped,
+/// chunked bodies too, and a declared length over it is refused before anything is read), 408
+/// when it has not all arrived within the [`BodyTimeout`].
+pub(crate) async fn read_body(
+    request: &Request,
+    body: &mut RequestBody,
+    default_limit: usize,
+) -> poem::Result<bytes::Bytes> {
+    let content_type = request.headers().get(header::CONTENT_TYPE);
+    if !is_json_content_type(content_type.map(|v| v.as_bytes())) {
+        let shown =
+            content_type.map(|v| String::from_utf8_lossy(v.as_bytes()).chars().take(64).collect::<String>());
+        return Err(refusal(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("Content-Type {:?} is not accepted; send {ACCEPTED_TYPES}", shown.unwrap_or_default()),
+            RejectReason::UnsupportedMediaType,
+        ));
+    }
+    let limit = request.data::<BodyLimit>().map_or(default_limit, |l| l.0);
+    let declared =
+        request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large(limit));
+    }
+    let timeout = request.data::<BodyTimeout>().map_or(Duration::from_secs(30), |t| t.0);
+    match tokio::time::timeout(timeout, read_limited(body.take()?, limit)).await {
+        Ok(read) => read,
+        Err(_) => Err(refusal(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {} (BODY_READ_TIMEOUT)",
+                humantime::format_duration(timeout)
+            ),
+            RejectReason::BodyTimeout,
+        )),
+    }
+}
+
+fn too_large(limit: usize) -> poem::Error {
+    refusal(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("request body is larger than the {limit}-byte limit"),
+        RejectReason::TooLarge,
+    )
+}
+
+/// A 400 for a body that is not JSON, or not the JSON the endpoint takes.
+pub(crate) fn malformed(msg: String) -> poem::Error {
+    refusal(StatusCode::BAD_REQUEST, msg, RejectReason::MalformedJson)
+}
+
+/// Why `bytes` did not parse (`e`), in words that name the cause: checked only once parsing has
+/// failed, so that valid bodies pay nothing for it.
+pub(crate) fn describe_malformed(bytes: &[u8], e: &serde_json::Error) -> String {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return "request body is empty; send JSON".into();
+    }
+    if let Err(u) = std::str::from_utf8(bytes) {
+        return format!("request body is not valid UTF-8 (byte {})", u.valid_up_to());
+    }
+    if let Some(at) = bytes.iter().position(|b| *b == 0) {
+        return format!("request body contains a NUL byte (byte {at}); JSON escapes control characters");
+    }
+    let text = e.to_string();
+    if text.starts_with("trailing characters") {
+        return format!("request body has data after the JSON value: {text}");
+    }
+    if text.starts_with("recursion limit exceeded") {
+        return format!("request body is nested too deeply (at most 128 levels): {text}");
+    }
+    if e.is_syntax() && near_error(bytes, e).is_some_and(|w| w.contains("NaN") || w.contains("Infinity")) {
+        return format!("request body is not valid JSON: NaN and Infinity are not JSON numbers ({text})");
+    }
+    format!("request body is not valid JSON: {text}")
+}
+
+/// The text around the position serde reports an error at.
+fn near_error<'a>(bytes: &'a [u8], e: &serde_json::Error) -> Option<&'a str> {
+    let line_start: usize =
+        bytes.split(|b| *b == b'\n').take(e.line().saturating_sub(1)).map(|l| l.len() + 1).sum();
+    let at = line_start + e.column().saturating_sub(1);
+    let from = at.saturating_sub(10).min(bytes.len());
+    let to = (at + 10).min(bytes.len());
+    std::str::from_utf8(bytes.get(from..to)?).ok()
 }
 
 /// Reads a whole body of at most `limit` bytes. poem's own `into_bytes_limit` zeroes a 4 KiB
 /// buffer on every call and was a tenth of a tracking request's instructions; `Limited` over the
 /// underlying body collects the frames without copying them through a buffer.
 pub(crate) async fn read_limited(body: poem::Body, limit: usize) -> poem::Result<bytes::Bytes> {
-    let too_large = || {
-        poem::Error::from_string(
-            format!("request body is larger than the {limit}-byte limit"),
-            StatusCode::PAYLOAD_TOO_LARGE,
-        )
-    };
     let inner: http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error> = body.into();
     match http_body_util::BodyExt::collect(http_body_util::Limited::new(inner, limit)).await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(bad_request(format!("cannot read the request body: {e}"))),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(limit)),
+        Err(e) => Err(malformed(format!("cannot read the request body: {e}"))),
     }
 }
 
@@ -58,11 +164,21 @@ pub(crate) fn json_or_text(description: &'static str, schema: fn() -> MetaSchema
 
 /// Parses `bytes` as `T`, naming the offending field on error.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    parse_classified(bytes).map_err(|(_, msg)| msg)
+}
+
+/// [`parse_json`], with the reason a refusal is counted under: the body is not a JSON object
+/// ([`RejectReason::MalformedJson`]) or a field is wrong ([`RejectReason::Invalid`]).
+pub fn parse_classified<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, (RejectReason, String)> {
+    let malformed = |msg: String| (RejectReason::MalformedJson, msg);
     match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
-        None => return Err("request body is empty; send a JSON object".into()),
+        None => return Err(malformed("request body is empty; send a JSON object".into())),
         // serde would read a struct from an array too; the API takes objects only.
-        Some(b) if *b != b'{' && serde_json::from_slice::<serde_json::Value>(bytes).is_ok() => {
-            return Err("request body must be a JSON object".into());
+        Some(b) if *b != b'{' => {
+            return Err(malformed(match serde_json::from_slice::<serde_json::Value>(bytes) {
+                Ok(_) => "request body must be a JSON object".into(),
+                Err(e) => describe_malformed(bytes, &e),
+            }));
         }
         Some(_) => {}
     }
@@ -75,18 +191,21 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
+        let text = inner.to_string();
         if inner.is_syntax() || inner.is_eof() {
-            format!("request body is not valid JSON: {inner}")
+            malformed(describe_malformed(bytes, &inner))
+        } else if path == "." && text.starts_with("missing field") {
+            (RejectReason::Invalid, text)
         } else if path == "." {
-            format!("request body must be a JSON object: {inner}")
-        } else if inner.to_string().starts_with("must be") {
+            malformed(format!("request body must be a JSON object: {inner}"))
+        } else if text.starts_with("must be") {
             // Our field parsers word their errors to follow the field's name.
-            format!("{path} {inner}")
+            (RejectReason::Invalid, format!("{path} {inner}"))
         } else {
-            format!("{path}: {inner}")
+            (RejectReason::Invalid, format!("{path}: {inner}"))
         }
     })?;
-    de.end().map_err(|e| format!("request body has data after the JSON value: {e}"))?;
+    de.end().map_err(|e| malformed(format!("request body has data after the JSON value: {e}")))?;
     Ok(value)
 }
 
@@ -100,7 +219,11 @@ impl<'a, T: DeserializeOwned + Type + Send> ApiExtractor<'a> for JsonBody<T> {
     }
 
     fn request_meta() -> Option<MetaRequest> {
-        Some(json_or_text("JSON; also accepted as text/plain (navigator.sendBeacon)", T::schema_ref))
+        Some(json_or_text(
+            "JSON; also read as JSON when sent as text/plain (navigator.sendBeacon) or \
+             application/x-www-form-urlencoded (curl -d); other content types get 415",
+            T::schema_ref,
+        ))
     }
 
     async fn from_request(
@@ -108,9 +231,10 @@ impl<'a, T: DeserializeOwned + Type + Send> ApiExtractor<'a> for JsonBody<T> {
         body: &mut RequestBody,
         _param_opts: ExtractParamOptions<Self::ParamType>,
     ) -> poem::Result<Self> {
-        let limit = request.data::<BodyLimit>().map_or(64 * 1024, |l| l.0);
-        let bytes = read_limited(body.take()?, limit).await?;
-        parse_json(&bytes).map(JsonBody).map_err(bad_request)
+        let bytes = read_body(request, body, 64 * 1024).await?;
+        parse_classified(&bytes)
+            .map(JsonBody)
+            .map_err(|(reason, msg)| refusal(StatusCode::BAD_REQUEST, msg, reason))
     }
 }
 
@@ -136,5 +260,46 @@ mod tests {
         assert!(e.contains("empty"), "{e}");
         let e = parse_json::<Probe>(b"{} {}").unwrap_err();
         assert!(e.contains("after the JSON value"), "{e}");
+    }
+
+    #[test]
+    fn unreadable_bodies_say_why() {
+        let e = parse_json::<Probe>(b"{\"adId\": \"\xff\"}").unwrap_err();
+        assert!(e.contains("not valid UTF-8 (byte 10)"), "{e}");
+        let e = parse_json::<Probe>(b"{\"adId\": \"a\0\"}").unwrap_err();
+        assert!(e.contains("NUL byte (byte 11)"), "{e}");
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        let e = parse_json::<Probe>(deep.as_bytes()).unwrap_err();
+        assert!(e.contains("nested too deeply"), "{e}");
+        for bad in [&b"{\"adId\": NaN}"[..], b"{\"adId\": -Infinity}", b"{\"adId\":\n Infinity}"] {
+            let e = parse_json::<Probe>(bad).unwrap_err();
+            assert!(e.contains("NaN and Infinity"), "{e}");
+        }
+        let e = parse_json::<Probe>(b"{\"adId\": 1e999}").unwrap_err();
+        assert!(e.contains("number out of range"), "{e}");
+    }
+
+    #[test]
+    fn content_types_read_as_json() {
+        for ok in [
+            None,
+            Some("application/json"),
+            Some("Application/JSON; charset=utf-8"),
+            Some("text/plain;charset=UTF-8"),
+            Some("application/x-www-form-urlencoded"),
+            Some("application/vnd.api+json"),
+            Some(""),
+        ] {
+            assert!(is_json_content_type(ok.map(str::as_bytes)), "{ok:?}");
+        }
+        for bad in [
+            "application/xml",
+            "multipart/form-data; boundary=x",
+            "image/png",
+            "text/html",
+            "application/jsonx",
+        ] {
+            assert!(!is_json_content_type(Some(bad.as_bytes())), "{bad}");
+        }
     }
 }

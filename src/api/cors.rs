@@ -59,9 +59,7 @@ impl AllowedOrigins {
 
 /// Paths of the tracking endpoints, the only ones with CORS.
 pub fn is_tracking_path(path: &str) -> bool {
-    matches!(path, "/ads/impression" | "/ads/click" | "/ads/events")
-        || path.starts_with("/t/")
-        || path.starts_with("/c/")
+    super::tracking_route(path).is_some()
 }
 
 /// True for a CORS preflight of a tracking endpoint.

@@ -5,10 +5,15 @@
 //! turns into the same `{"error": "…"}` shape with [`into_json_error`]. Internal causes are
 //! logged, never sent.
 
-use poem::{Response, http::StatusCode};
-use poem_openapi::{ApiResponse, Object, payload::Json};
+use poem::{IntoResponse, Response, http::StatusCode};
+use poem_openapi::{
+    ApiResponse, Object,
+    payload::{Json, Payload},
+    registry::{MetaSchemaRef, Registry},
+    types::Type,
+};
 
-use crate::{ingest::PushError, store::StoreError};
+use crate::{ingest::PushError, metrics::RejectReason, store::StoreError};
 
 /// The body of every error response.
 #[derive(Debug, Clone, Object, serde::Serialize)]
@@ -17,12 +22,44 @@ pub struct ErrorBody {
     pub error: String,
 }
 
+/// An `{"error": "…"}` body that also tells the front endpoint why the request was refused (a
+/// response extension), so that the rejected-by-reason counters are kept in one place without
+/// reading messages back.
+#[derive(Debug, Clone)]
+pub struct Refusal(pub ErrorBody, pub RejectReason);
+
+impl Payload for Refusal {
+    const CONTENT_TYPE: &'static str = "application/json; charset=utf-8";
+
+    fn schema_ref() -> MetaSchemaRef {
+        ErrorBody::schema_ref()
+    }
+
+    fn register(registry: &mut Registry) {
+        ErrorBody::register(registry);
+    }
+}
+
+/// The header that carries a [`Refusal`]'s reason from the handler to the front endpoint, which
+/// removes it. Not response data: poem-openapi turns an operation's error into a `poem::Error`,
+/// whose conversion back into a response replaces the response's data with the error's.
+pub const REFUSAL_HEADER: &str = "x-adbeacon-refusal";
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let mut resp = error_response(StatusCode::OK, &self.0.error);
+        resp.headers_mut().insert(REFUSAL_HEADER, poem::http::HeaderValue::from_static(self.1.as_str()));
+        resp
+    }
+}
+
 /// Errors answered by the operations.
 #[derive(Debug, ApiResponse)]
 pub enum ApiError {
-    /// The request is malformed: invalid JSON, a wrong type, a missing or invalid field.
+    /// The request is malformed: invalid JSON, a wrong type, a missing or invalid field, a client
+    /// timestamp outside the accepted window.
     #[oai(status = 400)]
-    BadRequest(Json<ErrorBody>),
+    BadRequest(Refusal),
     /// No API key, or one that API_KEYS does not hold (only when API_KEYS is set).
     #[oai(status = 401)]
     Unauthorized(Json<ErrorBody>, #[oai(header = "WWW-Authenticate")] String),
@@ -46,6 +83,15 @@ pub enum ApiError {
     /// (after a burst of RATE_LIMIT_BURST). Nothing was stored; retry after the given seconds.
     #[oai(status = 429)]
     TooManyRequests(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
+    /// The body did not arrive within BODY_READ_TIMEOUT (answered by the body reader; the
+    /// connection is closed).
+    #[oai(status = 408)]
+    RequestTimeout(Json<ErrorBody>),
+    /// A Content-Type that is not read as JSON. Accepted: none, application/json (and
+    /// application/*+json), text/plain, application/x-www-form-urlencoded (answered by the body
+    /// reader).
+    #[oai(status = 415)]
+    UnsupportedMediaType(Json<ErrorBody>),
     /// The service cannot hold the event right now (buffer full, storage unavailable, shutting
     /// down). Nothing was stored; retry after the given number of seconds.
     #[oai(status = 503)]
@@ -57,9 +103,14 @@ fn body(msg: impl Into<String>) -> Json<ErrorBody> {
 }
 
 impl ApiError {
-    /// 400 with `msg`.
+    /// 400 with `msg`: a field or parameter is wrong.
     pub fn bad_request(msg: impl Into<String>) -> Self {
-        Self::BadRequest(body(msg))
+        Self::refused(msg, RejectReason::Invalid)
+    }
+
+    /// 400 with `msg`, counted under `reason` (e.g. [`RejectReason::BadTimestamp`]).
+    pub fn refused(msg: impl Into<String>, reason: RejectReason) -> Self {
+        Self::BadRequest(Refusal(ErrorBody { error: msg.into() }, reason))
     }
 
     /// 404 with `msg`.
@@ -112,22 +163,37 @@ pub async fn into_json_error(resp: Response) -> Response {
     }
     let status = resp.status();
     let op = resp.data::<poem_openapi::OperationId>().copied();
+    let reason = resp.data::<RejectReason>().copied();
     let text = resp.into_body().into_string().await.unwrap_or_default();
     let mut out = error_response(status, &describe(status, &text));
     if let Some(op) = op {
         out.set_data(op);
     }
+    if let Some(reason) = reason {
+        out.set_data(reason);
+    }
     out
 }
 
-/// A `poem::Error` as a response, keeping its operation id.
+/// A `poem::Error` as a response, keeping its operation id and its [`RejectReason`].
 pub fn error_into_response(e: poem::Error) -> Response {
     let op = e.data::<poem_openapi::OperationId>().copied();
+    let reason = e.data::<RejectReason>().copied();
     let mut resp = e.into_response();
     if let Some(op) = op {
         resp.set_data(op);
     }
+    if let Some(reason) = reason {
+        resp.set_data(reason);
+    }
     resp
+}
+
+/// A `poem::Error` with `status` and `msg`, counted under `reason` by the front endpoint.
+pub fn refusal(status: StatusCode, msg: impl Into<String>, reason: RejectReason) -> poem::Error {
+    let mut e = poem::Error::from_string(msg, status);
+    e.set_data(reason);
+    e
 }
 
 fn is_json(resp: &Response) -> bool {

@@ -12,6 +12,7 @@ pub mod cors;
 pub mod dedup;
 pub mod error;
 pub mod health;
+pub mod methods;
 pub mod pixel;
 pub mod ratelimit;
 pub mod tracking;
@@ -28,8 +29,15 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use self::{
-    ads::AdsApi, analytics::AnalyticsApi, batch::BatchApi, body::BodyLimit, error::ApiError,
-    health::HealthApi, pixel::PixelApi, tracking::TrackingApi,
+    ads::AdsApi,
+    analytics::AnalyticsApi,
+    batch::BatchApi,
+    body::{BodyLimit, BodyTimeout},
+    error::ApiError,
+    health::HealthApi,
+    methods::Methods,
+    pixel::PixelApi,
+    tracking::TrackingApi,
 };
 use crate::{
     domain::{Event, EventKind, EventReport, Traffic, UserAgentFilter, event_time},
@@ -78,6 +86,8 @@ pub struct State {
     pub body_limit: usize,
     /// Largest body of `POST /ads/events`.
     pub batch_body_limit: usize,
+    /// How long reading a request body may take.
+    pub body_read_timeout: Duration,
     /// Origins whose pages may call the tracking endpoints.
     pub cors: cors::AllowedOrigins,
     /// API keys; empty means open.
@@ -174,10 +184,9 @@ impl State {
     /// Ok means the event is held (or, for a repeated client event id, was held before).
     pub async fn accept(&self, report: EventReport, caller: &Caller) -> Result<Accepted, ApiError> {
         let now = OffsetDateTime::now_utc();
-        let at = self.event_time(&report, now).map_err(|e| {
-            self.metrics.rejected(RejectReason::BadTimestamp);
-            ApiError::bad_request(e)
-        })?;
+        // Counted by the front endpoint, from the reason the refusal carries.
+        let at =
+            self.event_time(&report, now).map_err(|e| ApiError::refused(e, RejectReason::BadTimestamp))?;
         self.known_ad(report.ad_id).await?;
         // A client id is claimed atomically, so that of two concurrent repeats only one is stored;
         // nothing awaits between the claim and the hold.
@@ -382,12 +391,26 @@ pub fn routes(state: Arc<State>) -> impl Endpoint<Output = Response> {
     let metrics = state.metrics.clone();
     let body_limit = state.body_limit;
     let batch_body_limit = state.batch_body_limit;
+    let body_timeout = BodyTimeout(state.body_read_timeout);
     let cors = state.cors.clone();
     let limits = state.clone();
     let api = openapi(state);
-    let routes = operation_routes(&api.spec());
+    let spec = api.spec();
+    let routes = operation_routes(&spec);
+    let methods = Methods::from_spec(&spec, &[("/openapi.json", &["GET"])]);
     let other = Route::new().nest("/docs", api.swagger_ui()).at("/openapi.json", api.spec_endpoint());
-    Front { api: api.into_endpoint(), other, metrics, routes, body_limit, batch_body_limit, cors, limits }
+    Front {
+        api: api.into_endpoint(),
+        other,
+        metrics,
+        routes,
+        methods,
+        body_limit,
+        batch_body_limit,
+        body_timeout,
+        cors,
+        limits,
+    }
 }
 
 /// What the front endpoint needs to know of an operation, read from the spec itself.
@@ -424,11 +447,29 @@ struct Front<A, O> {
     other: O,
     metrics: Arc<Metrics>,
     routes: HashMap<String, OperationRoute>,
+    methods: Methods,
     body_limit: usize,
     batch_body_limit: usize,
+    body_timeout: BodyTimeout,
     cors: cors::AllowedOrigins,
     /// Rate limits, checked before a body is read.
     limits: Arc<State>,
+}
+
+/// The reason a refused request counts under, for the statuses that mean "this request is
+/// hostile or broken": the one its error carries, else the status's own.
+fn refusal_reason(resp: &mut Response) -> Option<RejectReason> {
+    let carried = resp.headers_mut().remove(error::REFUSAL_HEADER);
+    let by_status = match resp.status() {
+        StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => RejectReason::Invalid,
+        StatusCode::METHOD_NOT_ALLOWED => RejectReason::MethodNotAllowed,
+        StatusCode::REQUEST_TIMEOUT => RejectReason::BodyTimeout,
+        StatusCode::PAYLOAD_TOO_LARGE => RejectReason::TooLarge,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => RejectReason::UnsupportedMediaType,
+        _ => return None,
+    };
+    let carried = carried.and_then(|v| v.to_str().ok().and_then(RejectReason::from_label));
+    Some(carried.or_else(|| resp.data::<RejectReason>().copied()).unwrap_or(by_status))
 }
 
 impl<A: Endpoint, O: Endpoint> Endpoint for Front<A, O> {
@@ -462,6 +503,20 @@ impl<A: Endpoint, O: Endpoint> Endpoint for Front<A, O> {
             return Ok(resp);
         }
         let origin = req.headers().get(poem::http::header::ORIGIN).cloned();
+        // A plain OPTIONS learns what the path serves. A preflight of a path without CORS (the
+        // catalog, analytics) is not granted: it falls through to the router's 405.
+        if method == poem::http::Method::OPTIONS
+            && !req.headers().contains_key(poem::http::header::ACCESS_CONTROL_REQUEST_METHOD)
+            && let Some((template, allow)) = self.methods.find(req.uri().path())
+        {
+            let mut resp = methods::options(allow);
+            if cors::is_tracking_path(req.uri().path()) {
+                cors::decorate(&self.cors, origin.as_ref(), &mut resp);
+            }
+            self.metrics.http_requests.with_label_values(&[method.as_str(), template, "204"]).inc();
+            return Ok(resp);
+        }
+        let uri = req.uri().clone();
         let path = req.uri().path();
         let (docs, fallback) = if path.starts_with("/docs") {
             (true, "/docs")
@@ -472,6 +527,7 @@ impl<A: Endpoint, O: Endpoint> Endpoint for Front<A, O> {
         };
         let limit = if path == "/ads/events" { self.batch_body_limit } else { self.body_limit };
         req.set_data(BodyLimit(limit));
+        req.set_data(self.body_timeout);
         let result = if docs {
             self.other.call(req).await.map(IntoResponse::into_response)
         } else {
@@ -482,18 +538,40 @@ impl<A: Endpoint, O: Endpoint> Endpoint for Front<A, O> {
             Err(e) => error::into_json_error(error::error_into_response(e)).await,
         };
         let route = resp.data::<poem_openapi::OperationId>().and_then(|op| self.routes.get(op.0));
-        let tracking = route.is_some_and(|r| r.tracking);
+        let mut path = route.map_or(fallback, |r| r.template.as_str());
+        let status = resp.status();
+        if status == StatusCode::METHOD_NOT_ALLOWED
+            && let Some((template, allow)) = self.methods.find(uri.path())
+        {
+            resp = error::error_response(
+                status,
+                &format!("{method} is not served on {template}; it serves {}", allow.to_str().unwrap_or("")),
+            );
+            resp.headers_mut().insert(poem::http::header::ALLOW, allow.clone());
+            path = template;
+        }
+        // The body was not read to its end (too large, too slow, of a type not read): what the
+        // client sends next on this connection cannot be told from the rest of it.
+        if matches!(
+            status,
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT | StatusCode::UNSUPPORTED_MEDIA_TYPE
+        ) {
+            resp.headers_mut()
+                .insert(poem::http::header::CONNECTION, poem::http::HeaderValue::from_static("close"));
+        }
+        let tracking = route.map_or_else(|| cors::is_tracking_path(uri.path()), |r| r.tracking);
         if tracking && origin.is_some() {
             cors::decorate(&self.cors, origin.as_ref(), &mut resp);
         }
-        let path = route.map_or(fallback, |r| r.template.as_str());
-        let status = resp.status();
-        // Counted here, not in the handlers, so that bodies refused before a handler runs
-        // (malformed JSON, too large) count too.
-        if route.is_some_and(|r| r.tracking)
-            && (status == StatusCode::BAD_REQUEST || status == StatusCode::PAYLOAD_TOO_LARGE)
-        {
-            self.metrics.rejected(RejectReason::Invalid);
+        // Counted here, not in the handlers, so that requests refused before a handler runs
+        // (malformed JSON, too large, too slow, a wrong method) count too; the reason travels on
+        // the response (see error::Refusal).
+        if let Some(reason) = refusal_reason(&mut resp) {
+            if tracking {
+                self.metrics.rejected(reason);
+            } else if route.is_some() || path != "unmatched" {
+                self.metrics.request_rejected(reason);
+            }
         }
         self.metrics.http_requests.with_label_values(&[method.as_str(), path, status.as_str()]).inc();
         self.metrics.http_duration.with_label_values(&[path]).observe(started.elapsed().as_secs_f64());
