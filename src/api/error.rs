@@ -42,6 +42,10 @@ pub enum ApiError {
     /// so that the contract shows it).
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
+    /// The body's Content-Type is one the operation does not read (the catalog's writes take
+    /// `application/json`; answered before the handler runs, listed so that the contract shows it).
+    #[oai(status = 415)]
+    UnsupportedMediaType(Json<ErrorBody>),
     /// The service cannot hold the event right now (buffer full, storage unavailable, shutting
     /// down). Nothing was stored; retry after the given number of seconds.
     #[oai(status = 503)]
@@ -143,8 +147,87 @@ fn describe(status: StatusCode, text: &str) -> String {
     }
 }
 
+/// The methods each path of the OpenAPI document answers, for the `Allow` header that RFC 9110
+/// requires on a 405 (poem sends none, so a client could not learn what the path takes).
+#[derive(Debug, Default)]
+pub struct AllowedMethods {
+    /// Path templates split at `/` (`{name}` matches any one segment), with their `Allow` value.
+    paths: Vec<(Vec<String>, poem::http::HeaderValue)>,
+}
+
+impl AllowedMethods {
+    /// Reads the paths and methods of the OpenAPI document `spec_json`.
+    pub fn from_spec(spec_json: &str) -> Self {
+        const METHODS: [&str; 8] = ["get", "head", "post", "put", "patch", "delete", "options", "trace"];
+        let spec: serde_json::Value = serde_json::from_str(spec_json).unwrap_or_default();
+        let mut paths = Vec::new();
+        for (path, ops) in spec.get("paths").and_then(|p| p.as_object()).into_iter().flatten() {
+            let ops = ops.as_object();
+            let has = |m: &str| ops.is_some_and(|o| o.contains_key(m));
+            // poem answers HEAD wherever it answers GET.
+            let allow: Vec<String> = METHODS
+                .iter()
+                .filter(|m| has(m) || (**m == "head" && has("get")))
+                .map(|m| m.to_uppercase())
+                .collect();
+            if let Ok(value) = poem::http::HeaderValue::from_str(&allow.join(", ")) {
+                paths.push((path.split('/').map(str::to_string).collect(), value));
+            }
+        }
+        Self { paths }
+    }
+
+    /// The `Allow` value of the path that `path` matches; a literal segment beats a `{name}`
+    /// (`/ads/click` is not `/ads/{id}`), as in the router.
+    pub fn allow(&self, path: &str) -> Option<&poem::http::HeaderValue> {
+        let segments: Vec<&str> = path.split('/').collect();
+        self.paths
+            .iter()
+            .filter(|(template, _)| {
+                template.len() == segments.len()
+                    && template
+                        .iter()
+                        .zip(&segments)
+                        .all(|(t, s)| if t.starts_with('{') { !s.is_empty() } else { t == s })
+            })
+            .max_by_key(|(template, _)| template.iter().filter(|t| !t.starts_with('{')).count())
+            .map(|(_, allow)| allow)
+    }
+
+    /// Adds `Allow` to a 405 answered for `path`.
+    pub fn decorate(&self, path: &str, resp: &mut Response) {
+        if resp.status() == StatusCode::METHOD_NOT_ALLOWED
+            && let Some(allow) = self.allow(path)
+        {
+            resp.headers_mut().insert(poem::http::header::ALLOW, allow.clone());
+        }
+    }
+}
+
 /// A JSON error response with `status` and `msg`.
 pub fn error_response(status: StatusCode, msg: &str) -> Response {
     let json = serde_json::to_vec(&ErrorBody { error: msg.to_string() }).unwrap_or_default();
     Response::builder().status(status).content_type("application/json; charset=utf-8").body(json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_lists_the_methods_of_the_matching_path() {
+        let spec = r#"{"paths": {"/ads": {"get": {}, "post": {}}, "/ads/{id}": {"get": {}, "put": {}, "delete": {}},
+            "/t/{event}": {"get": {}, "head": {}}, "/ads/click": {"post": {}}}}"#;
+        let allowed = AllowedMethods::from_spec(spec);
+        let allow = |p: &str| allowed.allow(p).map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(allow("/ads").as_deref(), Some("GET, HEAD, POST"));
+        assert_eq!(allow("/ads/click").as_deref(), Some("POST"));
+        assert_eq!(allow("/ads/0").as_deref(), Some("GET, HEAD, PUT, DELETE"));
+        assert_eq!(allow("/t/start").as_deref(), Some("GET, HEAD"));
+        assert_eq!(allow("/nope"), None);
+        assert_eq!(allow("/ads/a/b"), None);
+        let mut resp = error_response(StatusCode::METHOD_NOT_ALLOWED, "no");
+        allowed.decorate("/ads/click", &mut resp);
+        assert_eq!(resp.headers()[poem::http::header::ALLOW], "POST");
+    }
 }

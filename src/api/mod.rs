@@ -264,9 +264,11 @@ pub fn routes(state: Arc<State>) -> impl Endpoint<Output = Response> {
     let batch_body_limit = state.batch_body_limit;
     let cors = state.cors.clone();
     let api = openapi(state);
-    let routes = operation_routes(&api.spec());
+    let spec = api.spec();
+    let routes = operation_routes(&spec);
+    let allowed = error::AllowedMethods::from_spec(&spec);
     let other = Route::new().nest("/docs", api.swagger_ui()).at("/openapi.json", api.spec_endpoint());
-    Front { api: api.into_endpoint(), other, metrics, routes, body_limit, batch_body_limit, cors }
+    Front { api: api.into_endpoint(), other, metrics, routes, allowed, body_limit, batch_body_limit, cors }
 }
 
 /// What the front endpoint needs to know of an operation, read from the spec itself.
@@ -303,6 +305,7 @@ struct Front<A, O> {
     other: O,
     metrics: Arc<Metrics>,
     routes: HashMap<String, OperationRoute>,
+    allowed: error::AllowedMethods,
     body_limit: usize,
     batch_body_limit: usize,
     cors: cors::AllowedOrigins,
@@ -329,6 +332,8 @@ impl<A: Endpoint, O: Endpoint> Endpoint for Front<A, O> {
             return Ok(resp);
         }
         let origin = req.headers().get(poem::http::header::ORIGIN).cloned();
+        // For the Allow header of a 405; a Uri clone shares its bytes.
+        let uri = req.uri().clone();
         let path = req.uri().path();
         let (docs, fallback) = if path.starts_with("/docs") {
             (true, "/docs")
@@ -348,6 +353,7 @@ impl<A: Endpoint, O: Endpoint> Endpoint for Front<A, O> {
             Ok(resp) => error::into_json_error(resp).await,
             Err(e) => error::into_json_error(error::error_into_response(e)).await,
         };
+        self.allowed.decorate(uri.path(), &mut resp);
         let route = resp.data::<poem_openapi::OperationId>().and_then(|op| self.routes.get(op.0));
         let tracking = route.is_some_and(|r| r.tracking);
         if tracking && origin.is_some() {
