@@ -93,9 +93,14 @@ if [ "$mode" = test ]; then
   fi
 
   # tests/sql/conformance.py runs the SQL files through chDB, an in-process
-  # ClickHouse, in a venv of its own so the system Python stays untouched.
+  # ClickHouse, and scripts/fuzz.sh runs schemathesis against the live
+  # service; both live in a venv of their own so the system Python stays
+  # untouched.
   venv=.data/venv
-  if ! "$venv/bin/python" -c 'import chdb' >/dev/null 2>&1; then
+  # Pinned: a newer schemathesis may add checks or change its CLI, which
+  # should be a deliberate change here, not a surprise in CI.
+  schemathesis_version=4.32.5
+  make_venv() {
     # A half-made venv (e.g. Debian python without ensurepip) has no pip.
     if ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
       rm -rf "$venv"
@@ -107,9 +112,19 @@ if [ "$mode" = test ]; then
         python3 -m venv "$venv"
       fi
     fi
+  }
+  if ! "$venv/bin/python" -c 'import chdb' >/dev/null 2>&1; then
+    make_venv
     echo "deps: pip install ${CHDB_PACKAGE:-chdb-core} (a large download)" >&2
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
       "${CHDB_PACKAGE:-chdb-core}"
     "$venv/bin/python" -c 'import chdb'
+  fi
+  if [ "$("$venv/bin/schemathesis" --version 2>/dev/null | awk '{print $NF}')" != "$schemathesis_version" ]; then
+    make_venv
+    echo "deps: pip install schemathesis==$schemathesis_version" >&2
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+      "schemathesis==$schemathesis_version"
+    "$venv/bin/schemathesis" --version >/dev/null
   fi
 fi

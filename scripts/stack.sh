@@ -8,9 +8,12 @@
 #
 # Ports: CH_HTTP_PORT (8123), CH_TCP_PORT (19000), REDIS_PORT (6379).
 # A server that already answers on its port is used as it is and never
-# stopped by this script: only servers with a pid file under .data/*/stack.pid
+# stopped by this script: only servers with a pid file under $STACK_DIR/*/stack.pid
 # were started here. If STACK_STARTED_LOG names a file, `start` appends the
 # names of the servers it launched to it (scripts/run.sh stops just those).
+# STACK_DIR (./.data) holds the servers' data and pid files: a private stack in
+# another directory, on other ports, lives and stops independently of this one
+# (scripts/fuzz.sh starts one like that).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -25,8 +28,9 @@ STOP_TIMEOUT="${STACK_STOP_TIMEOUT:-30}"   # seconds before SIGKILL
 # Debian puts clickhouse-server in /usr/sbin, which a non-root PATH may lack.
 export PATH="$PATH:/usr/sbin:/sbin"
 
-ch_dir="$root/.data/clickhouse"
-redis_dir="$root/.data/redis"
+data_dir="${STACK_DIR:-$root/.data}"
+ch_dir="$data_dir/clickhouse"
+redis_dir="$data_dir/redis"
 
 log() { echo "stack: $*" >&2; }
 
@@ -215,7 +219,7 @@ abort_start() {
 
 cmd_start() {
   local name pid waited
-  mkdir -p "$root/.data"
+  mkdir -p "$data_dir"
   trap 'log "interrupted"; abort_start; exit 130' INT TERM
 
   for name in clickhouse redis; do

@@ -168,6 +168,40 @@ pub enum RetiredResponse {
     Retired,
 }
 
+/// A path segment documented as a UUID (`format: uuid`, so that clients and generated tests know
+/// what to send) but taken as it comes: the handler parses it, so that a wrong one gets this
+/// API's own 400 wording (see [`parse_id`]) rather than poem's.
+#[derive(Debug)]
+pub struct UuidText(pub String);
+
+impl poem_openapi::types::Type for UuidText {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = Self;
+    type RawElementValueType = Self;
+
+    fn name() -> std::borrow::Cow<'static, str> {
+        Uuid::name()
+    }
+
+    fn schema_ref() -> poem_openapi::registry::MetaSchemaRef {
+        Uuid::schema_ref()
+    }
+
+    fn as_raw_value(&self) -> Option<&Self> {
+        Some(self)
+    }
+
+    fn raw_element_iter<'a>(&'a self) -> Box<dyn Iterator<Item = &'a Self> + 'a> {
+        Box::new(std::iter::once(self))
+    }
+}
+
+impl poem_openapi::types::ParseFromParameter for UuidText {
+    fn parse_from_parameter(value: &str) -> poem_openapi::types::ParseResult<Self> {
+        Ok(Self(value.to_string()))
+    }
+}
+
 fn parse_id(text: &str) -> Result<Uuid, ApiError> {
     Uuid::try_parse(text).map_err(|_| {
         ApiError::bad_request(format!(
@@ -226,9 +260,9 @@ impl AdsApi {
     ///
     /// Any ad, active or retired. Needs the read scope when API keys are configured.
     #[oai(path = "/ads/:id", method = "get", operation_id = "getAd")]
-    async fn get(&self, auth: Credentials, id: Path<String>) -> Result<AdResponse, ApiError> {
+    async fn get(&self, auth: Credentials, id: Path<UuidText>) -> Result<AdResponse, ApiError> {
         self.state.api_keys.require(&auth, Scope::Read)?;
-        let id = parse_id(&id.0)?;
+        let id = parse_id(&id.0.0)?;
         let ad = self.find(id).await?.ok_or_else(|| ApiError::not_found(format!("ad {id} not found")))?;
         Ok(AdResponse::Ok(Json(AdDetail::from(ad.as_ref()))))
     }
@@ -241,11 +275,11 @@ impl AdsApi {
     async fn update(
         &self,
         auth: Credentials,
-        id: Path<String>,
+        id: Path<UuidText>,
         body: JsonBody<AdInput>,
     ) -> Result<AdResponse, ApiError> {
         self.state.api_keys.require(&auth, Scope::Admin)?;
-        let id = parse_id(&id.0)?;
+        let id = parse_id(&id.0.0)?;
         if body.0.id.is_some_and(|b| b != id) {
             return Err(ApiError::unprocessable("id in the body differs from the id in the path"));
         }
@@ -273,9 +307,9 @@ impl AdsApi {
     /// PUT can bring it back. Needs the admin scope when API keys are configured. 404 for an
     /// unknown id.
     #[oai(path = "/ads/:id", method = "delete", operation_id = "retireAd")]
-    async fn retire(&self, auth: Credentials, id: Path<String>) -> Result<RetiredResponse, ApiError> {
+    async fn retire(&self, auth: Credentials, id: Path<UuidText>) -> Result<RetiredResponse, ApiError> {
         self.state.api_keys.require(&auth, Scope::Admin)?;
-        let id = parse_id(&id.0)?;
+        let id = parse_id(&id.0.0)?;
         let old = self.find(id).await?.ok_or_else(|| ApiError::not_found(format!("ad {id} not found")))?;
         if old.active {
             let now =

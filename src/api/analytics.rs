@@ -66,6 +66,7 @@ pub struct VideoStats {
     /// skips / starts (0 without starts).
     pub skip_rate: f64,
     /// Average playback position (seconds) of the clicks that reported one; null when none did.
+    #[oai(nullable)]
     pub avg_click_playback_time: Option<f64>,
     /// creativeView events.
     pub creative_views: u64,

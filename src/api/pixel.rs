@@ -251,9 +251,9 @@ impl PixelApi {
         &self,
         /// The ad's id.
         #[oai(name = "adId")]
-        ad_id: Path<String>,
+        ad_id: Path<super::ads::UuidText>,
     ) -> Result<RedirectResponse, ApiError> {
-        let (_, target) = self.click_target(&ad_id.0).await?;
+        let (_, target) = self.click_target(&ad_id.0.0).await?;
         Ok(RedirectResponse::Found(target, NO_STORE.into()))
     }
 
@@ -269,9 +269,9 @@ impl PixelApi {
         req: &Request,
         /// The ad's id.
         #[oai(name = "adId")]
-        ad_id: Path<String>,
+        ad_id: Path<super::ads::UuidText>,
     ) -> Result<RedirectResponse, ApiError> {
-        let (id, target) = self.click_target(&ad_id.0).await?;
+        let (id, target) = self.click_target(&ad_id.0.0).await?;
         let report = EventReport {
             event_id: None,
             ad_id: id,

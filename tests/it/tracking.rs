@@ -131,6 +131,8 @@ async fn unknown_routes_and_methods_get_json_errors() {
     assert!(resp.json::<serde_json::Value>().await.unwrap()["error"].as_str().unwrap().contains("/docs"));
     let resp = app.get("/ads/click").await;
     assert_eq!(resp.status(), 405);
+    // RFC 9110: a 405 says which methods the path takes.
+    assert_eq!(resp.headers()["allow"], "POST, OPTIONS");
     assert!(resp.json::<serde_json::Value>().await.unwrap()["error"].is_string());
 }
 
