@@ -71,6 +71,10 @@ fi
 export CLICKHOUSE_URL="http://127.0.0.1:$CH_HTTP_PORT"
 export REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
 
+# The local stack has no other instance inserting, so migrations that `serve` leaves to an
+# explicit run (those that re-create views on a database with events) are safe here.
+"${app[@]}" migrate
+
 # In the background with `wait`, so a signal reaches the trap at once rather
 # than after the service exits. setsid keeps the terminal's Ctrl-C from
 # reaching the service directly: it gets exactly one SIGINT, from cleanup.

@@ -102,18 +102,25 @@ pub fn openapi_yaml(config: &Config) -> String {
     api::openapi(st).spec_yaml()
 }
 
-/// Connects to ClickHouse (waiting up to STARTUP_TIMEOUT) and applies pending migrations.
+/// Connects to ClickHouse (waiting up to STARTUP_TIMEOUT) and applies every pending migration
+/// (`adbeacon migrate`).
 pub async fn connect_and_migrate(config: &Config) -> Result<(ClickHouse, Vec<u32>), AppError> {
-    let timeouts = Timeouts { insert: config.insert_timeout, query: config.query_timeout };
-    let ch = ClickHouse::connect(&config.clickhouse, config.startup_timeout, timeouts).await?;
+    let ch = connect(config).await?;
     let applied = migrate::apply(&ch).await?;
     Ok((ch, applied))
+}
+
+/// Connects to ClickHouse, waiting up to STARTUP_TIMEOUT.
+async fn connect(config: &Config) -> Result<ClickHouse, AppError> {
+    let timeouts = Timeouts { insert: config.insert_timeout, query: config.query_timeout };
+    Ok(ClickHouse::connect(&config.clickhouse, config.startup_timeout, timeouts).await?)
 }
 
 impl App {
     /// Connects, migrates, seeds, starts the flusher and binds `HOST:PORT`.
     pub async fn build(config: Config) -> Result<App, AppError> {
-        let (clickhouse, _) = connect_and_migrate(&config).await?;
+        let clickhouse = connect(&config).await?;
+        migrate::apply_at_startup(&clickhouse).await?;
         let metrics = Arc::new(Metrics::new());
         let hasher = IpHasher::load_or_create(&config.data_dir, config.ip_hash_key)
             .map_err(io(format!("IP-hash key under DATA_DIR {}", config.data_dir.display())))?;

@@ -162,7 +162,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "RATE_LIMIT",
         "500",
-        "requests per second, a whole number (0 = no limit)",
+        "requests per second, a whole number up to 1000000000 (0 = no limit)",
         "sustained requests per second one client IP (IPv6: one /64) may make to the tracking endpoints, per instance; more get 429",
     ),
     s(
@@ -174,7 +174,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "DEDUP_WINDOW",
         "10s",
-        "a duration (0 = off)",
+        "a duration from 1s to 1d (0 = off)",
         "a repeat of the same ad, client IP and kind (DEDUP_KINDS) within this is stored flagged duplicate and not counted",
     ),
     s(
@@ -469,9 +469,20 @@ impl Config {
             max_clock_skew: r.get("MAX_CLOCK_SKEW", dur)?,
             max_event_age: r
                 .get("MAX_EVENT_AGE", |v| if v.is_empty() { Ok(Duration::ZERO) } else { pos_dur(v) })?,
-            rate_limit: r.get("RATE_LIMIT", parse_from_str)?,
+            rate_limit: r.get("RATE_LIMIT", |v| {
+                parse_from_str(v).and_then(|n: u32| {
+                    if n <= 1_000_000_000 { Ok(n) } else { Err("more than 1000000000".into()) }
+                })
+            })?,
             rate_limit_burst: r.get("RATE_LIMIT_BURST", |v| parse_from_str(v).and_then(positive))?,
-            dedup_window: r.get("DEDUP_WINDOW", dur)?,
+            dedup_window: r.get("DEDUP_WINDOW", |v| {
+                let d = dur(v)?;
+                if d.is_zero() || (Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&d) {
+                    Ok(d)
+                } else {
+                    Err("must be 0 (off) or from 1s to 1d".into())
+                }
+            })?,
             dedup_kinds: r.get("DEDUP_KINDS", |v| {
                 list(v)
                     .map(|k| {
@@ -592,6 +603,30 @@ mod tests {
         assert!(e.contains("IP_HASH_KEY") && !e.contains("hunter2"), "{e}");
         let c = Config::from_vars([("CLICKHOUSE_PASSWORD", "s3cret")]).unwrap();
         assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn traffic_settings_parse_and_refuse_nonsense() {
+        let c = Config::from_vars::<&str, &str>([]).unwrap();
+        assert_eq!((c.rate_limit, c.rate_limit_burst, c.dedup_window), (500, 1000, Duration::from_secs(10)));
+        assert_eq!(c.dedup_kinds, vec![crate::domain::EventKind::Click]);
+        assert_eq!(c.max_event_age, Duration::from_secs(13 * 28 * 86_400), "the raw retention");
+        let c =
+            Config::from_vars([("DEDUP_KINDS", "click, firstQuartile"), ("BOT_USER_AGENTS", "Foo ,bar,")])
+                .unwrap();
+        assert_eq!(c.dedup_kinds.len(), 2);
+        assert_eq!(c.bot_user_agents, vec!["Foo".to_string(), "bar".to_string()]);
+        for (name, value) in [
+            ("DEDUP_KINDS", "clicks"),
+            ("DEDUP_WINDOW", "500ms"),
+            ("DEDUP_WINDOW", "2d"),
+            ("RATE_LIMIT", "2000000000"),
+            ("RATE_LIMIT_BURST", "0"),
+        ] {
+            let e = Config::from_vars([(name, value)]).unwrap_err().to_string();
+            assert!(e.contains(name), "{e}");
+        }
+        assert!(Config::from_vars([("DEDUP_WINDOW", "0")]).unwrap().dedup_window.is_zero());
     }
 
     #[test]

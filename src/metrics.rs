@@ -43,11 +43,14 @@ pub enum RejectReason {
     ForbiddenOrigin,
     /// The client IP went over RATE_LIMIT (429).
     RateLimited,
+    /// A repeat of a client event id that another request is storing right now (503: retry to
+    /// learn the outcome).
+    InFlight,
 }
 
 impl RejectReason {
     /// Every reason.
-    pub const ALL: [RejectReason; 13] = [
+    pub const ALL: [RejectReason; 14] = [
         Self::Invalid,
         Self::MalformedJson,
         Self::UnsupportedMediaType,
@@ -61,6 +64,7 @@ impl RejectReason {
         Self::ShuttingDown,
         Self::ForbiddenOrigin,
         Self::RateLimited,
+        Self::InFlight,
     ];
 
     /// The reason with label `label`.
@@ -84,6 +88,7 @@ impl RejectReason {
             Self::ShuttingDown => "shutting_down",
             Self::ForbiddenOrigin => "forbidden_origin",
             Self::RateLimited => "rate_limited",
+            Self::InFlight => "in_flight",
         }
     }
 }

@@ -63,6 +63,12 @@ fn fingerprint(key: &str) -> u128 {
     h.finish128().as_u128()
 }
 
+/// Whether `headers` carry an API key at all (`Authorization: Bearer` or `X-API-Key`): a
+/// header look-up, so that requests without one skip hashing.
+pub fn carries_key(headers: &poem::http::HeaderMap) -> bool {
+    headers.contains_key(poem::http::header::AUTHORIZATION) || headers.contains_key("x-api-key")
+}
+
 impl ApiKeys {
     /// Parses `scope:key,scope:key`; empty means none (open). Errors never show a key.
     pub fn parse(text: &str) -> Result<Self, String> {

@@ -135,7 +135,8 @@ pub struct ItemResult {
 /// Answer of a batch.
 #[derive(Debug, Object)]
 pub struct BatchResult {
-    /// Items held for storage that count.
+    /// Items held for storage (those from bots and empty user agents too: they are stored,
+    /// flagged, and the answer does not tell them apart).
     pub accepted: u32,
     /// Items that repeat earlier ones (see `duplicate` in the results).
     pub duplicates: u32,
@@ -274,7 +275,7 @@ impl BatchApi {
         let mut results = Vec::with_capacity(n);
         let mut rows = Vec::with_capacity(n);
         let mut claims = Claims::default();
-        let (mut duplicates, mut rejected) = (0, 0);
+        let (mut duplicates, mut rejected, mut repeats) = (0, 0, 0);
         for (index, item) in judged.into_iter().enumerate() {
             let index = index as u32;
             let (report, at) = match item {
@@ -296,7 +297,7 @@ impl BatchApi {
                 match claim {
                     Claim::Fresh => claims.ids.push(id),
                     Claim::Held => {
-                        st.metrics.event_id_repeats.inc();
+                        repeats += 1;
                         duplicates += 1;
                         results.push(ItemResult {
                             index,
@@ -307,6 +308,7 @@ impl BatchApi {
                         continue;
                     }
                     Claim::InFlight => {
+                        st.metrics.rejected(RejectReason::InFlight);
                         rejected += 1;
                         let error =
                             format!("event {id} is being stored by another request; send this item again");
@@ -334,6 +336,8 @@ impl BatchApi {
         if !rows.is_empty() {
             st.hold(rows, claims)?;
         }
+        // Counted once the batch is answered 2xx: after a 503 the client sends them again.
+        st.metrics.event_id_repeats.inc_by(repeats);
         Ok(BatchResponse::Accepted(Json(BatchResult { accepted, duplicates, rejected, results })))
     }
 }

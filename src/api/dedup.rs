@@ -4,9 +4,11 @@
 //! default) of a counted one is a double click, a reload or a script, not a second customer. It
 //! is still stored, flagged `duplicate`, so it shows as filtered traffic; only the first counts.
 //! Windows are measured on event time, so a batch an SDK sends after being offline is judged by
-//! when its events happened, not by when they arrived. Memory is bounded: an entry lives one
-//! window after its last counted event, and at most [`MAX_KEYS`] are kept (past that the least
-//! useful go first, and a repeat of a forgotten one counts).
+//! when its events happened, not by when they arrived; a late event is judged against the last
+//! few counted ones of its key (up to [`REMEMBERED`]), so it cannot sneak in between them. Memory
+//! is bounded: an entry is forgotten one window (of arrival time) after its last counted event,
+//! and at most [`MAX_KEYS`] are kept (past that the least recently used go first, and a repeat of
+//! a forgotten one counts).
 
 use std::time::Duration;
 
@@ -15,10 +17,20 @@ use uuid::Uuid;
 
 use crate::domain::EventKind;
 
-/// How many (ad, client, kind) keys are remembered at most.
+/// How many (ad, client, kind) keys are remembered at most. An entry costs about 250 bytes with
+/// the cache's own bookkeeping, so the bound is about 250 MB; real traffic stays far below it,
+/// since an entry lives only one window.
 pub const MAX_KEYS: u64 = 1_000_000;
 
+/// How many counted event times a key keeps: the newest ones.
+pub const REMEMBERED: usize = 4;
+
 type Key = (Uuid, u64, EventKind);
+
+/// The counted event times of a key, newest first; `EMPTY` marks unused slots.
+type Times = [i64; REMEMBERED];
+
+const EMPTY: i64 = i64::MIN;
 
 /// A counted event's entry, so that it can be taken back when the event is not held after all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +52,7 @@ pub enum Verdict {
 pub struct DedupWindow {
     window: i64,
     kinds: [bool; EventKind::ALL.len()],
-    seen: moka::sync::Cache<Key, i64>,
+    seen: moka::sync::Cache<Key, Times>,
 }
 
 impl DedupWindow {
@@ -69,9 +81,18 @@ impl DedupWindow {
         }
         let key = (ad, ip_hash, kind);
         let window = self.window;
-        let result = self.seen.entry(key).and_compute_with(|last| match last {
-            Some(last) if (at - *last.value()).abs() < window => Op::Nop,
-            _ => Op::Put(at),
+        let result = self.seen.entry(key).and_compute_with(|seen| {
+            let mut times = seen.map_or([EMPTY; REMEMBERED], |e| e.into_value());
+            if times.iter().any(|&t| t != EMPTY && at.abs_diff(t) < window.unsigned_abs()) {
+                return Op::Nop;
+            }
+            // Keep the newest: `at` takes the oldest slot (or an empty one) if it is newer. Put
+            // either way, which is what tells the caller that the event counts.
+            if at > times[REMEMBERED - 1] {
+                times[REMEMBERED - 1] = at;
+                times.sort_unstable_by(|a, b| b.cmp(a));
+            }
+            Op::Put(times)
         });
         match result {
             CompResult::Unchanged(_) => Verdict::Repeat,
@@ -81,9 +102,16 @@ impl DedupWindow {
 
     /// Forgets a counted event that was not held, so that its retry counts.
     pub fn release(&self, mark: Mark) {
-        self.seen.entry(mark.key).and_compute_with(|last| match last {
-            Some(last) if *last.value() == mark.at => Op::Remove,
-            _ => Op::Nop,
+        self.seen.entry(mark.key).and_compute_with(|seen| {
+            let Some(entry) = seen else { return Op::Nop };
+            let mut times = entry.into_value();
+            let Some(slot) = times.iter().position(|&t| t == mark.at) else { return Op::Nop };
+            times[slot] = EMPTY;
+            if times.iter().all(|&t| t == EMPTY) {
+                return Op::Remove;
+            }
+            times.sort_unstable_by(|a, b| b.cmp(a));
+            Op::Put(times)
         });
     }
 }
@@ -110,11 +138,25 @@ mod tests {
     }
 
     #[test]
+    fn a_late_event_is_judged_against_every_counted_one() {
+        let w = DedupWindow::new(Duration::from_secs(10), &[EventKind::Click]);
+        assert!(matches!(w.judge(AD, 7, EventKind::Click, 1000), Verdict::Counts(_)));
+        assert!(matches!(w.judge(AD, 7, EventKind::Click, 1020), Verdict::Counts(_)));
+        // 5 s after the first counted click: a repeat, though the newest is 25 s away.
+        assert_eq!(w.judge(AD, 7, EventKind::Click, 995), Verdict::Repeat);
+        assert_eq!(w.judge(AD, 7, EventKind::Click, 1021), Verdict::Repeat);
+        assert!(matches!(w.judge(AD, 7, EventKind::Click, 1010), Verdict::Counts(_)));
+    }
+
+    #[test]
     fn a_released_event_counts_again() {
         let w = DedupWindow::new(Duration::from_secs(10), &[EventKind::Click]);
         let Verdict::Counts(Some(mark)) = w.judge(AD, 7, EventKind::Click, 1000) else { panic!() };
+        let Verdict::Counts(Some(_)) = w.judge(AD, 7, EventKind::Click, 1030) else { panic!() };
         w.release(mark);
         assert!(matches!(w.judge(AD, 7, EventKind::Click, 1001), Verdict::Counts(Some(_))));
+        // The other counted click is still remembered.
+        assert_eq!(w.judge(AD, 7, EventKind::Click, 1035), Verdict::Repeat);
     }
 
     #[test]

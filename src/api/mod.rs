@@ -115,6 +115,9 @@ pub struct Caller {
     pub ip_hash: u64,
     /// Valid, or why its user agent makes its events invalid traffic.
     pub agent: Traffic,
+    /// Whether `ip` is one viewer's, so that the repeat rule may judge by it (false for an ad
+    /// server that did not say whose events it sends).
+    pub per_device: bool,
 }
 
 /// What a request has reserved while it stores events, to be given back if they are not held:
@@ -198,7 +201,10 @@ impl State {
                     self.metrics.event_id_repeats.inc();
                     return Ok(Accepted::Repeat);
                 }
-                Claim::InFlight => return Err(self.in_flight(id)),
+                Claim::InFlight => {
+                    self.metrics.rejected(RejectReason::InFlight);
+                    return Err(self.in_flight(id));
+                }
             }
         }
         let row = self.stamp(&report, at, now, caller, &mut claims);
@@ -228,23 +234,27 @@ impl State {
     }
 
     /// Who sent `req` (see [`client_ip`]); `stated` is an address the body claims. A caller
-    /// with the ingest scope speaks for devices: its `X-Device-IP` / `stated` address and its
-    /// `X-Device-User-Agent` are the device's; without the latter its events are not judged by
-    /// user agent (its own is a server's).
+    /// with the ingest scope (an ad server) speaks for devices: its `X-Device-IP` / `stated`
+    /// address and its `X-Device-User-Agent` are the device's. Without the user agent its events
+    /// are not judged by user agent (its own is a server's); without the address they are not
+    /// judged by the repeat rule either (its own address is shared by every viewer it serves).
     pub fn caller(&self, req: &Request, stated: Option<std::net::IpAddr>) -> Caller {
         let headers = req.headers();
-        let device_agent = headers.get("x-device-user-agent");
-        // The key check costs a hash, so only requests that speak for a device pay it.
-        let speaks_for_device =
-            stated.is_some() || device_agent.is_some() || headers.contains_key("x-device-ip");
-        let ingest = speaks_for_device && self.api_keys.grants(headers, auth::Scope::Ingest);
+        // The key check costs a hash, so only requests that carry a key pay it.
+        let ingest = auth::carries_key(headers) && self.api_keys.grants(headers, auth::Scope::Ingest);
         let ip = client_ip::resolve(req, &self.trusted_proxies, ingest, stated);
-        let agent = if ingest {
-            device_agent.map_or(Traffic::Valid, |ua| self.user_agents.classify(Some(ua.as_bytes())))
+        let (agent, per_device) = if ingest {
+            let device_agent = headers.get("x-device-user-agent");
+            let agent =
+                device_agent.map_or(Traffic::Valid, |ua| self.user_agents.classify(Some(ua.as_bytes())));
+            (agent, stated.is_some() || headers.contains_key("x-device-ip"))
         } else {
-            self.user_agents.classify(headers.get(poem::http::header::USER_AGENT).map(|v| v.as_bytes()))
+            (
+                self.user_agents.classify(headers.get(poem::http::header::USER_AGENT).map(|v| v.as_bytes())),
+                true,
+            )
         };
-        Caller { ip, ip_hash: self.hasher.hash(ip), agent }
+        Caller { ip, ip_hash: self.hasher.hash(ip), agent, per_device }
     }
 
     /// How long the sender of `req` must wait when it is over its rate limit on a tracking
@@ -253,7 +263,7 @@ impl State {
     pub fn rate_limited(&self, req: &Request) -> Option<Duration> {
         let limiter = self.rate_limiter.as_ref()?;
         tracking_route(req.uri().path())?;
-        if !self.api_keys.is_open() && self.api_keys.grants(req.headers(), auth::Scope::Ingest) {
+        if auth::carries_key(req.headers()) && self.api_keys.grants(req.headers(), auth::Scope::Ingest) {
             return None;
         }
         limiter.check(client_ip::resolve(req, &self.trusted_proxies, false, None)).err()
@@ -293,7 +303,7 @@ impl State {
         claims: &mut Claims,
     ) -> EventRow {
         let traffic = match caller.agent {
-            Traffic::Valid => {
+            Traffic::Valid if caller.per_device => {
                 match self.dedup.judge(report.ad_id, caller.ip_hash, report.kind, at.unix_timestamp()) {
                     dedup::Verdict::Counts(mark) => {
                         claims.marks.extend(mark);
@@ -494,13 +504,18 @@ impl<A: Endpoint, O: Endpoint> Endpoint for Front<A, O> {
         }
         if let Some(wait) = self.limits.rate_limited(&req) {
             self.metrics.rejected(RejectReason::RateLimited);
-            let route = tracking_route(req.uri().path()).unwrap_or("unmatched");
-            self.metrics.http_requests.with_label_values(&[method.as_str(), route, "429"]).inc();
-            let mut resp = error::too_many_requests(wait);
-            if let Some(origin) = req.headers().get(poem::http::header::ORIGIN) {
-                cors::decorate(&self.cors, Some(origin), &mut resp);
+            if method == poem::http::Method::GET && req.uri().path().starts_with("/c/") {
+                // A click-through still takes the viewer to the ad (see PixelApi::click_through).
+                req.set_data(ratelimit::OverLimit);
+            } else {
+                let route = tracking_route(req.uri().path()).unwrap_or("unmatched");
+                self.metrics.http_requests.with_label_values(&[method.as_str(), route, "429"]).inc();
+                let mut resp = error::too_many_requests(wait);
+                if let Some(origin) = req.headers().get(poem::http::header::ORIGIN) {
+                    cors::decorate(&self.cors, Some(origin), &mut resp);
+                }
+                return Ok(resp);
             }
-            return Ok(resp);
         }
         let origin = req.headers().get(poem::http::header::ORIGIN).cloned();
         // A plain OPTIONS learns what the path serves. A preflight of a path without CORS (the

@@ -261,8 +261,9 @@ impl PixelApi {
     ///
     /// The click URL to give browsers and players: records a click and redirects (302) to the
     /// ad's registered target_url, and only there: no parameter can choose the destination.
-    /// 404 for an unknown or inactive ad. When the service cannot hold the click, the viewer is
-    /// still sent on (the lost click is counted in `adbeacon_events_rejected_total`).
+    /// 404 for an unknown or inactive ad. When the service cannot hold the click, or the client
+    /// is over its rate limit, the viewer is still sent on (the click that was not recorded is
+    /// counted in `adbeacon_events_rejected_total`).
     #[oai(path = "/c/:adId", method = "get", operation_id = "clickThrough")]
     async fn click_through(
         &self,
@@ -272,6 +273,11 @@ impl PixelApi {
         ad_id: Path<super::ads::UuidText>,
     ) -> Result<RedirectResponse, ApiError> {
         let (id, target) = self.click_target(&ad_id.0.0).await?;
+        if req.data::<super::ratelimit::OverLimit>().is_some() {
+            // Over the rate limit: the click is not recorded (counted by the front endpoint),
+            // but the viewer still reaches the advertiser.
+            return Ok(RedirectResponse::Found(target, NO_STORE.into()));
+        }
         let report = EventReport {
             event_id: None,
             ad_id: id,

@@ -17,9 +17,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// How many clients' states are kept at most. A state is a few dozen bytes; past the bound the
-/// cache evicts the least useful ones, whose next request then starts with a full burst.
+/// How many clients' states are kept at most. An entry costs about 200 bytes with the cache's
+/// own bookkeeping (50 MB at the bound); past it the least recently seen are evicted, and their
+/// next request starts with a full burst.
 pub const MAX_CLIENTS: u64 = 250_000;
+
+/// Marks a click-through request over the limit: it is still redirected (a viewer's navigation
+/// is never refused), but not recorded.
+#[derive(Debug, Clone, Copy)]
+pub struct OverLimit;
 
 /// A GCRA limiter keyed by client address.
 pub struct RateLimiter {
@@ -92,7 +98,8 @@ fn key(ip: IpAddr) -> u128 {
         IpAddr::V4(v4) => u128::from(u32::from(v4)),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => u128::from(u32::from(v4)),
-            None => (u128::from(v6) & !((1u128 << 64) - 1)) | 1,
+            // The tag bit keeps every /64 (even ::/64) apart from the IPv4 keys below 2^32.
+            None => (u128::from(v6) & !((1u128 << 64) - 1)) | (1 << 32),
         },
     }
 }

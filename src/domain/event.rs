@@ -194,14 +194,15 @@ pub fn event_time(
     Ok(utc.replace_nanosecond(0).unwrap_or(utc))
 }
 
-/// A span of seconds in its largest whole unit ("51 days", "3 hours"), for error messages.
+/// A span of seconds in a large unit ("51 days", "3 hours"), rounded up, so that a span just
+/// over a bound never reads as the bound itself ("6 minutes" for 301 s against 5m).
 fn roughly(secs: i64) -> String {
     let s = secs.unsigned_abs();
     let (n, unit) = match s {
         0..120 => (s, "second"),
-        120..7200 => (s / 60, "minute"),
-        7200..172_800 => (s / 3600, "hour"),
-        _ => (s / 86_400, "day"),
+        120..7200 => (s.div_ceil(60), "minute"),
+        7200..172_800 => (s.div_ceil(3600), "hour"),
+        _ => (s.div_ceil(86_400), "day"),
     };
     format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
 }
@@ -300,7 +301,7 @@ mod tests {
         let e = at(datetime!(2026-11-21 12:10:00 UTC)).unwrap_err();
         assert!(e.starts_with("timestamp is 10 minutes ahead") && e.contains("MAX_CLOCK_SKEW"), "{e}");
         let e = at(datetime!(2026-10-01 00:00:00 UTC)).unwrap_err();
-        assert!(e.starts_with("timestamp is 51 days before") && e.contains("MAX_EVENT_AGE"), "{e}");
+        assert!(e.starts_with("timestamp is 52 days before") && e.contains("MAX_EVENT_AGE"), "{e}");
         // A client offset is converted, not kept.
         let t = at(datetime!(2026-11-21 14:00:00 +02:00)).unwrap();
         assert_eq!(t.offset(), time::UtcOffset::UTC);

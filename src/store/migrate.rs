@@ -26,11 +26,18 @@ pub struct Migration {
     /// revised in place only when the change matters to new databases alone (such as a table
     /// setting), never to what an existing database holds; see the file's header.
     pub superseded: &'static [u64],
+    /// It drops and re-creates materialized views: an insert by another running instance
+    /// between the two would be missing from the aggregates. [`apply_at_startup`] leaves such a
+    /// migration of a database that holds events to an explicit `adbeacon migrate`.
+    pub recreates_views: bool,
 }
 
 macro_rules! migration {
     ($version:expr, $name:literal) => {
         migration!($version, $name, [])
+    };
+    ($version:expr, $name:literal, recreates_views) => {
+        Migration { recreates_views: true, ..migration!($version, $name, []) }
     };
     ($version:expr, $name:literal, [$($old:expr),*]) => {
         Migration {
@@ -38,6 +45,7 @@ macro_rules! migration {
             name: $name,
             sql: include_str!(concat!("../../clickhouse/migrations/", $name)),
             superseded: &[$($old),*],
+            recreates_views: false,
         }
     };
 }
@@ -51,7 +59,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(4, "0004_ad_stats_minutely.sql"),
     migration!(5, "0005_ad_stats_daily.sql"),
     migration!(6, "0006_ad_errors_minutely.sql"),
-    migration!(7, "0007_traffic_quality.sql"),
+    migration!(7, "0007_traffic_quality.sql", recreates_views),
 ];
 
 const CREATE_LEDGER: &str = "CREATE TABLE IF NOT EXISTS schema_migrations \
@@ -82,8 +90,22 @@ struct Applied {
     checksum: u64,
 }
 
-/// Applies every pending migration; returns the versions it applied.
+/// Applies every pending migration (`adbeacon migrate`); returns the versions it applied.
 pub async fn apply(ch: &ClickHouse) -> Result<Vec<u32>, StoreError> {
+    apply_through(ch, u32::MAX, false).await
+}
+
+/// Applies the pending migrations as `adbeacon serve` does at start-up: like [`apply`], except
+/// that a migration that re-creates views is refused on a database that already holds events,
+/// since other instances may be inserting (a rolling deploy) and their inserts between the
+/// drop and the create would never reach the aggregates. A new database takes it at once.
+pub async fn apply_at_startup(ch: &ClickHouse) -> Result<Vec<u32>, StoreError> {
+    apply_through(ch, u32::MAX, true).await
+}
+
+/// Applies the pending migrations up to version `last`, refusing view re-creations on a
+/// database with events when `at_startup` (see [`apply_at_startup`]).
+pub async fn apply_through(ch: &ClickHouse, last: u32, at_startup: bool) -> Result<Vec<u32>, StoreError> {
     ch.execute(CREATE_LEDGER).await?;
     let applied: Vec<Applied> = ch
         .fetch_all(ch.client().query(
@@ -92,7 +114,7 @@ pub async fn apply(ch: &ClickHouse) -> Result<Vec<u32>, StoreError> {
         ))
         .await?;
     let mut done = Vec::new();
-    for m in MIGRATIONS {
+    for m in MIGRATIONS.iter().filter(|m| m.version <= last) {
         if let Some(a) = applied.iter().find(|a| a.version == m.version) {
             if m.superseded.contains(&a.checksum) {
                 tracing::info!(
@@ -107,6 +129,14 @@ pub async fn apply(ch: &ClickHouse) -> Result<Vec<u32>, StoreError> {
                 )));
             }
             continue;
+        }
+        if at_startup && m.recreates_views && holds_events(ch).await? {
+            return Err(StoreError::Rejected(format!(
+                "migration {} re-creates the aggregate views, and this database already holds events: \
+                 an insert by another running instance between its steps would be missing from analytics. \
+                 Run `adbeacon migrate` once while no instance inserts (or accept that risk), then start again",
+                m.name
+            )));
         }
         for statement in m.statements() {
             run(ch, &statement).await.map_err(|e| match e {
@@ -126,6 +156,20 @@ pub async fn apply(ch: &ClickHouse) -> Result<Vec<u32>, StoreError> {
         done.push(m.version);
     }
     Ok(done)
+}
+
+/// Whether `events` has any row (false while the table does not exist yet).
+async fn holds_events(ch: &ClickHouse) -> Result<bool, StoreError> {
+    let tables: Vec<u64> = ch
+        .fetch_all(ch.client().query(
+            "SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = 'events'",
+        ))
+        .await?;
+    if tables.first().copied().unwrap_or(0) == 0 {
+        return Ok(false);
+    }
+    let rows: Vec<u64> = ch.fetch_all(ch.client().query("SELECT count() FROM events")).await?;
+    Ok(rows.first().copied().unwrap_or(0) > 0)
 }
 
 /// Runs one statement of a migration; an `ADD COLUMN` of a column that exists is done already.

@@ -16,6 +16,53 @@ fn adbeacon() -> Command {
     Command::new(env!("CARGO_BIN_EXE_adbeacon"))
 }
 
+/// A migration that re-creates views is not applied by `serve` to a database that holds events
+/// (other instances may be inserting); `adbeacon migrate` applies it, and `serve` then starts.
+#[tokio::test]
+async fn serve_leaves_view_recreation_on_a_database_with_events_to_migrate() {
+    let db = fresh_db();
+    let config = Config::from_vars([
+        ("CLICKHOUSE_URL", shared_clickhouse().url()),
+        ("CLICKHOUSE_DATABASE", db.clone()),
+        ("HOST", "127.0.0.1".into()),
+        ("PORT", "0".into()),
+        ("SEED_DEMO_ADS", "false".into()),
+        ("DATA_DIR", tempfile::tempdir().unwrap().path().display().to_string()),
+    ])
+    .unwrap();
+    let recreating = MIGRATIONS.iter().find(|m| m.recreates_views).expect("0007 re-creates views");
+    let (ch, _) = {
+        // The schema as an older release left it, with an event in it.
+        shared_clickhouse().query(&format!("CREATE DATABASE {db}")).await;
+        let timeouts = adbeacon::store::Timeouts {
+            insert: std::time::Duration::from_secs(5),
+            query: std::time::Duration::from_secs(5),
+        };
+        let ch = adbeacon::store::ClickHouse::connect(
+            &config.clickhouse,
+            std::time::Duration::from_secs(10),
+            timeouts,
+        )
+        .await
+        .unwrap();
+        let applied = migrate::apply_through(&ch, recreating.version - 1, false).await.unwrap();
+        (ch, applied)
+    };
+    shared_clickhouse()
+        .query_in(
+            &db,
+            "INSERT INTO events (event_id, ad_id, kind, event_time, received_at, ip_hash, error_code, batch_id) \
+             SELECT generateUUIDv4(), generateUUIDv4(), 'click', now(), now(), 1, 0, generateUUIDv4()",
+        )
+        .await;
+    let err = adbeacon::App::build(config.clone()).await.err().expect("serve refuses").to_string();
+    assert!(err.contains(recreating.name) && err.contains("adbeacon migrate"), "{err}");
+    assert_eq!(migrate::apply(&ch).await.unwrap(), vec![recreating.version]);
+    let app = adbeacon::App::build(config).await.expect("serve starts after `adbeacon migrate`");
+    drop(app);
+    // A new database takes it at start-up (every other test's app does).
+}
+
 #[tokio::test]
 async fn migrations_apply_once_and_are_safe_to_run_again() {
     let db = fresh_db();

@@ -177,6 +177,10 @@ async fn over_the_rate_limit_a_client_gets_429_with_retry_after() {
     // Every tracking endpoint shares the client's budget, pixels included.
     assert_eq!(app.get(&format!("/t/impression?ad={AD}")).await.status(), 429);
     assert_eq!(app.post("/ads/click", &json!({"adId": AD})).await.status(), 429);
+    // A click-through still takes the viewer to the ad; the click is not recorded.
+    let browser = crate::support::browser().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let through = browser.get(format!("{}/c/{AD}", app.base)).send().await.unwrap();
+    assert_eq!(through.status(), 302);
     // Other clients, server-side callers with the ingest scope and the other endpoints are not
     // affected.
     let other = client(2, Some(crate::support::BROWSER_AGENT));
@@ -199,7 +203,7 @@ async fn over_the_rate_limit_a_client_gets_429_with_retry_after() {
     assert_eq!(app.wait_flushed(9).await, 9, "only what was answered 2xx");
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(app.number("SELECT count() FROM events").await, 9);
-    assert_eq!(app.metric(r#"adbeacon_events_rejected_total{reason="rate_limited"}"#).await, 3);
+    assert_eq!(app.metric(r#"adbeacon_events_rejected_total{reason="rate_limited"}"#).await, 4);
     assert_eq!(
         app.metric(r#"http_requests_total{method="POST",path="/ads/impression",status="429"}"#).await,
         1
@@ -208,7 +212,8 @@ async fn over_the_rate_limit_a_client_gets_429_with_retry_after() {
 
 #[tokio::test]
 async fn server_side_callers_speak_for_the_device_user_agent() {
-    let app = TestApp::spawn_with(&[("API_KEYS", &format!("ingest:{INGEST}"))]).await;
+    let app =
+        TestApp::spawn_with(&[("API_KEYS", &format!("ingest:{INGEST}")), ("DEDUP_WINDOW", "10s")]).await;
     let ssai = client(2, Some("Go-http-client/1.1"));
     let send = |device_ua: Option<&'static str>| {
         let mut req = ssai
@@ -229,10 +234,21 @@ async fn server_side_callers_speak_for_the_device_user_agent() {
     let anonymous =
         ssai.post(format!("{}/ads/impression", app.base)).json(&json!({"adId": AD})).send().await.unwrap();
     assert_eq!(anonymous.status(), 204);
-    assert_eq!(app.wait_flushed(5).await, 5);
+    // An ad server that says nothing about the viewers: not judged by its own user agent, nor by
+    // the repeat rule on its own address (every viewer it serves shares it).
+    let batch = ssai
+        .post(format!("{}/ads/events", app.base))
+        .bearer_auth(INGEST)
+        .json(&json!([{"adId": AD, "kind": "click"}, {"adId": AD, "kind": "click"}]))
+        .send()
+        .await
+        .unwrap();
+    let result: Value = batch.json().await.unwrap();
+    assert_eq!((result["accepted"].as_u64(), result["duplicates"].as_u64()), (Some(2), Some(0)), "{result}");
+    assert_eq!(app.wait_flushed(7).await, 7);
     let stored =
         app.query("SELECT traffic, count() FROM events GROUP BY traffic ORDER BY traffic FORMAT TSV").await;
-    assert_eq!(stored, "valid\t2\nbot\t2\nempty_user_agent\t1\n");
+    assert_eq!(stored, "valid\t4\nbot\t2\nempty_user_agent\t1\n");
 }
 
 #[tokio::test]
