@@ -6,21 +6,21 @@
 //! Windows are measured on event time, so a batch an SDK sends after being offline is judged by
 //! when its events happened, not by when they arrived; a late event is judged against the last
 //! few counted ones of its key (up to [`REMEMBERED`]), so it cannot sneak in between them. Memory
-//! is bounded: an entry is forgotten one window (of arrival time) after its last counted event,
-//! and at most [`MAX_KEYS`] are kept (past that the least recently used go first, and a repeat of
-//! a forgotten one counts).
+//! is bounded: an entry is forgotten one to two windows (of arrival time) after it was last used
+//! (see [`super::recent`]), and at most about [`MAX_KEYS`] are kept (past that the oldest go
+//! first, and a repeat of a forgotten one counts).
 
 use std::time::Duration;
 
-use moka::ops::compute::{CompResult, Op};
 use uuid::Uuid;
 
+use super::recent::RecentMap;
 use crate::domain::EventKind;
 
-/// How many (ad, client, kind) keys are remembered at most. An entry costs about 250 bytes with
-/// the cache's own bookkeeping, so the bound is about 250 MB; real traffic stays far below it,
-/// since an entry lives only one window.
-pub const MAX_KEYS: u64 = 1_000_000;
+/// How many (ad, client, kind) keys are remembered at most: about 64 bytes each in the map, so
+/// some 64 MB at the bound; real traffic stays far below it, since an entry lives only one or two
+/// windows.
+pub const MAX_KEYS: usize = 1_000_000;
 
 /// How many counted event times a key keeps: the newest ones.
 pub const REMEMBERED: usize = 4;
@@ -52,7 +52,7 @@ pub enum Verdict {
 pub struct DedupWindow {
     window: i64,
     kinds: [bool; EventKind::ALL.len()],
-    seen: moka::sync::Cache<Key, Times>,
+    seen: RecentMap<Key, Times>,
 }
 
 impl DedupWindow {
@@ -65,11 +65,7 @@ impl DedupWindow {
         DedupWindow {
             window: i64::try_from(window.as_secs()).unwrap_or(i64::MAX),
             kinds: covered,
-            seen: moka::sync::Cache::builder()
-                .max_capacity(MAX_KEYS)
-                .eviction_policy(moka::policy::EvictionPolicy::lru())
-                .time_to_live(window.max(Duration::from_secs(1)))
-                .build(),
+            seen: RecentMap::new(window.max(Duration::from_secs(1)), MAX_KEYS),
         }
     }
 
@@ -80,38 +76,30 @@ impl DedupWindow {
             return Verdict::Counts(None);
         }
         let key = (ad, ip_hash, kind);
-        let window = self.window;
-        let result = self.seen.entry(key).and_compute_with(|seen| {
-            let mut times = seen.map_or([EMPTY; REMEMBERED], |e| e.into_value());
-            if times.iter().any(|&t| t != EMPTY && at.abs_diff(t) < window.unsigned_abs()) {
-                return Op::Nop;
+        let window = self.window.unsigned_abs();
+        self.seen.update_at(key, self.seen.now(), |seen| {
+            let mut times = seen.unwrap_or([EMPTY; REMEMBERED]);
+            if times.iter().any(|&t| t != EMPTY && at.abs_diff(t) < window) {
+                return (seen, Verdict::Repeat);
             }
-            // Keep the newest: `at` takes the oldest slot (or an empty one) if it is newer. Put
-            // either way, which is what tells the caller that the event counts.
+            // Keep the newest: `at` takes the oldest slot (or an empty one) if it is newer.
             if at > times[REMEMBERED - 1] {
                 times[REMEMBERED - 1] = at;
                 times.sort_unstable_by(|a, b| b.cmp(a));
             }
-            Op::Put(times)
-        });
-        match result {
-            CompResult::Unchanged(_) => Verdict::Repeat,
-            _ => Verdict::Counts(Some(Mark { key, at })),
-        }
+            (Some(times), Verdict::Counts(Some(Mark { key, at })))
+        })
     }
 
     /// Forgets a counted event that was not held, so that its retry counts.
     pub fn release(&self, mark: Mark) {
-        self.seen.entry(mark.key).and_compute_with(|seen| {
-            let Some(entry) = seen else { return Op::Nop };
-            let mut times = entry.into_value();
-            let Some(slot) = times.iter().position(|&t| t == mark.at) else { return Op::Nop };
-            times[slot] = EMPTY;
-            if times.iter().all(|&t| t == EMPTY) {
-                return Op::Remove;
+        self.seen.update_at(mark.key, self.seen.now(), |seen| {
+            let Some(mut times) = seen else { return (None, ()) };
+            if let Some(slot) = times.iter().position(|&t| t == mark.at) {
+                times[slot] = EMPTY;
+                times.sort_unstable_by(|a, b| b.cmp(a));
             }
-            times.sort_unstable_by(|a, b| b.cmp(a));
-            Op::Put(times)
+            (times.iter().any(|&t| t != EMPTY).then_some(times), ())
         });
     }
 }

@@ -15,6 +15,7 @@ pub mod health;
 pub mod methods;
 pub mod pixel;
 pub mod ratelimit;
+pub mod recent;
 pub mod tracking;
 
 use std::{
@@ -29,15 +30,8 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use self::{
-    ads::AdsApi,
-    analytics::AnalyticsApi,
-    batch::BatchApi,
-    body::{BodyLimit, BodyTimeout},
-    error::ApiError,
-    health::HealthApi,
-    methods::Methods,
-    pixel::PixelApi,
-    tracking::TrackingApi,
+    ads::AdsApi, analytics::AnalyticsApi, batch::BatchApi, body::BodyLimit, error::ApiError,
+    health::HealthApi, methods::Methods, pixel::PixelApi, tracking::TrackingApi,
 };
 use crate::{
     domain::{Event, EventKind, EventReport, Traffic, UserAgentFilter, event_time},
@@ -401,7 +395,7 @@ pub fn routes(state: Arc<State>) -> impl Endpoint<Output = Response> {
     let metrics = state.metrics.clone();
     let body_limit = state.body_limit;
     let batch_body_limit = state.batch_body_limit;
-    let body_timeout = BodyTimeout(state.body_read_timeout);
+    let body_timeout = state.body_read_timeout;
     let cors = state.cors.clone();
     let limits = state.clone();
     let api = openapi(state);
@@ -460,7 +454,7 @@ struct Front<A, O> {
     methods: Methods,
     body_limit: usize,
     batch_body_limit: usize,
-    body_timeout: BodyTimeout,
+    body_timeout: Duration,
     cors: cors::AllowedOrigins,
     /// Rate limits, checked before a body is read.
     limits: Arc<State>,
@@ -541,8 +535,7 @@ impl<A: Endpoint, O: Endpoint> Endpoint for Front<A, O> {
             (false, "unmatched")
         };
         let limit = if path == "/ads/events" { self.batch_body_limit } else { self.body_limit };
-        req.set_data(BodyLimit(limit));
-        req.set_data(self.body_timeout);
+        req.set_data(BodyLimit { bytes: limit, timeout: self.body_timeout });
         let result = if docs {
             self.other.call(req).await.map(IntoResponse::into_response)
         } else {

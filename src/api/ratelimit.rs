@@ -5,22 +5,17 @@
 //! /64, the block one subscriber gets, since every address in it is theirs for the asking. Each
 //! instance limits on its own: behind a load balancer spreading clients over N instances, a
 //! client gets up to N times the rate. Memory is bounded: a client idle long enough to have
-//! its full burst back is forgotten (its state equals a fresh one), and at most
-//! [`MAX_CLIENTS`] are remembered at once.
+//! its full burst back is forgotten (its state equals a fresh one; see [`super::recent`]), and at
+//! most about [`MAX_CLIENTS`] are remembered at once.
 
-use std::{
-    net::IpAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Duration, Instant},
-};
+use std::{net::IpAddr, time::Duration};
 
-/// How many clients' states are kept at most. An entry costs about 200 bytes with the cache's
-/// own bookkeeping (50 MB at the bound); past it the least recently seen are evicted, and their
-/// next request starts with a full burst.
-pub const MAX_CLIENTS: u64 = 250_000;
+use super::recent::RecentMap;
+
+/// How many clients' states are kept at most: 32 bytes each in the map (about 10 MB at the
+/// bound); past it the least recently seen are forgotten first, and their next request starts
+/// with a full burst.
+pub const MAX_CLIENTS: usize = 250_000;
 
 /// Marks a click-through request over the limit: it is still redirected (a viewer's navigation
 /// is never refused), but not recorded.
@@ -33,10 +28,9 @@ pub struct RateLimiter {
     interval: u64,
     /// How far ahead of now a client's theoretical arrival time may run: (burst − 1) intervals.
     tolerance: u64,
-    /// The origin of the nanosecond clock.
-    start: Instant,
-    /// Each client's theoretical arrival time, in nanoseconds since `start`.
-    clients: moka::sync::Cache<u128, Arc<AtomicU64>>,
+    /// Each client's theoretical arrival time, in nanoseconds of the map's clock plus one
+    /// interval (so that a fresh state, 0, is never in the future).
+    clients: RecentMap<u128, u64>,
 }
 
 impl RateLimiter {
@@ -52,15 +46,8 @@ impl RateLimiter {
         Some(RateLimiter {
             interval,
             tolerance,
-            start: Instant::now(),
-            clients: moka::sync::Cache::builder()
-                .max_capacity(MAX_CLIENTS)
-                // LRU: moka's default admission policy may refuse a new key when full, which
-                // would leave that client unlimited.
-                .eviction_policy(moka::policy::EvictionPolicy::lru())
-                // After this long without a request a client has its whole burst back.
-                .time_to_idle(Duration::from_nanos(tolerance + interval))
-                .build(),
+            // After this long without a request a client has its whole burst back.
+            clients: RecentMap::new(Duration::from_nanos(tolerance + interval), MAX_CLIENTS),
         })
     }
 
@@ -70,24 +57,19 @@ impl RateLimiter {
     }
 
     fn now(&self) -> u64 {
-        // Offset by one interval so that a fresh state (0) is never in the future.
-        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX - self.interval) + self.interval
+        self.clients.now().saturating_add(self.interval)
     }
 
     fn check_at(&self, ip: IpAddr, now: u64) -> Result<(), Duration> {
-        let state = self.clients.get_with(key(ip), || Arc::new(AtomicU64::new(0)));
-        let mut tat = state.load(Ordering::Acquire);
-        loop {
-            let from = tat.max(now);
+        self.clients.update_at(key(ip), now - self.interval, |tat| {
+            let from = tat.unwrap_or(0).max(now);
             if from - now > self.tolerance {
-                return Err(Duration::from_nanos(from - now - self.tolerance));
+                // A refused request does not move the arrival time: waiting is enough.
+                (tat, Err(Duration::from_nanos(from - now - self.tolerance)))
+            } else {
+                (Some(from + self.interval), Ok(()))
             }
-            match state.compare_exchange_weak(tat, from + self.interval, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => return Ok(()),
-                Err(seen) => tat = seen,
-            }
-        }
+        })
     }
 }
 
