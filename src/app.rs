@@ -175,8 +175,14 @@ impl App {
     /// Serves until `shutdown` completes, then flushes every buffered event and returns.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), AppError> {
         tracing::info!(addr = %self.local_addr, "serving HTTP");
-        let limits =
-            server::Limits { header_read_timeout: self.header_read_timeout, shutdown_grace: REQUEST_GRACE };
+        let metrics = self.state.metrics.clone();
+        let limits = server::Limits {
+            header_read_timeout: self.header_read_timeout,
+            shutdown_grace: REQUEST_GRACE,
+            on_slow_headers: Arc::new(move || {
+                metrics.request_rejected(crate::metrics::RejectReason::HeaderTimeout)
+            }),
+        };
         let served = server::serve(self.listener, api::routes(self.state.clone()), shutdown, limits).await;
         tracing::info!("stopped accepting requests; flushing buffered events");
         self.stop_retention.cancel();

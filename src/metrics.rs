@@ -27,6 +27,9 @@ pub enum RejectReason {
     TooLarge,
     /// The body did not arrive within BODY_READ_TIMEOUT (408).
     BodyTimeout,
+    /// A request's headers did not arrive within HEADER_READ_TIMEOUT: the connection is closed,
+    /// no request exists to answer (counted in `adbeacon_requests_rejected_total`).
+    HeaderTimeout,
     /// A method the endpoint does not serve (405).
     MethodNotAllowed,
     /// A client timestamp outside MAX_CLOCK_SKEW / MAX_EVENT_AGE (400).
@@ -50,12 +53,13 @@ pub enum RejectReason {
 
 impl RejectReason {
     /// Every reason.
-    pub const ALL: [RejectReason; 14] = [
+    pub const ALL: [RejectReason; 15] = [
         Self::Invalid,
         Self::MalformedJson,
         Self::UnsupportedMediaType,
         Self::TooLarge,
         Self::BodyTimeout,
+        Self::HeaderTimeout,
         Self::MethodNotAllowed,
         Self::BadTimestamp,
         Self::UnknownAd,
@@ -80,6 +84,7 @@ impl RejectReason {
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::TooLarge => "too_large",
             Self::BodyTimeout => "body_timeout",
+            Self::HeaderTimeout => "header_timeout",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::BadTimestamp => "bad_timestamp",
             Self::UnknownAd => "unknown_ad",

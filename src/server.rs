@@ -98,14 +98,21 @@ impl<C> Drop for Graceful<C> {
     }
 }
 
+/// Called for each connection closed because a request's headers did not arrive within the
+/// header read timeout (the metrics count them; no request exists to answer).
+pub type OnSlowHeaders = Arc<dyn Fn() + Send + Sync>;
+
 /// How the server treats connections.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct Limits {
     /// How long a client may take to send a request's headers (slow-header attacks hold
     /// connections open otherwise).
     pub header_read_timeout: Duration,
     /// How long in-flight requests may take to finish once shutdown begins.
     pub shutdown_grace: Duration,
+    /// Told of each connection cut off in the middle of a request's headers. An idle keep-alive
+    /// connection closed by the same timeout is not a slow client and is not reported.
+    pub on_slow_headers: OnSlowHeaders,
 }
 
 /// Serves `endpoint` on `listener` until `shutdown` completes; then stops accepting, lets every
@@ -138,7 +145,14 @@ where
                 }
             },
         };
-        connections.spawn(connection(stream, peer, endpoint.clone(), local.clone(), signal.clone(), limits));
+        connections.spawn(connection(
+            stream,
+            peer,
+            endpoint.clone(),
+            local.clone(),
+            signal.clone(),
+            limits.clone(),
+        ));
     }
     drop(listener);
     signal.trigger();
@@ -169,11 +183,13 @@ async fn connection<E>(
             Ok::<_, Infallible>(HyperResponse::from(response))
         }
     });
+    let partial = Arc::new(AtomicBool::new(false));
+    let watched = Watched { stream, partial: partial.clone() };
     let conn = http1::Builder::new()
         .keep_alive(true)
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .serve_connection(TokioIo::new(stream), service);
+        .serve_connection(TokioIo::new(watched), service);
     let id = signal.next_id.fetch_add(1, Ordering::Relaxed);
     let graceful = Graceful {
         conn: Box::pin(conn),
@@ -184,7 +200,71 @@ async fn connection<E>(
         shutting_down: false,
     };
     if let Err(e) = graceful.await {
+        if e.is_timeout() && partial.load(Ordering::Relaxed) {
+            (limits.on_slow_headers)();
+        }
         // Clients closing mid-request are ordinary; nothing the operator must act on.
         tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// A connection's socket that notes whether request bytes arrived since the last response was
+/// written: a header timeout then means a slow client, not an idle keep-alive connection.
+struct Watched {
+    stream: TcpStream,
+    partial: Arc<AtomicBool>,
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.partial.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.written(&polled);
+        polled
+    }
+
+    // hyper writes a response's head and body with one writev; keep it one system call.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.written(&polled);
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+impl Watched {
+    fn written(&self, polled: &Poll<io::Result<usize>>) {
+        if matches!(polled, Poll::Ready(Ok(n)) if *n > 0) {
+            self.partial.store(false, Ordering::Relaxed);
+        }
     }
 }

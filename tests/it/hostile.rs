@@ -831,7 +831,8 @@ async fn hostile_oversized_streams_are_cut_at_the_limit() {
 }
 
 /// Slow clients: headers that never end are cut off after HEADER_READ_TIMEOUT (by the HTTP
-/// layer, which closes the connection: no request exists yet to answer); a body that does not
+/// layer, which closes the connection: no request exists yet to answer, so it is counted, not
+/// answered); a body that does not
 /// arrive within BODY_READ_TIMEOUT, stalled or trickling, gets 408 and the connection is closed.
 #[tokio::test]
 async fn hostile_slow_clients_are_cut_off() {
@@ -847,6 +848,10 @@ async fn hostile_slow_clients_are_cut_off() {
     if let Ok(n) = read {
         assert!(n == 0 || buf.starts_with(b"HTTP/1.1 408"), "{:?}", String::from_utf8_lossy(&buf[..n]));
     }
+    // Counted once, as a refused request; the test client's idle keep-alive connections, closed
+    // by the same timeout, are not slow clients and are not counted.
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    assert_eq!(app.metric(r#"adbeacon_requests_rejected_total{reason="header_timeout"}"#).await, 1);
 
     let body = format!(r#"{{"adId":"{AD1}"}}"#);
     for (method, path) in [
