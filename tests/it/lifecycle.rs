@@ -209,6 +209,7 @@ async fn metrics_label_routes_by_template_and_count_the_pipeline() {
         r#"http_requests_total{method="POST",path="/ads/click",status="400"} 2"#,
         "adbeacon_events_flushed_total 1",
         "adbeacon_buffer_events 0",
+        "adbeacon_books_balance 0",
     ] {
         assert!(text.lines().any(|l| l == line), "missing {line}");
     }
