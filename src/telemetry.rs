@@ -1,10 +1,54 @@
-//! Logging: a tracing subscriber writing JSON (default) or pretty lines to stdout.
+//! Logging: a tracing subscriber writing JSON (default) or pretty lines to stdout, each line
+//! logged while a request is handled carrying its `request_id`.
 
 use std::io::{self, Write};
 
-use tracing_subscriber::{EnvFilter, fmt};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::{
+    EnvFilter, fmt,
+    fmt::{FmtContext, FormatEvent, FormatFields, format::Writer},
+    registry::LookupSpan,
+};
 
 use crate::config::LogFormat;
+
+tokio::task_local! {
+    /// The id of the request the current task is handling (the `x-request-id` header).
+    pub static REQUEST_ID: poem::http::HeaderValue;
+}
+
+/// Adds `request_id` to every line logged while [`REQUEST_ID`] is set: as a JSON field, or as
+/// ` request_id=…` at the end of a pretty line. Request ids hold nothing that needs escaping.
+struct WithRequestId<F> {
+    inner: F,
+    json: bool,
+}
+
+impl<S, N, F> FormatEvent<S, N> for WithRequestId<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let Ok(id) = REQUEST_ID.try_with(|id| id.clone()) else {
+            return self.inner.format_event(ctx, writer, event);
+        };
+        let id = id.to_str().unwrap_or_default();
+        let mut line = String::new();
+        self.inner.format_event(ctx, Writer::new(&mut line), event)?;
+        let body = line.trim_end_matches('\n');
+        match (self.json, body.strip_suffix('}')) {
+            (true, Some(open)) => writeln!(writer, "{open},\"request_id\":\"{id}\"}}"),
+            _ => writeln!(writer, "{body} request_id={id}"),
+        }
+    }
+}
 
 /// Stdout that never fails. When stdout is a closed pipe (`adbeacon | tee log` after Ctrl-C),
 /// tracing-subscriber would report the error with `eprintln!`, which panics if stderr is closed
@@ -29,7 +73,70 @@ pub fn init(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = fmt().with_env_filter(filter).with_target(true).with_writer(|| LossyStdout);
     let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
-        LogFormat::Pretty => builder.try_init(),
+        LogFormat::Json => {
+            let json = fmt::format().json().flatten_event(true).with_current_span(false).with_target(true);
+            builder.event_format(WithRequestId { inner: json, json: true }).try_init()
+        }
+        LogFormat::Pretty => builder
+            .event_format(WithRequestId { inner: fmt::format().with_target(true), json: false })
+            .try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Formats one `info!` with the given format, inside a request when `id` is given.
+    fn line(json: bool, id: Option<&'static str>) -> String {
+        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = out.clone();
+        let writer = move || Sink(sink.clone());
+        let subscriber: Box<dyn Subscriber + Send + Sync> = if json {
+            let inner = fmt::format().json().flatten_event(true).with_current_span(false);
+            Box::new(fmt().with_writer(writer).event_format(WithRequestId { inner, json }).finish())
+        } else {
+            let inner = fmt::format().with_ansi(false);
+            Box::new(
+                fmt()
+                    .with_writer(writer)
+                    .with_ansi(false)
+                    .event_format(WithRequestId { inner, json })
+                    .finish(),
+            )
+        };
+        tracing::subscriber::with_default(subscriber, || match id {
+            Some(id) => REQUEST_ID.sync_scope(poem::http::HeaderValue::from_static(id), || {
+                tracing::info!(ad = 7, "stored");
+            }),
+            None => tracing::info!(ad = 7, "stored"),
+        });
+        String::from_utf8(out.lock().unwrap().clone()).unwrap()
+    }
+
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lines_logged_during_a_request_carry_its_id() {
+        let json: serde_json::Value = serde_json::from_str(&line(true, Some("abc-1"))).unwrap();
+        assert_eq!(json["request_id"], "abc-1");
+        assert_eq!(json["ad"], 7);
+        let json: serde_json::Value = serde_json::from_str(&line(true, None)).unwrap();
+        assert!(json.get("request_id").is_none());
+        let pretty = line(false, Some("abc-2"));
+        assert!(pretty.trim_end().ends_with("request_id=abc-2") && pretty.contains("stored"), "{pretty}");
+        assert_eq!(pretty.lines().count(), 1);
+    }
 }

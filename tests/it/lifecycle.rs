@@ -320,3 +320,35 @@ async fn slow_headers_are_cut_off() {
         Err(_) => panic!("the slow connection was still open after 5 s"),
     }
 }
+
+/// Every answer carries an `x-request-id`: the caller's own when it sent a sane one, else a new
+/// one (the same id is on every log line of the request; see telemetry.rs).
+#[tokio::test]
+async fn request_ids_are_taken_or_generated_and_echoed() {
+    let app = TestApp::spawn().await;
+    let resp = app
+        .http
+        .get(format!("{}/healthz", app.base))
+        .header("x-request-id", "lb-7f3a.42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-request-id"], "lb-7f3a.42");
+    let ids: Vec<String> = ids_of_two_refused_clicks(&app).await;
+    assert!(ids.iter().all(|id| !id.is_empty() && id != "bad id\"x"), "{ids:?}");
+    assert_ne!(ids[0], ids[1], "generated ids are unique");
+}
+
+async fn ids_of_two_refused_clicks(app: &TestApp) -> Vec<String> {
+    let mut ids = Vec::new();
+    for header in [None, Some("bad id\"x")] {
+        let mut req = app.http.post(format!("{}/ads/click", app.base)).json(&json!({"adId": "nope"}));
+        if let Some(h) = header {
+            req = req.header("x-request-id", h);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 400);
+        ids.push(resp.headers()["x-request-id"].to_str().unwrap().to_string());
+    }
+    ids
+}
