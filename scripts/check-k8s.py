@@ -128,12 +128,12 @@ def load(directory):
     for path in sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml")):
         try:
             loaded = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-        except yaml.YAMLError as e:
+        except yaml.YAMLError as e:  # still counted as a file, so the kustomization check holds
             fail(path.name, f"does not parse as YAML: {e}")
-            continue
-        if not loaded:
+            loaded = None
+        if loaded == []:
             fail(path.name, "holds no document")
-        docs[path.name] = loaded
+        docs[path.name] = loaded or []
     return docs
 
 
@@ -260,6 +260,7 @@ def main():
 
     # --- ConfigMap and Secret: real settings only, secrets in the Secret, placeholders only
     cfile, configmap = only("ConfigMap")
+    cfile = cfile or "the ConfigMap"
     config = {}
     if configmap:
         config = configmap.get("data") or {}
