@@ -34,6 +34,7 @@ test: ## deps, fmt check, clippy, all tests, SQL conformance, API fuzzing (what 
 	cargo clippy --all-targets -- -D warnings
 	cargo test --all-targets
 	$(VENV_PYTHON) tests/sql/conformance.py
+	$(VENV_PYTHON) scripts/check-k8s.py
 	bash scripts/fuzz.sh
 
 # A private ClickHouse, Redis and adbeacon on free ports; see scripts/fuzz.sh for its knobs.

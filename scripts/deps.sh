@@ -127,4 +127,6 @@ if [ "$mode" = test ]; then
       "schemathesis==$schemathesis_version"
     "$venv/bin/schemathesis" --version >/dev/null
   fi
+  # scripts/check-k8s.py: PyYAML, and Kubernetes' API schemas bundled (no network when checking).
+  "$venv/bin/python" -c 'import importlib.metadata as m; assert m.version("kubernetes-validate") == "1.37.0"; import yaml' 2>/dev/null || { make_venv; echo "deps: pip install kubernetes-validate==1.37.0 PyYAML==6.0.3" >&2; "$venv/bin/python" -m pip install --quiet --disable-pip-version-check kubernetes-validate==1.37.0 PyYAML==6.0.3; }
 fi
