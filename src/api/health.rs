@@ -16,7 +16,8 @@ pub struct Health {
 /// Readiness with the state of each dependency.
 #[derive(Debug, Object)]
 pub struct Readiness {
-    /// `ready` or `not_ready`.
+    /// `ready`; `degraded` (still taking events) when ClickHouse does not answer; `not_ready`
+    /// when the buffer is full.
     pub status: String,
     /// `ok` or `unavailable` (the cause is logged).
     pub clickhouse: String,
@@ -65,7 +66,11 @@ impl HealthApi {
 
     /// Readiness.
     ///
-    /// 200 when ClickHouse answers and the buffer has room; else 503 naming what fails.
+    /// 200 while the buffer has room, so events can be taken: `"status": "ready"`, or
+    /// `"degraded"` when ClickHouse does not answer (events wait in the buffer, analytics and
+    /// catalog changes fail). 503 `"not_ready"` once the buffer is full. ClickHouse alone does not
+    /// make an instance unready: every instance shares it, so an outage would take them all out
+    /// of the load balancer together, refusing traffic their buffers could have held.
     #[oai(path = "/readyz", method = "get", operation_id = "readyz")]
     async fn readyz(&self) -> ReadyResponse {
         let clickhouse = match self.state.clickhouse.ping().await {
@@ -76,10 +81,14 @@ impl HealthApi {
             }
         };
         let buffer = if self.state.buffer.is_full() { "full" } else { "ok" }.to_string();
-        let ready = clickhouse == "ok" && buffer == "ok";
+        let ready = buffer == "ok";
+        let status = match (ready, clickhouse == "ok") {
+            (false, _) => "not_ready",
+            (true, true) => "ready",
+            (true, false) => "degraded",
+        };
         let auth = if self.state.api_keys.is_open() { "open" } else { "api_keys" }.to_string();
-        let body =
-            Readiness { status: if ready { "ready" } else { "not_ready" }.into(), clickhouse, buffer, auth };
+        let body = Readiness { status: status.into(), clickhouse, buffer, auth };
         if ready { ReadyResponse::Ready(Json(body)) } else { ReadyResponse::NotReady(Json(body)) }
     }
 

@@ -47,6 +47,14 @@ async fn a_full_buffer_answers_503_and_recovers_without_losing_a_2xx() {
     let mut accepted = 1u64;
 
     ch.kill();
+    // ClickHouse down, buffer not full: still ready (degraded), events are taken.
+    let ready = app.get("/readyz").await;
+    assert_eq!(ready.status(), 200);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(
+        (body["status"].as_str(), body["clickhouse"].as_str()),
+        (Some("degraded"), Some("unavailable"))
+    );
     let mut saw_503 = false;
     for _ in 0..1000 {
         let resp = app.post("/ads/click", &click).await;
