@@ -88,9 +88,11 @@ impl From<&Ad> for AdDetail {
 /// errors naming the field); fields it does not know are ignored, so that an ad read with `GET`
 /// can be sent back with `PUT` as it is (`created_at`, `version`…).
 #[derive(Debug, Object, Deserialize)]
+#[oai(example, skip_serializing_if_is_none)]
 pub struct AdInput {
     /// For `POST`: the id to create the ad with (a new one when absent). For `PUT`: must be the
     /// path's id when given.
+    #[oai(nullable)]
     #[serde(default, deserialize_with = "super::tracking::uuid")]
     pub id: Option<Uuid>,
     /// 1 to 200 characters.
@@ -100,8 +102,21 @@ pub struct AdInput {
     /// Where a click leads: an absolute http(s) URL (the click-through redirects only there).
     pub target_url: String,
     /// Whether players get the ad (default true).
+    #[oai(nullable)]
     #[serde(default)]
     pub active: Option<bool>,
+}
+
+impl poem_openapi::types::Example for AdInput {
+    fn example() -> Self {
+        AdInput {
+            id: None,
+            name: "Winter Sale".into(),
+            video_url: "https://cdn.example.com/winter.mp4".into(),
+            target_url: "https://shop.example.com/winter".into(),
+            active: Some(true),
+        }
+    }
 }
 
 /// Checks an ad's fields, naming the first that is wrong.

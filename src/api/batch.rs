@@ -33,14 +33,16 @@ pub const MAX_BATCH_EVENTS: usize = 1000;
 
 /// One event of a batch. camelCase as shown, or snake_case (`event_id`, `ad_id`, …).
 #[derive(Debug, Object, Deserialize)]
-#[oai(rename_all = "camelCase")]
+#[oai(rename_all = "camelCase", example, skip_serializing_if_is_none)]
 pub struct BatchEvent {
     /// Your id of the event (a UUID, or any string up to 200 characters): a repeat is reported
     /// as `duplicate` and stored once (on the same instance, within an hour).
     #[serde(rename = "eventId", default)]
+    #[oai(nullable)]
     pub event_id: Option<String>,
     /// The ad's id.
     #[serde(rename = "adId", default, deserialize_with = "uuid")]
+    #[oai(nullable)]
     pub ad_id: Option<Uuid>,
     /// impression, click, or a VAST event: creativeView, start, firstQuartile, midpoint,
     /// thirdQuartile, complete, skip, pause, resume, mute, unmute, close, error (snake_case
@@ -49,29 +51,49 @@ pub struct BatchEvent {
     /// When it happened, RFC 3339. Absent: server time. More than MAX_CLOCK_SKEW ahead or
     /// MAX_EVENT_AGE behind: the item is rejected.
     #[serde(default, deserialize_with = "rfc3339")]
+    #[oai(nullable)]
     pub timestamp: Option<OffsetDateTime>,
     /// Seconds into the video.
     #[serde(rename = "playbackTime", default)]
+    #[oai(nullable)]
     pub playback_time: Option<f64>,
     /// VAST error code, for `error` (900, undefined, when absent).
     #[serde(rename = "errorCode", default)]
+    #[oai(nullable)]
     pub error_code: Option<u16>,
     /// Alternative spelling of `eventId`.
-    #[oai(rename = "event_id")]
+    #[oai(rename = "event_id", nullable)]
     #[serde(rename = "event_id", default)]
     pub event_id_snake: Option<String>,
     /// Alternative spelling of `adId`.
-    #[oai(rename = "ad_id")]
+    #[oai(rename = "ad_id", nullable)]
     #[serde(rename = "ad_id", default, deserialize_with = "uuid")]
     pub ad_id_snake: Option<Uuid>,
     /// Alternative spelling of `playbackTime`.
-    #[oai(rename = "playback_time")]
+    #[oai(rename = "playback_time", nullable)]
     #[serde(rename = "playback_time", default)]
     pub playback_time_snake: Option<f64>,
     /// Alternative spelling of `errorCode`.
-    #[oai(rename = "error_code")]
+    #[oai(rename = "error_code", nullable)]
     #[serde(rename = "error_code", default)]
     pub error_code_snake: Option<u16>,
+}
+
+impl poem_openapi::types::Example for BatchEvent {
+    fn example() -> Self {
+        BatchEvent {
+            event_id: Some("sess-42-q1".into()),
+            ad_id: Some(super::tracking::EXAMPLE_AD),
+            kind: "firstQuartile".into(),
+            timestamp: None,
+            playback_time: Some(7.5),
+            error_code: None,
+            event_id_snake: None,
+            ad_id_snake: None,
+            playback_time_snake: None,
+            error_code_snake: None,
+        }
+    }
 }
 
 impl TryFrom<BatchEvent> for EventReport {
@@ -134,6 +156,7 @@ pub struct ItemResult {
 
 /// Answer of a batch.
 #[derive(Debug, Object)]
+#[oai(example)]
 pub struct BatchResult {
     /// Items held for storage (those from bots and empty user agents too: they are stored,
     /// flagged, and the answer does not tell them apart).
@@ -144,6 +167,32 @@ pub struct BatchResult {
     pub rejected: u32,
     /// One entry per item, in request order.
     pub results: Vec<ItemResult>,
+}
+
+impl poem_openapi::types::Example for BatchResult {
+    fn example() -> Self {
+        let item = |index, status, event_id: Option<&str>, error: Option<&str>| ItemResult {
+            index,
+            status,
+            event_id: event_id.map(|id| Uuid::parse_str(id).expect("a valid example id")),
+            error: error.map(String::from),
+        };
+        BatchResult {
+            accepted: 1,
+            duplicates: 1,
+            rejected: 1,
+            results: vec![
+                item(0, ItemStatus::Accepted, Some("0d6f4c1e-9a0b-4c55-8f1e-2b7a9c3d4e5f"), None),
+                item(1, ItemStatus::Duplicate, Some("5b1d8f52-0a47-4b8e-9f0e-3c1f6f0c2a11"), None),
+                item(
+                    2,
+                    ItemStatus::Rejected,
+                    None,
+                    Some("events[2]: kind \"quartile\" is not an event kind"),
+                ),
+            ],
+        }
+    }
 }
 
 /// Answer of `POST /ads/events`.

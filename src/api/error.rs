@@ -17,6 +17,7 @@ use crate::{ingest::PushError, metrics::RejectReason, store::StoreError};
 
 /// The body of every error response.
 #[derive(Debug, Clone, Object, serde::Serialize)]
+#[oai(example)]
 pub struct ErrorBody {
     /// What is wrong, in words a caller can act on.
     pub error: String,
@@ -50,6 +51,14 @@ impl IntoResponse for Refusal {
         let mut resp = error_response(StatusCode::OK, &self.0.error);
         resp.headers_mut().insert(REFUSAL_HEADER, poem::http::HeaderValue::from_static(self.1.as_str()));
         resp
+    }
+}
+
+impl poem_openapi::types::Example for ErrorBody {
+    fn example() -> Self {
+        ErrorBody {
+            error: "adId must be a UUID such as 11111111-1111-1111-1111-111111111111, got \"abc\"".into(),
+        }
     }
 }
 

@@ -70,6 +70,8 @@ fn ip<'de, D: Deserializer<'de>>(d: D) -> Result<Option<IpAddr>, D::Error> {
 
 /// Body of `POST /ads/impression`. Send `adId` or `ad_id`.
 #[derive(Debug, Object, Deserialize)]
+// Every field may also be sent as null, which means absent.
+#[oai(example, skip_serializing_if_is_none, nullable_all)]
 pub struct ImpressionRequest {
     /// The ad's id.
     #[oai(rename = "adId")]
@@ -92,6 +94,8 @@ pub struct ImpressionRequest {
 
 /// Body of `POST /ads/click`, camelCase as the old service documented or snake_case.
 #[derive(Debug, Object, Deserialize)]
+// Every field may also be sent as null, which means absent.
+#[oai(example, skip_serializing_if_is_none, nullable_all)]
 pub struct ClickRequest {
     /// The ad's id.
     #[oai(rename = "adId")]
@@ -143,6 +147,7 @@ pub struct ClickRequest {
 
 /// An acknowledgement (the schema of [`ClickQueued`] and of a repeated impression).
 #[derive(Debug, Object)]
+#[oai(example, skip_serializing_if_is_none)]
 pub struct MessageBody {
     /// What happened.
     pub message: String,
@@ -150,6 +155,39 @@ pub struct MessageBody {
     /// the same ad, client and kind within DEDUP_WINDOW): acknowledged, not counted again.
     pub duplicate: Option<bool>,
 }
+
+impl poem_openapi::types::Example for ImpressionRequest {
+    fn example() -> Self {
+        ImpressionRequest { ad_id_camel: Some(EXAMPLE_AD), ad_id: None, event_id_camel: None, event_id: None }
+    }
+}
+
+impl poem_openapi::types::Example for ClickRequest {
+    fn example() -> Self {
+        ClickRequest {
+            ad_id_camel: Some(EXAMPLE_AD),
+            ad_id: None,
+            event_id_camel: Some(uuid::uuid!("5b1d8f52-0a47-4b8e-9f0e-3c1f6f0c2a11")),
+            event_id: None,
+            timestamp: None,
+            ip_address_camel: None,
+            ip_address: None,
+            ip: None,
+            video_playback_time_camel: Some(30.0),
+            video_playback_time: None,
+            playback_time: None,
+        }
+    }
+}
+
+impl poem_openapi::types::Example for MessageBody {
+    fn example() -> Self {
+        MessageBody { message: "Click event queued".into(), duplicate: None }
+    }
+}
+
+/// The ad id the OpenAPI examples use (a demo ad that `SEED_DEMO_ADS` creates).
+pub(crate) const EXAMPLE_AD: Uuid = uuid::uuid!("11111111-1111-1111-1111-111111111111");
 
 /// Answer of `POST /ads/impression`.
 #[derive(Debug, ApiResponse)]
