@@ -3,7 +3,7 @@
 //! others), and the good ones are held all together or not at all: a 202 means every item marked
 //! accepted is held, a 503 that none is.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
 use poem::{Request, RequestBody, http::StatusCode};
 use poem_openapi::{
@@ -21,7 +21,7 @@ use super::{
     body::{describe_malformed, json_or_text, malformed, read_body},
     error::ApiError,
     pixel::event_id,
-    tracking::{ad_id, one_of, rfc3339, uuid},
+    tracking::{ad_id, ip, one_of, rfc3339, uuid},
 };
 use crate::{
     domain::{EventKind, EventReport, PlaybackTime, Traffic},
@@ -77,6 +77,25 @@ pub struct BatchEvent {
     #[oai(rename = "error_code", nullable)]
     #[serde(rename = "error_code", default)]
     pub error_code_snake: Option<u16>,
+    /// The viewer's IP, for a server-side caller sending events of many viewers (server-side ad
+    /// insertion). It counts only when the caller's key has the ingest scope, like `X-Device-IP`
+    /// for the whole request; from anyone else it is checked and ignored.
+    #[oai(nullable)]
+    #[serde(rename = "ipAddress", default, deserialize_with = "ip")]
+    pub ip_address: Option<IpAddr>,
+    /// The viewer's user agent, like `X-Device-User-Agent`: counts only for the ingest scope.
+    #[oai(nullable, validator(max_length = 1024))]
+    #[serde(rename = "userAgent", default)]
+    pub user_agent: Option<String>,
+}
+
+/// What a server-side caller says about the viewer of one batch item.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Device {
+    /// The viewer's address.
+    pub ip: Option<IpAddr>,
+    /// The viewer's user agent.
+    pub user_agent: Option<String>,
 }
 
 impl poem_openapi::types::Example for BatchEvent {
@@ -92,6 +111,8 @@ impl poem_openapi::types::Example for BatchEvent {
             ad_id_snake: None,
             playback_time_snake: None,
             error_code_snake: None,
+            ip_address: None,
+            user_agent: None,
         }
     }
 }
@@ -245,7 +266,7 @@ impl<'a> ApiExtractor<'a> for EventBatch {
 }
 
 /// Parses one item, naming the field that is wrong.
-fn parse_item(value: serde_json::Value) -> Result<EventReport, String> {
+fn parse_item(value: serde_json::Value) -> Result<(EventReport, Device), String> {
     if !value.is_object() {
         return Err("must be a JSON object".into());
     }
@@ -260,7 +281,8 @@ fn parse_item(value: serde_json::Value) -> Result<EventReport, String> {
             format!("{path}: {inner}")
         }
     })?;
-    EventReport::try_from(item)
+    let device = Device { ip: item.ip_address, user_agent: item.user_agent.clone() };
+    Ok((EventReport::try_from(item)?, device))
 }
 
 /// Batch operations.
@@ -283,13 +305,13 @@ impl BatchApi {
         let st = &self.state;
         let n = body.0.len();
         // First everything that waits: parse every item and resolve every distinct ad once.
-        let mut judged: Vec<Result<(EventReport, OffsetDateTime), (RejectReason, String)>> =
+        let mut judged: Vec<Result<(EventReport, OffsetDateTime, Device), (RejectReason, String)>> =
             Vec::with_capacity(n);
         let mut known: HashMap<Uuid, bool> = HashMap::new();
         let now = OffsetDateTime::now_utc();
         for (index, value) in body.0.into_iter().enumerate() {
-            let report = match parse_item(value) {
-                Ok(report) => report,
+            let (report, device) = match parse_item(value) {
+                Ok(parsed) => parsed,
                 Err(e) => {
                     judged.push(Err((RejectReason::Invalid, format!("events[{index}]: {e}"))));
                     continue;
@@ -313,7 +335,7 @@ impl BatchApi {
                 },
             };
             judged.push(if exists {
-                Ok((report, at))
+                Ok((report, at, device))
             } else {
                 Err((RejectReason::UnknownAd, format!("ad {} not found", report.ad_id)))
             });
@@ -327,7 +349,7 @@ impl BatchApi {
         let (mut duplicates, mut rejected, mut repeats) = (0, 0, 0);
         for (index, item) in judged.into_iter().enumerate() {
             let index = index as u32;
-            let (report, at) = match item {
+            let (report, at, device) = match item {
                 Ok(item) => item,
                 Err((reason, error)) => {
                     st.metrics.rejected(reason);
@@ -371,7 +393,7 @@ impl BatchApi {
                     }
                 }
             }
-            let row = st.stamp(&report, at, now, &caller, &mut claims);
+            let row = st.stamp(&report, at, now, &st.for_device(&caller, &device), &mut claims);
             let status = if row.traffic == Traffic::Duplicate {
                 duplicates += 1;
                 ItemStatus::Duplicate
@@ -399,7 +421,7 @@ mod tests {
     fn items_parse_or_say_why_not() {
         let ok = serde_json::json!({"adId": "11111111-1111-1111-1111-111111111111", "kind": "firstQuartile",
             "eventId": "abc", "playbackTime": 7.5});
-        let r = parse_item(ok).unwrap();
+        let (r, _) = parse_item(ok).unwrap();
         assert_eq!((r.kind, r.playback_time.unwrap().seconds()), (EventKind::FirstQuartile, 7.5));
         assert_eq!(r.event_id, Some(event_id("abc", r.ad_id, r.kind).unwrap()));
         let e = parse_item(serde_json::json!({"adId": "x", "kind": "start"})).unwrap_err();
@@ -412,6 +434,6 @@ mod tests {
         assert!(e.contains("adId is required"), "{e}");
         assert!(parse_item(serde_json::json!(5)).unwrap_err().contains("JSON object"));
         let err = serde_json::json!({"adId": "11111111-1111-1111-1111-111111111111", "kind": "error"});
-        assert_eq!(parse_item(err).unwrap().error_code, 900);
+        assert_eq!(parse_item(err).unwrap().0.error_code, 900);
     }
 }

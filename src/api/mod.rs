@@ -112,6 +112,8 @@ pub struct Caller {
     /// Whether `ip` is one viewer's, so that the repeat rule may judge by it (false for an ad
     /// server that did not say whose events it sends).
     pub per_device: bool,
+    /// Whether the caller's key has the ingest scope: it may speak for viewers.
+    pub ingest: bool,
 }
 
 /// What a request has reserved while it stores events, to be given back if they are not held:
@@ -248,7 +250,24 @@ impl State {
                 true,
             )
         };
-        Caller { ip, ip_hash: self.hasher.hash(ip), agent, per_device }
+        Caller { ip, ip_hash: self.hasher.hash(ip), agent, per_device, ingest }
+    }
+
+    /// The caller of one batch item: the viewer a server-side caller (ingest scope) names in the
+    /// item, else the request's caller. From anyone else the item's viewer fields are ignored.
+    pub fn for_device(&self, caller: &Caller, device: &batch::Device) -> Caller {
+        if !caller.ingest || (device.ip.is_none() && device.user_agent.is_none()) {
+            return *caller;
+        }
+        let (ip, ip_hash) = match device.ip {
+            Some(ip) => (ip, self.hasher.hash(ip)),
+            None => (caller.ip, caller.ip_hash),
+        };
+        let agent = match &device.user_agent {
+            Some(ua) => self.user_agents.classify(Some(ua.as_bytes())),
+            None => caller.agent,
+        };
+        Caller { ip, ip_hash, agent, per_device: device.ip.is_some() || caller.per_device, ingest: true }
     }
 
     /// How long the sender of `req` must wait when it is over its rate limit on a tracking

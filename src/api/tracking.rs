@@ -64,7 +64,7 @@ pub(crate) fn rfc3339<'de, D: Deserializer<'de>>(d: D) -> Result<Option<OffsetDa
     })
 }
 
-fn ip<'de, D: Deserializer<'de>>(d: D) -> Result<Option<IpAddr>, D::Error> {
+pub(crate) fn ip<'de, D: Deserializer<'de>>(d: D) -> Result<Option<IpAddr>, D::Error> {
     parsed(d, |s| s.parse().map_err(|_| format!("must be an IPv4 or IPv6 address, got {}", shown(s))))
 }
 

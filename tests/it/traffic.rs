@@ -288,3 +288,47 @@ async fn client_timestamps_outside_the_accepted_window_are_refused() {
     assert_eq!(app.number("SELECT count() FROM events").await, 3);
     assert_eq!(app.metric(r#"adbeacon_events_rejected_total{reason="bad_timestamp"}"#).await, 5);
 }
+
+#[tokio::test]
+async fn a_server_side_batch_names_the_viewer_of_each_item() {
+    let keys = format!("ingest:{INGEST},read:{READER}");
+    let app = TestApp::spawn_with(&[("API_KEYS", &keys), ("DEDUP_WINDOW", "10s")]).await;
+    let items = json!([
+        {"adId": AD, "kind": "click", "ipAddress": "198.51.100.1", "userAgent": "Roku/DVP-14.0"},
+        {"adId": AD, "kind": "click", "ipAddress": "198.51.100.2", "userAgent": "Roku/DVP-14.0"},
+        {"adId": AD, "kind": "click", "ipAddress": "198.51.100.2", "userAgent": "Roku/DVP-14.0"},
+        {"adId": AD, "kind": "click", "ipAddress": "198.51.100.3", "userAgent": GOOGLEBOT},
+    ]);
+    let send = |key: Option<&'static str>| {
+        let mut req = app.http.post(format!("{}/ads/events", app.base)).json(&items);
+        if let Some(key) = key {
+            req = req.bearer_auth(key);
+        }
+        req.send()
+    };
+    let result: Value = send(Some(INGEST)).await.unwrap().json().await.unwrap();
+    assert_eq!((result["accepted"].as_u64(), result["duplicates"].as_u64()), (Some(3), Some(1)), "{result}");
+    assert_eq!(result["results"][2]["status"], "duplicate", "the same viewer again within the window");
+    assert_eq!(app.wait_flushed(4).await, 4);
+    let got: Value = app
+        .http
+        .get(format!("{}/ads/analytics?adId={AD}&timeframe=1h", app.base))
+        .bearer_auth(READER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!((got["totalClicks"].as_u64(), got["uniqueClicks"].as_u64()), (Some(2), Some(2)), "{got}");
+    assert_eq!(got["traffic"]["filtered"]["bot"]["clicks"], 1);
+
+    // Without the key the viewer fields are ignored: one client (this test), judged as itself.
+    let result: Value = send(None).await.unwrap().json().await.unwrap();
+    assert_eq!(result["accepted"], 1, "one click counts, three repeat it: {result}");
+    assert_eq!(app.wait_flushed(8).await, 8);
+    let stored = app
+        .query("SELECT uniqExact(ip_hash) FROM events WHERE received_at >= now() - 60 AND traffic != 'bot'")
+        .await;
+    assert_eq!(stored.trim(), "3", "two viewers and this test's own address");
+}
