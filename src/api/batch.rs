@@ -89,6 +89,10 @@ pub struct BatchEvent {
     pub user_agent: Option<String>,
 }
 
+/// One item after the first pass: ready to be stored (with its event time and viewer), or
+/// refused with the reason it is counted under and the message for its result.
+type Judged = Result<(EventReport, OffsetDateTime, Device), (RejectReason, String)>;
+
 /// What a server-side caller says about the viewer of one batch item.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Device {
@@ -305,8 +309,7 @@ impl BatchApi {
         let st = &self.state;
         let n = body.0.len();
         // First everything that waits: parse every item and resolve every distinct ad once.
-        let mut judged: Vec<Result<(EventReport, OffsetDateTime, Device), (RejectReason, String)>> =
-            Vec::with_capacity(n);
+        let mut judged: Vec<Judged> = Vec::with_capacity(n);
         let mut known: HashMap<Uuid, bool> = HashMap::new();
         let now = OffsetDateTime::now_utc();
         for (index, value) in body.0.into_iter().enumerate() {
