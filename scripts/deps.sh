@@ -72,6 +72,12 @@ have python3 || missing+=(python3)
 if [ "$mode" = bench ]; then
   have wrk || missing+=(wrk)
 fi
+# scripts/check-deploy.sh checks deploy/prometheus/ with promtool, which
+# Debian ships in the prometheus package (apt starts no service: see
+# apt_install's policy-rc.d; without systemd as PID 1 nothing starts either).
+if [ "$mode" = test ]; then
+  have promtool || missing+=(prometheus)
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
   apt_install "${missing[@]}"
 fi
@@ -119,6 +125,13 @@ if [ "$mode" = test ]; then
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
       "${CHDB_PACKAGE:-chdb-core}"
     "$venv/bin/python" -c 'import chdb'
+  fi
+  # scripts/check-deploy.sh parses docker-compose.yml and deploy/ with PyYAML.
+  if ! "$venv/bin/python" -c 'import yaml' >/dev/null 2>&1; then
+    make_venv
+    echo "deps: pip install PyYAML" >&2
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check PyYAML
+    "$venv/bin/python" -c 'import yaml'
   fi
   if [ "$("$venv/bin/schemathesis" --version 2>/dev/null | awk '{print $NF}')" != "$schemathesis_version" ]; then
     make_venv
