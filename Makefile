@@ -19,7 +19,7 @@ endif
 
 VENV_PYTHON := .data/venv/bin/python
 
-.PHONY: help run test fuzz bench bench-analytics stop status clean-data fmt lint openapi
+.PHONY: help run test fuzz check-deploy bench bench-analytics stop status clean-data fmt lint openapi
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -28,19 +28,25 @@ run: ## local stack + `adbeacon serve` on :8080; Ctrl-C stops both
 	bash scripts/run.sh
 
 # One command per line so the first failure stops make.
-test: ## deps, fmt check, clippy, all tests, SQL conformance, API fuzzing (what CI runs)
+test: ## deps, fmt check, clippy, all tests, SQL conformance, deploy files, API fuzzing (what CI runs)
 	bash scripts/deps.sh test
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cargo test --all-targets
 	$(VENV_PYTHON) tests/sql/conformance.py
 	$(VENV_PYTHON) scripts/check-k8s.py
+	bash scripts/check-deploy.sh
 	bash scripts/fuzz.sh
 
 # A private ClickHouse, Redis and adbeacon on free ports; see scripts/fuzz.sh for its knobs.
 fuzz: ## schemathesis against the live API: no 5xx, every answer as the OpenAPI spec says
 	bash scripts/deps.sh test
 	bash scripts/fuzz.sh
+
+# No Docker engine runs here: the files are parsed and checked, and promtool checks the rules.
+check-deploy: ## static checks of docker-compose.yml, the Dockerfile and deploy/ (part of `make test`)
+	bash scripts/deps.sh test
+	bash scripts/check-deploy.sh
 
 # Twice: unpinned (servers and wrk share both cores: the plain `wrk` comparison), then pinned
 # (server on one core, wrk on the other: the per-core cost). Each run measures bare and adbeacon.

@@ -72,6 +72,12 @@ have python3 || missing+=(python3)
 if [ "$mode" = bench ]; then
   have wrk || missing+=(wrk)
 fi
+# scripts/check-deploy.sh checks deploy/prometheus/ with promtool, which
+# Debian ships in the prometheus package (apt starts no service: see
+# apt_install's policy-rc.d; without systemd as PID 1 nothing starts either).
+if [ "$mode" = test ]; then
+  have promtool || missing+=(prometheus)
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
   apt_install "${missing[@]}"
 fi
@@ -127,6 +133,7 @@ if [ "$mode" = test ]; then
       "schemathesis==$schemathesis_version"
     "$venv/bin/schemathesis" --version >/dev/null
   fi
-  # scripts/check-k8s.py: PyYAML, and Kubernetes' API schemas bundled (no network when checking).
+  # scripts/check-deploy.sh (docker-compose.yml, deploy/) and scripts/check-k8s.py: PyYAML, and
+  # Kubernetes' API schemas bundled (no network when checking).
   "$venv/bin/python" -c 'import importlib.metadata as m; assert m.version("kubernetes-validate") == "1.37.0"; import yaml' 2>/dev/null || { make_venv; echo "deps: pip install kubernetes-validate==1.37.0 PyYAML==6.0.3" >&2; "$venv/bin/python" -m pip install --quiet --disable-pip-version-check kubernetes-validate==1.37.0 PyYAML==6.0.3; }
 fi

@@ -204,6 +204,11 @@ impl Metrics {
         )
         .expect("valid metric");
         reg(Box::new(insert_failures.clone()));
+        // Both classes exist from the start at 0, so that `rate()` and `increase()` see the first
+        // failure (a series born at 1 shows no increase) and the alert rules always have a series.
+        for class in ["retryable", "rejected"] {
+            insert_failures.with_label_values(&[class]);
+        }
         let batch_rows = Histogram::with_opts(
             HistogramOpts::new("adbeacon_batch_rows", "Rows per batch confirmed by ClickHouse").buckets(
                 vec![1.0, 10.0, 100.0, 1_000.0, 10_000.0, 50_000.0, 100_000.0, 500_000.0, 1_000_000.0],

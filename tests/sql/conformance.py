@@ -24,6 +24,9 @@ chDB embeds the current engine in-process, so this script proves the other half 
     equal a recount; the ```sql retention block is run on that database too and must leave the
     aggregates untouched.
 
+  * the ClickHouse SQL of the Grafana dashboards (deploy/grafana/dashboards/*.json, `rawSql`)
+    runs with the plugin's macros expanded; "Top ads by CTR" equals a recount of valid raw events.
+
 Files are discovered by globbing, so new migrations and queries are covered without editing this.
 
 Run:   .data/venv/bin/python tests/sql/conformance.py     (`make test` runs it too)
@@ -38,6 +41,7 @@ Exit:  0 when everything passed, 1 on any failure or when no check ran.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -1265,7 +1269,90 @@ def run_all(checks: Checks, ch: Engine) -> None:
     for q in queries:
         checks.run(f"query {q.name}", check_query, ch, q)
 
+    run_dashboard_checks(checks, ch)
     run_doc_checks(checks, ch, make_db)
+
+
+# --- Grafana dashboards ----------------------------------------------------------------------
+
+DASHBOARDS_DIR = ROOT / "deploy" / "grafana" / "dashboards"
+
+
+def dashboard_sql() -> list[tuple[str, str]]:
+    """(panel, rawSql) of every ClickHouse query in the dashboards."""
+    found = []
+    for path in sorted(DASHBOARDS_DIR.glob("*.json")):
+        for top in json.loads(path.read_text()).get("panels", []):
+            for panel in [top, *top.get("panels", [])]:
+                for target in panel.get("targets") or []:
+                    if target.get("rawSql"):
+                        found.append((f"{path.name}: {panel.get('title')}", target["rawSql"]))
+    return found
+
+
+def expand_grafana(sql: str, from_ts: int, to_ts: int, variables: dict[str, str]) -> str:
+    """The SQL as the ClickHouse plugin sends it: $__timeFilter(col) becomes a closed range."""
+    sql = re.sub(
+        r"\$__timeFilter\((\w+)\)",
+        lambda m: f"{m.group(1)} >= toDateTime({from_ts}) AND {m.group(1)} <= toDateTime({to_ts})",
+        sql,
+    )
+    for name, value in variables.items():
+        sql = sql.replace("${" + name + "}", value).replace("$" + name, value)
+    left = re.findall(r"\$\{?\w+", sql)
+    if left:
+        raise AssertionError(f"macros this check does not expand: {left}")
+    return sql
+
+
+def check_top_ads_by_ctr(ch: Engine, rows: list[dict[str, str]]) -> str | None:
+    want = {
+        r["ad_id"]: r
+        for r in ch.rows(
+            "SELECT toString(ad_id) AS ad_id, countIf(kind = 'impression') AS impressions, "
+            "countIf(kind = 'click') AS clicks FROM events WHERE traffic = 'valid' "
+            "GROUP BY ad_id HAVING impressions >= 1"
+        )
+    }
+    if not rows:
+        return "no rows"
+    problems = []
+    for r in rows:
+        w = want.get(r["ad_id"])
+        if w is None:
+            problems.append(f"{r['ad_id']} has no valid impressions in events")
+            continue
+        ctr = round(100 * int(w["clicks"]) / int(w["impressions"]), 2)
+        name = newest(r["ad_id"])[1] if r["ad_id"] in CATALOG else r["ad_id"]
+        if (r["impressions"], r["clicks"]) != (w["impressions"], w["clicks"]):
+            problems.append(f"{r['ad_id']}: {r['impressions']}/{r['clicks']}, recount {w['impressions']}/{w['clicks']}")
+        if numbers_differ(r["ctr_percent"], str(ctr)):
+            problems.append(f"{r['ad_id']}: CTR {r['ctr_percent']}, recount {ctr}")
+        if r["ad"] != name:
+            problems.append(f"{r['ad_id']}: named {r['ad']!r}, want {name!r}")
+    if len(rows) != min(20, len(want)):
+        problems.append(f"{len(rows)} rows, want {min(20, len(want))}")
+    ctrs = [float(r["ctr_percent"]) for r in rows]
+    if ctrs != sorted(ctrs, reverse=True):
+        problems.append(f"not ordered by CTR: {ctrs}")
+    return "; ".join(problems) or None
+
+
+def run_dashboard_checks(checks: Checks, ch: Engine) -> None:
+    panels = dashboard_sql()
+    if not panels:
+        checks.fail("dashboard SQL discovered", f"no rawSql in {DASHBOARDS_DIR}/*.json")
+    # Every sample event, and the year 2100 as the end of the range.
+    window = (0, 4102444800)
+    for name, sql in panels:
+
+        def run(sql=sql, name=name) -> str | None:
+            rows = ch.rows(expand_grafana(sql, *window, {"min_impressions": "1"}))
+            if name.endswith("Top ads by CTR"):
+                return check_top_ads_by_ctr(ch, rows)
+            return None if rows else "no rows on the sample data"
+
+        checks.run(f"dashboard SQL {name}", run)
 
 
 if __name__ == "__main__":
