@@ -1,10 +1,12 @@
 //! adbeacon: video-ad tracking and analytics on ClickHouse.
 //!
 //! The data flow, in five lines:
-//! 1. `api` validates a request into a domain `Event` (ad resolved through the cached `Catalog`).
+//! 1. `api` validates a request into a domain `Event` (ad resolved through the cached `Catalog`;
+//!    client IP trusted, rate limited, judged as valid or filtered traffic).
 //! 2. `ingest::Buffer` holds it in memory, byte-capped (full → 503, never a lost 2xx).
 //! 3. `ingest::Flusher` inserts due batches into ClickHouse `events` as RowBinary, retrying.
-//! 4. Materialized views roll `events` up into `ad_stats_*` aggregates.
+//! 4. Materialized views roll the valid `events` up into `ad_stats_*` aggregates (filtered ones
+//!    into `ad_filtered_minutely`).
 //! 5. Analytics read only the aggregates.
 //!
 //! Modules: [`config`] (environment), [`app`] (wiring and shutdown), [`server`] (the HTTP/1.1

@@ -1,6 +1,7 @@
-//! The HTTP surface: one poem-openapi struct per tag, the shared [`State`], and [`routes`]: every
-//! operation behind one front endpoint that sets the body limit, turns errors into JSON and counts
-//! requests for the metrics.
+//! The HTTP surface: one poem-openapi struct per tag, the shared [`State`] (which also judges
+//! traffic: client IP, rate limit, repeats, user agents), and [`routes`]: every operation behind one
+//! front endpoint that tags the request id, rate-limits the tracking paths, sets the body limits,
+//! turns errors into JSON and counts requests and refusals for the metrics.
 
 pub mod ads;
 pub mod analytics;
