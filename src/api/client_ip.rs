@@ -109,7 +109,8 @@ impl TrustedProxies {
     }
 }
 
-fn header_ip(headers: &HeaderMap, name: &str) -> Option<IpAddr> {
+/// The address in header `name`, if it holds exactly one that parses.
+pub(crate) fn header_ip(headers: &HeaderMap, name: &str) -> Option<IpAddr> {
     headers.get(name)?.to_str().ok()?.trim().parse().ok()
 }
 

@@ -244,7 +244,8 @@ impl State {
             let device_agent = headers.get("x-device-user-agent");
             let agent =
                 device_agent.map_or(Traffic::Valid, |ua| self.user_agents.classify(Some(ua.as_bytes())));
-            (agent, stated.is_some() || headers.contains_key("x-device-ip"))
+            // Only an address that parses names the viewer; a garbled header leaves the server's.
+            (agent, stated.is_some() || client_ip::header_ip(headers, "x-device-ip").is_some())
         } else {
             (
                 self.user_agents.classify(headers.get(poem::http::header::USER_AGENT).map(|v| v.as_bytes())),
