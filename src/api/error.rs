@@ -226,12 +226,12 @@ fn describe(status: StatusCode, text: &str) -> String {
 /// whole seconds, as Retry-After counts).
 pub fn too_many_requests(wait: std::time::Duration) -> Response {
     let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
-    let mut resp = error_response(
-        StatusCode::TOO_MANY_REQUESTS,
-        &format!("too many requests from this address; retry in {secs} s (RATE_LIMIT per client IP)"),
-    );
-    resp.headers_mut().insert(poem::http::header::RETRY_AFTER, poem::http::HeaderValue::from(secs));
-    resp
+    // The declared variant, so the answer is the one the OpenAPI document describes.
+    ApiError::TooManyRequests(
+        body(format!("too many requests from this address; retry in {secs} s (RATE_LIMIT per client IP)")),
+        secs,
+    )
+    .into_response()
 }
 
 /// A JSON error response with `status` and `msg`.

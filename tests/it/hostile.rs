@@ -795,13 +795,7 @@ async fn assert_closed(stream: &mut (impl AsyncRead + Unpin)) {
 async fn hostile_oversized_streams_are_cut_at_the_limit() {
     let app = TestApp::spawn_with(&[("MAX_BODY_BYTES", LIMIT), ("MAX_BATCH_BODY_BYTES", LIMIT)]).await;
     let ads_before = ads_snapshot(&app).await;
-    for (method, path) in [
-        ("POST", "/ads/impression".to_string()),
-        ("POST", "/ads/click".into()),
-        ("POST", "/ads/events".into()),
-        ("POST", "/ads".into()),
-        ("PUT", format!("/ads/{AD1}")),
-    ] {
+    for (method, _, path, _, _) in body_endpoints() {
         let sample = counter(&path, "too_large");
         let before = app.metric(&sample).await;
         // Declared: 1 GB is announced and nothing sent.
@@ -854,13 +848,7 @@ async fn hostile_slow_clients_are_cut_off() {
     assert_eq!(app.metric(r#"adbeacon_requests_rejected_total{reason="header_timeout"}"#).await, 1);
 
     let body = format!(r#"{{"adId":"{AD1}"}}"#);
-    for (method, path) in [
-        ("POST", "/ads/impression".to_string()),
-        ("POST", "/ads/click".into()),
-        ("POST", "/ads/events".into()),
-        ("POST", "/ads".into()),
-        ("PUT", format!("/ads/{AD1}")),
-    ] {
+    for (method, _, path, _, _) in body_endpoints() {
         let sample = counter(&path, "body_timeout");
         let before = app.metric(&sample).await;
         // Stalled: 10 of 100 announced bytes, then nothing.
