@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     api::{self, State},
     config::Config,
-    ingest::{Buffer, DeadLetters, Flusher, Limits},
+    ingest::{AckMode, Buffer, DeadLetters, Flusher, Intake, Limits, Wal, WalConfig},
     iphash::IpHasher,
     metrics::Metrics,
     server,
@@ -47,27 +47,78 @@ pub struct App {
     local_addr: SocketAddr,
     state: Arc<State>,
     flusher: JoinHandle<()>,
+    wal: Option<Wal>,
     stop_flusher: CancellationToken,
     retention: JoinHandle<()>,
     stop_retention: CancellationToken,
     header_read_timeout: Duration,
 }
 
-/// Builds the shared state from parts that need no I/O beyond what the caller already did.
-fn state(config: &Config, clickhouse: ClickHouse, hasher: IpHasher, metrics: Arc<Metrics>) -> Arc<State> {
-    let buffer = Arc::new(Buffer::new(
+/// The buffer `config` describes.
+fn buffer(config: &Config, metrics: Arc<Metrics>) -> Arc<Buffer> {
+    Arc::new(Buffer::new(
         Limits {
             max_bytes: config.buffer_max_bytes,
             batch_rows: config.batch_max_rows,
             batch_bytes: config.batch_max_bytes,
             max_age: config.flush_interval,
         },
-        metrics.clone(),
-    ));
+        metrics,
+    ))
+}
+
+/// Opens the write-ahead log in `wal` mode, or in another mode when an earlier run left one
+/// (its events are owed: they are sent, and the log deleted, but new events bypass it). Its
+/// events are back in `buffer` when this returns.
+async fn open_wal(
+    config: &Config,
+    buffer: &Arc<Buffer>,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<Wal>, AppError> {
+    let dir = config.data_dir.join("wal");
+    if config.ack_mode != AckMode::Wal && !crate::ingest::wal::has_segments(&dir) {
+        return Ok(None);
+    }
+    let wal_config =
+        WalConfig { dir: dir.clone(), segment_bytes: config.wal_segment_bytes, fsync: config.wal_fsync };
+    let (buffer, metrics) = (buffer.clone(), metrics.clone());
+    let context = format!("write-ahead log under DATA_DIR ({})", dir.display());
+    let (wal, recovery) = tokio::task::spawn_blocking(move || Wal::open(wal_config, buffer, metrics))
+        .await
+        .map_err(|e| AppError::Io { context: context.clone(), source: std::io::Error::other(e) })?
+        .map_err(io(context))?;
+    if recovery.fresh_events + recovery.uncertain_events > 0 || recovery.corrupt_bytes > 0 {
+        tracing::info!(
+            segments = recovery.segments,
+            fresh = recovery.fresh_events,
+            uncertain_batches = recovery.uncertain_batches,
+            uncertain = recovery.uncertain_events,
+            confirmed = recovery.confirmed_events,
+            corrupt_bytes = recovery.corrupt_bytes,
+            "recovered events acknowledged before the last stop from the local log"
+        );
+    }
+    if config.ack_mode != AckMode::Wal {
+        tracing::warn!(
+            mode = config.ack_mode.name(),
+            "an earlier run left a write-ahead log: its events are sent, then the log is deleted"
+        );
+    }
+    Ok(Some(wal))
+}
+
+/// Builds the shared state from parts that need no I/O beyond what the caller already did.
+fn state(
+    config: &Config,
+    clickhouse: ClickHouse,
+    hasher: IpHasher,
+    metrics: Arc<Metrics>,
+    intake: Intake,
+) -> Arc<State> {
     let catalog =
         Catalog::new(clickhouse.clone(), metrics.clone(), config.catalog_ttl, config.catalog_negative_ttl);
     Arc::new(State {
-        buffer,
+        intake,
         catalog,
         analytics: Analytics::new(clickhouse.clone()),
         clickhouse,
@@ -98,7 +149,9 @@ fn state(config: &Config, clickhouse: ClickHouse, hasher: IpHasher, metrics: Arc
 /// The OpenAPI document as YAML, built without touching the network or the disk.
 pub fn openapi_yaml(config: &Config) -> String {
     let ch = ClickHouse::detached(&config.clickhouse);
-    let st = state(config, ch, IpHasher::new([0; 16]), Arc::new(Metrics::new()));
+    let metrics = Arc::new(Metrics::new());
+    let intake = Intake::buffered(buffer(config, metrics.clone()));
+    let st = state(config, ch, IpHasher::new([0; 16]), metrics, intake);
     api::openapi(st).spec_yaml()
 }
 
@@ -124,7 +177,14 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let hasher = IpHasher::load_or_create(&config.data_dir, config.ip_hash_key)
             .map_err(io(format!("IP-hash key under DATA_DIR {}", config.data_dir.display())))?;
-        let state = state(&config, clickhouse.clone(), hasher, metrics.clone());
+        let buffer = buffer(&config, metrics.clone());
+        let wal = open_wal(&config, &buffer, &metrics).await?;
+        let intake = Intake {
+            buffer,
+            wal: wal.clone().filter(|_| config.ack_mode == AckMode::Wal),
+            commit_timeout: (config.ack_mode == AckMode::Committed).then_some(config.ack_timeout),
+        };
+        let state = state(&config, clickhouse.clone(), hasher, metrics.clone(), intake);
         if config.api_keys.is_open() {
             tracing::warn!(
                 "API_KEYS is empty: anyone who can reach this service may create, change and retire ads and \
@@ -136,11 +196,12 @@ impl App {
         }
         let stop_flusher = CancellationToken::new();
         let flusher = Flusher {
-            buffer: state.buffer.clone(),
+            buffer: state.intake.buffer.clone(),
             clickhouse,
             metrics,
             dead_letters: DeadLetters::new(&config.data_dir),
             shutdown_timeout: config.shutdown_timeout,
+            wal: wal.clone(),
         };
         let flusher = tokio::spawn(flusher.run(stop_flusher.clone()));
         let stop_retention = CancellationToken::new();
@@ -160,6 +221,7 @@ impl App {
             local_addr,
             state,
             flusher,
+            wal,
             stop_flusher,
             retention,
             stop_retention,
@@ -186,10 +248,14 @@ impl App {
         let served = server::serve(self.listener, api::routes(self.state.clone()), shutdown, limits).await;
         tracing::info!("stopped accepting requests; flushing buffered events");
         self.stop_retention.cancel();
-        self.state.buffer.close();
+        self.state.intake.buffer.close();
         self.stop_flusher.cancel();
         if let Err(e) = self.flusher.await {
             tracing::error!(error = %e, "the flusher task failed during shutdown");
+        }
+        // Last: the flusher logs batch tokens and confirmations until it is done.
+        if let Some(wal) = &self.wal {
+            wal.close().await;
         }
         // Between two statements it stops at once; a DROP in flight is bounded by QUERY_TIMEOUT.
         if let Err(e) = self.retention.await {

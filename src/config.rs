@@ -49,7 +49,31 @@ pub const SETTINGS: &[Setting] = &[
         "DATA_DIR",
         "./.data/adbeacon",
         "a directory path",
-        "local state: the IP-hash key, batches ClickHouse could not take",
+        "local state: the IP-hash key, the write-ahead log (wal/), batches ClickHouse could not take (dead-letter/)",
+    ),
+    s(
+        "ACK_MODE",
+        "wal",
+        "buffered, wal or committed",
+        "what a 2xx means: the event is in memory (buffered), in the local write-ahead log under DATA_DIR (wal), or in ClickHouse (committed)",
+    ),
+    s(
+        "WAL_FSYNC",
+        "always",
+        "always, or an interval such as 10ms",
+        "wal mode: fsync the log before answering each group of requests (always), or at most this long after a write (answers come after the write: a process crash loses nothing, a power loss up to the interval)",
+    ),
+    s(
+        "WAL_SEGMENT_BYTES",
+        "64MiB",
+        "a size from 1MiB",
+        "wal mode: the log rotates to a new file at this size; files are deleted once ClickHouse holds all their events",
+    ),
+    s(
+        "ACK_TIMEOUT",
+        "10s",
+        "a duration",
+        "committed mode: how long a request waits for ClickHouse to confirm its events before it gets 503 (the events stay held)",
     ),
     Setting {
         name: "IP_HASH_KEY",
@@ -94,7 +118,7 @@ pub const SETTINGS: &[Setting] = &[
         "SHUTDOWN_TIMEOUT",
         "30s",
         "a duration",
-        "how long shutdown keeps retrying the last batches before saving them under DATA_DIR",
+        "how long shutdown keeps retrying the last batches before leaving them in the log (wal) or saving them under DATA_DIR/dead-letter",
     ),
     s("MAX_BODY_BYTES", "64KiB", "a size", "largest request body accepted"),
     s(
@@ -234,6 +258,14 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Configured IP-hash key; `None` means load or generate one under `data_dir`.
     pub ip_hash_key: Option<[u8; 16]>,
+    /// What a 2xx means.
+    pub ack_mode: crate::ingest::AckMode,
+    /// When the write-ahead log is fsynced.
+    pub wal_fsync: crate::ingest::FsyncPolicy,
+    /// Size at which the write-ahead log begins a new segment.
+    pub wal_segment_bytes: u64,
+    /// `committed` mode: how long a request waits for ClickHouse.
+    pub ack_timeout: Duration,
     /// Oldest age of a buffered event before its batch is flushed.
     pub flush_interval: Duration,
     /// Rows per INSERT at most.
@@ -303,6 +335,7 @@ impl std::fmt::Debug for Config {
             .field("clickhouse_database", &self.clickhouse.database)
             .field("clickhouse_user", &self.clickhouse.user)
             .field("data_dir", &self.data_dir)
+            .field("ack_mode", &self.ack_mode)
             .field("flush_interval", &self.flush_interval)
             .field("batch_max_rows", &self.batch_max_rows)
             .field("batch_max_bytes", &self.batch_max_bytes)
@@ -449,6 +482,22 @@ impl Config {
             },
             data_dir: r.get("DATA_DIR", |v| Ok(PathBuf::from(v)))?,
             ip_hash_key: r.get("IP_HASH_KEY", parse_key)?,
+            ack_mode: r.get("ACK_MODE", |v| {
+                crate::ingest::AckMode::from_name(&v.to_ascii_lowercase())
+                    .ok_or_else(|| "unknown mode".into())
+            })?,
+            wal_fsync: r.get("WAL_FSYNC", |v| {
+                if v.eq_ignore_ascii_case("always") {
+                    Ok(crate::ingest::FsyncPolicy::EveryGroup)
+                } else {
+                    pos_dur(v).map(crate::ingest::FsyncPolicy::Interval)
+                }
+            })?,
+            wal_segment_bytes: r.get("WAL_SEGMENT_BYTES", |v| {
+                parse_size(v)
+                    .and_then(|n| if n >= 1 << 20 { Ok(n as u64) } else { Err("less than 1MiB".into()) })
+            })?,
+            ack_timeout: r.get("ACK_TIMEOUT", pos_dur)?,
             flush_interval: r.get("FLUSH_INTERVAL", pos_dur)?,
             // A retry fetches the stored event ids of the batch; a million of them is 16 MB.
             batch_max_rows: r.get("BATCH_MAX_ROWS", |v| {

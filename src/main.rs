@@ -44,10 +44,16 @@ async fn main() -> ExitCode {
         "migrate" => app::connect_and_migrate(&config).await.map(|(_, applied)| {
             tracing::info!(?applied, "migrations are up to date");
         }),
-        _ => match App::build(config).await {
-            Ok(app) => app.run_until(shutdown_signal()).await,
-            Err(e) => Err(e),
-        },
+        _ => {
+            // Listening for signals starts before the build, so that a SIGTERM during start-up
+            // (or before the server first polls the future) means a clean stop, not the default
+            // kill.
+            let shutdown = shutdown_signal();
+            match App::build(config).await {
+                Ok(app) => app.run_until(shutdown).await,
+                Err(e) => Err(e),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -58,21 +64,24 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Completes on SIGINT (Ctrl-C) or SIGTERM (orchestrators).
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// Completes on SIGINT (Ctrl-C) or SIGTERM (orchestrators). The handlers are registered when
+/// this is called, not when the future is first polled.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let interrupt = signal(SignalKind::interrupt());
+    let terminate = signal(SignalKind::terminate());
+    async move {
+        let wait = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
+            match s {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending().await,
             }
-            Err(_) => std::future::pending().await,
+        };
+        tokio::select! {
+            _ = wait(interrupt) => tracing::info!("SIGINT received; shutting down"),
+            _ = wait(terminate) => tracing::info!("SIGTERM received; shutting down"),
         }
-    };
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("SIGINT received; shutting down"),
-        _ = term => tracing::info!("SIGTERM received; shutting down"),
     }
 }

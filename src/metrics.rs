@@ -38,6 +38,8 @@ pub enum RejectReason {
     UnknownAd,
     /// The buffer was full (503).
     BufferFull,
+    /// The write-ahead log could not be written: a full or broken disk (503).
+    LogUnavailable,
     /// The catalog could not be read (503).
     CatalogUnavailable,
     /// The service was shutting down (503).
@@ -53,7 +55,7 @@ pub enum RejectReason {
 
 impl RejectReason {
     /// Every reason.
-    pub const ALL: [RejectReason; 15] = [
+    pub const ALL: [RejectReason; 16] = [
         Self::Invalid,
         Self::MalformedJson,
         Self::UnsupportedMediaType,
@@ -64,6 +66,7 @@ impl RejectReason {
         Self::BadTimestamp,
         Self::UnknownAd,
         Self::BufferFull,
+        Self::LogUnavailable,
         Self::CatalogUnavailable,
         Self::ShuttingDown,
         Self::ForbiddenOrigin,
@@ -89,6 +92,7 @@ impl RejectReason {
             Self::BadTimestamp => "bad_timestamp",
             Self::UnknownAd => "unknown_ad",
             Self::BufferFull => "buffer_full",
+            Self::LogUnavailable => "log_unavailable",
             Self::CatalogUnavailable => "catalog_unavailable",
             Self::ShuttingDown => "shutting_down",
             Self::ForbiddenOrigin => "forbidden_origin",
@@ -141,6 +145,25 @@ pub struct Metrics {
     pub catalog_misses: IntCounter,
     /// Queries for single ads sent to ClickHouse (concurrent misses of one id share one).
     pub catalog_lookups: IntCounter,
+    /// Events a previous run acknowledged, found in the write-ahead log at start-up and owed
+    /// to ClickHouse by this run.
+    pub events_recovered: IntCounter,
+    /// Requests answered 503 in `committed` mode because ClickHouse did not confirm in time
+    /// (their events are held and counted as accepted).
+    pub commit_timeouts: IntCounter,
+    /// Bytes of the write-ahead log on disk.
+    pub wal_bytes: IntGauge,
+    /// Segments of the write-ahead log on disk.
+    pub wal_segments: IntGauge,
+    /// Duration of the log's fdatasync calls.
+    pub wal_fsync_duration: Histogram,
+    /// Failed writes or syncs of the log (each answered 503).
+    pub wal_write_errors: IntCounter,
+    /// Requests whose events were written to the log (many share one write and one sync).
+    pub wal_appends: IntCounter,
+    /// Bytes after a torn or corrupt record, moved aside at start-up.
+    pub wal_corrupt_bytes: IntCounter,
+    wal_recovered: IntCounterVec,
 }
 
 impl Metrics {
@@ -223,6 +246,28 @@ impl Metrics {
         .expect("valid metric");
         reg(Box::new(insert_duration.clone()));
 
+        let wal_fsync_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "adbeacon_wal_fsync_duration_seconds",
+                "Duration of the write-ahead log's fdatasync calls",
+            )
+            .buckets(prometheus::exponential_buckets(0.00005, 2.0, 16).expect("valid buckets")),
+        )
+        .expect("valid metric");
+        reg(Box::new(wal_fsync_duration.clone()));
+        let wal_recovered = IntCounterVec::new(
+            Opts::new(
+                "adbeacon_wal_recovered_events_total",
+                "Events found in the write-ahead log at start-up, by state: fresh (never sent), uncertain (in a batch whose INSERT may have landed: checked before sending), confirmed (dropped)",
+            ),
+            &["state"],
+        )
+        .expect("valid metric");
+        reg(Box::new(wal_recovered.clone()));
+        for state in ["fresh", "uncertain", "confirmed"] {
+            wal_recovered.with_label_values(&[state]);
+        }
+
         let filtered_vec = IntCounterVec::new(
             Opts::new(
                 "adbeacon_events_filtered_total",
@@ -285,8 +330,37 @@ impl Metrics {
                 "adbeacon_catalog_lookups_total",
                 "Queries for one ad sent to ClickHouse; concurrent misses of one id share one, and known ads are re-read in the background every CATALOG_TTL",
             ),
+            events_recovered: counter(
+                "adbeacon_events_recovered_total",
+                "Events acknowledged by an earlier run, found in the write-ahead log at start-up and sent by this run",
+            ),
+            commit_timeouts: counter(
+                "adbeacon_commit_timeouts_total",
+                "ACK_MODE=committed requests answered 503 because ClickHouse did not confirm within ACK_TIMEOUT (their events are held and will be stored)",
+            ),
+            wal_bytes: gauge("adbeacon_wal_bytes", "Bytes of the write-ahead log on disk"),
+            wal_segments: gauge("adbeacon_wal_segments", "Segments of the write-ahead log on disk"),
+            wal_fsync_duration,
+            wal_write_errors: counter(
+                "adbeacon_wal_write_errors_total",
+                "Failed writes or syncs of the write-ahead log; their requests got 503",
+            ),
+            wal_appends: counter(
+                "adbeacon_wal_appends_total",
+                "Requests whose events were written to the write-ahead log (group commit: many per sync)",
+            ),
+            wal_corrupt_bytes: counter(
+                "adbeacon_wal_corrupt_bytes_total",
+                "Bytes after a torn or corrupt write-ahead log record, moved to DATA_DIR/wal/corrupt at start-up",
+            ),
+            wal_recovered,
             registry,
         }
+    }
+
+    /// Counts events found in the write-ahead log at start-up in `state`.
+    pub fn wal_recovered(&self, state: &str, n: u64) {
+        self.wal_recovered.with_label_values(&[state]).inc_by(n);
     }
 
     /// Counts accepted events of one kind.
@@ -327,11 +401,13 @@ impl Metrics {
 }
 
 impl Metrics {
-    /// Events accepted (answered 2xx) minus those confirmed by ClickHouse, still held in memory
+    /// Events accepted (answered 2xx, or recovered from the write-ahead log at start-up) minus
+    /// those confirmed by ClickHouse, still held in memory
     /// or saved as dead letters: 0 at rest; anything else means events went missing (or, while
     /// events flow, are between two of these counters).
     pub fn unaccounted(&self) -> i64 {
-        let accepted: u64 = self.accepted.iter().map(IntCounter::get).sum();
+        let accepted: u64 =
+            self.accepted.iter().map(IntCounter::get).sum::<u64>() + self.events_recovered.get();
         let held = u64::try_from(self.buffer_events.get()).unwrap_or(0);
         accepted as i64 - (self.events_flushed.get() + self.events_dead_lettered.get() + held) as i64
     }

@@ -408,7 +408,7 @@ impl BatchApi {
         }
         let accepted = results.iter().filter(|r| r.status == ItemStatus::Accepted).count() as u32;
         if !rows.is_empty() {
-            st.hold(rows, claims)?;
+            st.hold(rows, claims).await?;
         }
         // Counted once the batch is answered 2xx: after a 503 the client sends them again.
         st.metrics.event_id_repeats.inc_by(repeats);

@@ -13,7 +13,11 @@ use poem_openapi::{
     types::Type,
 };
 
-use crate::{ingest::PushError, metrics::RejectReason, store::StoreError};
+use crate::{
+    ingest::{HoldError, PushError},
+    metrics::RejectReason,
+    store::StoreError,
+};
 
 /// The body of every error response.
 #[derive(Debug, Clone, Object, serde::Serialize)]
@@ -154,11 +158,23 @@ impl ApiError {
         Self::Unavailable(body("storage is unavailable; retry later"), retry_after)
     }
 
-    /// 503 for an event the buffer could not take.
-    pub fn push(err: PushError, retry_after: u64) -> Self {
+    /// 503 for events that could not be held, or (`committed` mode) were held but not
+    /// confirmed in time.
+    pub fn hold(err: &HoldError, retry_after: u64) -> Self {
         let msg = match err {
-            PushError::Full => "the event buffer is full; nothing was stored, retry later",
-            PushError::Closed => "the service is shutting down; nothing was stored, retry later",
+            HoldError::Push(PushError::Full) => "the event buffer is full; nothing was stored, retry later",
+            HoldError::Push(PushError::Closed) => {
+                "the service is shutting down; nothing was stored, retry later"
+            }
+            HoldError::Log(e) => {
+                // The disk is the operator's problem; the caller learns only that nothing was kept.
+                tracing::debug!(error = %e, "refusing events: the local log cannot be written");
+                "the local log cannot be written; nothing was stored, retry later"
+            }
+            HoldError::Unconfirmed => {
+                "the event is held but ClickHouse has not confirmed it within ACK_TIMEOUT; it will be \
+                 stored, and a retry with the same eventId is not stored twice"
+            }
         };
         Self::Unavailable(body(msg), retry_after)
     }

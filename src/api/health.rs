@@ -15,14 +15,20 @@ pub struct Health {
 
 /// Readiness with the state of each dependency.
 #[derive(Debug, Object)]
+#[oai(rename_all = "camelCase")]
 pub struct Readiness {
     /// `ready`; `degraded` (still taking events) when ClickHouse does not answer; `not_ready`
-    /// when the buffer is full.
+    /// when the buffer is full or the write-ahead log cannot be written.
     pub status: String,
     /// `ok` or `unavailable` (the cause is logged).
     pub clickhouse: String,
     /// `ok`, or `full` when new events would get 503.
     pub buffer: String,
+    /// The write-ahead log (`ACK_MODE=wal`): `ok`, `failing` when it cannot be written (a full
+    /// or broken disk: events get 503; the cause is logged), or `off` in the other modes.
+    pub log: String,
+    /// `ACK_MODE`: what a 2xx means (`buffered`, `wal`, `committed`).
+    pub ack_mode: String,
     /// `api_keys`, or `open` when API_KEYS is empty and anyone may manage the catalog and read
     /// analytics.
     pub auth: String,
@@ -66,9 +72,9 @@ impl HealthApi {
 
     /// Readiness.
     ///
-    /// 200 while the buffer has room, so events can be taken: `"status": "ready"`, or
-    /// `"degraded"` when ClickHouse does not answer (events wait in the buffer, analytics and
-    /// catalog changes fail). 503 `"not_ready"` once the buffer is full. ClickHouse alone does not
+    /// 200 while events can be taken: `"status": "ready"`, or `"degraded"` when ClickHouse does
+    /// not answer (events wait in the buffer, analytics and catalog changes fail). 503
+    /// `"not_ready"` once the buffer is full or the write-ahead log cannot be written. ClickHouse alone does not
     /// make an instance unready: every instance shares it, so an outage would take them all out
     /// of the load balancer together, refusing traffic their buffers could have held.
     #[oai(path = "/readyz", method = "get", operation_id = "readyz")]
@@ -80,15 +86,23 @@ impl HealthApi {
                 "unavailable".to_string()
             }
         };
-        let buffer = if self.state.buffer.is_full() { "full" } else { "ok" }.to_string();
-        let ready = buffer == "ok";
+        let intake = &self.state.intake;
+        let buffer = if intake.buffer.is_full() { "full" } else { "ok" }.to_string();
+        let log = match (&intake.wal, intake.wal.as_ref().and_then(|w| w.failure())) {
+            (None, _) => "off",
+            (Some(_), None) => "ok",
+            (Some(_), Some(_)) => "failing",
+        }
+        .to_string();
+        let ready = buffer == "ok" && log != "failing";
         let status = match (ready, clickhouse == "ok") {
             (false, _) => "not_ready",
             (true, true) => "ready",
             (true, false) => "degraded",
         };
         let auth = if self.state.api_keys.is_open() { "open" } else { "api_keys" }.to_string();
-        let body = Readiness { status: status.into(), clickhouse, buffer, auth };
+        let ack_mode = intake.mode().name().to_string();
+        let body = Readiness { status: status.into(), clickhouse, buffer, log, ack_mode, auth };
         if ready { ReadyResponse::Ready(Json(body)) } else { ReadyResponse::NotReady(Json(body)) }
     }
 

@@ -36,7 +36,7 @@ use self::{
 };
 use crate::{
     domain::{Event, EventKind, EventReport, Traffic, UserAgentFilter, event_time},
-    ingest::{Buffer, PushError},
+    ingest::{HoldError, Intake, PushError},
     iphash::IpHasher,
     metrics::{Metrics, RejectReason},
     store::{Analytics, Catalog, ClickHouse, EventRow},
@@ -57,8 +57,9 @@ pub enum ApiTags {
 
 /// What the handlers share.
 pub struct State {
-    /// Where accepted events wait for the flusher.
-    pub buffer: Arc<Buffer>,
+    /// Where accepted events are held until ClickHouse has them (buffer, and log or wait as
+    /// `ACK_MODE` says).
+    pub intake: Intake,
     /// Ad look-ups.
     pub catalog: Catalog,
     /// The ClickHouse handle (readiness).
@@ -206,7 +207,7 @@ impl State {
         }
         let row = self.stamp(&report, at, now, caller, &mut claims);
         let traffic = row.traffic;
-        self.hold(vec![row], claims)?;
+        self.hold(vec![row], claims).await?;
         Ok(Accepted::Stored(traffic))
     }
 
@@ -342,9 +343,9 @@ impl State {
         })
     }
 
-    /// Buffers rows, all or none. When none, `claims` are given back, so that a retry with the
-    /// same ids counts as it would have.
-    pub fn hold(&self, rows: Vec<EventRow>, claims: Claims) -> Result<(), ApiError> {
+    /// Holds rows, all or none, as `ACK_MODE` says. When none, `claims` are given back, so that
+    /// a retry with the same ids counts as it would have.
+    pub async fn hold(&self, rows: Vec<EventRow>, claims: Claims) -> Result<(), ApiError> {
         let count = rows.len() as u64;
         let mut per_kind = [0u64; EventKind::ALL.len()];
         let mut per_traffic = [0u64; Traffic::FILTERED.len() + 1];
@@ -352,7 +353,10 @@ impl State {
             per_kind[r.kind.index()] += 1;
             per_traffic[r.traffic as usize] += 1;
         }
-        self.buffer.push(rows.into_iter()).map_err(|e| {
+        let outcome = self.intake.hold(rows).await;
+        if let Err(e) = &outcome
+            && !matches!(e, HoldError::Unconfirmed)
+        {
             for id in &claims.ids {
                 self.recent_event_ids.invalidate(id);
             }
@@ -360,14 +364,17 @@ impl State {
                 self.dedup.release(*mark);
             }
             let reason = match e {
-                PushError::Full => RejectReason::BufferFull,
-                PushError::Closed => RejectReason::ShuttingDown,
+                HoldError::Push(PushError::Full) => RejectReason::BufferFull,
+                HoldError::Push(PushError::Closed) => RejectReason::ShuttingDown,
+                _ => RejectReason::LogUnavailable,
             };
             for _ in 0..count {
                 self.metrics.rejected(reason);
             }
-            ApiError::push(e, self.retry_after)
-        })?;
+            return Err(ApiError::hold(e, self.retry_after));
+        }
+        // Held (in `committed` mode perhaps not yet confirmed, but held all the same): a repeat
+        // of these ids is a duplicate from now on.
         for id in &claims.ids {
             if let Some(flag) = self.recent_event_ids.get(id) {
                 flag.store(true, std::sync::atomic::Ordering::Release);
@@ -384,7 +391,10 @@ impl State {
                 self.metrics.filtered(traffic, n);
             }
         }
-        Ok(())
+        outcome.map_err(|e| {
+            self.metrics.commit_timeouts.inc();
+            ApiError::hold(&e, self.retry_after)
+        })
     }
 }
 

@@ -4,9 +4,17 @@
 //! it (or it is saved as a dead letter): while ClickHouse is down, failed batches stay accounted
 //! for, the buffer fills, and new requests get an immediate 503 instead of a 2xx for an event
 //! that no layer could hold. Pushing never waits.
+//!
+//! Every event gets a sequence number when it enters the buffer (in `wal` mode the write-ahead
+//! log assigns it, so that the log's records and the buffer agree). A batch carries the numbers
+//! of its events; when the batch is released, the numbers below the lowest unconfirmed one form
+//! the *confirmed watermark*: `committed` acknowledgements wait for it, and the log deletes the
+//! segments it has passed.
 
 use std::{
+    collections::{BTreeMap, VecDeque},
     mem,
+    ops::Range,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -15,7 +23,7 @@ use std::{
 };
 
 use parking_lot::Mutex;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use uuid::Uuid;
 
 use crate::{metrics::Metrics, store::EventRow};
@@ -51,20 +59,57 @@ pub struct Batch {
     pub id: Uuid,
     /// The rows.
     pub rows: Vec<EventRow>,
+    /// The sequence numbers of the rows, as ascending ranges (usually one).
+    pub seqs: Vec<Range<u64>>,
+    /// Recovered from the write-ahead log after a crash, when an INSERT of it may have been
+    /// sent: the first attempt checks what ClickHouse holds before sending anything.
+    pub uncertain: bool,
 }
 
 struct Pending {
     rows: Vec<EventRow>,
+    /// Sequence numbers of `rows`, in order.
+    runs: VecDeque<Range<u64>>,
+    /// The number the next row pushed without one gets (buffered and committed modes).
+    next_seq: u64,
     /// When the oldest buffered row arrived.
     since: Option<Instant>,
+    /// Whole batches recovered from the log, sent before anything else.
+    ready: VecDeque<Batch>,
 }
 
-/// The buffer. Shared by handlers (push) and the flusher (take, release).
+/// Which sequence numbers are confirmed: everything below `below`, and the ranges in `ahead`
+/// (start → end) that were confirmed out of order.
+struct Confirmed {
+    below: u64,
+    ahead: BTreeMap<u64, u64>,
+}
+
+/// Room for rows in the buffer, taken before they are logged so that a full buffer refuses
+/// an event before it is written anywhere. Dropping it gives the room back.
+#[must_use = "a reservation is given back when dropped"]
+pub struct Reservation {
+    buffer: Arc<Buffer>,
+    bytes: usize,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.buffer.held_bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+        }
+    }
+}
+
+/// The buffer. Shared by handlers (push), the write-ahead log (fill) and the flusher (take,
+/// release).
 pub struct Buffer {
     pending: Mutex<Pending>,
     wake: Notify,
     held_bytes: AtomicUsize,
     closed: AtomicBool,
+    confirmed: Mutex<Confirmed>,
+    watermark: watch::Sender<u64>,
     limits: Limits,
     metrics: Arc<Metrics>,
 }
@@ -73,10 +118,18 @@ impl Buffer {
     /// An empty buffer.
     pub fn new(limits: Limits, metrics: Arc<Metrics>) -> Self {
         Self {
-            pending: Mutex::new(Pending { rows: Vec::new(), since: None }),
+            pending: Mutex::new(Pending {
+                rows: Vec::new(),
+                runs: VecDeque::new(),
+                next_seq: 0,
+                since: None,
+                ready: VecDeque::new(),
+            }),
             wake: Notify::new(),
             held_bytes: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
+            confirmed: Mutex::new(Confirmed { below: 0, ahead: BTreeMap::new() }),
+            watermark: watch::Sender::new(0),
             limits,
             metrics,
         }
@@ -87,45 +140,106 @@ impl Buffer {
         self.limits.batch_rows.min((self.limits.batch_bytes / EventRow::SIZE).max(1))
     }
 
-    /// Accepts rows, or refuses all of them at once. Never waits.
-    pub fn push(&self, rows: impl ExactSizeIterator<Item = EventRow>) -> Result<(), PushError> {
-        let count = rows.len();
-        let bytes = count * EventRow::SIZE;
+    /// Takes room for `rows` events, or refuses at once. Never waits.
+    pub fn reserve(self: &Arc<Self>, rows: usize) -> Result<Reservation, PushError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(PushError::Closed);
+        }
+        let bytes = rows * EventRow::SIZE;
         // Reserve first, so that concurrent pushes can never overshoot the cap together.
         let before = self.held_bytes.fetch_add(bytes, Ordering::AcqRel);
         if before + bytes > self.limits.max_bytes {
             self.held_bytes.fetch_sub(bytes, Ordering::AcqRel);
             return Err(PushError::Full);
         }
-        let wake = {
+        Ok(Reservation { buffer: self.clone(), bytes })
+    }
+
+    /// Accepts rows into room reserved for them, numbering them from `first_seq` (the log's
+    /// numbers) or from the buffer's own counter. Returns their numbers.
+    pub fn fill(
+        &self,
+        mut room: Reservation,
+        first_seq: Option<u64>,
+        rows: Vec<EventRow>,
+    ) -> Result<Range<u64>, PushError> {
+        debug_assert_eq!(room.bytes, rows.len() * EventRow::SIZE, "the room reserved is the room filled");
+        let seqs = {
             let mut p = self.pending.lock();
             // Checked under the lock that `close` takes: a push either lands before the close (and
             // the final drain takes it) or sees the close. Never a 2xx for an event left behind.
             if self.closed.load(Ordering::Acquire) {
-                drop(p);
-                self.held_bytes.fetch_sub(bytes, Ordering::AcqRel);
                 return Err(PushError::Closed);
             }
-            let was_empty = p.rows.is_empty();
-            if was_empty {
-                p.since = Some(Instant::now());
-            }
-            p.rows.extend(rows);
-            // Wake the flusher to arm its age timer, or because a batch is full.
-            was_empty || p.rows.len() >= self.rows_per_batch()
+            self.append(&mut p, first_seq, rows)
         };
-        self.metrics.buffer_events.add(count as i64);
-        self.metrics.buffer_bytes.add(bytes as i64);
-        if wake {
-            self.wake.notify_one();
-        }
-        Ok(())
+        // The room is now held by the rows; `release` gives it back.
+        room.bytes = 0;
+        Ok(seqs)
     }
 
-    /// Takes the next batch if one is due (full or old enough), or any rows at all with `force`.
+    /// Accepts rows, or refuses all of them at once. Never waits. Returns their numbers.
+    pub fn push(self: &Arc<Self>, rows: Vec<EventRow>) -> Result<Range<u64>, PushError> {
+        let room = self.reserve(rows.len())?;
+        self.fill(room, None, rows)
+    }
+
+    /// Appends rows under the lock; counts and wakes the flusher when due.
+    fn append(&self, p: &mut Pending, first_seq: Option<u64>, rows: Vec<EventRow>) -> Range<u64> {
+        let count = rows.len();
+        let start = first_seq.unwrap_or(p.next_seq);
+        let seqs = start..start + count as u64;
+        p.next_seq = p.next_seq.max(seqs.end);
+        match p.runs.back_mut() {
+            Some(last) if last.end == seqs.start => last.end = seqs.end,
+            _ if count > 0 => p.runs.push_back(seqs.clone()),
+            _ => {}
+        }
+        let was_empty = p.rows.is_empty();
+        if was_empty {
+            p.since = Some(Instant::now());
+        }
+        p.rows.extend(rows);
+        self.metrics.buffer_events.add(count as i64);
+        self.metrics.buffer_bytes.add((count * EventRow::SIZE) as i64);
+        // Wake the flusher to arm its age timer, or because a batch is full.
+        if was_empty || p.rows.len() >= self.rows_per_batch() {
+            self.wake.notify_one();
+        }
+        seqs
+    }
+
+    /// Puts back rows recovered from the write-ahead log: neither the cap nor a close refuses
+    /// them, since they were acknowledged before the restart.
+    pub fn restore_rows(&self, first_seq: u64, rows: Vec<EventRow>) {
+        self.held_bytes.fetch_add(rows.len() * EventRow::SIZE, Ordering::AcqRel);
+        let mut p = self.pending.lock();
+        self.append(&mut p, Some(first_seq), rows);
+    }
+
+    /// Puts back a batch recovered from the write-ahead log, to be sent (and checked) first.
+    pub fn restore_batch(&self, batch: Batch) {
+        let count = batch.rows.len();
+        self.held_bytes.fetch_add(count * EventRow::SIZE, Ordering::AcqRel);
+        self.metrics.buffer_events.add(count as i64);
+        self.metrics.buffer_bytes.add((count * EventRow::SIZE) as i64);
+        let mut p = self.pending.lock();
+        if let Some(end) = batch.seqs.iter().map(|r| r.end).max() {
+            p.next_seq = p.next_seq.max(end);
+        }
+        p.ready.push_back(batch);
+        drop(p);
+        self.wake.notify_one();
+    }
+
+    /// Takes the next batch if one is due (full or old enough, or recovered), or any rows at all
+    /// with `force`.
     pub fn take(&self, now: Instant, force: bool) -> Option<Batch> {
         let per_batch = self.rows_per_batch();
         let mut p = self.pending.lock();
+        if let Some(batch) = p.ready.pop_front() {
+            return Some(batch);
+        }
         let due = !p.rows.is_empty()
             && (force
                 || p.rows.len() >= per_batch
@@ -141,18 +255,23 @@ impl Buffer {
             let rest = p.rows.split_off(per_batch);
             mem::replace(&mut p.rows, rest)
         };
+        let seqs = take_runs(&mut p.runs, rows.len());
         drop(p);
         let id = Uuid::new_v4();
         let mut rows = rows;
         for r in &mut rows {
             r.batch_id = id;
         }
-        Some(Batch { id, rows })
+        Some(Batch { id, rows, seqs, uncertain: false })
     }
 
-    /// When the oldest buffered event becomes due, if any is buffered.
+    /// When the next batch becomes due, if any event is buffered.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.pending.lock().since.map(|s| s + self.limits.max_age)
+        let p = self.pending.lock();
+        if !p.ready.is_empty() {
+            return Some(Instant::now());
+        }
+        p.since.map(|s| s + self.limits.max_age)
     }
 
     /// Waits until a push wakes the flusher.
@@ -160,12 +279,47 @@ impl Buffer {
         self.wake.notified().await;
     }
 
-    /// Forgets `rows` events that are now safe elsewhere (in ClickHouse or a dead-letter file).
-    pub fn release(&self, rows: usize) {
+    /// Forgets a batch that is now safe elsewhere (in ClickHouse or a dead-letter file) and
+    /// confirms its sequence numbers.
+    pub fn release(&self, batch: &Batch) {
+        let rows = batch.rows.len();
         let bytes = rows * EventRow::SIZE;
         self.held_bytes.fetch_sub(bytes, Ordering::AcqRel);
         self.metrics.buffer_events.sub(rows as i64);
         self.metrics.buffer_bytes.sub(bytes as i64);
+        let mut c = self.confirmed.lock();
+        for r in batch.seqs.iter().filter(|r| !r.is_empty()) {
+            if r.start <= c.below {
+                c.below = c.below.max(r.end);
+            } else {
+                c.ahead.insert(r.start, r.end);
+            }
+        }
+        while let Some((&start, &end)) = c.ahead.first_key_value()
+            && start <= c.below
+        {
+            c.below = c.below.max(end);
+            c.ahead.pop_first();
+        }
+        let below = c.below;
+        drop(c);
+        self.watermark.send_if_modified(|w| {
+            let moved = *w != below;
+            *w = below;
+            moved
+        });
+    }
+
+    /// Every sequence number below this one is confirmed.
+    pub fn confirmed_below(&self) -> u64 {
+        *self.watermark.borrow()
+    }
+
+    /// Waits until every sequence number below `end` is confirmed.
+    pub async fn confirmed(&self, end: u64) {
+        let mut rx = self.watermark.subscribe();
+        // The sender lives as long as `self`, so the wait cannot fail.
+        let _ = rx.wait_for(|&below| below >= end).await;
     }
 
     /// Refuses further pushes (shutdown).
@@ -187,7 +341,28 @@ impl Buffer {
     }
 }
 
+/// Removes the first `n` numbers from `runs` and returns them as ranges.
+fn take_runs(runs: &mut VecDeque<Range<u64>>, mut n: usize) -> Vec<Range<u64>> {
+    let mut taken = Vec::new();
+    while n > 0 {
+        let Some(front) = runs.front_mut() else { break };
+        let len = (front.end - front.start) as usize;
+        if len <= n {
+            n -= len;
+            taken.extend(runs.pop_front());
+        } else {
+            let cut = front.start + n as u64;
+            taken.push(front.start..cut);
+            front.start = cut;
+            n = 0;
+        }
+    }
+    taken
+}
+
 #[cfg(test)]
+// A batch of one range of sequence numbers is the common case, not a mistaken range of ranges.
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
     use crate::domain::EventKind;
@@ -208,8 +383,12 @@ mod tests {
         }
     }
 
-    fn buffer(max_rows_held: usize, batch_rows: usize) -> Buffer {
-        Buffer::new(
+    fn rows(n: usize) -> Vec<EventRow> {
+        std::iter::repeat_with(row).take(n).collect()
+    }
+
+    fn buffer(max_rows_held: usize, batch_rows: usize) -> Arc<Buffer> {
+        Arc::new(Buffer::new(
             Limits {
                 max_bytes: max_rows_held * EventRow::SIZE,
                 batch_rows,
@@ -217,32 +396,32 @@ mod tests {
                 max_age: Duration::from_secs(1),
             },
             Arc::new(Metrics::new()),
-        )
+        ))
     }
 
     #[test]
     fn full_until_released_not_until_taken() {
         let b = buffer(3, 10);
-        b.push(std::iter::repeat_with(row).take(3)).unwrap();
-        assert_eq!(b.push(std::iter::once(row())), Err(PushError::Full));
+        b.push(rows(3)).unwrap();
+        assert_eq!(b.push(rows(1)), Err(PushError::Full));
         let batch = b.take(Instant::now(), true).unwrap();
         assert_eq!(batch.rows.len(), 3);
         // Taken but not confirmed: still held.
-        assert_eq!(b.push(std::iter::once(row())), Err(PushError::Full));
-        b.release(batch.rows.len());
-        b.push(std::iter::once(row())).unwrap();
+        assert_eq!(b.push(rows(1)), Err(PushError::Full));
+        b.release(&batch);
+        b.push(rows(1)).unwrap();
     }
 
     #[test]
     fn batches_are_due_by_size_or_age_and_carry_their_token() {
         let b = buffer(100, 4);
         let t0 = Instant::now();
-        b.push(std::iter::repeat_with(row).take(2)).unwrap();
+        b.push(rows(2)).unwrap();
         assert!(b.take(t0, false).is_none(), "neither full nor old");
         let later = t0 + Duration::from_secs(2);
         let batch = b.take(later, false).expect("old enough");
         assert!(batch.rows.iter().all(|r| r.batch_id == batch.id));
-        b.push(std::iter::repeat_with(row).take(9)).unwrap();
+        b.push(rows(9)).unwrap();
         assert_eq!(b.take(Instant::now(), false).unwrap().rows.len(), 4);
         assert_eq!(b.take(Instant::now(), false).unwrap().rows.len(), 4);
         assert!(b.take(Instant::now(), false).is_none());
@@ -253,6 +432,73 @@ mod tests {
     fn closed_refuses() {
         let b = buffer(10, 10);
         b.close();
-        assert_eq!(b.push(std::iter::once(row())), Err(PushError::Closed));
+        assert_eq!(b.push(rows(1)), Err(PushError::Closed));
+    }
+
+    #[test]
+    fn a_dropped_reservation_gives_its_room_back() {
+        let b = buffer(2, 10);
+        let room = b.reserve(2).unwrap();
+        assert!(b.is_full());
+        assert_eq!(b.reserve(1).err(), Some(PushError::Full));
+        drop(room);
+        assert_eq!(b.held_bytes(), 0);
+        let room = b.reserve(2).unwrap();
+        b.close();
+        // A fill after the close is refused, and its room is not kept.
+        assert_eq!(b.fill(room, None, rows(2)), Err(PushError::Closed));
+        assert_eq!(b.held_bytes(), 0);
+    }
+
+    #[test]
+    fn batches_carry_their_sequence_numbers_and_the_watermark_waits_for_gaps() {
+        let b = buffer(100, 4);
+        assert_eq!(b.push(rows(3)).unwrap(), 0..3);
+        // Numbers given by the log continue the run.
+        let room = b.reserve(3).unwrap();
+        assert_eq!(b.fill(room, Some(3), rows(3)).unwrap(), 3..6);
+        let first = b.take(Instant::now(), true).unwrap();
+        assert_eq!(first.seqs, vec![0..4]);
+        let second = b.take(Instant::now(), true).unwrap();
+        assert_eq!(second.seqs, vec![4..6]);
+        // Confirmed out of order: the watermark stays below the first until it is confirmed.
+        b.release(&second);
+        assert_eq!(b.confirmed_below(), 0);
+        b.release(&first);
+        assert_eq!(b.confirmed_below(), 6);
+    }
+
+    #[test]
+    fn recovered_batches_go_first_and_recovered_rows_ignore_the_cap() {
+        let b = buffer(2, 10);
+        b.restore_batch(Batch { id: Uuid::new_v4(), rows: rows(2), seqs: vec![0..2], uncertain: true });
+        b.restore_rows(2, rows(2));
+        assert!(b.is_full());
+        assert!(b.next_deadline().is_some_and(|d| d <= Instant::now()));
+        let first = b.take(Instant::now(), false).unwrap();
+        assert!(first.uncertain);
+        let rest = b.take(Instant::now(), true).unwrap();
+        assert_eq!(rest.seqs, vec![2..4]);
+        b.release(&first);
+        b.release(&rest);
+        assert_eq!(b.confirmed_below(), 4);
+        assert_eq!(b.held_bytes(), 0);
+        // Numbering goes on after the recovered rows.
+        assert_eq!(b.push(rows(1)).unwrap(), 4..5);
+    }
+
+    #[tokio::test]
+    async fn confirmed_wakes_when_the_watermark_passes() {
+        let b = buffer(10, 10);
+        let seqs = b.push(rows(2)).unwrap();
+        let waiter = {
+            let b = b.clone();
+            tokio::spawn(async move { b.confirmed(seqs.end).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        let batch = b.take(Instant::now(), true).unwrap();
+        b.release(&batch);
+        tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
     }
 }

@@ -6,9 +6,14 @@
 //! still be running (the answer was lost, or the client gave up waiting), so every INSERT runs with
 //! the batch id as its query_id, and before each retry the flusher ends any such INSERT
 //! (`KILL QUERY … SYNC`), looks up which of the batch's events are stored, and sends only the rest:
-//! no double counting, also when a batch spanning two monthly partitions was stored in part. A data error is not retried: the batch is saved
-//! as a dead letter. On shutdown every buffered event is flushed; what ClickHouse still refuses
-//! after `SHUTDOWN_TIMEOUT` is saved as a dead letter rather than lost.
+//! no double counting, also when a batch spanning two monthly partitions was stored in part. A
+//! data error is not retried: the batch is saved as a dead letter.
+//!
+//! With the write-ahead log, a batch's token and sequence numbers are logged (and synced) before
+//! its first INSERT, so that after a crash its events come back under that token and get the same
+//! check; a batch recovered that way is *uncertain* and starts with the check. On shutdown every
+//! buffered event is flushed; what ClickHouse still refuses after `SHUTDOWN_TIMEOUT` stays in the
+//! log for the next start (`wal`), or is saved as a dead letter rather than lost (other modes).
 
 use std::{
     collections::HashSet,
@@ -23,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     buffer::{Batch, Buffer},
     dead_letter::DeadLetters,
+    wal::Wal,
 };
 use crate::{
     metrics::Metrics,
@@ -44,6 +50,8 @@ pub struct Flusher {
     pub dead_letters: DeadLetters,
     /// How long shutdown keeps retrying.
     pub shutdown_timeout: Duration,
+    /// The write-ahead log (`ACK_MODE=wal`): batch tokens are logged before their INSERT.
+    pub wal: Option<Wal>,
 }
 
 impl Flusher {
@@ -72,27 +80,48 @@ impl Flusher {
         tracing::info!(events = drained, "flushed the buffer at shutdown");
     }
 
-    /// Inserts `batch`, retrying while that can help; ends with the batch in ClickHouse or saved.
+    /// Inserts `batch`, retrying while that can help; ends with the batch in ClickHouse or saved
+    /// (or, in `wal` mode at the end of the shutdown budget, left in the log).
     async fn deliver(&self, batch: Batch, stop: &CancellationToken, give_up_at: &mut Option<Instant>) {
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 1u32;
+        // Whether an INSERT of this batch may have been sent (by this run or, for a batch
+        // recovered from the log, by the one before): then every attempt checks first.
+        let mut sent = batch.uncertain;
+        let mut marked = self.wal.is_none();
         loop {
             if let Some(limit) = *give_up_at
                 && Instant::now() >= limit
             {
-                // Out of shutdown time: no further attempt (one that landed after all would be
-                // stored twice once the file is loaded), straight to disk.
+                if self.wal.is_some() {
+                    // Out of shutdown time with the log on: the batch stays in it and is sent,
+                    // with the check, at the next start.
+                    tracing::warn!(batch = %batch.id, rows = batch.rows.len(),
+                        "ClickHouse unavailable at shutdown; the batch stays in the local log");
+                    return;
+                }
+                // No further attempt (one that landed after all would be stored twice once the
+                // file is loaded), straight to disk.
                 if self.save(&batch, "ClickHouse unavailable at shutdown") {
                     return;
                 }
             }
             let started = Instant::now();
             let attempt_future = async {
-                if attempt == 1 {
-                    self.clickhouse.insert_events(batch.id, &batch.rows).await
-                } else {
-                    self.retry(&batch).await
+                if !marked {
+                    // Synced before the INSERT: after a crash the events come back under this
+                    // token, and the INSERT that may have landed is checked, not repeated.
+                    let wal = self.wal.as_ref().expect("unmarked only with a log");
+                    wal.mark_batch(&batch).await.map_err(|e| StoreError::Retryable(e.to_string()))?;
+                    marked = true;
                 }
+                let outcome = if sent {
+                    self.retry(&batch).await
+                } else {
+                    self.clickhouse.insert_events(batch.id, &batch.rows).await
+                };
+                sent = true;
+                outcome
             };
             // During shutdown an attempt gets only what is left of the budget.
             let outcome = match *give_up_at {
@@ -112,7 +141,7 @@ impl Flusher {
                     self.metrics.batch_rows.observe(rows as f64);
                     self.metrics.batches_flushed.inc();
                     self.metrics.events_flushed.inc_by(rows as u64);
-                    self.buffer.release(rows);
+                    self.confirm(&batch);
                     tracing::debug!(batch = %batch.id, rows, attempt, "batch inserted");
                     return;
                 }
@@ -146,6 +175,15 @@ impl Flusher {
         }
     }
 
+    /// The batch is safe (in ClickHouse or a dead-letter file): the buffer forgets it and the
+    /// log may delete what only it held.
+    fn confirm(&self, batch: &Batch) {
+        self.buffer.release(batch);
+        if let Some(wal) = &self.wal {
+            wal.confirmed(batch.id);
+        }
+    }
+
     /// Re-sends what of a batch is not stored, after making sure no earlier INSERT of it can
     /// still be running (otherwise the look-up could miss rows that land a moment later).
     async fn retry(&self, batch: &Batch) -> Result<(), StoreError> {
@@ -176,7 +214,7 @@ impl Flusher {
             Ok(path) => {
                 let rows = batch.rows.len();
                 self.metrics.events_dead_lettered.inc_by(rows as u64);
-                self.buffer.release(rows);
+                self.confirm(batch);
                 tracing::error!(batch = %batch.id, rows, path = %path.display(),
                     "batch saved as a dead letter; load it with: clickhouse-client -q 'INSERT INTO events FORMAT JSONEachRow' < FILE");
                 true

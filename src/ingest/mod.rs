@@ -1,12 +1,104 @@
-//! The ingest pipeline: accepted events wait in a bounded buffer, the flusher inserts them into
-//! ClickHouse in batches, and batches ClickHouse cannot take become dead letters on disk.
+//! The ingest pipeline: accepted events are held ([`Intake`]: in the write-ahead log and the
+//! bounded buffer, as `ACK_MODE` says), the flusher inserts them into ClickHouse in batches, and
+//! batches ClickHouse cannot take become dead letters on disk.
 
 pub mod buffer;
 pub mod dead_letter;
 pub mod flusher;
+pub mod wal;
+
+use std::{sync::Arc, time::Duration};
 
 pub use self::{
     buffer::{Batch, Buffer, Limits, PushError},
     dead_letter::DeadLetters,
     flusher::Flusher,
+    wal::{FsyncPolicy, Wal, WalConfig, WalError},
 };
+use crate::store::EventRow;
+
+/// What a 2xx for an event means (`ACK_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckMode {
+    /// The event is in the in-memory buffer; a crash loses the buffer.
+    Buffered,
+    /// The event is in the local write-ahead log; a process crash loses nothing.
+    Wal,
+    /// ClickHouse confirmed the batch holding the event.
+    Committed,
+}
+
+impl AckMode {
+    /// The value of `ACK_MODE`.
+    pub fn name(self) -> &'static str {
+        match self {
+            AckMode::Buffered => "buffered",
+            AckMode::Wal => "wal",
+            AckMode::Committed => "committed",
+        }
+    }
+
+    /// Parses [`AckMode::name`].
+    pub fn from_name(name: &str) -> Option<AckMode> {
+        [AckMode::Buffered, AckMode::Wal, AckMode::Committed].into_iter().find(|m| m.name() == name)
+    }
+}
+
+/// Why events could not be held.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HoldError {
+    /// The buffer is full or closed; nothing was held.
+    #[error(transparent)]
+    Push(#[from] PushError),
+    /// The write-ahead log cannot be written; nothing was held.
+    #[error(transparent)]
+    Log(#[from] WalError),
+    /// `committed` mode: the events are held, but ClickHouse did not confirm them in time.
+    #[error("ClickHouse did not confirm the events in time")]
+    Unconfirmed,
+}
+
+/// Where accepted events go, and when they count as held.
+#[derive(Clone)]
+pub struct Intake {
+    /// The buffer the flusher drains.
+    pub buffer: Arc<Buffer>,
+    /// The write-ahead log, in `wal` mode.
+    pub wal: Option<Wal>,
+    /// `committed` mode: how long to wait for ClickHouse.
+    pub commit_timeout: Option<Duration>,
+}
+
+impl Intake {
+    /// Events go to the buffer only (`buffered`).
+    pub fn buffered(buffer: Arc<Buffer>) -> Self {
+        Intake { buffer, wal: None, commit_timeout: None }
+    }
+
+    /// The acknowledgement mode this intake implements.
+    pub fn mode(&self) -> AckMode {
+        match (&self.wal, self.commit_timeout) {
+            (Some(_), _) => AckMode::Wal,
+            (None, Some(_)) => AckMode::Committed,
+            (None, None) => AckMode::Buffered,
+        }
+    }
+
+    /// Holds `rows`, all or none, as the mode says; Ok means the 2xx may be sent.
+    pub async fn hold(&self, rows: Vec<EventRow>) -> Result<(), HoldError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        if let Some(wal) = &self.wal {
+            let room = self.buffer.reserve(rows.len())?;
+            return Ok(wal.append(room, rows).await?);
+        }
+        let seqs = self.buffer.push(rows)?;
+        if let Some(limit) = self.commit_timeout {
+            tokio::time::timeout(limit, self.buffer.confirmed(seqs.end))
+                .await
+                .map_err(|_| HoldError::Unconfirmed)?;
+        }
+        Ok(())
+    }
+}

@@ -225,7 +225,7 @@ async fn health_and_readiness_answer() {
     assert_eq!(ready.status(), 200);
     assert_eq!(
         ready.json::<serde_json::Value>().await.unwrap(),
-        json!({"status": "ready", "clickhouse": "ok", "buffer": "ok", "auth": "open"})
+        json!({"status": "ready", "clickhouse": "ok", "buffer": "ok", "log": "ok", "ackMode": "wal", "auth": "open"})
     );
     assert_eq!(app.get("/openapi.json").await.status(), 200);
     assert_eq!(app.get("/docs").await.status(), 200);

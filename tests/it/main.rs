@@ -20,3 +20,4 @@ mod retention;
 mod servers;
 mod tracking;
 mod traffic;
+mod wal;

@@ -112,10 +112,16 @@ async fn a_full_buffer_answers_503_and_recovers_without_losing_a_2xx() {
 async fn shutdown_with_clickhouse_down_saves_the_buffer_as_loadable_dead_letters() {
     let mut ch = ClickHouse::start();
     let db = fresh_db();
+    // Without the log (with it, the events stay in the log: tests/it/wal.rs).
     let mut app = TestApp::spawn_on(
         &ch.url(),
         &db,
-        &[("FLUSH_INTERVAL", "1h"), ("SHUTDOWN_TIMEOUT", "1s"), ("INSERT_TIMEOUT", "1s")],
+        &[
+            ("ACK_MODE", "buffered"),
+            ("FLUSH_INTERVAL", "1h"),
+            ("SHUTDOWN_TIMEOUT", "1s"),
+            ("INSERT_TIMEOUT", "1s"),
+        ],
     )
     .await;
     for _ in 0..25 {

@@ -56,7 +56,11 @@ impl TestApp {
 
     /// An app on the ClickHouse at `url`, writing database `db`.
     pub async fn spawn_on(url: &str, db: &str, vars: &[(&str, &str)]) -> TestApp {
-        let data_dir = tempfile::tempdir().expect("temp dir");
+        Self::spawn_in(url, db, tempfile::tempdir().expect("temp dir"), vars).await
+    }
+
+    /// An app with DATA_DIR `data_dir` (say, one an earlier app left its log in).
+    pub async fn spawn_in(url: &str, db: &str, data_dir: TempDir, vars: &[(&str, &str)]) -> TestApp {
         let mut all: Vec<(String, String)> = vec![
             ("HOST".into(), "127.0.0.1".into()),
             ("PORT".into(), "0".into()),
@@ -169,6 +173,11 @@ impl TestApp {
             .unwrap_or(0)
     }
 
+    /// Takes the app's DATA_DIR (after `stop`), to start another app on it.
+    pub fn take_data_dir(&mut self) -> TempDir {
+        std::mem::replace(&mut self.data_dir, tempfile::tempdir().expect("temp dir"))
+    }
+
     /// Shuts the app down as SIGTERM would and returns how `run_until` ended. The database and
     /// DATA_DIR stay, for inspection.
     pub async fn stop(&mut self) -> Result<(), AppError> {
@@ -176,6 +185,71 @@ impl TestApp {
             let _ = tx.send(());
         }
         self.task.take().expect("running").await.expect("the app task does not panic")
+    }
+}
+
+/// The `adbeacon serve` binary as a child process, for tests that kill it.
+pub struct Service {
+    /// `http://ADDR`.
+    pub base: String,
+    child: std::process::Child,
+}
+
+impl Service {
+    /// Starts `adbeacon serve` on a free port with `vars` and waits until it serves.
+    pub fn start(vars: &[(&str, &str)]) -> Service {
+        use std::io::{BufRead, BufReader};
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_adbeacon"));
+        cmd.arg("serve").env("HOST", "127.0.0.1").env("PORT", "0").env("LOG_FORMAT", "json");
+        cmd.env("DEDUP_WINDOW", "0s").env("RATE_LIMIT", "0");
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("the adbeacon binary starts");
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            // Reads to the end, so that the service never blocks on a full pipe; WARN and ERROR
+            // lines are passed on to the test's output.
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let log: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                if !sent && log["message"] == "serving HTTP" {
+                    let _ = tx.send(log["addr"].as_str().unwrap_or_default().to_string());
+                    sent = true;
+                }
+                if log["level"] == "WARN" || log["level"] == "ERROR" {
+                    eprintln!("service: {line}");
+                }
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(60)).expect("the service starts serving");
+        Service { base: format!("http://{addr}"), child }
+    }
+
+    /// SIGKILL: no shutdown, no flush, nothing in memory survives.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, and the exit code.
+    pub fn terminate(mut self) -> Option<i32> {
+        let pid = self.child.id().to_string();
+        let sent = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
+        assert!(sent.success());
+        self.child.wait().expect("the service exits").code()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

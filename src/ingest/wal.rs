@@ -1,0 +1,1048 @@
+//! The write-ahead log of `ACK_MODE=wal`: accepted events are in a local file under
+//! `DATA_DIR/wal/` before their 2xx is sent, so that a crash of the process (or, with fsync on
+//! every group, of the machine) loses nothing that was acknowledged.
+//!
+//! One writer thread owns the files. Requests hand it their rows and wait; it writes whatever has
+//! queued up meanwhile as one group, with one write and one `fdatasync` (group commit), then gives
+//! the rows to the buffer in log order and answers every waiter. With `WAL_FSYNC=<interval>` it
+//! answers after the write and syncs at most that long later: a process crash still loses nothing
+//! (the kernel holds the written pages), a power loss may lose the last interval.
+//!
+//! Each record is `[length u32][crc32c u32][type u8, payload]`, little-endian. Types:
+//! - *events*: the first sequence number and the rows (fixed 65-byte encoding);
+//! - *batch*: a batch token and the sequence numbers it carries, synced before the batch's first
+//!   INSERT, so that after a crash the events of an INSERT that may have landed are known by
+//!   token and checked in ClickHouse instead of being sent again under a new one;
+//! - *done*: a batch is confirmed (not synced on its own: a lost one only costs a check);
+//! - *supersedes*: written first in the segment that recovery creates: it replaces every older
+//!   segment, so a crash in the middle of recovery never counts an event twice;
+//! - *probe*: written while the disk fails, to notice when it works again.
+//!
+//! Segments (`NNNNNNNNNNNN.wal`) rotate at `WAL_SEGMENT_BYTES` and are deleted oldest first once
+//! the buffer's confirmed watermark has passed their last event: every event in them is in
+//! ClickHouse or in a dead-letter file.
+//!
+//! Recovery (at start-up, before serving) reads every segment up to the first record that is torn
+//! or fails its checksum; what follows is moved to `wal/corrupt/` and reported. Events of batches
+//! marked done are dropped; batches marked but not done come back as *uncertain* batches with
+//! their tokens (the flusher asks ClickHouse which of their events it holds before sending the
+//! rest); the other events come back as new. All of it is written to one new segment, which
+//! supersedes the old ones, before they are deleted.
+//!
+//! If a write or sync fails (a full or broken disk), the group is cut off the file again, its
+//! requests get 503, readiness turns false, and a probe every second notices when the disk
+//! works again.
+
+use std::{
+    collections::{BTreeMap, HashSet, VecDeque},
+    fs::{self, File, OpenOptions},
+    io::{self, Write},
+    ops::Range,
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+use parking_lot::Mutex;
+use time::OffsetDateTime;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use super::buffer::{Batch, Buffer, Reservation};
+use crate::{
+    domain::{EventKind, Traffic},
+    metrics::Metrics,
+    store::EventRow,
+};
+
+/// First bytes of every segment: the format and its version.
+const MAGIC: &[u8; 8] = b"ADBWAL\x00\x01";
+/// Bytes of a record's header: length and checksum.
+const HEADER: usize = 8;
+/// A record longer than this is corruption, not data (the largest group of one request is far
+/// smaller, and events records are cut at [`ROWS_PER_RECORD`]).
+const MAX_RECORD: usize = 64 << 20;
+/// Rows per events record when recovery rewrites the log.
+const ROWS_PER_RECORD: usize = 16_384;
+/// Bytes of one encoded row.
+pub const ROW_BYTES: usize = 16 + 16 + 1 + 8 + 8 + 8 + 1 + 4 + 2 + 1;
+/// Requests gathered into one group at most, so that the first of them does not wait forever
+/// under a flood.
+const MAX_GROUP: usize = 4096;
+/// How often a failing log is probed.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+const EVENTS: u8 = 1;
+const BATCH: u8 = 2;
+const DONE: u8 = 3;
+const SUPERSEDES: u8 = 4;
+const PROBE: u8 = 5;
+
+/// When the log is fsynced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// After every group, before its requests are answered.
+    EveryGroup,
+    /// At most this long after a write; requests are answered after the write.
+    Interval(Duration),
+}
+
+/// Where the log lives and how it is written.
+#[derive(Debug, Clone)]
+pub struct WalConfig {
+    /// The log's directory (`DATA_DIR/wal`).
+    pub dir: PathBuf,
+    /// A segment is closed and a new one begun once it is this long.
+    pub segment_bytes: u64,
+    /// When to fsync.
+    pub fsync: FsyncPolicy,
+}
+
+/// The log could not take a write; nothing of the request was acknowledged.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the local log cannot be written: {0}")]
+pub struct WalError(pub String);
+
+impl WalError {
+    fn closed() -> Self {
+        WalError("it is closed (shutting down)".into())
+    }
+}
+
+/// What recovery found in the log at start-up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Segments read.
+    pub segments: usize,
+    /// Events given back to the buffer as new.
+    pub fresh_events: usize,
+    /// Batches whose INSERT may have landed, given back with their tokens.
+    pub uncertain_batches: usize,
+    /// Events in those batches.
+    pub uncertain_events: usize,
+    /// Events dropped because their batch was confirmed.
+    pub confirmed_events: usize,
+    /// Bytes after a torn or corrupt record, moved to `wal/corrupt/`.
+    pub corrupt_bytes: u64,
+}
+
+enum Job {
+    Events { room: Reservation, rows: Vec<EventRow>, ack: oneshot::Sender<Result<(), WalError>> },
+    Batch { id: Uuid, seqs: Vec<Range<u64>>, ack: oneshot::Sender<Result<(), WalError>> },
+    Done { id: Uuid },
+    Stop { ack: oneshot::Sender<()> },
+}
+
+#[derive(Default)]
+struct Health {
+    failing: AtomicBool,
+    error: Mutex<String>,
+}
+
+/// A handle on the log; cheap to clone.
+#[derive(Clone)]
+pub struct Wal {
+    tx: mpsc::Sender<Job>,
+    health: Arc<Health>,
+}
+
+impl Wal {
+    /// Recovers what the log holds into `buffer`, then starts the writer thread. Blocking: call
+    /// it from a blocking context.
+    pub fn open(
+        config: WalConfig,
+        buffer: Arc<Buffer>,
+        metrics: Arc<Metrics>,
+    ) -> io::Result<(Wal, Recovery)> {
+        let (writer, recovery) = recover(config, buffer, metrics)?;
+        let health = writer.health.clone();
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new().name("adbeacon-wal".into()).spawn(move || writer.run(rx))?;
+        Ok((Wal { tx, health }, recovery))
+    }
+
+    /// Logs `rows` (room for them already reserved) and, once they are durable as `WAL_FSYNC`
+    /// says, puts them in the buffer. Ok means the 2xx may be sent.
+    pub async fn append(&self, room: Reservation, rows: Vec<EventRow>) -> Result<(), WalError> {
+        let (ack, done) = oneshot::channel();
+        // A failed send hands the job back, and dropping it gives the room back.
+        self.tx.send(Job::Events { room, rows, ack }).map_err(|_| WalError::closed())?;
+        done.await.unwrap_or_else(|_| Err(WalError::closed()))
+    }
+
+    /// Logs and syncs a batch's token and sequence numbers; the batch may be sent once this
+    /// returns Ok.
+    pub async fn mark_batch(&self, batch: &Batch) -> Result<(), WalError> {
+        let (ack, done) = oneshot::channel();
+        let job = Job::Batch { id: batch.id, seqs: batch.seqs.clone(), ack };
+        self.tx.send(job).map_err(|_| WalError::closed())?;
+        done.await.unwrap_or_else(|_| Err(WalError::closed()))
+    }
+
+    /// Notes that a batch is confirmed (and lets the writer delete segments the confirmed
+    /// watermark has passed).
+    pub fn confirmed(&self, id: Uuid) {
+        let _ = self.tx.send(Job::Done { id });
+    }
+
+    /// Syncs, deletes what is confirmed and stops the writer; later calls fail.
+    pub async fn close(&self) {
+        let (ack, done) = oneshot::channel();
+        if self.tx.send(Job::Stop { ack }).is_ok() {
+            let _ = done.await;
+        }
+    }
+
+    /// Why the last write failed, while the log cannot be written.
+    pub fn failure(&self) -> Option<String> {
+        self.health.failing.load(Ordering::Acquire).then(|| self.health.error.lock().clone())
+    }
+}
+
+// ------------------------------------------------------------------------------- encoding
+
+fn encode_row(out: &mut Vec<u8>, r: &EventRow) {
+    out.extend_from_slice(r.event_id.as_bytes());
+    out.extend_from_slice(r.ad_id.as_bytes());
+    out.push(r.kind as i8 as u8);
+    out.extend_from_slice(&r.event_time.unix_timestamp().to_le_bytes());
+    out.extend_from_slice(&r.received_at.unix_timestamp().to_le_bytes());
+    out.extend_from_slice(&r.ip_hash.to_le_bytes());
+    out.push(u8::from(r.playback_time.is_some()));
+    out.extend_from_slice(&r.playback_time.unwrap_or(0.0).to_le_bytes());
+    out.extend_from_slice(&r.error_code.to_le_bytes());
+    out.push(r.traffic as i8 as u8);
+}
+
+/// Reads little-endian fields off the front of a slice.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn bytes<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (head, rest) = self.0.split_first_chunk::<N>()?;
+        self.0 = rest;
+        Some(*head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.bytes::<1>().map(|[b]| b)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.bytes().map(u16::from_le_bytes)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.bytes().map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.bytes().map(u64::from_le_bytes)
+    }
+    fn uuid(&mut self) -> Option<Uuid> {
+        self.bytes().map(Uuid::from_bytes)
+    }
+    fn time(&mut self) -> Option<OffsetDateTime> {
+        OffsetDateTime::from_unix_timestamp(i64::from_le_bytes(self.bytes()?)).ok()
+    }
+}
+
+fn decode_row(r: &mut Reader<'_>) -> Option<EventRow> {
+    let event_id = r.uuid()?;
+    let ad_id = r.uuid()?;
+    let kind = r.u8()? as i8;
+    let kind = EventKind::ALL.into_iter().find(|k| *k as i8 == kind)?;
+    let event_time = r.time()?;
+    let received_at = r.time()?;
+    let ip_hash = r.u64()?;
+    let has_playback = r.u8()?;
+    let playback = f32::from_le_bytes(r.bytes()?);
+    let error_code = r.u16()?;
+    let traffic = r.u8()? as i8;
+    let traffic = [Traffic::Valid, Traffic::Duplicate, Traffic::Bot, Traffic::EmptyUserAgent]
+        .into_iter()
+        .find(|t| *t as i8 == traffic)?;
+    Some(EventRow {
+        event_id,
+        ad_id,
+        kind,
+        event_time,
+        received_at,
+        ip_hash,
+        playback_time: (has_playback == 1).then_some(playback),
+        error_code,
+        batch_id: Uuid::nil(),
+        traffic,
+    })
+}
+
+/// Appends one record whose body `body` writes (type byte first).
+fn record(out: &mut Vec<u8>, body: impl FnOnce(&mut Vec<u8>)) {
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER]);
+    body(out);
+    let len = (out.len() - start - HEADER) as u32;
+    let crc = crc32c::crc32c(&out[start + HEADER..]);
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn events_record(out: &mut Vec<u8>, first_seq: u64, rows: &[EventRow]) {
+    record(out, |o| {
+        o.push(EVENTS);
+        o.extend_from_slice(&first_seq.to_le_bytes());
+        o.extend_from_slice(&(rows.len() as u32).to_le_bytes());
+        for r in rows {
+            encode_row(o, r);
+        }
+    });
+}
+
+fn batch_record(out: &mut Vec<u8>, id: Uuid, seqs: &[Range<u64>]) {
+    record(out, |o| {
+        o.push(BATCH);
+        o.extend_from_slice(id.as_bytes());
+        o.extend_from_slice(&(seqs.len() as u32).to_le_bytes());
+        for r in seqs {
+            o.extend_from_slice(&r.start.to_le_bytes());
+            o.extend_from_slice(&r.end.to_le_bytes());
+        }
+    });
+}
+
+/// A record read back.
+#[derive(Debug, PartialEq)]
+enum Record {
+    Events { first_seq: u64, rows: Vec<EventRow> },
+    Batch { id: Uuid, seqs: Vec<Range<u64>> },
+    Done { id: Uuid },
+    Supersedes { segment: u64 },
+    Probe,
+}
+
+fn decode_record(body: &[u8]) -> Option<Record> {
+    let mut r = Reader(body);
+    let record = match r.u8()? {
+        EVENTS => {
+            let first_seq = r.u64()?;
+            let count = r.u32()? as usize;
+            if r.0.len() != count * ROW_BYTES {
+                return None;
+            }
+            let rows = (0..count).map(|_| decode_row(&mut r)).collect::<Option<Vec<_>>>()?;
+            Record::Events { first_seq, rows }
+        }
+        BATCH => {
+            let id = r.uuid()?;
+            let n = r.u32()? as usize;
+            if r.0.len() != n * 16 {
+                return None;
+            }
+            let seqs = (0..n).map(|_| Some(r.u64()?..r.u64()?)).collect::<Option<Vec<_>>>()?;
+            Record::Batch { id, seqs }
+        }
+        DONE => Record::Done { id: r.uuid()? },
+        SUPERSEDES => Record::Supersedes { segment: r.u64()? },
+        PROBE => Record::Probe,
+        _ => return None,
+    };
+    r.0.is_empty().then_some(record)
+}
+
+/// The records of a segment's bytes, the length of the valid prefix, and why reading stopped
+/// before the end (a torn or corrupt record).
+fn parse(bytes: &[u8]) -> (Vec<Record>, usize, Option<String>) {
+    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        return (Vec::new(), 0, Some("not a log segment (bad magic)".into()));
+    }
+    let mut records = Vec::new();
+    let mut at = MAGIC.len();
+    while at < bytes.len() {
+        let Some(header) = bytes.get(at..at + HEADER) else {
+            return (records, at, Some(format!("torn record header at byte {at}")));
+        };
+        let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+        if len == 0 || len > MAX_RECORD {
+            return (records, at, Some(format!("impossible record length {len} at byte {at}")));
+        }
+        let Some(body) = bytes.get(at + HEADER..at + HEADER + len) else {
+            return (records, at, Some(format!("torn record at byte {at}")));
+        };
+        if crc32c::crc32c(body) != crc {
+            return (records, at, Some(format!("checksum mismatch at byte {at}")));
+        }
+        let Some(record) = decode_record(body) else {
+            return (records, at, Some(format!("undecodable record at byte {at}")));
+        };
+        records.push(record);
+        at += HEADER + len;
+    }
+    (records, at, None)
+}
+
+// ------------------------------------------------------------------------------- files
+
+fn segment_path(dir: &Path, no: u64) -> PathBuf {
+    dir.join(format!("{no:012}.wal"))
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// The segments in `dir`, by number.
+fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let number = path
+            .extension()
+            .filter(|e| *e == "wal")
+            .and_then(|_| path.file_stem())
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.parse::<u64>().ok());
+        if let Some(no) = number {
+            found.push((no, path));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// True when `dir` holds log segments (an earlier run's events may be owed).
+pub fn has_segments(dir: &Path) -> bool {
+    segments(dir).is_ok_and(|s| !s.is_empty())
+}
+
+/// Copies the bytes after a segment's valid prefix to `wal/corrupt/` for inspection.
+fn move_aside(dir: &Path, no: u64, offset: usize, bytes: &[u8]) -> io::Result<PathBuf> {
+    let aside = dir.join("corrupt");
+    fs::create_dir_all(&aside)?;
+    let path = aside.join(format!("{no:012}.at-{offset}.bad"));
+    let mut f = File::create(&path)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    sync_dir(&aside)?;
+    Ok(path)
+}
+
+/// Reads the log, rewrites what is still owed into one new segment that supersedes the old ones,
+/// deletes those, and gives the events back to the buffer.
+fn recover(config: WalConfig, buffer: Arc<Buffer>, metrics: Arc<Metrics>) -> io::Result<(Writer, Recovery)> {
+    let dir = config.dir.clone();
+    fs::create_dir_all(&dir)?;
+    let mut report = Recovery::default();
+    let found = segments(&dir)?;
+    // The newest recovery segment replaces everything numbered up to what it names.
+    let mut read = Vec::new();
+    for (no, path) in &found {
+        let bytes = fs::read(path)?;
+        let (records, valid, stop) = parse(&bytes);
+        if let Some(why) = stop {
+            let tail = &bytes[valid..];
+            report.corrupt_bytes += tail.len() as u64;
+            metrics.wal_corrupt_bytes.inc_by(tail.len() as u64);
+            let aside = move_aside(&dir, *no, valid, tail)?;
+            tracing::error!(segment = %path.display(), kept_bytes = valid, moved_bytes = tail.len(),
+                moved_to = %aside.display(), reason = %why,
+                "the local log has a torn or corrupt record; kept what precedes it, moved the rest aside");
+        }
+        read.push((*no, records));
+    }
+    let superseded = read
+        .iter()
+        .filter_map(|(_, records)| match records.first() {
+            Some(Record::Supersedes { segment }) => Some(*segment),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0);
+    let mut events: BTreeMap<u64, EventRow> = BTreeMap::new();
+    let mut marked: Vec<(Uuid, Vec<Range<u64>>)> = Vec::new();
+    let mut done: HashSet<Uuid> = HashSet::new();
+    for (no, records) in read {
+        if no <= superseded {
+            continue;
+        }
+        report.segments += 1;
+        for record in records {
+            match record {
+                Record::Events { first_seq, rows } => {
+                    events.extend((first_seq..).zip(rows));
+                }
+                Record::Batch { id, seqs } => marked.push((id, seqs)),
+                Record::Done { id } => {
+                    done.insert(id);
+                }
+                Record::Supersedes { .. } | Record::Probe => {}
+            }
+        }
+    }
+    // A batch may be marked twice (recovered, then marked again before its INSERT): once is
+    // enough, and its rows are taken by the first.
+    let mut uncertain: Vec<(Uuid, Vec<EventRow>)> = Vec::new();
+    let mut seen: HashSet<Uuid> = HashSet::new();
+    for (id, seqs) in marked {
+        if !seen.insert(id) {
+            continue;
+        }
+        let rows: Vec<EventRow> =
+            seqs.iter().flat_map(|r| r.clone()).filter_map(|seq| events.remove(&seq)).collect();
+        if done.contains(&id) {
+            report.confirmed_events += rows.len();
+        } else if !rows.is_empty() {
+            report.uncertain_batches += 1;
+            report.uncertain_events += rows.len();
+            uncertain.push((id, rows));
+        }
+    }
+    let fresh: Vec<EventRow> = events.into_values().collect();
+    report.fresh_events = fresh.len();
+
+    // The new segment, complete and synced under a temporary name before it replaces anything.
+    let no = found.last().map_or(1, |(n, _)| n + 1);
+    let mut out = Vec::with_capacity(MAGIC.len() + (fresh.len() + report.uncertain_events) * ROW_BYTES + 64);
+    out.extend_from_slice(MAGIC);
+    record(&mut out, |o| {
+        o.push(SUPERSEDES);
+        o.extend_from_slice(&(no - 1).to_le_bytes());
+    });
+    let mut next_seq = 0u64;
+    let mut batches = Vec::new();
+    for (id, mut rows) in uncertain {
+        let seqs = next_seq..next_seq + rows.len() as u64;
+        for chunk in rows.chunks(ROWS_PER_RECORD) {
+            events_record(&mut out, next_seq, chunk);
+            next_seq += chunk.len() as u64;
+        }
+        batch_record(&mut out, id, std::slice::from_ref(&seqs));
+        for r in &mut rows {
+            r.batch_id = id;
+        }
+        batches.push(Batch { id, rows, seqs: vec![seqs], uncertain: true });
+    }
+    let fresh_first = next_seq;
+    for chunk in fresh.chunks(ROWS_PER_RECORD) {
+        events_record(&mut out, next_seq, chunk);
+        next_seq += chunk.len() as u64;
+    }
+    let path = segment_path(&dir, no);
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&out)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, &path)?;
+    sync_dir(&dir)?;
+    for (old, old_path) in &found {
+        if *old < no {
+            fs::remove_file(old_path)?;
+        }
+    }
+    sync_dir(&dir)?;
+
+    let recovered = (report.fresh_events + report.uncertain_events) as u64;
+    metrics.wal_recovered("fresh", report.fresh_events as u64);
+    metrics.wal_recovered("uncertain", report.uncertain_events as u64);
+    metrics.wal_recovered("confirmed", report.confirmed_events as u64);
+    metrics.events_recovered.inc_by(recovered);
+    for batch in batches {
+        buffer.restore_batch(batch);
+    }
+    if !fresh.is_empty() {
+        buffer.restore_rows(fresh_first, fresh);
+    }
+    let file = OpenOptions::new().read(true).write(true).open(&path)?;
+    let len = out.len() as u64;
+    metrics.wal_bytes.set(len as i64);
+    metrics.wal_segments.set(1);
+    let writer = Writer {
+        dir,
+        config,
+        file,
+        no,
+        len,
+        sealed: VecDeque::new(),
+        next_seq,
+        dirty: false,
+        last_sync: Instant::now(),
+        buffer,
+        metrics,
+        health: Arc::new(Health::default()),
+        out: Vec::with_capacity(1 << 20),
+    };
+    Ok((writer, report))
+}
+
+// ------------------------------------------------------------------------------- the writer
+
+/// A closed segment, waiting for the watermark to pass its last event.
+struct Sealed {
+    no: u64,
+    /// One past the last sequence number it holds.
+    end_seq: u64,
+    bytes: u64,
+}
+
+/// The writer thread's state.
+struct Writer {
+    dir: PathBuf,
+    config: WalConfig,
+    file: File,
+    no: u64,
+    len: u64,
+    sealed: VecDeque<Sealed>,
+    next_seq: u64,
+    /// Written since the last fsync.
+    dirty: bool,
+    last_sync: Instant,
+    buffer: Arc<Buffer>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    out: Vec<u8>,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
+        loop {
+            let first = match self.wait() {
+                None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                Some(wait) => rx.recv_timeout(wait),
+            };
+            match first {
+                Ok(job) => {
+                    let mut jobs = vec![job];
+                    while jobs.len() < MAX_GROUP {
+                        match rx.try_recv() {
+                            Ok(job) => jobs.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Some(stop) = self.group(jobs) {
+                        self.finish();
+                        let _ = stop.send(());
+                        return;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => self.tick(),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    self.finish();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// How long to wait for work before a probe or an interval sync is due; `None`: forever.
+    fn wait(&self) -> Option<Duration> {
+        if self.health.failing.load(Ordering::Acquire) {
+            return Some(PROBE_INTERVAL);
+        }
+        match self.config.fsync {
+            FsyncPolicy::Interval(every) if self.dirty => {
+                Some(every.saturating_sub(self.last_sync.elapsed()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Nothing came: sync what an interval policy left unsynced, or probe a failing disk.
+    fn tick(&mut self) {
+        if self.health.failing.load(Ordering::Acquire) {
+            self.out.clear();
+            record(&mut self.out, |o| o.push(PROBE));
+            match self.write_out(true) {
+                Ok(()) => self.recovered(),
+                Err(e) => self.failed(&e),
+            }
+        } else if self.dirty
+            && let Err(e) = self.sync()
+        {
+            // The written groups were answered already; the next sync tries again.
+            self.failed(&e);
+        }
+    }
+
+    /// Writes one group of jobs; returns the stop request if one came.
+    fn group(&mut self, jobs: Vec<Job>) -> Option<oneshot::Sender<()>> {
+        let start_seq = self.next_seq;
+        let mut must_sync = self.config.fsync == FsyncPolicy::EveryGroup;
+        let mut appended = Vec::new();
+        let mut marked = Vec::new();
+        let mut stop = None;
+        self.out.clear();
+        for job in jobs {
+            match job {
+                Job::Events { room, rows, ack } => {
+                    if rows.is_empty() {
+                        let _ = ack.send(Ok(()));
+                        continue;
+                    }
+                    let first = self.next_seq;
+                    events_record(&mut self.out, first, &rows);
+                    self.next_seq += rows.len() as u64;
+                    appended.push((first, room, rows, ack));
+                }
+                Job::Batch { id, seqs, ack } => {
+                    batch_record(&mut self.out, id, &seqs);
+                    must_sync = true;
+                    marked.push(ack);
+                }
+                Job::Done { id } => record(&mut self.out, |o| {
+                    o.push(DONE);
+                    o.extend_from_slice(id.as_bytes());
+                }),
+                Job::Stop { ack } => stop = Some(ack),
+            }
+        }
+        if !self.out.is_empty() {
+            match self.write_out(must_sync) {
+                Ok(()) => {
+                    self.recovered();
+                    self.metrics.wal_appends.inc_by(appended.len() as u64);
+                    for (first, room, rows, ack) in appended {
+                        // Refused only during shutdown; the rows are in the log, so they are
+                        // acknowledged all the same and sent at the next start.
+                        let _ = self.buffer.fill(room, Some(first), rows);
+                        let _ = ack.send(Ok(()));
+                    }
+                    for ack in marked {
+                        let _ = ack.send(Ok(()));
+                    }
+                }
+                Err(e) => {
+                    self.next_seq = start_seq;
+                    self.failed(&e);
+                    let err = WalError(e.to_string());
+                    for (_, room, _, ack) in appended {
+                        drop(room);
+                        let _ = ack.send(Err(err.clone()));
+                    }
+                    for ack in marked {
+                        let _ = ack.send(Err(err.clone()));
+                    }
+                }
+            }
+        }
+        self.collect();
+        self.rotate_if_full();
+        stop
+    }
+
+    /// Writes `self.out` at the end of the active segment and syncs when asked; on failure the
+    /// segment is cut back to where it was, so that later records follow valid ones.
+    fn write_out(&mut self, sync: bool) -> io::Result<()> {
+        let at = self.len;
+        let result =
+            self.file.write_all_at(&self.out, at).and_then(|()| if sync { self.sync() } else { Ok(()) });
+        match result {
+            Ok(()) => {
+                self.len += self.out.len() as u64;
+                self.dirty |= !sync;
+                self.metrics.wal_bytes.add(self.out.len() as i64);
+                Ok(())
+            }
+            Err(e) => {
+                if let Err(cut) = self.file.set_len(at) {
+                    tracing::error!(error = %cut, segment = self.no,
+                        "cannot cut a failed write off the local log; later writes overwrite it");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        let started = Instant::now();
+        self.file.sync_data()?;
+        self.metrics.wal_fsync_duration.observe(started.elapsed().as_secs_f64());
+        self.dirty = false;
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+
+    fn failed(&self, e: &io::Error) {
+        self.metrics.wal_write_errors.inc();
+        *self.health.error.lock() = e.to_string();
+        if !self.health.failing.swap(true, Ordering::AcqRel) {
+            tracing::error!(error = %e, dir = %self.dir.display(),
+                "cannot write the local log: tracking requests get 503 until it works again");
+        }
+    }
+
+    fn recovered(&self) {
+        if self.health.failing.swap(false, Ordering::AcqRel) {
+            tracing::info!(dir = %self.dir.display(), "the local log can be written again");
+        }
+    }
+
+    /// Deletes the oldest closed segments whose every event is confirmed.
+    fn collect(&mut self) {
+        let below = self.buffer.confirmed_below();
+        while let Some(oldest) = self.sealed.front()
+            && oldest.end_seq <= below
+        {
+            let path = segment_path(&self.dir, oldest.no);
+            if let Err(e) = fs::remove_file(&path) {
+                tracing::warn!(error = %e, segment = %path.display(), "cannot delete a confirmed log segment");
+                break;
+            }
+            self.metrics.wal_bytes.sub(oldest.bytes as i64);
+            self.metrics.wal_segments.dec();
+            self.sealed.pop_front();
+        }
+    }
+
+    /// Begins a new segment once the active one is full.
+    fn rotate_if_full(&mut self) {
+        if self.len < self.config.segment_bytes || self.health.failing.load(Ordering::Acquire) {
+            return;
+        }
+        let opened = (|| {
+            if self.dirty {
+                self.sync()?;
+            }
+            let path = segment_path(&self.dir, self.no + 1);
+            let mut f = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+            f.write_all(MAGIC)?;
+            f.sync_all()?;
+            sync_dir(&self.dir)?;
+            Ok::<_, io::Error>(f)
+        })();
+        match opened {
+            Ok(file) => {
+                self.sealed.push_back(Sealed { no: self.no, end_seq: self.next_seq, bytes: self.len });
+                self.file = file;
+                self.no += 1;
+                self.len = MAGIC.len() as u64;
+                self.metrics.wal_bytes.add(self.len as i64);
+                self.metrics.wal_segments.inc();
+            }
+            Err(e) => {
+                // Keep writing to the full one; the next group tries again.
+                let _ = fs::remove_file(segment_path(&self.dir, self.no + 1));
+                tracing::warn!(error = %e, "cannot begin a new log segment; the current one grows");
+            }
+        }
+    }
+
+    /// At shutdown: sync, and delete the whole log when every event in it is confirmed.
+    fn finish(&mut self) {
+        if self.dirty
+            && let Err(e) = self.sync()
+        {
+            self.failed(&e);
+        }
+        self.collect();
+        let owed = self.next_seq.saturating_sub(self.buffer.confirmed_below());
+        if owed == 0 && self.sealed.is_empty() {
+            match fs::remove_file(segment_path(&self.dir, self.no)) {
+                Ok(()) => {
+                    self.metrics.wal_bytes.set(0);
+                    self.metrics.wal_segments.set(0);
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot delete the confirmed local log"),
+            }
+        } else {
+            tracing::warn!(events = owed, dir = %self.dir.display(),
+                "events not yet confirmed by ClickHouse stay in the local log; they are sent at the next start");
+        }
+    }
+}
+
+#[cfg(test)]
+// A batch of one range of sequence numbers is the common case, not a mistaken range of ranges.
+#[allow(clippy::single_range_in_vec_init)]
+mod tests {
+    use super::*;
+    use crate::ingest::buffer::Limits;
+
+    fn row(n: u8) -> EventRow {
+        EventRow {
+            event_id: Uuid::from_bytes([n; 16]),
+            ad_id: Uuid::from_bytes([7; 16]),
+            kind: EventKind::Midpoint,
+            event_time: OffsetDateTime::from_unix_timestamp(1_700_000_000 + i64::from(n)).unwrap(),
+            received_at: OffsetDateTime::from_unix_timestamp(1_700_000_100).unwrap(),
+            ip_hash: 0xdead_beef_0000_0000 | u64::from(n),
+            playback_time: n.is_multiple_of(2).then_some(f32::from(n) + 0.25),
+            error_code: u16::from(n) * 3,
+            batch_id: Uuid::nil(),
+            traffic: if n.is_multiple_of(3) { Traffic::Bot } else { Traffic::Valid },
+        }
+    }
+
+    fn buffer() -> Arc<Buffer> {
+        Arc::new(Buffer::new(
+            Limits {
+                max_bytes: 1 << 20,
+                batch_rows: 1000,
+                batch_bytes: 1 << 20,
+                max_age: Duration::from_secs(1),
+            },
+            Arc::new(Metrics::new()),
+        ))
+    }
+
+    fn config(dir: &Path) -> WalConfig {
+        WalConfig { dir: dir.join("wal"), segment_bytes: 1 << 20, fsync: FsyncPolicy::EveryGroup }
+    }
+
+    #[test]
+    fn rows_and_records_round_trip() {
+        let rows: Vec<EventRow> = (0..5).map(row).collect();
+        let mut out = MAGIC.to_vec();
+        events_record(&mut out, 42, &rows);
+        batch_record(&mut out, Uuid::from_bytes([9; 16]), &[1..3, 5..8]);
+        let (records, valid, stop) = parse(&out);
+        assert_eq!((valid, stop), (out.len(), None));
+        assert_eq!(records[0], Record::Events { first_seq: 42, rows });
+        assert_eq!(records[1], Record::Batch { id: Uuid::from_bytes([9; 16]), seqs: vec![1..3, 5..8] });
+        assert_eq!(MAGIC.len() + HEADER + 1 + 8 + 4 + 5 * ROW_BYTES, {
+            let mut one = MAGIC.to_vec();
+            events_record(&mut one, 0, &(0..5).map(row).collect::<Vec<_>>());
+            one.len()
+        });
+    }
+
+    #[test]
+    fn a_torn_or_flipped_record_ends_the_valid_prefix() {
+        let mut out = MAGIC.to_vec();
+        events_record(&mut out, 0, &[row(1)]);
+        let first_end = out.len();
+        events_record(&mut out, 1, &[row(2)]);
+        // Torn: the second record cut short.
+        let (records, valid, stop) = parse(&out[..out.len() - 3]);
+        assert_eq!((records.len(), valid), (1, first_end));
+        assert!(stop.unwrap().contains("torn"));
+        // Flipped: one bit of the second record's body.
+        let mut flipped = out.clone();
+        flipped[first_end + HEADER + 20] ^= 0x10;
+        let (records, valid, stop) = parse(&flipped);
+        assert_eq!((records.len(), valid), (1, first_end));
+        assert!(stop.unwrap().contains("checksum"));
+        // Garbage length.
+        let mut garbage = out[..first_end].to_vec();
+        garbage.extend_from_slice(&[0xff; 12]);
+        let (records, valid, _) = parse(&garbage);
+        assert_eq!((records.len(), valid), (1, first_end));
+    }
+
+    /// Writes a segment as a crashed process would have left it.
+    fn write_segment(dir: &Path, no: u64, body: impl FnOnce(&mut Vec<u8>)) {
+        let mut out = MAGIC.to_vec();
+        body(&mut out);
+        fs::create_dir_all(dir.join("wal")).unwrap();
+        fs::write(segment_path(&dir.join("wal"), no), out).unwrap();
+    }
+
+    #[test]
+    fn recovery_drops_done_batches_keeps_uncertain_tokens_and_supersedes_the_old_log() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (done_id, open_id) = (Uuid::from_bytes([1; 16]), Uuid::from_bytes([2; 16]));
+        write_segment(tmp.path(), 3, |o| {
+            events_record(o, 0, &(0..4).map(row).collect::<Vec<_>>());
+            batch_record(o, done_id, &[0..2]);
+            batch_record(o, open_id, &[2..3]);
+        });
+        write_segment(tmp.path(), 4, |o| {
+            events_record(o, 4, &[row(4), row(5)]);
+            record(o, |o| {
+                o.push(DONE);
+                o.extend_from_slice(done_id.as_bytes());
+            });
+            // A torn tail: half of a record.
+            let mut torn = Vec::new();
+            events_record(&mut torn, 6, &[row(6)]);
+            o.extend_from_slice(&torn[..torn.len() / 2]);
+        });
+        let b = buffer();
+        let (wal, report) = Wal::open(config(tmp.path()), b.clone(), Arc::new(Metrics::new())).unwrap();
+        assert_eq!(report.segments, 2);
+        assert_eq!(report.confirmed_events, 2);
+        assert_eq!((report.uncertain_batches, report.uncertain_events), (1, 1));
+        assert_eq!(report.fresh_events, 3, "rows 3, 4 and 5");
+        assert!(report.corrupt_bytes > 0);
+        assert_eq!(fs::read_dir(tmp.path().join("wal/corrupt")).unwrap().count(), 1);
+        let left: Vec<u64> = segments(&tmp.path().join("wal")).unwrap().into_iter().map(|s| s.0).collect();
+        assert_eq!(left, vec![5], "one new segment replaces the old ones");
+
+        let first = b.take(Instant::now(), false).unwrap();
+        assert!(first.uncertain);
+        assert_eq!(first.id, open_id);
+        assert_eq!(first.rows[0].event_id, row(2).event_id);
+        assert!(first.rows.iter().all(|r| r.batch_id == open_id));
+        let rest = b.take(Instant::now(), true).unwrap();
+        let ids: Vec<Uuid> = rest.rows.iter().map(|r| r.event_id).collect();
+        assert_eq!(ids, vec![row(3).event_id, row(4).event_id, row(5).event_id]);
+        drop(wal);
+
+        // Recovering again (nothing confirmed meanwhile) finds the same events, none twice.
+        let b = buffer();
+        let (_wal, again) = Wal::open(config(tmp.path()), b, Arc::new(Metrics::new())).unwrap();
+        assert_eq!((again.uncertain_events, again.fresh_events, again.corrupt_bytes), (1, 3, 0));
+    }
+
+    #[test]
+    fn an_interrupted_recovery_is_superseded_not_double_counted() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_segment(tmp.path(), 1, |o| events_record(o, 0, &[row(1), row(2)]));
+        // A recovery segment that was renamed into place before the old one was deleted.
+        write_segment(tmp.path(), 2, |o| {
+            record(o, |o| {
+                o.push(SUPERSEDES);
+                o.extend_from_slice(&1u64.to_le_bytes());
+            });
+            events_record(o, 0, &[row(1), row(2)]);
+        });
+        let (_wal, report) = Wal::open(config(tmp.path()), buffer(), Arc::new(Metrics::new())).unwrap();
+        assert_eq!((report.segments, report.fresh_events), (1, 2));
+    }
+
+    #[tokio::test]
+    async fn appends_reach_the_buffer_and_confirmed_segments_are_deleted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = config(tmp.path());
+        // Tiny segments: every group rotates.
+        cfg.segment_bytes = 64;
+        let b = buffer();
+        let metrics = Arc::new(Metrics::new());
+        let (wal, _) = Wal::open(cfg, b.clone(), metrics.clone()).unwrap();
+        for n in 0..3 {
+            let room = b.reserve(2).unwrap();
+            wal.append(room, vec![row(n), row(n + 10)]).await.unwrap();
+        }
+        assert!(segments(&tmp.path().join("wal")).unwrap().len() >= 3);
+        let batch = b.take(Instant::now(), true).unwrap();
+        assert_eq!(batch.seqs, vec![0..6]);
+        wal.mark_batch(&batch).await.unwrap();
+        b.release(&batch);
+        wal.confirmed(batch.id);
+        wal.close().await;
+        // Everything was confirmed: the log is gone.
+        assert!(segments(&tmp.path().join("wal")).unwrap().is_empty());
+        assert_eq!(metrics.wal_bytes.get(), 0);
+        assert!(wal.append(b.reserve(1).unwrap(), vec![row(1)]).await.is_err(), "closed");
+    }
+
+    #[tokio::test]
+    async fn a_batch_marked_but_not_confirmed_comes_back_uncertain() {
+        let tmp = tempfile::tempdir().unwrap();
+        let b = buffer();
+        let (wal, _) = Wal::open(config(tmp.path()), b.clone(), Arc::new(Metrics::new())).unwrap();
+        wal.append(b.reserve(2).unwrap(), vec![row(1), row(2)]).await.unwrap();
+        let batch = b.take(Instant::now(), true).unwrap();
+        wal.mark_batch(&batch).await.unwrap();
+        wal.append(b.reserve(1).unwrap(), vec![row(3)]).await.unwrap();
+        // A crash: no close, nothing confirmed. (The writer thread lives on; recovery reads the
+        // files as they are.)
+        let b2 = buffer();
+        let (_wal2, report) = Wal::open(config(tmp.path()), b2.clone(), Arc::new(Metrics::new())).unwrap();
+        assert_eq!((report.uncertain_batches, report.uncertain_events, report.fresh_events), (1, 2, 1));
+        let first = b2.take(Instant::now(), false).unwrap();
+        assert_eq!((first.id, first.uncertain), (batch.id, true));
+    }
+}

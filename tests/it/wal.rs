@@ -1,0 +1,413 @@
+//! The write-ahead log (`ACK_MODE=wal`) and the other acknowledgement modes: a SIGKILL under load
+//! loses nothing that got a 2xx and stores nothing twice; a torn or corrupt log is recovered up to
+//! the damage; a disk that cannot be written gives 503 and recovers by itself; `committed` answers
+//! only once ClickHouse holds the event.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::support::{ClickHouse, Service, TestApp, browser, fresh_db, shared_clickhouse};
+
+const AD1: &str = "11111111-1111-1111-1111-111111111111";
+
+/// A small xorshift generator: the kill moments vary from run to run, and the seed is printed so
+/// that a failing run can be repeated.
+struct Rng(u64);
+
+impl Rng {
+    fn seeded() -> Rng {
+        let seed = std::env::var("WAL_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
+        });
+        eprintln!("WAL_TEST_SEED={seed}");
+        Rng(seed)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Every event id in `db` with how many times it is stored.
+async fn stored_ids(ch: &ClickHouse, db: &str) -> HashMap<Uuid, u64> {
+    let text =
+        ch.query_in(db, "SELECT event_id, count() FROM events GROUP BY event_id FORMAT TabSeparated").await;
+    text.lines()
+        .map(|l| {
+            let (id, n) = l.split_once('\t').expect("two columns");
+            (id.parse().expect("a uuid"), n.parse().expect("a count"))
+        })
+        .collect()
+}
+
+/// The accounting check of DESIGN.md §9: every acknowledged event stored, none stored twice.
+fn assert_books_balance(acked: &HashSet<Uuid>, stored: &HashMap<Uuid, u64>) {
+    let lost: Vec<_> = acked.iter().filter(|id| !stored.contains_key(id)).collect();
+    let twice: Vec<_> = stored.iter().filter(|(_, n)| **n > 1).collect();
+    eprintln!(
+        "accounting: acknowledged {}, stored {}, lost {}, stored twice {}",
+        acked.len(),
+        stored.len(),
+        lost.len(),
+        twice.len()
+    );
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged events lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    assert!(
+        twice.is_empty(),
+        "{} events stored more than once, e.g. {:?}",
+        twice.len(),
+        &twice[..twice.len().min(5)]
+    );
+}
+
+/// Clicks with fresh event ids from `senders` connections until `stop`; the ids answered 202 go
+/// into `acked`. Errors (the service killed mid-request) end nothing: the request is not counted.
+async fn load(
+    base: String,
+    senders: usize,
+    acked: Arc<Mutex<HashSet<Uuid>>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..senders {
+        let (base, acked, stop) = (base.clone(), acked.clone(), stop.clone());
+        tasks.spawn(async move {
+            let http = browser().timeout(Duration::from_secs(5)).build().unwrap();
+            while !stop.is_cancelled() {
+                let id = Uuid::new_v4();
+                let body = json!({"adId": AD1, "eventId": id, "videoPlaybackTime": 3.5});
+                match http.post(format!("{base}/ads/click")).json(&body).send().await {
+                    Ok(resp) if resp.status() == 202 => {
+                        acked.lock().unwrap().insert(id);
+                    }
+                    Ok(resp) => assert_eq!(resp.status(), 503, "only 202 or 503 under load"),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+        });
+    }
+    tasks.join_all().await;
+}
+
+/// Issue 6, test (a): the service SIGKILLed at random moments under continuous load, 20 times,
+/// restarted on the same log each time. After a last clean stop every acknowledged event is in
+/// ClickHouse exactly once, and no event at all is stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_load_twenty_times_loses_nothing_and_stores_nothing_twice() {
+    let ch = shared_clickhouse();
+    let db = fresh_db();
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().display().to_string();
+    let url = ch.url();
+    let vars = [
+        ("CLICKHOUSE_URL", url.as_str()),
+        ("CLICKHOUSE_DATABASE", db.as_str()),
+        ("DATA_DIR", data_dir.as_str()),
+        // Batches go out all the time, so kills land during INSERTs, between an INSERT and its
+        // confirmation, during recovery, and in between.
+        ("FLUSH_INTERVAL", "20ms"),
+        ("BATCH_MAX_ROWS", "50"),
+        ("WAL_SEGMENT_BYTES", "1MiB"),
+    ];
+    let mut rng = Rng::seeded();
+    let acked = Arc::new(Mutex::new(HashSet::new()));
+    for round in 0..20 {
+        let service = tokio::task::spawn_blocking({
+            let vars: Vec<(String, String)> =
+                vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            move || Service::start(&vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>())
+        })
+        .await
+        .unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let sender = tokio::spawn(load(service.base.clone(), 4, acked.clone(), stop.clone()));
+        let alive = Duration::from_millis(30 + rng.below(600));
+        tokio::time::sleep(alive).await;
+        service.kill();
+        stop.cancel();
+        sender.await.unwrap();
+        eprintln!(
+            "round {round}: killed after {alive:?}; {} acknowledged so far",
+            acked.lock().unwrap().len()
+        );
+    }
+    // A last start recovers what the 20th kill left, and a clean stop flushes everything.
+    let owned: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let code = tokio::task::spawn_blocking(move || {
+        Service::start(&owned.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>()).terminate()
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0));
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 500, "too little load to prove anything: {}", acked.len());
+    assert_books_balance(&acked, &stored_ids(ch, &db).await);
+    let left: Vec<_> = std::fs::read_dir(data.path().join("wal"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    assert!(left.is_empty(), "a clean stop with everything confirmed leaves no log: {left:?}");
+}
+
+/// Runs an app on its own ClickHouse, acknowledges `n` single clicks, then stops it while
+/// ClickHouse is down, so that the events stay in the log. Returns the ClickHouse (down), the
+/// database, the data directory and the acknowledged ids in order.
+async fn events_left_in_the_log(n: usize) -> (ClickHouse, String, tempfile::TempDir, Vec<Uuid>) {
+    let mut ch = ClickHouse::start();
+    let db = fresh_db();
+    let mut app = TestApp::spawn_on(
+        &ch.url(),
+        &db,
+        &[("FLUSH_INTERVAL", "1h"), ("SHUTDOWN_TIMEOUT", "1s"), ("INSERT_TIMEOUT", "1s")],
+    )
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let id = Uuid::new_v4();
+        assert_eq!(app.post("/ads/click", &json!({"adId": AD1, "eventId": id})).await.status(), 202);
+        ids.push(id);
+    }
+    ch.kill();
+    app.stop().await.expect("shutdown completes with ClickHouse down");
+    (ch, db, app.take_data_dir(), ids)
+}
+
+/// The records of the (only) log segment under `data`: (offset, length with header, type).
+fn log_records(data: &std::path::Path) -> (std::path::PathBuf, Vec<(usize, usize, u8)>) {
+    let segments: Vec<_> = std::fs::read_dir(data.join("wal"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    assert_eq!(segments.len(), 1, "{segments:?}");
+    let bytes = std::fs::read(&segments[0]).unwrap();
+    let mut at = 8; // the magic
+    let mut records = Vec::new();
+    while at + 8 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        records.push((at, 8 + len, bytes[at + 8]));
+        at += 8 + len;
+    }
+    (segments[0].clone(), records)
+}
+
+/// Restarts on `data` with ClickHouse back; returns the app once it confirmed `expected` events.
+async fn restart(ch: &mut ClickHouse, db: &str, data: tempfile::TempDir, expected: u64) -> TestApp {
+    ch.restart();
+    let app = TestApp::spawn_in(&ch.url(), db, data, &[]).await;
+    assert_eq!(app.wait_flushed(expected).await, expected, "the recovered events are sent");
+    app
+}
+
+/// Issue 6, test (b): a record cut short at the end of the log (a crash in the middle of a
+/// write). The events before it are sent exactly once; the torn bytes are moved aside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_record_at_the_end_of_the_log_keeps_every_event_before_it() {
+    let (mut ch, db, data, ids) = events_left_in_the_log(10).await;
+    let (segment, records) = log_records(data.path());
+    let (last_events, len, _) = *records.iter().rev().find(|r| r.2 == 1).expect("an events record");
+    let file = std::fs::OpenOptions::new().write(true).open(&segment).unwrap();
+    file.set_len((last_events + len / 2) as u64).unwrap();
+    drop(file);
+
+    let app = restart(&mut ch, &db, data, 9).await;
+    let stored = stored_ids(&ch, &db).await;
+    assert_books_balance(&ids[..9].iter().copied().collect(), &stored);
+    assert_eq!(stored.len(), 9, "the torn event was never acknowledged as stored… it is gone, and only it");
+    assert!(app.metric("adbeacon_wal_corrupt_bytes_total").await > 0);
+    assert_eq!(app.metric("adbeacon_events_recovered_total").await, 9);
+    let aside = std::fs::read_dir(app.data_dir.path().join("wal/corrupt")).unwrap().count();
+    assert_eq!(aside, 1, "the torn tail is kept for inspection");
+}
+
+/// Issue 6, test (b): a flipped bit inside a record (a corrupt sector). Reading stops there: the
+/// events before it are sent, the rest of the file is moved aside and reported, start-up does not
+/// loop or fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_record_ends_recovery_there_and_is_moved_aside() {
+    let (mut ch, db, data, ids) = events_left_in_the_log(10).await;
+    let (segment, records) = log_records(data.path());
+    let events: Vec<_> = records.iter().filter(|r| r.2 == 1).collect();
+    assert_eq!(events.len(), 10, "one record per request");
+    // The 7th click's record: a bit in its body.
+    let (at, _, _) = *events[6];
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes[at + 8 + 20] ^= 0x04;
+    std::fs::write(&segment, bytes).unwrap();
+
+    let app = restart(&mut ch, &db, data, 6).await;
+    let stored = stored_ids(&ch, &db).await;
+    assert_books_balance(&ids[..6].iter().copied().collect(), &stored);
+    assert_eq!(stored.len(), 6);
+    assert!(app.metric("adbeacon_wal_corrupt_bytes_total").await > 0);
+}
+
+/// Events left in the log by a stop while ClickHouse was down are sent at the next start, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_left_in_the_log_at_shutdown_are_sent_at_the_next_start() {
+    let (mut ch, db, data, ids) = events_left_in_the_log(25).await;
+    assert!(
+        !std::fs::read_dir(data.path().join("dead-letter")).is_ok_and(|mut d| d.next().is_some()),
+        "with the log on, nothing becomes a dead letter at shutdown"
+    );
+    let mut app = restart(&mut ch, &db, data, 25).await;
+    assert_books_balance(&ids.iter().copied().collect(), &stored_ids(&ch, &db).await);
+    assert_eq!(app.metric("adbeacon_books_balance").await, 0);
+    app.stop().await.unwrap();
+}
+
+/// A tmpfs of a few hundred KiB mounted for the test (root, or CAP_SYS_ADMIN, is needed: the test
+/// says so and fails otherwise), unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("`mount` runs (util-linux)");
+        assert!(
+            out.status.success(),
+            "this test mounts a small tmpfs to fill a real disk, which needs root (or CAP_SYS_ADMIN); run the \
+             tests as root as `make test` does in CI: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk { dir }
+    }
+
+    /// Fills the disk; returns the filler file, whose deletion frees the space again.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.dir.path().join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+/// Issue 6, test (c): a log that cannot be written gives 503 (never 2xx), readiness turns false,
+/// and both recover by themselves once space returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_gives_503_and_recovers_when_space_returns() {
+    let disk = SmallDisk::mount("2m");
+    let data = tempfile::TempDir::new_in(disk.dir.path()).unwrap();
+    let db = fresh_db();
+    let mut app =
+        TestApp::spawn_in(&shared_clickhouse().url(), &db, data, &[("WAL_SEGMENT_BYTES", "1MiB")]).await;
+    let mut acked = HashSet::new();
+    for _ in 0..5 {
+        let id = Uuid::new_v4();
+        assert_eq!(app.post("/ads/click", &json!({"adId": AD1, "eventId": id})).await.status(), 202);
+        acked.insert(id);
+    }
+    let filler = disk.fill();
+    // Until a write fails, ext4-like slack may take a few; every answer is 202 or 503, and once
+    // the disk is full it is 503.
+    let mut refused = None;
+    for _ in 0..200 {
+        let id = Uuid::new_v4();
+        let resp = app.post("/ads/click", &json!({"adId": AD1, "eventId": id})).await;
+        match resp.status().as_u16() {
+            202 => {
+                acked.insert(id);
+            }
+            503 => {
+                refused = Some(resp.json::<serde_json::Value>().await.unwrap());
+                break;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    let refused = refused.expect("a full disk refuses events");
+    assert!(refused["error"].as_str().unwrap().contains("local log cannot be written"), "{refused}");
+    let ready = app.get("/readyz").await;
+    assert_eq!(ready.status(), 503);
+    assert_eq!(ready.json::<serde_json::Value>().await.unwrap()["log"], "failing");
+    assert!(app.metric("adbeacon_events_rejected_total{reason=\"log_unavailable\"}").await >= 1);
+
+    std::fs::remove_file(filler).unwrap();
+    // No request is needed: the log probes itself every second.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.get("/readyz").await.status() != 200 {
+        assert!(Instant::now() < deadline, "readiness did not return");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..5 {
+        let id = Uuid::new_v4();
+        assert_eq!(app.post("/ads/click", &json!({"adId": AD1, "eventId": id})).await.status(), 202);
+        acked.insert(id);
+    }
+    app.stop().await.unwrap();
+    assert_books_balance(&acked, &stored_ids(shared_clickhouse(), &db).await);
+    drop(app);
+    drop(disk);
+}
+
+/// `committed`: the 2xx comes once ClickHouse holds the event; when it cannot confirm within
+/// ACK_TIMEOUT the answer is 503, the event stays held and is stored once ClickHouse is back (and
+/// a retry with the same event id is not stored twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_answers_after_clickhouse_confirms() {
+    let mut ch = ClickHouse::start();
+    let db = fresh_db();
+    let app = TestApp::spawn_on(
+        &ch.url(),
+        &db,
+        &[
+            ("ACK_MODE", "committed"),
+            ("ACK_TIMEOUT", "1s"),
+            ("FLUSH_INTERVAL", "50ms"),
+            ("INSERT_TIMEOUT", "1s"),
+        ],
+    )
+    .await;
+    for sent in 1..=3 {
+        assert_eq!(app.post("/ads/click", &json!({"adId": AD1})).await.status(), 202);
+        // No waiting: the answer came after the INSERT.
+        assert_eq!(app.number("SELECT count() FROM events").await, sent);
+    }
+    let ready = app.get("/readyz").await.json::<serde_json::Value>().await.unwrap();
+    assert_eq!((ready["ackMode"].as_str(), ready["log"].as_str()), (Some("committed"), Some("off")));
+
+    ch.kill();
+    let id = Uuid::new_v4();
+    let resp = app.post("/ads/click", &json!({"adId": AD1, "eventId": id})).await;
+    assert_eq!(resp.status(), 503);
+    let err = resp.json::<serde_json::Value>().await.unwrap();
+    assert!(err["error"].as_str().unwrap().contains("has not confirmed"), "{err}");
+    assert_eq!(app.metric("adbeacon_commit_timeouts_total").await, 1);
+    // The client retries with the same id: answered as a duplicate, not held twice.
+    let again = app.post("/ads/click", &json!({"adId": AD1, "eventId": id})).await;
+    assert_eq!(again.status(), 202);
+    assert_eq!(again.json::<serde_json::Value>().await.unwrap()["duplicate"], true);
+    ch.restart();
+    assert_eq!(app.wait_for("SELECT count() FROM events", 4).await, 4);
+    assert_eq!(app.number(&format!("SELECT count() FROM events WHERE event_id = '{id}'")).await, 1);
+}
