@@ -138,70 +138,8 @@ wait_ready adbeacon "$app_pid" app_ready "$tmp/adbeacon.log"
 bare_ready() { [ "$(http_code -X POST "$bare_url/ads/click")" = 202 ]; }
 wait_ready bare "$bare_pid" bare_ready "$tmp/bare.log"
 
-# ---------------------------------------------------------------- helpers for the runs
-# One value from adbeacon's /metrics (sum over the series matching PATTERN, 0 when absent).
-metric() { # PATTERN
-  curl -fsS --noproxy '*' --max-time 5 "$app_url/metrics" |
-    awk -v pat="$1" '$0 !~ /^#/ && $1 ~ pat { s += $2 } END { printf "%d\n", s }'
-}
-
-# utime + stime of PID in clock ticks. Fields counted after the last ')' since comm may hold spaces.
-cpu_ticks() { # PID
-  local stat
-  stat="$(cat "/proc/$1/stat")"
-  stat="${stat##*) }"
-  # shellcheck disable=SC2086  # word splitting into fields is the point
-  set -- $stat
-  echo $((${12} + ${13}))
-}
-
-# Waits until adbeacon holds no event (all confirmed by ClickHouse), up to 30 s.
-await_flush() {
-  local i=0 held
-  sleep 2 # FLUSH_INTERVAL is 1s: the last batch is due within it
-  while held="$(metric '^adbeacon_buffer_events$')" && [ "$held" != 0 ]; do
-    [ "$i" -lt 300 ] || {
-      log "warning: adbeacon still holds $held events after 30s"
-      return 0
-    }
-    sleep 0.1
-    i=$((i + 1))
-  done
-}
-
-# Runs wrk once; sets r_rps r_p50 r_p99 r_requests r_non2xx r_errors and r_detail.
-run_no=0
-run_wrk() { # LABEL URL DURATION
-  local label="$1" url="$2" duration="$3" file line
-  run_no=$((run_no + 1))
-  file="$tmp/wrk-$(printf '%02d' "$run_no")-$label.txt"
-  # In the background with `wait`, so a signal runs the trap at once instead of after the run,
-  # and the trap (or the watchdog) can stop wrk too.
-  "${wrk_pin[@]}" wrk --latency -t "$THREADS" -c "$CONNECTIONS" -d "$duration" \
-    -s loadtest/wrk/click.lua "$url" </dev/null >"$file" 2>&1 &
-  wrk_pid=$!
-  watch_pid "$wrk_pid" wrk
-  if ! wait "$wrk_pid"; then
-    wrk_pid=""
-    cat "$file" >&2
-    die "wrk failed against $label ($url)"
-  fi
-  wrk_pid=""
-  line="$(grep '^RESULT ' "$file" | tail -n 1)" || {
-    cat "$file" >&2
-    die "wrk printed no RESULT line against $label"
-  }
-  field() { sed -E "s/.* $1=([0-9.]+).*/\1/" <<<"$line"; }
-  r_rps="$(field rps)"
-  r_p50="$(field p50_us)"
-  r_p99="$(field p99_us)"
-  r_requests="$(field requests)"
-  r_non2xx="$(field non2xx)"
-  r_errors="$(field errors)"
-  r_detail="connect=$(field connect) read=$(field read) write=$(field write) timeout=$(field timeout)"
-  printf 'bench: %-8s %-9s %10s req/s  p50 %6s us  p99 %7s us  requests %s  non2xx %s  socket errors %s\n' \
-    "$label" "($duration)" "$r_rps" "$r_p50" "$r_p99" "$r_requests" "$r_non2xx" "$r_errors" >&2
-}
+# ---------------------------------------------------------------- the runs' helpers
+# metric, cpu_ticks, await_flush and run_wrk come from bench-common.sh.
 
 app_2xx=0 # 2xx answers wrk counted from adbeacon, every run including warm-up
 app_bad=() # adbeacon runs with non-2xx answers or socket errors

@@ -61,7 +61,9 @@ fn buffer(config: &Config, metrics: Arc<Metrics>) -> Arc<Buffer> {
             max_bytes: config.buffer_max_bytes,
             batch_rows: config.batch_max_rows,
             batch_bytes: config.batch_max_bytes,
-            max_age: config.flush_interval,
+            // In `committed` mode every buffered event has a request waiting for it: a batch is
+            // due at once, and the rows that arrive while one INSERT runs make the next batch.
+            max_age: if config.ack_mode == AckMode::Committed { Duration::ZERO } else { config.flush_interval },
         },
         metrics,
     ))

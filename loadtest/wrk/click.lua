@@ -7,6 +7,10 @@
 -- almost nothing per request. The timestamp is taken once at start-up: a run lasts seconds, far
 -- inside MAX_CLOCK_SKEW / MAX_EVENT_AGE, so the service keeps the client time.
 --
+-- WRK_DELAY_MS=N (environment) paces the load: each connection waits N ms after an answer before
+-- its next request, so C connections offer about C * 1000 / (N + latency in ms) requests per
+-- second (scripts/bench-modes.sh uses it for the runs at half of saturation).
+--
 -- done() prints one machine-readable line for scripts/bench.sh:
 --   RESULT rps=… p50_us=… p99_us=… requests=… non2xx=… errors=…
 -- non2xx is wrk's errors.status (responses with status >= 400); errors sums the socket errors
@@ -51,6 +55,14 @@ function init(args)
   end
   -- Threads start at different places in the cycle, so they don't send the same sequence.
   next_index = ((thread_id or 1) - 1) * 7 % #requests + 1
+end
+
+local delay_ms = tonumber(os.getenv("WRK_DELAY_MS") or "")
+if delay_ms then
+  -- Defined only when asked for: wrk calls it before every request.
+  function delay()
+    return delay_ms
+  end
 end
 
 function request()

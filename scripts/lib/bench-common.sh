@@ -4,7 +4,8 @@
 # (the paths below are relative to it). It provides: log and die, the checks of the settings and
 # tools, stopping our own children with grace, a SIGKILL watchdog for when the clean-up trap
 # cannot run, keeping the run's logs, free loopback ports, a private ClickHouse rendered from
-# clickhouse/local/, adbeacon started against it, the start-up waits, and the revision string.
+# clickhouse/local/, adbeacon started against it, the start-up waits, the wrk runs and reading
+# adbeacon's metrics and CPU time (for bench.sh and bench-modes.sh), and the revision string.
 #
 # Each script keeps its own cleanup function (it alone knows what it started and in which order
 # to stop it) and hands it to set_traps. Shared state is plain globals:
@@ -217,6 +218,75 @@ ch_ping() { [ "$(curl -s --noproxy '*' --max-time 2 "$ch_url/ping" 2>/dev/null)"
 # A wait_ready check: /readyz is 200 once adbeacon migrated, seeded demo ads and reaches ClickHouse.
 # shellcheck disable=SC2317  # called through wait_ready
 app_ready() { [ "$(http_code "${app_url:?}/readyz")" = 200 ]; }
+
+# The runs' helpers below use app_url, app_pid, tmp, wrk_pin, THREADS and CONNECTIONS, and set
+# wrk_pid while wrk runs (for the clean-up).
+
+# One value from adbeacon's /metrics (sum over the series matching PATTERN, 0 when absent).
+metric() { # PATTERN
+  curl -fsS --noproxy '*' --max-time 5 "$app_url/metrics" |
+    awk -v pat="$1" '$0 !~ /^#/ && $1 ~ pat { s += $2 } END { printf "%d\n", s }'
+}
+
+# utime + stime of PID in clock ticks. Fields counted after the last ')' since comm may hold spaces.
+cpu_ticks() { # PID
+  local stat
+  stat="$(cat "/proc/$1/stat")"
+  stat="${stat##*) }"
+  # shellcheck disable=SC2086  # word splitting into fields is the point
+  set -- $stat
+  echo $((${12} + ${13}))
+}
+
+# Waits until adbeacon holds no event (all confirmed by ClickHouse), up to 30 s.
+await_flush() {
+  local i=0 held
+  sleep 2 # FLUSH_INTERVAL is 1s: the last batch is due within it
+  while held="$(metric '^adbeacon_buffer_events$')" && [ "$held" != 0 ]; do
+    [ "$i" -lt 300 ] || {
+      log "warning: adbeacon still holds $held events after 30s"
+      return 0
+    }
+    sleep 0.1
+    i=$((i + 1))
+  done
+}
+
+# Runs wrk once; sets r_rps r_p50 r_p99 r_requests r_non2xx r_errors and r_detail.
+# The load is THREADS and CONNECTIONS of loadtest/wrk/click.lua, wrk pinned by the wrk_pin
+# array; WRK_DELAY_MS (exported, for click.lua), when set, paces each connection.
+run_no=0
+run_wrk() { # LABEL URL DURATION
+  local label="$1" url="$2" duration="$3" file line
+  run_no=$((run_no + 1))
+  file="$tmp/wrk-$(printf '%02d' "$run_no")-$label.txt"
+  # In the background with `wait`, so a signal runs the trap at once instead of after the run,
+  # and the trap (or the watchdog) can stop wrk too.
+  "${wrk_pin[@]}" wrk --latency -t "$THREADS" -c "$CONNECTIONS" -d "$duration" \
+    -s loadtest/wrk/click.lua "$url" </dev/null >"$file" 2>&1 &
+  wrk_pid=$!
+  watch_pid "$wrk_pid" wrk
+  if ! wait "$wrk_pid"; then
+    wrk_pid=""
+    cat "$file" >&2
+    die "wrk failed against $label ($url)"
+  fi
+  wrk_pid=""
+  line="$(grep '^RESULT ' "$file" | tail -n 1)" || {
+    cat "$file" >&2
+    die "wrk printed no RESULT line against $label"
+  }
+  field() { sed -E "s/.* $1=([0-9.]+).*/\1/" <<<"$line"; }
+  r_rps="$(field rps)"
+  r_p50="$(field p50_us)"
+  r_p99="$(field p99_us)"
+  r_requests="$(field requests)"
+  r_non2xx="$(field non2xx)"
+  r_errors="$(field errors)"
+  r_detail="connect=$(field connect) read=$(field read) write=$(field write) timeout=$(field timeout)"
+  printf 'bench: %-8s %-9s %10s req/s  p50 %6s us  p99 %7s us  requests %s  non2xx %s  socket errors %s\n' \
+    "$label" "($duration)" "$r_rps" "$r_p50" "$r_p99" "$r_requests" "$r_non2xx" "$r_errors" >&2
+}
 
 # The commit the figures were taken at, "+dirty" when the working tree differs from it.
 git_rev() {

@@ -35,7 +35,7 @@ use self::{
     health::HealthApi, methods::Methods, pixel::PixelApi, tracking::TrackingApi,
 };
 use crate::{
-    domain::{Event, EventKind, EventReport, Traffic, UserAgentFilter, event_time},
+    domain::{Event, EventReport, Traffic, UserAgentFilter, event_time},
     ingest::{HoldError, Intake, PushError},
     iphash::IpHasher,
     metrics::{Metrics, RejectReason},
@@ -343,55 +343,39 @@ impl State {
         })
     }
 
-    /// Holds rows, all or none, as `ACK_MODE` says. When none, `claims` are given back, so that
-    /// a retry with the same ids counts as it would have.
+    /// Holds rows, all or none, as `ACK_MODE` says (the buffer counts them as accepted the
+    /// moment they are held). When none, `claims` are given back, so that a retry with the same
+    /// ids counts as it would have.
     pub async fn hold(&self, rows: Vec<EventRow>, claims: Claims) -> Result<(), ApiError> {
         let count = rows.len() as u64;
-        let mut per_kind = [0u64; EventKind::ALL.len()];
-        let mut per_traffic = [0u64; Traffic::FILTERED.len() + 1];
-        for r in &rows {
-            per_kind[r.kind.index()] += 1;
-            per_traffic[r.traffic as usize] += 1;
-        }
-        let outcome = self.intake.hold(rows).await;
-        if let Err(e) = &outcome
-            && !matches!(e, HoldError::Unconfirmed)
-        {
-            for id in &claims.ids {
-                self.recent_event_ids.invalidate(id);
+        let held = match self.intake.hold(rows).await {
+            Ok(held) => held,
+            Err(e) => {
+                for id in &claims.ids {
+                    self.recent_event_ids.invalidate(id);
+                }
+                for mark in &claims.marks {
+                    self.dedup.release(*mark);
+                }
+                let reason = match e {
+                    HoldError::Push(PushError::Full) => RejectReason::BufferFull,
+                    HoldError::Push(PushError::Closed) => RejectReason::ShuttingDown,
+                    _ => RejectReason::LogUnavailable,
+                };
+                for _ in 0..count {
+                    self.metrics.rejected(reason);
+                }
+                return Err(ApiError::hold(&e, self.retry_after));
             }
-            for mark in &claims.marks {
-                self.dedup.release(*mark);
-            }
-            let reason = match e {
-                HoldError::Push(PushError::Full) => RejectReason::BufferFull,
-                HoldError::Push(PushError::Closed) => RejectReason::ShuttingDown,
-                _ => RejectReason::LogUnavailable,
-            };
-            for _ in 0..count {
-                self.metrics.rejected(reason);
-            }
-            return Err(ApiError::hold(e, self.retry_after));
-        }
-        // Held (in `committed` mode perhaps not yet confirmed, but held all the same): a repeat
-        // of these ids is a duplicate from now on.
+        };
+        // Held: a repeat of these ids is a duplicate from now on, also while `committed` mode
+        // waits for ClickHouse below.
         for id in &claims.ids {
             if let Some(flag) = self.recent_event_ids.get(id) {
                 flag.store(true, std::sync::atomic::Ordering::Release);
             }
         }
-        for (kind, n) in EventKind::ALL.into_iter().zip(per_kind) {
-            if n > 0 {
-                self.metrics.accepted(kind, n);
-            }
-        }
-        for traffic in Traffic::FILTERED {
-            let n = per_traffic[traffic as usize];
-            if n > 0 {
-                self.metrics.filtered(traffic, n);
-            }
-        }
-        outcome.map_err(|e| {
+        self.intake.confirmed(held).await.map_err(|e| {
             self.metrics.commit_timeouts.inc();
             ApiError::hold(&e, self.retry_after)
         })

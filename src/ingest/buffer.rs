@@ -26,7 +26,11 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, watch};
 use uuid::Uuid;
 
-use crate::{metrics::Metrics, store::EventRow};
+use crate::{
+    domain::{EventKind, Traffic},
+    metrics::Metrics,
+    store::EventRow,
+};
 
 /// Why an event could not be buffered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -171,6 +175,7 @@ impl Buffer {
             if self.closed.load(Ordering::Acquire) {
                 return Err(PushError::Closed);
             }
+            self.count_accepted(&rows);
             self.append(&mut p, first_seq, rows)
         };
         // The room is now held by the rows; `release` gives it back.
@@ -209,8 +214,32 @@ impl Buffer {
         seqs
     }
 
+    /// Counts rows entering the buffer as accepted, by kind and traffic verdict: here, where
+    /// they become held, so that the books balance even when a request is dropped while it
+    /// waits (for the log) after its events are held.
+    fn count_accepted(&self, rows: &[EventRow]) {
+        let mut per_kind = [0u64; EventKind::ALL.len()];
+        let mut per_traffic = [0u64; Traffic::FILTERED.len() + 1];
+        for r in rows {
+            per_kind[r.kind.index()] += 1;
+            per_traffic[r.traffic as usize] += 1;
+        }
+        for (kind, n) in EventKind::ALL.into_iter().zip(per_kind) {
+            if n > 0 {
+                self.metrics.accepted(kind, n);
+            }
+        }
+        for traffic in Traffic::FILTERED {
+            let n = per_traffic[traffic as usize];
+            if n > 0 {
+                self.metrics.filtered(traffic, n);
+            }
+        }
+    }
+
     /// Puts back rows recovered from the write-ahead log: neither the cap nor a close refuses
-    /// them, since they were acknowledged before the restart.
+    /// them, since they were acknowledged before the restart (and counted as recovered, not
+    /// accepted).
     pub fn restore_rows(&self, first_seq: u64, rows: Vec<EventRow>) {
         self.held_bytes.fetch_add(rows.len() * EventRow::SIZE, Ordering::AcqRel);
         let mut p = self.pending.lock();

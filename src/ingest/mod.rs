@@ -84,21 +84,31 @@ impl Intake {
         }
     }
 
-    /// Holds `rows`, all or none, as the mode says; Ok means the 2xx may be sent.
-    pub async fn hold(&self, rows: Vec<EventRow>) -> Result<(), HoldError> {
+    /// Holds `rows`, all or none: in the buffer, after the log in `wal` mode. Ok means the 2xx
+    /// may be sent, except in `committed` mode, which must first wait for [`Intake::confirmed`]
+    /// with what this returns.
+    pub async fn hold(&self, rows: Vec<EventRow>) -> Result<Held, HoldError> {
         if rows.is_empty() {
-            return Ok(());
+            return Ok(Held(None));
         }
         if let Some(wal) = &self.wal {
             let room = self.buffer.reserve(rows.len())?;
-            return Ok(wal.append(room, rows).await?);
+            wal.append(room, rows).await?;
+            return Ok(Held(None));
         }
         let seqs = self.buffer.push(rows)?;
-        if let Some(limit) = self.commit_timeout {
-            tokio::time::timeout(limit, self.buffer.confirmed(seqs.end))
-                .await
-                .map_err(|_| HoldError::Unconfirmed)?;
-        }
-        Ok(())
+        Ok(Held(self.commit_timeout.map(|_| seqs.end)))
+    }
+
+    /// `committed` mode: waits until ClickHouse holds the events `held` names, or ACK_TIMEOUT
+    /// passes (then the events stay held, but the answer is 503). Other modes: at once.
+    pub async fn confirmed(&self, held: Held) -> Result<(), HoldError> {
+        let (Some(end), Some(limit)) = (held.0, self.commit_timeout) else { return Ok(()) };
+        tokio::time::timeout(limit, self.buffer.confirmed(end)).await.map_err(|_| HoldError::Unconfirmed)
     }
 }
+
+/// Events just held; in `committed` mode, the sequence number their confirmation must pass.
+#[derive(Debug, Clone, Copy)]
+#[must_use = "committed mode must wait for the confirmation"]
+pub struct Held(Option<u64>);
