@@ -28,8 +28,8 @@ RUN apt-get update \
     && install -d -o adbeacon -g adbeacon -m 0750 /var/lib/adbeacon
 COPY --from=build /usr/local/bin/adbeacon /usr/local/bin/adbeacon
 
-# DATA_DIR holds the IP-hash key (losing it changes every unique count) and dead-letter files:
-# keep it on a volume.
+# DATA_DIR holds the IP-hash key (losing it changes every unique count), the write-ahead log
+# (acknowledged events not yet in ClickHouse) and dead-letter files: keep it on a volume.
 ENV DATA_DIR=/var/lib/adbeacon \
     HOST=0.0.0.0 \
     PORT=8080 \

@@ -97,7 +97,10 @@ for mode in buffered wal committed; do
   best=0
   for round in $(seq 1 "$ROUNDS"); do
     run_wrk "$mode-saturation-$round" "$app_url" "$DURATION"
-    [ "$r_non2xx" = 0 ] && [ "$r_errors" = 0 ] || { log "!!!!! $mode: $r_non2xx non-2xx, $r_errors socket errors"; status=1; }
+    if [ "$r_non2xx" != 0 ] || [ "$r_errors" != 0 ]; then
+      log "!!!!! $mode: $r_non2xx non-2xx, $r_errors socket errors"
+      status=1
+    fi
     if better "$r_rps" "$best"; then
       best="$r_rps" sat_rps[$mode]="$r_rps" sat_p50[$mode]="$r_p50" sat_p99[$mode]="$r_p99"
     fi
@@ -115,7 +118,10 @@ for mode in buffered wal committed; do
   export WRK_DELAY_MS="$delay_ms"
   run_wrk "$mode-half" "$app_url" "$DURATION"
   unset WRK_DELAY_MS
-  [ "$r_non2xx" = 0 ] && [ "$r_errors" = 0 ] || { log "!!!!! $mode paced: $r_non2xx non-2xx, $r_errors socket errors"; status=1; }
+  if [ "$r_non2xx" != 0 ] || [ "$r_errors" != 0 ]; then
+    log "!!!!! $mode paced: $r_non2xx non-2xx, $r_errors socket errors"
+    status=1
+  fi
   half_rps[$mode]="$r_rps" half_p50[$mode]="$r_p50" half_p99[$mode]="$r_p99"
   if [ "$mode" = wal ]; then
     appends="$(metric '^adbeacon_wal_appends_total$')"

@@ -19,6 +19,8 @@
 export PATH="$PATH:/usr/sbin:/sbin"
 
 ch_pid="" app_pid="" watchdog_pid=""
+# run_wrk's pinning (a taskset command, or nothing); the scripts set it after sourcing.
+wrk_pin=()
 
 # Progress and errors go to stderr, so that stdout carries only the report.
 log() { echo "${log_tag:?}: $*" >&2; }
@@ -283,6 +285,7 @@ run_wrk() { # LABEL URL DURATION
   r_requests="$(field requests)"
   r_non2xx="$(field non2xx)"
   r_errors="$(field errors)"
+  # shellcheck disable=SC2034  # read by bench.sh
   r_detail="connect=$(field connect) read=$(field read) write=$(field write) timeout=$(field timeout)"
   printf 'bench: %-8s %-9s %10s req/s  p50 %6s us  p99 %7s us  requests %s  non2xx %s  socket errors %s\n' \
     "$label" "($duration)" "$r_rps" "$r_p50" "$r_p99" "$r_requests" "$r_non2xx" "$r_errors" >&2
