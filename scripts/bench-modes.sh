@@ -79,8 +79,13 @@ ch_query() { curl -fsS --noproxy '*' --max-time 30 "$ch_url/" --data-binary "$1"
 ms() { awk -v us="$1" 'BEGIN { printf "%.2f ms", us / 1000 }'; }
 rps_fmt() { awk -v r="$1" 'BEGIN { printf "%.0f", r }'; }
 better() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a > b) }'; }
+# Context switches of all of PID's threads so far (voluntary and not): the cost of handing work
+# between threads, which CPU seconds on a shared machine blur.
+ctx_switches() { # PID
+  cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ { s += $2 } END { print s + 0 }'
+}
 
-declare -A sat_rps sat_p50 sat_p99 half_rps half_p50 half_p99 cpu_per_m per_fsync
+declare -A sat_rps sat_p50 sat_p99 half_rps half_p50 half_p99 cpu_per_m cs_per_req per_fsync
 delay_ms=""
 status=0
 
@@ -93,6 +98,7 @@ for mode in buffered wal committed; do
   run_wrk "$mode-warm-up" "$app_url" "$WARMUP"
   await_flush
   cpu_before="$(cpu_ticks "$app_pid")"
+  cs_before="$(ctx_switches "$app_pid")"
   accepted_before="$(metric '^adbeacon_events_accepted_total')"
   best=0
   for round in $(seq 1 "$ROUNDS"); do
@@ -106,7 +112,10 @@ for mode in buffered wal committed; do
     fi
   done
   cpu_after="$(cpu_ticks "$app_pid")"
+  cs_after="$(ctx_switches "$app_pid")"
   accepted_after="$(metric '^adbeacon_events_accepted_total')"
+  cs_per_req[$mode]="$(awk -v c=$((cs_after - cs_before)) -v n=$((accepted_after - accepted_before)) \
+    'BEGIN { if (n > 0) printf "%.2f", c / n; else print "n/a" }')"
   cpu_per_m[$mode]="$(awk -v t=$((cpu_after - cpu_before)) -v hz="$clk_tck" -v n=$((accepted_after - accepted_before)) \
     'BEGIN { if (n > 0) printf "%.1f", t / hz / n * 1e6; else print "n/a" }')"
   if [ -z "$delay_ms" ]; then
@@ -146,12 +155,12 @@ rev="$(git_rev)"
 when="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 {
   echo "<!-- scripts/bench-modes.sh, $when, rev $rev -->"
-  echo "| ACK_MODE | saturation req/s | p50 | p99 | share of buffered | paced req/s | p50 | p99 | CPU s per million |"
-  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+  echo "| ACK_MODE | saturation req/s | p50 | p99 | share of buffered | paced req/s | p50 | p99 | CPU s per million | context switches per request |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
   for mode in buffered wal committed; do
     echo "| $mode | $(rps_fmt "${sat_rps[$mode]}") | $(ms "${sat_p50[$mode]}") | $(ms "${sat_p99[$mode]}") |" \
       "$(pct "${sat_rps[$mode]}" "${sat_rps[buffered]}") % | $(rps_fmt "${half_rps[$mode]}") | $(ms "${half_p50[$mode]}") |" \
-      "$(ms "${half_p99[$mode]}") | ${cpu_per_m[$mode]} |"
+      "$(ms "${half_p99[$mode]}") | ${cpu_per_m[$mode]} | ${cs_per_req[$mode]} |"
   done
   echo
   echo "Target: wal >= ${TARGET_PCT}% of buffered at saturation: **$verdict** ($wal_pct %)."

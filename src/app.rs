@@ -83,12 +83,8 @@ async fn open_wal(
     }
     let wal_config =
         WalConfig { dir: dir.clone(), segment_bytes: config.wal_segment_bytes, fsync: config.wal_fsync };
-    let (buffer, metrics) = (buffer.clone(), metrics.clone());
     let context = format!("write-ahead log under DATA_DIR ({})", dir.display());
-    let (wal, recovery) = tokio::task::spawn_blocking(move || Wal::open(wal_config, buffer, metrics))
-        .await
-        .map_err(|e| AppError::Io { context: context.clone(), source: std::io::Error::other(e) })?
-        .map_err(io(context))?;
+    let (wal, recovery) = Wal::open(wal_config, buffer.clone(), metrics.clone()).await.map_err(io(context))?;
     if recovery.fresh_events + recovery.uncertain_events > 0 || recovery.corrupt_bytes > 0 {
         tracing::info!(
             segments = recovery.segments,
