@@ -1,7 +1,10 @@
--- One ad's impressions, clicks and unique clicks per UTC hour over the window [from, to), both
--- on whole minutes: the `series` of GET /ads/analytics for one ad (its totals and the video
--- funnel come from ad_totals.sql). Only the three columns the series shows are read: decoding
--- aggregate states is what such a query spends its time on.
+-- One ad's numbers over the window [from, to), both on whole minutes, per UTC hour and in total:
+-- GET /ads/analytics for one ad (its series, totals and video funnel; errors by code and filtered
+-- traffic come from ad_errors.sql and ad_filtered.sql). One row per hour that has events, in
+-- order, with every kind's count, unique clicks and click playback positions; WITH TOTALS adds
+-- the window's totals (ClickHouse's text and JSON formats print them after the rows, TSV after a
+-- blank line; RowBinary does not print them). Hours without events are absent; the service fills
+-- them with zeros.
 --
 -- Exact to the minute without reading raw events: the whole hours of the window come from
 -- ad_stats_hourly, the minutes before the first whole hour and after the last one from
@@ -9,7 +12,10 @@
 --   h_from = from rounded up to the hour, h_to = to rounded down to the hour,
 -- the hourly branch takes [h_from, h_to) and the minute branch takes the minutes of [from, to)
 -- outside it (when the window holds no whole hour, h_from >= h_to and every minute qualifies).
--- Hours without events are absent; the service fills them with zeros.
+-- Unique clicks: each hour merges its uniq states; the totals row merges the hours' merged
+-- states, so every state is decoded from disk once for both. That is why this one query gives
+-- both: decoding aggregate states is what such a query spends its time on, and a separate totals
+-- query (even one reading whole days) decoded as many states again.
 --
 -- Parameters (times as unix seconds): ad id, h_from, h_to, ad id, from, to, h_from, h_to.
 -- The sample is 21:17 on 31 March 2024 to 02:43 on 1 April 2024 UTC.
@@ -18,17 +24,38 @@ SELECT
     hour,
     countIfMerge(impressions) AS impressions,
     countIfMerge(clicks) AS clicks,
-    uniqIfMerge(unique_clicks) AS unique_clicks
+    uniqIfMerge(unique_clicks) AS unique_clicks,
+    countIfMerge(creative_views) AS creative_views,
+    countIfMerge(starts) AS starts,
+    countIfMerge(first_quartiles) AS first_quartiles,
+    countIfMerge(midpoints) AS midpoints,
+    countIfMerge(third_quartiles) AS third_quartiles,
+    countIfMerge(completes) AS completes,
+    countIfMerge(skips) AS skips,
+    countIfMerge(pauses) AS pauses,
+    countIfMerge(resumes) AS resumes,
+    countIfMerge(mutes) AS mutes,
+    countIfMerge(unmutes) AS unmutes,
+    countIfMerge(closes) AS closes,
+    countIfMerge(errors) AS errors,
+    sumIfMerge(click_playback_sum) AS click_playback_sum,
+    countIfMerge(click_playback_count) AS click_playback_count
 FROM
 (
-    SELECT hour, impressions, clicks, unique_clicks
+    SELECT hour,
+           impressions, clicks, unique_clicks, creative_views, starts, first_quartiles, midpoints,
+           third_quartiles, completes, skips, pauses, resumes, mutes, unmutes, closes, errors,
+           click_playback_sum, click_playback_count
     FROM ad_stats_hourly
     WHERE ad_id = toUUID(?) AND hour >= toDateTime(?) AND hour < toDateTime(?)
     UNION ALL
-    SELECT toStartOfHour(minute) AS hour, impressions, clicks, unique_clicks
+    SELECT toStartOfHour(minute) AS hour,
+           impressions, clicks, unique_clicks, creative_views, starts, first_quartiles, midpoints,
+           third_quartiles, completes, skips, pauses, resumes, mutes, unmutes, closes, errors,
+           click_playback_sum, click_playback_count
     FROM ad_stats_minutely
     WHERE ad_id = toUUID(?) AND minute >= toDateTime(?) AND minute < toDateTime(?)
       AND (minute < toDateTime(?) OR minute >= toDateTime(?))
 )
-GROUP BY hour
+GROUP BY hour WITH TOTALS
 ORDER BY hour

@@ -338,7 +338,7 @@ fn fill_hours(window: &Window, rows: &[HourStats]) -> (Vec<HourPoint>, BTreeMap<
         let t = start.unix_timestamp();
         // Rows are ascending and inside the window, so one pass pairs them with the hours.
         while by_hour.next_if(|(h, _)| *h < t).is_some() {}
-        let s = by_hour.next_if(|(h, _)| *h == t).map(|(_, s)| *s).unwrap_or_default();
+        let s = by_hour.next_if(|(h, _)| *h == t).map(|(_, s)| s.stats).unwrap_or_default();
         *hourly_clicks.entry(format!("{:02}", start.hour())).or_default() += s.clicks;
         series.push(HourPoint {
             start,
@@ -429,12 +429,14 @@ impl AnalyticsApi {
     async fn one_ad(&self, ad: Uuid, mut window: Window) -> Result<AdAnalytics, crate::store::StoreError> {
         let cuts = window.cuts();
         let analytics = &self.state.analytics;
-        let (rows, totals, errors, filtered) = tokio::try_join!(
-            analytics.ad_series(ad, &cuts),
-            analytics.ad_totals(ad, &cuts),
+        // Series and totals come from one query (see ad_series.sql); the two small tables from
+        // two more, concurrently.
+        let (found, errors, filtered) = tokio::try_join!(
+            analytics.ad_window(ad, &cuts),
             analytics.ad_errors(ad, &cuts),
             analytics.ad_filtered(ad, &cuts)
         )?;
+        let (rows, totals) = (found.hours, found.totals);
         if window.kind == WindowKind::Timeframe(Timeframe::All) {
             // All time starts at the first hour with events (or is empty without any).
             window.from = rows
@@ -505,9 +507,7 @@ mod tests {
         };
         let row = |t: OffsetDateTime, clicks| HourStats {
             hour: t.unix_timestamp() as u32,
-            clicks,
-            impressions: 4,
-            ..HourStats::default()
+            stats: Stats { clicks, impressions: 4, ..Stats::default() },
         };
         let rows = [row(datetime!(2026-10-31 22:00 UTC), 1), row(datetime!(2026-11-01 22:00 UTC), 2)];
         let (series, by_hour) = fill_hours(&window, &rows);

@@ -242,11 +242,11 @@ mod tests {
 
     use super::*;
 
-    // The totals and series queries' WHERE clauses, mirrored for the test of their decomposition.
+    // The listing's and the one-ad query's WHERE clauses, mirrored for the test of their decomposition.
     impl Cuts {
-        /// The tables the totals queries (`ad_totals.sql`, `ads_totals.sql`) read the minute starting
-        /// at `minute` from: the same conditions as their `WHERE` clauses, so that the test below can check
-        /// that every minute of a window is read exactly once and no other minute at all.
+        /// The tables the listing (`ads_totals.sql`) reads the minute starting at `minute` from:
+        /// the same conditions as its `WHERE` clauses, so that the test below can check that
+        /// every minute of a window is read exactly once and no other minute at all.
         fn totals_sources(&self, minute: i64) -> Vec<Grain> {
             let (day, hour) = (floor(minute, 86_400), floor(minute, 3600));
             let by_day = day >= self.d_from && day < self.d_to;
@@ -258,7 +258,7 @@ mod tests {
                 .collect()
         }
 
-        /// The same for the per-hour series (`ad_series.sql`), which reads hours and minutes only.
+        /// The same for `ad_series.sql` (series and totals of one ad), which reads hours and minutes only.
         fn series_sources(&self, minute: i64) -> Vec<Grain> {
             let hour = floor(minute, 3600);
             let by_hour = hour >= self.h_from && hour < self.h_to;

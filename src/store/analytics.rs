@@ -14,8 +14,8 @@ use super::{
 use crate::domain::{Cuts, EventKind, Traffic};
 
 /// Every count of one ad (or one hour of it), merged from the aggregate states. Field order is
-/// the column order of the queries.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Row, Deserialize)]
+/// the column order of `ad_series.sql` after its `hour`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Stats {
     /// Impressions.
     pub impressions: u64,
@@ -77,16 +77,92 @@ impl Stats {
 }
 
 /// One UTC hour of an ad's series.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Row, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct HourStats {
     /// Start of the hour, unix seconds.
     pub hour: u32,
-    /// Impressions in the hour.
-    pub impressions: u64,
-    /// Clicks in the hour.
-    pub clicks: u64,
-    /// Distinct clicking IP hashes in the hour.
-    pub unique_clicks: u64,
+    /// Its counts.
+    pub stats: Stats,
+}
+
+/// One ad over a window: the hours that have events, ascending, and the window's totals.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AdWindow {
+    /// The hours with events.
+    pub hours: Vec<HourStats>,
+    /// The whole window.
+    pub totals: Stats,
+}
+
+/// The fields of one TabSeparated line of `ad_series.sql`, read in column order.
+struct Fields<'a>(std::str::Split<'a, char>);
+
+impl Fields<'_> {
+    fn text(&mut self) -> Option<&str> {
+        self.0.next()
+    }
+
+    fn count(&mut self) -> Option<u64> {
+        self.0.next()?.parse().ok()
+    }
+
+    /// The counts after the hour, in [`Stats`] order; nothing may follow them.
+    fn stats(&mut self) -> Option<Stats> {
+        let stats = Stats {
+            impressions: self.count()?,
+            clicks: self.count()?,
+            unique_clicks: self.count()?,
+            creative_views: self.count()?,
+            starts: self.count()?,
+            first_quartiles: self.count()?,
+            midpoints: self.count()?,
+            third_quartiles: self.count()?,
+            completes: self.count()?,
+            skips: self.count()?,
+            pauses: self.count()?,
+            resumes: self.count()?,
+            mutes: self.count()?,
+            unmutes: self.count()?,
+            closes: self.count()?,
+            errors: self.count()?,
+            click_playback_sum: self.0.next()?.parse().ok()?,
+            click_playback_count: self.count()?,
+        };
+        self.0.next().is_none().then_some(stats)
+    }
+}
+
+/// `2024-03-31 22:00:00` (the text of a `DateTime('UTC')` column) as unix seconds.
+fn parse_hour(text: &str) -> Option<u32> {
+    let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
+    let t = time::PrimitiveDateTime::parse(text, format).ok()?.assume_utc();
+    u32::try_from(t.unix_timestamp()).ok()
+}
+
+/// The TabSeparated answer of `ad_series.sql`: a line per hour, a blank line, the totals line.
+/// TabSeparated because it is the one form that carries the totals of `WITH TOTALS` alike on
+/// 18.16 and current servers: RowBinary leaves them out, and current servers' JSON formats put
+/// them before the header when there are no rows.
+fn parse_series(body: &str) -> Result<AdWindow, String> {
+    let (rows, totals) = match body.strip_prefix('\n') {
+        Some(totals) => ("", totals),
+        None => body.split_once("\n\n").ok_or("no blank line before the totals")?,
+    };
+    let hours = rows
+        .lines()
+        .map(|line| {
+            let mut f = Fields(line.split('\t'));
+            let hour = f.text().and_then(parse_hour);
+            hour.zip(f.stats()).map(|(hour, stats)| HourStats { hour, stats }).ok_or(line)
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|line| format!("unreadable hour line {line:?}"))?;
+    let totals_line = totals.trim_end_matches('\n');
+    let mut f = Fields(totals_line.split('\t'));
+    // The totals' hour is a zero time, different on every server version: skipped.
+    let totals = f.text().is_some().then(|| f.stats()).flatten();
+    let totals = totals.ok_or_else(|| format!("unreadable totals line {totals_line:?}"))?;
+    Ok(AdWindow { hours, totals })
 }
 
 /// VAST errors of one code.
@@ -146,24 +222,17 @@ impl Analytics {
         self.ch.client().query(sql).with_setting("use_uncompressed_cache", "1")
     }
 
-    /// One ad's hours that have events, ascending; parameters as `ad_series.sql` documents.
-    pub async fn ad_series(&self, ad: Uuid, c: &Cuts) -> Result<Vec<HourStats>, StoreError> {
+    /// One ad's hours that have events, ascending, and its totals; parameters as `ad_series.sql`
+    /// documents.
+    pub async fn ad_window(&self, ad: Uuid, c: &Cuts) -> Result<AdWindow, StoreError> {
         let ad = ad.to_string();
         let q = self.query(queries::AD_SERIES);
         let q = q.bind(&ad).bind(c.h_from).bind(c.h_to);
         let q = q.bind(&ad).bind(c.from).bind(c.to).bind(c.h_from).bind(c.h_to);
-        self.ch.fetch_all(q).await
-    }
-
-    /// One ad's totals; parameters as `ad_totals.sql` documents.
-    pub async fn ad_totals(&self, ad: Uuid, c: &Cuts) -> Result<Stats, StoreError> {
-        let ad = ad.to_string();
-        let q = self.query(queries::AD_TOTALS);
-        let q = q.bind(&ad).bind(c.d_from).bind(c.d_to);
-        let q = q.bind(&ad).bind(c.h_from).bind(c.h_to).bind(c.d_from).bind(c.d_to);
-        let q = q.bind(&ad).bind(c.from).bind(c.to).bind(c.h_from).bind(c.h_to);
-        let rows: Vec<Stats> = self.ch.fetch_all(q).await?;
-        Ok(rows.into_iter().next().unwrap_or_default())
+        let body = self.ch.fetch_text(q, "TabSeparated").await?;
+        let body = std::str::from_utf8(&body).map_err(|e| e.to_string());
+        body.and_then(parse_series)
+            .map_err(|e| StoreError::Rejected(format!("unexpected answer to ad_series.sql: {e}")))
     }
 
     /// One ad's VAST errors by code, most frequent first; parameters as `ad_errors.sql` documents.
@@ -201,5 +270,28 @@ impl Analytics {
             .next()
             .filter(|&d| d > 0)
             .and_then(|d| OffsetDateTime::from_unix_timestamp(i64::from(d)).ok()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const COUNTS: &str = "3\t2\t2\t0\t1\t1\t1\t1\t1\t0\t0\t0\t0\t0\t0\t0\t12.5\t1";
+
+    #[test]
+    fn series_lines_and_totals_are_read() {
+        let body = format!(
+            "2024-03-31 22:00:00\t{COUNTS}\n2024-03-31 23:00:00\t{COUNTS}\n\n0000-00-00 00:00:00\t{COUNTS}\n"
+        );
+        let w = parse_series(&body).unwrap();
+        assert_eq!(w.hours.iter().map(|h| h.hour).collect::<Vec<_>>(), [1711922400, 1711926000]);
+        assert_eq!((w.totals.impressions, w.totals.unique_clicks, w.totals.click_playback_sum), (3, 2, 12.5));
+        assert_eq!(w.hours[1].stats, w.totals);
+        // No hour with events: only the blank line and zero totals (current servers print 1970).
+        let empty = parse_series(&format!("\n1970-01-01 00:00:00\t{}\n", ["0"; 18].join("\t"))).unwrap();
+        assert_eq!(empty, AdWindow::default());
+        assert!(parse_series(&format!("2024-03-31 22:00:00\t{COUNTS}\n")).is_err());
+        assert!(parse_series(&format!("\n0000-00-00 00:00:00\t{COUNTS}\t7\n")).is_err());
     }
 }

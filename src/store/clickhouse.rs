@@ -257,6 +257,16 @@ impl ClickHouse {
         self.bounded(query.fetch_all::<T>()).await
     }
 
+    /// Fetches the whole answer of a query in a text `format` (for what RowBinary cannot carry,
+    /// such as the totals row of `WITH TOTALS`).
+    pub async fn fetch_text(
+        &self,
+        query: clickhouse::query::Query,
+        format: &str,
+    ) -> Result<bytes::Bytes, StoreError> {
+        self.bounded(async move { query.fetch_bytes(format)?.collect().await }).await
+    }
+
     /// Answers whether the server takes queries now.
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.bounded(self.client.query("SELECT 1").fetch_one::<u8>()).await.map(|_| ())

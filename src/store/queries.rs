@@ -8,10 +8,8 @@ pub const ADS_ACTIVE: &str = include_str!("../../clickhouse/queries/ads_active.s
 /// Number of distinct ads.
 pub const ADS_COUNT: &str = include_str!("../../clickhouse/queries/ads_count.sql");
 
-/// One ad's per-hour series over a window; parameters in the file's header.
+/// One ad's per-hour series and totals over a window; parameters in the file's header.
 pub const AD_SERIES: &str = include_str!("../../clickhouse/queries/ad_series.sql");
-/// One ad's totals over a window; parameters in the file's header.
-pub const AD_TOTALS: &str = include_str!("../../clickhouse/queries/ad_totals.sql");
 /// One ad's VAST errors over a window by code; `?` = ad id, from, to (unix seconds).
 pub const AD_ERRORS: &str = include_str!("../../clickhouse/queries/ad_errors.sql");
 /// One ad's filtered events over a window by reason and kind; `?` = ad id, from, to (unix seconds).
@@ -37,7 +35,6 @@ pub const ALL: &[(&str, &str)] = &[
     ("ad_errors.sql", AD_ERRORS),
     ("ad_filtered.sql", AD_FILTERED),
     ("ad_series.sql", AD_SERIES),
-    ("ad_totals.sql", AD_TOTALS),
     ("ads_totals.sql", ADS_TOTALS),
     ("first_event_day.sql", FIRST_EVENT_DAY),
     ("ads_active.sql", ADS_ACTIVE),

@@ -11,7 +11,7 @@ chDB embeds the current engine in-process, so this script proves the other half 
   * sample events fed through the materialized views land in every aggregate table
     (ad_stats_minutely, ad_stats_hourly, ad_stats_daily) with exactly the numbers a recount from
     raw `events` gives, while the inserts' parts are still apart and again after OPTIMIZE FINAL;
-  * the window queries (ad_series.sql, ad_totals.sql, ads_totals.sql) give, for hand-picked and
+  * the window queries (ad_series.sql with its totals row, ads_totals.sql) give, for hand-picked and
     deterministic-random windows [from, to), exactly what a recount of raw `events` in the window
     gives; their parameters are computed by window_params() like the service computes them and
     bound in the order each file's header documents;
@@ -323,8 +323,8 @@ class Engine:
     def use(self, db: str) -> None:
         self.execute(f"USE {db}")
 
-    def execute(self, sql: str) -> str:
-        res = self.s.query(sql, "TabSeparatedWithNames")
+    def execute(self, sql: str, fmt: str = "TabSeparatedWithNames") -> str:
+        res = self.s.query(sql, fmt)
         # Current chdb raises; older builds returned a result carrying the error instead.
         if hasattr(res, "has_error") and res.has_error():
             raise RuntimeError(res.error_message())
@@ -337,6 +337,20 @@ class Engine:
             return []
         names = lines[0].split("\t")
         return [dict(zip(names, l.split("\t"))) for l in lines[1:]]
+
+    def rows_and_totals(self, sql: str, names: list[str]) -> tuple[list[dict[str, str]], dict[str, str]]:
+        """The rows and the totals row of a `WITH TOTALS` query whose columns are `names`, read
+        from plain TabSeparated (rows, a blank line, the totals) as the service reads them: the
+        formats with a header misplace the totals on current servers when there are no rows."""
+        text = self.execute(sql, "TabSeparated")
+        rows, sep, totals = ("", "\n", text[1:]) if text.startswith("\n") else text.partition("\n\n")
+        if not sep:
+            raise AssertionError(f"no blank line before a totals row in {text[:200]!r}")
+        lines = [l.split("\t") for l in rows.split("\n") if l] + [totals.rstrip("\n").split("\t")]
+        if any(len(l) != len(names) for l in lines):
+            raise AssertionError(f"expected {len(names)} columns {names}, got lines {lines[:2]}")
+        dicts = [dict(zip(names, l)) for l in lines]
+        return dicts[:-1], dicts[-1]
 
     def scalar(self, sql: str) -> str:
         rows = self.rows(sql)
@@ -362,11 +376,11 @@ class HttpEngine(Engine):
     def use(self, db: str) -> None:
         self.db = db  # HTTP is stateless: the database goes with every request
 
-    def execute(self, sql: str) -> str:
+    def execute(self, sql: str, fmt: str = "TabSeparatedWithNames") -> str:
         m = re.fullmatch(r"\s*CREATE DATABASE (\w+)\s*", sql)
         if m:
             self.created.append(m.group(1))
-        query = urllib.parse.urlencode({"database": self.db, "default_format": "TabSeparatedWithNames"})
+        query = urllib.parse.urlencode({"database": self.db, "default_format": fmt})
         req = urllib.request.Request(f"{self.url}/?{query}", data=sql.encode())
         try:
             with urllib.request.urlopen(req, timeout=120) as resp:
@@ -886,24 +900,14 @@ class Recount:
             self.hours.setdefault(r["ad_id"], {})[r["hour"]] = r
 
 
-def check_ad_totals(ch: Engine, sql: str, order: list[str], w: dict, rc: Recount, ads) -> list[str]:
-    problems = []
-    for ad in ads:
-        rows = ch.rows(bind(sql, params_for(order, w, ad)))
-        if len(rows) != 1:
-            problems.append(f"{ad}: {len(rows)} rows, expected 1")
-            continue
-        extra = sorted(set(rows[0]) - set(RECOUNT))
-        if extra:
-            problems.append(f"column(s) {extra} have no recount in RECOUNT")
-        problems += column_diffs(rows[0], rc.totals.get(ad, ZERO), [c for c in rows[0] if c in RECOUNT], f"{ad} ")
-    return problems
+# ad_series.sql's columns: the hour, then every recounted column.
+SERIES_COLUMNS = ["hour", *RECOUNT]
 
 
 def check_ad_series(ch: Engine, sql: str, order: list[str], w: dict, rc: Recount, ads) -> list[str]:
     problems = []
     for ad in ads:
-        rows = ch.rows(bind(sql, params_for(order, w, ad)))
+        rows, totals = ch.rows_and_totals(bind(sql, params_for(order, w, ad)), SERIES_COLUMNS)
         hours = [r.get("hour") for r in rows]
         if hours != sorted(set(hours)):
             problems.append(f"{ad}: hours not strictly ascending: {hours[:4]}")
@@ -913,12 +917,10 @@ def check_ad_series(ch: Engine, sql: str, order: list[str], w: dict, rc: Recount
                 f"{ad}: hours only in the query {sorted(set(hours) - set(want))[:3]}, "
                 f"only in the recount {sorted(set(want) - set(hours))[:3]}"
             )
-        extra = sorted(set(rows[0]) - set(RECOUNT) - {"hour"}) if rows else []
-        if extra:
-            problems.append(f"column(s) {extra} have no recount in RECOUNT")
         for r in rows:
             if r.get("hour") in want:
-                problems += column_diffs(r, want[r["hour"]], [c for c in r if c in RECOUNT], f"{ad} {r['hour']} ")
+                problems += column_diffs(r, want[r["hour"]], list(RECOUNT), f"{ad} {r['hour']} ")
+        problems += column_diffs(totals, rc.totals.get(ad, ZERO), list(RECOUNT), f"{ad} totals ")
     return problems
 
 
@@ -959,7 +961,7 @@ def check_ads_totals(ch: Engine, sql: str, order: list[str], w: dict, rc: Recoun
     return problems
 
 
-WINDOW_QUERIES = ["ad_series.sql", "ad_totals.sql", "ads_totals.sql"]
+WINDOW_QUERIES = ["ad_series.sql", "ads_totals.sql"]
 
 
 def summary(problems: list[str]) -> str | None:
@@ -986,8 +988,8 @@ def run_window_checks(checks: Checks, ch: Engine) -> None:
     all_pages = [(0, 1), (1, 1), (1, 2), (2, 3), (4, 1), (3, 5), (0, 0), (7, 3)]
     random_failures: dict[str, list[str]] = {name: [] for name in loaded}
     for i, (label, from_ts, to_ts, named) in enumerate(windows):
-        # The totals queries are checked with and without whole days (the service uses days only
-        # for windows over 31 days, but the SQL must be exact either way).
+        # The listing is checked with and without whole days (the service uses days only for
+        # windows over 31 days, but the SQL must be exact either way).
         w_service, w_days = window_params(from_ts, to_ts), window_params(from_ts, to_ts, whole_days=True)
         rc = Recount(ch, from_ts, to_ts)
         where = f"{fmt_ts(from_ts)} to {fmt_ts(to_ts)}"
@@ -1000,8 +1002,6 @@ def run_window_checks(checks: Checks, ch: Engine) -> None:
             def run(name=name, sql=sql, order=order) -> list[str]:
                 if name == "ads_totals.sql":
                     return [p for w in (w_service, w_days) for p in check_ads_totals(ch, sql, order, w, rc, pages)]
-                if name == "ad_totals.sql":
-                    return [p for w in (w_service, w_days) for p in check_ad_totals(ch, sql, order, w, rc, ads)]
                 return check_ad_series(ch, sql, order, w_service, rc, ads)
 
             if named:
