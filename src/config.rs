@@ -59,9 +59,9 @@ pub const SETTINGS: &[Setting] = &[
     ),
     s(
         "WAL_FSYNC",
-        "always",
-        "always, or an interval such as 10ms",
-        "wal mode: fsync the log before answering each group of requests (always), or at most this long after a write (answers come after the write: a process crash loses nothing, a power loss up to the interval)",
+        "10ms",
+        "an interval such as 10ms, or always",
+        "wal mode: fsync the log at most this long after a write (answers come after the write: a process crash loses nothing, a power loss at most the interval), or before answering each group of requests (always: survives a power loss, costs about half the throughput)",
     ),
     s(
         "WAL_SEGMENT_BYTES",
