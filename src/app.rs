@@ -63,7 +63,11 @@ fn buffer(config: &Config, metrics: Arc<Metrics>) -> Arc<Buffer> {
             batch_bytes: config.batch_max_bytes,
             // In `committed` mode every buffered event has a request waiting for it: a batch is
             // due at once, and the rows that arrive while one INSERT runs make the next batch.
-            max_age: if config.ack_mode == AckMode::Committed { Duration::ZERO } else { config.flush_interval },
+            max_age: if config.ack_mode == AckMode::Committed {
+                Duration::ZERO
+            } else {
+                config.flush_interval
+            },
         },
         metrics,
     ))
@@ -84,7 +88,8 @@ async fn open_wal(
     let wal_config =
         WalConfig { dir: dir.clone(), segment_bytes: config.wal_segment_bytes, fsync: config.wal_fsync };
     let context = format!("write-ahead log under DATA_DIR ({})", dir.display());
-    let (wal, recovery) = Wal::open(wal_config, buffer.clone(), metrics.clone()).await.map_err(io(context))?;
+    let (wal, recovery) =
+        Wal::open(wal_config, buffer.clone(), metrics.clone()).await.map_err(io(context))?;
     if recovery.fresh_events + recovery.uncertain_events > 0 || recovery.corrupt_bytes > 0 {
         tracing::info!(
             segments = recovery.segments,

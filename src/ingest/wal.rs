@@ -160,7 +160,11 @@ pub struct Wal {
 impl Wal {
     /// Recovers what the log holds into `buffer` (on the blocking pool), then starts the writer
     /// task.
-    pub async fn open(config: WalConfig, buffer: Arc<Buffer>, metrics: Arc<Metrics>) -> io::Result<(Wal, Recovery)> {
+    pub async fn open(
+        config: WalConfig,
+        buffer: Arc<Buffer>,
+        metrics: Arc<Metrics>,
+    ) -> io::Result<(Wal, Recovery)> {
         let (writer, recovery) = tokio::task::spawn_blocking(move || recover(config, buffer, metrics))
             .await
             .map_err(io::Error::other)??;
@@ -718,7 +722,9 @@ impl Writer {
             return Some(PROBE_INTERVAL);
         }
         match self.config.fsync {
-            FsyncPolicy::Interval(every) if self.dirty => Some(every.saturating_sub(self.last_sync.elapsed())),
+            FsyncPolicy::Interval(every) if self.dirty => {
+                Some(every.saturating_sub(self.last_sync.elapsed()))
+            }
             _ => None,
         }
     }
@@ -1125,7 +1131,8 @@ mod tests {
         // A crash: no close, nothing confirmed. (The writer task lives on; recovery reads the
         // files as they are.)
         let b2 = buffer();
-        let (_wal2, report) = Wal::open(config(tmp.path()), b2.clone(), Arc::new(Metrics::new())).await.unwrap();
+        let (_wal2, report) =
+            Wal::open(config(tmp.path()), b2.clone(), Arc::new(Metrics::new())).await.unwrap();
         assert_eq!((report.uncertain_batches, report.uncertain_events, report.fresh_events), (1, 2, 1));
         let first = b2.take(Instant::now(), false).unwrap();
         assert_eq!((first.id, first.uncertain), (batch.id, true));
