@@ -438,8 +438,8 @@ def main() -> int:
         md += ["**GET /ads/analytics does not exist yet (404): only the raw SQL was timed, over windows "
                "computed here.**", ""]
     md += [f"### GET /ads/analytics?adId=…&timeframe=… (ad {args.ad})", "",
-           "Raw SQL: the per-hour series and the totals, two queries sent concurrently (as the endpoint "
-           "sends its two).", ""]
+           "Raw SQL: the per-hour series and the totals, two queries sent concurrently (the endpoint "
+           "sends three: series and totals in one, VAST errors, filtered traffic).", ""]
     md += timing_table(ad_rows)
     md += ["", "### GET /ads/analytics?timeframe=… (every ad)", "",
            "Raw SQL: per ad impressions, clicks and unique clicks over the window, busiest first, top 100.", ""]
