@@ -130,6 +130,8 @@ pub struct Metrics {
     books_balance: IntGauge,
     /// Bytes of events held in memory.
     pub buffer_bytes: IntGauge,
+    /// BUFFER_MAX_BYTES: beyond it tracking requests get 503 (set once at start-up).
+    pub buffer_max_bytes: IntGauge,
     /// Batches confirmed by ClickHouse.
     pub batches_flushed: IntCounter,
     /// Rows per confirmed batch.
@@ -309,6 +311,10 @@ impl Metrics {
                 "Events held in memory until ClickHouse confirms them",
             ),
             buffer_bytes: gauge("adbeacon_buffer_bytes", "Bytes of events held in memory"),
+            buffer_max_bytes: gauge(
+                "adbeacon_buffer_max_bytes",
+                "BUFFER_MAX_BYTES: once adbeacon_buffer_bytes reaches it, tracking requests get 503",
+            ),
             books_balance: gauge(
                 "adbeacon_books_balance",
                 "Events accepted minus those flushed to ClickHouse, held in memory or dead-lettered: 0 at rest, else events are missing",

@@ -121,6 +121,7 @@ pub struct Buffer {
 impl Buffer {
     /// An empty buffer.
     pub fn new(limits: Limits, metrics: Arc<Metrics>) -> Self {
+        metrics.buffer_max_bytes.set(i64::try_from(limits.max_bytes).unwrap_or(i64::MAX));
         Self {
             pending: Mutex::new(Pending {
                 rows: Vec::new(),
