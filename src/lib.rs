@@ -3,7 +3,9 @@
 //! The data flow, in five lines:
 //! 1. `api` validates a request into a domain `Event` (ad resolved through the cached `Catalog`;
 //!    client IP trusted, rate limited, judged as valid or filtered traffic).
-//! 2. `ingest::Buffer` holds it in memory, byte-capped (full → 503, never a lost 2xx).
+//! 2. `ingest::Intake` holds it as `ACK_MODE` says: in the write-ahead log (`ingest::Wal`, group
+//!    commit) and then the byte-capped `ingest::Buffer` (full → 503, never a lost 2xx), or in the
+//!    buffer alone, or until ClickHouse confirms it.
 //! 3. `ingest::Flusher` inserts due batches into ClickHouse `events` as RowBinary, retrying.
 //! 4. Materialized views roll the valid `events` up into `ad_stats_*` aggregates (filtered ones
 //!    into `ad_filtered_minutely`).
@@ -11,7 +13,7 @@
 //!
 //! Modules: [`config`] (environment), [`app`] (wiring and shutdown), [`server`] (the HTTP/1.1
 //! accept loop), [`api`] (routes and handlers), [`domain`]
-//! (validated types), [`ingest`] (buffer, flusher, dead letters), [`store`] (ClickHouse, migrations,
+//! (validated types), [`ingest`] (intake, write-ahead log, buffer, flusher, dead letters), [`store`] (ClickHouse, migrations,
 //! catalog), [`metrics`], [`telemetry`], [`iphash`].
 
 pub mod api;
