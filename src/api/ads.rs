@@ -18,6 +18,7 @@ use crate::domain::{Ad, is_http_url};
 
 /// An active ad as players see it (field names as the old service had them).
 #[derive(Debug, Object)]
+#[oai(example)]
 pub struct AdSummary {
     /// The ad's id; send it with every event.
     pub id: String,
@@ -27,6 +28,17 @@ pub struct AdSummary {
     pub video_url: String,
     /// Where a click leads.
     pub target_url: String,
+}
+
+impl poem_openapi::types::Example for AdSummary {
+    fn example() -> Self {
+        AdSummary {
+            id: "11111111-1111-1111-1111-111111111111".into(),
+            name: "Winter Sale".into(),
+            video_url: "https://cdn.example.com/winter.mp4".into(),
+            target_url: "https://shop.example.com/winter".into(),
+        }
+    }
 }
 
 impl From<&Ad> for AdSummary {
@@ -50,6 +62,7 @@ pub enum ListAdsResponse {
 
 /// An ad as the catalog holds it.
 #[derive(Debug, Object)]
+#[oai(example)]
 pub struct AdDetail {
     /// The ad's id; send it with every event.
     pub id: Uuid,
@@ -67,6 +80,22 @@ pub struct AdDetail {
     pub updated_at: OffsetDateTime,
     /// Increases with every change.
     pub version: u64,
+}
+
+impl poem_openapi::types::Example for AdDetail {
+    fn example() -> Self {
+        let at = OffsetDateTime::from_unix_timestamp(1_763_769_600).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        AdDetail {
+            id: Uuid::from_u128(0x1111_1111_1111_1111_1111_1111_1111_1111),
+            name: "Winter Sale".into(),
+            video_url: "https://cdn.example.com/winter.mp4".into(),
+            target_url: "https://shop.example.com/winter".into(),
+            active: true,
+            created_at: at,
+            updated_at: at,
+            version: 1,
+        }
+    }
 }
 
 impl From<&Ad> for AdDetail {

@@ -194,7 +194,7 @@ impl TrafficQuality {
 
 /// One ad's analytics over a window.
 #[derive(Debug, Object)]
-#[oai(rename_all = "camelCase")]
+#[oai(rename_all = "camelCase", example)]
 pub struct AdAnalytics {
     /// The ad.
     pub ad_id: Uuid,
@@ -261,7 +261,7 @@ impl From<AdTotals> for AdTotalsItem {
 
 /// Every ad's totals over a window, busiest first.
 #[derive(Debug, Object)]
-#[oai(rename_all = "camelCase")]
+#[oai(rename_all = "camelCase", example)]
 pub struct AdsAnalytics {
     /// `1h`, `24h`, `7d`, `30d`, `all`, or `custom` for from/to.
     pub timeframe: String,
@@ -278,6 +278,92 @@ pub struct AdsAnalytics {
     /// This page: by clicks, then impressions, descending, then by id. Ads without events in the
     /// window are listed with zeros.
     pub ads: Vec<AdTotalsItem>,
+}
+
+/// 14:00 to 16:00 UTC on 21 November 2025, the example window.
+fn example_window() -> (OffsetDateTime, OffsetDateTime) {
+    let from = OffsetDateTime::from_unix_timestamp(1_763_733_600).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    (from, from + time::Duration::hours(2))
+}
+
+impl poem_openapi::types::Example for AdAnalytics {
+    fn example() -> Self {
+        let (from, to) = example_window();
+        let hour = |start, impressions, clicks, unique_clicks| HourPoint {
+            start,
+            impressions,
+            clicks,
+            unique_clicks,
+            ctr: ratio(clicks, impressions),
+        };
+        let totals = Stats {
+            impressions: 2000,
+            clicks: 50,
+            unique_clicks: 47,
+            creative_views: 1990,
+            starts: 1950,
+            first_quartiles: 1700,
+            midpoints: 1400,
+            third_quartiles: 1200,
+            completes: 1000,
+            skips: 600,
+            pauses: 120,
+            resumes: 110,
+            mutes: 80,
+            unmutes: 30,
+            closes: 40,
+            errors: 12,
+            click_playback_sum: 620.0,
+            click_playback_count: 40,
+        };
+        let mut hourly_clicks: BTreeMap<String, u64> = (0..24).map(|h| (format!("{h:02}"), 0)).collect();
+        hourly_clicks.insert("14".into(), 30);
+        hourly_clicks.insert("15".into(), 20);
+        let filtered = [FilteredCount { reason: Traffic::Bot, kind: EventKind::Impression, events: 35 }];
+        AdAnalytics {
+            ad_id: Uuid::from_u128(0x1111_1111_1111_1111_1111_1111_1111_1111),
+            timeframe: "custom".into(),
+            from,
+            to,
+            total_clicks: totals.clicks,
+            unique_clicks: totals.unique_clicks,
+            impressions: totals.impressions,
+            ctr: ratio(totals.clicks, totals.impressions),
+            hourly_clicks,
+            series: vec![hour(from, 1200, 30, 29), hour(from + time::Duration::hours(1), 800, 20, 19)],
+            video: VideoStats::from(&totals),
+            error_codes: vec![ErrorCode { code: 402, count: 9 }, ErrorCode { code: 900, count: 3 }],
+            traffic: TrafficQuality::new(&totals, &filtered),
+        }
+    }
+}
+
+impl poem_openapi::types::Example for AdsAnalytics {
+    fn example() -> Self {
+        let (from, to) = example_window();
+        let ad = |n: u128, name: &str, impressions, clicks, unique_clicks| AdTotalsItem {
+            ad_id: Uuid::from_u128(n * 0x1111_1111_1111_1111_1111_1111_1111_1111),
+            name: name.into(),
+            active: true,
+            impressions,
+            clicks,
+            unique_clicks,
+            ctr: ratio(clicks, impressions),
+        };
+        AdsAnalytics {
+            timeframe: "custom".into(),
+            from,
+            to,
+            total: 3,
+            limit: 20,
+            offset: 0,
+            ads: vec![
+                ad(1, "Winter Sale", 2000, 50, 47),
+                ad(2, "Spring Collection", 900, 12, 12),
+                ad(3, "Summer Deals", 0, 0, 0),
+            ],
+        }
+    }
 }
 
 /// The two answers of `GET /ads/analytics`.

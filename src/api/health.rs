@@ -8,6 +8,7 @@ use super::{ApiTags, State};
 
 /// Liveness: the process answers.
 #[derive(Debug, Object)]
+#[oai(example)]
 pub struct Health {
     /// Always `ok`.
     pub status: String,
@@ -15,7 +16,7 @@ pub struct Health {
 
 /// Readiness with the state of each dependency.
 #[derive(Debug, Object)]
-#[oai(rename_all = "camelCase")]
+#[oai(rename_all = "camelCase", example)]
 pub struct Readiness {
     /// `ready`; `degraded` (still taking events) when ClickHouse does not answer; `not_ready`
     /// when the buffer is full or the write-ahead log cannot be written.
@@ -32,6 +33,25 @@ pub struct Readiness {
     /// `api_keys`, or `open` when API_KEYS is empty and anyone may manage the catalog and read
     /// analytics.
     pub auth: String,
+}
+
+impl poem_openapi::types::Example for Health {
+    fn example() -> Self {
+        Health { status: "ok".into() }
+    }
+}
+
+impl poem_openapi::types::Example for Readiness {
+    fn example() -> Self {
+        Readiness {
+            status: "degraded".into(),
+            clickhouse: "unavailable".into(),
+            buffer: "ok".into(),
+            log: "ok".into(),
+            ack_mode: "wal".into(),
+            auth: "api_keys".into(),
+        }
+    }
 }
 
 /// Answer of `GET /readyz`.

@@ -163,6 +163,47 @@ fn a_bad_value_stops_start_up_naming_the_variable_and_form() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// Every JSON body an operation takes or answers has an example in the spec (on the media type
+/// or on its schema, through `$ref`, arrays and `oneOf`), so integrators see a real payload for
+/// each; the GIF of the pixel and the Prometheus text are the exceptions.
+#[tokio::test]
+async fn every_json_body_in_the_spec_has_an_example() {
+    let app = TestApp::spawn().await;
+    let spec: serde_json::Value = app.get("/openapi.json").await.json().await.unwrap();
+    let schemas = &spec["components"]["schemas"];
+    fn has_example(schema: &serde_json::Value, schemas: &serde_json::Value) -> bool {
+        if schema.get("example").is_some() {
+            return true;
+        }
+        if let Some(name) = schema["$ref"].as_str().and_then(|r| r.rsplit('/').next()) {
+            return has_example(&schemas[name], schemas);
+        }
+        if let Some(items) = schema.get("items") {
+            return has_example(items, schemas);
+        }
+        schema["oneOf"].as_array().is_some_and(|all| all.iter().all(|s| has_example(s, schemas)))
+    }
+    let mut missing = Vec::new();
+    for (path, ops) in spec["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            let bodies =
+                op["requestBody"]["content"].as_object().into_iter().flatten().map(|b| ("request", b));
+            let answers = op["responses"].as_object().into_iter().flatten().flat_map(|(status, r)| {
+                r["content"].as_object().into_iter().flatten().map(move |b| (status.as_str(), b))
+            });
+            for (which, (content_type, media)) in bodies.chain(answers) {
+                if content_type.contains("json")
+                    && media.get("example").is_none()
+                    && !has_example(&media["schema"], schemas)
+                {
+                    missing.push(format!("{method} {path} {which} {content_type}"));
+                }
+            }
+        }
+    }
+    assert!(missing.is_empty(), "JSON bodies without an example: {missing:#?}");
+}
+
 #[test]
 fn the_committed_openapi_spec_matches_the_code() {
     let out = adbeacon().arg("openapi").output().unwrap();
