@@ -105,8 +105,11 @@ pub enum ApiError {
     /// reader).
     #[oai(status = 415)]
     UnsupportedMediaType(Json<ErrorBody>),
-    /// The service cannot hold the event right now (buffer full, storage unavailable, shutting
-    /// down). Nothing was stored; retry after the given number of seconds.
+    /// The service cannot hold the event right now (buffer full, local log unwritable, storage
+    /// unavailable, shutting down): nothing was stored; retry after the given number of seconds.
+    /// With `ACK_MODE=committed` it may also mean the event is held but ClickHouse has not
+    /// confirmed it in time (the message says so; a retry with the same eventId is not stored
+    /// twice).
     #[oai(status = 503)]
     Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
 }
