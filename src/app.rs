@@ -106,6 +106,7 @@ async fn open_wal(
             mode = config.ack_mode.name(),
             "an earlier run left a write-ahead log: its events are sent, then the log is deleted"
         );
+        return Ok(Some(wal.recovery_only()));
     }
     Ok(Some(wal))
 }

@@ -88,7 +88,7 @@ impl Flusher {
         // Whether an INSERT of this batch may have been sent (by this run or, for a batch
         // recovered from the log, by the one before): then every attempt checks first.
         let mut sent = batch.uncertain;
-        let mut marked = self.wal.is_none();
+        let mut marked = !self.wal.as_ref().is_some_and(|w| w.holds(&batch));
         loop {
             if let Some(limit) = *give_up_at
                 && Instant::now() >= limit

@@ -155,6 +155,10 @@ struct Health {
 pub struct Wal {
     tx: mpsc::UnboundedSender<Job>,
     health: Arc<Health>,
+    /// One past the sequence numbers recovery gave back: the events the log held at start-up.
+    recovered_end: u64,
+    /// False when the log only drains what an earlier run left (another ACK_MODE now).
+    takes_appends: bool,
 }
 
 impl Wal {
@@ -169,9 +173,22 @@ impl Wal {
             .await
             .map_err(io::Error::other)??;
         let health = writer.health.clone();
+        let recovered_end = writer.next_seq;
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(writer.run(rx));
-        Ok((Wal { tx, health }, recovery))
+        Ok((Wal { tx, health, recovered_end, takes_appends: true }, recovery))
+    }
+
+    /// The same log, used only to drain what an earlier run left in it (the service runs in
+    /// another ACK_MODE now): batches of new events are not marked in it.
+    pub fn recovery_only(self) -> Wal {
+        Wal { takes_appends: false, ..self }
+    }
+
+    /// Whether `batch` has events in the log, so that its token must be logged before its
+    /// INSERT.
+    pub fn holds(&self, batch: &Batch) -> bool {
+        self.takes_appends || batch.seqs.iter().any(|r| r.start < self.recovered_end)
     }
 
     /// Logs `rows` (room for them already reserved) and, once they are durable as `WAL_FSYNC`

@@ -275,6 +275,32 @@ async fn events_left_in_the_log_at_shutdown_are_sent_at_the_next_start() {
     app.stop().await.unwrap();
 }
 
+/// A log left by a `wal` run is drained by a run in another mode: its events are sent once, the
+/// new events bypass it, and a clean stop deletes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_left_by_a_wal_run_is_drained_in_buffered_mode() {
+    let (mut ch, db, data, mut ids) = events_left_in_the_log(10).await;
+    ch.restart();
+    let mut app = TestApp::spawn_in(&ch.url(), &db, data, &[("ACK_MODE", "buffered")]).await;
+    assert_eq!(app.wait_flushed(10).await, 10, "the left events are sent");
+    for _ in 0..5 {
+        let id = Uuid::new_v4();
+        assert_eq!(app.post("/ads/click", &json!({"adId": AD1, "eventId": id})).await.status(), 202);
+        ids.push(id);
+    }
+    let ready = app.get("/readyz").await.json::<serde_json::Value>().await.unwrap();
+    assert_eq!(ready["ackMode"], "buffered");
+    app.stop().await.unwrap();
+    assert_books_balance(&ids.iter().copied().collect(), &stored_ids(&ch, &db).await);
+    assert_eq!(stored_ids(&ch, &db).await.len(), 15);
+    let left: Vec<_> = std::fs::read_dir(app.data_dir.path().join("wal"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    assert!(left.is_empty(), "drained and deleted: {left:?}");
+}
+
 /// A tmpfs of a few hundred KiB mounted for the test (root, or CAP_SYS_ADMIN, is needed: the test
 /// says so and fails otherwise), unmounted when dropped.
 struct SmallDisk {
