@@ -38,6 +38,22 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> AppError {
     move |source| AppError::Io { context, source }
 }
 
+/// Connections the kernel may queue before they are accepted. tokio's `bind` asks for 1024; a
+/// burst of players connecting at once (the old service's test opens 10,000) overflows that, and
+/// each dropped SYN costs its client a retransmit 1 s and 3 s later. The kernel caps the request
+/// at `net.core.somaxconn` (4096 by default).
+const LISTEN_BACKLOG: u32 = 65_535;
+
+/// A listening socket on `addr` with [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket =
+        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    // As tokio's `bind` does: a restart can take the port while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// How long in-flight requests may take to finish once shutdown begins.
 const REQUEST_GRACE: Duration = Duration::from_secs(10);
 
@@ -216,8 +232,7 @@ impl App {
             stop_retention.clone(),
         ));
         let addr = SocketAddr::new(config.host, config.port);
-        let listener =
-            TcpListener::bind(addr).await.map_err(io(format!("cannot listen on {addr} (set HOST/PORT)")))?;
+        let listener = listen(addr).map_err(io(format!("cannot listen on {addr} (set HOST/PORT)")))?;
         let local_addr = listener.local_addr().map_err(io("listening socket"))?;
         let header_read_timeout = config.header_read_timeout;
         Ok(App {
