@@ -27,7 +27,7 @@
 import http from 'k6/http';
 import exec from 'k6/execution';
 import { check, sleep } from 'k6';
-import { Counter, Rate } from 'k6/metrics';
+import { Counter, Rate, Trend } from 'k6/metrics';
 import encoding from 'k6/encoding';
 
 export const BASE_URL = (__ENV.BASE_URL || 'http://127.0.0.1:8080').replace(/\/+$/, '');
@@ -151,6 +151,13 @@ export function nowIso() {
 }
 
 // ------------------------------------------------------------------ requests
+// `opts` of the request helpers: allow503 (overload, outage: a 503 with Retry-After is an
+// allowed answer). Scripts that tag their metrics (a spike's phase) set exec.vu.metrics.tags.
+
+/** A load request's tags: load:yes (setup and teardown requests lack it), ep and name. */
+function tags(ep, name) {
+  return { load: 'yes', ep, name };
+}
 function headers(v, json) {
   const h = { 'User-Agent': v.agent, 'X-Forwarded-For': v.ip };
   if (json) h['Content-Type'] = 'application/json';
@@ -198,7 +205,7 @@ export function click(tag, ad, v, opts) {
   });
   const res = http.post(`${BASE_URL}/ads/click`, body, {
     headers: headers(v, true),
-    tags: { load: 'yes', ep: 'click', name: 'POST /ads/click' },
+    tags: tags('click', 'POST /ads/click'),
   });
   return book(res, 1, opts && opts.allow503);
 }
@@ -208,7 +215,7 @@ export function impression(tag, ad, v, opts) {
   const body = JSON.stringify({ adId: ad, eventId: eventId(tag) });
   const res = http.post(`${BASE_URL}/ads/impression`, body, {
     headers: headers(v, true),
-    tags: { load: 'yes', ep: 'impression', name: 'POST /ads/impression' },
+    tags: tags('impression', 'POST /ads/impression'),
   });
   return book(res, 1, opts && opts.allow503);
 }
@@ -221,7 +228,7 @@ export function pixel(tag, event, ad, v, playhead, opts) {
   if (Math.random() < 0.5) url += '&f=204';
   const res = http.get(url, {
     headers: headers(v, false),
-    tags: { load: 'yes', ep: 'pixel', name: `GET /t/${event}` },
+    tags: tags('pixel', `GET /t/${event}`),
   });
   return book(res, 1, opts && opts.allow503);
 }
@@ -242,7 +249,7 @@ export function batch(tag, items, v, opts) {
   const body = JSON.stringify(items.map((e) => Object.assign({ eventId: eventId(tag), timestamp: ts }, e)));
   const res = http.post(`${BASE_URL}/ads/events`, body, {
     headers: headers(v, true),
-    tags: { load: 'yes', ep: 'batch', name: 'POST /ads/events' },
+    tags: tags('batch', 'POST /ads/events'),
   });
   let accepted;
   if (res.status === 202) {
@@ -298,6 +305,42 @@ export function adView(data, opts) {
     }
   }
   if (clickAt >= 0) click(data.tag, ad, v, opts);
+}
+
+// ------------------------------------------------------------------ watching the service
+const heldEvents = new Trend('adbeacon_held_events');
+const walMiB = new Trend('adbeacon_wal_mib');
+/** Readiness polls that found ClickHouse unavailable (outage.js: proof that the outage happened). */
+const clickhouseDown = new Counter('clickhouse_unavailable_polls');
+const bufferFull = new Counter('buffer_full_polls');
+
+/**
+ * One look at the service, for a `monitor` scenario (one VU, an iteration a second): the events
+ * it holds and the size of its log (/metrics), and what /readyz says of ClickHouse and the buffer.
+ */
+export function monitor() {
+  const m = http.get(`${BASE_URL}/metrics`, { tags: { name: 'monitor' } });
+  if (m.status === 200) {
+    const held = metric(m.body, /^adbeacon_buffer_events$/);
+    const wal = metric(m.body, /^adbeacon_wal_bytes$/);
+    if (held !== null) heldEvents.add(held);
+    if (wal !== null) walMiB.add(wal / 1048576);
+  }
+  const r = http.get(`${BASE_URL}/readyz`, {
+    tags: { name: 'monitor' },
+    responseCallback: http.expectedStatuses(200, 503),
+  });
+  if (r.status === 200 || r.status === 503) {
+    const body = r.json();
+    if (body.clickhouse !== 'ok') clickhouseDown.add(1);
+    if (body.buffer === 'full') bufferFull.add(1);
+  }
+  sleep(1);
+}
+
+/** A scenario running monitor() next to the load for `duration`. */
+export function monitorScenario(duration) {
+  return { executor: 'constant-vus', vus: 1, duration, exec: 'monitor', gracefulStop: '2s' };
 }
 
 // ------------------------------------------------------------------ setup and teardown

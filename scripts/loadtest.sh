@@ -13,6 +13,7 @@
 #   LOADTEST_SCRIPTS   which scripts, in order ("clicks mixed spike soak outage")
 #   SOAK_DURATION      soak.js's length (60s here; the script's own default is 30m)
 #   OUTAGE_AT (15)  OUTAGE_FOR (20)   seconds into outage.js when ClickHouse stops, and for how long
+#                      (outage.js then runs OUTAGE_AT + OUTAGE_FOR + 35 s)
 #   LOADTEST_RATE_LIMIT  adbeacon's RATE_LIMIT per client address (500, its default): the scripts
 #                        spread the load over 20,000 addresses in X-Forwarded-For, trusted from
 #                        127.0.0.1, so the limiter works as in production and never refuses
@@ -78,12 +79,12 @@ start_clickhouse "$ch_http" "$ch_tcp"
 app_url="http://127.0.0.1:$app_port"
 db=loadtest
 
-# Per script: adbeacon's settings besides the shared ones. spike and outage get a small buffer
-# (BUFFER_MAX_BYTES 8MiB, about 80,000 events) so that overload and an outage reach the
-# point where adbeacon answers 503 within a short run; the others run with the defaults.
+# Per script: adbeacon's settings besides the shared ones. outage.js gets a small buffer
+# (BUFFER_MAX_BYTES 1MiB, about 13,000 events) so that it fills during the outage and adbeacon
+# answers 503; the others run with the defaults.
 app_settings() { # SCRIPT -> NAME=VALUE lines
   case "$1" in
-    spike | outage) printf '%s\n' BATCH_MAX_BYTES=2MiB BUFFER_MAX_BYTES=8MiB ;;
+    outage) printf '%s\n' BATCH_MAX_BYTES=256KiB BUFFER_MAX_BYTES=1MiB ;;
   esac
 }
 
@@ -93,7 +94,9 @@ k6_settings() { # SCRIPT -> NAME=VALUE lines
     clicks) printf '%s\n' "DURATION=${DURATION:-30s}" ;;
     mixed) printf '%s\n' "DURATION=${DURATION:-45s}" ;;
     soak) printf '%s\n' "DURATION=${SOAK_DURATION:-60s}" ;;
-    outage) printf '%s\n' "DURATION=${DURATION:-$((OUTAGE_AT + OUTAGE_FOR + 25))s}" ;;
+    # After the outage: ClickHouse's start, adbeacon's retry backoff (up to 5 s), the drain, and
+    # outage.js's last 10 s ("after"), when every answer must be a 2xx again.
+    outage) printf '%s\n' "DURATION=${DURATION:-$((OUTAGE_AT + OUTAGE_FOR + 35))s}" ;;
   esac
 }
 
@@ -113,14 +116,18 @@ stop_app() { # SCRIPT
 }
 
 # Stops our ClickHouse OUTAGE_AT seconds into the run and starts it again OUTAGE_FOR later.
+# SIGTERM first; ClickHouse 18.16 may take 15 s to shut down under inserts (and may crash on the
+# way out), so after 5 s it gets SIGKILL: the outage starts when it is due, either way.
 outage() {
+  local t0=$SECONDS
   sleep "$OUTAGE_AT"
-  log "outage: stopping ClickHouse (pid $ch_pid)"
-  stop_pid clickhouse-server "$ch_pid" 15
+  log "outage: $((SECONDS - t0)) s into the run, stopping ClickHouse (pid $ch_pid)"
+  stop_pid clickhouse-server "$ch_pid" 5
+  log "outage: $((SECONDS - t0)) s, ClickHouse is down"
   sleep "$OUTAGE_FOR"
-  log "outage: starting ClickHouse again"
+  log "outage: $((SECONDS - t0)) s, starting ClickHouse again"
   start_clickhouse "$ch_http" "$ch_tcp"
-  log "outage: ClickHouse answers again"
+  log "outage: $((SECONDS - t0)) s, ClickHouse answers again"
 }
 
 # ---------------------------------------------------------------- the runs
