@@ -8,7 +8,8 @@
 //   CLICKHOUSE_DATABASE  adbeacon's database (adbeacon)
 //   CLICKHOUSE_USER, CLICKHOUSE_PASSWORD   for that ClickHouse (default, empty)
 //   ADMIN_KEY            an admin API key, when adbeacon runs with API_KEYS (for POST /ads)
-//   ADS                  ads created through POST /ads at setup, besides the active ones (20)
+//   ADS                  ads created through POST /ads at setup, besides the active ones (the
+//                        3 demo ads on a fresh stack): 20 for clicks.js and outage.js, else 40
 //   CLIENTS              distinct client addresses sent in X-Forwarded-For (20000)
 //   K6_API               k6's own REST API, host:port, as given to `k6 run --address`
 //                        (localhost:6565, k6's default); teardown reads the 2xx count from it
@@ -37,13 +38,6 @@ const K6_API = 'http://' + (__ENV.K6_API || 'localhost:6565');
 const FLUSH_WAIT = Number(__ENV.FLUSH_WAIT || 90);
 const CLIENTS = Math.max(1, Number(__ENV.CLIENTS || 20000));
 
-/** The demo ads `SEED_DEMO_ADS` puts into an empty catalog. */
-export const DEMO_ADS = [
-  '11111111-1111-1111-1111-111111111111',
-  '22222222-2222-2222-2222-222222222222',
-  '33333333-3333-3333-3333-333333333333',
-];
-
 // ------------------------------------------------------------------ metrics
 // Events, not requests: a batch carries many. Every event sent carries a client eventId.
 const eventsSent = new Counter('events_sent');
@@ -58,15 +52,15 @@ const eventsStored = new Counter('events_stored');
 const eventsLost = new Counter('events_lost'); // acknowledged, not in ClickHouse
 const eventsStoredTwice = new Counter('events_stored_twice'); // rows beyond one per event id
 const eventsUnexplained = new Counter('events_stored_unacked'); // stored, yet refused or never sent
-const booksOff = new Counter('books_off');
+const booksOff = new Counter('books_off'); // |adbeacon_books_balance| + events still held, at rest
 /** Seconds from the end of setup to the start of teardown: the load's length, for req/s. */
-const loadSeconds = new Counter('load_seconds'); // |adbeacon_books_balance| + events still held, at rest
+const loadSeconds = new Counter('load_seconds');
 /** 1 for every answer outside what the script allows (4xx, 5xx other than an allowed 503, none). */
 const unexpected = new Rate('unexpected_status');
 /** 503s without Retry-After (adbeacon always sends one). */
 const noRetryAfter = new Counter('status_503_without_retry_after');
 /** 503 share of the load requests (overload, outage). */
-export const overloaded = new Rate('status_503');
+const overloaded = new Rate('status_503');
 
 /** Trend stats shown in the summary: p50 is `med`. */
 export const SUMMARY_TREND_STATS = ['min', 'med', 'p(95)', 'p(99)', 'max', 'count'];
@@ -79,6 +73,8 @@ export function thresholds(extra) {
   return Object.assign(
     {
       unexpected_status: ['rate==0'],
+      // The statuses above, and every item of a 202 batch accepted.
+      checks: ['rate==1'],
       status_503_without_retry_after: ['count==0'],
       events_acked: ['count>0'],
       // Listed so that the summary shows the load's requests apart from setup's and teardown's.
@@ -104,9 +100,6 @@ const PLAYER_AGENTS = [
   'Roku/DVP-14.0 (14.0.4.5040-46)',
   'ExoPlayerLib/2.19.1',
 ];
-
-/** The old service's wrk/hey user agent, the one loadtest/wrk/click.lua sends. */
-export const SMART_TV = PLAYER_AGENTS[0];
 
 function hex(n, width) {
   return n.toString(16).padStart(width, '0');
@@ -158,6 +151,7 @@ export function nowIso() {
 function tags(ep, name) {
   return { load: 'yes', ep, name };
 }
+
 function headers(v, json) {
   const h = { 'User-Agent': v.agent, 'X-Forwarded-For': v.ip };
   if (json) h['Content-Type'] = 'application/json';
@@ -185,11 +179,11 @@ export function book(res, events, allow503, accepted) {
   const allowed = ok || (allow503 && is503);
   unexpected.add(!allowed);
   check(res, { [allow503 ? '2xx or 503' : '2xx']: () => allowed });
-  if (!allowed && res.status !== 0) {
-    // A few, not every one: the first ones usually say it all (429: see TRUSTED_PROXIES above).
-    if (exec.vu.iterationInScenario < 3) {
-      console.warn(`warning: ${res.request.method} ${res.request.url} -> ${res.status} ${String(res.body).slice(0, 200)}`);
-    }
+  // A few, not every one: the first ones usually say it all.
+  if (!allowed && exec.vu.iterationInScenario < 3) {
+    const hint = res.status === 429 ? ' (is adbeacon running with TRUSTED_PROXIES=127.0.0.1? see lib.js)' : '';
+    const what = res.status === 0 ? `no answer: ${res.error}` : `${res.status} ${String(res.body).slice(0, 200)}`;
+    console.warn(`warning: ${res.request ? res.request.method : ''} ${res.url} -> ${what}${hint}`);
   }
   return ok;
 }

@@ -1,3 +1,10 @@
+# Prints the table of a `make loadtest` run (scripts/loadtest.sh) from the k6 summaries
+# (`k6 run --summary-export`) of its scripts, as Markdown: the load requests (tagged load:yes,
+# not setup's and teardown's), their rate over the load's length (load_seconds), p50/p95/p99,
+# the non-2xx and 503 shares, the books (events acknowledged, stored, lost) and the thresholds.
+#
+#   python3 loadtest/report.py DIR "clicks mixed ..." REV NPROC LOADAVG
+
 import json, sys, time
 
 tmp, scripts, rev, ncpu, load = sys.argv[1], sys.argv[2].split(), sys.argv[3], sys.argv[4], sys.argv[5]
