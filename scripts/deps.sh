@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what `make run|test|bench` needs, and only what is missing.
+# Installs what `make run|test|bench|loadtest` needs, and only what is missing.
 # Safe to run every time: prints nothing when everything is already there.
 #
 #   scripts/deps.sh [run|test|bench|loadtest]     (default: run)
