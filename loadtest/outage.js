@@ -7,7 +7,7 @@
 // k6 cannot stop ClickHouse: whoever runs the script does, during the run. `make loadtest`
 // (scripts/loadtest.sh) stops its private ClickHouse OUTAGE_AT (15) seconds into the run and
 // starts it OUTAGE_FOR (20) seconds later, with adbeacon's buffer set small (BUFFER_MAX_BYTES
-// 1MiB, about 13,000 events) so that it fills within the outage. By hand, against `make run`:
+// 1MiB, about 10,000 events) so that it fills within the outage. By hand, against `make run`:
 //
 //   k6 run --address localhost:6565 -e DURATION=90s loadtest/outage.js
 //   # meanwhile, in another terminal: 20 s in, `bash scripts/stack.sh stop clickhouse`;

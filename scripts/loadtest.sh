@@ -49,14 +49,13 @@ tmp="$(mktemp -d "${TMPDIR:-/tmp}/adbeacon-loadtest.XXXXXX")"
 out_dir="$root/.data/loadtest"
 mkdir -p "$out_dir"
 
-k6_pid="" outage_pid="" # ch_pid, app_pid and watchdog_pid come from bench-common.sh
+k6_pid="" # ch_pid, app_pid and watchdog_pid come from bench-common.sh
 
 # shellcheck disable=SC2317  # invoked by the EXIT trap
 cleanup() {
   local status=$?
   trap '' INT TERM HUP
   stop_pid k6 "$k6_pid" 10
-  stop_pid "outage driver" "$outage_pid" 5
   # adbeacon first, while its ClickHouse still answers, so its shutdown flush does not wait.
   stop_pid adbeacon "$app_pid" 40
   stop_pid clickhouse-server "$ch_pid" 15
@@ -80,7 +79,7 @@ app_url="http://127.0.0.1:$app_port"
 db=loadtest
 
 # Per script: adbeacon's settings besides the shared ones. outage.js gets a small buffer
-# (BUFFER_MAX_BYTES 1MiB, about 13,000 events) so that it fills during the outage and adbeacon
+# (BUFFER_MAX_BYTES 1MiB, about 10,000 events) so that it fills during the outage and adbeacon
 # answers 503; the others run with the defaults.
 app_settings() { # SCRIPT -> NAME=VALUE lines
   case "$1" in
@@ -123,6 +122,7 @@ outage() {
   sleep "$OUTAGE_AT"
   log "outage: $((SECONDS - t0)) s into the run, stopping ClickHouse (pid $ch_pid)"
   stop_pid clickhouse-server "$ch_pid" 5
+  ch_pid="" # reaped: the clean-up must not signal a number the kernel may give to another process
   log "outage: $((SECONDS - t0)) s, ClickHouse is down"
   sleep "$OUTAGE_FOR"
   log "outage: $((SECONDS - t0)) s, starting ClickHouse again"
