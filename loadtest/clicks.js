@@ -1,0 +1,46 @@
+// POST /ads/click at a constant arrival rate, with the old service's body
+// ({"adId","timestamp","ipAddress","videoPlaybackTime"}, plus a client eventId for the books).
+//
+//   k6 run --address localhost:6565 -e RATE=2000 -e DURATION=30s loadtest/clicks.js
+//
+// RATE clicks per second (2000) for DURATION (30s), from VUS virtual users (100, up to 3 times
+// as many when answers slow down), over the active ads and ADS created ones (20), from CLIENTS
+// addresses; see lib.js for the rest. Thresholds: every answer a 202, p95 under P95_MS (50 ms),
+// p99 under P99_MS (100 ms), and every 202 stored.
+import * as lib from './lib.js';
+
+const RATE = Number(__ENV.RATE || 2000);
+const DURATION = __ENV.DURATION || '30s';
+const P95_MS = Number(__ENV.P95_MS || 50);
+const P99_MS = Number(__ENV.P99_MS || 100);
+
+export const options = Object.assign({}, lib.COMMON_OPTIONS, {
+  scenarios: {
+    clicks: {
+      executor: 'constant-arrival-rate',
+      rate: RATE,
+      timeUnit: '1s',
+      duration: DURATION,
+      preAllocatedVUs: Number(__ENV.VUS || 100),
+      maxVUs: Number(__ENV.VUS || 100) * 3,
+    },
+  },
+  thresholds: lib.thresholds({
+    'http_req_duration{ep:click}': [`p(95)<${P95_MS}`, `p(99)<${P99_MS}`],
+    'http_req_failed{ep:click}': ['rate==0'],
+    // The load generator kept up: at most 1 % of the planned clicks not sent.
+    dropped_iterations: [`count<${Math.ceil(RATE * 0.01 * lib.durationSeconds(DURATION))}`],
+  }),
+});
+
+export function setup() {
+  return lib.setupRun(20);
+}
+
+export default function (data) {
+  lib.click(data.tag, lib.pick(data.ads), lib.viewer());
+}
+
+export function teardown(data) {
+  lib.teardownRun(data);
+}

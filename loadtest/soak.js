@@ -1,0 +1,61 @@
+// Long and steady: mixed.js's ad views at a moderate rate for a long time, with the service
+// watched every second (events it holds, the size of its write-ahead log): what a soak should
+// show is that nothing grows, latency stays put and every 2xx is stored.
+//
+//   k6 run --address localhost:6565 -e DURATION=30m loadtest/soak.js
+//
+// VIEWS ad views per second (200, about 650 requests and 800 events per second) for DURATION
+// (30m; `make loadtest` runs 60s, SOAK_DURATION there), over the active ads and ADS created ones
+// (40), from CLIENTS addresses.
+// Thresholds: every answer a 2xx, p95 under P95_MS (50 ms) and p99 under P99_MS (100 ms) for each
+// kind of request, at most HELD_MAX events held at any look (50,000: ClickHouse keeps up), a log
+// of at most WAL_MAX_MIB (256) MiB, and every 2xx stored.
+import * as lib from './lib.js';
+
+const VIEWS = Number(__ENV.VIEWS || 200);
+const DURATION = __ENV.DURATION || '30m';
+const P95_MS = Number(__ENV.P95_MS || 50);
+const P99_MS = Number(__ENV.P99_MS || 100);
+
+const latency = {};
+for (const ep of ['pixel', 'impression', 'batch', 'click']) {
+  latency[`http_req_duration{ep:${ep}}`] = [`p(95)<${P95_MS}`, `p(99)<${P99_MS}`];
+}
+
+export const options = Object.assign({}, lib.COMMON_OPTIONS, {
+  scenarios: {
+    views: {
+      executor: 'constant-arrival-rate',
+      rate: VIEWS,
+      timeUnit: '1s',
+      duration: DURATION,
+      preAllocatedVUs: Number(__ENV.VUS || 50),
+      maxVUs: Number(__ENV.VUS || 50) * 4,
+    },
+    monitor: lib.monitorScenario(DURATION),
+  },
+  thresholds: lib.thresholds(
+    Object.assign(latency, {
+      'http_req_failed{load:yes}': ['rate==0'],
+      dropped_iterations: [`count<${Math.ceil(VIEWS * 0.01 * lib.durationSeconds(DURATION))}`],
+      adbeacon_held_events: [`max<${Number(__ENV.HELD_MAX || 50000)}`],
+      adbeacon_wal_mib: [`max<${Number(__ENV.WAL_MAX_MIB || 256)}`],
+    }),
+  ),
+});
+
+export function setup() {
+  return lib.setupRun(40);
+}
+
+export default function (data) {
+  lib.adView(data);
+}
+
+export function monitor() {
+  lib.monitor();
+}
+
+export function teardown(data) {
+  lib.teardownRun(data);
+}
