@@ -161,7 +161,7 @@ fn state(
             .time_to_live(api::RECENT_EVENT_IDS.1)
             .build(),
         user_agents: crate::domain::UserAgentFilter::new(&config.bot_user_agents),
-        dedup: api::dedup::DedupWindow::new(config.dedup_window, &config.dedup_kinds),
+        dedup: Arc::new(api::dedup::DedupWindow::new(config.dedup_window, &config.dedup_kinds)),
         rate_limiter: api::ratelimit::RateLimiter::new(config.rate_limit, config.rate_limit_burst),
     })
 }

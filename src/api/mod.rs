@@ -97,7 +97,7 @@ pub struct State {
     /// Bot and empty user agents.
     pub user_agents: UserAgentFilter,
     /// The repeat rule (same ad, client and kind within DEDUP_WINDOW).
-    pub dedup: dedup::DedupWindow,
+    pub dedup: Arc<dedup::DedupWindow>,
     /// Per-client limits on the tracking endpoints; `None` when RATE_LIMIT is 0.
     pub rate_limiter: Option<ratelimit::RateLimiter>,
 }
@@ -348,8 +348,57 @@ impl State {
     /// ids counts as it would have.
     pub async fn hold(&self, rows: Vec<EventRow>, claims: Claims) -> Result<(), ApiError> {
         let count = rows.len() as u64;
-        let held = match self.intake.hold(rows).await {
-            Ok(held) => held,
+        let settle = Settle {
+            recent_event_ids: self.recent_event_ids.clone(),
+            dedup: self.dedup.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let outcome = if self.intake.wal.is_some() && !(claims.ids.is_empty() && claims.marks.is_empty()) {
+            // The request waits for the log. If it goes away meanwhile (the client hangs up),
+            // its claims must still be settled by what became of the events, or a retry with the
+            // same event id would be told "in flight" until the id is forgotten: so the wait and
+            // the settling run in a task of their own, which a dropped request does not cancel.
+            let intake = self.intake.clone();
+            tokio::spawn(async move {
+                let outcome = intake.hold(rows).await;
+                settle.apply(&outcome, &claims, count);
+                outcome
+            })
+            .await
+            .unwrap_or_else(|e| Err(HoldError::Log(crate::ingest::WalError(format!("the hold failed: {e}")))))
+        } else {
+            let outcome = self.intake.hold(rows).await;
+            settle.apply(&outcome, &claims, count);
+            outcome
+        };
+        let held = outcome.map_err(|e| ApiError::hold(&e, self.retry_after))?;
+        self.intake.confirmed(held).await.map_err(|e| {
+            self.metrics.commit_timeouts.inc();
+            ApiError::hold(&e, self.retry_after)
+        })
+    }
+}
+
+/// Settles a request's claims once its events are held or refused.
+struct Settle {
+    recent_event_ids: moka::sync::Cache<Uuid, Arc<std::sync::atomic::AtomicBool>>,
+    dedup: Arc<dedup::DedupWindow>,
+    metrics: Arc<Metrics>,
+}
+
+impl Settle {
+    /// Held: a repeat of the claimed ids is a duplicate from now on (also while `committed` mode
+    /// waits for ClickHouse). Refused: the ids and the repeat rule's marks are given back, and
+    /// each event is counted as rejected.
+    fn apply(&self, outcome: &Result<crate::ingest::Held, HoldError>, claims: &Claims, count: u64) {
+        match outcome {
+            Ok(_) => {
+                for id in &claims.ids {
+                    if let Some(flag) = self.recent_event_ids.get(id) {
+                        flag.store(true, std::sync::atomic::Ordering::Release);
+                    }
+                }
+            }
             Err(e) => {
                 for id in &claims.ids {
                     self.recent_event_ids.invalidate(id);
@@ -365,20 +414,8 @@ impl State {
                 for _ in 0..count {
                     self.metrics.rejected(reason);
                 }
-                return Err(ApiError::hold(&e, self.retry_after));
-            }
-        };
-        // Held: a repeat of these ids is a duplicate from now on, also while `committed` mode
-        // waits for ClickHouse below.
-        for id in &claims.ids {
-            if let Some(flag) = self.recent_event_ids.get(id) {
-                flag.store(true, std::sync::atomic::Ordering::Release);
             }
         }
-        self.intake.confirmed(held).await.map_err(|e| {
-            self.metrics.commit_timeouts.inc();
-            ApiError::hold(&e, self.retry_after)
-        })
     }
 }
 
