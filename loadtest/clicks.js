@@ -16,20 +16,12 @@ const P99_MS = Number(__ENV.P99_MS || 100);
 
 export const options = Object.assign({}, lib.COMMON_OPTIONS, {
   scenarios: {
-    clicks: {
-      executor: 'constant-arrival-rate',
-      rate: RATE,
-      timeUnit: '1s',
-      duration: DURATION,
-      preAllocatedVUs: Number(__ENV.VUS || 100),
-      maxVUs: Number(__ENV.VUS || 100) * 3,
-    },
+    clicks: lib.arrivalRate(RATE, DURATION, 100, 3),
   },
   thresholds: lib.thresholds({
     'http_req_duration{ep:click}': [`p(95)<${P95_MS}`, `p(99)<${P99_MS}`],
     'http_req_failed{ep:click}': ['rate==0'],
-    // The load generator kept up: at most 1 % of the planned clicks not sent.
-    dropped_iterations: [`count<${Math.ceil(RATE * 0.01 * lib.durationSeconds(DURATION))}`],
+    dropped_iterations: lib.keptUp(RATE, DURATION),
   }),
 });
 

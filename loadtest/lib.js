@@ -332,6 +332,38 @@ export function monitor() {
   sleep(1);
 }
 
+/**
+ * A scenario starting `rate` iterations per second for `duration`, with VUS (or `vus`) VUs made
+ * ready and up to `growth` times as many when answers slow down.
+ */
+export function arrivalRate(rate, duration, vus, growth) {
+  const ready = Number(__ENV.VUS || vus);
+  return {
+    executor: 'constant-arrival-rate',
+    rate,
+    timeUnit: '1s',
+    duration,
+    preAllocatedVUs: ready,
+    maxVUs: ready * growth,
+  };
+}
+
+/** The threshold that the load generator kept up: at most 1 % of the planned iterations dropped. */
+export function keptUp(rate, duration) {
+  return [`count<${Math.ceil(rate * 0.01 * durationSeconds(duration))}`];
+}
+
+/** p95 and p99 thresholds (P95_MS, P99_MS: 50 and 100 ms) on each kind of request of an ad view. */
+export function viewLatency() {
+  const p95 = Number(__ENV.P95_MS || 50);
+  const p99 = Number(__ENV.P99_MS || 100);
+  const latency = {};
+  for (const ep of ['pixel', 'impression', 'batch', 'click']) {
+    latency[`http_req_duration{ep:${ep}}`] = [`p(95)<${p95}`, `p(99)<${p99}`];
+  }
+  return latency;
+}
+
 /** A scenario running monitor() next to the load for `duration`. */
 export function monitorScenario(duration) {
   return { executor: 'constant-vus', vus: 1, duration, exec: 'monitor', gracefulStop: '2s' };

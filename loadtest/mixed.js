@@ -12,30 +12,13 @@ import * as lib from './lib.js';
 
 const VIEWS = Number(__ENV.VIEWS || 400);
 const DURATION = __ENV.DURATION || '45s';
-const P95_MS = Number(__ENV.P95_MS || 50);
-const P99_MS = Number(__ENV.P99_MS || 100);
-
-const latency = {};
-for (const ep of ['pixel', 'impression', 'batch', 'click']) {
-  latency[`http_req_duration{ep:${ep}}`] = [`p(95)<${P95_MS}`, `p(99)<${P99_MS}`];
-}
 
 export const options = Object.assign({}, lib.COMMON_OPTIONS, {
-  scenarios: {
-    views: {
-      executor: 'constant-arrival-rate',
-      rate: VIEWS,
-      timeUnit: '1s',
-      duration: DURATION,
-      preAllocatedVUs: Number(__ENV.VUS || 100),
-      maxVUs: Number(__ENV.VUS || 100) * 3,
-    },
-  },
+  scenarios: { views: lib.arrivalRate(VIEWS, DURATION, 100, 3) },
   thresholds: lib.thresholds(
-    Object.assign(latency, {
+    Object.assign(lib.viewLatency(), {
       'http_req_failed{load:yes}': ['rate==0'],
-      // The load generator kept up: at most 1 % of the planned views not made.
-      dropped_iterations: [`count<${Math.ceil(VIEWS * 0.01 * lib.durationSeconds(DURATION))}`],
+      dropped_iterations: lib.keptUp(VIEWS, DURATION),
     }),
   ),
 });

@@ -27,14 +27,7 @@ const afterStart = lib.durationSeconds(DURATION) - TAIL;
 
 export const options = Object.assign({}, lib.COMMON_OPTIONS, {
   scenarios: {
-    views: {
-      executor: 'constant-arrival-rate',
-      rate: VIEWS,
-      timeUnit: '1s',
-      duration: DURATION,
-      preAllocatedVUs: Number(__ENV.VUS || 50),
-      maxVUs: Number(__ENV.VUS || 50) * 4,
-    },
+    views: lib.arrivalRate(VIEWS, DURATION, 50, 4),
     monitor: lib.monitorScenario(DURATION),
   },
   thresholds: lib.thresholds({

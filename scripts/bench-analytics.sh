@@ -74,9 +74,7 @@ set_traps cleanup
 start_watchdog
 
 # ---------------------------------------------------------------- build
-log "cargo build --release --bin adbeacon"
-cargo build --release --bin adbeacon
-app_bin="$root/target/release/adbeacon"
+build_release
 
 # ---------------------------------------------------------------- ports
 read -r ch_http ch_tcp app_port < <(free_ports 3)

@@ -56,9 +56,7 @@ cleanup() {
 set_traps cleanup
 start_watchdog
 
-log "cargo build --release --bin adbeacon"
-cargo build --release --bin adbeacon
-app_bin="$root/target/release/adbeacon"
+build_release
 
 ncpu="$(nproc)"
 wrk_pin=()

@@ -69,9 +69,7 @@ set_traps cleanup
 start_watchdog
 
 # ---------------------------------------------------------------- build
-log "cargo build --release --bin adbeacon --example bare"
-cargo build --release --bin adbeacon --example bare
-app_bin="$root/target/release/adbeacon"
+build_release --example bare
 bare_bin="$root/target/release/examples/bare"
 
 # ---------------------------------------------------------------- ports and pinning

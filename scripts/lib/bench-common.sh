@@ -291,6 +291,16 @@ run_wrk() { # LABEL URL DURATION
     "$label" "($duration)" "$r_rps" "$r_p50" "$r_p99" "$r_requests" "$r_non2xx" "$r_errors" >&2
 }
 
+# Builds adbeacon in release (and whatever else the arguments name, such as --example bare) and
+# sets app_bin to the binary.
+# shellcheck disable=SC2120  # the arguments are optional
+build_release() { # [CARGO_BUILD_ARGS...]
+  log "cargo build --release --bin adbeacon $*"
+  cargo build --release --bin adbeacon "$@"
+  # shellcheck disable=SC2034  # read by the scripts
+  app_bin="$PWD/target/release/adbeacon"
+}
+
 # The commit the figures were taken at, "+dirty" when the working tree differs from it.
 git_rev() {
   local rev

@@ -348,27 +348,26 @@ impl State {
     /// ids counts as it would have.
     pub async fn hold(&self, rows: Vec<EventRow>, claims: Claims) -> Result<(), ApiError> {
         let count = rows.len() as u64;
-        let settle = Settle {
-            recent_event_ids: self.recent_event_ids.clone(),
-            dedup: self.dedup.clone(),
-            metrics: self.metrics.clone(),
-        };
         let outcome = if self.intake.wal.is_some() && !(claims.ids.is_empty() && claims.marks.is_empty()) {
             // The request waits for the log. If it goes away meanwhile (the client hangs up),
             // its claims must still be settled by what became of the events, or a retry with the
             // same event id would be told "in flight" until the id is forgotten: so the wait and
             // the settling run in a task of their own, which a dropped request does not cancel.
             let intake = self.intake.clone();
+            let (ids, dedup, metrics) =
+                (self.recent_event_ids.clone(), self.dedup.clone(), self.metrics.clone());
             tokio::spawn(async move {
                 let outcome = intake.hold(rows).await;
-                settle.apply(&outcome, &claims, count);
+                Settle { recent_event_ids: &ids, dedup: &dedup, metrics: &metrics }
+                    .apply(&outcome, &claims, count);
                 outcome
             })
             .await
             .unwrap_or_else(|e| Err(HoldError::Log(crate::ingest::WalError(format!("the hold failed: {e}")))))
         } else {
             let outcome = self.intake.hold(rows).await;
-            settle.apply(&outcome, &claims, count);
+            Settle { recent_event_ids: &self.recent_event_ids, dedup: &self.dedup, metrics: &self.metrics }
+                .apply(&outcome, &claims, count);
             outcome
         };
         let held = outcome.map_err(|e| ApiError::hold(&e, self.retry_after))?;
@@ -380,13 +379,13 @@ impl State {
 }
 
 /// Settles a request's claims once its events are held or refused.
-struct Settle {
-    recent_event_ids: moka::sync::Cache<Uuid, Arc<std::sync::atomic::AtomicBool>>,
-    dedup: Arc<dedup::DedupWindow>,
-    metrics: Arc<Metrics>,
+struct Settle<'a> {
+    recent_event_ids: &'a moka::sync::Cache<Uuid, Arc<std::sync::atomic::AtomicBool>>,
+    dedup: &'a dedup::DedupWindow,
+    metrics: &'a Metrics,
 }
 
-impl Settle {
+impl Settle<'_> {
     /// Held: a repeat of the claimed ids is a duplicate from now on (also while `committed` mode
     /// waits for ClickHouse). Refused: the ids and the repeat rule's marks are given back, and
     /// each event is counted as rejected.
