@@ -10,11 +10,13 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     api::{self, State},
     config::Config,
-    ingest::{AckMode, Buffer, DeadLetters, Flusher, Intake, Limits, Wal, WalConfig},
+    ingest::{
+        AckMode, Buffer, DeadLetters, Flusher, Health, Intake, Keys, Limits, Replayer, Spill, Wal, WalConfig,
+    },
     iphash::IpHasher,
     metrics::Metrics,
     server,
-    store::{Analytics, Catalog, ClickHouse, StoreError, Timeouts, migrate, retention},
+    store::{Analytics, Catalog, ClickHouse, Redis, StoreError, Timeouts, migrate, retention},
 };
 
 /// Why the service could not start or stop cleanly.
@@ -65,6 +67,8 @@ pub struct App {
     flusher: JoinHandle<()>,
     wal: Option<Wal>,
     stop_flusher: CancellationToken,
+    replayer: Option<JoinHandle<()>>,
+    stop_replayer: CancellationToken,
     retention: JoinHandle<()>,
     stop_retention: CancellationToken,
     header_read_timeout: Duration,
@@ -127,6 +131,17 @@ async fn open_wal(
     Ok(Some(wal))
 }
 
+/// How long one Redis call may take: long enough for a busy Redis, short enough that a frozen
+/// one costs the flusher little before it keeps the batch and moves on.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The spill `config` describes; `None` when REDIS_URL is empty. Connects lazily.
+fn spill(config: &Config) -> Option<Arc<Spill>> {
+    let url = config.redis_url.as_ref()?;
+    let redis = Redis::new(url, REDIS_TIMEOUT).expect("REDIS_URL was checked with the configuration");
+    Some(Arc::new(Spill::new(Arc::new(redis), Keys::new(&config.redis_key_prefix))))
+}
+
 /// Builds the shared state from parts that need no I/O beyond what the caller already did.
 fn state(
     config: &Config,
@@ -134,6 +149,7 @@ fn state(
     hasher: IpHasher,
     metrics: Arc<Metrics>,
     intake: Intake,
+    spill: Option<Arc<Spill>>,
 ) -> Arc<State> {
     let catalog =
         Catalog::new(clickhouse.clone(), metrics.clone(), config.catalog_ttl, config.catalog_negative_ttl);
@@ -163,6 +179,9 @@ fn state(
         user_agents: crate::domain::UserAgentFilter::new(&config.bot_user_agents),
         dedup: Arc::new(api::dedup::DedupWindow::new(config.dedup_window, &config.dedup_kinds)),
         rate_limiter: api::ratelimit::RateLimiter::new(config.rate_limit, config.rate_limit_burst),
+        dead_letters: DeadLetters::new(&config.data_dir, spill.clone()),
+        spill,
+        insert_health: Arc::new(Health::default()),
     })
 }
 
@@ -171,7 +190,7 @@ pub fn openapi_yaml(config: &Config) -> String {
     let ch = ClickHouse::detached(&config.clickhouse);
     let metrics = Arc::new(Metrics::new());
     let intake = Intake::buffered(buffer(config, metrics.clone()));
-    let st = state(config, ch, IpHasher::new([0; 16]), metrics, intake);
+    let st = state(config, ch, IpHasher::new([0; 16]), metrics, intake, None);
     api::openapi(st).spec_yaml()
 }
 
@@ -204,7 +223,17 @@ impl App {
             wal: wal.clone().filter(|_| config.ack_mode == AckMode::Wal),
             commit_timeout: (config.ack_mode == AckMode::Committed).then_some(config.ack_timeout),
         };
-        let state = state(&config, clickhouse.clone(), hasher, metrics.clone(), intake);
+        let spill = spill(&config);
+        if let Some(spill) = &spill {
+            // Not required at start-up (it matters only once ClickHouse fails), but an operator
+            // should learn at once that it is missing or may evict.
+            let _ = spill.check().await;
+        } else {
+            tracing::warn!(
+                "REDIS_URL is empty: no spill; while ClickHouse is down events wait in memory (and the local log) until the buffer is full"
+            );
+        }
+        let state = state(&config, clickhouse.clone(), hasher, metrics.clone(), intake, spill.clone());
         if config.api_keys.is_open() {
             tracing::warn!(
                 "API_KEYS is empty: anyone who can reach this service may create, change and retire ads and \
@@ -217,13 +246,31 @@ impl App {
         let stop_flusher = CancellationToken::new();
         let flusher = Flusher {
             buffer: state.intake.buffer.clone(),
-            clickhouse,
-            metrics,
-            dead_letters: DeadLetters::new(&config.data_dir),
+            clickhouse: clickhouse.clone(),
+            metrics: metrics.clone(),
+            dead_letters: state.dead_letters.clone(),
             shutdown_timeout: config.shutdown_timeout,
             wal: wal.clone(),
+            spill: spill.clone(),
+            spill_after: config.spill_after,
+            health: state.insert_health.clone(),
         };
         let flusher = tokio::spawn(flusher.run(stop_flusher.clone()));
+        let stop_replayer = CancellationToken::new();
+        let replayer = spill.map(|spill| {
+            let replayer = Replayer {
+                spill,
+                clickhouse,
+                metrics,
+                health: state.insert_health.clone(),
+                buffer: state.intake.buffer.clone(),
+                consumer: crate::ingest::replay::consumer_name(),
+                max_rows: config.batch_max_rows,
+                rate: config.replay_rate,
+                claim_idle: config.replay_claim_idle,
+            };
+            tokio::spawn(replayer.run(stop_replayer.clone()))
+        });
         let stop_retention = CancellationToken::new();
         let retention = tokio::spawn(retention::run(
             state.clickhouse.clone(),
@@ -242,6 +289,8 @@ impl App {
             flusher,
             wal,
             stop_flusher,
+            replayer,
+            stop_replayer,
             retention,
             stop_retention,
             header_read_timeout,
@@ -267,10 +316,18 @@ impl App {
         let served = server::serve(self.listener, api::routes(self.state.clone()), shutdown, limits).await;
         tracing::info!("stopped accepting requests; flushing buffered events");
         self.stop_retention.cancel();
+        // The replayer finishes the INSERT it is in; what it has not acknowledged stays pending
+        // for another replayer (or this one after a restart) to claim.
+        self.stop_replayer.cancel();
         self.state.intake.buffer.close();
         self.stop_flusher.cancel();
         if let Err(e) = self.flusher.await {
             tracing::error!(error = %e, "the flusher task failed during shutdown");
+        }
+        if let Some(replayer) = self.replayer
+            && let Err(e) = replayer.await
+        {
+            tracing::error!(error = %e, "the replayer task failed during shutdown");
         }
         // Last: the flusher logs batch tokens and confirmations until it is done.
         if let Some(wal) = &self.wal {

@@ -49,7 +49,7 @@ pub const SETTINGS: &[Setting] = &[
         "DATA_DIR",
         "./.data/adbeacon",
         "a directory path",
-        "local state: the IP-hash key, the write-ahead log (wal/), batches ClickHouse could not take (dead-letter/)",
+        "local state: the IP-hash key, the write-ahead log (wal/), dead letters when Redis cannot take them (dead-letter/)",
     ),
     s(
         "ACK_MODE",
@@ -74,6 +74,37 @@ pub const SETTINGS: &[Setting] = &[
         "10s",
         "a duration",
         "committed mode: how long a request waits for ClickHouse to confirm its events before it gets 503 (the events stay held)",
+    ),
+    Setting {
+        name: "REDIS_URL",
+        default: "redis://127.0.0.1:6379/0",
+        form: "a redis:// URL (redis://:password@host:port/db), or empty for no spill",
+        help: "Redis holding the spill (batches ClickHouse could not take) and the dead letters; it must run with maxmemory-policy noeviction (never logged)",
+        secret: true,
+    },
+    s(
+        "REDIS_KEY_PREFIX",
+        "adbeacon:",
+        "letters, digits and :_-.",
+        "prefix of adbeacon's Redis keys (the streams PREFIXspill and PREFIXdead-letters)",
+    ),
+    s(
+        "SPILL_AFTER",
+        "3",
+        "a whole number from 1 to 100",
+        "failed INSERT attempts of a batch before it moves to the Redis spill (while ClickHouse stays down, later batches move at once)",
+    ),
+    s(
+        "REPLAY_RATE",
+        "200000",
+        "events per second, a whole number (0 = no limit)",
+        "how fast each instance replays the spill into ClickHouse once it is back; replay also waits while live batches are due, so live ingest keeps priority",
+    ),
+    s(
+        "REPLAY_CLAIM_IDLE",
+        "2m",
+        "a duration longer than INSERT_TIMEOUT",
+        "a spill entry read but not acknowledged this long belongs to a replayer that died: another one ends its INSERTs and takes the entry over",
     ),
     Setting {
         name: "IP_HASH_KEY",
@@ -118,7 +149,7 @@ pub const SETTINGS: &[Setting] = &[
         "SHUTDOWN_TIMEOUT",
         "30s",
         "a duration",
-        "how long shutdown keeps retrying the last batches before leaving them in the log (wal) or saving them under DATA_DIR/dead-letter",
+        "how long shutdown keeps trying to insert or spill the last batches before leaving them in the log (wal) or saving them under DATA_DIR/dead-letter",
     ),
     s("MAX_BODY_BYTES", "64KiB", "a size", "largest request body accepted"),
     s(
@@ -266,6 +297,16 @@ pub struct Config {
     pub wal_segment_bytes: u64,
     /// `committed` mode: how long a request waits for ClickHouse.
     pub ack_timeout: Duration,
+    /// Redis for the spill and the dead letters; `None` = no spill.
+    pub redis_url: Option<String>,
+    /// Prefix of adbeacon's Redis keys.
+    pub redis_key_prefix: String,
+    /// Failed INSERT attempts before a batch is spilled.
+    pub spill_after: u32,
+    /// Events replayed per second per instance at most (0 = no limit).
+    pub replay_rate: u64,
+    /// Idle time after which a pending spill entry is claimed.
+    pub replay_claim_idle: Duration,
     /// Oldest age of a buffered event before its batch is flushed.
     pub flush_interval: Duration,
     /// Rows per INSERT at most.
@@ -336,6 +377,11 @@ impl std::fmt::Debug for Config {
             .field("clickhouse_user", &self.clickhouse.user)
             .field("data_dir", &self.data_dir)
             .field("ack_mode", &self.ack_mode)
+            .field("redis", &self.redis_url.as_ref().map(|_| "<set>"))
+            .field("redis_key_prefix", &self.redis_key_prefix)
+            .field("spill_after", &self.spill_after)
+            .field("replay_rate", &self.replay_rate)
+            .field("replay_claim_idle", &self.replay_claim_idle)
             .field("flush_interval", &self.flush_interval)
             .field("batch_max_rows", &self.batch_max_rows)
             .field("batch_max_bytes", &self.batch_max_bytes)
@@ -498,6 +544,26 @@ impl Config {
                     .and_then(|n| if n >= 1 << 20 { Ok(n as u64) } else { Err("less than 1MiB".into()) })
             })?,
             ack_timeout: r.get("ACK_TIMEOUT", pos_dur)?,
+            redis_url: r.get("REDIS_URL", |v| {
+                if v.is_empty() {
+                    return Ok(None);
+                }
+                crate::store::Redis::new(v, Duration::from_secs(1)).map(|_| Some(v.to_string()))
+            })?,
+            redis_key_prefix: r.get("REDIS_KEY_PREFIX", |v| {
+                if !v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric() || ":_-.".contains(c)) {
+                    Ok(v.to_string())
+                } else {
+                    Err("use letters, digits and :_-.".into())
+                }
+            })?,
+            spill_after: r.get("SPILL_AFTER", |v| {
+                parse_from_str(v)
+                    .and_then(positive)
+                    .and_then(|n: u32| if n <= 100 { Ok(n) } else { Err("more than 100".into()) })
+            })?,
+            replay_rate: r.get("REPLAY_RATE", parse_from_str)?,
+            replay_claim_idle: r.get("REPLAY_CLAIM_IDLE", pos_dur)?,
             flush_interval: r.get("FLUSH_INTERVAL", pos_dur)?,
             // A retry fetches the stored event ids of the batch; a million of them is 16 MB.
             batch_max_rows: r.get("BATCH_MAX_ROWS", |v| {
@@ -566,6 +632,16 @@ impl Config {
                 shown: format!("={}", config.buffer_max_bytes),
                 form: "a size at least BATCH_MAX_BYTES",
                 reason: "the buffer must hold at least one full batch".into(),
+            });
+        }
+        // A replayer whose INSERT is merely slow must not count as dead: its entries are claimed
+        // only once every INSERT it may have sent has timed out.
+        if config.replay_claim_idle <= config.insert_timeout {
+            return Err(ConfigError {
+                name: "REPLAY_CLAIM_IDLE",
+                shown: format!("={}", humantime::format_duration(config.replay_claim_idle)),
+                form: "a duration longer than INSERT_TIMEOUT",
+                reason: "a replayer still waiting for its INSERT would be taken for dead".into(),
             });
         }
         // Raw retention drops whole months older than RAW_RETENTION_MONTHS; an event accepted with

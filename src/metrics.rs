@@ -120,6 +120,32 @@ pub struct Metrics {
     pub events_flushed: IntCounter,
     /// Events written to the local dead-letter directory.
     pub events_dead_lettered: IntCounter,
+    /// Batches moved to the Redis spill.
+    pub batches_spilled: IntCounter,
+    /// Events moved to the Redis spill.
+    pub events_spilled: IntCounter,
+    /// Batches Redis could not take when they were to be spilled.
+    pub spill_failures: IntCounter,
+    /// Spill entries this instance replayed (acknowledged).
+    pub spill_entries_replayed: IntCounter,
+    /// Events this instance replayed from the spill into ClickHouse.
+    pub events_replayed: IntCounter,
+    /// Replayed events ClickHouse rejected as data (kept as dead letters).
+    pub replay_events_dead_lettered: IntCounter,
+    /// Spill entries claimed from replayers that went quiet.
+    pub spill_entries_claimed: IntCounter,
+    /// Spill entries that could not be read back (kept as dead letters).
+    pub spill_entries_corrupt: IntCounter,
+    /// Entries in the spill stream (batches waiting for replay), across instances.
+    pub spill_backlog_entries: IntGauge,
+    /// Events in the spill stream, across instances.
+    pub spill_backlog_events: IntGauge,
+    /// Entries in the dead-letter stream.
+    pub dead_letters: IntGauge,
+    /// Dead letters moved back to the spill by an operator.
+    pub dead_letters_replayed: IntCounter,
+    /// Dead letters deleted by an operator.
+    pub dead_letters_purged: IntCounter,
     /// Unreadable pixel timestamps replaced by server time.
     pub event_time_replaced: IntCounter,
     /// Months of raw events dropped by raw retention.
@@ -296,7 +322,53 @@ impl Metrics {
             events_flushed: counter("adbeacon_events_flushed_total", "Events confirmed by ClickHouse"),
             events_dead_lettered: counter(
                 "adbeacon_events_dead_lettered_total",
-                "Events ClickHouse could not take, saved under DATA_DIR/dead-letter",
+                "Events of live batches kept as dead letters: rejected by ClickHouse as data, or neither inserted nor spilled at shutdown",
+            ),
+            batches_spilled: counter(
+                "adbeacon_batches_spilled_total",
+                "Batches ClickHouse did not take, moved whole to the Redis spill",
+            ),
+            events_spilled: counter("adbeacon_events_spilled_total", "Events moved to the Redis spill"),
+            spill_failures: counter(
+                "adbeacon_spill_failures_total",
+                "Batches Redis could not take when they were to be spilled (they stay in memory and the local log)",
+            ),
+            spill_entries_replayed: counter(
+                "adbeacon_spill_entries_replayed_total",
+                "Spill entries (batches) this instance replayed and acknowledged",
+            ),
+            events_replayed: counter(
+                "adbeacon_events_replayed_total",
+                "Events this instance replayed from the spill into ClickHouse",
+            ),
+            replay_events_dead_lettered: counter(
+                "adbeacon_replay_events_dead_lettered_total",
+                "Replayed events ClickHouse rejected as data, kept as dead letters",
+            ),
+            spill_entries_claimed: counter(
+                "adbeacon_spill_entries_claimed_total",
+                "Spill entries claimed from a replayer that left them unacknowledged for REPLAY_CLAIM_IDLE",
+            ),
+            spill_entries_corrupt: counter(
+                "adbeacon_spill_entries_corrupt_total",
+                "Spill entries that could not be read back, kept as dead letters",
+            ),
+            spill_backlog_entries: gauge(
+                "adbeacon_spill_backlog_entries",
+                "Batches in the Redis spill waiting for replay (all instances)",
+            ),
+            spill_backlog_events: gauge(
+                "adbeacon_spill_backlog_events",
+                "Events in the Redis spill waiting for replay (all instances)",
+            ),
+            dead_letters: gauge("adbeacon_dead_letters", "Entries in the Redis dead-letter stream"),
+            dead_letters_replayed: counter(
+                "adbeacon_dead_letters_replayed_total",
+                "Dead letters an operator moved back to the spill (POST /admin/dead-letters/replay)",
+            ),
+            dead_letters_purged: counter(
+                "adbeacon_dead_letters_purged_total",
+                "Dead letters an operator deleted (DELETE /admin/dead-letters)",
             ),
             event_time_replaced: counter(
                 "adbeacon_event_time_replaced_total",
@@ -317,7 +389,7 @@ impl Metrics {
             ),
             books_balance: gauge(
                 "adbeacon_books_balance",
-                "Events accepted minus those flushed to ClickHouse, held in memory or dead-lettered: 0 at rest, else events are missing",
+                "Events accepted minus those flushed to ClickHouse, spilled to Redis, held in memory or dead-lettered: 0 at rest, else events are missing",
             ),
             batches_flushed: counter("adbeacon_batches_flushed_total", "Batches confirmed by ClickHouse"),
             batch_rows,
@@ -408,14 +480,15 @@ impl Metrics {
 
 impl Metrics {
     /// Events accepted (answered 2xx, or recovered from the write-ahead log at start-up) minus
-    /// those confirmed by ClickHouse, still held in memory
-    /// or saved as dead letters: 0 at rest; anything else means events went missing (or, while
+    /// those confirmed by ClickHouse, spilled to Redis, still held in memory or kept as dead
+    /// letters: 0 at rest; anything else means events went missing (or, while
     /// events flow, are between two of these counters).
     pub fn unaccounted(&self) -> i64 {
         let accepted: u64 =
             self.accepted.iter().map(IntCounter::get).sum::<u64>() + self.events_recovered.get();
         let held = u64::try_from(self.buffer_events.get()).unwrap_or(0);
-        accepted as i64 - (self.events_flushed.get() + self.events_dead_lettered.get() + held) as i64
+        let out = self.events_flushed.get() + self.events_dead_lettered.get() + self.events_spilled.get();
+        accepted as i64 - (out + held) as i64
     }
 }
 

@@ -175,8 +175,9 @@ impl ApiError {
                 "the local log cannot be written; nothing was stored, retry later"
             }
             HoldError::Unconfirmed => {
-                "the event is held but ClickHouse has not confirmed it within ACK_TIMEOUT; it will be \
-                 stored, and a retry with the same eventId is not stored twice"
+                "the event is held but ClickHouse has not confirmed it within ACK_TIMEOUT (it may be \
+                 waiting in the spill for ClickHouse to come back); it will be stored, and a retry \
+                 with the same eventId is not stored twice"
             }
         };
         Self::Unavailable(body(msg), retry_after)

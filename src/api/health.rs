@@ -5,6 +5,7 @@ use std::sync::Arc;
 use poem_openapi::{ApiResponse, Object, OpenApi, payload::Json, payload::PlainText};
 
 use super::{ApiTags, State};
+use crate::ingest::RedisState;
 
 /// Liveness: the process answers.
 #[derive(Debug, Object)]
@@ -18,11 +19,20 @@ pub struct Health {
 #[derive(Debug, Object)]
 #[oai(rename_all = "camelCase", example)]
 pub struct Readiness {
-    /// `ready`; `degraded` (still taking events) when ClickHouse does not answer; `not_ready`
-    /// when the buffer is full or the write-ahead log cannot be written.
+    /// `ready`; `degraded` (still taking events) when ClickHouse or Redis does not answer;
+    /// `not_ready` when the buffer is full, the write-ahead log cannot be written or Redis may
+    /// evict keys.
     pub status: String,
     /// `ok` or `unavailable` (the cause is logged).
     pub clickhouse: String,
+    /// The Redis spill: `ok`, `unavailable` (batches ClickHouse cannot take stay in memory and
+    /// the log), `evicting` (its maxmemory-policy is not noeviction: refused), or `off`
+    /// (REDIS_URL is empty).
+    pub redis: String,
+    /// Events in the Redis spill waiting for replay (all instances); absent when unknown.
+    pub spill_backlog: Option<u64>,
+    /// Entries in the dead-letter stream; absent when unknown.
+    pub dead_letters: Option<u64>,
     /// `ok`, or `full` when new events would get 503.
     pub buffer: String,
     /// The write-ahead log (`ACK_MODE=wal`): `ok`, `failing` when it cannot be written (a full
@@ -46,6 +56,9 @@ impl poem_openapi::types::Example for Readiness {
         Readiness {
             status: "degraded".into(),
             clickhouse: "unavailable".into(),
+            redis: "ok".into(),
+            spill_backlog: Some(120_000),
+            dead_letters: Some(0),
             buffer: "ok".into(),
             log: "ok".into(),
             ack_mode: "wal".into(),
@@ -92,11 +105,13 @@ impl HealthApi {
 
     /// Readiness.
     ///
-    /// 200 while events can be taken: `"status": "ready"`, or `"degraded"` when ClickHouse does
-    /// not answer (events wait in the buffer, analytics and catalog changes fail). 503
-    /// `"not_ready"` once the buffer is full or the write-ahead log cannot be written. ClickHouse alone does not
-    /// make an instance unready: every instance shares it, so an outage would take them all out
-    /// of the load balancer together, refusing traffic their buffers could have held.
+    /// 200 while events can be taken: `"status": "ready"`, or `"degraded"` when ClickHouse or
+    /// Redis does not answer (events go to the spill, or wait in the buffer; analytics and
+    /// catalog changes fail). 503 `"not_ready"` once the buffer is full, the write-ahead log
+    /// cannot be written, or Redis may evict keys. ClickHouse alone does not make an instance
+    /// unready: every instance shares it, so an outage would take them all out of the load
+    /// balancer together, refusing traffic their spill could have held. The body also carries
+    /// the spill backlog (events waiting for replay) and the dead letters.
     #[oai(path = "/readyz", method = "get", operation_id = "readyz")]
     async fn readyz(&self) -> ReadyResponse {
         let clickhouse = match self.state.clickhouse.ping().await {
@@ -114,15 +129,42 @@ impl HealthApi {
             (Some(_), Some(_)) => "failing",
         }
         .to_string();
-        let ready = buffer == "ok" && log != "failing";
-        let status = match (ready, clickhouse == "ok") {
+        let (redis, spill_backlog, dead_letters) = match &self.state.spill {
+            None => (RedisState::Unavailable, None, None),
+            Some(spill) => {
+                let state = spill.check().await;
+                let backlog = match state {
+                    RedisState::Ok => spill.backlog().await.ok().map(|(_, events)| events),
+                    _ => None,
+                };
+                let dead = match state {
+                    RedisState::Ok => self.state.dead_letters.count().await.ok(),
+                    _ => None,
+                };
+                (state, backlog, dead)
+            }
+        };
+        let redis_word = if self.state.spill.is_none() { "off" } else { redis.name() };
+        let ready = buffer == "ok" && log != "failing" && !matches!(redis, RedisState::Evicting(_));
+        let healthy = clickhouse == "ok" && matches!(redis_word, "ok" | "off");
+        let status = match (ready, healthy) {
             (false, _) => "not_ready",
             (true, true) => "ready",
             (true, false) => "degraded",
         };
         let auth = if self.state.api_keys.is_open() { "open" } else { "api_keys" }.to_string();
         let ack_mode = intake.mode().name().to_string();
-        let body = Readiness { status: status.into(), clickhouse, buffer, log, ack_mode, auth };
+        let body = Readiness {
+            status: status.into(),
+            clickhouse,
+            redis: redis_word.into(),
+            spill_backlog,
+            dead_letters,
+            buffer,
+            log,
+            ack_mode,
+            auth,
+        };
         if ready { ReadyResponse::Ready(Json(body)) } else { ReadyResponse::NotReady(Json(body)) }
     }
 

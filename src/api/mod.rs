@@ -100,6 +100,12 @@ pub struct State {
     pub dedup: Arc<dedup::DedupWindow>,
     /// Per-client limits on the tracking endpoints; `None` when RATE_LIMIT is 0.
     pub rate_limiter: Option<ratelimit::RateLimiter>,
+    /// The Redis spill (readiness and backlog); `None` when REDIS_URL is empty.
+    pub spill: Option<Arc<crate::ingest::Spill>>,
+    /// The dead letters (admin endpoints).
+    pub dead_letters: crate::ingest::DeadLetters,
+    /// Whether ClickHouse takes INSERTs, as the flusher and the replayer last found.
+    pub insert_health: Arc<crate::ingest::Health>,
 }
 
 /// Who sent a tracking request, as far as counting goes.

@@ -32,6 +32,9 @@ use crate::{
     store::EventRow,
 };
 
+/// How long [`Buffer::release_elsewhere`] remembers a range.
+const ELSEWHERE_KEPT: Duration = Duration::from_secs(600);
+
 /// Why an event could not be buffered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PushError {
@@ -114,6 +117,9 @@ pub struct Buffer {
     closed: AtomicBool,
     confirmed: Mutex<Confirmed>,
     watermark: watch::Sender<u64>,
+    /// Ranges released to the spill or the dead letters rather than ClickHouse, recently: a
+    /// `committed` request whose events are among them gets no 2xx.
+    elsewhere: Mutex<VecDeque<(Range<u64>, Instant)>>,
     limits: Limits,
     metrics: Arc<Metrics>,
 }
@@ -135,6 +141,7 @@ impl Buffer {
             closed: AtomicBool::new(false),
             confirmed: Mutex::new(Confirmed { below: 0, ahead: BTreeMap::new() }),
             watermark: watch::Sender::new(0),
+            elsewhere: Mutex::new(VecDeque::new()),
             limits,
             metrics,
         }
@@ -143,6 +150,12 @@ impl Buffer {
     /// Rows per batch that fit both batch limits.
     fn rows_per_batch(&self) -> usize {
         self.limits.batch_rows.min((self.limits.batch_bytes / EventRow::SIZE).max(1))
+    }
+
+    /// Whether a full batch waits for the flusher: the replayer then lets it go first.
+    pub fn has_full_batch(&self) -> bool {
+        let p = self.pending.lock();
+        !p.ready.is_empty() || p.rows.len() >= self.rows_per_batch()
     }
 
     /// Takes room for `rows` events, or refuses at once. Never waits.
@@ -311,6 +324,29 @@ impl Buffer {
 
     /// Forgets a batch that is now safe elsewhere (in ClickHouse or a dead-letter file) and
     /// confirms its sequence numbers.
+    /// Releases a batch that went to the spill or the dead letters: safe, but not in
+    /// ClickHouse, which is what a `committed` request waits for ([`Buffer::went_elsewhere`]).
+    pub fn release_elsewhere(&self, batch: &Batch) {
+        {
+            let mut elsewhere = self.elsewhere.lock();
+            // A committed request waits ACK_TIMEOUT at most; ten minutes covers any setting
+            // anyone would use.
+            while elsewhere.front().is_some_and(|(_, at)| at.elapsed() > ELSEWHERE_KEPT) {
+                elsewhere.pop_front();
+            }
+            let now = Instant::now();
+            elsewhere.extend(batch.seqs.iter().cloned().map(|r| (r, now)));
+        }
+        self.release(batch);
+    }
+
+    /// Whether any of `seqs` was released by [`Buffer::release_elsewhere`].
+    pub fn went_elsewhere(&self, seqs: &Range<u64>) -> bool {
+        self.elsewhere.lock().iter().any(|(r, _)| r.start < seqs.end && seqs.start < r.end)
+    }
+
+    /// Releases a batch ClickHouse confirmed (or that is otherwise safe): its room goes back
+    /// and the confirmed watermark moves.
     pub fn release(&self, batch: &Batch) {
         let rows = batch.rows.len();
         let bytes = rows * EventRow::SIZE;

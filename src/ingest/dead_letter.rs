@@ -1,20 +1,28 @@
-//! Batches that ClickHouse cannot take, saved as files under `DATA_DIR/dead-letter/`.
+//! Dead letters: events ClickHouse will not take, kept for an operator to inspect, replay or
+//! purge, never dropped.
 //!
-//! Two cases end here: ClickHouse rejected the data itself (retrying cannot help), or shutdown ran
-//! out of time while ClickHouse was down. Either way the events were acknowledged, so they are
-//! written out rather than dropped. Each file is `JSONEachRow` with the `events` columns, so an
-//! operator can load it back as it is:
+//! Three things end here: rows ClickHouse rejects as data (a batch that fails that way is split
+//! until the bad rows are isolated; the good ones are stored), spill entries that cannot be read
+//! back, and (in `buffered` and `committed` modes) batches shutdown could neither insert nor spill.
+//! They go to the Redis stream `REDIS_KEY_PREFIX + "dead-letters"` (one entry per bad row or
+//! damaged entry, with the error text), which the admin endpoints list, replay and purge. When
+//! Redis cannot take them they are written as files under `DATA_DIR/dead-letter/`, in
+//! `JSONEachRow` with the `events` columns, so an operator can load one as it is:
 //! `clickhouse-client -d adbeacon -q 'INSERT INTO events FORMAT JSONEachRow' < FILE`.
 
 use std::{
+    collections::HashMap,
     io::Write,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::Serialize;
 use time::{OffsetDateTime, format_description::FormatItem, macros::format_description};
+use uuid::Uuid;
 
-use super::buffer::Batch;
+use super::spill::{Corrupt, Fields, Spill, batch_fields, field, parse_batch, xadd};
+use crate::store::{EventRow, RedisError};
 
 const DATETIME: &[FormatItem<'static>] = format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
 
@@ -36,31 +44,132 @@ fn datetime(t: OffsetDateTime) -> String {
     t.format(DATETIME).unwrap_or_default()
 }
 
-/// The dead-letter directory.
+/// Where dead letters come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// ClickHouse rejected the rows as data.
+    Rejected,
+    /// A spill entry could not be read back.
+    Corrupt,
+    /// Shutdown could neither insert nor spill the batch.
+    Shutdown,
+}
+
+impl Source {
+    /// The `source` field and metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Rejected => "rejected",
+            Source::Corrupt => "corrupt",
+            Source::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Where a dead letter was kept.
+#[derive(Debug)]
+pub enum Kept {
+    /// The Redis stream, under this entry id.
+    Redis(String),
+    /// A file (Redis could not take it).
+    File(PathBuf),
+}
+
+/// The fields of a dead letter holding rows.
+pub fn rows_fields(token: Uuid, rows: &[EventRow], reason: &str, source: Source) -> Fields {
+    let mut fields = batch_fields(token, rows, 0, true);
+    fields.push(field("reason", reason));
+    fields.push(field("source", source.name()));
+    fields.push(field("at", OffsetDateTime::now_utc().unix_timestamp()));
+    fields
+}
+
+/// The fields of a dead letter keeping a damaged spill entry as it was (its fields renamed
+/// `entry.NAME`).
+pub fn corrupt_fields(c: &Corrupt) -> Fields {
+    let mut fields = vec![
+        field("reason", format!("spill entry {} cannot be read: {}", c.entry, c.why)),
+        field("source", Source::Corrupt.name()),
+        field("at", OffsetDateTime::now_utc().unix_timestamp()),
+    ];
+    fields.extend(c.fields.iter().map(|(k, v)| (format!("entry.{k}"), v.clone())));
+    fields
+}
+
+/// One dead letter as the admin endpoints show it.
 #[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// The stream entry id.
+    pub id: String,
+    /// Why it is here.
+    pub reason: String,
+    /// `rejected`, `corrupt` or `shutdown`.
+    pub source: String,
+    /// When it was kept (unix seconds).
+    pub at: i64,
+    /// The batch token, when readable.
+    pub token: Option<Uuid>,
+    /// The rows, when readable (a damaged spill entry has none).
+    pub rows: Vec<EventRow>,
+}
+
+/// What a replay of dead letters did.
+#[derive(Debug, Clone, Default)]
+pub struct Replayed {
+    /// Dead letters moved back to the spill.
+    pub entries: u64,
+    /// Events in them.
+    pub events: u64,
+    /// Ids left in place: damaged entries, which hold no rows to replay.
+    pub skipped: Vec<String>,
+}
+
+/// The dead letters: the Redis stream, with files as the fallback.
+#[derive(Clone)]
 pub struct DeadLetters {
     dir: PathBuf,
+    spill: Option<Arc<Spill>>,
 }
 
 impl DeadLetters {
-    /// Dead letters under `data_dir/dead-letter`.
-    pub fn new(data_dir: &Path) -> Self {
-        Self { dir: data_dir.join("dead-letter") }
+    /// Dead letters in the stream next to `spill` (when Redis is configured), else or when
+    /// Redis fails under `data_dir/dead-letter`.
+    pub fn new(data_dir: &Path, spill: Option<Arc<Spill>>) -> Self {
+        Self { dir: data_dir.join("dead-letter"), spill }
     }
 
-    /// The directory.
+    /// The fallback directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// Writes `batch` durably (file and directory fsynced) and returns the file's path.
-    pub fn save(&self, batch: &Batch, reason: &str) -> std::io::Result<PathBuf> {
+    /// Keeps `rows` with the reason: in Redis, or in a file when Redis fails.
+    pub async fn save(
+        &self,
+        token: Uuid,
+        rows: &[EventRow],
+        reason: &str,
+        source: Source,
+    ) -> std::io::Result<Kept> {
+        if let Some(spill) = &self.spill {
+            let mut pipe = redis::pipe();
+            xadd(&mut pipe, &spill.keys.dead_letters, &rows_fields(token, rows, reason, source));
+            match spill.redis.pipe::<(String,)>(&pipe).await {
+                Ok((id,)) => return Ok(Kept::Redis(id)),
+                Err(e) => tracing::warn!(error = %e, "Redis cannot take a dead letter; writing it to a file"),
+            }
+        }
+        self.save_file(token, rows, reason).map(Kept::File)
+    }
+
+    /// Writes rows durably (file and directory fsynced) and returns the file's path.
+    fn save_file(&self, token: Uuid, rows: &[EventRow], reason: &str) -> std::io::Result<PathBuf> {
         std::fs::create_dir_all(&self.dir)?;
         let stamp = OffsetDateTime::now_utc().unix_timestamp();
-        let path = self.dir.join(format!("{stamp}-{}.jsonl", batch.id));
+        let path = self.dir.join(format!("{stamp}-{token}-{}.jsonl", Uuid::new_v4().simple()));
         let tmp = path.with_extension("tmp");
         let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        for r in &batch.rows {
+        for r in rows {
             let row = JsonRow {
                 event_id: r.event_id.to_string(),
                 ad_id: r.ad_id.to_string(),
@@ -82,5 +191,114 @@ impl DeadLetters {
         std::fs::rename(&tmp, &path)?;
         std::fs::File::open(&self.dir)?.sync_all()?;
         Ok(path)
+    }
+
+    fn stream(&self) -> Result<&Arc<Spill>, RedisError> {
+        self.spill.as_ref().ok_or_else(|| RedisError("no Redis configured".into()))
+    }
+
+    /// Dead letters after `after` (exclusive; None = from the first), oldest first, at most
+    /// `limit`.
+    pub async fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, RedisError> {
+        let spill = self.stream()?;
+        let start = after.map_or_else(|| "-".to_string(), |id| format!("({id}"));
+        let entries = spill.range(&spill.keys.dead_letters, &start, limit).await?;
+        Ok(entries.into_iter().map(|(id, fields)| read(id, fields)).collect())
+    }
+
+    /// Dead letters in the stream.
+    pub async fn count(&self) -> Result<u64, RedisError> {
+        let spill = self.stream()?;
+        spill.redis.query(redis::cmd("XLEN").arg(&spill.keys.dead_letters)).await
+    }
+
+    /// Moves dead letters (`ids`, or every one) back to the spill, where the replayers insert
+    /// them again (checked first, as any spilled batch). Damaged entries stay.
+    pub async fn replay(&self, ids: Option<&[String]>) -> Result<Replayed, RedisError> {
+        let spill = self.stream()?;
+        let mut done = Replayed::default();
+        let mut after: Option<String> = None;
+        loop {
+            let page = match ids {
+                Some(ids) => {
+                    let mut found = Vec::new();
+                    for id in ids {
+                        found.extend(
+                            spill
+                                .range(&spill.keys.dead_letters, id, 1)
+                                .await?
+                                .into_iter()
+                                .filter(|(i, _)| i == id),
+                        );
+                    }
+                    found
+                }
+                None => {
+                    let start = after.as_ref().map_or_else(|| "-".to_string(), |id| format!("({id}"));
+                    spill.range(&spill.keys.dead_letters, &start, 100).await?
+                }
+            };
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            for (id, fields) in page {
+                let map: HashMap<String, Vec<u8>> = fields.into_iter().collect();
+                let Ok((token, rows, _, _)) = parse_batch(&map) else {
+                    done.skipped.push(id);
+                    continue;
+                };
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                xadd(&mut pipe, &spill.keys.spill, &batch_fields(token, &rows, 0, true));
+                pipe.ignore();
+                pipe.cmd("INCRBY").arg(&spill.keys.spill_events).arg(rows.len()).ignore();
+                pipe.cmd("XDEL").arg(&spill.keys.dead_letters).arg(&id).ignore();
+                spill.redis.pipe::<()>(&pipe).await?;
+                done.entries += 1;
+                done.events += rows.len() as u64;
+            }
+            if ids.is_some() {
+                break;
+            }
+        }
+        Ok(done)
+    }
+
+    /// Deletes dead letters (`ids`, or every one); returns how many.
+    pub async fn purge(&self, ids: Option<&[String]>) -> Result<u64, RedisError> {
+        let spill = self.stream()?;
+        match ids {
+            Some([]) => Ok(0),
+            Some(ids) => spill.redis.query(redis::cmd("XDEL").arg(&spill.keys.dead_letters).arg(ids)).await,
+            None => {
+                let mut pipe = redis::pipe();
+                pipe.atomic()
+                    .cmd("XLEN")
+                    .arg(&spill.keys.dead_letters)
+                    .cmd("DEL")
+                    .arg(&spill.keys.dead_letters)
+                    .ignore();
+                let (n,): (u64,) = spill.redis.pipe(&pipe).await?;
+                Ok(n)
+            }
+        }
+    }
+}
+
+/// A dead letter from its fields.
+fn read(id: String, fields: Fields) -> DeadLetter {
+    let map: HashMap<String, Vec<u8>> = fields.into_iter().collect();
+    let text =
+        |name: &str| map.get(name).map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
+    let (token, rows) = match parse_batch(&map) {
+        Ok((token, rows, _, _)) => (Some(token), rows),
+        Err(_) => (None, Vec::new()),
+    };
+    DeadLetter {
+        reason: text("reason"),
+        source: text("source"),
+        at: text("at").parse().unwrap_or(0),
+        token,
+        rows,
+        id,
     }
 }

@@ -1,38 +1,42 @@
 //! The flusher: takes due batches from the buffer and inserts each as one RowBinary INSERT.
 //!
-//! It owns a batch from the moment it is taken until ClickHouse confirms it. A retryable failure
-//! retries the same batch (same token) with capped exponential backoff, for as long as it takes;
-//! meanwhile the buffer fills and requests get 503. A failed INSERT may still have been stored, or
-//! still be running (the answer was lost, or the client gave up waiting), so every INSERT runs with
-//! the batch id as its query_id, and before each retry the flusher ends any such INSERT
-//! (`KILL QUERY … SYNC`), looks up which of the batch's events are stored, and sends only the rest:
-//! no double counting, also when a batch spanning two monthly partitions was stored in part. A
-//! data error is not retried: the batch is saved as a dead letter.
+//! It owns a batch from the moment it is taken until ClickHouse confirms it, or the Redis spill
+//! holds it. A retryable failure retries the same batch (same token) with capped exponential
+//! backoff; after `SPILL_AFTER` failed attempts the batch moves whole into the spill, which a
+//! replayer drains once ClickHouse is back. While ClickHouse stays down (until the replayer's
+//! probe finds it back) later batches go to the spill at once, so ingestion keeps its speed.
+//! When Redis cannot take a batch either, the flusher keeps it and keeps trying both; the
+//! buffer fills and requests get 503, never a 2xx for an event no layer holds.
+//!
+//! Re-sends follow [`super::insert`]: the INSERT runs with the batch token as query_id, and a
+//! retry ends it and sends only the rows not stored. A data error isolates the bad rows, which
+//! become dead letters; the rest is stored.
 //!
 //! With the write-ahead log, a batch's token and sequence numbers are logged (and synced) before
 //! its first INSERT, so that after a crash its events come back under that token and get the same
 //! check; a batch recovered that way is *uncertain* and starts with the check. On shutdown every
-//! buffered event is flushed; what ClickHouse still refuses after `SHUTDOWN_TIMEOUT` stays in the
-//! log for the next start (`wal`), or is saved as a dead letter rather than lost (other modes).
+//! buffered event is flushed or spilled; what neither ClickHouse nor Redis takes within
+//! `SHUTDOWN_TIMEOUT` stays in the log for the next start (`wal`), or is saved as a dead-letter
+//! file rather than lost (other modes).
 
 use std::{
-    collections::HashSet,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use uuid::Uuid;
-
 use tokio_util::sync::CancellationToken;
 
 use super::{
+    Health,
     buffer::{Batch, Buffer},
-    dead_letter::DeadLetters,
+    dead_letter::{DeadLetters, Kept, Source},
+    insert::{Bad, Sender},
+    spill::Spill,
     wal::Wal,
 };
 use crate::{
     metrics::Metrics,
-    store::{ClickHouse, StoreError},
+    store::{ClickHouse, EventRow, StoreError},
 };
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -52,6 +56,12 @@ pub struct Flusher {
     pub shutdown_timeout: Duration,
     /// The write-ahead log (`ACK_MODE=wal`): batch tokens are logged before their INSERT.
     pub wal: Option<Wal>,
+    /// The Redis spill, unless REDIS_URL is empty.
+    pub spill: Option<Arc<Spill>>,
+    /// Failed INSERT attempts of a batch before it is spilled.
+    pub spill_after: u32,
+    /// Whether ClickHouse takes INSERTs, shared with the replayer.
+    pub health: Arc<Health>,
 }
 
 impl Flusher {
@@ -80,16 +90,26 @@ impl Flusher {
         tracing::info!(events = drained, "flushed the buffer at shutdown");
     }
 
-    /// Inserts `batch`, retrying while that can help; ends with the batch in ClickHouse or saved
-    /// (or, in `wal` mode at the end of the shutdown budget, left in the log).
+    /// Inserts `batch`, retrying while that can help; ends with the batch in ClickHouse,
+    /// spilled or saved (or, in `wal` mode at the end of the shutdown budget, left in the log).
     async fn deliver(&self, batch: Batch, stop: &CancellationToken, give_up_at: &mut Option<Instant>) {
         let mut backoff = FIRST_BACKOFF;
-        let mut attempt = 1u32;
+        let mut failures = 0u32;
         // Whether an INSERT of this batch may have been sent (by this run or, for a batch
         // recovered from the log, by the one before): then every attempt checks first.
         let mut sent = batch.uncertain;
         let mut marked = !self.wal.as_ref().is_some_and(|w| w.holds(&batch));
+        let query_id = batch.id.to_string();
+        let check = [query_id.clone()];
         loop {
+            // To the spill: after SPILL_AFTER failures; at once while ClickHouse is known to be
+            // down; after one failure once shutdown began.
+            let spill_now = failures >= self.spill_after
+                || (failures == 0 && !self.health.ok())
+                || (failures > 0 && stop.is_cancelled());
+            if spill_now && self.spill(&batch, failures, sent).await {
+                return;
+            }
             if let Some(limit) = *give_up_at
                 && Instant::now() >= limit
             {
@@ -97,12 +117,17 @@ impl Flusher {
                     // Out of shutdown time with the log on: the batch stays in it and is sent,
                     // with the check, at the next start.
                     tracing::warn!(batch = %batch.id, rows = batch.rows.len(),
-                        "ClickHouse unavailable at shutdown; the batch stays in the local log");
+                        "neither ClickHouse nor Redis takes the batch at shutdown; it stays in the local log");
                     return;
                 }
                 // No further attempt (one that landed after all would be stored twice once the
                 // file is loaded), straight to disk.
-                if self.save(&batch, "ClickHouse unavailable at shutdown") {
+                if self
+                    .save(&batch, &batch.rows, "ClickHouse unavailable at shutdown", Source::Shutdown)
+                    .await
+                {
+                    self.metrics.events_dead_lettered.inc_by(batch.rows.len() as u64);
+                    self.confirm_elsewhere(&batch);
                     return;
                 }
             }
@@ -115,11 +140,9 @@ impl Flusher {
                     wal.mark_batch(&batch).await.map_err(|e| StoreError::Retryable(e.to_string()))?;
                     marked = true;
                 }
-                let outcome = if sent {
-                    self.retry(&batch).await
-                } else {
-                    self.clickhouse.insert_events(batch.id, &batch.rows).await
-                };
+                let sender =
+                    Sender { clickhouse: &self.clickhouse, metrics: &self.metrics, health: &self.health };
+                let outcome = sender.send(&query_id, batch.rows.clone(), sent.then_some(&check[..])).await;
                 sent = true;
                 outcome
             };
@@ -135,27 +158,28 @@ impl Flusher {
                 None => attempt_future.await,
             };
             match outcome {
-                Ok(()) => {
+                Ok(bad) => {
                     let rows = batch.rows.len();
+                    let clean = bad.is_empty();
+                    if clean {
+                        self.metrics.events_flushed.inc_by(rows as u64);
+                    } else if !self.keep_bad(&batch, bad, stop, give_up_at).await {
+                        return;
+                    }
                     self.metrics.insert_duration.observe(started.elapsed().as_secs_f64());
                     self.metrics.batch_rows.observe(rows as f64);
                     self.metrics.batches_flushed.inc();
-                    self.metrics.events_flushed.inc_by(rows as u64);
-                    self.confirm(&batch);
-                    tracing::debug!(batch = %batch.id, rows, attempt, "batch inserted");
+                    if clean {
+                        self.confirm(&batch)
+                    } else {
+                        self.confirm_elsewhere(&batch)
+                    }
+                    tracing::debug!(batch = %batch.id, rows, failures, "batch inserted");
                     return;
                 }
-                Err(StoreError::Rejected(reason)) => {
-                    self.metrics.insert_failed(false);
-                    tracing::error!(batch = %batch.id, rows = batch.rows.len(), error = %reason,
-                        "ClickHouse rejected a batch; saving it as a dead letter");
-                    if self.save(&batch, &reason) {
-                        return;
-                    }
-                }
-                Err(StoreError::Retryable(reason)) => {
-                    self.metrics.insert_failed(true);
-                    tracing::warn!(batch = %batch.id, rows = batch.rows.len(), attempt, error = %reason,
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(batch = %batch.id, rows = batch.rows.len(), attempt = failures, error = %e,
                         "insert failed; retrying the same batch");
                     if stop.is_cancelled() {
                         give_up_at.get_or_insert_with(|| Instant::now() + self.shutdown_timeout);
@@ -171,57 +195,101 @@ impl Flusher {
                 _ = stop.cancelled(), if !stop.is_cancelled() => {}
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
-            attempt += 1;
         }
     }
 
-    /// The batch is safe (in ClickHouse or a dead-letter file): the buffer forgets it and the
-    /// log may delete what only it held.
+    /// Keeps the rows ClickHouse rejected as dead letters and counts the batch's events: the
+    /// rejected ones as dead-lettered, the rest as flushed. False when they could be kept
+    /// nowhere before the shutdown budget ran out in `wal` mode (the batch stays in the log).
+    async fn keep_bad(
+        &self,
+        batch: &Batch,
+        bad: Bad,
+        stop: &CancellationToken,
+        give_up_at: &mut Option<Instant>,
+    ) -> bool {
+        let (rows, reasons): (Vec<EventRow>, Vec<String>) = bad.into_iter().unzip();
+        let reason = reasons.first().cloned().unwrap_or_default();
+        tracing::error!(batch = %batch.id, rejected = rows.len(), stored = batch.rows.len() - rows.len(),
+            error = %reason, "ClickHouse rejected events as data; keeping them as dead letters");
+        let mut pause = FIRST_BACKOFF;
+        loop {
+            if self.save(batch, &rows, &reason, Source::Rejected).await {
+                self.metrics.events_dead_lettered.inc_by(rows.len() as u64);
+                self.metrics.events_flushed.inc_by((batch.rows.len() - rows.len()) as u64);
+                return true;
+            }
+            if stop.is_cancelled() {
+                let limit = *give_up_at.get_or_insert_with(|| Instant::now() + self.shutdown_timeout);
+                if Instant::now() >= limit && self.wal.is_some() {
+                    return false;
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Moves the batch into the Redis spill; false when there is none or Redis refused.
+    async fn spill(&self, batch: &Batch, failures: u32, sent: bool) -> bool {
+        let Some(spill) = &self.spill else { return false };
+        match spill.push(batch.id, &batch.rows, failures, sent).await {
+            Ok(()) => {
+                let rows = batch.rows.len();
+                self.metrics.batches_spilled.inc();
+                self.metrics.events_spilled.inc_by(rows as u64);
+                self.confirm_elsewhere(batch);
+                tracing::warn!(batch = %batch.id, rows, failures,
+                    "ClickHouse does not take the batch; moved it to the Redis spill for replay");
+                true
+            }
+            Err(e) => {
+                self.metrics.spill_failures.inc();
+                tracing::warn!(batch = %batch.id, rows = batch.rows.len(), error = %e,
+                    "cannot spill the batch; keeping it and retrying ClickHouse");
+                false
+            }
+        }
+    }
+
+    /// The batch is safe (in ClickHouse, the spill or the dead letters): the buffer forgets it
+    /// and the log may delete what only it held.
     fn confirm(&self, batch: &Batch) {
         self.buffer.release(batch);
+        self.forget(batch);
+    }
+
+    /// As [`Flusher::confirm`], for a batch that is safe but not (all) in ClickHouse: a
+    /// `committed` request for its events gets no 2xx.
+    fn confirm_elsewhere(&self, batch: &Batch) {
+        self.buffer.release_elsewhere(batch);
+        self.forget(batch);
+    }
+
+    fn forget(&self, batch: &Batch) {
         if let Some(wal) = &self.wal {
             wal.confirmed(batch.id);
         }
     }
 
-    /// Re-sends what of a batch is not stored, after making sure no earlier INSERT of it can
-    /// still be running (otherwise the look-up could miss rows that land a moment later).
-    async fn retry(&self, batch: &Batch) -> Result<(), StoreError> {
-        let first = batch.rows.iter().map(|r| r.event_time).min();
-        let last = batch.rows.iter().map(|r| r.event_time).max();
-        let (Some(first), Some(last)) = (first, last) else { return Ok(()) };
-        self.clickhouse.kill_batch_insert(batch.id).await?;
-        let stored: HashSet<Uuid> =
-            self.clickhouse.batch_event_ids(batch.id, first, last).await?.into_iter().collect();
-        if stored.is_empty() {
-            return self.clickhouse.insert_events(batch.id, &batch.rows).await;
-        }
-        self.metrics.insert_found_stored.inc();
-        let missing: Vec<_> = batch.rows.iter().filter(|r| !stored.contains(&r.event_id)).cloned().collect();
-        if missing.is_empty() {
-            tracing::info!(batch = %batch.id, rows = batch.rows.len(),
-                "the failed INSERT had been stored after all; not re-sending");
-            return Ok(());
-        }
-        tracing::warn!(batch = %batch.id, stored = stored.len(), missing = missing.len(),
-            "the failed INSERT was stored in part; sending the missing rows");
-        self.clickhouse.insert_events(batch.id, &missing).await
-    }
-
-    /// Saves a batch as a dead letter; false when even that failed (the caller keeps retrying).
-    fn save(&self, batch: &Batch, reason: &str) -> bool {
-        match self.dead_letters.save(batch, reason) {
-            Ok(path) => {
-                let rows = batch.rows.len();
-                self.metrics.events_dead_lettered.inc_by(rows as u64);
-                self.confirm(batch);
-                tracing::error!(batch = %batch.id, rows, path = %path.display(),
-                    "batch saved as a dead letter; load it with: clickhouse-client -q 'INSERT INTO events FORMAT JSONEachRow' < FILE");
+    /// Keeps rows of a batch as dead letters; false when even that failed (the caller keeps the
+    /// batch).
+    async fn save(&self, batch: &Batch, rows: &[EventRow], reason: &str, source: Source) -> bool {
+        match self.dead_letters.save(batch.id, rows, reason, source).await {
+            Ok(kept) => {
+                match kept {
+                    Kept::Redis(id) => tracing::error!(batch = %batch.id, rows = rows.len(), entry = %id,
+                        "events kept as a dead letter in Redis; list, replay or purge them with /admin/dead-letters"),
+                    Kept::File(path) => {
+                        tracing::error!(batch = %batch.id, rows = rows.len(), path = %path.display(),
+                        "events kept as a dead-letter file; load it with: clickhouse-client -q 'INSERT INTO events FORMAT JSONEachRow' < FILE")
+                    }
+                }
                 true
             }
             Err(e) => {
                 tracing::error!(batch = %batch.id, error = %e, dir = %self.dead_letters.dir().display(),
-                    "cannot write a dead letter; keeping the batch in memory");
+                    "cannot keep a dead letter in Redis or on disk; keeping the batch in memory");
                 false
             }
         }

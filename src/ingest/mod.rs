@@ -1,18 +1,32 @@
 //! The ingest pipeline: accepted events are held ([`Intake`]: in the write-ahead log and the
-//! bounded buffer, as `ACK_MODE` says), the flusher inserts them into ClickHouse in batches, and
-//! batches ClickHouse cannot take become dead letters on disk.
+//! bounded buffer, as `ACK_MODE` says), the flusher inserts them into ClickHouse in batches,
+//! batches ClickHouse cannot take move to the Redis spill, replayers drain the spill once
+//! ClickHouse is back, and rows ClickHouse rejects as data become dead letters.
 
 pub mod buffer;
 pub mod dead_letter;
 pub mod flusher;
+pub mod insert;
+pub mod replay;
+pub mod spill;
 pub mod wal;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::sync::Notify;
 
 pub use self::{
     buffer::{Batch, Buffer, Limits, PushError},
     dead_letter::DeadLetters,
     flusher::Flusher,
+    replay::Replayer,
+    spill::{Keys, RedisState, Spill},
     wal::{FsyncPolicy, Wal, WalConfig, WalError},
 };
 use crate::store::EventRow;
@@ -53,7 +67,8 @@ pub enum HoldError {
     /// The write-ahead log cannot be written; nothing was held.
     #[error(transparent)]
     Log(#[from] WalError),
-    /// `committed` mode: the events are held, but ClickHouse did not confirm them in time.
+    /// `committed` mode: the events are held (in the buffer, or in the Redis spill), but
+    /// ClickHouse did not confirm them in time.
     #[error("ClickHouse did not confirm the events in time")]
     Unconfirmed,
 }
@@ -97,18 +112,63 @@ impl Intake {
             return Ok(Held(None));
         }
         let seqs = self.buffer.push(rows)?;
-        Ok(Held(self.commit_timeout.map(|_| seqs.end)))
+        Ok(Held(self.commit_timeout.map(|_| seqs)))
     }
 
     /// `committed` mode: waits until ClickHouse holds the events `held` names, or ACK_TIMEOUT
-    /// passes (then the events stay held, but the answer is 503). Other modes: at once.
+    /// passes (then the events stay held, but the answer is 503). Events that went to the Redis
+    /// spill instead are held too, but not in ClickHouse: also 503. Other modes: at once.
     pub async fn confirmed(&self, held: Held) -> Result<(), HoldError> {
-        let (Some(end), Some(limit)) = (held.0, self.commit_timeout) else { return Ok(()) };
-        tokio::time::timeout(limit, self.buffer.confirmed(end)).await.map_err(|_| HoldError::Unconfirmed)
+        let (Some(seqs), Some(limit)) = (held.0, self.commit_timeout) else { return Ok(()) };
+        tokio::time::timeout(limit, self.buffer.confirmed(seqs.end))
+            .await
+            .map_err(|_| HoldError::Unconfirmed)?;
+        if self.buffer.went_elsewhere(&seqs) {
+            return Err(HoldError::Unconfirmed);
+        }
+        Ok(())
     }
 }
 
-/// Events just held; in `committed` mode, the sequence number their confirmation must pass.
-#[derive(Debug, Clone, Copy)]
+/// Events just held; in `committed` mode, their sequence numbers, which the confirmation must
+/// pass.
+#[derive(Debug, Clone)]
 #[must_use = "committed mode must wait for the confirmation"]
-pub struct Held(Option<u64>);
+pub struct Held(Option<std::ops::Range<u64>>);
+
+/// Whether ClickHouse takes INSERTs, as the last attempt found it. The flusher spills at once
+/// while it does not; the replayer waits, probing, and says when it is back.
+#[derive(Debug, Default)]
+pub struct Health {
+    down: AtomicBool,
+    back: Notify,
+}
+
+impl Health {
+    /// True unless the last INSERT (or probe) failed.
+    pub fn ok(&self) -> bool {
+        !self.down.load(Ordering::Acquire)
+    }
+
+    /// An INSERT failed for a reason that may pass.
+    pub fn failed(&self) {
+        self.down.store(true, Ordering::Release);
+    }
+
+    /// An INSERT (or probe) succeeded.
+    pub fn succeeded(&self) {
+        if self.down.swap(false, Ordering::AcqRel) {
+            self.back.notify_waiters();
+            tracing::info!("ClickHouse takes INSERTs again");
+        }
+    }
+
+    /// Waits until ClickHouse is back (at once when it is not down).
+    pub async fn back(&self) {
+        let notified = self.back.notified();
+        if self.ok() {
+            return;
+        }
+        notified.await;
+    }
+}

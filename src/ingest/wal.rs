@@ -232,6 +232,26 @@ impl Wal {
 
 // ------------------------------------------------------------------------------- encoding
 
+/// Rows in the log's encoding ([`ROW_BYTES`] each), as the spill and dead letters store them too.
+pub(crate) fn encode_rows(rows: &[EventRow]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rows.len() * ROW_BYTES);
+    for r in rows {
+        encode_row(&mut out, r);
+    }
+    out
+}
+
+/// Reads back [`encode_rows`], giving every row `batch_id`; None unless every byte is a valid row.
+pub(crate) fn decode_rows(bytes: &[u8], batch_id: Uuid) -> Option<Vec<EventRow>> {
+    if !bytes.len().is_multiple_of(ROW_BYTES) {
+        return None;
+    }
+    let mut reader = Reader(bytes);
+    (0..bytes.len() / ROW_BYTES)
+        .map(|_| decode_row(&mut reader).map(|row| EventRow { batch_id, ..row }))
+        .collect()
+}
+
 fn encode_row(out: &mut Vec<u8>, r: &EventRow) {
     out.extend_from_slice(r.event_id.as_bytes());
     out.extend_from_slice(r.ad_id.as_bytes());

@@ -272,16 +272,24 @@ impl ClickHouse {
         self.bounded(self.client.query("SELECT 1").fetch_one::<u8>()).await.map(|_| ())
     }
 
-    /// Ends any INSERT of this batch still running on the server and waits until it has.
-    pub async fn kill_batch_insert(&self, batch_id: Uuid) -> Result<(), StoreError> {
-        let q = self.client.query(super::queries::KILL_BATCH_INSERT).bind(batch_id.to_string());
+    /// Ends the INSERTs with these query ids still running on the server, and waits until they
+    /// have.
+    pub async fn kill_inserts(&self, query_ids: &[String]) -> Result<(), StoreError> {
+        let q = self.client.query(super::queries::KILL_BATCH_INSERT).bind(query_ids);
         self.bounded(q.execute()).await
     }
 
-    /// The stored event ids with this `batch_id`, looking only at `[first, last]` event times.
+    /// Ends every replay INSERT of a replayer (query ids starting `prefix`), and waits.
+    pub async fn kill_inserts_starting(&self, prefix: &str) -> Result<(), StoreError> {
+        let pattern = format!("{}%", prefix.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
+        let q = self.client.query(super::queries::KILL_REPLAY_INSERTS).bind(pattern);
+        self.bounded(q.execute()).await
+    }
+
+    /// The stored event ids of these batches, looking only at `[first, last]` event times.
     pub async fn batch_event_ids(
         &self,
-        batch_id: Uuid,
+        batches: &[Uuid],
         first: OffsetDateTime,
         last: OffsetDateTime,
     ) -> Result<Vec<Uuid>, StoreError> {
@@ -290,27 +298,28 @@ impl ClickHouse {
             #[serde(with = "clickhouse::serde::uuid")]
             event_id: Uuid,
         }
+        let batches: Vec<String> = batches.iter().map(Uuid::to_string).collect();
         let q = self
             .client
             .query(super::queries::BATCH_EVENT_IDS)
             .bind(first.unix_timestamp())
             .bind(last.unix_timestamp())
-            .bind(batch_id.to_string());
+            .bind(batches);
         let ids: Vec<Id> = self.bounded(q.fetch_all()).await?;
         Ok(ids.into_iter().map(|i| i.event_id).collect())
     }
 
-    /// Inserts rows of one batch as a single `INSERT … FORMAT RowBinary`, with the batch id as
-    /// its query_id (so a later attempt can end it). Either every row is in ClickHouse (Ok) or the
-    /// caller still owns the rows and decides what to do with them.
-    pub async fn insert_events(&self, batch_id: Uuid, rows: &[EventRow]) -> Result<(), StoreError> {
+    /// Inserts rows as a single `INSERT … FORMAT RowBinary` with `query_id` (so that a later
+    /// attempt can end it). Either every row is in ClickHouse (Ok) or the caller still owns the
+    /// rows and decides what to do with them.
+    pub async fn insert_events(&self, query_id: &str, rows: &[EventRow]) -> Result<(), StoreError> {
         let timeout = self.timeouts.insert;
         let mut insert = self
             .client
             .insert::<EventRow>("events")
             .await
             .map_err(classify)?
-            .with_setting("query_id", batch_id.to_string())
+            .with_setting("query_id", query_id)
             .with_timeouts(Some(timeout), Some(timeout));
         for row in rows {
             insert.write(row).await.map_err(classify)?;

@@ -24,10 +24,12 @@ pub const EVENTS_PARTITIONS: &str = include_str!("../../clickhouse/queries/event
 /// Drops one month of raw events; `?` = the month as YYYYMM.
 pub const DROP_EVENTS_PARTITION: &str = include_str!("../../clickhouse/queries/drop_events_partition.sql");
 
-/// Stored event ids of one batch; `?` = first and last event_time (unix seconds), batch id.
+/// Stored event ids of batches; `?` = first and last event_time (unix seconds), the batch ids.
 pub const BATCH_EVENT_IDS: &str = include_str!("../../clickhouse/queries/batch_event_ids.sql");
-/// Ends a possibly running INSERT of a batch; `?` = the batch id (its query_id).
+/// Ends possibly running INSERTs; `?` = their query ids.
 pub const KILL_BATCH_INSERT: &str = include_str!("../../clickhouse/queries/kill_batch_insert.sql");
+/// Ends a replayer's possibly running INSERTs; `?` = a LIKE pattern of their query ids.
+pub const KILL_REPLAY_INSERTS: &str = include_str!("../../clickhouse/queries/kill_replay_inserts.sql");
 
 /// Every query file with its name, for the test that the list is complete.
 pub const ALL: &[(&str, &str)] = &[
@@ -43,6 +45,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("drop_events_partition.sql", DROP_EVENTS_PARTITION),
     ("events_partitions.sql", EVENTS_PARTITIONS),
     ("kill_batch_insert.sql", KILL_BATCH_INSERT),
+    ("kill_replay_inserts.sql", KILL_REPLAY_INSERTS),
 ];
 
 #[cfg(test)]

@@ -266,7 +266,10 @@ async fn health_and_readiness_answer() {
     assert_eq!(ready.status(), 200);
     assert_eq!(
         ready.json::<serde_json::Value>().await.unwrap(),
-        json!({"status": "ready", "clickhouse": "ok", "buffer": "ok", "log": "ok", "ackMode": "wal", "auth": "open"})
+        json!({
+            "status": "ready", "clickhouse": "ok", "redis": "ok", "spillBacklog": 0, "deadLetters": 0,
+            "buffer": "ok", "log": "ok", "ackMode": "wal", "auth": "open"
+        })
     );
     assert_eq!(app.get("/openapi.json").await.status(), 200);
     assert_eq!(app.get("/docs").await.status(), 200);
@@ -287,6 +290,7 @@ async fn sigterm_flushes_everything_and_exits_zero() {
         .env("CLICKHOUSE_URL", shared_clickhouse().url())
         .env("CLICKHOUSE_DATABASE", &db)
         .env("DATA_DIR", data.path())
+        .env("REDIS_URL", "")
         .env("FLUSH_INTERVAL", "1h")
         .env("LOG_FORMAT", "json")
         .stdout(std::process::Stdio::piped())

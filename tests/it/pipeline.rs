@@ -31,7 +31,9 @@ async fn a_full_buffer_answers_503_and_recovers_without_losing_a_2xx() {
     let mut app = TestApp::spawn_on(
         &ch.url(),
         &fresh_db(),
+        // No Redis to spill into (with it the buffer never fills: tests/it/outage.rs).
         &[
+            ("REDIS_URL", ""),
             ("BUFFER_MAX_BYTES", &room.to_string()),
             ("BATCH_MAX_BYTES", &room.to_string()),
             ("FLUSH_INTERVAL", "50ms"),
@@ -112,11 +114,13 @@ async fn a_full_buffer_answers_503_and_recovers_without_losing_a_2xx() {
 async fn shutdown_with_clickhouse_down_saves_the_buffer_as_loadable_dead_letters() {
     let mut ch = ClickHouse::start();
     let db = fresh_db();
-    // Without the log (with it, the events stay in the log: tests/it/wal.rs).
+    // Without the log (with it, the events stay in the log: tests/it/wal.rs) and without Redis
+    // (with it, they are spilled: tests/it/outage.rs), files are the last resort.
     let mut app = TestApp::spawn_on(
         &ch.url(),
         &db,
         &[
+            ("REDIS_URL", ""),
             ("ACK_MODE", "buffered"),
             ("FLUSH_INTERVAL", "1h"),
             ("SHUTDOWN_TIMEOUT", "1s"),
@@ -183,18 +187,43 @@ async fn an_insert_stored_despite_a_timeout_is_not_sent_twice() {
     assert!(found > 0, "no INSERT was stored behind a timeout; the test did not exercise the check");
 }
 
-/// A batch ClickHouse refuses as data (here: the table's `error_code` column changed under the running
-/// service, so its rows no longer parse) is not retried forever: it becomes a dead-letter file,
-/// counted, and the service goes on accepting events.
+/// Rows ClickHouse refuses as data (here: the table's `error_code` column changed under the running
+/// service, so no row parses any more) are not retried forever: the batch is split until the bad
+/// rows are isolated, they become one dead letter in Redis with the error text, counted, and the
+/// service goes on accepting events.
 #[tokio::test]
-async fn a_batch_clickhouse_rejects_becomes_a_dead_letter() {
+async fn rows_clickhouse_rejects_become_a_dead_letter() {
     let app = TestApp::spawn().await;
     assert_eq!(app.post("/ads/click", &json!({"adId": AD1})).await.status(), 202);
     assert_eq!(app.wait_flushed(1).await, 1);
     app.query("ALTER TABLE events MODIFY COLUMN error_code UInt64").await;
-    for _ in 0..3 {
-        assert_eq!(app.post("/ads/click", &json!({"adId": AD1})).await.status(), 202);
+    let batch = json!([{"adId": AD1, "kind": "click"}, {"adId": AD1, "kind": "click"}, {"adId": AD1, "kind": "click"}]);
+    assert_eq!(app.post("/ads/events", &batch).await.status(), 202);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.metric("adbeacon_events_dead_lettered_total").await < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert_eq!(app.metric("adbeacon_events_dead_lettered_total").await, 3);
+    assert!(app.metric(r#"adbeacon_insert_failures_total{class="rejected"}"#).await >= 3);
+    let redis = crate::support::shared_redis();
+    let key = format!("{}dead-letters", app.redis_prefix);
+    assert_eq!(redis.command(&["XLEN", &key]), "1", "one dead letter for the batch");
+    let entry = redis.command(&["XRANGE", &key, "-", "+"]);
+    assert!(entry.contains("Code:") && entry.contains("rejected"), "{entry}");
+    assert_eq!(app.number("SELECT count() FROM events").await, 1);
+    assert!(!app.data_dir.path().join("dead-letter").exists(), "Redis took it: no file");
+    assert_eq!(app.get("/readyz").await.status(), 200);
+}
+
+/// Without Redis, rejected rows become a dead-letter file that loads as it is.
+#[tokio::test]
+async fn without_redis_rejected_rows_become_a_dead_letter_file() {
+    let app = TestApp::spawn_with(&[("REDIS_URL", "")]).await;
+    assert_eq!(app.post("/ads/click", &json!({"adId": AD1})).await.status(), 202);
+    assert_eq!(app.wait_flushed(1).await, 1);
+    app.query("ALTER TABLE events MODIFY COLUMN error_code UInt64").await;
+    let batch = json!([{"adId": AD1, "kind": "click"}, {"adId": AD1, "kind": "click"}]);
+    assert_eq!(app.post("/ads/events", &batch).await.status(), 202);
     let dir = app.data_dir.path().join("dead-letter");
     let deadline = Instant::now() + Duration::from_secs(10);
     let files = loop {
@@ -209,12 +238,10 @@ async fn a_batch_clickhouse_rejects_becomes_a_dead_letter() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(files.len(), 1, "no dead letter written");
-    assert_eq!(std::fs::read_to_string(&files[0]).unwrap().lines().count(), 3);
+    assert_eq!(std::fs::read_to_string(&files[0]).unwrap().lines().count(), 2);
     let reason = std::fs::read_to_string(files[0].with_extension("reason")).unwrap();
     assert!(reason.contains("Code:"), "{reason}");
-    let metrics = app.get("/metrics").await.text().await.unwrap();
-    assert!(metrics.lines().any(|l| l == "adbeacon_events_dead_lettered_total 3"), "{metrics}");
-    assert!(metrics.lines().any(|l| l == r#"adbeacon_insert_failures_total{class="rejected"} 1"#));
+    assert_eq!(app.metric("adbeacon_events_dead_lettered_total").await, 2);
     assert_eq!(app.number("SELECT count() FROM events").await, 1);
     assert_eq!(app.get("/readyz").await.status(), 200);
 }

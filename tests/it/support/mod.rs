@@ -12,7 +12,7 @@ use adbeacon::{App, AppError, Config};
 use tempfile::TempDir;
 use tokio::{sync::oneshot, task::JoinHandle};
 
-pub use servers::{ClickHouse, shared_clickhouse};
+pub use servers::{ClickHouse, shared_clickhouse, shared_redis};
 
 /// One running adbeacon with its own database.
 pub struct TestApp {
@@ -20,6 +20,8 @@ pub struct TestApp {
     pub base: String,
     /// The database this app writes.
     pub db: String,
+    /// The prefix of this app's Redis keys (the spill is `{prefix}spill`).
+    pub redis_prefix: String,
     /// A client for requests to the app.
     pub http: reqwest::Client,
     /// DATA_DIR of the app; kept alive as long as the app.
@@ -61,7 +63,20 @@ impl TestApp {
 
     /// An app with DATA_DIR `data_dir` (say, one an earlier app left its log in).
     pub async fn spawn_in(url: &str, db: &str, data_dir: TempDir, vars: &[(&str, &str)]) -> TestApp {
+        // Tests that bring their own Redis pass REDIS_URL; the rest share one, each under its
+        // own key prefix (never a developer's Redis on 6379).
+        let redis_url = match vars.iter().find(|(k, _)| *k == "REDIS_URL") {
+            Some(_) => String::new(),
+            None => shared_redis().url(),
+        };
+        let redis_prefix = vars
+            .iter()
+            .find(|(k, _)| *k == "REDIS_KEY_PREFIX")
+            .map(|(_, v)| v.to_string())
+            .unwrap_or_else(|| format!("{db}:"));
         let mut all: Vec<(String, String)> = vec![
+            ("REDIS_URL".into(), redis_url),
+            ("REDIS_KEY_PREFIX".into(), redis_prefix.clone()),
             ("HOST".into(), "127.0.0.1".into()),
             ("PORT".into(), "0".into()),
             ("CLICKHOUSE_URL".into(), url.into()),
@@ -88,6 +103,7 @@ impl TestApp {
         TestApp {
             base: format!("http://{addr}"),
             db: db.to_string(),
+            redis_prefix,
             http: browser().build().unwrap(),
             data_dir,
             clickhouse_url: url.to_string(),
@@ -201,7 +217,8 @@ impl Service {
         use std::io::{BufRead, BufReader};
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_adbeacon"));
         cmd.arg("serve").env("HOST", "127.0.0.1").env("PORT", "0").env("LOG_FORMAT", "json");
-        cmd.env("DEDUP_WINDOW", "0s").env("RATE_LIMIT", "0");
+        // No spill unless the test gives a Redis: never a developer's Redis on 6379.
+        cmd.env("DEDUP_WINDOW", "0s").env("RATE_LIMIT", "0").env("REDIS_URL", "");
         for (k, v) in vars {
             cmd.env(k, v);
         }

@@ -1,0 +1,140 @@
+//! Sending rows to ClickHouse exactly once, shared by the flusher and the replayer.
+//!
+//! Every row carries the token of the batch it was formed in (`batch_id`), through retries, the
+//! spill and replay. An INSERT that failed may still have been stored, or still be running (the
+//! answer was lost, the client gave up waiting, the server was frozen), so a re-send first ends
+//! such INSERTs (`KILL QUERY … SYNC` by query id), then asks which of the rows' events are
+//! stored under their tokens, and sends only the rest. This works on every ClickHouse version,
+//! 18.16 included, and also when a batch spanning two monthly partitions was stored in part.
+//!
+//! A data error (ClickHouse rejects the rows themselves) is not retried: the rows are split in
+//! halves until the bad ones are isolated; the good ones are stored and the bad ones returned,
+//! with the error text, for the dead letters.
+
+use std::{collections::HashSet, future::Future, pin::Pin};
+
+use uuid::Uuid;
+
+use super::Health;
+use crate::{
+    metrics::Metrics,
+    store::{ClickHouse, EventRow, StoreError},
+};
+
+/// Rows ClickHouse rejected, each with the error text.
+pub type Bad = Vec<(EventRow, String)>;
+
+/// Inserts rows with the exactly-once rules above.
+pub struct Sender<'a> {
+    /// Where rows go.
+    pub clickhouse: &'a ClickHouse,
+    /// Counters.
+    pub metrics: &'a Metrics,
+    /// Told about every outcome, so that an outage is seen by the flusher and the replayer.
+    pub health: &'a Health,
+}
+
+impl Sender<'_> {
+    /// Inserts `rows` under `query_id`; first, when `check` names earlier query ids (an
+    /// earlier attempt may have landed), ends those and drops the rows already stored. Returns
+    /// the rows ClickHouse rejected as data; Err only for failures worth retrying.
+    pub async fn send(
+        &self,
+        query_id: &str,
+        rows: Vec<EventRow>,
+        check: Option<&[String]>,
+    ) -> Result<Bad, StoreError> {
+        let result = async {
+            let rows = match check {
+                Some(kill) => {
+                    self.clickhouse.kill_inserts(kill).await.map_err(retryable)?;
+                    self.missing(rows).await?
+                }
+                None => rows,
+            };
+            self.isolate(query_id, rows).await
+        }
+        .await;
+        match &result {
+            Ok(_) => self.health.succeeded(),
+            Err(_) => self.health.failed(),
+        }
+        result
+    }
+
+    /// The rows whose events are not stored under their batch tokens.
+    pub async fn missing(&self, rows: Vec<EventRow>) -> Result<Vec<EventRow>, StoreError> {
+        let first = rows.iter().map(|r| r.event_time).min();
+        let last = rows.iter().map(|r| r.event_time).max();
+        let (Some(first), Some(last)) = (first, last) else { return Ok(rows) };
+        let tokens: Vec<Uuid> = rows.iter().map(|r| r.batch_id).collect::<HashSet<_>>().into_iter().collect();
+        let stored: HashSet<Uuid> = self
+            .clickhouse
+            .batch_event_ids(&tokens, first, last)
+            .await
+            .map_err(retryable)?
+            .into_iter()
+            .collect();
+        if stored.is_empty() {
+            return Ok(rows);
+        }
+        self.metrics.insert_found_stored.inc();
+        let total = rows.len();
+        let missing: Vec<EventRow> = rows.into_iter().filter(|r| !stored.contains(&r.event_id)).collect();
+        tracing::info!(
+            batches = tokens.len(),
+            rows = total,
+            stored = total - missing.len(),
+            "an earlier INSERT had been stored (wholly or in part); sending only the missing rows"
+        );
+        Ok(missing)
+    }
+
+    /// Inserts rows; on a data error splits them until the rejected rows are isolated.
+    fn isolate<'s>(
+        &'s self,
+        query_id: &'s str,
+        rows: Vec<EventRow>,
+    ) -> Pin<Box<dyn Future<Output = Result<Bad, StoreError>> + Send + 's>> {
+        Box::pin(async move {
+            if rows.is_empty() {
+                return Ok(Vec::new());
+            }
+            let reason = match self.clickhouse.insert_events(query_id, &rows).await {
+                Ok(()) => return Ok(Vec::new()),
+                Err(e @ StoreError::Retryable(_)) => {
+                    self.metrics.insert_failed(true);
+                    return Err(e);
+                }
+                Err(StoreError::Rejected(reason)) => reason,
+            };
+            self.metrics.insert_failed(false);
+            // A rejected INSERT can have stored part of its rows (a view failing after the
+            // table's part was written): only what is missing is split and tried again.
+            let mut rows = self.missing(rows).await?;
+            match rows.len() {
+                0 => Ok(Vec::new()),
+                1 => {
+                    let row = rows.pop().expect("one row");
+                    tracing::warn!(batch = %row.batch_id, event = %row.event_id, error = %reason,
+                        "ClickHouse rejects this event as data");
+                    Ok(vec![(row, reason)])
+                }
+                n => {
+                    let right = rows.split_off(n / 2);
+                    let mut bad = self.isolate(query_id, rows).await?;
+                    bad.extend(self.isolate(query_id, right).await?);
+                    Ok(bad)
+                }
+            }
+        })
+    }
+}
+
+/// Failures of the check itself are worth retrying, whatever ClickHouse called them.
+fn retryable(e: StoreError) -> StoreError {
+    match e {
+        StoreError::Rejected(text) => StoreError::Retryable(text),
+        other => other,
+    }
+}

@@ -1,0 +1,340 @@
+//! The replayer: every instance drains the Redis spill into ClickHouse while ClickHouse takes
+//! INSERTs.
+//!
+//! It reads with the consumer group [`super::spill::GROUP`] under a name of its own, merges
+//! small spilled batches into INSERTs of up to `BATCH_MAX_ROWS` rows, and acknowledges (and
+//! deletes) entries only after ClickHouse confirmed them: a replayer that dies leaves its entries
+//! pending, and once they have been idle for `REPLAY_CLAIM_IDLE` another replayer ends any INSERT
+//! the dead one may have left running (its query ids carry its name), claims them and replays
+//! them with the check of [`super::insert`]. Every spilled row keeps its batch token, so nothing
+//! is counted twice, whichever replayer gets it and however often.
+//!
+//! Live ingest keeps priority: a replay INSERT waits while the buffer holds a full batch for the
+//! flusher, and replay runs at most `REPLAY_RATE` events a second. A damaged entry goes to the
+//! dead letters; rows ClickHouse rejects too. Nothing loops forever on a bad entry.
+//!
+//! While ClickHouse is down the replayer probes it every second; its answer is what ends the
+//! flusher's outage mode.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{
+    Health,
+    buffer::Buffer,
+    dead_letter::{Source, corrupt_fields, rows_fields},
+    insert::Sender,
+    spill::{Entry, RedisState, Spill, Spilled},
+};
+use crate::{metrics::Metrics, store::ClickHouse};
+
+/// Every replay INSERT's query id starts with this, then the replayer's name.
+pub const QUERY_PREFIX: &str = "adbeacon-replay-";
+/// Entries read at a time at most; fewer when entries are large (see `Replayer::read_count`).
+const READ_ENTRIES: usize = 256;
+/// Pause when the spill is empty or a dependency is down.
+const IDLE_PAUSE: Duration = Duration::from_millis(500);
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often the backlog gauges are refreshed.
+const GAUGES_EVERY: Duration = Duration::from_secs(1);
+
+/// Drains the spill.
+pub struct Replayer {
+    /// The spill to drain.
+    pub spill: Arc<Spill>,
+    /// Where the events go.
+    pub clickhouse: ClickHouse,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Whether ClickHouse takes INSERTs (shared with the flusher).
+    pub health: Arc<Health>,
+    /// The live buffer, which goes first.
+    pub buffer: Arc<Buffer>,
+    /// This replayer's consumer name, unique to the process.
+    pub consumer: String,
+    /// Rows per replay INSERT at most.
+    pub max_rows: usize,
+    /// Events replayed per second at most; 0 = no limit.
+    pub rate: u64,
+    /// How long an entry stays pending before its consumer counts as dead.
+    pub claim_idle: Duration,
+}
+
+/// A consumer name for this process: host, process id and a random part (never reused, so that
+/// ending a dead replayer's INSERTs can never end a live one's).
+pub fn consumer_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+        .take(40)
+        .collect();
+    let random = Uuid::new_v4().simple().to_string();
+    format!("{}-{}-{}", if host.is_empty() { "adbeacon" } else { &host }, std::process::id(), &random[..8])
+}
+
+async fn pause(d: Duration, stop: &CancellationToken) {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = stop.cancelled() => {}
+    }
+}
+
+impl Replayer {
+    /// Runs until `stop` is cancelled. An INSERT in progress is finished (or fails) first; what
+    /// is not acknowledged stays pending for a replayer to claim.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut group_ready = false;
+        let mut next_claim = Instant::now();
+        let mut next_gauges = Instant::now();
+        // Rows per entry in the last read: sizes the next one, so that memory stays near one
+        // INSERT's worth of rows whatever the entries hold.
+        let mut rows_per_entry = self.max_rows;
+        while !stop.is_cancelled() {
+            if Instant::now() >= next_gauges {
+                next_gauges = Instant::now() + GAUGES_EVERY;
+                self.refresh_gauges().await;
+            }
+            if !self.health.ok() {
+                self.probe(&stop).await;
+                continue;
+            }
+            if self.spill.check().await != RedisState::Ok {
+                pause(IDLE_PAUSE, &stop).await;
+                continue;
+            }
+            if !group_ready {
+                match self.spill.ensure_group().await {
+                    Ok(()) => group_ready = true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot create the spill's consumer group");
+                        pause(IDLE_PAUSE, &stop).await;
+                        continue;
+                    }
+                }
+            }
+            let mut entries = Vec::new();
+            let mut claimed = false;
+            if Instant::now() >= next_claim {
+                next_claim = Instant::now() + (self.claim_idle / 4).max(Duration::from_secs(1));
+                match self.claim(read_count(rows_per_entry, self.max_rows)).await {
+                    Ok(found) => {
+                        claimed = !found.is_empty();
+                        // More may be idle: look again at once.
+                        if claimed {
+                            next_claim = Instant::now();
+                        }
+                        entries = found;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot claim idle spill entries"),
+                }
+            }
+            if entries.is_empty() {
+                match self.spill.read_new(&self.consumer, read_count(rows_per_entry, self.max_rows)).await {
+                    Ok(found) => {
+                        let rows: usize = found.iter().map(Entry::rows).sum();
+                        if !found.is_empty() {
+                            rows_per_entry = rows.div_ceil(found.len()).max(1);
+                        }
+                        entries = found;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the spill");
+                        // The group may be gone (the stream deleted by hand): create it again.
+                        group_ready = false;
+                        pause(IDLE_PAUSE, &stop).await;
+                        continue;
+                    }
+                }
+            }
+            if entries.is_empty() {
+                pause(IDLE_PAUSE, &stop).await;
+                continue;
+            }
+            for group in groups(entries, self.max_rows) {
+                if !self.replay(group, claimed, &stop).await {
+                    break;
+                }
+            }
+            self.refresh_gauges().await;
+        }
+    }
+
+    /// While ClickHouse is down: one ping a second; success ends the outage for the flusher too.
+    async fn probe(&self, stop: &CancellationToken) {
+        match self.clickhouse.ping().await {
+            Ok(()) => self.health.succeeded(),
+            Err(e) => {
+                tracing::debug!(error = %e, "ClickHouse still down");
+                pause(PROBE_EVERY, stop).await;
+            }
+        }
+    }
+
+    /// Claims entries whose consumer went quiet for `claim_idle`, after ending any replay
+    /// INSERT that consumer may have left running.
+    async fn claim(&self, count: usize) -> Result<Vec<Entry>, String> {
+        let idle = self.spill.idle(self.claim_idle, count).await.map_err(|e| e.to_string())?;
+        if idle.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut by_consumer: HashMap<String, Vec<String>> = HashMap::new();
+        for (id, consumer) in idle {
+            by_consumer.entry(consumer).or_default().push(id);
+        }
+        let mut claimed = Vec::new();
+        for (consumer, ids) in by_consumer {
+            self.clickhouse
+                .kill_inserts_starting(&format!("{QUERY_PREFIX}{consumer}-"))
+                .await
+                .map_err(|e| e.to_string())?;
+            let entries =
+                self.spill.claim(&self.consumer, self.claim_idle, &ids).await.map_err(|e| e.to_string())?;
+            tracing::warn!(from = %consumer, entries = entries.len(),
+                "claimed spill entries a replayer left unacknowledged; replaying them with the check");
+            self.metrics.spill_entries_claimed.inc_by(entries.len() as u64);
+            claimed.extend(entries);
+        }
+        Ok(claimed)
+    }
+
+    /// Replays one group of entries until ClickHouse confirmed it and Redis acknowledged it.
+    /// False when `stop` came first (the entries stay pending).
+    async fn replay(&self, group: Vec<Entry>, claimed: bool, stop: &CancellationToken) -> bool {
+        let ids: Vec<String> = group.iter().map(|e| e.id().to_string()).collect();
+        let mut dead = Vec::new();
+        let mut batches: Vec<Spilled> = Vec::new();
+        for entry in group {
+            match entry {
+                Entry::Batch(b) => batches.push(b),
+                Entry::Corrupt(c) => {
+                    tracing::error!(entry = %c.entry, why = %c.why,
+                        "a spill entry cannot be read; keeping it as a dead letter");
+                    self.metrics.spill_entries_corrupt.inc();
+                    dead.push(corrupt_fields(&c));
+                }
+            }
+        }
+        let events: usize = batches.iter().map(|b| b.rows.len()).sum();
+        let tokens: Vec<String> = batches.iter().map(|b| b.token.to_string()).collect();
+        let by_token: HashMap<Uuid, usize> = batches.iter().enumerate().map(|(i, b)| (b.token, i)).collect();
+        let uncertain = claimed || batches.iter().any(|b| b.uncertain);
+        let rows: Vec<_> = batches.iter().flat_map(|b| b.rows.iter().cloned()).collect();
+        let query_id = format!("{QUERY_PREFIX}{}-{}", self.consumer, Uuid::new_v4().simple());
+        let mut check: Option<Vec<String>> = uncertain.then(|| tokens.clone());
+        let mut backoff = FIRST_BACKOFF;
+        let sender = Sender { clickhouse: &self.clickhouse, metrics: &self.metrics, health: &self.health };
+        let started = Instant::now();
+        let bad = loop {
+            if stop.is_cancelled() {
+                return false;
+            }
+            self.live_first(stop).await;
+            if !self.health.ok() {
+                self.probe(stop).await;
+                continue;
+            }
+            match sender.send(&query_id, rows.clone(), check.as_deref()).await {
+                Ok(bad) => break bad,
+                Err(e) => {
+                    tracing::warn!(entries = ids.len(), events, error = %e, "replay INSERT failed; retrying");
+                    // This INSERT may have landed, or still run: end it and check next time.
+                    let mut kill = tokens.clone();
+                    kill.push(query_id.clone());
+                    check = Some(kill);
+                    pause(backoff, stop).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        };
+        let rejected = bad.len();
+        let mut rows_by_batch: HashMap<usize, (Vec<_>, String)> = HashMap::new();
+        for (row, reason) in bad {
+            let at = by_token.get(&row.batch_id).copied().unwrap_or(0);
+            let slot = rows_by_batch.entry(at).or_insert_with(|| (Vec::new(), reason));
+            slot.0.push(row);
+        }
+        for (at, (rows, reason)) in rows_by_batch {
+            let token = batches.get(at).map_or(Uuid::nil(), |b| b.token);
+            dead.push(rows_fields(token, &rows, &reason, Source::Rejected));
+        }
+        // Acknowledged only now, with the dead letters in the same transaction. Until Redis takes
+        // it the entries stay pending: a replayer that gets them later finds the rows stored.
+        let mut backoff = FIRST_BACKOFF;
+        while let Err(e) = self.spill.ack(&ids, events, &dead).await {
+            tracing::warn!(entries = ids.len(), error = %e,
+                "replayed events are in ClickHouse but Redis cannot acknowledge them yet; retrying");
+            if stop.is_cancelled() {
+                return false;
+            }
+            pause(backoff, stop).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+        self.metrics.spill_entries_replayed.inc_by(ids.len() as u64);
+        self.metrics.events_replayed.inc_by((events - rejected) as u64);
+        self.metrics.replay_events_dead_lettered.inc_by(rejected as u64);
+        tracing::info!(entries = ids.len(), events, rejected, "replayed spilled batches");
+        // Throttle: at most `rate` events a second.
+        if self.rate > 0 {
+            let due = Duration::from_secs_f64(events as f64 / self.rate as f64);
+            pause(due.saturating_sub(started.elapsed()), stop).await;
+        }
+        true
+    }
+
+    /// Waits while the live buffer holds a full batch: the flusher's INSERTs go first.
+    async fn live_first(&self, stop: &CancellationToken) {
+        while self.buffer.has_full_batch() && !stop.is_cancelled() {
+            pause(Duration::from_millis(20), stop).await;
+        }
+    }
+
+    async fn refresh_gauges(&self) {
+        if let Ok((entries, events)) = self.spill.backlog().await {
+            self.metrics.spill_backlog_entries.set(entries as i64);
+            self.metrics.spill_backlog_events.set(events as i64);
+        }
+        if let Ok(n) =
+            self.spill.redis.query::<u64>(redis::cmd("XLEN").arg(&self.spill.keys.dead_letters)).await
+        {
+            self.metrics.dead_letters.set(n as i64);
+        }
+    }
+}
+
+/// Entries to read next: about one INSERT's worth (`max_rows`) at `rows_per_entry`.
+fn read_count(rows_per_entry: usize, max_rows: usize) -> usize {
+    (max_rows / rows_per_entry.max(1)).clamp(1, READ_ENTRIES)
+}
+
+/// Splits entries into groups of at most `max_rows` rows (an entry is never split).
+fn groups(entries: Vec<Entry>, max_rows: usize) -> Vec<Vec<Entry>> {
+    let mut out: Vec<Vec<Entry>> = Vec::new();
+    let mut rows = 0;
+    for e in entries {
+        let n = e.rows();
+        match out.last_mut() {
+            Some(group) if rows + n <= max_rows => {
+                group.push(e);
+                rows += n;
+            }
+            _ => {
+                out.push(vec![e]);
+                rows = n;
+            }
+        }
+    }
+    out
+}

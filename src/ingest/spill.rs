@@ -1,0 +1,457 @@
+//! The Redis spill: batches ClickHouse could not take, one stream entry per batch, until a
+//! replayer ([`super::replay`]) has them in ClickHouse.
+//!
+//! An entry carries the batch token, the rows in the log's compact encoding (65 bytes a row)
+//! with a CRC-32C, how many INSERT attempts the batch had, and whether one of them may have
+//! landed. Spilling and acknowledging are each one `MULTI` that also moves a counter of spilled
+//! events, so the backlog in events is one `GET` away and never drifts from the stream.
+//!
+//! Redis must never evict a spilled batch: [`Spill::check`] refuses a Redis whose
+//! `maxmemory-policy` is not `noeviction`, and the result is what `/readyz` reports.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use parking_lot::Mutex;
+use redis::{
+    Value,
+    streams::{StreamClaimReply, StreamId, StreamRangeReply, StreamReadReply},
+};
+use uuid::Uuid;
+
+use super::wal::{decode_rows, encode_rows};
+use crate::store::{EventRow, PolicyError, Redis, RedisError};
+
+/// The consumer group every replayer reads the spill with.
+pub const GROUP: &str = "replayers";
+/// Version of the entry layout, in field `v`.
+const VERSION: &str = "1";
+/// How long a policy check is trusted.
+const CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// The keys of one deployment, all under `REDIS_KEY_PREFIX`.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    /// The spill stream.
+    pub spill: String,
+    /// Events in the spill stream (a counter kept with it).
+    pub spill_events: String,
+    /// The dead-letter stream.
+    pub dead_letters: String,
+}
+
+impl Keys {
+    /// Keys under `prefix` (such as `adbeacon:`).
+    pub fn new(prefix: &str) -> Keys {
+        Keys {
+            spill: format!("{prefix}spill"),
+            spill_events: format!("{prefix}spill:events"),
+            dead_letters: format!("{prefix}dead-letters"),
+        }
+    }
+}
+
+/// What Redis can do for the spill right now, as `/readyz` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisState {
+    /// Answers and never evicts.
+    Ok,
+    /// Does not answer (the cause is logged).
+    Unavailable,
+    /// May evict keys: refused.
+    Evicting(String),
+}
+
+impl RedisState {
+    /// The `/readyz` word.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RedisState::Ok => "ok",
+            RedisState::Unavailable => "unavailable",
+            RedisState::Evicting(_) => "evicting",
+        }
+    }
+}
+
+/// Why a batch could not be spilled.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SpillError {
+    /// Redis does not answer, or failed the command.
+    #[error(transparent)]
+    Redis(#[from] RedisError),
+    /// Redis may evict keys.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+}
+
+/// One spilled batch, read back.
+#[derive(Debug)]
+pub struct Spilled {
+    /// The stream entry id.
+    pub entry: String,
+    /// The batch token (every row's `batch_id`).
+    pub token: Uuid,
+    /// The rows.
+    pub rows: Vec<EventRow>,
+    /// INSERT attempts before and since it was spilled.
+    pub attempts: u32,
+    /// Whether an INSERT of it may have landed: check before sending.
+    pub uncertain: bool,
+}
+
+/// An entry that is not a readable batch (cut short, altered, from an unknown version).
+#[derive(Debug)]
+pub struct Corrupt {
+    /// The stream entry id.
+    pub entry: String,
+    /// What is wrong.
+    pub why: String,
+    /// Its fields as they are, for the dead letter.
+    pub fields: Fields,
+}
+
+/// A spill entry read back.
+#[derive(Debug)]
+pub enum Entry {
+    /// A batch to replay.
+    Batch(Spilled),
+    /// Not readable: goes to the dead letters.
+    Corrupt(Corrupt),
+}
+
+impl Entry {
+    /// Rows it holds (none when damaged).
+    pub fn rows(&self) -> usize {
+        match self {
+            Entry::Batch(b) => b.rows.len(),
+            Entry::Corrupt(_) => 0,
+        }
+    }
+
+    /// The stream entry id.
+    pub fn id(&self) -> &str {
+        match self {
+            Entry::Batch(b) => &b.entry,
+            Entry::Corrupt(c) => &c.entry,
+        }
+    }
+}
+
+/// A stream entry's fields, in `XADD` order.
+pub type Fields = Vec<(String, Vec<u8>)>;
+
+/// One text field.
+pub(crate) fn field(name: &str, value: impl ToString) -> (String, Vec<u8>) {
+    (name.to_string(), value.to_string().into_bytes())
+}
+
+/// The fields of an entry holding `rows` under `token`.
+pub(crate) fn batch_fields(token: Uuid, rows: &[EventRow], attempts: u32, uncertain: bool) -> Fields {
+    let body = encode_rows(rows);
+    vec![
+        field("v", VERSION),
+        field("token", token),
+        field("events", rows.len()),
+        field("attempts", attempts),
+        field("uncertain", u8::from(uncertain)),
+        field("crc", crc32c::crc32c(&body)),
+        ("rows".to_string(), body),
+    ]
+}
+
+/// The raw fields of a stream entry.
+fn raw_fields(id: &StreamId) -> Fields {
+    let mut fields: Fields = id
+        .map
+        .iter()
+        .map(|(k, v)| {
+            let bytes = match v {
+                Value::BulkString(b) => b.clone(),
+                Value::SimpleString(s) => s.clone().into_bytes(),
+                other => format!("{other:?}").into_bytes(),
+            };
+            (k.clone(), bytes)
+        })
+        .collect();
+    fields.sort();
+    fields
+}
+
+/// Reads a batch back from its fields; Err says what is wrong.
+pub(crate) fn parse_batch(
+    fields: &HashMap<String, Vec<u8>>,
+) -> Result<(Uuid, Vec<EventRow>, u32, bool), String> {
+    let text = |name: &str| -> Result<&str, String> {
+        let raw = fields.get(name).ok_or_else(|| format!("field {name} is missing"))?;
+        std::str::from_utf8(raw).map_err(|_| format!("field {name} is not text"))
+    };
+    let version = text("v")?;
+    if version != VERSION {
+        return Err(format!("unknown layout version {version:?}"));
+    }
+    let token: Uuid = text("token")?.parse().map_err(|_| "field token is not a UUID".to_string())?;
+    let events: usize = text("events")?.parse().map_err(|_| "field events is not a number".to_string())?;
+    let attempts: u32 =
+        text("attempts")?.parse().map_err(|_| "field attempts is not a number".to_string())?;
+    let uncertain = text("uncertain")? == "1";
+    let crc: u32 = text("crc")?.parse().map_err(|_| "field crc is not a number".to_string())?;
+    let body = fields.get("rows").ok_or("field rows is missing")?;
+    if crc32c::crc32c(body) != crc {
+        return Err("the rows do not match their checksum".into());
+    }
+    let rows = decode_rows(body, token).ok_or("the rows cannot be decoded")?;
+    if rows.len() != events {
+        return Err(format!("{} rows where the entry says {events}", rows.len()));
+    }
+    Ok((token, rows, attempts, uncertain))
+}
+
+/// Reads one stream entry.
+fn entry(id: &StreamId) -> Entry {
+    let fields = raw_fields(id);
+    let map: HashMap<String, Vec<u8>> = fields.iter().cloned().collect();
+    match parse_batch(&map) {
+        Ok((token, rows, attempts, uncertain)) => {
+            Entry::Batch(Spilled { entry: id.id.clone(), token, rows, attempts, uncertain })
+        }
+        Err(why) => Entry::Corrupt(Corrupt { entry: id.id.clone(), why, fields }),
+    }
+}
+
+/// Adds an `XADD key * fields…` to a pipeline.
+pub(crate) fn xadd(pipe: &mut redis::Pipeline, key: &str, fields: &Fields) {
+    let cmd = pipe.cmd("XADD").arg(key).arg("*");
+    for (name, value) in fields {
+        cmd.arg(name).arg(value);
+    }
+}
+
+/// The spill stream of one deployment.
+pub struct Spill {
+    /// The Redis holding it.
+    pub redis: Arc<Redis>,
+    /// Its keys.
+    pub keys: Keys,
+    state: Mutex<(RedisState, Option<Instant>)>,
+}
+
+impl Spill {
+    /// The spill under `keys` in `redis`.
+    pub fn new(redis: Arc<Redis>, keys: Keys) -> Spill {
+        Spill { redis, keys, state: Mutex::new((RedisState::Unavailable, None)) }
+    }
+
+    /// Checks (at most every few seconds) that Redis answers and never evicts; logs a change.
+    pub async fn check(&self) -> RedisState {
+        {
+            let state = self.state.lock();
+            if state.1.is_some_and(|at| at.elapsed() < CHECK_EVERY) {
+                return state.0.clone();
+            }
+        }
+        let now = match self.redis.check_policy().await {
+            Ok(()) => RedisState::Ok,
+            Err(PolicyError::Unavailable(e)) => {
+                tracing::debug!(error = %e, "Redis unavailable");
+                RedisState::Unavailable
+            }
+            Err(PolicyError::Evicts(policy)) => RedisState::Evicting(policy),
+        };
+        let mut state = self.state.lock();
+        if state.0 != now || state.1.is_none() {
+            match &now {
+                RedisState::Ok => tracing::info!("Redis takes the spill"),
+                RedisState::Unavailable => tracing::warn!(
+                    "Redis does not answer: batches ClickHouse cannot take stay in memory (and the local log)"
+                ),
+                RedisState::Evicting(policy) => tracing::error!(
+                    policy = %policy,
+                    "Redis may evict keys (maxmemory-policy is not noeviction): refusing to spill into it; set maxmemory-policy noeviction"
+                ),
+            }
+        }
+        *state = (now.clone(), Some(Instant::now()));
+        now
+    }
+
+    /// The last state seen, without asking Redis.
+    pub fn state(&self) -> RedisState {
+        self.state.lock().0.clone()
+    }
+
+    /// Forgets the last check, so that the next [`Spill::check`] asks Redis (after a failure).
+    fn recheck(&self) {
+        self.state.lock().1 = None;
+    }
+
+    /// Adds a batch to the spill, with its counter, in one transaction.
+    pub async fn push(
+        &self,
+        token: Uuid,
+        rows: &[EventRow],
+        attempts: u32,
+        uncertain: bool,
+    ) -> Result<(), SpillError> {
+        match self.check().await {
+            RedisState::Ok => {}
+            RedisState::Unavailable => {
+                return Err(SpillError::Redis(RedisError("Redis does not answer".into())));
+            }
+            RedisState::Evicting(p) => return Err(SpillError::Policy(PolicyError::Evicts(p))),
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        xadd(&mut pipe, &self.keys.spill, &batch_fields(token, rows, attempts, uncertain));
+        pipe.cmd("INCRBY").arg(&self.keys.spill_events).arg(rows.len()).ignore();
+        let result: Result<(String,), RedisError> = self.redis.pipe(&pipe).await;
+        result.map(|_| ()).map_err(|e| {
+            self.recheck();
+            SpillError::Redis(e)
+        })
+    }
+
+    /// Creates the consumer group (and the stream) unless they exist.
+    pub async fn ensure_group(&self) -> Result<(), RedisError> {
+        let mut cmd = redis::cmd("XGROUP");
+        cmd.arg("CREATE").arg(&self.keys.spill).arg(GROUP).arg("0").arg("MKSTREAM");
+        match self.redis.query::<()>(&cmd).await {
+            Err(e) if e.0.contains("BUSYGROUP") => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Up to `count` entries no consumer has read yet, now owned by `consumer`.
+    pub async fn read_new(&self, consumer: &str, count: usize) -> Result<Vec<Entry>, RedisError> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(GROUP)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(count)
+            .arg("STREAMS")
+            .arg(&self.keys.spill)
+            .arg(">");
+        let reply: Option<StreamReadReply> = self.redis.query(&cmd).await?;
+        Ok(reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids).map(|id| entry(&id)).collect())
+    }
+
+    /// Entries read but not acknowledged for `min_idle` or longer: (entry id, consumer).
+    pub async fn idle(&self, min_idle: Duration, count: usize) -> Result<Vec<(String, String)>, RedisError> {
+        let mut cmd = redis::cmd("XPENDING");
+        cmd.arg(&self.keys.spill)
+            .arg(GROUP)
+            .arg("IDLE")
+            .arg(min_idle.as_millis() as u64)
+            .arg("-")
+            .arg("+")
+            .arg(count);
+        let pending: Vec<(String, String, u64, u64)> = self.redis.query(&cmd).await?;
+        Ok(pending.into_iter().map(|(id, consumer, _, _)| (id, consumer)).collect())
+    }
+
+    /// Takes over entries idle for `min_idle` (their consumer died) for `consumer`.
+    pub async fn claim(
+        &self,
+        consumer: &str,
+        min_idle: Duration,
+        ids: &[String],
+    ) -> Result<Vec<Entry>, RedisError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(&self.keys.spill).arg(GROUP).arg(consumer).arg(min_idle.as_millis() as u64).arg(ids);
+        let reply: StreamClaimReply = self.redis.query(&cmd).await?;
+        Ok(reply.ids.iter().map(entry).collect())
+    }
+
+    /// Acknowledges and deletes replayed entries holding `events` events, and adds the dead
+    /// letters that came out of them, in one transaction: the entries are gone exactly when
+    /// their bad rows are kept.
+    pub async fn ack(&self, ids: &[String], events: usize, dead: &[Fields]) -> Result<(), RedisError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("XACK").arg(&self.keys.spill).arg(GROUP).arg(ids).ignore();
+        pipe.cmd("XDEL").arg(&self.keys.spill).arg(ids).ignore();
+        pipe.cmd("DECRBY").arg(&self.keys.spill_events).arg(events).ignore();
+        for fields in dead {
+            xadd(&mut pipe, &self.keys.dead_letters, fields);
+            pipe.ignore();
+        }
+        self.redis.pipe::<()>(&pipe).await
+    }
+
+    /// The backlog: entries (batches) and events in the spill.
+    pub async fn backlog(&self) -> Result<(u64, u64), RedisError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("XLEN").arg(&self.keys.spill).cmd("GET").arg(&self.keys.spill_events);
+        let (entries, events): (u64, Option<i64>) = self.redis.pipe(&pipe).await?;
+        Ok((entries, events.unwrap_or(0).max(0) as u64))
+    }
+
+    /// Entries `start..` of a stream (`-` for the first), at most `count`: id and fields.
+    pub async fn range(
+        &self,
+        key: &str,
+        start: &str,
+        count: usize,
+    ) -> Result<Vec<(String, Fields)>, RedisError> {
+        let mut cmd = redis::cmd("XRANGE");
+        cmd.arg(key).arg(start).arg("+").arg("COUNT").arg(count);
+        let reply: StreamRangeReply = self.redis.query(&cmd).await?;
+        Ok(reply.ids.iter().map(|id| (id.id.clone(), raw_fields(id))).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{EventKind, Traffic};
+    use time::OffsetDateTime;
+
+    fn row() -> EventRow {
+        EventRow {
+            event_id: Uuid::new_v4(),
+            ad_id: Uuid::new_v4(),
+            kind: EventKind::Click,
+            event_time: OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
+            received_at: OffsetDateTime::from_unix_timestamp(1_700_000_001).unwrap(),
+            ip_hash: 7,
+            playback_time: Some(1.5),
+            error_code: 0,
+            batch_id: Uuid::nil(),
+            traffic: Traffic::Valid,
+        }
+    }
+
+    fn map(fields: Fields) -> HashMap<String, Vec<u8>> {
+        fields.into_iter().collect()
+    }
+
+    #[test]
+    fn a_batch_round_trips_with_its_token() {
+        let token = Uuid::new_v4();
+        let rows = vec![row(), row()];
+        let (t, back, attempts, uncertain) = parse_batch(&map(batch_fields(token, &rows, 3, true))).unwrap();
+        assert_eq!((t, attempts, uncertain), (token, 3, true));
+        let expected: Vec<_> = rows.into_iter().map(|r| EventRow { batch_id: token, ..r }).collect();
+        assert_eq!(back, expected);
+    }
+
+    #[test]
+    fn damaged_entries_are_named_not_replayed() {
+        let fields = batch_fields(Uuid::new_v4(), &[row(), row()], 1, false);
+        let mut flipped = map(fields.clone());
+        flipped.get_mut("rows").unwrap()[5] ^= 1;
+        assert!(parse_batch(&flipped).unwrap_err().contains("checksum"));
+        let mut short = map(fields.clone());
+        short.remove("token");
+        assert!(parse_batch(&short).unwrap_err().contains("token"));
+        let mut miscounted = map(fields);
+        miscounted.insert("events".into(), b"3".to_vec());
+        assert!(parse_batch(&miscounted).unwrap_err().contains("says 3"));
+    }
+}
