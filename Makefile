@@ -19,7 +19,7 @@ endif
 
 VENV_PYTHON := .data/venv/bin/python
 
-.PHONY: help run test fuzz check-deploy bench bench-modes bench-analytics loadtest stop status clean-data fmt lint openapi
+.PHONY: help run test soak fuzz check-deploy bench bench-modes bench-analytics loadtest stop status clean-data fmt lint openapi
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -37,6 +37,12 @@ test: ## deps, fmt check, clippy, all tests, SQL conformance, deploy files, API 
 	$(VENV_PYTHON) scripts/check-k8s.py
 	bash scripts/check-deploy.sh
 	bash scripts/fuzz.sh
+
+# The fault-injection suite (tests/it/outage.rs), long: 30 to 60 s outages, a 5-million-event
+# backlog, release build; one scenario at a time (each starts its own servers). About 20 minutes.
+soak: ## the outage scenarios long: ClickHouse/Redis killed, frozen, both down, SIGKILL in replay, 5M backlog
+	bash scripts/deps.sh test
+	SOAK=1 cargo test --release --test it outage:: -- --test-threads=1 --nocapture
 
 # A private ClickHouse, Redis and adbeacon on free ports; see scripts/fuzz.sh for its knobs.
 fuzz: ## schemathesis against the live API: no 5xx, every answer as the OpenAPI spec says

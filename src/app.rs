@@ -135,7 +135,7 @@ async fn open_wal(
 /// one costs the flusher little before it keeps the batch and moves on.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The spill `config` describes; `None` when REDIS_URL is empty. Connects lazily.
+/// The spill `config` describes; `None` when REDIS_URL is `none`. Connects lazily.
 fn spill(config: &Config) -> Option<Arc<Spill>> {
     let url = config.redis_url.as_ref()?;
     let redis = Redis::new(url, REDIS_TIMEOUT).expect("REDIS_URL was checked with the configuration");
@@ -223,6 +223,12 @@ impl App {
             wal: wal.clone().filter(|_| config.ack_mode == AckMode::Wal),
             commit_timeout: (config.ack_mode == AckMode::Committed).then_some(config.ack_timeout),
         };
+        if config.unsafe_skip_insert_check {
+            tracing::error!(
+                "{} is set: re-sent batches are not checked and may be stored twice (a test's negative control; never in production)",
+                crate::config::UNSAFE_SKIP_INSERT_CHECK
+            );
+        }
         let spill = spill(&config);
         if let Some(spill) = &spill {
             // Not required at start-up (it matters only once ClickHouse fails), but an operator
@@ -230,7 +236,7 @@ impl App {
             let _ = spill.check().await;
         } else {
             tracing::warn!(
-                "REDIS_URL is empty: no spill; while ClickHouse is down events wait in memory (and the local log) until the buffer is full"
+                "REDIS_URL is none: no spill; while ClickHouse is down events wait in memory (and the local log) until the buffer is full"
             );
         }
         let state = state(&config, clickhouse.clone(), hasher, metrics.clone(), intake, spill.clone());
@@ -254,6 +260,7 @@ impl App {
             spill: spill.clone(),
             spill_after: config.spill_after,
             health: state.insert_health.clone(),
+            unsafe_skip_check: config.unsafe_skip_insert_check,
         };
         let flusher = tokio::spawn(flusher.run(stop_flusher.clone()));
         let stop_replayer = CancellationToken::new();
@@ -268,6 +275,7 @@ impl App {
                 max_rows: config.batch_max_rows,
                 rate: config.replay_rate,
                 claim_idle: config.replay_claim_idle,
+                unsafe_skip_check: config.unsafe_skip_insert_check,
             };
             tokio::spawn(replayer.run(stop_replayer.clone()))
         });

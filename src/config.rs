@@ -7,6 +7,10 @@
 
 use std::{collections::HashMap, net::IpAddr, path::PathBuf, str::FromStr, time::Duration};
 
+/// `1` turns off the check before a re-send (see [`Config::unsafe_skip_insert_check`]): for the
+/// negative-control test only; it makes uncertain INSERTs count twice.
+pub const UNSAFE_SKIP_INSERT_CHECK: &str = "ADBEACON_UNSAFE_SKIP_INSERT_CHECK";
+
 /// One documented environment variable.
 #[derive(Debug, Clone, Copy)]
 pub struct Setting {
@@ -78,7 +82,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "REDIS_URL",
         default: "redis://127.0.0.1:6379/0",
-        form: "a redis:// URL (redis://:password@host:port/db), or empty for no spill",
+        form: "a redis:// URL (redis://:password@host:port/db), or none for no spill",
         help: "Redis holding the spill (batches ClickHouse could not take) and the dead letters; it must run with maxmemory-policy noeviction (never logged)",
         secret: true,
     },
@@ -297,7 +301,7 @@ pub struct Config {
     pub wal_segment_bytes: u64,
     /// `committed` mode: how long a request waits for ClickHouse.
     pub ack_timeout: Duration,
-    /// Redis for the spill and the dead letters; `None` = no spill.
+    /// Redis for the spill and the dead letters; `None` (`REDIS_URL=none`) = no spill.
     pub redis_url: Option<String>,
     /// Prefix of adbeacon's Redis keys.
     pub redis_key_prefix: String,
@@ -307,6 +311,10 @@ pub struct Config {
     pub replay_rate: u64,
     /// Idle time after which a pending spill entry is claimed.
     pub replay_claim_idle: Duration,
+    /// The negative control of the exactly-once tests: re-sends skip the check of what is
+    /// stored, so that a test can show it sees the duplicates this causes. Read from
+    /// [`UNSAFE_SKIP_INSERT_CHECK`], deliberately not a documented setting.
+    pub unsafe_skip_insert_check: bool,
     /// Oldest age of a buffered event before its batch is flushed.
     pub flush_interval: Duration,
     /// Rows per INSERT at most.
@@ -545,7 +553,7 @@ impl Config {
             })?,
             ack_timeout: r.get("ACK_TIMEOUT", pos_dur)?,
             redis_url: r.get("REDIS_URL", |v| {
-                if v.is_empty() {
+                if v.eq_ignore_ascii_case("none") {
                     return Ok(None);
                 }
                 crate::store::Redis::new(v, Duration::from_secs(1)).map(|_| Some(v.to_string()))
@@ -564,6 +572,7 @@ impl Config {
             })?,
             replay_rate: r.get("REPLAY_RATE", parse_from_str)?,
             replay_claim_idle: r.get("REPLAY_CLAIM_IDLE", pos_dur)?,
+            unsafe_skip_insert_check: (r.lookup)(UNSAFE_SKIP_INSERT_CHECK).is_some_and(|v| v == "1"),
             flush_interval: r.get("FLUSH_INTERVAL", pos_dur)?,
             // A retry fetches the stored event ids of the batch; a million of them is 16 MB.
             batch_max_rows: r.get("BATCH_MAX_ROWS", |v| {

@@ -27,7 +27,7 @@ pub struct Readiness {
     pub clickhouse: String,
     /// The Redis spill: `ok`, `unavailable` (batches ClickHouse cannot take stay in memory and
     /// the log), `evicting` (its maxmemory-policy is not noeviction: refused), or `off`
-    /// (REDIS_URL is empty).
+    /// (REDIS_URL is none).
     pub redis: String,
     /// Events in the Redis spill waiting for replay (all instances); absent when unknown.
     pub spill_backlog: Option<u64>,

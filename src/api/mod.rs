@@ -100,7 +100,7 @@ pub struct State {
     pub dedup: Arc<dedup::DedupWindow>,
     /// Per-client limits on the tracking endpoints; `None` when RATE_LIMIT is 0.
     pub rate_limiter: Option<ratelimit::RateLimiter>,
-    /// The Redis spill (readiness and backlog); `None` when REDIS_URL is empty.
+    /// The Redis spill (readiness and backlog); `None` when REDIS_URL is none.
     pub spill: Option<Arc<crate::ingest::Spill>>,
     /// The dead letters (admin endpoints).
     pub dead_letters: crate::ingest::DeadLetters,

@@ -56,12 +56,14 @@ pub struct Flusher {
     pub shutdown_timeout: Duration,
     /// The write-ahead log (`ACK_MODE=wal`): batch tokens are logged before their INSERT.
     pub wal: Option<Wal>,
-    /// The Redis spill, unless REDIS_URL is empty.
+    /// The Redis spill, unless REDIS_URL is none.
     pub spill: Option<Arc<Spill>>,
     /// Failed INSERT attempts of a batch before it is spilled.
     pub spill_after: u32,
     /// Whether ClickHouse takes INSERTs, shared with the replayer.
     pub health: Arc<Health>,
+    /// The negative control: re-sends skip the check (`Config::unsafe_skip_insert_check`).
+    pub unsafe_skip_check: bool,
 }
 
 impl Flusher {
@@ -107,7 +109,7 @@ impl Flusher {
             let spill_now = failures >= self.spill_after
                 || (failures == 0 && !self.health.ok())
                 || (failures > 0 && stop.is_cancelled());
-            if spill_now && self.spill(&batch, failures, sent).await {
+            if spill_now && self.spill(&batch, failures, &mut marked).await {
                 return;
             }
             if let Some(limit) = *give_up_at
@@ -140,8 +142,12 @@ impl Flusher {
                     wal.mark_batch(&batch).await.map_err(|e| StoreError::Retryable(e.to_string()))?;
                     marked = true;
                 }
-                let sender =
-                    Sender { clickhouse: &self.clickhouse, metrics: &self.metrics, health: &self.health };
+                let sender = Sender {
+                    clickhouse: &self.clickhouse,
+                    metrics: &self.metrics,
+                    health: &self.health,
+                    check: !self.unsafe_skip_check,
+                };
                 let outcome = sender.send(&query_id, batch.rows.clone(), sent.then_some(&check[..])).await;
                 sent = true;
                 outcome
@@ -231,9 +237,24 @@ impl Flusher {
     }
 
     /// Moves the batch into the Redis spill; false when there is none or Redis refused.
-    async fn spill(&self, batch: &Batch, failures: u32, sent: bool) -> bool {
+    ///
+    /// With the log, the batch is marked first (as before an INSERT): after a crash between the
+    /// spill and the log's note that it is done, its events come back under this token, and
+    /// the entry is spilled as uncertain, so that whichever copy is stored second is checked
+    /// against the first and not stored again.
+    async fn spill(&self, batch: &Batch, failures: u32, marked: &mut bool) -> bool {
         let Some(spill) = &self.spill else { return false };
-        match spill.push(batch.id, &batch.rows, failures, sent).await {
+        if !*marked {
+            let wal = self.wal.as_ref().expect("unmarked only with a log");
+            if let Err(e) = wal.mark_batch(batch).await {
+                tracing::warn!(batch = %batch.id, error = %e, "cannot log the batch before spilling it");
+                return false;
+            }
+            *marked = true;
+        }
+        // Always uncertain: an INSERT of it may have landed (a timeout), or a copy recovered
+        // from the log may be stored first; the replay checks by token, a look-up per INSERT.
+        match spill.push(batch.id, &batch.rows, failures, true).await {
             Ok(()) => {
                 let rows = batch.rows.len();
                 self.metrics.batches_spilled.inc();

@@ -32,6 +32,8 @@ pub struct Sender<'a> {
     pub metrics: &'a Metrics,
     /// Told about every outcome, so that an outage is seen by the flusher and the replayer.
     pub health: &'a Health,
+    /// False only in the negative-control test: re-sends skip the check.
+    pub check: bool,
 }
 
 impl Sender<'_> {
@@ -45,7 +47,7 @@ impl Sender<'_> {
         check: Option<&[String]>,
     ) -> Result<Bad, StoreError> {
         let result = async {
-            let rows = match check {
+            let rows = match check.filter(|_| self.check) {
                 Some(kill) => {
                     self.clickhouse.kill_inserts(kill).await.map_err(retryable)?;
                     self.missing(rows).await?

@@ -66,6 +66,8 @@ pub struct Replayer {
     pub rate: u64,
     /// How long an entry stays pending before its consumer counts as dead.
     pub claim_idle: Duration,
+    /// The negative control: re-sends skip the check (`Config::unsafe_skip_insert_check`).
+    pub unsafe_skip_check: bool,
 }
 
 /// A consumer name for this process: host, process id and a random part (never reused, so that
@@ -102,6 +104,8 @@ impl Replayer {
         // Rows per entry in the last read: sizes the next one, so that memory stays near one
         // INSERT's worth of rows whatever the entries hold.
         let mut rows_per_entry = self.max_rows;
+        // When the next replay INSERT may start (REPLAY_RATE).
+        let mut not_before = Instant::now();
         while !stop.is_cancelled() {
             if Instant::now() >= next_gauges {
                 next_gauges = Instant::now() + GAUGES_EVERY;
@@ -164,7 +168,7 @@ impl Replayer {
                 continue;
             }
             for group in groups(entries, self.max_rows) {
-                if !self.replay(group, claimed, &stop).await {
+                if !self.replay(group, claimed, &mut not_before, &stop).await {
                     break;
                 }
             }
@@ -210,9 +214,16 @@ impl Replayer {
         Ok(claimed)
     }
 
-    /// Replays one group of entries until ClickHouse confirmed it and Redis acknowledged it.
-    /// False when `stop` came first (the entries stay pending).
-    async fn replay(&self, group: Vec<Entry>, claimed: bool, stop: &CancellationToken) -> bool {
+    /// Replays one group of entries until ClickHouse confirmed it and Redis acknowledged it,
+    /// starting no earlier than `not_before` (which it moves on as REPLAY_RATE says). False when
+    /// `stop` came first (the entries stay pending).
+    async fn replay(
+        &self,
+        group: Vec<Entry>,
+        claimed: bool,
+        not_before: &mut Instant,
+        stop: &CancellationToken,
+    ) -> bool {
         let ids: Vec<String> = group.iter().map(|e| e.id().to_string()).collect();
         let mut dead = Vec::new();
         let mut batches: Vec<Spilled> = Vec::new();
@@ -235,7 +246,15 @@ impl Replayer {
         let query_id = format!("{QUERY_PREFIX}{}-{}", self.consumer, Uuid::new_v4().simple());
         let mut check: Option<Vec<String>> = uncertain.then(|| tokens.clone());
         let mut backoff = FIRST_BACKOFF;
-        let sender = Sender { clickhouse: &self.clickhouse, metrics: &self.metrics, health: &self.health };
+        // Paced before the INSERT, not after: the entries are read (pending) meanwhile, so a
+        // replayer that dies while it waits leaves them to be claimed, as during an INSERT.
+        pause(not_before.saturating_duration_since(Instant::now()), stop).await;
+        let sender = Sender {
+            clickhouse: &self.clickhouse,
+            metrics: &self.metrics,
+            health: &self.health,
+            check: !self.unsafe_skip_check,
+        };
         let started = Instant::now();
         let bad = loop {
             if stop.is_cancelled() {
@@ -286,10 +305,9 @@ impl Replayer {
         self.metrics.events_replayed.inc_by((events - rejected) as u64);
         self.metrics.replay_events_dead_lettered.inc_by(rejected as u64);
         tracing::info!(entries = ids.len(), events, rejected, "replayed spilled batches");
-        // Throttle: at most `rate` events a second.
+        // At most `rate` events a second.
         if self.rate > 0 {
-            let due = Duration::from_secs_f64(events as f64 / self.rate as f64);
-            pause(due.saturating_sub(started.elapsed()), stop).await;
+            *not_before = started + Duration::from_secs_f64(events as f64 / self.rate as f64);
         }
         true
     }

@@ -144,12 +144,12 @@ impl Entry {
 pub type Fields = Vec<(String, Vec<u8>)>;
 
 /// One text field.
-pub(crate) fn field(name: &str, value: impl ToString) -> (String, Vec<u8>) {
+pub fn field(name: &str, value: impl ToString) -> (String, Vec<u8>) {
     (name.to_string(), value.to_string().into_bytes())
 }
 
 /// The fields of an entry holding `rows` under `token`.
-pub(crate) fn batch_fields(token: Uuid, rows: &[EventRow], attempts: u32, uncertain: bool) -> Fields {
+pub fn batch_fields(token: Uuid, rows: &[EventRow], attempts: u32, uncertain: bool) -> Fields {
     let body = encode_rows(rows);
     vec![
         field("v", VERSION),

@@ -290,7 +290,7 @@ async fn sigterm_flushes_everything_and_exits_zero() {
         .env("CLICKHOUSE_URL", shared_clickhouse().url())
         .env("CLICKHOUSE_DATABASE", &db)
         .env("DATA_DIR", data.path())
-        .env("REDIS_URL", "")
+        .env("REDIS_URL", "none")
         .env("FLUSH_INTERVAL", "1h")
         .env("LOG_FORMAT", "json")
         .stdout(std::process::Stdio::piped())

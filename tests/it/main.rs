@@ -14,6 +14,7 @@ mod deploy;
 mod hostile;
 mod integration_doc;
 mod lifecycle;
+mod outage;
 mod pipeline;
 mod pixels;
 mod retention;

@@ -33,7 +33,7 @@ async fn a_full_buffer_answers_503_and_recovers_without_losing_a_2xx() {
         &fresh_db(),
         // No Redis to spill into (with it the buffer never fills: tests/it/outage.rs).
         &[
-            ("REDIS_URL", ""),
+            ("REDIS_URL", "none"),
             ("BUFFER_MAX_BYTES", &room.to_string()),
             ("BATCH_MAX_BYTES", &room.to_string()),
             ("FLUSH_INTERVAL", "50ms"),
@@ -120,7 +120,7 @@ async fn shutdown_with_clickhouse_down_saves_the_buffer_as_loadable_dead_letters
         &ch.url(),
         &db,
         &[
-            ("REDIS_URL", ""),
+            ("REDIS_URL", "none"),
             ("ACK_MODE", "buffered"),
             ("FLUSH_INTERVAL", "1h"),
             ("SHUTDOWN_TIMEOUT", "1s"),
@@ -161,7 +161,10 @@ async fn shutdown_with_clickhouse_down_saves_the_buffer_as_loadable_dead_letters
 /// token before any retry: every 2xx is stored exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_insert_stored_despite_a_timeout_is_not_sent_twice() {
-    let app = TestApp::spawn_with(&[("INSERT_TIMEOUT", "1ms"), ("FLUSH_INTERVAL", "200ms")]).await;
+    // No spill: this is the flusher's own check (the replay's is in tests/it/outage.rs).
+    let app =
+        TestApp::spawn_with(&[("INSERT_TIMEOUT", "1ms"), ("FLUSH_INTERVAL", "200ms"), ("REDIS_URL", "none")])
+            .await;
     let mut senders = tokio::task::JoinSet::new();
     for client in 0..8 {
         let (http, base) = (app.http.clone(), app.base.clone());
@@ -218,7 +221,7 @@ async fn rows_clickhouse_rejects_become_a_dead_letter() {
 /// Without Redis, rejected rows become a dead-letter file that loads as it is.
 #[tokio::test]
 async fn without_redis_rejected_rows_become_a_dead_letter_file() {
-    let app = TestApp::spawn_with(&[("REDIS_URL", "")]).await;
+    let app = TestApp::spawn_with(&[("REDIS_URL", "none")]).await;
     assert_eq!(app.post("/ads/click", &json!({"adId": AD1})).await.status(), 202);
     assert_eq!(app.wait_flushed(1).await, 1);
     app.query("ALTER TABLE events MODIFY COLUMN error_code UInt64").await;

@@ -1,6 +1,7 @@
 //! Test support: real servers (see [`servers`]) and [`TestApp`], the service built in-process on
 //! port 0 with its own ClickHouse database and data directory, exactly as `main` builds it.
 
+pub mod accounting;
 pub mod servers;
 
 use std::{
@@ -218,7 +219,7 @@ impl Service {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_adbeacon"));
         cmd.arg("serve").env("HOST", "127.0.0.1").env("PORT", "0").env("LOG_FORMAT", "json");
         // No spill unless the test gives a Redis: never a developer's Redis on 6379.
-        cmd.env("DEDUP_WINDOW", "0s").env("RATE_LIMIT", "0").env("REDIS_URL", "");
+        cmd.env("DEDUP_WINDOW", "0s").env("RATE_LIMIT", "0").env("REDIS_URL", "none");
         for (k, v) in vars {
             cmd.env(k, v);
         }
@@ -246,6 +247,11 @@ impl Service {
         });
         let addr = rx.recv_timeout(Duration::from_secs(60)).expect("the service starts serving");
         Service { base: format!("http://{addr}"), child }
+    }
+
+    /// The process id (to read its memory in /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGKILL: no shutdown, no flush, nothing in memory survives.

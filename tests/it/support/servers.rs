@@ -163,6 +163,17 @@ impl ClickHouse {
         self.process.kill();
     }
 
+    /// Freezes the server (SIGSTOP): connections are accepted by the kernel and requests are
+    /// buffered, but nothing answers until [`ClickHouse::thaw`] (a hung server, a long GC pause).
+    pub fn freeze(&self) {
+        self.process.signal("STOP");
+    }
+
+    /// Lets a frozen server run on (SIGCONT): it then processes what it received meanwhile.
+    pub fn thaw(&self) {
+        self.process.signal("CONT");
+    }
+
     /// Starts the server again on the same ports and data directory (stopping it first if it still
     /// runs) and waits until it answers, so data written before survives.
     pub fn restart(&mut self) {
@@ -527,6 +538,16 @@ impl Supervised {
 
     fn pid(&self) -> Option<u32> {
         self.server.as_ref().map(Child::id)
+    }
+
+    /// Sends `signal` (such as `STOP` or `CONT`) to the server.
+    fn signal(&self, signal: &str) {
+        let pid = self.pid().expect("the server runs");
+        let sent = Command::new("sh")
+            .args(["-c", "kill -s \"$1\" \"$2\"", "sh", signal, &pid.to_string()])
+            .status()
+            .expect("sh runs");
+        assert!(sent.success(), "kill -s {signal} {pid} failed");
     }
 
     fn is_running(&mut self) -> bool {
