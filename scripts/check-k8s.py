@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Static checks of the Kubernetes manifests in deploy/k8s (run by `make test`).
 
-No cluster is needed. Two layers:
+No cluster is needed. Three parts:
 
 1. Schema: every resource is validated, rejecting unknown fields, against the Kubernetes API
    schemas bundled in the kubernetes-validate package (no network at check time), for the oldest
@@ -11,7 +11,13 @@ No cluster is needed. Two layers:
    probes hit /healthz and /readyz on the served port, the pod runs non-root on a read-only root
    filesystem with a writable volume at DATA_DIR, the termination grace period covers preStop,
    in-flight requests and SHUTDOWN_TIMEOUT, labels and selectors agree across workload, Services,
-   PodDisruptionBudget and HPA, and kustomization.yaml lists every manifest.
+   PodDisruptionBudget and HPA, and kustomization.yaml lists every manifest. REDIS_URL is set
+   (the default, 127.0.0.1, has no Redis in a pod), in the ConfigMap only without a password.
+3. Redis for the spill, when kustomization.yaml lists the redis/ directory: its manifests
+   validate as above; one replica, with appendonly yes, maxmemory-policy noeviction and a
+   maxmemory at most 3/4 of its memory limit, its data on a volumeClaimTemplate, non-root with
+   no privileges (the namespace enforces the restricted Pod Security Standard); REDIS_URL names
+   its Service and port; a NetworkPolicy, if any, lets adbeacon's server pods in.
 
     scripts/check-k8s.py [DIR]      (default: deploy/k8s)
 
@@ -21,6 +27,7 @@ Exits 1 naming every problem found, 2 when it cannot run.
 import re
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 try:
     import yaml
@@ -45,6 +52,7 @@ EXPECTED_API = {
     "Job": "batch/v1",
     "HorizontalPodAutoscaler": "autoscaling/v2",
     "PodDisruptionBudget": "policy/v1",
+    "NetworkPolicy": "networking.k8s.io/v1",
     "Kustomization": "kustomize.config.k8s.io/v1beta1",
 }
 
@@ -79,6 +87,24 @@ def readme_settings():
         sys.exit("check-k8s: README.md no longer names the secret settings (\"Secrets (...) are never\")")
     secret = set(re.findall(r"`([A-Z_]+)`", m.group(1)))
     return settings, secret
+
+
+def redacted_settings():
+    """Settings src/config.rs never echoes (`secret: true`): they may live in the Secret. The
+    README's list (readme_settings) is the ones that must."""
+    text = (ROOT / "src" / "config.rs").read_text()
+    return set(re.findall(r'name:\s*"([A-Z][A-Z0-9_]*)",[^}]*?secret:\s*true', text))
+
+
+def redis_bytes(text):
+    """A Redis memory size (1gb, 512mb, 100000000), in bytes: k/m/g are powers of 1000, kb/mb/gb
+    of 1024, as redis.conf reads them."""
+    m = re.fullmatch(r"(\d+)\s*([kmg]b?)?", str(text).strip().lower())
+    if not m:
+        raise ValueError(f"not a Redis memory size: {text!r}")
+    unit = m.group(2) or ""
+    mult = {"": 1, "k": 10**3, "kb": 2**10, "m": 10**6, "mb": 2**20, "g": 10**9, "gb": 2**30}[unit]
+    return int(m.group(1)) * mult
 
 
 def request_grace_seconds():
@@ -208,6 +234,131 @@ def prestop_seconds(where, container):
     return 0
 
 
+def check_redis(rdir, redis_url, cfile, server_labels, namespace):
+    """The redis/ kustomization: see the module's docstring, part 3."""
+    rel = rdir.name
+    docs = {f"{rel}/{name}": d for name, d in load(rdir).items()}
+    check_schemas(docs)
+    by_kind = {}
+    for name, documents in docs.items():
+        for doc in documents:
+            if isinstance(doc, dict):
+                by_kind.setdefault(doc.get("kind"), []).append((name, doc))
+    kusts = by_kind.get("Kustomization", [])
+    if len(kusts) != 1:
+        fail(rel, f"expected one kustomization.yaml, found {len(kusts)}")
+    for kfile, kust in kusts:
+        listed = [f"{rel}/{r}" for r in kust.get("resources") or []]
+        for name in docs:
+            if name != kfile and name not in listed:
+                fail(kfile, f"does not list {name.split('/', 1)[1]}")
+        if kust.get("namespace"):
+            fail(kfile, "sets a namespace; the parent kustomization.yaml sets adbeacon's")
+
+    sets = by_kind.get("StatefulSet", [])
+    if len(sets) != 1:
+        fail(rel, f"expected one StatefulSet (Redis), found {len(sets)}")
+        return 0
+    rfile, sts = sets[0]
+    spec = sts["spec"]
+    pod = spec["template"]["spec"]
+    labels = (spec["template"].get("metadata") or {}).get("labels") or {}
+    if not labels_match((spec.get("selector") or {}).get("matchLabels") or {}, labels):
+        fail(rfile, "the selector does not match the pod labels")
+    if labels_match(server_labels, labels):
+        fail(rfile, f"the Redis pods carry adbeacon's server labels {server_labels}: its Services would send them traffic")
+    if spec.get("replicas", 1) != 1:
+        fail(rfile, "replicas must be 1: each replica would be a separate Redis with a spill of its own")
+    c = next((c for c in pod.get("containers") or [] if c.get("name") == "redis"), None)
+    if c is None:
+        fail(rfile, "has no container named redis")
+        return 0
+    where = f"{rfile} container redis"
+    image = c.get("image", "")
+    if ":" not in image or image.rsplit(":", 1)[1] == "latest":
+        fail(where, f"image {image!r} is not pinned")
+
+    argv = [str(a) for a in (c.get("command") or []) + (c.get("args") or [])]
+    opts = {}
+    for i, a in enumerate(argv):
+        if a.startswith("--"):
+            opts[a[2:]] = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else ""
+    if opts.get("appendonly") != "yes":
+        fail(where, "needs --appendonly yes: without it a restart of Redis loses the spill")
+    if opts.get("maxmemory-policy") != "noeviction":
+        fail(where, "needs --maxmemory-policy noeviction: any other policy may evict spilled batches, "
+                    "and adbeacon refuses to spill into it (/readyz 503)")
+    limit = ((c.get("resources") or {}).get("limits") or {}).get("memory")
+    if "maxmemory" not in opts:
+        fail(where, "needs --maxmemory below its memory limit: without it a full spill gets Redis OOM-killed")
+    elif not limit:
+        fail(where, "resources.limits.memory is not set")
+    else:
+        try:
+            if redis_bytes(opts["maxmemory"]) * 4 > size_bytes(limit) * 3:
+                fail(where, f"--maxmemory {opts['maxmemory']} is over 3/4 of the memory limit {limit}: "
+                            "an AOF rewrite forks, and its copy-on-write pages need the rest")
+        except ValueError as e:
+            fail(where, str(e))
+    data_dir = opts.get("dir", "/data")
+    claims = [t["metadata"]["name"] for t in spec.get("volumeClaimTemplates") or []]
+    mount = next((m for m in c.get("volumeMounts") or [] if m.get("mountPath") == data_dir), None)
+    if mount is None or mount.get("name") not in claims:
+        fail(where, f"its data directory {data_dir} must be a volumeClaimTemplate's mount: the "
+                    "append-only file has to outlive the pod")
+    if not c.get("readinessProbe"):
+        fail(where, "no readinessProbe: the Service would route to a Redis still loading its file")
+
+    pod_sc, sc = pod.get("securityContext") or {}, c.get("securityContext") or {}
+
+    def either(field):
+        return sc.get(field, pod_sc.get(field))
+    if either("runAsNonRoot") is not True or either("runAsUser") in (None, 0):
+        fail(where, "must run as a non-root user (runAsNonRoot and a runAsUser)")
+    if sc.get("readOnlyRootFilesystem") is not True:
+        fail(where, "securityContext.readOnlyRootFilesystem must be true")
+    if sc.get("allowPrivilegeEscalation") is not False:
+        fail(where, "securityContext.allowPrivilegeEscalation must be false")
+    if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
+        fail(where, "securityContext.capabilities.drop must include ALL")
+    if (either("seccompProfile") or {}).get("type") != "RuntimeDefault":
+        fail(where, "securityContext.seccompProfile.type must be RuntimeDefault")
+    if pod.get("automountServiceAccountToken") is not False:
+        fail(rfile, "automountServiceAccountToken should be false (Redis never calls the API)")
+
+    ports = {p.get("name"): p.get("containerPort") for p in c.get("ports") or []}
+    services = [(n, s) for n, s in by_kind.get("Service", [])
+                if labels_match(s["spec"].get("selector") or {}, labels)]
+    if not services:
+        fail(rel, "no Service selects the Redis pod")
+    count = sum(len(d) for d in docs.values())
+    url = urlsplit(redis_url or "")
+    if not redis_url:
+        return count  # unset (reported by the caller) or no spill: nothing has to reach this Redis
+    host, port = url.hostname or "", url.port or 6379
+    names = {s["metadata"]["name"]: s for _, s in services}
+    svc = names.get(host.split(".")[0])
+    if url.scheme != "redis" or svc is None or (
+        "." in host
+        and not re.fullmatch(rf"{re.escape(host.split('.')[0])}\.{re.escape(namespace or '')}(\.svc(\.[a-z0-9.-]+)?)?", host)
+    ):
+        fail(cfile, f"REDIS_URL {redis_url!r} does not name the Service of {rel}/ ({', '.join(names) or 'none'}) "
+                    f"in namespace {namespace}")
+    elif not any(p.get("port") == port and p.get("targetPort") in (ports.get("redis"), "redis", *ports.values())
+                 for p in svc["spec"].get("ports") or []):
+        fail(cfile, f"REDIS_URL port {port} is not a port of Service {svc['metadata']['name']} leading to Redis")
+    for nfile, policy in by_kind.get("NetworkPolicy", []):
+        pspec = policy["spec"]
+        if not labels_match((pspec.get("podSelector") or {}).get("matchLabels") or {}, labels):
+            continue
+        admitted = any(labels_match((peer.get("podSelector") or {}).get("matchLabels") or {}, server_labels)
+                       and not peer.get("namespaceSelector")
+                       for rule in pspec.get("ingress") or [] for peer in rule.get("from") or [])
+        if not admitted:
+            fail(nfile, f"NetworkPolicy {policy['metadata']['name']} shuts adbeacon's server pods out of Redis")
+    return count
+
+
 def main():
     directory = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "deploy" / "k8s"
     if not directory.is_dir():
@@ -237,8 +388,8 @@ def main():
     if kust:
         listed = kust.get("resources") or []
         for entry in listed:
-            if entry not in docs:
-                fail(kfile, f"lists {entry}, which is not a manifest in {directory}")
+            if entry not in docs and not (directory / entry / "kustomization.yaml").is_file():
+                fail(kfile, f"lists {entry}, which is neither a manifest nor a kustomization in {directory}")
             if entry in NOT_IN_KUSTOMIZATION:
                 fail(kfile, f"must not list {entry}: {NOT_IN_KUSTOMIZATION[entry]}")
         for name in docs:
@@ -269,13 +420,17 @@ def main():
                 fail(cfile, f"{key} is not an adbeacon setting (README.md, Configuration)")
             elif key in secret_settings:
                 fail(cfile, f"{key} is a secret; it belongs in the Secret")
+        if urlsplit(str(config.get("REDIS_URL", ""))).password:
+            fail(cfile, "REDIS_URL carries a password; it belongs in the Secret")
+    may_be_secret = secret_settings | redacted_settings()
     sfile, secret = only("Secret")
+    values = {}
     if secret:
         values = {**(secret.get("stringData") or {}), **(secret.get("data") or {})}
         for key, value in values.items():
             if key not in settings:
                 fail(sfile, f"{key} is not an adbeacon setting (README.md, Configuration)")
-            elif key not in secret_settings:
+            elif key not in may_be_secret:
                 fail(sfile, f"{key} is not a secret setting; it belongs in the ConfigMap")
             if PLACEHOLDER not in str(value):
                 fail(sfile, f"{key} must hold a {PLACEHOLDER} placeholder, never a real value")
@@ -286,6 +441,10 @@ def main():
 
     def setting(name):
         return config.get(name, settings.get(name, ""))
+
+    if "REDIS_URL" not in config and "REDIS_URL" not in values:
+        fail(cfile, f"REDIS_URL is not set: its default ({settings.get('REDIS_URL')}) has no Redis in "
+                    "a pod; name the spill's Redis, or set it empty for no spill")
 
     # --- the workload
     workloads = by_kind.get("StatefulSet", []) + by_kind.get("Deployment", [])
@@ -473,6 +632,14 @@ def main():
         if pod.get("restartPolicy") not in ("Never", "OnFailure"):
             fail(jfile, "restartPolicy must be Never or OnFailure")
 
+    # --- Redis for the spill, when the kustomization includes it
+    redis_resources = None
+    if kust and "redis" in (kust.get("resources") or []):
+        # Where it is set: the ConfigMap, or the Secret template (its host is real, the password
+        # a placeholder). Unset was reported above.
+        redis_url = config.get("REDIS_URL", values.get("REDIS_URL"))
+        redis_resources = check_redis(directory / "redis", redis_url, cfile, pod_labels, namespace)
+
     if errors:
         print("check-k8s: FAILED", file=sys.stderr)
         for e in errors:
@@ -480,7 +647,8 @@ def main():
         print(f"check-k8s: {len(errors)} problem(s) in {directory}", file=sys.stderr)
         return 1
     count = sum(len(d) for d in docs.values())
-    print(f"check-k8s: {len(docs)} files, {count} resources in {directory.relative_to(ROOT) if directory.is_relative_to(ROOT) else directory} "
+    redis_note = f", Redis in redis/ ({redis_resources} resources)" if redis_resources is not None else ""
+    print(f"check-k8s: {len(docs)} files, {count} resources{redis_note} in {directory.relative_to(ROOT) if directory.is_relative_to(ROOT) else directory} "
           f"pass (schemas of Kubernetes {' and '.join(versions)}, strict; settings from README.md)")
     return 0
 

@@ -5,10 +5,10 @@ Run by scripts/check-deploy.sh (part of `make test`), which also runs promtool. 
   * docker-compose.yml: the five services, each with a healthcheck; images pinned (no `latest`,
     no untagged image); adbeacon built from the Dockerfile, waiting on a healthy ClickHouse and
     Redis, with its environment complete (every variable it is given is one `adbeacon --help`
-    lists, or REDIS_URL, read from issue 7 on); the ClickHouse credentials the same for
-    adbeacon, ClickHouse and Grafana; Redis with AOF and noeviction; named volumes for every
-    stateful service; every bind-mounted path exists; no secret in the file beyond the
-    documented local-only defaults;
+    lists, REDIS_URL naming the redis service); the ClickHouse credentials the same for
+    adbeacon, ClickHouse and Grafana; Redis with AOF, a maxmemory and noeviction; named
+    volumes for every stateful service; every bind-mounted path exists; no secret in the file
+    beyond the documented local-only defaults;
   * Dockerfile: multi-stage, a non-root USER, DATA_DIR on a VOLUME, EXPOSE 8080, a HEALTHCHECK on
     /healthz, ENTRYPOINT adbeacon / CMD serve; its HEALTHCHECK equals the compose one;
   * Grafana: data sources and dashboard providers parse; every dashboard JSON parses, its panels
@@ -140,8 +140,7 @@ def main() -> int:
     check("compose: adbeacon environment", first([
         *(f"{k}={app_env.get(k)!r}, want {v!r}" for k, v in expected.items() if app_env.get(k) != v),
         *(f"{k} missing" for k in ["CLICKHOUSE_USER", "CLICKHOUSE_PASSWORD", "API_KEYS", "TRUSTED_PROXIES"] if k not in app_env),
-        *(f"{k} is not a setting adbeacon reads (src/config.rs)" for k in app_env
-          if k not in known and k != "REDIS_URL"),
+        *(f"{k} is not a setting adbeacon reads (src/config.rs)" for k in app_env if k not in known),
         "no settings found in src/config.rs" if len(known) < 10 else None,
     ]))
     ch_env = env_of(services.get("clickhouse", {}))
@@ -160,8 +159,9 @@ def main() -> int:
         f"{k}: {'default' if '${' in v else 'value'} {default_of(v)!r} is a secret in the repository"
         for k, v in secrets.items() if default_of(v) and default_of(v) not in LOCAL_SECRETS))
     command = " ".join(map(str, redis.get("command") or [])) if isinstance(redis.get("command"), list) else str(redis.get("command", ""))
-    check("compose: Redis with AOF on and noeviction", first([
+    check("compose: Redis with AOF on, a maxmemory and noeviction", first([
         None if re.search(r"--appendonly\s+yes", command) else "no --appendonly yes",
+        None if re.search(r"--maxmemory\s+\S", command) else "no --maxmemory (Redis would grow until the host kills it)",
         None if re.search(r"--maxmemory-policy\s+noeviction", command) else "no --maxmemory-policy noeviction",
     ]))
     named = set((compose.get("volumes") or {}).keys())
