@@ -408,6 +408,19 @@ struct Reader<F> {
 }
 
 impl<F: Fn(&str) -> Option<String>> Reader<F> {
+    /// Like [`Reader::get`], but a variable set to an empty value is `None` (the feature off)
+    /// rather than the default, which applies only when the variable is not set at all.
+    fn get_or_off<T>(
+        &self,
+        name: &'static str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        if (self.lookup)(name).is_some_and(|v| v.trim().is_empty()) {
+            return Ok(None);
+        }
+        self.get(name, parse).map(Some)
+    }
+
     fn get<T>(
         &self,
         name: &'static str,
@@ -544,11 +557,8 @@ impl Config {
                     .and_then(|n| if n >= 1 << 20 { Ok(n as u64) } else { Err("less than 1MiB".into()) })
             })?,
             ack_timeout: r.get("ACK_TIMEOUT", pos_dur)?,
-            redis_url: r.get("REDIS_URL", |v| {
-                if v.is_empty() {
-                    return Ok(None);
-                }
-                crate::store::Redis::new(v, Duration::from_secs(1)).map(|_| Some(v.to_string()))
+            redis_url: r.get_or_off("REDIS_URL", |v| {
+                crate::store::Redis::new(v, Duration::from_secs(1)).map(|_| v.to_string())
             })?,
             redis_key_prefix: r.get("REDIS_KEY_PREFIX", |v| {
                 if !v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric() || ":_-.".contains(c)) {
@@ -697,6 +707,17 @@ mod tests {
         assert_eq!(c.batch_max_bytes, 16 << 20);
         assert!(c.seed_demo_ads);
         assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn an_empty_redis_url_turns_the_spill_off() {
+        let c = Config::from_vars::<&str, &str>([]).unwrap();
+        assert_eq!(c.redis_url.as_deref(), Some("redis://127.0.0.1:6379/0"));
+        for off in ["", "  "] {
+            assert_eq!(Config::from_vars([("REDIS_URL", off)]).unwrap().redis_url, None, "{off:?}");
+        }
+        let c = Config::from_vars([("REDIS_URL", "redis://10.0.0.5:6380/1")]).unwrap();
+        assert_eq!(c.redis_url.as_deref(), Some("redis://10.0.0.5:6380/1"));
     }
 
     #[test]
