@@ -133,8 +133,8 @@ impl poem_openapi::types::Example for DeadLetterItem {
         let row = <DeadRow as poem_openapi::types::Example>::example();
         DeadLetterItem {
             id: "1763733600000-0".into(),
-            reason: "Code: 27, e.displayText() = DB::Exception: Cannot parse input: expected \
-                     UInt64 (version 18.16.1)"
+            reason: "bad response: Code: 33, e.displayText() = DB::Exception: Cannot read all data. \
+                     Bytes read: 11. Bytes expected: 16.: (at row 1)"
                 .into(),
             source: "rejected".into(),
             at: example_time(),
