@@ -709,6 +709,21 @@ mod tests {
     }
 
     #[test]
+    fn redis_url_none_turns_the_spill_off() {
+        // Empty means the default, as for every variable; `none` is the explicit off.
+        for unset in ["", "  "] {
+            let c = Config::from_vars([("REDIS_URL", unset)]).unwrap();
+            assert_eq!(c.redis_url.as_deref(), Some("redis://127.0.0.1:6379/0"));
+        }
+        for off in ["none", "NONE"] {
+            assert_eq!(Config::from_vars([("REDIS_URL", off)]).unwrap().redis_url, None, "{off:?}");
+        }
+        assert!(Config::from_vars([("REDIS_URL", "http://x")]).is_err());
+        let c = Config::from_vars([("REDIS_URL", "redis://10.0.0.5:6380/1")]).unwrap();
+        assert_eq!(c.redis_url.as_deref(), Some("redis://10.0.0.5:6380/1"));
+    }
+
+    #[test]
     fn bad_values_name_the_variable_and_form() {
         let e = Config::from_vars([("PORT", "eighty")]).unwrap_err().to_string();
         assert!(e.contains("PORT=\"eighty\"") && e.contains("port number"), "{e}");

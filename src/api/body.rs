@@ -1,5 +1,6 @@
-//! `JsonBody<T>`: a JSON request body parsed in one pass with serde, and [`read_body`], the one
-//! way every body is read: its Content-Type checked, its size capped, its arrival timed.
+//! `JsonBody<T>`: a JSON request body parsed in one pass with serde (and `OptionalJsonBody<T>`, one
+//! that may be left out), and [`read_body`], the one way every body is read: its Content-Type
+//! checked, its size capped, its arrival timed.
 //!
 //! The old services parsed any body as JSON (so `curl -d '{…}'`, which sends a form content type,
 //! worked) and browsers' `navigator.sendBeacon` sends JSON as `text/plain`; both keep working.
@@ -236,6 +237,45 @@ impl<'a, T: DeserializeOwned + Type + Send> ApiExtractor<'a> for JsonBody<T> {
         let bytes = read_body(request, body, 64 * 1024).await?;
         parse_classified(&bytes)
             .map(JsonBody)
+            .map_err(|(reason, msg)| refusal(StatusCode::BAD_REQUEST, msg, reason))
+    }
+}
+
+/// A JSON request body of type `T` that may be left out: no body (or only whitespace) is
+/// `None`. Read like [`JsonBody`] otherwise.
+#[derive(Debug)]
+pub struct OptionalJsonBody<T>(pub Option<T>);
+
+impl<'a, T: DeserializeOwned + Type + Send> ApiExtractor<'a> for OptionalJsonBody<T> {
+    const TYPES: &'static [ApiExtractorType] = &[ApiExtractorType::RequestObject];
+    type ParamType = ();
+    type ParamRawType = ();
+
+    fn register(registry: &mut Registry) {
+        T::register(registry);
+    }
+
+    fn request_meta() -> Option<MetaRequest> {
+        let mut meta = json_or_text(
+            "JSON, optional; also read as JSON when sent as text/plain or \
+             application/x-www-form-urlencoded; other content types get 415",
+            T::schema_ref,
+        );
+        meta.required = false;
+        Some(meta)
+    }
+
+    async fn from_request(
+        request: &'a Request,
+        body: &mut RequestBody,
+        _param_opts: ExtractParamOptions<Self::ParamType>,
+    ) -> poem::Result<Self> {
+        let bytes = read_body(request, body, 64 * 1024).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJsonBody(None));
+        }
+        parse_classified(&bytes)
+            .map(|v| OptionalJsonBody(Some(v)))
             .map_err(|(reason, msg)| refusal(StatusCode::BAD_REQUEST, msg, reason))
     }
 }

@@ -16,7 +16,7 @@ use poem_openapi::{
 use crate::{
     ingest::{HoldError, PushError},
     metrics::RejectReason,
-    store::StoreError,
+    store::{RedisError, StoreError},
 };
 
 /// The body of every error response.
@@ -82,10 +82,12 @@ pub enum ApiError {
     /// The referenced ad (or other resource) does not exist.
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
-    /// The resource exists already (an ad created with an id in use).
+    /// The resource exists already (an ad created with an id in use), or the operation needs
+    /// something this instance is configured without (the dead-letter endpoints while REDIS_URL
+    /// is empty): retrying does not help, the message says what would.
     #[oai(status = 409)]
     Conflict(Json<ErrorBody>),
-    /// Well-formed JSON whose values are not acceptable (an ad's name, URLs).
+    /// Well-formed JSON whose values are not acceptable (an ad's name, URLs, a dead letter's id).
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),
     /// The request body is larger than MAX_BODY_BYTES (answered by the body reader; listed here
@@ -106,7 +108,8 @@ pub enum ApiError {
     #[oai(status = 415)]
     UnsupportedMediaType(Json<ErrorBody>),
     /// The service cannot hold the event right now (buffer full, local log unwritable, storage
-    /// unavailable, shutting down): nothing was stored; retry after the given number of seconds.
+    /// unavailable, shutting down), or Redis does not answer (the dead-letter endpoints): nothing
+    /// was stored or changed; retry after the given number of seconds.
     /// With `ACK_MODE=committed` it may also mean the event is held but ClickHouse has not
     /// confirmed it in time (the message says so; a retry with the same eventId is not stored
     /// twice).
@@ -159,6 +162,22 @@ impl ApiError {
     pub fn storage(err: StoreError, retry_after: u64) -> Self {
         tracing::debug!(error = %err, "storage unavailable while answering a request");
         Self::Unavailable(body("storage is unavailable; retry later"), retry_after)
+    }
+
+    /// 503 for a Redis failure (the dead-letter endpoints); the cause is logged, not sent.
+    pub fn redis(err: &RedisError, retry_after: u64) -> Self {
+        tracing::warn!(error = %err, "Redis unavailable while answering a request");
+        Self::Unavailable(body("Redis is unavailable; nothing was changed, retry later"), retry_after)
+    }
+
+    /// 409 for an operation on the dead letters of an instance without Redis (REDIS_URL=none),
+    /// which keeps them as files instead.
+    pub fn no_redis() -> Self {
+        Self::conflict(
+            "dead letters are kept in Redis and REDIS_URL is none: this instance writes them as \
+             files under DATA_DIR/dead-letter/ instead (each loads with clickhouse-client -q \
+             'INSERT INTO events FORMAT JSONEachRow' < FILE); set REDIS_URL to manage them here",
+        )
     }
 
     /// 503 for events that could not be held, or (`committed` mode) were held but not

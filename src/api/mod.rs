@@ -3,6 +3,7 @@
 //! front endpoint that tags the request id, rate-limits the tracking paths, sets the body limits,
 //! turns errors into JSON and counts requests and refusals for the metrics.
 
+pub mod admin;
 pub mod ads;
 pub mod analytics;
 pub mod auth;
@@ -31,7 +32,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use self::{
-    ads::AdsApi, analytics::AnalyticsApi, batch::BatchApi, body::BodyLimit, error::ApiError,
+    admin::AdminApi, ads::AdsApi, analytics::AnalyticsApi, batch::BatchApi, body::BodyLimit, error::ApiError,
     health::HealthApi, methods::Methods, pixel::PixelApi, tracking::TrackingApi,
 };
 use crate::{
@@ -53,6 +54,9 @@ pub enum ApiTags {
     Analytics,
     /// Health, readiness and metrics for operators.
     Operations,
+    /// Dead letters (events ClickHouse would not take) for operators to list, replay or purge;
+    /// admin scope.
+    Admin,
 }
 
 /// What the handlers share.
@@ -424,10 +428,11 @@ impl Settle<'_> {
     }
 }
 
+/// Every Api struct, in the order the OpenAPI document lists their operations.
+pub type Apis = (TrackingApi, BatchApi, PixelApi, AdsApi, AnalyticsApi, HealthApi, AdminApi);
+
 /// The OpenAPI service over every operation.
-pub fn openapi(
-    state: Arc<State>,
-) -> OpenApiService<(TrackingApi, BatchApi, PixelApi, AdsApi, AnalyticsApi, HealthApi), ()> {
+pub fn openapi(state: Arc<State>) -> OpenApiService<Apis, ()> {
     OpenApiService::new(
         (
             TrackingApi { state: state.clone() },
@@ -435,7 +440,8 @@ pub fn openapi(
             PixelApi { state: state.clone() },
             AdsApi { state: state.clone() },
             AnalyticsApi { state: state.clone() },
-            HealthApi { state },
+            HealthApi { state: state.clone() },
+            AdminApi { state },
         ),
         "adbeacon",
         env!("CARGO_PKG_VERSION"),

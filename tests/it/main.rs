@@ -10,6 +10,7 @@ mod catalog;
 mod catalog_api;
 mod client_ip;
 mod cors;
+mod dead_letters;
 mod deploy;
 mod hostile;
 mod integration_doc;

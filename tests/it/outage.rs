@@ -655,3 +655,50 @@ async fn a_large_backlog_is_replayed_with_bounded_memory() {
     settle(&service.base, &ch, &db, &acked).await;
     assert_eq!(service.terminate(), Some(0));
 }
+
+/// A Redis that may evict keys is refused: readiness false with `redis: evicting`, no batch is
+/// spilled into it (they wait in memory), and once its policy is `noeviction` again the spill
+/// resumes and everything is replayed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_evicts_is_refused() {
+    let ch = Arc::new(Mutex::new(ClickHouse::start()));
+    let redis = Redis::start();
+    redis.command(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
+    let url = ch.lock().unwrap().url();
+    let db = fresh_db();
+    let mut app = TestApp::spawn_on(&url, &db, &vars(&[("REDIS_URL", &redis.url())])).await;
+    let ready = app.get("/readyz").await;
+    assert_eq!(ready.status(), 503);
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!((body["status"].as_str(), body["redis"].as_str()), (Some("not_ready"), Some("evicting")), "{body}");
+    blocking({
+        let ch = ch.clone();
+        move || ch.lock().unwrap().kill()
+    })
+    .await;
+    let mut acked = HashSet::new();
+    for _ in 0..20 {
+        let id = Uuid::new_v4();
+        let resp = app.post("/ads/click", &json!({"adId": AD1, "eventId": id})).await;
+        assert_eq!(resp.status(), 202);
+        acked.insert(id);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(app.metric("adbeacon_events_spilled_total").await, 0, "nothing spilled into an evicting Redis");
+    assert!(app.metric("adbeacon_spill_failures_total").await > 0);
+    assert_eq!(redis.command(&["EXISTS", &format!("{}spill", app.redis_prefix)]), "0");
+    redis.command(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while app.metric("adbeacon_events_spilled_total").await < 20 {
+        assert!(Instant::now() < deadline, "the spill did not resume");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    blocking({
+        let ch = ch.clone();
+        move || ch.lock().unwrap().restart()
+    })
+    .await;
+    let ch = alone(ch);
+    settle(&app.base, &ch, &db, &acked).await;
+    app.stop().await.unwrap();
+}

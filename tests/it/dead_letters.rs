@@ -1,0 +1,289 @@
+//! The admin endpoints of the dead letters: real rows ClickHouse rejects (its `error_code` column
+//! changed under the running service) are listed with their reason and rows, replayed once the
+//! schema is fixed and then stored exactly once, or purged; damaged entries are listed and
+//! skipped; ids are checked; API keys apply; without Redis the endpoints say why they cannot
+//! serve.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::{TestApp, servers::Redis, shared_redis};
+
+const AD1: &str = "11111111-1111-1111-1111-111111111111";
+const ADMIN: &str = "admin-key-0123456789";
+const READER: &str = "read-key-0123456789";
+
+/// Sends a request with an optional bearer key and JSON body; the status and the JSON answer.
+async fn send(
+    app: &TestApp,
+    method: reqwest::Method,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = app.http.request(method, format!("{}{path}", app.base));
+    if let Some(key) = key {
+        req = req.bearer_auth(key);
+    }
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// The dead-letter stream's key.
+fn stream(app: &TestApp) -> String {
+    format!("{}dead-letters", app.redis_prefix)
+}
+
+/// Makes ClickHouse reject every row from now on, as data (`Code: …`).
+async fn break_schema(app: &TestApp) {
+    // One event first, so that the service has flushed against the table as it was.
+    assert_eq!(app.post("/ads/click", &json!({"adId": AD1})).await.status(), 202);
+    assert_eq!(app.wait_flushed(1).await, 1);
+    app.query("ALTER TABLE events MODIFY COLUMN error_code UInt64").await;
+}
+
+/// Sends a batch of `n` clicks ClickHouse will reject and waits until they are dead letters;
+/// returns their event ids.
+async fn rejected_batch(app: &TestApp, n: usize) -> Vec<String> {
+    let before = app.metric("adbeacon_events_dead_lettered_total").await;
+    let ids: Vec<String> = (0..n).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let batch: Vec<Value> =
+        ids.iter().map(|id| json!({"adId": AD1, "kind": "click", "eventId": id})).collect();
+    assert_eq!(app.post("/ads/events", &json!(batch)).await.status(), 202);
+    let want = before + n as u64;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.metric("adbeacon_events_dead_lettered_total").await < want && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(app.metric("adbeacon_events_dead_lettered_total").await, want, "not dead-lettered");
+    ids
+}
+
+/// A damaged entry, as a spill entry that cannot be read back becomes: fields without rows.
+fn damaged_entry(app: &TestApp) -> String {
+    shared_redis().command(&["XADD", &stream(app), "*", "reason", "x", "source", "corrupt"])
+}
+
+/// The event ids of a listed dead letter's rows, sorted.
+fn row_ids(dead: &Value) -> Vec<String> {
+    let mut ids: Vec<String> =
+        dead["rows"].as_array().unwrap().iter().map(|r| r["eventId"].as_str().unwrap().to_string()).collect();
+    ids.sort();
+    ids
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_then_replayed_and_stored_exactly_once() {
+    let app = TestApp::spawn_with(&[("API_KEYS", &format!("admin:{ADMIN},read:{READER}"))]).await;
+    break_schema(&app).await;
+    let first = rejected_batch(&app, 3).await;
+    let second = rejected_batch(&app, 2).await;
+    let damaged = damaged_entry(&app);
+
+    // Admin scope only.
+    let get = reqwest::Method::GET;
+    let (post, delete) = (reqwest::Method::POST, reqwest::Method::DELETE);
+    for (method, path) in [
+        (&get, "/admin/dead-letters"),
+        (&post, "/admin/dead-letters/replay"),
+        (&delete, "/admin/dead-letters"),
+    ] {
+        let (status, body) = send(&app, method.clone(), path, None, None).await;
+        assert_eq!(status, 401, "{method} {path} without a key: {body}");
+        let (status, body) = send(&app, method.clone(), path, Some(READER), None).await;
+        assert_eq!(status, 403, "{method} {path} with a read key: {body}");
+        assert_eq!(body["error"], "this API key lacks the admin scope");
+    }
+
+    // Listed oldest first, a page at a time, with their reason and rows.
+    let (status, page) = send(&app, get.clone(), "/admin/dead-letters?limit=1", Some(ADMIN), None).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["count"], 3);
+    let listed = page["deadLetters"].as_array().unwrap();
+    assert_eq!(listed.len(), 1);
+    let one = &listed[0];
+    assert_eq!(page["next"], one["id"]);
+    assert!(one["reason"].as_str().unwrap().contains("Code:"), "{one}");
+    assert_eq!(one["source"], "rejected");
+    assert_eq!(one["events"], 3);
+    assert!(one["batchId"].is_string(), "{one}");
+    assert_eq!(row_ids(one), sorted(first.clone()));
+    let row = &one["rows"][0];
+    assert_eq!((row["adId"].as_str(), row["kind"].as_str()), (Some(AD1), Some("click")));
+    assert_eq!((row["errorCode"].as_u64(), row["traffic"].as_str()), (Some(0), Some("valid")));
+    assert!(row["playbackTime"].is_null() && row.get("ipHash").is_none(), "{row}");
+    let at = time::OffsetDateTime::parse(
+        one["at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .expect("at is RFC 3339");
+    assert!((time::OffsetDateTime::now_utc() - at).whole_seconds().abs() < 60, "{at}");
+
+    let path = format!("/admin/dead-letters?after={}", one["id"].as_str().unwrap());
+    let (status, rest) = send(&app, get.clone(), &path, Some(ADMIN), None).await;
+    assert_eq!(status, 200, "{rest}");
+    assert_eq!(rest["next"], Value::Null);
+    let rest = rest["deadLetters"].as_array().unwrap().clone();
+    assert_eq!(rest.len(), 2);
+    assert_eq!(row_ids(&rest[0]), sorted(second.clone()));
+    assert_eq!((rest[1]["id"].as_str(), rest[1]["reason"].as_str()), (Some(damaged.as_str()), Some("x")));
+    assert_eq!((rest[1]["source"].as_str(), rest[1]["events"].as_u64()), (Some("corrupt"), Some(0)));
+    assert!(rest[1]["batchId"].is_null() && rest[1]["rows"] == json!([]), "{}", rest[1]);
+
+    // The schema fixed, a replay moves the rows back to the spill; the damaged entry stays.
+    app.query("ALTER TABLE events MODIFY COLUMN error_code UInt16").await;
+    let (status, done) = send(&app, post.clone(), "/admin/dead-letters/replay", Some(ADMIN), None).await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done, json!({"entries": 2, "events": 5, "skipped": [damaged]}));
+    let all: Vec<String> = first.iter().chain(&second).map(|id| format!("'{id}'")).collect();
+    let stored = format!("SELECT count() FROM events WHERE toString(event_id) IN ({})", all.join(","));
+    assert_eq!(app.wait_for(&stored, 5).await, 5, "the replayers insert them");
+    // Exactly once: the spill drained, nothing was inserted twice.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.metric("adbeacon_events_replayed_total").await < 5 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ready: Value = app.get("/readyz").await.json().await.unwrap();
+    assert_eq!(ready["spillBacklog"], 0, "{ready}");
+    let distinct = stored.replace("count()", "uniqExact(event_id)");
+    assert_eq!((app.number(&stored).await, app.number(&distinct).await), (5, 5));
+    assert_eq!(app.metric("adbeacon_dead_letters_replayed_total").await, 2);
+
+    // Only the damaged entry is left; a purge removes it.
+    let (_, page) = send(&app, get.clone(), "/admin/dead-letters", Some(ADMIN), None).await;
+    assert_eq!(page["count"], 1, "{page}");
+    assert_eq!(page["deadLetters"][0]["id"], damaged.as_str());
+    let (status, purged) = send(&app, delete.clone(), "/admin/dead-letters", Some(ADMIN), None).await;
+    assert_eq!((status, purged), (200, json!({"purged": 1})));
+    let (_, page) = send(&app, get, "/admin/dead-letters", Some(ADMIN), None).await;
+    assert_eq!(page, json!({"count": 0, "deadLetters": [], "next": null}));
+    assert_eq!(app.metric("adbeacon_dead_letters_purged_total").await, 1);
+    assert_eq!(app.metric("adbeacon_dead_letters").await, 0);
+}
+
+#[tokio::test]
+async fn purge_deletes_the_selected_dead_letters_or_all() {
+    let app = TestApp::spawn().await;
+    break_schema(&app).await;
+    rejected_batch(&app, 2).await;
+    let kept = rejected_batch(&app, 1).await;
+    let damaged = damaged_entry(&app);
+    let (status, page) = send(&app, reqwest::Method::GET, "/admin/dead-letters", None, None).await;
+    assert_eq!(status, 200, "{page}");
+    let ids: Vec<String> = page["deadLetters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 3);
+    assert_eq!(ids[2], damaged);
+
+    // A damaged entry named for replay is skipped; nothing moves.
+    let replay = json!({"ids": [damaged]});
+    let (status, done) =
+        send(&app, reqwest::Method::POST, "/admin/dead-letters/replay", None, Some(replay)).await;
+    assert_eq!((status, done), (200, json!({"entries": 0, "events": 0, "skipped": [damaged]})));
+
+    // An empty list selects none; unknown ids are ignored; repeats count once.
+    let purge = |body: Value| send(&app, reqwest::Method::DELETE, "/admin/dead-letters", None, Some(body));
+    assert_eq!(purge(json!({"ids": []})).await, (200, json!({"purged": 0})));
+    let (status, done) = purge(json!({"ids": [ids[0], damaged, damaged, "1-0"]})).await;
+    assert_eq!((status, done), (200, json!({"purged": 2})));
+    let (_, page) = send(&app, reqwest::Method::GET, "/admin/dead-letters", None, None).await;
+    assert_eq!(page["count"], 1, "{page}");
+    assert_eq!(page["deadLetters"][0]["id"], ids[1].as_str());
+    assert_eq!(row_ids(&page["deadLetters"][0]), kept);
+
+    // No ids: all.
+    assert_eq!(purge(json!({})).await, (200, json!({"purged": 1})));
+    assert_eq!(shared_redis().command(&["XLEN", &stream(&app)]), "0");
+    assert_eq!(app.metric("adbeacon_dead_letters_purged_total").await, 3);
+}
+
+#[tokio::test]
+async fn malformed_ids_and_limits_are_refused_naming_them() {
+    let app = TestApp::spawn().await;
+    let damaged = damaged_entry(&app);
+    for (query, names) in [
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("limit=ten", "limit"),
+        ("after=abc", "after"),
+        ("after=1700000000000", "after"),
+    ] {
+        let path = format!("/admin/dead-letters?{query}");
+        let (status, body) = send(&app, reqwest::Method::GET, &path, None, None).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(body["error"].as_str().unwrap().starts_with(names), "{query}: {body}");
+    }
+    let (status, body) = send(&app, reqwest::Method::GET, "/admin/dead-letters?limit=1000", None, None).await;
+    assert_eq!((status, body["count"].as_u64()), (200, Some(1)));
+
+    for method in [reqwest::Method::POST, reqwest::Method::DELETE] {
+        let path = if method == reqwest::Method::POST {
+            "/admin/dead-letters/replay"
+        } else {
+            "/admin/dead-letters"
+        };
+        let (status, body) = send(&app, method.clone(), path, None, Some(json!({"ids": ["abc"]}))).await;
+        assert_eq!(status, 422, "{method}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("ids[0]")
+                && body["error"].as_str().unwrap().contains("\"abc\"")
+        );
+        let (status, body) =
+            send(&app, method.clone(), path, None, Some(json!({"ids": [damaged, "1700000000000-01"]}))).await;
+        assert_eq!(status, 422, "{method}: {body}");
+        assert!(body["error"].as_str().unwrap().contains("ids[1]"), "{body}");
+        let many: Vec<String> = (0..1001).map(|i| format!("{i}-0")).collect();
+        let (status, body) = send(&app, method.clone(), path, None, Some(json!({"ids": many}))).await;
+        assert_eq!(status, 422, "{method}: {body}");
+        // A misspelt field is not read as "no ids", which would select every dead letter.
+        let (status, body) = send(&app, method.clone(), path, None, Some(json!({"id": [damaged]}))).await;
+        assert_eq!(status, 400, "{method}: {body}");
+        assert!(body["error"].as_str().unwrap().contains("unknown field"), "{body}");
+        let (status, body) = send(&app, method.clone(), path, None, Some(json!({"ids": "all"}))).await;
+        assert_eq!(status, 400, "{method}: {body}");
+    }
+    assert_eq!(shared_redis().command(&["XLEN", &stream(&app)]), "1", "nothing was touched");
+}
+
+#[tokio::test]
+async fn without_redis_the_endpoints_answer_409_and_with_redis_down_503() {
+    let app = TestApp::spawn_with(&[("REDIS_URL", "none")]).await;
+    let cases = [
+        (reqwest::Method::GET, "/admin/dead-letters"),
+        (reqwest::Method::POST, "/admin/dead-letters/replay"),
+        (reqwest::Method::DELETE, "/admin/dead-letters"),
+    ];
+    for (method, path) in &cases {
+        let (status, body) = send(&app, method.clone(), path, None, None).await;
+        assert_eq!(status, 409, "{method} {path}: {body}");
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains("REDIS_URL is none") && error.contains("DATA_DIR/dead-letter/"), "{error}");
+    }
+
+    let mut redis = Redis::start();
+    let app = TestApp::spawn_with(&[("REDIS_URL", &redis.url())]).await;
+    let (status, _) = send(&app, reqwest::Method::GET, "/admin/dead-letters", None, None).await;
+    assert_eq!(status, 200);
+    redis.stop();
+    for (method, path) in &cases {
+        let resp = app.http.request(method.clone(), format!("{}{path}", app.base)).send().await.unwrap();
+        assert_eq!(resp.status(), 503, "{method} {path}");
+        assert!(resp.headers().contains_key("retry-after"));
+        let body: Value = resp.json().await.unwrap();
+        assert!(body["error"].as_str().unwrap().starts_with("Redis is unavailable"), "{body}");
+    }
+}
