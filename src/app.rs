@@ -199,6 +199,7 @@ pub fn openapi_yaml(config: &Config) -> String {
 pub async fn connect_and_migrate(config: &Config) -> Result<(ClickHouse, Vec<u32>), AppError> {
     let ch = connect(config).await?;
     let applied = migrate::apply(&ch).await?;
+    ch.enable_dedup().await?;
     Ok((ch, applied))
 }
 
@@ -213,6 +214,7 @@ impl App {
     pub async fn build(config: Config) -> Result<App, AppError> {
         let clickhouse = connect(&config).await?;
         migrate::apply_at_startup(&clickhouse).await?;
+        clickhouse.enable_dedup().await?;
         let metrics = Arc::new(Metrics::new());
         let hasher = IpHasher::load_or_create(&config.data_dir, config.ip_hash_key)
             .map_err(io(format!("IP-hash key under DATA_DIR {}", config.data_dir.display())))?;

@@ -147,12 +147,32 @@ impl From<Event> for EventRow {
     }
 }
 
+/// The first version whose plain MergeTree deduplicates INSERTs by a token of the client's
+/// choosing, views included (`clickhouse/dedup/enable.sql`).
+pub const DEDUP_SINCE: ServerVersion = ServerVersion { major: 22, minor: 8 };
+
+/// Turns on server-side insert deduplication (on [`DEDUP_SINCE`] and later).
+pub const ENABLE_DEDUP: &str = include_str!("../../clickhouse/dedup/enable.sql");
+
+/// The deduplication token of an INSERT of `rows`: a hash of their event ids in order. A retry of
+/// the same rows repeats it; a re-send of some of them does not.
+pub fn dedup_token(rows: &[EventRow]) -> String {
+    use std::hash::Hasher;
+    let mut h = siphasher::sip128::SipHasher13::new_with_keys(0, 0);
+    for r in rows {
+        h.write(r.event_id.as_bytes());
+    }
+    format!("adbeacon-{:032x}", siphasher::sip128::Hasher128::finish128(&h).as_u128())
+}
+
 /// A connected ClickHouse: the client bound to adbeacon's database, and the time each call may
 /// take (so that a hung server holds up neither a request nor the shutdown).
 #[derive(Clone)]
 pub struct ClickHouse {
     client: clickhouse::Client,
     timeouts: Timeouts,
+    /// Whether INSERTs carry a deduplication token (the server is [`DEDUP_SINCE`] or later).
+    dedup: bool,
 }
 
 /// How long ClickHouse calls may take.
@@ -211,8 +231,9 @@ impl ClickHouse {
         // (which DESIGN rules out) and match result columns to fields by name, while the queries
         // in clickhouse/queries name their columns for analysts, not for our structs.
         let client = base_client(cfg).with_database(&cfg.database).with_validation(false);
-        tracing::info!(url = %cfg.url, database = %cfg.database, %version, "connected to ClickHouse");
-        Ok(Self { client, timeouts })
+        let dedup = version >= DEDUP_SINCE;
+        tracing::info!(url = %cfg.url, database = %cfg.database, %version, dedup, "connected to ClickHouse");
+        Ok(Self { client, timeouts, dedup })
     }
 
     /// A handle that never connected, for generating the OpenAPI spec offline.
@@ -220,6 +241,7 @@ impl ClickHouse {
         Self {
             client: base_client(cfg).with_database(&cfg.database).with_validation(false),
             timeouts: Timeouts { insert: Duration::from_secs(30), query: Duration::from_secs(10) },
+            dedup: false,
         }
     }
 
@@ -265,6 +287,20 @@ impl ClickHouse {
         format: &str,
     ) -> Result<bytes::Bytes, StoreError> {
         self.bounded(async move { query.fetch_bytes(format)?.collect().await }).await
+    }
+
+    /// On [`DEDUP_SINCE`] and later, sets the deduplication window on `events` and its views'
+    /// tables (safe to run again); elsewhere nothing.
+    pub async fn enable_dedup(&self) -> Result<(), StoreError> {
+        if !self.dedup {
+            return Ok(());
+        }
+        let sql =
+            ENABLE_DEDUP.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n");
+        for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            self.execute(statement).await?;
+        }
+        Ok(())
     }
 
     /// Answers whether the server takes queries now.
@@ -321,6 +357,12 @@ impl ClickHouse {
             .map_err(classify)?
             .with_setting("query_id", query_id)
             .with_timeouts(Some(timeout), Some(timeout));
+        if self.dedup {
+            insert = insert
+                .with_setting("insert_deduplicate", "1")
+                .with_setting("insert_deduplication_token", dedup_token(rows))
+                .with_setting("deduplicate_blocks_in_dependent_materialized_views", "1");
+        }
         for row in rows {
             insert.write(row).await.map_err(classify)?;
         }
@@ -337,6 +379,35 @@ mod tests {
         assert_eq!(ServerVersion::parse("18.16.1"), Some(ServerVersion { major: 18, minor: 16 }));
         assert_eq!(ServerVersion::parse("24.8.4.13"), Some(ServerVersion { major: 24, minor: 8 }));
         assert!(ServerVersion::parse("garbage").is_none());
+    }
+
+    #[test]
+    fn dedup_is_for_current_servers_and_tokens_follow_the_rows() {
+        assert!(ServerVersion { major: 18, minor: 16 } < DEDUP_SINCE);
+        assert!(ServerVersion { major: 24, minor: 8 } >= DEDUP_SINCE);
+        let row = |n: u8| EventRow {
+            event_id: Uuid::from_bytes([n; 16]),
+            ad_id: Uuid::nil(),
+            kind: EventKind::Click,
+            event_time: OffsetDateTime::UNIX_EPOCH,
+            received_at: OffsetDateTime::UNIX_EPOCH,
+            ip_hash: 0,
+            playback_time: None,
+            error_code: 0,
+            batch_id: Uuid::nil(),
+            traffic: Traffic::Valid,
+        };
+        let all = [row(1), row(2), row(3)];
+        assert_eq!(dedup_token(&all), dedup_token(&all.clone()));
+        assert_ne!(dedup_token(&all), dedup_token(&all[1..]), "a re-send of the missing rows is new");
+        // Every table the views write is in the file.
+        let sql = ENABLE_DEDUP;
+        for m in crate::store::migrate::MIGRATIONS {
+            for target in m.sql.split("MATERIALIZED VIEW IF NOT EXISTS ").skip(1) {
+                let table = target.split_whitespace().nth(2).expect("… _mv TO table");
+                assert!(sql.contains(&format!("ALTER TABLE {table} ")), "{table} lacks its window");
+            }
+        }
     }
 
     #[test]

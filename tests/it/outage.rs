@@ -670,7 +670,11 @@ async fn a_redis_that_evicts_is_refused() {
     let ready = app.get("/readyz").await;
     assert_eq!(ready.status(), 503);
     let body: Value = ready.json().await.unwrap();
-    assert_eq!((body["status"].as_str(), body["redis"].as_str()), (Some("not_ready"), Some("evicting")), "{body}");
+    assert_eq!(
+        (body["status"].as_str(), body["redis"].as_str()),
+        (Some("not_ready"), Some("evicting")),
+        "{body}"
+    );
     blocking({
         let ch = ch.clone();
         move || ch.lock().unwrap().kill()
@@ -684,7 +688,11 @@ async fn a_redis_that_evicts_is_refused() {
         acked.insert(id);
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(app.metric("adbeacon_events_spilled_total").await, 0, "nothing spilled into an evicting Redis");
+    assert_eq!(
+        app.metric("adbeacon_events_spilled_total").await,
+        0,
+        "nothing spilled into an evicting Redis"
+    );
     assert!(app.metric("adbeacon_spill_failures_total").await > 0);
     assert_eq!(redis.command(&["EXISTS", &format!("{}spill", app.redis_prefix)]), "0");
     redis.command(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);

@@ -1271,6 +1271,62 @@ def run_all(checks: Checks, ch: Engine) -> None:
 
     run_dashboard_checks(checks, ch)
     run_doc_checks(checks, ch, make_db)
+    if SERVER is None:  # the current engine only: 18.16 has no such settings
+        run_dedup_checks(checks, ch, make_db)
+
+
+# --- server-side insert deduplication (ClickHouse 22.8 and later) ----------------------------
+
+DEDUP_SQL = ROOT / "clickhouse" / "dedup" / "enable.sql"
+# What src/store/clickhouse.rs (insert_events) adds to every INSERT on such servers.
+DEDUP_SETTINGS = "insert_deduplicate = 1, deduplicate_blocks_in_dependent_materialized_views = 1"
+
+
+def run_dedup_checks(checks: Checks, ch: Engine, make_db) -> None:
+    """clickhouse/dedup/enable.sql on the migrated schema: an INSERT repeated with its token is
+    stored once in events and in every view's table; different INSERTs whose view rows happen to
+    be identical both count; the aggregates still equal a recount of events."""
+    cols = "event_id, ad_id, kind, event_time, received_at, ip_hash, playback_time, error_code, batch_id, traffic"
+
+    def insert(rows: list[str], token: str) -> None:
+        ch.execute(
+            f"INSERT INTO events ({cols}) SETTINGS {DEDUP_SETTINGS}, insert_deduplication_token = '{token}' "
+            "VALUES " + ", ".join(rows)
+        )
+
+    def setup() -> str | None:
+        make_db(DB + "_dedup")
+        for _, path in migration_files():
+            problem = apply_migration(ch, path)
+            if problem:
+                return f"{path.name}: {problem}"
+        for st in statements(DEDUP_SQL.read_text()):
+            ch.execute(st)
+        return None
+
+    if not checks.run("dedup: enable.sql applies to the migrated schema", setup):
+        return
+    rows = sample_events()
+    chunks = [rows[i : i + 60] for i in range(0, len(rows), 60)]
+
+    def repeated() -> str | None:
+        for i, chunk in enumerate(chunks):
+            insert(chunk, f"chunk-{i}")
+        insert(chunks[2], "chunk-2")  # a retry whose first attempt landed
+        n = int(ch.scalar("SELECT count() FROM events"))
+        return None if n == len(rows) else f"events holds {n} rows, want {len(rows)}: the repeat was stored"
+
+    def identical_view_rows() -> str | None:
+        t = datetime(2024, 3, 31, 22, 0, 0, tzinfo=UTC)
+        for token in ("single-1", "single-2"):
+            insert([event_tuple(uuid.uuid4(), AD1, "click", t, t, 7, 1.0, 0, uuid.uuid4())], token)
+        n = int(ch.scalar("SELECT count() FROM events"))
+        return None if n == len(rows) + 2 else f"events holds {n} rows, want {len(rows) + 2}"
+
+    checks.run("dedup: an INSERT repeated with its token is stored once", repeated)
+    checks.run("dedup: two INSERTs with identical view rows both count", identical_view_rows)
+    for table, bucket, expr in STATS_TABLES:
+        checks.run(f"dedup: {table} matches a recount of events", check_stats, ch, table, bucket, expr, False)
 
 
 # --- Grafana dashboards ----------------------------------------------------------------------
