@@ -19,7 +19,7 @@ endif
 
 VENV_PYTHON := .data/venv/bin/python
 
-.PHONY: help run test soak fuzz check-deploy bench bench-modes bench-analytics loadtest stop status clean-data fmt lint openapi
+.PHONY: help run test soak fuzz check-deploy bench bench-modes bench-replay bench-analytics loadtest stop status clean-data fmt lint openapi
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -56,11 +56,16 @@ check-deploy: ## static checks of docker-compose.yml, the Dockerfile and deploy/
 
 # Twice: unpinned (servers and wrk share both cores: the plain `wrk` comparison), then pinned
 # (server on one core, wrk on the other: the per-core cost). Each run measures bare and adbeacon.
-bench: ## benchmarks: bare hyper vs adbeacon POST /ads/click, unpinned then pinned; then the three ACK_MODEs
+bench: ## benchmarks: bare hyper vs adbeacon POST /ads/click, unpinned then pinned; the three ACK_MODEs; an outage and its replay
 	bash scripts/deps.sh bench
 	BENCH_PIN=0 bash scripts/bench.sh
 	BENCH_PIN=1 bash scripts/bench.sh
 	bash scripts/bench-modes.sh
+	bash scripts/bench-replay.sh
+
+bench-replay: ## ClickHouse stopped under load (spill rate), then the live p99 while the backlog replays vs at rest
+	bash scripts/deps.sh bench
+	bash scripts/bench-replay.sh
 
 bench-modes: ## POST /ads/click under ACK_MODE buffered, wal and committed: saturation and half of it
 	bash scripts/deps.sh bench

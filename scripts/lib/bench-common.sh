@@ -171,9 +171,11 @@ start_adbeacon() {
   # through from the caller's environment, for experiments; credentials meant for another
   # ClickHouse do not, and the demo ads must be seeded or every click would be a 404. adbeacon
   # creates DATABASE and runs its migrations at start-up.
+  # No Redis unless the caller names one (REDIS_URL): never the spill of a `make run` stack on
+  # 6379, whose replayer would carry benchmark events into its ClickHouse.
   # The load comes from one address, far over any sane per-client limit: the limit is set out of
   # reach, so the limiter still runs on every request (its cost is measured) but never refuses.
-  setsid env -u CLICKHOUSE_USER -u CLICKHOUSE_PASSWORD SEED_DEMO_ADS=true \
+  setsid env -u CLICKHOUSE_USER -u CLICKHOUSE_PASSWORD SEED_DEMO_ADS=true REDIS_URL="${REDIS_URL:-none}" \
     RATE_LIMIT="${RATE_LIMIT:-1000000000}" RATE_LIMIT_BURST="${RATE_LIMIT_BURST:-1000000000}" \
     PORT="$port" HOST=127.0.0.1 CLICKHOUSE_URL="$ch_url" \
     CLICKHOUSE_DATABASE="$db" DATA_DIR="$tmp/adbeacon-data" LOG_FORMAT=json LOG_LEVEL=warn \

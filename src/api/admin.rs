@@ -177,7 +177,7 @@ impl poem_openapi::types::Example for DeadLetterPage {
 pub struct DeadLetterSelection {
     /// Stream ids (such as `1700000000000-0`), at most 1000. Absent (or no body at all): every
     /// dead letter. An empty list selects none.
-    #[oai(nullable)]
+    #[oai(nullable, validator(max_items = 1000, pattern = r"^(0|[1-9][0-9]{0,18})-(0|[1-9][0-9]{0,18})$"))]
     #[serde(default)]
     pub ids: Option<Vec<String>>,
 }
@@ -320,8 +320,10 @@ impl AdminApi {
         &self,
         auth: Credentials,
         /// The id after which the page starts (exclusive): the previous page's `next`.
+        #[oai(validator(pattern = r"^(0|[1-9][0-9]{0,18})-(0|[1-9][0-9]{0,18})$"))]
         after: Query<Option<String>>,
         /// Dead letters per page, 1 to 1000 (default 100).
+        #[oai(validator(pattern = r"^([1-9][0-9]{0,2}|1000)$"))]
         limit: Query<Option<String>>,
     ) -> Result<DeadLettersResponse, ApiError> {
         self.state.api_keys.require(&auth, Scope::Admin)?;

@@ -257,8 +257,25 @@ fn describe(status: StatusCode, text: &str) -> String {
         }
         StatusCode::METHOD_NOT_ALLOWED => "method not allowed on this endpoint; see /docs".into(),
         _ if text.is_empty() => status.canonical_reason().unwrap_or("error").to_lowercase(),
-        _ => text.strip_prefix("parse request payload error: ").unwrap_or(text).to_string(),
+        _ => {
+            if let Some(param) = parameter_error(text) {
+                return param;
+            }
+            text.strip_prefix("parse request payload error: ").unwrap_or(text).to_string()
+        }
     }
+}
+
+/// poem's "failed to parse parameter `limit`: verification failed. pattern(\"^…$\")" as
+/// "limit is not valid: it must match ^…$", naming the parameter first as the handlers do.
+fn parameter_error(text: &str) -> Option<String> {
+    let rest = text.strip_prefix("failed to parse parameter `")?;
+    let (name, why) = rest.split_once("`: ")?;
+    let pattern = why.strip_prefix("verification failed. pattern(\"").and_then(|p| p.strip_suffix("\")"));
+    Some(match pattern {
+        Some(p) => format!("{name} is not valid: it must match {p} (see /docs)"),
+        None => format!("{name} is not valid: {why}"),
+    })
 }
 
 /// The 429 of a client over its rate limit that may try again after `wait` (rounded up to

@@ -29,9 +29,10 @@ pub struct Readiness {
     /// the log), `evicting` (its maxmemory-policy is not noeviction: refused), or `off`
     /// (REDIS_URL is none).
     pub redis: String,
-    /// Events in the Redis spill waiting for replay (all instances); absent when unknown.
+    /// Events in the Redis spill waiting for replay (all instances); null when Redis
+    /// does not answer.
     pub spill_backlog: Option<u64>,
-    /// Entries in the dead-letter stream; absent when unknown.
+    /// Entries in the dead-letter stream; null when Redis does not answer.
     pub dead_letters: Option<u64>,
     /// `ok`, or `full` when new events would get 503.
     pub buffer: String,

@@ -151,7 +151,10 @@ impl DeadLetters {
         reason: &str,
         source: Source,
     ) -> std::io::Result<Kept> {
-        if let Some(spill) = &self.spill {
+        // Never into a Redis that may evict it (nor one that is down): a file instead.
+        if let Some(spill) = &self.spill
+            && spill.check().await == super::spill::RedisState::Ok
+        {
             let mut pipe = redis::pipe();
             xadd(&mut pipe, &spill.keys.dead_letters, &rows_fields(token, rows, reason, source));
             match spill.redis.pipe::<(String,)>(&pipe).await {

@@ -185,6 +185,11 @@ impl Flusher {
                 }
                 Err(e) => {
                     failures += 1;
+                    if failures >= self.spill_after {
+                        // An outage, not a blip: later batches go to the spill at once until an
+                        // INSERT, or the replayer's probe, succeeds.
+                        self.health.failed();
+                    }
                     tracing::warn!(batch = %batch.id, rows = batch.rows.len(), attempt = failures, error = %e,
                         "insert failed; retrying the same batch");
                     if stop.is_cancelled() {

@@ -226,6 +226,7 @@ impl Replayer {
     ) -> bool {
         let ids: Vec<String> = group.iter().map(|e| e.id().to_string()).collect();
         let mut dead = Vec::new();
+        let mut dead_events = 0;
         let mut batches: Vec<Spilled> = Vec::new();
         for entry in group {
             match entry {
@@ -233,12 +234,15 @@ impl Replayer {
                 Entry::Corrupt(c) => {
                     tracing::error!(entry = %c.entry, why = %c.why,
                         "a spill entry cannot be read; keeping it as a dead letter");
+                    dead_events += c.events;
                     self.metrics.spill_entries_corrupt.inc();
                     dead.push(corrupt_fields(&c));
                 }
             }
         }
         let events: usize = batches.iter().map(|b| b.rows.len()).sum();
+        // What the backlog counter counted for these entries, damaged ones included.
+        let counted = events + dead_events;
         let tokens: Vec<String> = batches.iter().map(|b| b.token.to_string()).collect();
         let by_token: HashMap<Uuid, usize> = batches.iter().enumerate().map(|(i, b)| (b.token, i)).collect();
         let uncertain = claimed || batches.iter().any(|b| b.uncertain);
@@ -269,6 +273,8 @@ impl Replayer {
                 Ok(bad) => break bad,
                 Err(e) => {
                     tracing::warn!(entries = ids.len(), events, error = %e, "replay INSERT failed; retrying");
+                    // Probe before the next try (and let the flusher spill meanwhile).
+                    self.health.failed();
                     // This INSERT may have landed, or still run: end it and check next time.
                     let mut kill = tokens.clone();
                     kill.push(query_id.clone());
@@ -292,7 +298,7 @@ impl Replayer {
         // Acknowledged only now, with the dead letters in the same transaction. Until Redis takes
         // it the entries stay pending: a replayer that gets them later finds the rows stored.
         let mut backoff = FIRST_BACKOFF;
-        while let Err(e) = self.spill.ack(&ids, events, &dead).await {
+        while let Err(e) = self.spill.ack(&ids, counted, &dead).await {
             tracing::warn!(entries = ids.len(), error = %e,
                 "replayed events are in ClickHouse but Redis cannot acknowledge them yet; retrying");
             if stop.is_cancelled() {

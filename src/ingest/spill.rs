@@ -109,6 +109,9 @@ pub struct Corrupt {
     pub entry: String,
     /// What is wrong.
     pub why: String,
+    /// The events its `events` field claims (0 when unreadable), which the backlog counter
+    /// counted when it was spilled.
+    pub events: usize,
     /// Its fields as they are, for the dead letter.
     pub fields: Fields,
 }
@@ -217,7 +220,14 @@ fn entry(id: &StreamId) -> Entry {
         Ok((token, rows, attempts, uncertain)) => {
             Entry::Batch(Spilled { entry: id.id.clone(), token, rows, attempts, uncertain })
         }
-        Err(why) => Entry::Corrupt(Corrupt { entry: id.id.clone(), why, fields }),
+        Err(why) => {
+            let events = map
+                .get("events")
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            Entry::Corrupt(Corrupt { entry: id.id.clone(), why, events, fields })
+        }
     }
 }
 
