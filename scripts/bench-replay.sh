@@ -12,8 +12,10 @@
 #      (count() = uniqExact(event_id) = adbeacon_events_accepted_total).
 # The report is also written to .data/bench/last-replay.md.
 #
-# Settings (environment): BENCH_CONNECTIONS (16), BENCH_DELAY_MS (5), BENCH_DURATION (15s),
-# BENCH_OUTAGE (15s), BENCH_PIN (1: wrk on the last core, adbeacon on the others; 0: unpinned).
+# Settings (environment): BENCH_CONNECTIONS (16), BENCH_DELAY_MS (5), BENCH_DURATION (30s),
+# BENCH_OUTAGE (30s), BENCH_PIN (1: adbeacon on its own cores, wrk, ClickHouse and Redis on the
+# last one, as in production, where ClickHouse and Redis run on machines of their own and a
+# replay's INSERTs cost them, not adbeacon's cores; 0: unpinned).
 # REPLAY_RATE and the other adbeacon settings pass through to the service.
 set -euo pipefail
 
@@ -26,8 +28,8 @@ log_tag=bench-replay
 THREADS=1
 CONNECTIONS="${BENCH_CONNECTIONS:-16}"
 DELAY_MS="${BENCH_DELAY_MS:-5}"
-DURATION="${BENCH_DURATION:-15s}"
-OUTAGE="${BENCH_OUTAGE:-15s}"
+DURATION="${BENCH_DURATION:-30s}"
+OUTAGE="${BENCH_OUTAGE:-30s}"
 TARGET_RATIO=2
 check_counts CONNECTIONS DELAY_MS
 
@@ -60,18 +62,31 @@ build_release
 ncpu="$(nproc)"
 wrk_pin=()
 srv_pin=()
+others_cpu=""
 pinning="none (BENCH_PIN=0 or nproc=$ncpu)"
 if [ "${BENCH_PIN:-1}" != 0 ] && [ "$ncpu" -ge 2 ] && command -v taskset >/dev/null 2>&1; then
   srv_cpus=0
   if [ "$ncpu" -gt 2 ]; then srv_cpus="0-$((ncpu - 2))"; fi
   wrk_pin=(taskset -c "$((ncpu - 1))")
   srv_pin=(taskset -c "$srv_cpus")
-  pinning="wrk on cpu $((ncpu - 1)); adbeacon on cpu $srv_cpus; ClickHouse and Redis unpinned"
+  pinning="adbeacon on cpu $srv_cpus; wrk, and ClickHouse and Redis at nice 19, on cpu $((ncpu - 1))"
+  others_cpu="$((ncpu - 1))"
 fi
 log "pinning: $pinning"
 
 read -r ch_http ch_tcp redis_port app_port < <(free_ports 4)
+# pin_others PID: moves a server's threads (and so those they start later) to $others_cpu, at
+# the lowest priority: in production ClickHouse and Redis run on machines of their own; here they
+# share a core with wrk, and must not delay wrk's own timing of adbeacon's answers.
+pin_others() {
+  local tid
+  [ -n "$others_cpu" ] || return 0
+  taskset -a -p -c "$others_cpu" "$1" >/dev/null
+  for tid in /proc/"$1"/task/*; do renice -n 19 -p "${tid##*/}" >/dev/null 2>&1 || true; done
+}
+
 start_clickhouse "$ch_http" "$ch_tcp"
+pin_others "$ch_pid"
 
 # Redis as production should run it for the spill: noeviction, append-only (fsync every second).
 mkdir -p "$tmp/redis"
@@ -82,6 +97,7 @@ watch_pid "$redis_pid" redis-server
 # shellcheck disable=SC2317  # called through wait_ready
 redis_ping() { [ "$(redis-cli -p "$redis_port" ping 2>/dev/null)" = PONG ]; }
 wait_ready Redis "$redis_pid" redis_ping "$tmp/redis.log"
+pin_others "$redis_pid"
 
 app_url="http://127.0.0.1:$app_port"
 db=bench_replay
@@ -119,6 +135,7 @@ log "spilled $spilled events during the outage; backlog $backlog_start events"
 
 log "---- 3. drain: ClickHouse back, the same paced load while the backlog replays"
 start_clickhouse "$ch_http" "$ch_tcp"
+pin_others "$ch_pid"
 replayed_before="$(metric '^adbeacon_events_replayed_total$')"
 t1="$(now_ms)"
 export WRK_DELAY_MS="$DELAY_MS"

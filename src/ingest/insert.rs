@@ -48,11 +48,8 @@ impl Sender<'_> {
         check: Option<&[String]>,
     ) -> Result<Bad, StoreError> {
         let result = async {
-            let rows = match check.filter(|_| self.check) {
-                Some(kill) => {
-                    self.clickhouse.kill_inserts(kill).await.map_err(retryable)?;
-                    self.missing(rows).await?
-                }
+            let rows = match check {
+                Some(kill) => self.unsent(kill, &rows).await?,
                 None => rows,
             };
             self.isolate(query_id, rows).await
@@ -64,11 +61,21 @@ impl Sender<'_> {
         result
     }
 
+    /// Ends the INSERTs named by `kill` (they may still run) and returns the rows of `rows`
+    /// not stored under their batch tokens: what is left to send.
+    pub async fn unsent(&self, kill: &[String], rows: &[EventRow]) -> Result<Vec<EventRow>, StoreError> {
+        if !self.check {
+            return Ok(rows.to_vec());
+        }
+        self.clickhouse.kill_inserts(kill).await.map_err(retryable)?;
+        self.missing(rows).await
+    }
+
     /// The rows whose events are not stored under their batch tokens.
-    pub async fn missing(&self, rows: Vec<EventRow>) -> Result<Vec<EventRow>, StoreError> {
+    pub async fn missing(&self, rows: &[EventRow]) -> Result<Vec<EventRow>, StoreError> {
         let first = rows.iter().map(|r| r.event_time).min();
         let last = rows.iter().map(|r| r.event_time).max();
-        let (Some(first), Some(last)) = (first, last) else { return Ok(rows) };
+        let (Some(first), Some(last)) = (first, last) else { return Ok(Vec::new()) };
         let tokens: Vec<Uuid> = rows.iter().map(|r| r.batch_id).collect::<HashSet<_>>().into_iter().collect();
         let stored: HashSet<Uuid> = self
             .clickhouse
@@ -78,15 +85,14 @@ impl Sender<'_> {
             .into_iter()
             .collect();
         if stored.is_empty() {
-            return Ok(rows);
+            return Ok(rows.to_vec());
         }
         self.metrics.insert_found_stored.inc();
-        let total = rows.len();
-        let missing: Vec<EventRow> = rows.into_iter().filter(|r| !stored.contains(&r.event_id)).collect();
+        let missing: Vec<EventRow> = rows.iter().filter(|r| !stored.contains(&r.event_id)).cloned().collect();
         tracing::info!(
             batches = tokens.len(),
-            rows = total,
-            stored = total - missing.len(),
+            rows = rows.len(),
+            stored = rows.len() - missing.len(),
             "an earlier INSERT had been stored (wholly or in part); sending only the missing rows"
         );
         Ok(missing)
@@ -113,7 +119,7 @@ impl Sender<'_> {
             self.metrics.insert_failed(false);
             // A rejected INSERT can have stored part of its rows (a view failing after the
             // table's part was written): only what is missing is split and tried again.
-            let mut rows = self.missing(rows).await?;
+            let mut rows = self.missing(&rows).await?;
             match rows.len() {
                 0 => Ok(Vec::new()),
                 1 => {

@@ -32,7 +32,10 @@ use super::{
     insert::Sender,
     spill::{Entry, RedisState, Spill, Spilled},
 };
-use crate::{metrics::Metrics, store::ClickHouse};
+use crate::{
+    metrics::Metrics,
+    store::{ClickHouse, EventRow},
+};
 
 /// Every replay INSERT's query id starts with this, then the replayer's name.
 pub const QUERY_PREFIX: &str = "adbeacon-replay-";
@@ -246,44 +249,82 @@ impl Replayer {
         let tokens: Vec<String> = batches.iter().map(|b| b.token.to_string()).collect();
         let by_token: HashMap<Uuid, usize> = batches.iter().enumerate().map(|(i, b)| (b.token, i)).collect();
         let uncertain = claimed || batches.iter().any(|b| b.uncertain);
-        let rows: Vec<_> = batches.iter().flat_map(|b| b.rows.iter().cloned()).collect();
+        let mut pending: Vec<EventRow> =
+            batches.iter_mut().flat_map(|b| std::mem::take(&mut b.rows)).collect();
         let query_id = format!("{QUERY_PREFIX}{}-{}", self.consumer, Uuid::new_v4().simple());
         let mut check: Option<Vec<String>> = uncertain.then(|| tokens.clone());
         let mut backoff = FIRST_BACKOFF;
-        // Paced before the INSERT, not after: the entries are read (pending) meanwhile, so a
-        // replayer that dies while it waits leaves them to be claimed, as during an INSERT.
-        pause(not_before.saturating_duration_since(Instant::now()), stop).await;
         let sender = Sender {
             clickhouse: &self.clickhouse,
             metrics: &self.metrics,
             health: &self.health,
             check: !self.unsafe_skip_check,
         };
-        let started = Instant::now();
-        let bad = loop {
+        let chunk_rows = self.chunk_rows();
+        let mut bad = Vec::new();
+        // One check for the group, then INSERTs of at most `chunk_rows` rows: small, evenly
+        // paced INSERTs keep the live path's latency (a 100,000-row INSERT is a burst of work
+        // for adbeacon and ClickHouse alike). After a failure the check runs again.
+        // Rows before `done` are sent; the slice after it is what is left (no shifting of a
+        // 100,000-row vector after every INSERT).
+        let mut done = 0;
+        while done < pending.len() {
             if stop.is_cancelled() {
                 return false;
             }
+            // Paced before each INSERT, not after: the entries are read (pending) meanwhile,
+            // so a replayer that dies while it waits leaves them to be claimed, as during one.
+            pause(not_before.saturating_duration_since(Instant::now()), stop).await;
             self.live_first(stop).await;
             if !self.health.ok() {
                 self.probe(stop).await;
                 continue;
             }
-            match sender.send(&query_id, rows.clone(), check.as_deref()).await {
-                Ok(bad) => break bad,
+            let step = match check.take() {
+                Some(kill) => match sender.unsent(&kill, &pending[done..]).await {
+                    Ok(rest) => {
+                        pending = rest;
+                        done = 0;
+                        Ok(())
+                    }
+                    Err(e) => {
+                        check = Some(kill);
+                        Err(e)
+                    }
+                },
+                None => {
+                    let n = (pending.len() - done).min(chunk_rows);
+                    let started = Instant::now();
+                    match sender.send(&query_id, pending[done..done + n].to_vec(), None).await {
+                        Ok(rejected) => {
+                            bad.extend(rejected);
+                            done += n;
+                            if self.rate > 0 {
+                                *not_before = started + Duration::from_secs_f64(n as f64 / self.rate as f64);
+                            }
+                            Ok(())
+                        }
+                        Err(e) => {
+                            // This INSERT may have landed, or still run: end it and check.
+                            let mut kill = tokens.clone();
+                            kill.push(query_id.clone());
+                            check = Some(kill);
+                            Err(e)
+                        }
+                    }
+                }
+            };
+            match step {
+                Ok(()) => backoff = FIRST_BACKOFF,
                 Err(e) => {
                     tracing::warn!(entries = ids.len(), events, error = %e, "replay INSERT failed; retrying");
                     // Probe before the next try (and let the flusher spill meanwhile).
                     self.health.failed();
-                    // This INSERT may have landed, or still run: end it and check next time.
-                    let mut kill = tokens.clone();
-                    kill.push(query_id.clone());
-                    check = Some(kill);
                     pause(backoff, stop).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
-        };
+        }
         let rejected = bad.len();
         let mut rows_by_batch: HashMap<usize, (Vec<_>, String)> = HashMap::new();
         for (row, reason) in bad {
@@ -311,11 +352,16 @@ impl Replayer {
         self.metrics.events_replayed.inc_by((events - rejected) as u64);
         self.metrics.replay_events_dead_lettered.inc_by(rejected as u64);
         tracing::info!(entries = ids.len(), events, rejected, "replayed spilled batches");
-        // At most `rate` events a second.
-        if self.rate > 0 {
-            *not_before = started + Duration::from_secs_f64(events as f64 / self.rate as f64);
-        }
         true
+    }
+
+    /// Rows per replay INSERT: a twentieth of a second's worth at REPLAY_RATE (at least 1,000),
+    /// never more than BATCH_MAX_ROWS.
+    fn chunk_rows(&self) -> usize {
+        if self.rate == 0 {
+            return self.max_rows.max(1);
+        }
+        (self.rate as usize / 20).max(1000).min(self.max_rows).max(1)
     }
 
     /// Waits while the live buffer holds a full batch: the flusher's INSERTs go first.

@@ -231,6 +231,17 @@ fn entry(id: &StreamId) -> Entry {
     }
 }
 
+/// Reads entries back off the async workers: a 100,000-row entry takes milliseconds to check
+/// and decode, which would hold up the requests that share the worker.
+async fn decode(ids: Vec<StreamId>) -> Vec<Entry> {
+    if ids.is_empty() {
+        return Vec::new();
+    }
+    tokio::task::spawn_blocking(move || ids.iter().map(entry).collect())
+        .await
+        .expect("decoding spill entries does not panic")
+}
+
 /// Adds an `XADD key * fields…` to a pipeline.
 pub(crate) fn xadd(pipe: &mut redis::Pipeline, key: &str, fields: &Fields) {
     let cmd = pipe.cmd("XADD").arg(key).arg("*");
@@ -345,7 +356,8 @@ impl Spill {
             .arg(&self.keys.spill)
             .arg(">");
         let reply: Option<StreamReadReply> = self.redis.query(&cmd).await?;
-        Ok(reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids).map(|id| entry(&id)).collect())
+        let ids: Vec<StreamId> = reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids).collect();
+        Ok(decode(ids).await)
     }
 
     /// Entries read but not acknowledged for `min_idle` or longer: (entry id, consumer).
@@ -375,7 +387,7 @@ impl Spill {
         let mut cmd = redis::cmd("XCLAIM");
         cmd.arg(&self.keys.spill).arg(GROUP).arg(consumer).arg(min_idle.as_millis() as u64).arg(ids);
         let reply: StreamClaimReply = self.redis.query(&cmd).await?;
-        Ok(reply.ids.iter().map(entry).collect())
+        Ok(decode(reply.ids).await)
     }
 
     /// Acknowledges and deletes replayed entries holding `events` events, and adds the dead
