@@ -251,6 +251,10 @@ impl App {
         if config.seed_demo_ads {
             state.catalog.seed_demo_ads_if_empty().await?;
         }
+        match state.catalog.warm().await {
+            Ok(n) => tracing::info!(ads = n, "cached the active ads"),
+            Err(e) => tracing::warn!(error = %e, "cannot cache the active ads; they are read on first use"),
+        }
         let stop_flusher = CancellationToken::new();
         let flusher = Flusher {
             buffer: state.intake.buffer.clone(),

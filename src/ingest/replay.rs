@@ -193,6 +193,11 @@ impl Replayer {
     /// Claims entries whose consumer went quiet for `claim_idle`, after ending any replay
     /// INSERT that consumer may have left running.
     async fn claim(&self, count: usize) -> Result<Vec<Entry>, String> {
+        match self.spill.forget_idle_consumers(&self.consumer, self.claim_idle).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(consumers = n, "forgot replayers that went quiet holding nothing"),
+            Err(e) => tracing::debug!(error = %e, "cannot list the spill's consumers"),
+        }
         let idle = self.spill.idle(self.claim_idle, count).await.map_err(|e| e.to_string())?;
         if idle.is_empty() {
             return Ok(Vec::new());

@@ -18,7 +18,7 @@ use std::{
 use parking_lot::Mutex;
 use redis::{
     Value,
-    streams::{StreamClaimReply, StreamId, StreamRangeReply, StreamReadReply},
+    streams::{StreamClaimReply, StreamId, StreamInfoConsumersReply, StreamRangeReply, StreamReadReply},
 };
 use uuid::Uuid;
 
@@ -388,6 +388,26 @@ impl Spill {
         cmd.arg(&self.keys.spill).arg(GROUP).arg(consumer).arg(min_idle.as_millis() as u64).arg(ids);
         let reply: StreamClaimReply = self.redis.query(&cmd).await?;
         Ok(decode(reply.ids).await)
+    }
+
+    /// Deletes consumers other than `me` that hold no entry and were last seen `min_idle` ago
+    /// or longer: replayers that died (each process reads under a name of its own, so without
+    /// this every restart would leave one behind). Returns how many.
+    pub async fn forget_idle_consumers(&self, me: &str, min_idle: Duration) -> Result<usize, RedisError> {
+        let mut cmd = redis::cmd("XINFO");
+        cmd.arg("CONSUMERS").arg(&self.keys.spill).arg(GROUP);
+        let reply: StreamInfoConsumersReply = self.redis.query(&cmd).await?;
+        let mut forgotten = 0;
+        for c in reply.consumers {
+            if c.name != me && c.pending == 0 && c.idle as u128 >= min_idle.as_millis() {
+                let mut del = redis::cmd("XGROUP");
+                del.arg("DELCONSUMER").arg(&self.keys.spill).arg(GROUP).arg(&c.name);
+                // Only if it still holds nothing: DELCONSUMER drops what a consumer holds.
+                let _: u64 = self.redis.query(&del).await?;
+                forgotten += 1;
+            }
+        }
+        Ok(forgotten)
     }
 
     /// Acknowledges and deletes replayed entries holding `events` events, and adds the dead

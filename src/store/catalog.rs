@@ -9,6 +9,8 @@
 //!   within the TTL and no request waits for it. When ClickHouse is down the old copy stays:
 //!   ads are never deleted (retiring one makes it inactive), so events keep flowing through an
 //!   outage.
+//! - Every active ad is cached at start-up ([`Catalog::warm`]), so that an outage that begins
+//!   before an ad's first event does not refuse its events.
 //! - An unknown id is cached as unknown for `CATALOG_NEGATIVE_TTL` (short, so an ad created on
 //!   another instance is usable within seconds).
 //! - Concurrent misses of one id wait for one ClickHouse query (a per-id lock), so a burst of
@@ -219,6 +221,22 @@ impl Catalog {
         }
         self.by_id.insert(id, Arc::new(Cached { ad: ad.clone(), read_at: Instant::now() }));
         Ok(ad)
+    }
+
+    /// Caches every active ad (at start-up), so that events for them are taken even when
+    /// ClickHouse goes down before this instance has looked them up. Returns how many.
+    pub async fn warm(&self) -> Result<usize, StoreError> {
+        let rows: Vec<AdRow> = self.ch.fetch_all(self.ch.client().query(queries::ADS_ACTIVE)).await?;
+        let n = rows.len();
+        for row in rows {
+            let ad = Ad::from(row);
+            // Never over a newer copy a write through this instance put there meanwhile.
+            if self.by_id.get(&ad.id).and_then(|c| c.ad.clone()).is_some_and(|c| c.version >= ad.version) {
+                continue;
+            }
+            self.by_id.insert(ad.id, Arc::new(Cached { ad: Some(Arc::new(ad)), read_at: Instant::now() }));
+        }
+        Ok(n)
     }
 
     /// Every active ad, oldest first, at most [`ACTIVE_LIST_TTL`] old.

@@ -442,6 +442,14 @@ async fn the_service_killed_during_a_replay_loses_nothing_and_counts_nothing_twi
         metric(&service.base, "adbeacon_spill_entries_claimed_total").await > 0,
         "the dead replayer's entries were claimed"
     );
+    // And the dead replayer is forgotten once it holds nothing: one consumer left.
+    let consumers =
+        || shared_redis().command(&["XINFO", "CONSUMERS", &format!("{prefix}spill"), "replayers"]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while consumers().lines().filter(|l| *l == "name").count() != 1 {
+        assert!(Instant::now() < deadline, "the dead replayer stayed: {}", consumers());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert_eq!(service.terminate(), Some(0));
 }
 
@@ -703,6 +711,36 @@ async fn a_redis_that_evicts_is_refused() {
     while app.metric("adbeacon_events_spilled_total").await < 20 {
         assert!(Instant::now() < deadline, "the spill did not resume");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    blocking({
+        let ch = ch.clone();
+        move || ch.lock().unwrap().restart()
+    })
+    .await;
+    let ch = alone(ch);
+    settle(&app.base, &ch, &db, &acked).await;
+    app.stop().await.unwrap();
+}
+
+/// An outage that begins before an ad's first event: the active ads are cached at start-up, so
+/// its events are still taken (spilled) rather than refused for want of the catalog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_for_active_ads_are_taken_when_clickhouse_is_down_from_the_start() {
+    let ch = Arc::new(Mutex::new(ClickHouse::start()));
+    let url = ch.lock().unwrap().url();
+    let db = fresh_db();
+    let mut app = TestApp::spawn_on(&url, &db, &vars(&[])).await;
+    blocking({
+        let ch = ch.clone();
+        move || ch.lock().unwrap().kill()
+    })
+    .await;
+    let mut acked = HashSet::new();
+    for ad in ["11111111-1111-1111-1111-111111111111", "33333333-3333-3333-3333-333333333333"] {
+        let id = Uuid::new_v4();
+        let resp = app.post("/ads/click", &json!({"adId": ad, "eventId": id})).await;
+        assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
+        acked.insert(id);
     }
     blocking({
         let ch = ch.clone();

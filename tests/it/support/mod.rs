@@ -210,6 +210,9 @@ pub struct Service {
     /// `http://ADDR`.
     pub base: String,
     child: std::process::Child,
+    /// Kills the service if the test process dies first (no orphan replaying from a shared
+    /// Redis long after its test).
+    watchdog: std::process::Child,
 }
 
 impl Service {
@@ -245,8 +248,9 @@ impl Service {
                 }
             }
         });
+        let watchdog = servers::watchdog(child.id());
         let addr = rx.recv_timeout(Duration::from_secs(60)).expect("the service starts serving");
-        Service { base: format!("http://{addr}"), child }
+        Service { base: format!("http://{addr}"), child, watchdog }
     }
 
     /// The process id (to read its memory in /proc).
@@ -256,12 +260,16 @@ impl Service {
 
     /// SIGKILL: no shutdown, no flush, nothing in memory survives.
     pub fn kill(mut self) {
+        let _ = self.watchdog.kill();
+        let _ = self.watchdog.wait();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
     /// SIGTERM, and the exit code.
     pub fn terminate(mut self) -> Option<i32> {
+        let _ = self.watchdog.kill();
+        let _ = self.watchdog.wait();
         let pid = self.child.id().to_string();
         let sent = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
         assert!(sent.success());
@@ -271,6 +279,8 @@ impl Service {
 
 impl Drop for Service {
     fn drop(&mut self) {
+        let _ = self.watchdog.kill();
+        let _ = self.watchdog.wait();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -71,6 +71,24 @@ while kill -0 "$s" 2>/dev/null; do
   sleep 0.5
 done"#;
 
+/// A watchdog that SIGKILLs `pid` once this test process is gone (a test killed mid-run never
+/// drops its handles): for the adbeacon processes tests start. Kill it when the process is
+/// stopped another way.
+pub fn watchdog(pid: u32) -> Child {
+    Command::new("sh")
+        .arg("-c")
+        .arg(WATCHDOG_SCRIPT)
+        .arg("adbeacon-test-watchdog")
+        .arg(std::process::id().to_string())
+        .arg(pid.to_string())
+        .arg("")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|err| panic!("spawning the watchdog shell `sh`: {err}"))
+}
+
 /// The ClickHouse every ordinary test shares; tests isolate themselves with their own database.
 pub fn shared_clickhouse() -> &'static ClickHouse {
     static SHARED: OnceLock<ClickHouse> = OnceLock::new();
