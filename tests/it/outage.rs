@@ -299,8 +299,9 @@ async fn redis_killed_during_a_spill_loses_nothing() {
     app.stop().await.unwrap();
 }
 
-/// ClickHouse and Redis both down, then back in the order given.
-async fn both_down_then_back(clickhouse_first: bool) {
+/// ClickHouse and Redis both down, then back in the order given, in `mode`: the events wait in
+/// memory (and the log in `wal` mode), then 503 once the buffer is full, never a lost 2xx.
+async fn both_down_then_back(clickhouse_first: bool, mode: &str) {
     let ch = Arc::new(Mutex::new(ClickHouse::start()));
     let redis = Arc::new(Mutex::new(Redis::start()));
     let (url, redis_url) = (ch.lock().unwrap().url(), redis.lock().unwrap().url());
@@ -308,7 +309,12 @@ async fn both_down_then_back(clickhouse_first: bool) {
     let mut app = TestApp::spawn_on(
         &url,
         &db,
-        &vars(&[("REDIS_URL", &redis_url), ("BUFFER_MAX_BYTES", "2MiB"), ("BATCH_MAX_BYTES", "512KiB")]),
+        &vars(&[
+            ("REDIS_URL", &redis_url),
+            ("ACK_MODE", mode),
+            ("BUFFER_MAX_BYTES", "2MiB"),
+            ("BATCH_MAX_BYTES", "512KiB"),
+        ]),
     )
     .await;
     let load = Load::start(&app.base, 4);
@@ -321,7 +327,13 @@ async fn both_down_then_back(clickhouse_first: bool) {
         }
     })
     .await;
-    tokio::time::sleep(scaled(Duration::from_secs(3), Duration::from_secs(30))).await;
+    tokio::time::sleep(scaled(Duration::from_secs(1), Duration::from_secs(30))).await;
+    // Memory fills, then 503: nothing acknowledged that no layer holds.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while app.metric(r#"adbeacon_events_rejected_total{reason="buffer_full"}"#).await == 0 {
+        assert!(Instant::now() < deadline, "{mode}: the buffer never filled");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let ready: Value = app.get("/readyz").await.json().await.unwrap();
     assert_eq!(
         (ready["clickhouse"].as_str(), ready["redis"].as_str()),
@@ -355,12 +367,12 @@ fn thread_sleep(d: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_down_then_clickhouse_back_first_loses_nothing() {
-    both_down_then_back(true).await;
+    both_down_then_back(true, "wal").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_down_then_redis_back_first_loses_nothing() {
-    both_down_then_back(false).await;
+    both_down_then_back(false, "buffered").await;
 }
 
 /// The service binary with its own ClickHouse database and Redis key prefix.
