@@ -4,8 +4,9 @@
 # One private ClickHouse, one private Redis, one release adbeacon (ACK_MODE=wal, the default):
 #   1. normal: POST /ads/click paced at a moderate load (BENCH_CONNECTIONS connections, each
 #      waiting BENCH_DELAY_MS after an answer), BENCH_DURATION: the live p99 at rest;
-#   2. outage: ClickHouse stopped, wrk at saturation for BENCH_OUTAGE: every batch goes to the Redis
-#      spill; the accepted rate, and the spill's throughput in events per second;
+#   2. saturation, then outage: wrk at saturation for BENCH_OUTAGE with ClickHouse up, then the same
+#      with ClickHouse stopped: every batch goes to the Redis spill; the accepted rate against the
+#      normal one (target: at least 75 %), and the spill's throughput in events per second;
 #   3. drain: ClickHouse back, the same paced load as in 1 while the replayer drains the backlog:
 #      the live p99 during the replay (target: no worse than 2x the p99 at rest), the replay's rate;
 #   4. accounting: once the spill is empty, every acknowledged click is in ClickHouse exactly once
@@ -120,7 +121,11 @@ run_wrk normal "$app_url" "$DURATION"
 normal_rps="$r_rps" normal_p50="$r_p50" normal_p99="$r_p99"
 unset WRK_DELAY_MS
 
-log "---- 2. outage: ClickHouse stopped, saturation"
+log "---- 2. saturation with ClickHouse up, then with it stopped"
+run_wrk saturation "$app_url" "$OUTAGE"
+sat_rps="$r_rps" sat_p99="$r_p99"
+await_flush
+log "---- outage: ClickHouse stopped, saturation"
 stop_pid clickhouse-server "$ch_pid" 10
 ch_pid=""
 spilled_before="$(metric '^adbeacon_events_spilled_total$')"
@@ -168,6 +173,8 @@ if [ "$accepted" != "$stored" ] || [ "$stored" != "$distinct" ]; then
 fi
 
 ratio="$(awk -v a="$drain_p99" -v b="$normal_p99" 'BEGIN { printf "%.2f", a / b }')"
+spill_pct="$(awk -v a="$outage_rps" -v b="$sat_rps" 'BEGIN { printf "%.1f", 100 * a / b }')"
+spill_verdict="$(awk -v p="$spill_pct" 'BEGIN { print (p >= 75 ? "PASS" : "BELOW") }')"
 verdict="$(awk -v r="$ratio" -v t="$TARGET_RATIO" 'BEGIN { print (r <= t ? "PASS" : "ABOVE") }')"
 rev="$(git_rev)"
 when="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -176,10 +183,12 @@ when="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "| phase | req/s | p50 | p99 | |"
   echo "|---|---:|---:|---:|---|"
   echo "| normal (paced) | $(rps_fmt "$normal_rps") | $(ms "$normal_p50") | $(ms "$normal_p99") | |"
+  echo "| saturation, ClickHouse up | $(rps_fmt "$sat_rps") | | $(ms "$sat_p99") | |"
   echo "| outage (saturation, ClickHouse down) | $(rps_fmt "$outage_rps") | | $(ms "$outage_p99") | $outage_non2xx non-2xx; spilled $spilled events, $spill_eps events/s |"
   echo "| drain (paced, while $backlog_start events replay) | $(rps_fmt "$drain_rps") | $(ms "$drain_p50") | $(ms "$drain_p99") | replayed $replayed events in $((drain_ms / 1000)) s: $replay_eps events/s; $backlog_after_run left when the run ended |"
   echo
   echo "Target: live p99 while the backlog drains <= ${TARGET_RATIO}x the p99 at rest: **$verdict** (${ratio}x)."
+  echo "Target: throughput while spilling >= 75 % of normal at saturation: **$spill_verdict** ($spill_pct %)."
   echo "Accounting: accepted $accepted, stored $stored, distinct event ids $distinct."
   echo "Load: wrk -t1 -c$CONNECTIONS POST /ads/click, WRK_DELAY_MS=$DELAY_MS (paced), $DURATION per phase; outage $OUTAGE at" \
     "saturation; REPLAY_RATE=${REPLAY_RATE:-200000 (default)}; $ncpu CPUs; pinning: $pinning."

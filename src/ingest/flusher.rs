@@ -148,7 +148,7 @@ impl Flusher {
                     health: &self.health,
                     check: !self.unsafe_skip_check,
                 };
-                let outcome = sender.send(&query_id, batch.rows.clone(), sent.then_some(&check[..])).await;
+                let outcome = sender.send(&query_id, &batch.rows, sent.then_some(&check[..])).await;
                 sent = true;
                 outcome
             };

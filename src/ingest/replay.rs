@@ -300,7 +300,7 @@ impl Replayer {
                 None => {
                     let n = (pending.len() - done).min(chunk_rows);
                     let started = Instant::now();
-                    match sender.send(&query_id, pending[done..done + n].to_vec(), None).await {
+                    match sender.send(&query_id, &pending[done..done + n], None).await {
                         Ok(rejected) => {
                             bad.extend(rejected);
                             done += n;
