@@ -9,6 +9,8 @@
 #      normal one (target: at least 75 %), and the spill's throughput in events per second;
 #   3. drain: ClickHouse back, the same paced load as in 1 while the replayer drains the backlog:
 #      the live p99 during the replay (target: no worse than 2x the p99 at rest), the replay's rate;
+#   then the paced load once more after the drain: the same process and data without a replay,
+#   a second baseline (the first comes from a fresh process and an empty database);
 #   4. accounting: once the spill is empty, every acknowledged click is in ClickHouse exactly once
 #      (count() = uniqExact(event_id) = adbeacon_events_accepted_total).
 # The report is also written to .data/bench/last-replay.md.
@@ -161,6 +163,12 @@ if [ "$backlog_after_run" = 0 ]; then
   log "warning: the backlog drained before the measured run ended; the drain p99 covers some time without replay"
 fi
 
+log "---- after: the same paced load once the backlog is gone (same process, same data)"
+export WRK_DELAY_MS="$DELAY_MS"
+run_wrk after "$app_url" "$DURATION"
+after_rps="$r_rps" after_p50="$r_p50" after_p99="$r_p99"
+unset WRK_DELAY_MS
+
 log "---- 4. accounting"
 await_flush
 accepted="$(metric '^adbeacon_events_accepted_total')"
@@ -173,6 +181,7 @@ if [ "$accepted" != "$stored" ] || [ "$stored" != "$distinct" ]; then
 fi
 
 ratio="$(awk -v a="$drain_p99" -v b="$normal_p99" 'BEGIN { printf "%.2f", a / b }')"
+ratio_after="$(awk -v a="$drain_p99" -v b="$after_p99" 'BEGIN { printf "%.2f", a / b }')"
 spill_pct="$(awk -v a="$outage_rps" -v b="$sat_rps" 'BEGIN { printf "%.1f", 100 * a / b }')"
 spill_verdict="$(awk -v p="$spill_pct" 'BEGIN { print (p >= 75 ? "PASS" : "BELOW") }')"
 verdict="$(awk -v r="$ratio" -v t="$TARGET_RATIO" 'BEGIN { print (r <= t ? "PASS" : "ABOVE") }')"
@@ -186,8 +195,9 @@ when="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "| saturation, ClickHouse up | $(rps_fmt "$sat_rps") | | $(ms "$sat_p99") | |"
   echo "| outage (saturation, ClickHouse down) | $(rps_fmt "$outage_rps") | | $(ms "$outage_p99") | $outage_non2xx non-2xx; spilled $spilled events, $spill_eps events/s |"
   echo "| drain (paced, while $backlog_start events replay) | $(rps_fmt "$drain_rps") | $(ms "$drain_p50") | $(ms "$drain_p99") | replayed $replayed events in $((drain_ms / 1000)) s: $replay_eps events/s; $backlog_after_run left when the run ended |"
+  echo "| after the drain (paced) | $(rps_fmt "$after_rps") | $(ms "$after_p50") | $(ms "$after_p99") | |"
   echo
-  echo "Target: live p99 while the backlog drains <= ${TARGET_RATIO}x the p99 at rest: **$verdict** (${ratio}x)."
+  echo "Target: live p99 while the backlog drains <= ${TARGET_RATIO}x the p99 at rest: **$verdict** (${ratio}x; ${ratio_after}x the p99 after the drain)."
   echo "Target: throughput while spilling >= 75 % of normal at saturation: **$spill_verdict** ($spill_pct %)."
   echo "Accounting: accepted $accepted, stored $stored, distinct event ids $distinct."
   echo "Load: wrk -t1 -c$CONNECTIONS POST /ads/click, WRK_DELAY_MS=$DELAY_MS (paced), $DURATION per phase; outage $OUTAGE at" \

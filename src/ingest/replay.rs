@@ -360,13 +360,13 @@ impl Replayer {
         true
     }
 
-    /// Rows per replay INSERT: a twentieth of a second's worth at REPLAY_RATE (at least 1,000),
+    /// Rows per replay INSERT: a fiftieth of a second's worth at REPLAY_RATE (at least 1,000),
     /// never more than BATCH_MAX_ROWS.
     fn chunk_rows(&self) -> usize {
         if self.rate == 0 {
             return self.max_rows.max(1);
         }
-        (self.rate as usize / 20).max(1000).min(self.max_rows).max(1)
+        (self.rate as usize / 50).max(1000).min(self.max_rows).max(1)
     }
 
     /// Waits while the live buffer holds a full batch: the flusher's INSERTs go first.

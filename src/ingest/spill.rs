@@ -231,13 +231,16 @@ fn entry(id: &StreamId) -> Entry {
     }
 }
 
-/// Reads entries back off the async workers: a 100,000-row entry takes milliseconds to check
+/// Reads entries back off the async workers: a 100,000-row entry is megabytes to convert, check
 /// and decode, which would hold up the requests that share the worker.
-async fn decode(ids: Vec<StreamId>) -> Vec<Entry> {
-    if ids.is_empty() {
-        return Vec::new();
+async fn decode(
+    reply: Value,
+    ids: impl FnOnce(Value) -> redis::RedisResult<Vec<StreamId>> + Send + 'static,
+) -> Result<Vec<Entry>, RedisError> {
+    if matches!(reply, Value::Nil) {
+        return Ok(Vec::new());
     }
-    tokio::task::spawn_blocking(move || ids.iter().map(entry).collect())
+    tokio::task::spawn_blocking(move || Ok(ids(reply)?.iter().map(entry).collect()))
         .await
         .expect("decoding spill entries does not panic")
 }
@@ -355,9 +358,13 @@ impl Spill {
             .arg("STREAMS")
             .arg(&self.keys.spill)
             .arg(">");
-        let reply: Option<StreamReadReply> = self.redis.query(&cmd).await?;
-        let ids: Vec<StreamId> = reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids).collect();
-        Ok(decode(ids).await)
+        // The raw reply: turning megabytes of it into entries happens off the async workers.
+        let reply: Value = self.redis.query(&cmd).await?;
+        decode(reply, |v| {
+            let reply: Option<StreamReadReply> = redis::from_redis_value(&v)?;
+            Ok(reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids).collect())
+        })
+        .await
     }
 
     /// Entries read but not acknowledged for `min_idle` or longer: (entry id, consumer).
@@ -386,8 +393,8 @@ impl Spill {
         }
         let mut cmd = redis::cmd("XCLAIM");
         cmd.arg(&self.keys.spill).arg(GROUP).arg(consumer).arg(min_idle.as_millis() as u64).arg(ids);
-        let reply: StreamClaimReply = self.redis.query(&cmd).await?;
-        Ok(decode(reply.ids).await)
+        let reply: Value = self.redis.query(&cmd).await?;
+        decode(reply, |v| Ok(redis::from_redis_value::<StreamClaimReply>(&v)?.ids)).await
     }
 
     /// Deletes consumers other than `me` that hold no entry and were last seen `min_idle` ago
