@@ -1,8 +1,10 @@
 //! Prometheus metrics: one struct owning the registry and typed handles.
 //!
 //! Labels are low-cardinality only (route templates, event kinds, reasons), never ad ids or raw
-//! paths. The pipeline counters come in pairs (accepted / flushed / dead-lettered) so that the books
-//! can be checked: at rest, accepted = flushed + dead-lettered.
+//! paths. The pipeline counters come in pairs (accepted / flushed / spilled / dead-lettered) so
+//! that the books can be checked: at rest, accepted = flushed + spilled + dead-lettered on each
+//! instance, and across them spilled = replayed + replay dead-lettered + the spill backlog (apart
+//! from damaged entries, counted as entries, and dead letters an operator sends back).
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,

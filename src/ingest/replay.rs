@@ -1,16 +1,18 @@
 //! The replayer: every instance drains the Redis spill into ClickHouse while ClickHouse takes
 //! INSERTs.
 //!
-//! It reads with the consumer group [`super::spill::GROUP`] under a name of its own, merges
-//! small spilled batches into INSERTs of up to `BATCH_MAX_ROWS` rows, and acknowledges (and
-//! deletes) entries only after ClickHouse confirmed them: a replayer that dies leaves its entries
+//! It reads with the consumer group [`super::spill::GROUP`] under a name of its own, about
+//! `BATCH_MAX_ROWS` rows of entries at a time (small spilled batches merged), checks them once and
+//! sends them in small, evenly paced INSERTs, and acknowledges (and deletes) entries only after
+//! ClickHouse confirmed them: a replayer that dies leaves its entries
 //! pending, and once they have been idle for `REPLAY_CLAIM_IDLE` another replayer ends any INSERT
 //! the dead one may have left running (its query ids carry its name), claims them and replays
 //! them with the check of [`super::insert`]. Every spilled row keeps its batch token, so nothing
 //! is counted twice, whichever replayer gets it and however often.
 //!
 //! Live ingest keeps priority: a replay INSERT waits while the buffer holds a full batch for the
-//! flusher, and replay runs at most `REPLAY_RATE` events a second. A damaged entry goes to the
+//! flusher, replay runs at most `REPLAY_RATE` events a second, and the heavy work on entries
+//! (converting and decoding megabytes) runs off the threads that serve requests. A damaged entry goes to the
 //! dead letters; rows ClickHouse rejects too. Nothing loops forever on a bad entry.
 //!
 //! While ClickHouse is down the replayer probes it every second; its answer is what ends the
