@@ -67,7 +67,7 @@ pub struct App {
     flusher: JoinHandle<()>,
     wal: Option<Wal>,
     stop_flusher: CancellationToken,
-    replayer: Option<JoinHandle<()>>,
+    replayer: Option<std::thread::JoinHandle<()>>,
     stop_replayer: CancellationToken,
     retention: JoinHandle<()>,
     stop_retention: CancellationToken,
@@ -270,10 +270,13 @@ impl App {
         };
         let flusher = tokio::spawn(flusher.run(stop_flusher.clone()));
         let stop_replayer = CancellationToken::new();
-        let replayer = spill.map(|spill| {
+        // The replayer runs on a thread and runtime of its own, with its own ClickHouse pool and
+        // Redis connection: its INSERTs' encoding and compression then never hold up a worker
+        // that serves requests (the OS interleaves the threads; measured in make bench-replay).
+        let replayer = spill.map(|_| {
             let replayer = Replayer {
-                spill,
-                clickhouse,
+                spill: self::spill(&config).expect("configured: the spill above exists"),
+                clickhouse: clickhouse.separate(&config.clickhouse),
                 metrics,
                 health: state.insert_health.clone(),
                 buffer: state.intake.buffer.clone(),
@@ -283,8 +286,16 @@ impl App {
                 claim_idle: config.replay_claim_idle,
                 unsafe_skip_check: config.unsafe_skip_insert_check,
             };
-            tokio::spawn(replayer.run(stop_replayer.clone()))
+            let stop = stop_replayer.clone();
+            std::thread::Builder::new().name("adbeacon-replay".into()).spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime for the replayer");
+                runtime.block_on(replayer.run(stop));
+            })
         });
+        let replayer = replayer.transpose().map_err(io("starting the replay thread"))?;
         let stop_retention = CancellationToken::new();
         let retention = tokio::spawn(retention::run(
             state.clickhouse.clone(),
@@ -338,10 +349,11 @@ impl App {
         if let Err(e) = self.flusher.await {
             tracing::error!(error = %e, "the flusher task failed during shutdown");
         }
-        if let Some(replayer) = self.replayer
-            && let Err(e) = replayer.await
-        {
-            tracing::error!(error = %e, "the replayer task failed during shutdown");
+        if let Some(replayer) = self.replayer {
+            match tokio::task::spawn_blocking(move || replayer.join()).await {
+                Ok(Ok(())) => {}
+                _ => tracing::error!("the replayer thread failed during shutdown"),
+            }
         }
         // Last: the flusher logs batch tokens and confirmations until it is done.
         if let Some(wal) = &self.wal {

@@ -236,6 +236,13 @@ impl ClickHouse {
         Ok(Self { client, timeouts, dedup })
     }
 
+    /// A handle with a connection pool of its own (same server, settings and timeouts), for a
+    /// task on another runtime: pooled connections are driven by the runtime that opened them.
+    pub fn separate(&self, cfg: &ClickHouseConfig) -> Self {
+        let client = base_client(cfg).with_database(&cfg.database).with_validation(false);
+        Self { client, timeouts: self.timeouts, dedup: self.dedup }
+    }
+
     /// A handle that never connected, for generating the OpenAPI spec offline.
     pub fn detached(cfg: &ClickHouseConfig) -> Self {
         Self {
