@@ -17,6 +17,9 @@
 //!
 //! While ClickHouse is down the replayer probes it every second; its answer is what ends the
 //! flusher's outage mode.
+//!
+//! The app runs it on a thread and runtime of its own, with its own ClickHouse pool and Redis
+//! connection (`App::build`), so that its INSERTs never hold up a worker serving requests.
 
 use std::{
     collections::HashMap,
