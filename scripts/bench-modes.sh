@@ -58,17 +58,9 @@ start_watchdog
 
 build_release
 
-ncpu="$(nproc)"
-wrk_pin=()
-srv_pin=()
+pin_cores
 pinning="none (BENCH_PIN=0 or nproc=$ncpu)"
-if [ "${BENCH_PIN:-1}" != 0 ] && [ "$ncpu" -ge 2 ] && command -v taskset >/dev/null 2>&1; then
-  srv_cpus=0
-  if [ "$ncpu" -gt 2 ]; then srv_cpus="0-$((ncpu - 2))"; fi
-  wrk_pin=(taskset -c "$((ncpu - 1))")
-  srv_pin=(taskset -c "$srv_cpus")
-  pinning="wrk on cpu $((ncpu - 1)); adbeacon on cpu $srv_cpus; ClickHouse unpinned"
-fi
+if [ -n "$wrk_cpu" ]; then pinning="wrk on cpu $wrk_cpu; adbeacon on cpu $srv_cpus; ClickHouse unpinned"; fi
 log "pinning: $pinning"
 
 read -r ch_http ch_tcp app_port < <(free_ports 3)

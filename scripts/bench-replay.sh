@@ -62,29 +62,21 @@ start_watchdog
 
 build_release
 
-ncpu="$(nproc)"
-wrk_pin=()
-srv_pin=()
-others_cpu=""
+pin_cores
 pinning="none (BENCH_PIN=0 or nproc=$ncpu)"
-if [ "${BENCH_PIN:-1}" != 0 ] && [ "$ncpu" -ge 2 ] && command -v taskset >/dev/null 2>&1; then
-  srv_cpus=0
-  if [ "$ncpu" -gt 2 ]; then srv_cpus="0-$((ncpu - 2))"; fi
-  wrk_pin=(taskset -c "$((ncpu - 1))")
-  srv_pin=(taskset -c "$srv_cpus")
-  pinning="adbeacon on cpu $srv_cpus; wrk, and ClickHouse and Redis at nice 19, on cpu $((ncpu - 1))"
-  others_cpu="$((ncpu - 1))"
+if [ -n "$wrk_cpu" ]; then
+  pinning="adbeacon on cpu $srv_cpus; wrk, and ClickHouse and Redis at nice 19, on cpu $wrk_cpu"
 fi
 log "pinning: $pinning"
 
 read -r ch_http ch_tcp redis_port app_port < <(free_ports 4)
-# pin_others PID: moves a server's threads (and so those they start later) to $others_cpu, at
+# pin_others PID: moves a server's threads (and so those they start later) to $wrk_cpu, at
 # the lowest priority: in production ClickHouse and Redis run on machines of their own; here they
 # share a core with wrk, and must not delay wrk's own timing of adbeacon's answers.
 pin_others() {
   local tid
-  [ -n "$others_cpu" ] || return 0
-  taskset -a -p -c "$others_cpu" "$1" >/dev/null
+  [ -n "$wrk_cpu" ] || return 0
+  taskset -a -p -c "$wrk_cpu" "$1" >/dev/null
   for tid in /proc/"$1"/task/*; do renice -n 19 -p "${tid##*/}" >/dev/null 2>&1 || true; done
 }
 

@@ -223,6 +223,22 @@ ch_ping() { [ "$(curl -s --noproxy '*' --max-time 2 "$ch_url/ping" 2>/dev/null)"
 # shellcheck disable=SC2317  # called through wait_ready
 app_ready() { [ "$(http_code "${app_url:?}/readyz")" = 200 ]; }
 
+# pin_cores: where BENCH_PIN is not 0, the machine has two or more cores and taskset exists, wrk
+# goes on the last core (wrk_pin, wrk_cpu) and the server on the others (srv_pin, srv_cpus);
+# otherwise all of them are empty. Sets ncpu either way.
+pin_cores() {
+  ncpu="$(nproc)"
+  wrk_pin=() srv_pin=() wrk_cpu="" srv_cpus=""
+  if [ "${BENCH_PIN:-1}" != 0 ] && [ "$ncpu" -ge 2 ] && command -v taskset >/dev/null 2>&1; then
+    srv_cpus=0
+    if [ "$ncpu" -gt 2 ]; then srv_cpus="0-$((ncpu - 2))"; fi
+    wrk_cpu=$((ncpu - 1))
+    wrk_pin=(taskset -c "$wrk_cpu")
+    # shellcheck disable=SC2034  # read by the scripts
+    srv_pin=(taskset -c "$srv_cpus")
+  fi
+}
+
 # The runs' helpers below use app_url, app_pid, tmp, wrk_pin, THREADS and CONNECTIONS, and set
 # wrk_pid while wrk runs (for the clean-up).
 

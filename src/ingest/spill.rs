@@ -301,11 +301,6 @@ impl Spill {
         now
     }
 
-    /// The last state seen, without asking Redis.
-    pub fn state(&self) -> RedisState {
-        self.state.lock().0.clone()
-    }
-
     /// Forgets the last check, so that the next [`Spill::check`] asks Redis (after a failure).
     fn recheck(&self) {
         self.state.lock().1 = None;

@@ -14,25 +14,6 @@ fn no_redirects() -> reqwest::Client {
     crate::support::browser().redirect(reqwest::redirect::Policy::none()).build().unwrap()
 }
 
-async fn send(
-    app: &TestApp,
-    method: reqwest::Method,
-    path: &str,
-    key: Option<&str>,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut req = app.http.request(method, format!("{}{path}", app.base));
-    if let Some(key) = key {
-        req = req.bearer_auth(key);
-    }
-    if let Some(body) = body {
-        req = req.json(&body);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
-
 /// Polls GET /ads (served from memory for up to 2 s) until `pred` holds.
 async fn wait_listed(app: &TestApp, pred: impl Fn(&Vec<Value>) -> bool) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -59,7 +40,7 @@ async fn ad_ops_create_change_and_retire_ads_and_players_follow() {
     let id = created["id"].as_str().unwrap().to_string();
     assert_eq!(location, format!("/ads/{id}"));
     assert_eq!((created["active"].as_bool(), created["name"].as_str()), (Some(true), Some("Winter Sale")));
-    let (status, got) = send(&app, reqwest::Method::GET, &location, None, None).await;
+    let (status, got) = app.send(reqwest::Method::GET, &location, None, None).await;
     assert_eq!((status, got["target_url"].as_str()), (200, Some("https://shop.example/winter")));
     let listed = wait_listed(&app, |ads| ads.iter().any(|a| a["id"] == id)).await;
     assert!(listed.iter().any(|a| a["id"] == id), "a new ad reaches GET /ads");
@@ -68,7 +49,7 @@ async fn ad_ops_create_change_and_retire_ads_and_players_follow() {
 
     // Changed: the click-through follows the new target.
     let change = json!({"name": "Winter Sale II", "video_url": "https://cdn.example/w2.mp4", "target_url": "https://shop.example/w2"});
-    let (status, changed) = send(&app, reqwest::Method::PUT, &location, None, Some(change)).await;
+    let (status, changed) = app.send(reqwest::Method::PUT, &location, None, Some(change)).await;
     assert_eq!(status, 200, "{changed}");
     assert!(changed["version"].as_u64() > created["version"].as_u64());
     assert_eq!(changed["created_at"], created["created_at"]);
@@ -76,14 +57,14 @@ async fn ad_ops_create_change_and_retire_ads_and_players_follow() {
     assert_eq!(resp.headers()["location"], "https://shop.example/w2");
 
     // Retired: it leaves GET /ads, clicks get 404, its data stays readable.
-    let (status, _) = send(&app, reqwest::Method::DELETE, &location, None, None).await;
+    let (status, _) = app.send(reqwest::Method::DELETE, &location, None, None).await;
     assert_eq!(status, 204);
     let listed = wait_listed(&app, |ads| ads.iter().all(|a| a["id"] != id)).await;
     assert!(listed.iter().all(|a| a["id"] != id));
     assert_eq!(no_redirects().get(format!("{}/c/{id}", app.base)).send().await.unwrap().status(), 404);
-    let (_, retired) = send(&app, reqwest::Method::GET, &location, None, None).await;
+    let (_, retired) = app.send(reqwest::Method::GET, &location, None, None).await;
     assert_eq!(retired["active"], false);
-    let (status, _) = send(&app, reqwest::Method::DELETE, &location, None, None).await;
+    let (status, _) = app.send(reqwest::Method::DELETE, &location, None, None).await;
     assert_eq!(status, 204, "retiring twice is fine");
     assert_eq!(app.wait_flushed(2).await, 2);
     let a: Value = app.get(&format!("/ads/analytics?adId={id}&timeframe=1h")).await.json().await.unwrap();
@@ -149,7 +130,7 @@ async fn bad_catalog_requests_get_the_right_status() {
     ];
     for (method, path, body, status, says) in cases {
         let body = (!body.is_null()).then_some(body);
-        let (got, answer) = send(&app, method.clone(), &path, None, body).await;
+        let (got, answer) = app.send(method.clone(), &path, None, body).await;
         assert_eq!(got, status, "{method} {path}: {answer}");
         assert!(answer["error"].as_str().unwrap_or_default().contains(says), "{method} {path}: {answer}");
     }
@@ -167,11 +148,11 @@ async fn api_keys_guard_the_catalog_and_analytics_but_not_tracking() {
     assert_eq!(resp.status(), 401);
     assert_eq!(resp.headers()["www-authenticate"], "Bearer");
     let (status, body) =
-        send(&app, reqwest::Method::POST, "/ads", Some("wrong-key-0123456789"), Some(ad.clone())).await;
+        app.send(reqwest::Method::POST, "/ads", Some("wrong-key-0123456789"), Some(ad.clone())).await;
     assert_eq!((status, body["error"].as_str()), (401, Some("this API key is not valid")));
-    let (status, body) = send(&app, reqwest::Method::POST, "/ads", Some(READER), Some(ad.clone())).await;
+    let (status, body) = app.send(reqwest::Method::POST, "/ads", Some(READER), Some(ad.clone())).await;
     assert_eq!((status, body["error"].as_str()), (403, Some("this API key lacks the admin scope")));
-    let (status, created) = send(&app, reqwest::Method::POST, "/ads", Some(ADMIN), Some(ad)).await;
+    let (status, created) = app.send(reqwest::Method::POST, "/ads", Some(ADMIN), Some(ad)).await;
     assert_eq!(status, 201);
     let id = created["id"].as_str().unwrap();
     // X-API-Key works as well as a bearer token.
@@ -180,9 +161,9 @@ async fn api_keys_guard_the_catalog_and_analytics_but_not_tracking() {
     assert_eq!(resp.status(), 200);
 
     let analytics = format!("/ads/analytics?adId={id}");
-    assert_eq!(send(&app, reqwest::Method::GET, &analytics, None, None).await.0, 401);
-    assert_eq!(send(&app, reqwest::Method::GET, &analytics, Some(READER), None).await.0, 200);
-    assert_eq!(send(&app, reqwest::Method::GET, "/ads/analytics", Some(ADMIN), None).await.0, 200);
+    assert_eq!(app.send(reqwest::Method::GET, &analytics, None, None).await.0, 401);
+    assert_eq!(app.send(reqwest::Method::GET, &analytics, Some(READER), None).await.0, 200);
+    assert_eq!(app.send(reqwest::Method::GET, "/ads/analytics", Some(ADMIN), None).await.0, 200);
 
     // Players need no key.
     assert_eq!(app.post("/ads/click", &json!({"adId": id})).await.status(), 202);

@@ -14,26 +14,6 @@ const AD1: &str = "11111111-1111-1111-1111-111111111111";
 const ADMIN: &str = "admin-key-0123456789";
 const READER: &str = "read-key-0123456789";
 
-/// Sends a request with an optional bearer key and JSON body; the status and the JSON answer.
-async fn send(
-    app: &TestApp,
-    method: reqwest::Method,
-    path: &str,
-    key: Option<&str>,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut req = app.http.request(method, format!("{}{path}", app.base));
-    if let Some(key) = key {
-        req = req.bearer_auth(key);
-    }
-    if let Some(body) = body {
-        req = req.json(&body);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
-
 /// The dead-letter stream's key.
 fn stream(app: &TestApp) -> String {
     format!("{}dead-letters", app.redis_prefix)
@@ -98,15 +78,15 @@ async fn dead_letters_are_listed_then_replayed_and_stored_exactly_once() {
         (&post, "/admin/dead-letters/replay"),
         (&delete, "/admin/dead-letters"),
     ] {
-        let (status, body) = send(&app, method.clone(), path, None, None).await;
+        let (status, body) = app.send(method.clone(), path, None, None).await;
         assert_eq!(status, 401, "{method} {path} without a key: {body}");
-        let (status, body) = send(&app, method.clone(), path, Some(READER), None).await;
+        let (status, body) = app.send(method.clone(), path, Some(READER), None).await;
         assert_eq!(status, 403, "{method} {path} with a read key: {body}");
         assert_eq!(body["error"], "this API key lacks the admin scope");
     }
 
     // Listed oldest first, a page at a time, with their reason and rows.
-    let (status, page) = send(&app, get.clone(), "/admin/dead-letters?limit=1", Some(ADMIN), None).await;
+    let (status, page) = app.send(get.clone(), "/admin/dead-letters?limit=1", Some(ADMIN), None).await;
     assert_eq!(status, 200, "{page}");
     assert_eq!(page["count"], 3);
     let listed = page["deadLetters"].as_array().unwrap();
@@ -130,7 +110,7 @@ async fn dead_letters_are_listed_then_replayed_and_stored_exactly_once() {
     assert!((time::OffsetDateTime::now_utc() - at).whole_seconds().abs() < 60, "{at}");
 
     let path = format!("/admin/dead-letters?after={}", one["id"].as_str().unwrap());
-    let (status, rest) = send(&app, get.clone(), &path, Some(ADMIN), None).await;
+    let (status, rest) = app.send(get.clone(), &path, Some(ADMIN), None).await;
     assert_eq!(status, 200, "{rest}");
     assert_eq!(rest["next"], Value::Null);
     let rest = rest["deadLetters"].as_array().unwrap().clone();
@@ -142,7 +122,7 @@ async fn dead_letters_are_listed_then_replayed_and_stored_exactly_once() {
 
     // The schema fixed, a replay moves the rows back to the spill; the damaged entry stays.
     app.query("ALTER TABLE events MODIFY COLUMN error_code UInt16").await;
-    let (status, done) = send(&app, post.clone(), "/admin/dead-letters/replay", Some(ADMIN), None).await;
+    let (status, done) = app.send(post.clone(), "/admin/dead-letters/replay", Some(ADMIN), None).await;
     assert_eq!(status, 200, "{done}");
     assert_eq!(done, json!({"entries": 2, "events": 5, "skipped": [damaged]}));
     let all: Vec<String> = first.iter().chain(&second).map(|id| format!("'{id}'")).collect();
@@ -160,12 +140,12 @@ async fn dead_letters_are_listed_then_replayed_and_stored_exactly_once() {
     assert_eq!(app.metric("adbeacon_dead_letters_replayed_total").await, 2);
 
     // Only the damaged entry is left; a purge removes it.
-    let (_, page) = send(&app, get.clone(), "/admin/dead-letters", Some(ADMIN), None).await;
+    let (_, page) = app.send(get.clone(), "/admin/dead-letters", Some(ADMIN), None).await;
     assert_eq!(page["count"], 1, "{page}");
     assert_eq!(page["deadLetters"][0]["id"], damaged.as_str());
-    let (status, purged) = send(&app, delete.clone(), "/admin/dead-letters", Some(ADMIN), None).await;
+    let (status, purged) = app.send(delete.clone(), "/admin/dead-letters", Some(ADMIN), None).await;
     assert_eq!((status, purged), (200, json!({"purged": 1})));
-    let (_, page) = send(&app, get, "/admin/dead-letters", Some(ADMIN), None).await;
+    let (_, page) = app.send(get, "/admin/dead-letters", Some(ADMIN), None).await;
     assert_eq!(page, json!({"count": 0, "deadLetters": [], "next": null}));
     assert_eq!(app.metric("adbeacon_dead_letters_purged_total").await, 1);
     assert_eq!(app.metric("adbeacon_dead_letters").await, 0);
@@ -178,7 +158,7 @@ async fn purge_deletes_the_selected_dead_letters_or_all() {
     rejected_batch(&app, 2).await;
     let kept = rejected_batch(&app, 1).await;
     let damaged = damaged_entry(&app);
-    let (status, page) = send(&app, reqwest::Method::GET, "/admin/dead-letters", None, None).await;
+    let (status, page) = app.send(reqwest::Method::GET, "/admin/dead-letters", None, None).await;
     assert_eq!(status, 200, "{page}");
     let ids: Vec<String> = page["deadLetters"]
         .as_array()
@@ -192,15 +172,15 @@ async fn purge_deletes_the_selected_dead_letters_or_all() {
     // A damaged entry named for replay is skipped; nothing moves.
     let replay = json!({"ids": [damaged]});
     let (status, done) =
-        send(&app, reqwest::Method::POST, "/admin/dead-letters/replay", None, Some(replay)).await;
+        app.send(reqwest::Method::POST, "/admin/dead-letters/replay", None, Some(replay)).await;
     assert_eq!((status, done), (200, json!({"entries": 0, "events": 0, "skipped": [damaged]})));
 
     // An empty list selects none; unknown ids are ignored; repeats count once.
-    let purge = |body: Value| send(&app, reqwest::Method::DELETE, "/admin/dead-letters", None, Some(body));
+    let purge = |body: Value| app.send(reqwest::Method::DELETE, "/admin/dead-letters", None, Some(body));
     assert_eq!(purge(json!({"ids": []})).await, (200, json!({"purged": 0})));
     let (status, done) = purge(json!({"ids": [ids[0], damaged, damaged, "1-0"]})).await;
     assert_eq!((status, done), (200, json!({"purged": 2})));
-    let (_, page) = send(&app, reqwest::Method::GET, "/admin/dead-letters", None, None).await;
+    let (_, page) = app.send(reqwest::Method::GET, "/admin/dead-letters", None, None).await;
     assert_eq!(page["count"], 1, "{page}");
     assert_eq!(page["deadLetters"][0]["id"], ids[1].as_str());
     assert_eq!(row_ids(&page["deadLetters"][0]), kept);
@@ -223,11 +203,11 @@ async fn malformed_ids_and_limits_are_refused_naming_them() {
         ("after=1700000000000", "after"),
     ] {
         let path = format!("/admin/dead-letters?{query}");
-        let (status, body) = send(&app, reqwest::Method::GET, &path, None, None).await;
+        let (status, body) = app.send(reqwest::Method::GET, &path, None, None).await;
         assert_eq!(status, 400, "{query}: {body}");
         assert!(body["error"].as_str().unwrap().starts_with(names), "{query}: {body}");
     }
-    let (status, body) = send(&app, reqwest::Method::GET, "/admin/dead-letters?limit=1000", None, None).await;
+    let (status, body) = app.send(reqwest::Method::GET, "/admin/dead-letters?limit=1000", None, None).await;
     assert_eq!((status, body["count"].as_u64()), (200, Some(1)));
 
     for method in [reqwest::Method::POST, reqwest::Method::DELETE] {
@@ -236,24 +216,24 @@ async fn malformed_ids_and_limits_are_refused_naming_them() {
         } else {
             "/admin/dead-letters"
         };
-        let (status, body) = send(&app, method.clone(), path, None, Some(json!({"ids": ["abc"]}))).await;
+        let (status, body) = app.send(method.clone(), path, None, Some(json!({"ids": ["abc"]}))).await;
         assert_eq!(status, 422, "{method}: {body}");
         assert!(
             body["error"].as_str().unwrap().contains("ids[0]")
                 && body["error"].as_str().unwrap().contains("\"abc\"")
         );
         let (status, body) =
-            send(&app, method.clone(), path, None, Some(json!({"ids": [damaged, "1700000000000-01"]}))).await;
+            app.send(method.clone(), path, None, Some(json!({"ids": [damaged, "1700000000000-01"]}))).await;
         assert_eq!(status, 422, "{method}: {body}");
         assert!(body["error"].as_str().unwrap().contains("ids[1]"), "{body}");
         let many: Vec<String> = (0..1001).map(|i| format!("{i}-0")).collect();
-        let (status, body) = send(&app, method.clone(), path, None, Some(json!({"ids": many}))).await;
+        let (status, body) = app.send(method.clone(), path, None, Some(json!({"ids": many}))).await;
         assert_eq!(status, 422, "{method}: {body}");
         // A misspelt field is not read as "no ids", which would select every dead letter.
-        let (status, body) = send(&app, method.clone(), path, None, Some(json!({"id": [damaged]}))).await;
+        let (status, body) = app.send(method.clone(), path, None, Some(json!({"id": [damaged]}))).await;
         assert_eq!(status, 400, "{method}: {body}");
         assert!(body["error"].as_str().unwrap().contains("unknown field"), "{body}");
-        let (status, body) = send(&app, method.clone(), path, None, Some(json!({"ids": "all"}))).await;
+        let (status, body) = app.send(method.clone(), path, None, Some(json!({"ids": "all"}))).await;
         assert_eq!(status, 400, "{method}: {body}");
     }
     assert_eq!(shared_redis().command(&["XLEN", &stream(&app)]), "1", "nothing was touched");
@@ -268,7 +248,7 @@ async fn without_redis_the_endpoints_answer_409_and_with_redis_down_503() {
         (reqwest::Method::DELETE, "/admin/dead-letters"),
     ];
     for (method, path) in &cases {
-        let (status, body) = send(&app, method.clone(), path, None, None).await;
+        let (status, body) = app.send(method.clone(), path, None, None).await;
         assert_eq!(status, 409, "{method} {path}: {body}");
         let error = body["error"].as_str().unwrap();
         assert!(error.contains("REDIS_URL is none") && error.contains("DATA_DIR/dead-letter/"), "{error}");
@@ -276,7 +256,7 @@ async fn without_redis_the_endpoints_answer_409_and_with_redis_down_503() {
 
     let mut redis = Redis::start();
     let app = TestApp::spawn_with(&[("REDIS_URL", &redis.url())]).await;
-    let (status, _) = send(&app, reqwest::Method::GET, "/admin/dead-letters", None, None).await;
+    let (status, _) = app.send(reqwest::Method::GET, "/admin/dead-letters", None, None).await;
     assert_eq!(status, 200);
     redis.stop();
     for (method, path) in &cases {

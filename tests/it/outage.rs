@@ -120,6 +120,12 @@ async fn settle(base: &str, ch: &ClickHouse, db: &str, acked: &HashSet<Uuid>) ->
     stored
 }
 
+/// Runs a blocking call on a shared server (`ClickHouse::kill`, `Redis::restart`…) on a thread of
+/// its own, so the runtime's workers keep serving the app and the load meanwhile.
+async fn on<T: Send + 'static>(server: Arc<Mutex<T>>, call: fn(&mut T)) {
+    blocking(move || call(&mut server.lock().unwrap())).await
+}
+
 /// The server, once no other task holds it.
 fn alone<T>(shared: Arc<Mutex<T>>) -> T {
     Arc::into_inner(shared).expect("no other holder").into_inner().unwrap()
@@ -141,11 +147,7 @@ async fn clickhouse_killed_under_load_spills_and_replays_exactly_once() {
     let mut app = TestApp::spawn_on(&url, &db, &vars(&[])).await;
     let load = Load::start(&app.base, 4);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    blocking({
-        let ch = ch.clone();
-        move || ch.lock().unwrap().kill()
-    })
-    .await;
+    on(ch.clone(), ClickHouse::kill).await;
     let before = load.count();
     tokio::time::sleep(scaled(Duration::from_secs(4), Duration::from_secs(60))).await;
     let during = load.count() - before;
@@ -156,11 +158,7 @@ async fn clickhouse_killed_under_load_spills_and_replays_exactly_once() {
     );
     assert!(ready["spillBacklog"].as_u64().unwrap() > 0, "{ready}");
     assert!(app.metric("adbeacon_events_spilled_total").await > 0);
-    blocking({
-        let ch = ch.clone();
-        move || ch.lock().unwrap().restart()
-    })
-    .await;
+    on(ch.clone(), ClickHouse::restart).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let acked = load.finish().await;
     eprintln!("acknowledged {} events, {during} of them while ClickHouse was down", acked.len());
@@ -251,18 +249,10 @@ async fn redis_killed_during_a_spill_loses_nothing() {
     .await;
     let load = Load::start(&app.base, 4);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    blocking({
-        let ch = ch.clone();
-        move || ch.lock().unwrap().kill()
-    })
-    .await;
+    on(ch.clone(), ClickHouse::kill).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(app.metric("adbeacon_events_spilled_total").await > 0);
-    blocking({
-        let redis = redis.clone();
-        move || redis.lock().unwrap().kill()
-    })
-    .await;
+    on(redis.clone(), Redis::kill).await;
     tokio::time::sleep(scaled(Duration::from_secs(2), Duration::from_secs(30))).await;
     // The buffer fills: not ready, and new events get 503.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -281,17 +271,9 @@ async fn redis_killed_during_a_spill_loses_nothing() {
     );
     assert!(app.metric(r#"adbeacon_events_rejected_total{reason="buffer_full"}"#).await > 0);
     assert!(app.metric("adbeacon_spill_failures_total").await > 0);
-    blocking({
-        let redis = redis.clone();
-        move || redis.lock().unwrap().restart()
-    })
-    .await;
+    on(redis.clone(), Redis::restart).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    blocking({
-        let ch = ch.clone();
-        move || ch.lock().unwrap().restart()
-    })
-    .await;
+    on(ch.clone(), ClickHouse::restart).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let acked = load.finish().await;
     let ch = alone(ch);
@@ -417,20 +399,12 @@ async fn the_service_killed_during_a_replay_loses_nothing_and_counts_nothing_twi
     let service = start_service(service_vars(&url, &db, &data_dir, &redis_url, &prefix, &slow)).await;
     let load = Load::start(&service.base, 4);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    blocking({
-        let ch = ch.clone();
-        move || ch.lock().unwrap().kill()
-    })
-    .await;
+    on(ch.clone(), ClickHouse::kill).await;
     tokio::time::sleep(scaled(Duration::from_secs(3), Duration::from_secs(30))).await;
     let mut acked = load.finish().await;
     let backlog = readiness(&service.base).await["spillBacklog"].as_u64().unwrap();
     assert!(backlog > 2000, "a backlog to replay: {backlog}");
-    blocking({
-        let ch = ch.clone();
-        move || ch.lock().unwrap().restart()
-    })
-    .await;
+    on(ch.clone(), ClickHouse::restart).await;
     // Killed once the replay is under way, at a moment its replayer holds entries it has read
     // but not acknowledged.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -483,11 +457,7 @@ async fn sigterm_during_an_outage_spills_everything_and_exits_zero() {
         let load = Load::start(&service.base, 4);
         tokio::time::sleep(Duration::from_secs(1)).await;
         let acked = load.finish().await;
-        blocking({
-            let ch = ch.clone();
-            move || ch.lock().unwrap().kill()
-        })
-        .await;
+        on(ch.clone(), ClickHouse::kill).await;
         assert_eq!(blocking(move || service.terminate()).await, Some(0), "{mode}: exit 0");
         let spilled: usize =
             shared_redis().command(&["GET", &format!("{prefix}spill:events")]).parse().unwrap();
@@ -497,11 +467,7 @@ async fn sigterm_during_an_outage_spills_everything_and_exits_zero() {
             .map(|d| d.filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "wal")).count())
             .unwrap_or(0);
         assert_eq!(wal_left, 0, "{mode}: spilled batches leave the log");
-        blocking({
-            let ch = ch.clone();
-            move || ch.lock().unwrap().restart()
-        })
-        .await;
+        on(ch.clone(), ClickHouse::restart).await;
         let service = start_service(service_vars(&url, &db, &data_dir, &redis_url, &prefix, &[])).await;
         let ch = alone(ch);
         settle(&service.base, &ch, &db, &acked).await;
@@ -608,11 +574,7 @@ async fn a_large_backlog_is_replayed_with_bounded_memory() {
     let redis_url = shared_redis().url();
     let extra = [("BATCH_MAX_ROWS", "5000"), ("ACK_MODE", "buffered"), ("MAX_BATCH_BODY_BYTES", "4MiB")];
     let service = start_service(service_vars(&url, &db, &data_dir, &redis_url, &prefix, &extra)).await;
-    blocking({
-        let ch = ch.clone();
-        move || ch.lock().unwrap().kill()
-    })
-    .await;
+    on(ch.clone(), ClickHouse::kill).await;
     // The backlog, 1000 events a request, with ids, concurrently.
     let base = service.base.clone();
     let http = crate::support::browser().build().unwrap();
@@ -649,11 +611,7 @@ async fn a_large_backlog_is_replayed_with_bounded_memory() {
     let pid = service.pid();
     let before = rss(pid);
     let backlog_bytes = acked.len() as u64 * EventRow::SIZE as u64;
-    blocking({
-        let ch = ch.clone();
-        move || ch.lock().unwrap().restart()
-    })
-    .await;
+    on(ch.clone(), ClickHouse::restart).await;
     let mut peak = before;
     let deadline = Instant::now() + scaled(Duration::from_secs(120), Duration::from_secs(1800));
     while readiness(&service.base).await["spillBacklog"].as_u64() != Some(0) {
@@ -698,11 +656,7 @@ async fn a_redis_that_evicts_is_refused() {
         (Some("not_ready"), Some("evicting")),
         "{body}"
     );
-    blocking({
-        let ch = ch.clone();
-        move || ch.lock().unwrap().kill()
-    })
-    .await;
+    on(ch.clone(), ClickHouse::kill).await;
     let mut acked = HashSet::new();
     for _ in 0..20 {
         let id = Uuid::new_v4();
@@ -724,11 +678,7 @@ async fn a_redis_that_evicts_is_refused() {
         assert!(Instant::now() < deadline, "the spill did not resume");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    blocking({
-        let ch = ch.clone();
-        move || ch.lock().unwrap().restart()
-    })
-    .await;
+    on(ch.clone(), ClickHouse::restart).await;
     let ch = alone(ch);
     settle(&app.base, &ch, &db, &acked).await;
     app.stop().await.unwrap();
@@ -742,11 +692,7 @@ async fn events_for_active_ads_are_taken_when_clickhouse_is_down_from_the_start(
     let url = ch.lock().unwrap().url();
     let db = fresh_db();
     let mut app = TestApp::spawn_on(&url, &db, &vars(&[])).await;
-    blocking({
-        let ch = ch.clone();
-        move || ch.lock().unwrap().kill()
-    })
-    .await;
+    on(ch.clone(), ClickHouse::kill).await;
     let mut acked = HashSet::new();
     for ad in ["11111111-1111-1111-1111-111111111111", "33333333-3333-3333-3333-333333333333"] {
         let id = Uuid::new_v4();
@@ -754,11 +700,7 @@ async fn events_for_active_ads_are_taken_when_clickhouse_is_down_from_the_start(
         assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
         acked.insert(id);
     }
-    blocking({
-        let ch = ch.clone();
-        move || ch.lock().unwrap().restart()
-    })
-    .await;
+    on(ch.clone(), ClickHouse::restart).await;
     let ch = alone(ch);
     settle(&app.base, &ch, &db, &acked).await;
     app.stop().await.unwrap();
