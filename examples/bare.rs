@@ -1,10 +1,10 @@
 //! Baseline for `scripts/bench.sh`: the cheapest HTTP server the same stack can build.
 //!
 //! A bare hyper 1.x HTTP/1.1 server (keep-alive, multi-threaded tokio runtime) that reads and
-//! discards every request body and answers every request, whatever its method or path, with
-//! `202 {"message":"Click event queued"}` — what `POST /ads/click` answers. The gap between this
-//! and `adbeacon serve` under the same wrk load is what routing, validation, the catalog look-up,
-//! metrics and buffering cost.
+//! discards every request body and answers, whatever the path, a GET with `200` and the 1×1 GIF
+//! that `GET /t/{event}` answers, and anything else with `202 {"message":"Click event queued"}` —
+//! what `POST /ads/click` answers. The gap between this and `adbeacon serve` under the same wrk
+//! load is what routing, validation, the catalog look-up, metrics and buffering cost.
 //!
 //! Listens on 127.0.0.1:`PORT` (default 8081) and exits on SIGINT or SIGTERM:
 //!
@@ -14,9 +14,11 @@
 
 use std::{convert::Infallible, net::SocketAddr};
 
+use adbeacon::api::pixel::PIXEL_GIF;
+
 use http_body_util::{BodyExt, Full};
 use hyper::{
-    Request, Response, StatusCode,
+    Method, Request, Response, StatusCode,
     body::{Bytes, Incoming},
     header::{CONTENT_TYPE, HeaderValue},
     server::conn::http1,
@@ -31,14 +33,20 @@ use tokio::{
 /// The body `POST /ads/click` answers with.
 const BODY: &[u8] = br#"{"message":"Click event queued"}"#;
 
-/// Reads and drops the request body, then answers the fixed 202.
+/// Reads and drops the request body, then answers the fixed pixel (GET) or 202 (anything else).
 async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let get = req.method() == Method::GET;
     // Drain the body so the work matches a server that parses it; a broken body still gets the
     // fixed answer, since this server judges nothing.
     let _ = req.into_body().collect().await;
-    let mut resp = Response::new(Full::new(Bytes::from_static(BODY)));
-    *resp.status_mut() = StatusCode::ACCEPTED;
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let (status, body, kind) = if get {
+        (StatusCode::OK, PIXEL_GIF, "image/gif")
+    } else {
+        (StatusCode::ACCEPTED, BODY, "application/json")
+    };
+    let mut resp = Response::new(Full::new(Bytes::from_static(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(kind));
     Ok(resp)
 }
 

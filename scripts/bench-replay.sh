@@ -70,15 +70,6 @@ fi
 log "pinning: $pinning"
 
 read -r ch_http ch_tcp redis_port app_port < <(free_ports 4)
-# pin_others PID: moves a server's threads (and so those they start later) to $wrk_cpu, at
-# the lowest priority: in production ClickHouse and Redis run on machines of their own; here they
-# share a core with wrk, and must not delay wrk's own timing of adbeacon's answers.
-pin_others() {
-  local tid
-  [ -n "$wrk_cpu" ] || return 0
-  taskset -a -p -c "$wrk_cpu" "$1" >/dev/null
-  for tid in /proc/"$1"/task/*; do renice -n 19 -p "${tid##*/}" >/dev/null 2>&1 || true; done
-}
 
 start_clickhouse "$ch_http" "$ch_tcp"
 pin_others "$ch_pid"

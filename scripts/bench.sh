@@ -1,40 +1,62 @@
 #!/usr/bin/env bash
-# `make bench`: how fast `adbeacon serve` takes clicks, next to the cheapest server the same stack
-# can build (examples/bare.rs, a bare hyper server with the same 202 answer).
+# `make bench`: how fast `adbeacon serve` takes events, next to the cheapest server the same stack
+# can build (examples/bare.rs, a bare hyper server with the same answers), and next to itself with
+# a no-op sink (the pipeline's cost).
 #
-# One run: builds release, starts a private ClickHouse, adbeacon and bare on free loopback ports,
-# drives both with the same wrk load (loadtest/wrk/click.lua), checks that every click adbeacon
-# acknowledged reached ClickHouse, and prints a table (also written to
-# .data/bench/last-pinned.md or last-unpinned.md, by BENCH_PIN).
+# One run builds release and starts, on free loopback ports, a private ClickHouse, adbeacon
+# storing into it, adbeacon with the no-op sink (ADBEACON_BENCH_DISCARD_EVENTS=1: batches are
+# confirmed and dropped) and bare. Then, with one wrk and the same connections for all:
+#   1. saturation, per endpoint (BENCH_ENDPOINTS): POST /ads/click (loadtest/wrk/click.lua, the
+#      old service's body), GET /t/impression and the other beacons (pixel.lua), POST /ads/events
+#      with BENCH_BATCH_EVENTS events each (batch.lua); rounds alternate bare, adbeacon, no-op;
+#      the best round of each counts. adbeacon's rows per INSERT and INSERTs per second and its
+#      resident memory are read meanwhile (the steady state);
+#   2. half of adbeacon's click saturation, paced (WRK_DELAY_MS), against bare and adbeacon: p99;
+#   3. overload: 5x the connections on POST /ads/click; adbeacon's highest resident memory;
+# checks that every event adbeacon acknowledged reached ClickHouse exactly once and the no-op sink
+# confirmed every one it acknowledged, and prints a table of throughput, p50, p99, ratios and CPU
+# seconds per million events against the targets (also written to .data/bench/last-pinned.md or
+# last-unpinned.md, by BENCH_PIN).
 #
 # Settings (environment):
-#   BENCH_THREADS (1)  BENCH_CONNECTIONS (64)  BENCH_DURATION (15s)  BENCH_WARMUP (3s)
-#   BENCH_ROUNDS (2)   measured runs per target, alternating bare/adbeacon; the best one counts
+#   BENCH_THREADS (1)  BENCH_CONNECTIONS (64)  BENCH_DURATION (10s)  BENCH_WARMUP (3s)
+#   BENCH_ROUNDS (2)   measured runs per target and endpoint; the best one counts
+#   BENCH_ENDPOINTS ("click pixel batch")  BENCH_BATCH_EVENTS (100)  BENCH_OVERLOAD (5)
 # adbeacon's own tuning variables (FLUSH_INTERVAL, BATCH_MAX_ROWS, ...; see `adbeacon --help`)
 # pass through, e.g. `BATCH_MAX_ROWS=5000 scripts/bench.sh`.
 #
-# Exits non-zero when an event went missing or adbeacon answered errors. Never touches servers it
-# did not start: `make run`'s stack on 8123, test servers and the like are left alone.
+# Exits non-zero when an event went missing or was stored twice, or adbeacon answered errors at
+# saturation (503s under overload are its load shedding and reported, not failures). Never
+# touches servers it did not start: `make run`'s stack on 8123, test servers and the like are
+# left alone.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root="$PWD"
-# Shared with bench-analytics.sh: log/die, our servers' start-up and clean-up; see its header.
+# Shared with the other benchmarks: log/die, our servers' start-up and clean-up; see its header.
 # shellcheck source-path=SCRIPTDIR source=lib/bench-common.sh
 . "$root/scripts/lib/bench-common.sh"
 log_tag=bench # what log lines start with
 
 THREADS="${BENCH_THREADS:-1}"
 CONNECTIONS="${BENCH_CONNECTIONS:-64}"
-DURATION="${BENCH_DURATION:-15s}"
+DURATION="${BENCH_DURATION:-10s}"
 WARMUP="${BENCH_WARMUP:-3s}"
 ROUNDS="${BENCH_ROUNDS:-2}"
-# The share of the bare server's throughput adbeacon must keep on POST /ads/click: 70 % for the
-# plain (unpinned) comparison, 80 % per core (pinned), the later and stricter bar.
-TARGET_PCT_UNPINNED=70
-TARGET_PCT_PINNED=80
+ENDPOINTS="${BENCH_ENDPOINTS:-click pixel batch}"
+BATCH_EVENTS="${BENCH_BATCH_EVENTS:-100}"
+OVERLOAD="${BENCH_OVERLOAD:-5}"
+export WRK_BATCH_EVENTS="$BATCH_EVENTS"
 
-check_counts THREADS CONNECTIONS ROUNDS
+check_counts THREADS CONNECTIONS ROUNDS BATCH_EVENTS OVERLOAD
+for e in $ENDPOINTS; do
+  case "$e" in
+    click | pixel | batch) ;;
+    *) die "BENCH_ENDPOINTS names click, pixel and batch; got '$e'" ;;
+  esac
+done
+[[ "$DURATION" =~ ^[1-9][0-9]*s$ ]] || die "BENCH_DURATION must be whole seconds such as 10s, got '$DURATION'"
+duration_s="${DURATION%s}"
 
 # ---------------------------------------------------------------- prerequisites
 command -v wrk >/dev/null 2>&1 || die "wrk not found; install it with 'apt-get install wrk' (or run 'make bench', which does)"
@@ -46,17 +68,19 @@ tmp="$(mktemp -d "${TMPDIR:-/tmp}/adbeacon-bench.XXXXXX")"
 out_dir="$root/.data/bench"
 mkdir -p "$out_dir"
 
-bare_pid="" wrk_pid="" # ch_pid, app_pid and watchdog_pid come from bench-common.sh
+bare_pid="" noop_pid="" wrk_pid="" # ch_pid, app_pid and watchdog_pid come from bench-common.sh
 
 # shellcheck disable=SC2317  # invoked by the EXIT trap
 cleanup() {
   local status=$?
   # Finish the clean-up even if Ctrl-C is pressed again.
   trap '' INT TERM HUP
+  stop_rss
   # adbeacon first, while its ClickHouse still answers, so its shutdown flush doesn't sit out
   # SHUTDOWN_TIMEOUT retrying; ClickHouse last (it may take a few seconds to stop).
   stop_pid wrk "$wrk_pid" 5
   stop_pid adbeacon "$app_pid" 40
+  stop_pid "adbeacon (no-op sink)" "$noop_pid" 40
   stop_pid bare "$bare_pid" 10
   stop_pid clickhouse-server "$ch_pid" 10
   stop_watchdog
@@ -73,195 +97,306 @@ build_release --example bare
 bare_bin="$root/target/release/examples/bare"
 
 # ---------------------------------------------------------------- ports and pinning
-read -r ch_http ch_tcp app_port bare_port < <(free_ports 4)
+read -r ch_http ch_tcp app_port noop_port bare_port < <(free_ports 5)
 
 # wrk and the server under test fight for CPU; on a machine with cores to spare, give wrk its own
-# core so the server's numbers aren't wrk's. ClickHouse stays unpinned: it only takes the
-# flusher's batches, and the machine is shared anyway.
-ncpu="$(nproc)"
-wrk_pin=()
-srv_pin=()
-# BENCH_PIN=0 runs everything unpinned: servers and wrk share all cores, as a plain
-# `wrk` against a server would; the report names which way a figure was taken.
-pin_mode=pinned
-TARGET_PCT=$TARGET_PCT_PINNED
-TARGET_NAME="per core, pinned"
-if [ "${BENCH_PIN:-1}" = "0" ]; then
-  pin_mode=unpinned
-  TARGET_PCT=$TARGET_PCT_UNPINNED
-  TARGET_NAME="same load, unpinned"
-  pinning="none (BENCH_PIN=0; servers, wrk and ClickHouse share all $ncpu cores)"
-elif [ "$ncpu" -ge 2 ] && command -v taskset >/dev/null 2>&1; then
-  srv_cpus=0
-  if [ "$ncpu" -gt 2 ]; then srv_cpus="0-$((ncpu - 2))"; fi
-  wrk_pin=(taskset -c "$((ncpu - 1))")
-  srv_pin=(taskset -c "$srv_cpus")
-  pinning="wrk on cpu $((ncpu - 1)); adbeacon and bare on cpu $srv_cpus; ClickHouse unpinned (nproc=$ncpu)"
-elif [ "$ncpu" -lt 2 ]; then
-  pin_mode=unpinned
-  TARGET_PCT=$TARGET_PCT_UNPINNED
-  TARGET_NAME="same load, unpinned"
-  pinning="none (nproc=$ncpu)"
+# core so the server's numbers aren't wrk's. ClickHouse goes there too, at nice 19 (pin_others):
+# in production it has machines of its own, and its INSERT bursts must not land on the core
+# whose latency is measured. BENCH_PIN=0 runs everything unpinned:
+# servers and wrk share all cores, as a plain `wrk` against a server would; the report names
+# which way a figure was taken.
+declare -A target_pct
+pin_cores
+# The share of the bare server's throughput adbeacon must keep: POST /ads/click 80 % and the pixel
+# 85 % per core (pinned); unpinned, the plain comparison, 70 % for both.
+if [ -n "$wrk_cpu" ]; then
+  pin_mode=pinned
+  target_pct=([click]=80 [pixel]=85 [batch]=0)
+  pinning="adbeacon, its no-op twin and bare on cpu $srv_cpus; wrk, and ClickHouse at nice 19, on cpu $wrk_cpu (nproc=$ncpu)"
 else
   pin_mode=unpinned
-  TARGET_PCT=$TARGET_PCT_UNPINNED
-  TARGET_NAME="same load, unpinned"
-  pinning="none (taskset not found, nproc=$ncpu)"
+  target_pct=([click]=70 [pixel]=70 [batch]=0)
+  pinning="none (BENCH_PIN=${BENCH_PIN:-1}, nproc=$ncpu; servers, wrk and ClickHouse share all cores)"
 fi
 log "pinning: $pinning"
 
 # ---------------------------------------------------------------- ClickHouse
 # A private one, so the bench's inserts and its count() never mix with `make run`'s data.
 start_clickhouse "$ch_http" "$ch_tcp"
+pin_others "$ch_pid"
 
 ch_query() { # SQL -> result on stdout
   curl -fsS --noproxy '*' --max-time 30 "$ch_url/" --data-binary "$1"
 }
 
-# ---------------------------------------------------------------- the two servers
-log "starting adbeacon on 127.0.0.1:$app_port"
+# ---------------------------------------------------------------- the three servers
+log "starting adbeacon on 127.0.0.1:$app_port, its no-op twin on $noop_port, bare on $bare_port"
 start_adbeacon "$app_bin" "$app_port" bench "${srv_pin[@]}"
-
-log "starting bare on 127.0.0.1:$bare_port"
+app_real_pid="$app_pid"
+# The no-op twin: the same binary and settings, its own database (catalog) and data directory.
+instance=noop start_adbeacon "$app_bin" "$noop_port" bench_noop env ADBEACON_BENCH_DISCARD_EVENTS=1 "${srv_pin[@]}"
+noop_pid="$app_pid" app_pid="$app_real_pid"
 setsid env PORT="$bare_port" "${srv_pin[@]}" "$bare_bin" </dev/null >"$tmp/bare.log" 2>&1 &
 bare_pid=$!
 watch_pid "$bare_pid" "$bare_bin"
 
 app_url="http://127.0.0.1:$app_port"
+noop_url="http://127.0.0.1:$noop_port"
 bare_url="http://127.0.0.1:$bare_port"
+declare -A url=([bare]="$bare_url" [adbeacon]="$app_url" [noop]="$noop_url")
+declare -A pid=([bare]="$bare_pid" [adbeacon]="$app_pid" [noop]="$noop_pid")
 
-# Ready means migrated, demo ads seeded and ClickHouse reachable: the first click is a 202.
+# Ready means migrated, demo ads seeded and ClickHouse reachable.
 wait_ready adbeacon "$app_pid" app_ready "$tmp/adbeacon.log"
+# shellcheck disable=SC2317  # called through wait_ready
+noop_ready() { [ "$(http_code "$noop_url/readyz")" = 200 ]; }
+wait_ready "adbeacon (no-op sink)" "$noop_pid" noop_ready "$tmp/noop.log"
 # shellcheck disable=SC2317  # called through wait_ready
 bare_ready() { [ "$(http_code -X POST "$bare_url/ads/click")" = 202 ]; }
 wait_ready bare "$bare_pid" bare_ready "$tmp/bare.log"
 
 # ---------------------------------------------------------------- the runs' helpers
-# metric, cpu_ticks, await_flush and run_wrk come from bench-common.sh.
+# metric, cpu_ticks, await_flush, watch_rss and run_wrk come from bench-common.sh.
 
-app_2xx=0 # 2xx answers wrk counted from adbeacon, every run including warm-up
-app_bad=() # adbeacon runs with non-2xx answers or socket errors
-app_run() { # DURATION LABEL
-  run_wrk adbeacon "$app_url" "$1"
-  app_2xx=$((app_2xx + r_requests - r_non2xx))
-  if [ "$r_non2xx" != 0 ] || [ "$r_errors" != 0 ]; then
-    app_bad+=("$2: non2xx=$r_non2xx socket errors=$r_errors ($r_detail)")
-    log "!!!!! adbeacon $2 run: $r_non2xx non-2xx answers, $r_errors socket errors ($r_detail) !!!!!"
+events_per_request() { if [ "$1" = batch ]; then echo "$BATCH_EVENTS"; else echo 1; fi; }
+
+# Per adbeacon instance: events in 2xx answers wrk read, and how many more the server may have
+# answered after wrk stopped reading (at most the connections' last requests of each run).
+declare -A got_2xx=([adbeacon]=0 [noop]=0) unread_max=([adbeacon]=0 [noop]=0)
+bad=() # runs with non-2xx answers or socket errors where none may be
+# measure TARGET ENDPOINT LABEL [ALLOW_503]: one wrk run of DURATION; books its counts.
+measure() {
+  local target="$1" endpoint="$2" label="$3" n
+  wrk_script="$endpoint" run_wrk "$target-$endpoint-$label" "${url[$target]}" "${run_duration:-$DURATION}"
+  [ "$target" = bare ] && return 0
+  n="$(events_per_request "$endpoint")"
+  got_2xx[$target]=$((got_2xx[$target] + (r_requests - r_non2xx) * n))
+  unread_max[$target]=$((unread_max[$target] + CONNECTIONS * n))
+  if { [ "$r_non2xx" != 0 ] && [ -z "${4:-}" ]; } || [ "$r_errors" != 0 ]; then
+    bad+=("$target $endpoint $label: non2xx=$r_non2xx socket errors=$r_errors ($r_detail)")
+    log "!!!!! $target $endpoint $label: $r_non2xx non-2xx answers, $r_errors socket errors ($r_detail) !!!!!"
   fi
 }
 
 # Keeps the best round (highest requests/s; its own p50 and p99 go with it).
 better() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a > b) }'; }
-best_bare_rps=0 best_bare_p50=0 best_bare_p99=0
-best_app_rps=0 best_app_p50=0 best_app_p99=0
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+pct() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.1f", 100 * a / b; else print "n/a" }'; }
+per_m() { awk -v t="$1" -v hz="$clk_tck" -v n="$2" 'BEGIN { if (n > 0) printf "%.1f", t / hz / n * 1e6; else print "n/a" }'; }
+ms() { awk -v us="$1" 'BEGIN { printf "%.2f ms", us / 1000 }'; }
+num() { awk -v r="$1" 'BEGIN { printf "%.0f", r }'; }
+mib() { awk -v k="$1" 'BEGIN { printf "%.1f MiB", k / 1024 }'; }
 
-# ---------------------------------------------------------------- the runs
-log "load: wrk -t$THREADS -c$CONNECTIONS, warm-up $WARMUP, then $ROUNDS x $DURATION per target; load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+declare -A rps p50 p99 cpu_m rows_per_insert inserts_per_s non2xx_sum
+steady_rss=0 peak_rss=0
+max_of() { awk -v a="$1" -v b="$2" 'BEGIN { print (b > a ? b : a) }'; }
 
-# Warm-up: connections, caches (the catalog's demo ads), allocator, CPU frequency. adbeacon goes
-# first so bare's warm-up gives it time to flush before its CPU is sampled.
-app_run "$WARMUP" warm-up
-run_wrk bare "$bare_url" "$WARMUP"
-await_flush
-
-cpu_before="$(cpu_ticks "$app_pid")"
-ch_cpu_before="$(cpu_ticks "$ch_pid")"
-accepted_before="$(metric '^adbeacon_events_accepted_total')" || die "adbeacon's /metrics did not answer"
-
-# Alternating, so slow drifts of a shared machine hit both targets alike.
-for round in $(seq 1 "$ROUNDS"); do
-  log "round $round/$ROUNDS"
-  run_wrk bare "$bare_url" "$DURATION"
-  if better "$r_rps" "$best_bare_rps"; then
-    best_bare_rps="$r_rps" best_bare_p50="$r_p50" best_bare_p99="$r_p99"
-  fi
-  app_run "$DURATION" "round $round"
-  if better "$r_rps" "$best_app_rps"; then
-    best_app_rps="$r_rps" best_app_p50="$r_p50" best_app_p99="$r_p99"
-  fi
+# ---------------------------------------------------------------- 1. saturation, per endpoint
+log "load: wrk -t$THREADS -c$CONNECTIONS, warm-up $WARMUP, then $ROUNDS x $DURATION per target and endpoint; load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+for endpoint in $ENDPOINTS; do
+  log "endpoint $endpoint"
+  # Warm-up: connections, caches (the catalog's demo ads), allocator, CPU frequency.
+  for target in adbeacon noop bare; do
+    run_duration="$WARMUP" measure "$target" "$endpoint" warm-up
+  done
+  await_flush
+  declare -A cpu0=([adbeacon]="$(cpu_ticks "$app_pid")" [noop]="$(cpu_ticks "$noop_pid")")
+  declare -A acc0=([adbeacon]="$(metric_at "$app_url" '^adbeacon_events_accepted_total')" [noop]="$(metric_at "$noop_url" '^adbeacon_events_accepted_total')")
+  rows0="$(metric '^adbeacon_batch_rows_sum$')" batches0="$(metric '^adbeacon_batch_rows_count$')"
+  for target in bare adbeacon noop; do rps[$target:$endpoint]=0; done
+  # Alternating, so slow drifts of a shared machine hit every target alike.
+  for round in $(seq 1 "$ROUNDS"); do
+    for target in bare adbeacon noop; do
+      [ "$target" = adbeacon ] && watch_rss "$app_pid" "$tmp/rss-steady"
+      # The batch endpoint offers more events than ClickHouse takes on this machine's spare
+      # core: the buffer fills and adbeacon sheds load with 503 (counted and reported).
+      measure "$target" "$endpoint" "round$round" "$([ "$endpoint" = batch ] && echo allow-503)"
+      non2xx_sum[$target:$endpoint]=$((${non2xx_sum[$target:$endpoint]:-0} + r_non2xx))
+      if [ "$target" = adbeacon ]; then
+        stop_rss
+        peak_rss="$(max_of "$peak_rss" "$(cat "$tmp/rss-steady")")"
+        if [ "$endpoint" = click ]; then steady_rss="$(max_of "$steady_rss" "$(cat "$tmp/rss-steady")")"; fi
+      fi
+      if better "$r_rps" "${rps[$target:$endpoint]}"; then
+        rps[$target:$endpoint]="$r_rps" p50[$target:$endpoint]="$r_p50" p99[$target:$endpoint]="$r_p99"
+      fi
+    done
+  done
+  await_flush
+  for target in adbeacon noop; do
+    cpu_m[$target:$endpoint]="$(per_m $(($(cpu_ticks "${pid[$target]}") - cpu0[$target])) \
+      $(($(metric_at "${url[$target]}" '^adbeacon_events_accepted_total') - acc0[$target])))"
+  done
+  rows=$(($(metric '^adbeacon_batch_rows_sum$') - rows0)) batches=$(($(metric '^adbeacon_batch_rows_count$') - batches0))
+  rows_per_insert[$endpoint]="$(awk -v r="$rows" -v b="$batches" 'BEGIN { if (b > 0) printf "%.0f", r / b; else print 0 }')"
+  inserts_per_s[$endpoint]="$(awk -v b="$batches" -v s=$((ROUNDS * duration_s)) 'BEGIN { printf "%.2f", b / s }')"
 done
 
-# The books: every acknowledged click must be in ClickHouse once the flusher is done.
+# ---------------------------------------------------------------- 2. half of saturation
+half_delay="" half_note="skipped (BENCH_ENDPOINTS has no click)"
+if [[ " $ENDPOINTS " == *" click "* ]]; then
+  # Each connection waits CONNECTIONS*1000/(rate/2) ms after an answer; wrk paces in whole
+  # milliseconds, so this is rounded down (at least 1) and the offered load is a little over half.
+  half_delay="$(awk -v c="$CONNECTIONS" -v r="${rps[adbeacon:click]}" 'BEGIN { d = int(c * 1000 / (r / 2)); print (d < 1 ? 1 : d) }')"
+  log "half of adbeacon's click saturation: WRK_DELAY_MS=$half_delay per connection"
+  export WRK_DELAY_MS="$half_delay"
+  for target in bare adbeacon noop; do
+    measure "$target" click half
+    rps[$target:half]="$r_rps" p50[$target:half]="$r_p50" p99[$target:half]="$r_p99"
+  done
+  unset WRK_DELAY_MS
+  half_note="WRK_DELAY_MS=$half_delay per connection"
+fi
+
+# ---------------------------------------------------------------- 3. overload
+overload_connections=$((CONNECTIONS * OVERLOAD))
+log "overload: $overload_connections connections on POST /ads/click"
+watch_rss "$app_pid" "$tmp/rss-overload"
+CONNECTIONS="$overload_connections" measure adbeacon click overload allow-503
+stop_rss
+overload_rss="$(cat "$tmp/rss-overload")"
+peak_rss="$(max_of "$peak_rss" "$overload_rss")"
+overload_rps="$r_rps" overload_p99="$r_p99" overload_non2xx="$r_non2xx"
+buffer_cap_bytes="$(metric '^adbeacon_buffer_max_bytes$')"
+
+# ---------------------------------------------------------------- the books
 await_flush
-cpu_after="$(cpu_ticks "$app_pid")"
-ch_cpu_after="$(cpu_ticks "$ch_pid")"
-accepted="$(metric '^adbeacon_events_accepted_total')" || die "adbeacon's /metrics did not answer"
-dead_lettered="$(metric '^adbeacon_events_dead_lettered_total$')" || die "adbeacon's /metrics did not answer"
-insert_failures="$(metric '^adbeacon_insert_failures_total')" || die "adbeacon's /metrics did not answer"
-stored="$(ch_query 'SELECT count() FROM bench.events')" || die "ClickHouse did not answer SELECT count()"
-
-# wrk stops with up to CONNECTIONS requests in flight per run: adbeacon accepts and answers them,
-# wrk never reads the answers. So the server's own count of 2xx answers is the reference, and
-# wrk's count may fall short of it by at most that much.
-runs=$((ROUNDS + 1))
-unread=$((accepted - app_2xx))
-lost=$((accepted - stored))
-
-measured=$((accepted - accepted_before))
-cpu_s="$(awk -v t=$((cpu_after - cpu_before)) -v hz="$clk_tck" 'BEGIN { printf "%.2f", t / hz }')"
-ch_cpu_s="$(awk -v t=$((ch_cpu_after - ch_cpu_before)) -v hz="$clk_tck" 'BEGIN { printf "%.2f", t / hz }')"
-cpu_per_m="$(awk -v s="$cpu_s" -v n="$measured" 'BEGIN { if (n > 0) printf "%.1f", s / n * 1e6; else print "n/a" }')"
+declare -A accepted flushed
+for target in adbeacon noop; do
+  accepted[$target]="$(metric_at "${url[$target]}" '^adbeacon_events_accepted_total')" || die "$target's /metrics did not answer"
+  flushed[$target]="$(metric_at "${url[$target]}" '^adbeacon_events_flushed_total')" || die "$target's /metrics did not answer"
+done
+dead_lettered="$(metric '^adbeacon_events_dead_lettered_total$')"
+insert_failures="$(metric '^adbeacon_insert_failures_total')"
+read -r stored distinct < <(ch_query 'SELECT count(), uniqExact(event_id) FROM bench.events FORMAT TSV') ||
+  die "ClickHouse did not answer SELECT count()"
+lost=$((accepted[adbeacon] - distinct))
+twice=$((stored - distinct))
+noop_short=$((accepted[noop] - flushed[noop]))
 
 # ---------------------------------------------------------------- report
-pct="$(awk -v a="$best_app_rps" -v b="$best_bare_rps" 'BEGIN { printf "%.1f", 100 * a / b }')"
-p99x="$(awk -v a="$best_app_p99" -v b="$best_bare_p99" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')"
-verdict="$(awk -v p="$pct" -v t="$TARGET_PCT" 'BEGIN { print (p >= t ? "PASS" : "BELOW") }')"
-ms() { awk -v us="$1" 'BEGIN { printf "%.2f ms", us / 1000 }'; }
-rps_fmt() { awk -v r="$1" 'BEGIN { printf "%.0f", r }'; }
-
 rev="$(git_rev)"
 when="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-load="wrk -t$THREADS -c$CONNECTIONS -d$DURATION, best of $ROUNDS rounds (warm-up $WARMUP), POST /ads/click"
+verdict() { awk -v v="$1" -v t="$2" -v dir="${3:-ge}" 'BEGIN { if (v == "n/a") print "n/a"; else if (dir == "ge") print (v + 0 >= t ? "PASS" : "BELOW"); else print (v + 0 <= t ? "PASS" : "ABOVE") }'; }
+declare -A name=([click]="POST /ads/click" [pixel]="GET /t/{event}" [batch]="POST /ads/events x$BATCH_EVENTS")
+events_s() { awk -v r="$1" -v n="$(events_per_request "$2")" 'BEGIN { printf "%.0f", r * n }'; }
 
+rows_md=() targets_md=()
 {
   echo
   echo "adbeacon benchmark  $when  rev $rev  nproc $ncpu  load avg $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "load:    $load"
+  echo "load:    wrk -t$THREADS -c$CONNECTIONS -d$DURATION, best of $ROUNDS rounds (warm-up $WARMUP)"
   echo "pinning: $pinning"
   echo
-  printf '%-16s %12s %10s %10s\n' target "requests/s" p50 p99
-  printf '%-16s %12s %10s %10s\n' bare "$(rps_fmt "$best_bare_rps")" "$(ms "$best_bare_p50")" "$(ms "$best_bare_p99")"
-  printf '%-16s %12s %10s %10s\n' adbeacon "$(rps_fmt "$best_app_rps")" "$(ms "$best_app_p50")" "$(ms "$best_app_p99")"
-  printf '%-16s %12s %10s %10s\n' adbeacon/bare "$pct %" "" "${p99x}x"
-  echo
-  echo "target: adbeacon >= ${TARGET_PCT}% of bare ($TARGET_NAME): $verdict ($pct %)"
-  echo "events: wrk counted $app_2xx 2xx from adbeacon in $runs runs; adbeacon accepted $accepted" \
-    "($unread answered after wrk stopped reading, at most $((runs * CONNECTIONS))); ClickHouse holds $stored; lost=$lost"
-  echo "cpu:    adbeacon used $cpu_s s for $measured events in the measured runs = $cpu_per_m CPU s per million events"
-  # Unpinned, so it competes with adbeacon (and wrk) for the same cores while storing the clicks.
-  echo "        ClickHouse used $ch_cpu_s CPU s in the same window, storing them"
-  if [ "$dead_lettered" != 0 ] || [ "$insert_failures" != 0 ]; then
-    echo "flusher: $insert_failures failed INSERTs, $dead_lettered events dead-lettered"
+  printf '%-28s %-9s %12s %12s %10s %10s %12s\n' endpoint target "requests/s" "events/s" p50 p99 "CPU s/M ev"
+  for endpoint in $ENDPOINTS; do
+    for target in bare adbeacon noop; do
+      k="$target:$endpoint"
+      printf '%-28s %-9s %12s %12s %10s %10s %12s\n' "${name[$endpoint]}" "$target" "$(num "${rps[$k]}")" \
+        "$(events_s "${rps[$k]}" "$endpoint")" "$(ms "${p50[$k]}")" "$(ms "${p99[$k]}")" "${cpu_m[$k]:-}"
+      rows_md+=("| ${name[$endpoint]} | $target | $(num "${rps[$k]}") | $(events_s "${rps[$k]}" "$endpoint") | $(ms "${p50[$k]}") | $(ms "${p99[$k]}") | ${cpu_m[$k]:-} |")
+    done
+    printf '%-28s adbeacon/bare %s %%, adbeacon/no-op %s %%; %s rows per INSERT, %s INSERTs/s\n' "" \
+      "$(pct "${rps[adbeacon:$endpoint]}" "${rps[bare:$endpoint]}")" "$(pct "${rps[adbeacon:$endpoint]}" "${rps[noop:$endpoint]}")" \
+      "${rows_per_insert[$endpoint]}" "${inserts_per_s[$endpoint]}"
+  done
+  if [ -n "$half_delay" ]; then
+    for target in bare adbeacon noop; do
+      printf '%-28s %-9s %12s %12s %10s %10s\n' "click at half saturation" "$target" "$(num "${rps[$target:half]}")" \
+        "$(num "${rps[$target:half]}")" "$(ms "${p50[$target:half]}")" "$(ms "${p99[$target:half]}")"
+      rows_md+=("| click at half of saturation ($half_note) | $target | $(num "${rps[$target:half]}") | $(num "${rps[$target:half]}") | $(ms "${p50[$target:half]}") | $(ms "${p99[$target:half]}") | |")
+    done
   fi
-} | tee "$tmp/report.txt"
+  printf '%-28s %-9s %12s %12s %10s %10s\n' "click, ${OVERLOAD}x connections" adbeacon "$(num "$overload_rps")" "" "" "$(ms "$overload_p99")"
+  rows_md+=("| click, ${OVERLOAD}× the connections ($overload_connections) | adbeacon | $(num "$overload_rps") | $(num "$overload_rps") | | $(ms "$overload_p99") | |")
+  echo
+  echo "targets:"
+  target_line() { # TEXT VALUE VERDICT
+    printf '  %-62s %-22s %s\n' "$1" "$2" "$3"
+    targets_md+=("| $1 | $2 | $3 |")
+  }
+  for endpoint in click pixel; do
+    [[ " $ENDPOINTS " == *" $endpoint "* ]] || continue
+    v="$(pct "${rps[adbeacon:$endpoint]}" "${rps[bare:$endpoint]}")"
+    target_line "${name[$endpoint]} >= ${target_pct[$endpoint]} % of bare ($pin_mode)" "$v %" "$(verdict "$v" "${target_pct[$endpoint]}")"
+  done
+  if [[ " $ENDPOINTS " == *" batch "* ]]; then
+    v="$(events_s "${rps[adbeacon:batch]}" batch)"
+    target_line "batch endpoint >= 1,000,000 events/s (into ClickHouse)" "$v" "$(verdict "$v" 1000000)"
+    v="$(events_s "${rps[noop:batch]}" batch)"
+    target_line "batch endpoint >= 1,000,000 events/s (no-op sink)" "$v" "$(verdict "$v" 1000000)"
+  fi
+  for endpoint in $ENDPOINTS; do
+    v="$(pct "${rps[adbeacon:$endpoint]}" "${rps[noop:$endpoint]}")"
+    target_line "pipeline into ClickHouse >= 90 % of the no-op sink, $endpoint" "$v %" "$(verdict "$v" 90)"
+  done
+  if [ -n "$half_delay" ]; then
+    v="$(ratio "${p99[adbeacon:half]}" "${p99[bare:half]}")"
+    target_line "p99 at half of saturation <= 2x bare's at the same load" "${v}x" "$(verdict "$v" 2 le)"
+  fi
+  for endpoint in $ENDPOINTS; do
+    v="${rows_per_insert[$endpoint]}"
+    ok="$(awk -v r="$v" -v i="${inserts_per_s[$endpoint]}" 'BEGIN { print (r >= 10000 || i <= 1 ? "PASS" : "BELOW") }')"
+    target_line ">= 10,000 rows per INSERT or <= 1 INSERT/s, $endpoint" "$v rows, ${inserts_per_s[$endpoint]}/s" "$ok"
+  done
+  if [ "$steady_rss" != 0 ]; then
+    v="$(ratio "$overload_rss" "$steady_rss")"
+    target_line "RSS at ${OVERLOAD}x overload <= 1.25x steady ($(mib "$steady_rss"), click)" "$(mib "$overload_rss"), ${v}x" "$(verdict "$v" 1.25 le)"
+  fi
+  # BUFFER_MAX_BYTES caps the events held; the process needs a little more (code, connections,
+  # the batch being encoded). The deploy files give it a memory limit of twice the cap.
+  v="$(ratio "$peak_rss" $((buffer_cap_bytes / 1024)))"
+  target_line "peak RSS <= 2x BUFFER_MAX_BYTES ($(mib $((buffer_cap_bytes / 1024)))), the deploy limit" "$(mib "$peak_rss"), ${v}x" \
+    "$(verdict "$v" 2 le)"
+  echo
+  echo "overload: $overload_non2xx non-2xx (503 is load shedding) of $(num "$overload_rps") requests/s"
+  if [[ " $ENDPOINTS " == *" batch "* ]]; then
+    echo "batch:    adbeacon answered ${non2xx_sum[adbeacon:batch]} batches 503 (ClickHouse behind, buffer full), the no-op sink ${non2xx_sum[noop:batch]}"
+  fi
+  echo "events:   adbeacon acknowledged ${accepted[adbeacon]} (wrk read ${got_2xx[adbeacon]} in 2xx answers);" \
+    "ClickHouse holds $stored rows, $distinct distinct: lost=$lost twice=$twice"
+  echo "          the no-op sink acknowledged ${accepted[noop]} and confirmed ${flushed[noop]}"
+  echo "          ClickHouse CPU is not in the CPU s/M ev column (it competes for the same cores, unpinned)"
+  if [ "$dead_lettered" != 0 ] || [ "$insert_failures" != 0 ]; then
+    echo "flusher:  $insert_failures failed INSERTs, $dead_lettered events dead-lettered"
+  fi
+} >"$tmp/report.txt"
+cat "$tmp/report.txt"
 
 {
   echo "<!-- scripts/bench.sh, $when, rev $rev -->"
-  echo "| target | requests/s | p50 | p99 |"
-  echo "|---|---:|---:|---:|"
-  echo "| bare (hyper) | $(rps_fmt "$best_bare_rps") | $(ms "$best_bare_p50") | $(ms "$best_bare_p99") |"
-  echo "| adbeacon | $(rps_fmt "$best_app_rps") | $(ms "$best_app_p50") | $(ms "$best_app_p99") |"
-  echo "| adbeacon / bare | $pct % | | ${p99x}× |"
+  echo "| endpoint | target | requests/s | events/s | p50 | p99 | CPU s per million events |"
+  echo "|---|---|---:|---:|---:|---:|---:|"
+  printf '%s\n' "${rows_md[@]}"
   echo
-  echo "Target: adbeacon >= ${TARGET_PCT}% of bare ($TARGET_NAME): **$verdict**."
-  echo "Load: $load; $ncpu CPUs; pinning: $pinning."
-  echo "Events: $accepted acknowledged, $stored in ClickHouse, lost=$lost."
-  echo "CPU: $cpu_per_m CPU s per million events."
+  echo "| target | figure | verdict |"
+  echo "|---|---|---|"
+  printf '%s\n' "${targets_md[@]}"
+  echo
+  echo "Load: wrk -t$THREADS -c$CONNECTIONS -d$DURATION, best of $ROUNDS rounds; $ncpu CPUs; pinning: $pinning."
+  echo "Events: ${accepted[adbeacon]} acknowledged, $distinct in ClickHouse ($stored rows), lost=$lost, twice=$twice."
 } >"$out_dir/last-$pin_mode.md"
 log "wrote $out_dir/last-$pin_mode.md; logs and raw wrk output in $out_dir/last-logs/"
 
 status=0
-if [ "$lost" != 0 ]; then
-  log "!!!!! lost=$lost: adbeacon acknowledged $accepted clicks but ClickHouse holds $stored !!!!!"
+if [ "$lost" != 0 ] || [ "$twice" != 0 ]; then
+  log "!!!!! adbeacon acknowledged ${accepted[adbeacon]} events; ClickHouse holds $distinct of them and $twice twice !!!!!"
   status=1
 fi
-if [ "$unread" -lt 0 ] || [ "$unread" -gt $((runs * CONNECTIONS)) ]; then
-  log "!!!!! wrk's 2xx count ($app_2xx) and adbeacon's ($accepted) differ by more than in-flight requests can explain !!!!!"
+if [ "$noop_short" != 0 ]; then
+  log "!!!!! the no-op sink acknowledged ${accepted[noop]} events but confirmed ${flushed[noop]} !!!!!"
   status=1
 fi
-if [ "${#app_bad[@]}" -gt 0 ]; then
-  log "!!!!! adbeacon answered errors:"
-  printf 'bench:   %s\n' "${app_bad[@]}" >&2
+for target in adbeacon noop; do
+  unread=$((accepted[$target] - got_2xx[$target]))
+  if [ "$unread" -lt 0 ] || [ "$unread" -gt "${unread_max[$target]}" ]; then
+    log "!!!!! $target: wrk's 2xx events (${got_2xx[$target]}) and the server's count (${accepted[$target]}) differ by more than in-flight requests can explain !!!!!"
+    status=1
+  fi
+done
+if [ "${#bad[@]}" -gt 0 ]; then
+  log "!!!!! errors where none may be:"
+  printf 'bench:   %s\n' "${bad[@]}" >&2
   status=1
 fi
 exit "$status"

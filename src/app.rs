@@ -212,9 +212,16 @@ async fn connect(config: &Config) -> Result<ClickHouse, AppError> {
 impl App {
     /// Connects, migrates, seeds, starts the flusher and binds `HOST:PORT`.
     pub async fn build(config: Config) -> Result<App, AppError> {
-        let clickhouse = connect(&config).await?;
+        let mut clickhouse = connect(&config).await?;
         migrate::apply_at_startup(&clickhouse).await?;
         clickhouse.enable_dedup().await?;
+        if config.bench_discard_events {
+            tracing::error!(
+                "{} is set: events are acknowledged and then discarded, never stored (the no-op sink of `make bench`; never in production)",
+                crate::config::BENCH_DISCARD_EVENTS
+            );
+            clickhouse = clickhouse.discarding();
+        }
         let metrics = Arc::new(Metrics::new());
         let hasher = IpHasher::load_or_create(&config.data_dir, config.ip_hash_key)
             .map_err(io(format!("IP-hash key under DATA_DIR {}", config.data_dir.display())))?;

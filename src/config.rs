@@ -11,6 +11,10 @@ use std::{collections::HashMap, net::IpAddr, path::PathBuf, str::FromStr, time::
 /// negative-control test only; it makes uncertain INSERTs count twice.
 pub const UNSAFE_SKIP_INSERT_CHECK: &str = "ADBEACON_UNSAFE_SKIP_INSERT_CHECK";
 
+/// `1` makes the flusher drop every batch instead of inserting it (see
+/// [`Config::bench_discard_events`]): the no-op sink of `make bench`; it loses every event.
+pub const BENCH_DISCARD_EVENTS: &str = "ADBEACON_BENCH_DISCARD_EVENTS";
+
 /// One documented environment variable.
 #[derive(Debug, Clone, Copy)]
 pub struct Setting {
@@ -315,6 +319,10 @@ pub struct Config {
     /// stored, so that a test can show it sees the duplicates this causes. Read from
     /// [`UNSAFE_SKIP_INSERT_CHECK`], deliberately not a documented setting.
     pub unsafe_skip_insert_check: bool,
+    /// The no-op sink of `make bench`: batches are confirmed without being sent anywhere, so
+    /// that the benchmark can put the cost of storing events next to the rest of the service.
+    /// Read from [`BENCH_DISCARD_EVENTS`], deliberately not a documented setting.
+    pub bench_discard_events: bool,
     /// Oldest age of a buffered event before its batch is flushed.
     pub flush_interval: Duration,
     /// Rows per INSERT at most.
@@ -573,6 +581,7 @@ impl Config {
             replay_rate: r.get("REPLAY_RATE", parse_from_str)?,
             replay_claim_idle: r.get("REPLAY_CLAIM_IDLE", pos_dur)?,
             unsafe_skip_insert_check: (r.lookup)(UNSAFE_SKIP_INSERT_CHECK).is_some_and(|v| v == "1"),
+            bench_discard_events: (r.lookup)(BENCH_DISCARD_EVENTS).is_some_and(|v| v == "1"),
             flush_interval: r.get("FLUSH_INTERVAL", pos_dur)?,
             // A retry fetches the stored event ids of the batch; a million of them is 16 MB.
             batch_max_rows: r.get("BATCH_MAX_ROWS", |v| {

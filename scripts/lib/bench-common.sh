@@ -163,9 +163,11 @@ start_clickhouse() {
   wait_ready ClickHouse "$ch_pid" ch_ping "$ch_dir/log/stdout.log" "$ch_dir/log/clickhouse-server.err.log"
 }
 
-# start_adbeacon BIN PORT DATABASE [PREFIX...]: `PREFIX... BIN serve` against our ClickHouse.
+# start_adbeacon BIN PORT DATABASE [PREFIX...]: `PREFIX... BIN serve` against our ClickHouse,
+# logging to $tmp/NAME.log with its data in $tmp/NAME-data, where NAME is $instance (adbeacon
+# unless the caller runs more than one).
 start_adbeacon() {
-  local bin="$1" port="$2" db="$3"
+  local bin="$1" port="$2" db="$3" name="${instance:-adbeacon}"
   shift 3
   # setsid as for ClickHouse. Other adbeacon settings (FLUSH_INTERVAL, BATCH_MAX_ROWS, ...) pass
   # through from the caller's environment, for experiments; credentials meant for another
@@ -178,8 +180,8 @@ start_adbeacon() {
   setsid env -u CLICKHOUSE_USER -u CLICKHOUSE_PASSWORD SEED_DEMO_ADS=true REDIS_URL="${REDIS_URL:-none}" \
     RATE_LIMIT="${RATE_LIMIT:-1000000000}" RATE_LIMIT_BURST="${RATE_LIMIT_BURST:-1000000000}" \
     PORT="$port" HOST=127.0.0.1 CLICKHOUSE_URL="$ch_url" \
-    CLICKHOUSE_DATABASE="$db" DATA_DIR="$tmp/adbeacon-data" LOG_FORMAT=json LOG_LEVEL=warn \
-    "$@" "$bin" serve </dev/null >"$tmp/adbeacon.log" 2>&1 &
+    CLICKHOUSE_DATABASE="$db" DATA_DIR="$tmp/$name-data" LOG_FORMAT=json LOG_LEVEL=warn \
+    "$@" "$bin" serve </dev/null >"$tmp/$name.log" 2>&1 &
   app_pid=$!
   watch_pid "$app_pid" "$bin"
 }
@@ -239,13 +241,63 @@ pin_cores() {
   fi
 }
 
+# pin_others PID: where pin_cores pinned, moves a server's threads (and so those they start later) to $wrk_cpu, at
+# the lowest priority: in production ClickHouse and Redis run on machines of their own; here they
+# share a core with wrk, and must not delay wrk's own timing of adbeacon's answers.
+pin_others() {
+  local tid
+  [ -n "$wrk_cpu" ] || return 0
+  taskset -a -p -c "$wrk_cpu" "$1" >/dev/null
+  # SCHED_IDLE where chrt can set it (it runs only when nothing else wants the core, so wrk is
+  # never kept waiting), else nice 19; threads started later inherit either.
+  chrt -a -i -p 0 "$1" >/dev/null 2>&1 ||
+    for tid in /proc/"$1"/task/*; do renice -n 19 -p "${tid##*/}" >/dev/null 2>&1 || true; done
+}
+
 # The runs' helpers below use app_url, app_pid, tmp, wrk_pin, THREADS and CONNECTIONS, and set
 # wrk_pid while wrk runs (for the clean-up).
 
 # One value from adbeacon's /metrics (sum over the series matching PATTERN, 0 when absent).
 metric() { # PATTERN
-  curl -fsS --noproxy '*' --max-time 5 "$app_url/metrics" |
-    awk -v pat="$1" '$0 !~ /^#/ && $1 ~ pat { s += $2 } END { printf "%d\n", s }'
+  metric_at "$app_url" "$1"
+}
+
+# The same from the adbeacon at URL.
+metric_at() { # URL PATTERN
+  curl -fsS --noproxy '*' --max-time 5 "$1/metrics" |
+    awk -v pat="$2" '$0 !~ /^#/ && $1 ~ pat { s += $2 } END { printf "%d\n", s }'
+}
+
+# Resident memory of PID in KiB (0 once it is gone).
+rss_kib() { # PID
+  awk '/^VmRSS:/ { print $2; found = 1 } END { if (!found) print 0 }' "/proc/$1/status" 2>/dev/null || echo 0
+}
+
+# Samples PID's resident memory every 100 ms in the background and keeps the highest in FILE,
+# until stop_rss; sets rss_pid.
+rss_pid=""
+watch_rss() { # PID FILE
+  local pid="$1" file="$2"
+  echo 0 >"$file"
+  (
+    max=0
+    while alive "$pid"; do
+      now="$(rss_kib "$pid")"
+      if [ "$now" -gt "$max" ]; then
+        max="$now"
+        echo "$max" >"$file"
+      fi
+      sleep 0.1
+    done
+  ) &
+  rss_pid=$!
+}
+stop_rss() {
+  if [ -n "$rss_pid" ]; then
+    kill "$rss_pid" 2>/dev/null || true
+    wait "$rss_pid" 2>/dev/null || true
+    rss_pid=""
+  fi
 }
 
 # utime + stime of PID in clock ticks. Fields counted after the last ')' since comm may hold spaces.
@@ -273,8 +325,9 @@ await_flush() {
 }
 
 # Runs wrk once; sets r_rps r_p50 r_p99 r_requests r_non2xx r_errors and r_detail.
-# The load is THREADS and CONNECTIONS of loadtest/wrk/click.lua, wrk pinned by the wrk_pin
-# array; WRK_DELAY_MS (exported, for click.lua), when set, paces each connection.
+# The load is THREADS and CONNECTIONS of loadtest/wrk/$wrk_script.lua (click unless set), wrk
+# pinned by the wrk_pin array; WRK_DELAY_MS (exported, for the script), when set, paces each
+# connection.
 run_no=0
 run_wrk() { # LABEL URL DURATION
   local label="$1" url="$2" duration="$3" file line
@@ -283,7 +336,7 @@ run_wrk() { # LABEL URL DURATION
   # In the background with `wait`, so a signal runs the trap at once instead of after the run,
   # and the trap (or the watchdog) can stop wrk too.
   "${wrk_pin[@]}" wrk --latency -t "$THREADS" -c "$CONNECTIONS" -d "$duration" \
-    -s loadtest/wrk/click.lua "$url" </dev/null >"$file" 2>&1 &
+    -s "loadtest/wrk/${wrk_script:-click}.lua" "$url" </dev/null >"$file" 2>&1 &
   wrk_pid=$!
   watch_pid "$wrk_pid" wrk
   if ! wait "$wrk_pid"; then

@@ -13,7 +13,6 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    mem,
     ops::Range,
     sync::{
         Arc,
@@ -31,6 +30,10 @@ use crate::{
     metrics::Metrics,
     store::EventRow,
 };
+
+/// Rows a new chunk of the buffer has room for at first (unless a batch is smaller); it grows
+/// up to a batch.
+const CHUNK_START_ROWS: usize = 1024;
 
 /// How long [`Buffer::release_elsewhere`] remembers a range.
 const ELSEWHERE_KEPT: Duration = Duration::from_secs(600);
@@ -74,7 +77,13 @@ pub struct Batch {
 }
 
 struct Pending {
-    rows: Vec<EventRow>,
+    /// The rows, cut into chunks of one batch each (every chunk but the last is full), so that
+    /// taking a batch moves no row. One growing `Vec` cost, with ClickHouse slow and the buffer
+    /// full, four times BUFFER_MAX_BYTES of memory: its doubling slack, and a copy of all the
+    /// rest at every batch taken.
+    chunks: VecDeque<Vec<EventRow>>,
+    /// Rows in `chunks`.
+    len: usize,
     /// Sequence numbers of `rows`, in order.
     runs: VecDeque<Range<u64>>,
     /// The number the next row pushed without one gets (buffered and committed modes).
@@ -130,7 +139,8 @@ impl Buffer {
         metrics.buffer_max_bytes.set(i64::try_from(limits.max_bytes).unwrap_or(i64::MAX));
         Self {
             pending: Mutex::new(Pending {
-                rows: Vec::new(),
+                chunks: VecDeque::new(),
+                len: 0,
                 runs: VecDeque::new(),
                 next_seq: 0,
                 since: None,
@@ -155,7 +165,7 @@ impl Buffer {
     /// Whether a full batch waits for the flusher: the replayer then lets it go first.
     pub fn has_full_batch(&self) -> bool {
         let p = self.pending.lock();
-        !p.ready.is_empty() || p.rows.len() >= self.rows_per_batch()
+        !p.ready.is_empty() || p.len >= self.rows_per_batch()
     }
 
     /// Takes room for `rows` events, or refuses at once. Never waits.
@@ -214,15 +224,31 @@ impl Buffer {
             _ if count > 0 => p.runs.push_back(seqs.clone()),
             _ => {}
         }
-        let was_empty = p.rows.is_empty();
+        let was_empty = p.len == 0;
         if was_empty {
             p.since = Some(Instant::now());
         }
-        p.rows.extend(rows);
+        let per_batch = self.rows_per_batch();
+        let mut rows = rows.into_iter();
+        while rows.len() > 0 {
+            if p.chunks.back().is_none_or(|last| last.len() >= per_batch) {
+                p.chunks.push_back(Vec::new());
+            }
+            let chunk = p.chunks.back_mut().expect("just ensured");
+            let take = (per_batch - chunk.len()).min(rows.len());
+            // Grows by doubling, as a Vec does, but never past one batch: no chunk holds more
+            // than a batch of slack room.
+            if chunk.capacity() - chunk.len() < take {
+                let target = (chunk.len() * 2).max(chunk.len() + take).max(CHUNK_START_ROWS).min(per_batch);
+                chunk.reserve_exact(target - chunk.len());
+            }
+            chunk.extend(rows.by_ref().take(take));
+        }
+        p.len += count;
         self.metrics.buffer_events.add(count as i64);
         self.metrics.buffer_bytes.add((count * EventRow::SIZE) as i64);
         // Wake the flusher to arm its age timer, or because a batch is full.
-        if was_empty || p.rows.len() >= self.rows_per_batch() {
+        if was_empty || p.len >= per_batch {
             self.wake.notify_one();
         }
         seqs
@@ -283,21 +309,20 @@ impl Buffer {
         if let Some(batch) = p.ready.pop_front() {
             return Some(batch);
         }
-        let due = !p.rows.is_empty()
+        let due = p.len > 0
             && (force
-                || p.rows.len() >= per_batch
+                || p.len >= per_batch
                 || p.since.is_some_and(|s| now.duration_since(s) >= self.limits.max_age));
         if !due {
             return None;
         }
-        let rows = if p.rows.len() <= per_batch {
+        // The first chunk: full, or the only one. The rest keeps the old `since`: it is at least
+        // that old, so it goes out promptly.
+        let rows = p.chunks.pop_front().expect("rows are held");
+        p.len -= rows.len();
+        if p.len == 0 {
             p.since = None;
-            mem::take(&mut p.rows)
-        } else {
-            // The rest keeps the old `since`: it is at least that old, so it goes out promptly.
-            let rest = p.rows.split_off(per_batch);
-            mem::replace(&mut p.rows, rest)
-        };
+        }
         let seqs = take_runs(&mut p.runs, rows.len());
         drop(p);
         let id = Uuid::new_v4();
@@ -463,6 +488,22 @@ mod tests {
             },
             Arc::new(Metrics::new()),
         ))
+    }
+
+    #[test]
+    fn batches_are_cut_in_order_and_hold_no_more_room_than_a_batch() {
+        let b = buffer(1_000_000, 5000);
+        for _ in 0..7 {
+            b.push(rows(3000)).unwrap();
+        }
+        let mut seen = 0;
+        while let Some(batch) = b.take(Instant::now(), true) {
+            assert!(batch.rows.len() <= 5000 && batch.rows.capacity() <= 5000, "{}", batch.rows.capacity());
+            let runs: Vec<_> = batch.seqs.clone();
+            assert_eq!(runs, vec![seen..seen + batch.rows.len() as u64]);
+            seen += batch.rows.len() as u64;
+        }
+        assert_eq!(seen, 21_000);
     }
 
     #[test]

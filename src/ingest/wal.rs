@@ -615,6 +615,7 @@ fn recover(config: WalConfig, buffer: Arc<Buffer>, metrics: Arc<Metrics>) -> io:
         next_seq,
         dirty: false,
         last_sync: Instant::now(),
+        writes: 0,
         buffer,
         metrics,
         health: Arc::new(Health::default()),
@@ -671,6 +672,9 @@ struct Writer {
     /// Written since the last fsync.
     dirty: bool,
     last_sync: Instant,
+    /// Groups written so far: an interval sync running in the background clears `dirty` only
+    /// if nothing was written after it began.
+    writes: u64,
     buffer: Arc<Buffer>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
@@ -684,6 +688,11 @@ impl Writer {
         let mut in_flight: VecDeque<Written> = VecDeque::new();
         let mut stop: Option<oneshot::Sender<()>> = None;
         let mut closed = false;
+        // The interval sync of `WAL_FSYNC=<interval>` runs in the background while groups keep
+        // being written and answered (when this task waited for it, every request arriving
+        // during an fdatasync waited too: p99 at half of saturation 1.3 to 2.9 ms against 0.6 to
+        // 1.0 without the log). When it began, and `writes` then.
+        let mut background: Option<(Instant, u64, tokio::task::JoinHandle<io::Result<()>>)> = None;
         loop {
             if closed && in_flight.is_empty() {
                 self.finish().await;
@@ -695,7 +704,7 @@ impl Writer {
             // A full segment is rotated once nothing is in flight in it; until then no new group.
             let rotating = self.len >= self.config.segment_bytes && !in_flight.is_empty();
             let accepting = !closed && in_flight.len() < MAX_IN_FLIGHT && !rotating;
-            let wait = if in_flight.is_empty() { self.wait() } else { None };
+            let wait = if in_flight.is_empty() && background.is_none() { self.wait() } else { None };
             let oldest_sync = in_flight.front_mut().and_then(|g| g.sync.as_mut());
             let syncing = oldest_sync.is_some();
             tokio::select! {
@@ -720,7 +729,27 @@ impl Writer {
                         }
                     }
                 }
-                _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => self.tick().await,
+                synced = async { (&mut background.as_mut().expect("guarded").2).await }, if background.is_some() => {
+                    let (started, writes, _) = background.take().expect("guarded");
+                    match synced.map_err(io::Error::other).and_then(|r| r) {
+                        Ok(()) => {
+                            self.metrics.wal_fsync_duration.observe(started.elapsed().as_secs_f64());
+                            self.dirty &= self.writes != writes;
+                            self.last_sync = started;
+                        }
+                        // The written groups were answered already; the next sync tries again.
+                        Err(e) => self.failed(&e),
+                    }
+                }
+                _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {
+                    if self.health.failing.load(Ordering::Acquire) {
+                        self.probe().await;
+                    } else if self.dirty {
+                        let file = self.file.clone();
+                        let sync = tokio::task::spawn_blocking(move || file.sync_data());
+                        background = Some((Instant::now(), self.writes, sync));
+                    }
+                }
                 job = rx.recv(), if accepting => match job {
                     None => closed = true,
                     Some(job) => {
@@ -767,33 +796,25 @@ impl Writer {
         }
     }
 
-    /// Nothing in flight and a timer is due: sync what an interval policy left unsynced, or probe
-    /// a failing disk.
-    async fn tick(&mut self) {
-        if self.health.failing.load(Ordering::Acquire) {
-            self.out.clear();
-            record(&mut self.out, |o| o.push(PROBE));
-            let at = self.len;
-            let probed = match self.file.write_all_at(&self.out, at) {
-                Ok(()) => self.sync().await,
-                Err(e) => Err(e),
-            };
-            match probed {
-                Ok(()) => {
-                    self.len += self.out.len() as u64;
-                    self.metrics.wal_bytes.add(self.out.len() as i64);
-                    self.recovered();
-                }
-                Err(e) => {
-                    self.cut(at, self.next_seq);
-                    self.failed(&e);
-                }
+    /// Nothing in flight and the probe of a failing disk is due: writes and syncs a probe record.
+    async fn probe(&mut self) {
+        self.out.clear();
+        record(&mut self.out, |o| o.push(PROBE));
+        let at = self.len;
+        let probed = match self.file.write_all_at(&self.out, at) {
+            Ok(()) => self.sync().await,
+            Err(e) => Err(e),
+        };
+        match probed {
+            Ok(()) => {
+                self.len += self.out.len() as u64;
+                self.metrics.wal_bytes.add(self.out.len() as i64);
+                self.recovered();
             }
-        } else if self.dirty
-            && let Err(e) = self.sync().await
-        {
-            // The written groups were answered already; the next sync tries again.
-            self.failed(&e);
+            Err(e) => {
+                self.cut(at, self.next_seq);
+                self.failed(&e);
+            }
         }
     }
 
@@ -843,6 +864,7 @@ impl Writer {
         self.len += self.out.len() as u64;
         self.metrics.wal_bytes.add(self.out.len() as i64);
         self.dirty = true;
+        self.writes += 1;
         let sync = must_sync.then(|| {
             let file = self.file.clone();
             (Instant::now(), tokio::task::spawn_blocking(move || file.sync_data()))
