@@ -8,9 +8,9 @@
 //! cache from the task itself (microseconds); only the sync runs on the blocking pool, and while it
 //! runs the next group queues up. (A dedicated writer thread measured about twice the CPU per
 //! event with `WAL_FSYNC=10ms`: a thread wake-up for nearly every request.) With
-//! `WAL_FSYNC=<interval>` it answers after the write and syncs at most that long later: a process
-//! crash still loses nothing (the kernel holds the written pages), a power loss may lose the last
-//! interval.
+//! `WAL_FSYNC=<interval>` it answers after the write and syncs at most that long later, in the
+//! background while later groups are written: a process crash still loses nothing (the kernel
+//! holds the written pages), a power loss may lose the last interval.
 //!
 //! Each record is `[length u32][crc32c u32][type u8, payload]`, little-endian. Types:
 //! - *events*: the first sequence number and the rows (fixed 65-byte encoding);
