@@ -248,10 +248,7 @@ pin_others() {
   local tid
   [ -n "$wrk_cpu" ] || return 0
   taskset -a -p -c "$wrk_cpu" "$1" >/dev/null
-  # SCHED_IDLE where chrt can set it (it runs only when nothing else wants the core, so wrk is
-  # never kept waiting), else nice 19; threads started later inherit either.
-  chrt -a -i -p 0 "$1" >/dev/null 2>&1 ||
-    for tid in /proc/"$1"/task/*; do renice -n 19 -p "${tid##*/}" >/dev/null 2>&1 || true; done
+  for tid in /proc/"$1"/task/*; do renice -n 19 -p "${tid##*/}" >/dev/null 2>&1 || true; done
 }
 
 # The runs' helpers below use app_url, app_pid, tmp, wrk_pin, THREADS and CONNECTIONS, and set

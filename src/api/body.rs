@@ -351,13 +351,16 @@ mod tests {
 
 /// A JSON answer serialized by serde in one pass; documented exactly like `Json<T>`. For answers
 /// on hot paths (a batch's result per item), where `Json<T>`'s detour through
-/// `serde_json::Value` showed in profiles. `T`'s serde names must match its OpenAPI names; a test
-/// per type checks that both give the same document.
+/// `serde_json::Value` showed in profiles. `T`'s serde names must match its OpenAPI names; the
+/// type's tests check that both give the same document.
 #[derive(Debug)]
 pub struct SerdeJson<T>(pub T);
 
+/// What [`SerdeJson`] answers with, as `Json<T>` does.
+const JSON_UTF8: &str = "application/json; charset=utf-8";
+
 impl<T: Type + serde::Serialize + Send> poem_openapi::payload::Payload for SerdeJson<T> {
-    const CONTENT_TYPE: &'static str = "application/json; charset=utf-8";
+    const CONTENT_TYPE: &'static str = JSON_UTF8;
 
     fn schema_ref() -> MetaSchemaRef {
         T::schema_ref()
@@ -372,10 +375,7 @@ impl<T: serde::Serialize + Send> poem::IntoResponse for SerdeJson<T> {
     fn into_response(self) -> poem::Response {
         match serde_json::to_vec(&self.0) {
             Ok(body) => poem::Response::builder()
-                .header(
-                    poem::http::header::CONTENT_TYPE,
-                    poem::http::HeaderValue::from_static("application/json; charset=utf-8"),
-                )
+                .header(poem::http::header::CONTENT_TYPE, poem::http::HeaderValue::from_static(JSON_UTF8))
                 .body(body),
             // Only a type that cannot be JSON fails here (a map with non-string keys): a bug.
             Err(e) => {

@@ -84,7 +84,7 @@ struct Pending {
     chunks: VecDeque<Vec<EventRow>>,
     /// Rows in `chunks`.
     len: usize,
-    /// Sequence numbers of `rows`, in order.
+    /// Sequence numbers of the rows in `chunks`, in order.
     runs: VecDeque<Range<u64>>,
     /// The number the next row pushed without one gets (buffered and committed modes).
     next_seq: u64,

@@ -177,9 +177,6 @@ pub struct ClickHouse {
     discard: bool,
 }
 
-/// Rows an INSERT encodes between two yields to the runtime.
-const YIELD_EVERY_ROWS: usize = 1024;
-
 /// How long ClickHouse calls may take.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -386,13 +383,7 @@ impl ClickHouse {
                 .with_setting("insert_deduplication_token", dedup_token(rows))
                 .with_setting("deduplicate_blocks_in_dependent_materialized_views", "1");
         }
-        for (i, row) in rows.iter().enumerate() {
-            // Encoding a batch of tens of thousands of rows takes milliseconds; yielding now and
-            // then lets the requests waiting on this worker thread in between (p99 at half of
-            // saturation went from about 2 ms to FIXME).
-            if i % YIELD_EVERY_ROWS == YIELD_EVERY_ROWS - 1 {
-                tokio::task::yield_now().await;
-            }
+        for row in rows {
             insert.write(row).await.map_err(classify)?;
         }
         insert.end().await.map_err(classify)
