@@ -13,6 +13,10 @@
 # Settings (environment):
 #   BENCH_EVENTS (10000000)   events to load
 #   BENCH_ADS (20)            ads to spread them over
+#   BENCH_MIX (video)         event kinds: `video`, a video campaign's traffic as loadtest/mixed.js
+#                             sends it (impressions : progress beacons : clicks about 100 : 300 : 2,
+#                             a 2 % CTR); `clicky`, 40 % impressions and 5 % clicks (a 12.5 % CTR,
+#                             ten times the unique-click work: the worst case for the aggregates)
 #   BENCH_CHUNK (1000000)     rows per INSERT (each goes through the materialized views whole)
 #   BENCH_REQUESTS (200)      timed requests per timeframe and side (endpoint, raw SQL)
 #   BENCH_WARMUP (20)         untimed requests before those
@@ -36,6 +40,7 @@ CHUNK="${BENCH_CHUNK:-1000000}"
 REQUESTS="${BENCH_REQUESTS:-200}"
 WARMUP="${BENCH_WARMUP:-20}"
 KEEP="${BENCH_KEEP:-0}"
+MIX="${BENCH_MIX:-video}"
 DB=bench_analytics
 DAYS=35
 # Zipf exponent: with 20 ads, 1.05 gives the hottest one 29.5 % of the events.
@@ -44,6 +49,7 @@ ZIPF_S=1.05
 check_counts EVENTS ADS CHUNK REQUESTS
 [[ "$WARMUP" =~ ^[0-9]+$ ]] || die "BENCH_WARMUP must be a whole number, got '$WARMUP'"
 [ "$ADS" -le 999 ] || die "BENCH_ADS must be at most 999, got $ADS"
+[[ "$MIX" =~ ^(video|clicky)$ ]] || die "BENCH_MIX must be video or clicky, got '$MIX'"
 
 # ---------------------------------------------------------------- prerequisites
 require_tools "run 'make bench-analytics', which installs what is missing" curl python3 clickhouse-server cargo
@@ -147,16 +153,24 @@ for i in $(seq 1 "$ADS"); do ad_picks+=("'$(ad_id "$i")':${ad_weights[$((i - 1))
 ad_sql="toUUID($(pick r_ad "${ad_picks[@]}"))"
 hot_pct="$(awk -v w="${ad_weights[0]}" 'BEGIN { printf "%.1f", w / 1e4 }')"
 
-# Event kinds, parts per million: impressions 40 %, clicks 5 %, the VAST progress events the rest.
-kind_sql="$(pick r_kind "'impression':400000" "'click':50000" "'creative_view':20000" "'start':120000" \
-  "'first_quartile':100000" "'midpoint':90000" "'third_quartile':80000" "'complete':70000" \
-  "'skip':40000" "'pause':10000" "'resume':10000" "'mute':4000" "'unmute':3000" "'close':2000" \
-  "'error':1000")"
+# Event kinds, parts per million (each mix adds up to 1e6).
+case "$MIX" in
+  video) # impressions 24.8 %, clicks 0.5 % (CTR 2 %), progress beacons the rest
+    kind_sql="$(pick r_kind "'impression':248000" "'click':5000" "'creative_view':40000" "'start':200000" \
+      "'first_quartile':150000" "'midpoint':120000" "'third_quartile':100000" "'complete':85000" \
+      "'skip':25000" "'pause':10000" "'resume':9000" "'mute':4000" "'unmute':2000" "'close':1000" \
+      "'error':1000")" ;;
+  clicky) # impressions 40 %, clicks 5 % (CTR 12.5 %)
+    kind_sql="$(pick r_kind "'impression':400000" "'click':50000" "'creative_view':20000" "'start':120000" \
+      "'first_quartile':100000" "'midpoint':90000" "'third_quartile':80000" "'complete':70000" \
+      "'skip':40000" "'pause':10000" "'resume':10000" "'mute':4000" "'unmute':3000" "'close':2000" \
+      "'error':1000")" ;;
+esac
 
 span=$((DAYS * 86400))
 start=$((now - span))
 chunks=$(((EVENTS + CHUNK - 1) / CHUNK))
-log "loading $EVENTS events over the $DAYS days before $(date -u -d "@$now" +%FT%TZ) in $chunks INSERTs" \
+log "loading $EVENTS events ($MIX mix) over the $DAYS days before $(date -u -d "@$now" +%FT%TZ) in $chunks INSERTs" \
   "($ADS ads, the hottest $hot_ad with $hot_pct %)"
 
 # Each INSERT covers its own slice of time, in order (as live traffic arrives), so that the
@@ -216,7 +230,7 @@ bench_status=0
 python3 loadtest/analytics/bench.py \
   --app "$app_url" --clickhouse "$ch_url" --database "$DB" --ad "$hot_ad" \
   --requests "$REQUESTS" --warmup "$WARMUP" --out "$out_dir/analytics.md" \
-  --note "$EVENTS events over $DAYS days, $ADS ads (hottest: $hot_pct %), loaded in $load_s s ($load_rate rows/s); rev $rev; nproc $(nproc), load avg $(cut -d' ' -f1-3 /proc/loadavg) before timing" ||
+  --note "$EVENTS events over $DAYS days, $ADS ads (hottest: $hot_pct %), mix $MIX, loaded in $load_s s ($load_rate rows/s); rev $rev; nproc $(nproc), load avg $(cut -d' ' -f1-3 /proc/loadavg) before timing" ||
   bench_status=$?
 log "wrote $out_dir/analytics.md; logs in $out_dir/analytics-logs/"
 
