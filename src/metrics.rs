@@ -126,12 +126,16 @@ pub struct Metrics {
     pub batches_spilled: IntCounter,
     /// Events moved to the Redis spill.
     pub events_spilled: IntCounter,
+    /// Bytes of the spill entries this instance pushed (field names and values).
+    pub spill_bytes_pushed: IntCounter,
     /// Batches Redis could not take when they were to be spilled.
     pub spill_failures: IntCounter,
     /// Spill entries this instance replayed (acknowledged).
     pub spill_entries_replayed: IntCounter,
     /// Events this instance replayed from the spill into ClickHouse.
     pub events_replayed: IntCounter,
+    /// Bytes of the spill entries this instance replayed and acknowledged.
+    pub spill_bytes_replayed: IntCounter,
     /// Replayed events ClickHouse rejected as data (kept as dead letters).
     pub replay_events_dead_lettered: IntCounter,
     /// Spill entries claimed from replayers that went quiet.
@@ -142,6 +146,8 @@ pub struct Metrics {
     pub spill_backlog_entries: IntGauge,
     /// Events in the spill stream, across instances.
     pub spill_backlog_events: IntGauge,
+    /// Memory the spill stream takes in Redis (`MEMORY USAGE`, Redis's estimate).
+    pub spill_backlog_bytes: IntGauge,
     /// Entries in the dead-letter stream.
     pub dead_letters: IntGauge,
     /// Dead letters moved back to the spill by an operator.
@@ -331,6 +337,10 @@ impl Metrics {
                 "Batches ClickHouse did not take, moved whole to the Redis spill",
             ),
             events_spilled: counter("adbeacon_events_spilled_total", "Events moved to the Redis spill"),
+            spill_bytes_pushed: counter(
+                "adbeacon_spill_bytes_pushed_total",
+                "Bytes of the spill entries this instance pushed to Redis (field names and values)",
+            ),
             spill_failures: counter(
                 "adbeacon_spill_failures_total",
                 "Batches Redis could not take when they were to be spilled (they stay in memory and the local log)",
@@ -342,6 +352,10 @@ impl Metrics {
             events_replayed: counter(
                 "adbeacon_events_replayed_total",
                 "Events this instance replayed from the spill into ClickHouse",
+            ),
+            spill_bytes_replayed: counter(
+                "adbeacon_spill_bytes_replayed_total",
+                "Bytes of the spill entries this instance replayed and acknowledged (field names and values)",
             ),
             replay_events_dead_lettered: counter(
                 "adbeacon_replay_events_dead_lettered_total",
@@ -362,6 +376,10 @@ impl Metrics {
             spill_backlog_events: gauge(
                 "adbeacon_spill_backlog_events",
                 "Events in the Redis spill waiting for replay (all instances)",
+            ),
+            spill_backlog_bytes: gauge(
+                "adbeacon_spill_backlog_bytes",
+                "Memory the Redis spill stream takes (Redis's MEMORY USAGE estimate; all instances): compare with Redis's maxmemory",
             ),
             dead_letters: gauge("adbeacon_dead_letters", "Entries in the Redis dead-letter stream"),
             dead_letters_replayed: counter(

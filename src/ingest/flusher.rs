@@ -260,10 +260,11 @@ impl Flusher {
         // Always uncertain: an INSERT of it may have landed (a timeout), or a copy recovered
         // from the log may be stored first; the replay checks by token, a look-up per INSERT.
         match spill.push(batch.id, &batch.rows, failures, true).await {
-            Ok(()) => {
+            Ok(bytes) => {
                 let rows = batch.rows.len();
                 self.metrics.batches_spilled.inc();
                 self.metrics.events_spilled.inc_by(rows as u64);
+                self.metrics.spill_bytes_pushed.inc_by(bytes as u64);
                 self.confirm_elsewhere(batch);
                 tracing::warn!(batch = %batch.id, rows, failures,
                     "ClickHouse does not take the batch; moved it to the Redis spill for replay");

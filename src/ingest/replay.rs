@@ -238,6 +238,7 @@ impl Replayer {
         stop: &CancellationToken,
     ) -> bool {
         let ids: Vec<String> = group.iter().map(|e| e.id().to_string()).collect();
+        let bytes: usize = group.iter().map(Entry::bytes).sum();
         let mut dead = Vec::new();
         let mut dead_events = 0;
         let mut batches: Vec<Spilled> = Vec::new();
@@ -359,6 +360,7 @@ impl Replayer {
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
         self.metrics.spill_entries_replayed.inc_by(ids.len() as u64);
+        self.metrics.spill_bytes_replayed.inc_by(bytes as u64);
         self.metrics.events_replayed.inc_by((events - rejected) as u64);
         self.metrics.replay_events_dead_lettered.inc_by(rejected as u64);
         tracing::info!(entries = ids.len(), events, rejected, "replayed spilled batches");
@@ -385,6 +387,9 @@ impl Replayer {
         if let Ok((entries, events)) = self.spill.backlog().await {
             self.metrics.spill_backlog_entries.set(entries as i64);
             self.metrics.spill_backlog_events.set(events as i64);
+        }
+        if let Ok(bytes) = self.spill.memory().await {
+            self.metrics.spill_backlog_bytes.set(bytes as i64);
         }
         if let Ok(n) =
             self.spill.redis.query::<u64>(redis::cmd("XLEN").arg(&self.spill.keys.dead_letters)).await

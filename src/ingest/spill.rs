@@ -100,6 +100,8 @@ pub struct Spilled {
     pub attempts: u32,
     /// Whether an INSERT of it may have landed: check before sending.
     pub uncertain: bool,
+    /// Its size in the stream ([`fields_bytes`]).
+    pub bytes: usize,
 }
 
 /// An entry that is not a readable batch (cut short, altered, from an unknown version).
@@ -114,6 +116,8 @@ pub struct Corrupt {
     pub events: usize,
     /// Its fields as they are, for the dead letter.
     pub fields: Fields,
+    /// Its size in the stream ([`fields_bytes`]).
+    pub bytes: usize,
 }
 
 /// A spill entry read back.
@@ -141,10 +145,24 @@ impl Entry {
             Entry::Corrupt(c) => &c.entry,
         }
     }
+
+    /// Its size in the stream ([`fields_bytes`]).
+    pub fn bytes(&self) -> usize {
+        match self {
+            Entry::Batch(b) => b.bytes,
+            Entry::Corrupt(c) => c.bytes,
+        }
+    }
 }
 
 /// A stream entry's fields, in `XADD` order.
 pub type Fields = Vec<(String, Vec<u8>)>;
+
+/// An entry's size as the metrics count it: its field names and values (Redis adds its own
+/// overhead, which `adbeacon_spill_backlog_bytes` includes).
+pub fn fields_bytes(fields: &Fields) -> usize {
+    fields.iter().map(|(name, value)| name.len() + value.len()).sum()
+}
 
 /// One text field.
 pub fn field(name: &str, value: impl ToString) -> (String, Vec<u8>) {
@@ -215,10 +233,11 @@ pub(crate) fn parse_batch(
 /// Reads one stream entry.
 fn entry(id: &StreamId) -> Entry {
     let fields = raw_fields(id);
+    let bytes = fields_bytes(&fields);
     let map: HashMap<String, Vec<u8>> = fields.iter().cloned().collect();
     match parse_batch(&map) {
         Ok((token, rows, attempts, uncertain)) => {
-            Entry::Batch(Spilled { entry: id.id.clone(), token, rows, attempts, uncertain })
+            Entry::Batch(Spilled { entry: id.id.clone(), token, rows, attempts, uncertain, bytes })
         }
         Err(why) => {
             let events = map
@@ -226,7 +245,7 @@ fn entry(id: &StreamId) -> Entry {
                 .and_then(|v| std::str::from_utf8(v).ok())
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
-            Entry::Corrupt(Corrupt { entry: id.id.clone(), why, events, fields })
+            Entry::Corrupt(Corrupt { entry: id.id.clone(), why, events, fields, bytes })
         }
     }
 }
@@ -306,14 +325,15 @@ impl Spill {
         self.state.lock().1 = None;
     }
 
-    /// Adds a batch to the spill, with its counter, in one transaction.
+    /// Adds a batch to the spill, with its counter, in one transaction; the entry's size
+    /// ([`fields_bytes`]) when Redis took it.
     pub async fn push(
         &self,
         token: Uuid,
         rows: &[EventRow],
         attempts: u32,
         uncertain: bool,
-    ) -> Result<(), SpillError> {
+    ) -> Result<usize, SpillError> {
         match self.check().await {
             RedisState::Ok => {}
             RedisState::Unavailable => {
@@ -323,10 +343,11 @@ impl Spill {
         }
         let mut pipe = redis::pipe();
         pipe.atomic();
-        xadd(&mut pipe, &self.keys.spill, &batch_fields(token, rows, attempts, uncertain));
+        let fields = batch_fields(token, rows, attempts, uncertain);
+        xadd(&mut pipe, &self.keys.spill, &fields);
         pipe.cmd("INCRBY").arg(&self.keys.spill_events).arg(rows.len()).ignore();
         let result: Result<(String,), RedisError> = self.redis.pipe(&pipe).await;
-        result.map(|_| ()).map_err(|e| {
+        result.map(|_| fields_bytes(&fields)).map_err(|e| {
             self.recheck();
             SpillError::Redis(e)
         })
@@ -434,6 +455,14 @@ impl Spill {
         pipe.cmd("XLEN").arg(&self.keys.spill).cmd("GET").arg(&self.keys.spill_events);
         let (entries, events): (u64, Option<i64>) = self.redis.pipe(&pipe).await?;
         Ok((entries, events.unwrap_or(0).max(0) as u64))
+    }
+
+    /// Memory the spill stream takes in Redis, as `MEMORY USAGE` estimates it from a few of the
+    /// stream's nodes (constant time, whatever the backlog); 0 when there is no stream.
+    pub async fn memory(&self) -> Result<u64, RedisError> {
+        let bytes: Option<u64> =
+            self.redis.query(redis::cmd("MEMORY").arg("USAGE").arg(&self.keys.spill)).await?;
+        Ok(bytes.unwrap_or(0))
     }
 
     /// Entries `start..` of a stream (`-` for the first), at most `count`: id and fields.

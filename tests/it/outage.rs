@@ -158,6 +158,23 @@ async fn clickhouse_killed_under_load_spills_and_replays_exactly_once() {
     );
     assert!(ready["spillBacklog"].as_u64().unwrap() > 0, "{ready}");
     assert!(app.metric("adbeacon_events_spilled_total").await > 0);
+    // Bytes pushed: at least the rows' 65 bytes each; the backlog's memory in Redis shows too
+    // (the gauge is refreshed every second).
+    let (spilled, pushed) = (
+        app.metric("adbeacon_events_spilled_total").await,
+        app.metric("adbeacon_spill_bytes_pushed_total").await,
+    );
+    assert!(pushed >= spilled * 65, "{pushed} bytes pushed for {spilled} events");
+    let mut backlog_bytes = 0;
+    for _ in 0..30 {
+        backlog_bytes = app.metric("adbeacon_spill_backlog_bytes").await;
+        if backlog_bytes > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(backlog_bytes > 0, "adbeacon_spill_backlog_bytes stayed 0 with a backlog");
+    eprintln!("spilled {spilled} events in {pushed} bytes; the stream takes {backlog_bytes} bytes in Redis");
     on(ch.clone(), ClickHouse::restart).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let acked = load.finish().await;
@@ -168,6 +185,18 @@ async fn clickhouse_killed_under_load_spills_and_replays_exactly_once() {
     settle(&app.base, &ch, &db, &acked).await;
     assert!(app.metric("adbeacon_events_replayed_total").await > 0);
     assert_eq!(app.metric("adbeacon_books_balance").await, 0);
+    // One instance: it replayed every entry it pushed, byte for byte (counted just after the
+    // acknowledgement that emptied the stream, hence the short wait).
+    let pushed = app.metric("adbeacon_spill_bytes_pushed_total").await;
+    let mut replayed = 0;
+    for _ in 0..20 {
+        replayed = app.metric("adbeacon_spill_bytes_replayed_total").await;
+        if replayed == pushed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(replayed, pushed, "bytes replayed against bytes pushed");
     app.stop().await.unwrap();
 }
 
