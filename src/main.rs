@@ -9,18 +9,29 @@ use adbeacon::{App, Config, app, telemetry};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Writes `text` to stdout. A reader that stops early (`adbeacon openapi | head`) is not an error:
+/// `print!` would panic on the broken pipe.
+fn print_out(text: &str) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("adbeacon: cannot write to stdout: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let command = args.first().map(String::as_str).unwrap_or("serve");
     match command {
-        "-h" | "--help" | "help" => {
-            print!("{}", Config::help_text());
-            return ExitCode::SUCCESS;
-        }
+        "-h" | "--help" | "help" => return print_out(&Config::help_text()),
         "-V" | "--version" | "version" => {
-            println!("adbeacon {}", env!("CARGO_PKG_VERSION"));
-            return ExitCode::SUCCESS;
+            return print_out(&format!("adbeacon {}\n", env!("CARGO_PKG_VERSION")));
         }
         "serve" | "migrate" | "openapi" if args.len() <= 1 => {}
         _ => {
@@ -36,8 +47,7 @@ async fn main() -> ExitCode {
         }
     };
     if command == "openapi" {
-        print!("{}", app::openapi_yaml(&config));
-        return ExitCode::SUCCESS;
+        return print_out(&app::openapi_yaml(&config));
     }
     telemetry::init(config.log_format, &config.log_level);
     let result = match command {

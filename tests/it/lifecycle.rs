@@ -217,6 +217,26 @@ fn the_committed_openapi_spec_matches_the_code() {
     }
 }
 
+/// `adbeacon openapi | head` is a normal use: a reader that stops early ends the command
+/// quietly and successfully, without a panic about the broken pipe.
+#[test]
+fn openapi_into_a_reader_that_stops_early_exits_cleanly() {
+    use std::{io::Read, process::Stdio};
+    let mut child = adbeacon()
+        .arg("openapi")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    // The pipe's reader is dropped here, as `head` closes it, before the spec is all written.
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !stderr.contains("panicked"), "{:?}: {stderr}", out.status);
+    assert_eq!(&first, b"openapi: 3.0.0\ni");
+}
+
 #[tokio::test]
 async fn metrics_label_routes_by_template_and_count_the_pipeline() {
     let app = TestApp::spawn().await;
