@@ -77,9 +77,13 @@ pub fn init(format: LogFormat, level: &str) {
             let json = fmt::format().json().flatten_event(true).with_current_span(false).with_target(true);
             builder.event_format(WithRequestId { inner: json, json: true }).try_init()
         }
-        LogFormat::Pretty => builder
-            .event_format(WithRequestId { inner: fmt::format().with_target(true), json: false })
-            .try_init(),
+        LogFormat::Pretty => {
+            // Colours for a person at a terminal; none in a file or a log collector, where the
+            // escape codes would be noise in every line.
+            let ansi = io::IsTerminal::is_terminal(&io::stdout());
+            let inner = fmt::format().with_target(true).with_ansi(ansi);
+            builder.with_ansi(ansi).event_format(WithRequestId { inner, json: false }).try_init()
+        }
     };
 }
 

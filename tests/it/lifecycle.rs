@@ -222,12 +222,7 @@ fn the_committed_openapi_spec_matches_the_code() {
 #[test]
 fn openapi_into_a_reader_that_stops_early_exits_cleanly() {
     use std::{io::Read, process::Stdio};
-    let mut child = adbeacon()
-        .arg("openapi")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = adbeacon().arg("openapi").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut first = [0u8; 16];
     child.stdout.take().unwrap().read_exact(&mut first).unwrap();
     // The pipe's reader is dropped here, as `head` closes it, before the spec is all written.
