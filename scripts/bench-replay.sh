@@ -18,7 +18,9 @@
 # Settings (environment): BENCH_CONNECTIONS (16), BENCH_DELAY_MS (5), BENCH_DURATION (30s),
 # BENCH_OUTAGE (30s), BENCH_PIN (1: adbeacon on its own cores, wrk, ClickHouse and Redis on the
 # last one, as in production, where ClickHouse and Redis run on machines of their own and a
-# replay's INSERTs cost them, not adbeacon's cores; 0: unpinned).
+# replay's INSERTs cost them, not adbeacon's cores; ClickHouse and Redis run at nice 19, and
+# under SCHED_IDLE during the paced runs, so that they never delay wrk's timing (yield_others in
+# bench-common.sh); 0: unpinned).
 # REPLAY_RATE and the other adbeacon settings pass through to the service.
 set -euo pipefail
 
@@ -65,7 +67,7 @@ build_release
 pin_cores
 pinning="none (BENCH_PIN=0 or nproc=$ncpu)"
 if [ -n "$wrk_cpu" ]; then
-  pinning="adbeacon on cpu $srv_cpus; wrk, and ClickHouse and Redis at nice 19, on cpu $wrk_cpu"
+  pinning="adbeacon on cpu $srv_cpus; wrk, and ClickHouse and Redis at nice 19 (SCHED_IDLE during the paced runs), on cpu $wrk_cpu"
 fi
 log "pinning: $pinning"
 
@@ -95,6 +97,37 @@ ms() { awk -v us="$1" 'BEGIN { printf "%.2f ms", us / 1000 }'; }
 rps_fmt() { awk -v r="$1" 'BEGIN { printf "%.0f", r }'; }
 backlog() { redis-cli -p "$redis_port" get adbeacon:spill:events 2>/dev/null | awk '{ print ($1 == "" ? 0 : $1) }'; }
 now_ms() { date +%s%3N; }
+# adbeacon's own timing of POST /ads/click (http_request_duration_seconds, from the request's
+# arrival in its handler chain to its answer): saved before and after a run, the difference gives
+# the p99 of that run as the service measured it, without what the kernel and wrk's core add.
+hist_snap() { # FILE
+  curl -fsS --noproxy '*' --max-time 5 "$app_url/metrics" |
+    grep '^http_request_duration_seconds_bucket{path="/ads/click",' >"$1" || true
+}
+hist_p99() { # BEFORE AFTER -> p99 in microseconds, linear within its bucket
+  python3 - "$1" "$2" <<'PY'
+import re, sys
+def load(path):
+    counts = {}
+    for line in open(path):
+        le = re.search(r'le="([^"]+)"', line).group(1)
+        counts[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+    return counts
+before, after = load(sys.argv[1]), load(sys.argv[2])
+buckets = sorted((le, after[le] - before.get(le, 0)) for le in after)
+total = buckets[-1][1] if buckets else 0
+lower, below = 0.0, 0.0
+for le, n in buckets:
+    if total and n >= 0.99 * total:
+        upper = lower * 2 if le == float("inf") else le
+        share = (0.99 * total - below) / (n - below) if n > below else 1.0
+        print(round((lower + (upper - lower) * share) * 1e6))
+        break
+    lower, below = le, n
+else:
+    print(0)
+PY
+}
 status=0
 
 log "---- 1. normal: paced load, ClickHouse up"
@@ -102,9 +135,13 @@ unset WRK_DELAY_MS
 run_wrk warm-up "$app_url" 3s
 await_flush
 export WRK_DELAY_MS="$DELAY_MS"
+yield_others "$ch_pid" "$redis_pid"
+hist_snap "$tmp/hist-normal-0"
 run_wrk normal "$app_url" "$DURATION"
 normal_rps="$r_rps" normal_p50="$r_p50" normal_p99="$r_p99"
+hist_snap "$tmp/hist-normal-1"
 unset WRK_DELAY_MS
+unyield_others "$ch_pid" "$redis_pid"
 
 log "---- 2. saturation with ClickHouse up, then with it stopped"
 run_wrk saturation "$app_url" "$OUTAGE"
@@ -126,11 +163,14 @@ log "spilled $spilled events during the outage; backlog $backlog_start events"
 log "---- 3. drain: ClickHouse back, the same paced load while the backlog replays"
 start_clickhouse "$ch_http" "$ch_tcp"
 pin_others "$ch_pid"
+yield_others "$ch_pid" "$redis_pid"
 replayed_before="$(metric '^adbeacon_events_replayed_total$')"
 t1="$(now_ms)"
 export WRK_DELAY_MS="$DELAY_MS"
+hist_snap "$tmp/hist-drain-0"
 run_wrk drain "$app_url" "$DURATION"
 drain_rps="$r_rps" drain_p50="$r_p50" drain_p99="$r_p99"
+hist_snap "$tmp/hist-drain-1"
 unset WRK_DELAY_MS
 backlog_after_run="$(backlog)"
 waited=0
@@ -164,6 +204,9 @@ if [ "$accepted" != "$stored" ] || [ "$stored" != "$distinct" ]; then
 fi
 
 ratio="$(awk -v a="$drain_p99" -v b="$normal_p99" 'BEGIN { printf "%.2f", a / b }')"
+own_normal_p99="$(hist_p99 "$tmp/hist-normal-0" "$tmp/hist-normal-1")"
+own_drain_p99="$(hist_p99 "$tmp/hist-drain-0" "$tmp/hist-drain-1")"
+own_ratio="$(awk -v a="$own_drain_p99" -v b="$own_normal_p99" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "not measured" }')"
 ratio_after="$(awk -v a="$drain_p99" -v b="$after_p99" 'BEGIN { printf "%.2f", a / b }')"
 spill_pct="$(awk -v a="$outage_rps" -v b="$sat_rps" 'BEGIN { printf "%.1f", 100 * a / b }')"
 spill_verdict="$(awk -v p="$spill_pct" 'BEGIN { print (p >= 75 ? "PASS" : "BELOW") }')"
@@ -181,6 +224,9 @@ when="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "| after the drain (paced) | $(rps_fmt "$after_rps") | $(ms "$after_p50") | $(ms "$after_p99") | |"
   echo
   echo "Target: live p99 while the backlog drains <= ${TARGET_RATIO}x the p99 at rest: **$verdict** (${ratio}x; ${ratio_after}x the p99 after the drain)."
+  echo "adbeacon's own p99 of POST /ads/click (http_request_duration_seconds, inside the service; linear within" \
+    "its histogram bucket): $(ms "$own_normal_p99") at rest, $(ms "$own_drain_p99") during the drain (${own_ratio})." \
+    "The rest of what wrk measures is spent outside adbeacon's handlers: hyper reading and writing, the kernel, and wrk's own core (where ClickHouse takes the replay's INSERTs on this machine)."
   echo "Target: throughput while spilling >= 75 % of normal at saturation: **$spill_verdict** ($spill_pct %)."
   echo "Accounting: accepted $accepted, stored $stored, distinct event ids $distinct."
   echo "Load: wrk -t1 -c$CONNECTIONS POST /ads/click, WRK_DELAY_MS=$DELAY_MS (paced), $DURATION per phase; outage $OUTAGE at" \

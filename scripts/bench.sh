@@ -100,9 +100,10 @@ bare_bin="$root/target/release/examples/bare"
 read -r ch_http ch_tcp app_port noop_port bare_port < <(free_ports 5)
 
 # wrk and the server under test fight for CPU; on a machine with cores to spare, give wrk its own
-# core so the server's numbers aren't wrk's. ClickHouse goes there too, at nice 19 (pin_others):
-# in production it has machines of its own, and its INSERT bursts must not land on the core
-# whose latency is measured. BENCH_PIN=0 runs everything unpinned:
+# core so the server's numbers aren't wrk's. ClickHouse goes there too, at nice 19 (pin_others),
+# and under SCHED_IDLE during the paced half-load runs (yield_others): in production it has
+# machines of its own, and its INSERT bursts must not land on the core whose latency is measured,
+# nor delay wrk's timing of the answers. BENCH_PIN=0 runs everything unpinned:
 # servers and wrk share all cores, as a plain `wrk` against a server would; the report names
 # which way a figure was taken.
 declare -A target_pct
@@ -112,7 +113,7 @@ pin_cores
 if [ -n "$wrk_cpu" ]; then
   pin_mode=pinned
   target_pct=([click]=80 [pixel]=85)
-  pinning="adbeacon, its no-op twin and bare on cpu $srv_cpus; wrk, and ClickHouse at nice 19, on cpu $wrk_cpu (nproc=$ncpu)"
+  pinning="adbeacon, its no-op twin and bare on cpu $srv_cpus; wrk, and ClickHouse at nice 19 (SCHED_IDLE during the half-load runs), on cpu $wrk_cpu (nproc=$ncpu)"
 else
   pin_mode=unpinned
   target_pct=([click]=70 [pixel]=70)
@@ -242,10 +243,14 @@ if [[ " $ENDPOINTS " == *" click "* ]]; then
   half_delay="$(awk -v c="$CONNECTIONS" -v r="${rps[adbeacon:click]}" 'BEGIN { d = int(c * 1000 / (r / 2)); print (d < 1 ? 1 : d) }')"
   log "half of adbeacon's click saturation: WRK_DELAY_MS=$half_delay per connection"
   export WRK_DELAY_MS="$half_delay"
+  # ClickHouse (taking adbeacon's INSERTs, or merging what the saturation runs stored) must not
+  # hold wrk's core when wrk wakes up: SCHED_IDLE for these paced runs (see yield_others).
+  yield_others "$ch_pid"
   for target in bare adbeacon noop; do
     measure "$target" click half
     rps[$target:half]="$r_rps" p50[$target:half]="$r_p50" p99[$target:half]="$r_p99"
   done
+  unyield_others "$ch_pid"
   unset WRK_DELAY_MS
   half_note="WRK_DELAY_MS=$half_delay per connection"
 fi

@@ -251,6 +251,25 @@ pin_others() {
   for tid in /proc/"$1"/task/*; do renice -n 19 -p "${tid##*/}" >/dev/null 2>&1 || true; done
 }
 
+# yield_others PID...: where pin_cores pinned, puts those servers' threads (and the threads they
+# start later) under SCHED_IDLE, for runs that time a paced load. At nice 19 alone, a server that
+# is busy on wrk's core (ClickHouse taking a replay's INSERTs) keeps the core until its time slice
+# ends when wrk wakes up (EEVDF, Linux 6.6 and later), and wrk then reads up to a few ms of
+# latency that is not adbeacon's; a SCHED_IDLE thread gives the core up at once. Not for runs at
+# saturation, where SCHED_IDLE starves ClickHouse (unyield_others puts them back).
+yield_others() {
+  local pid
+  [ -n "$wrk_cpu" ] || return 0
+  for pid in "$@"; do chrt -a -i -p 0 "$pid" >/dev/null; done
+}
+
+# unyield_others PID...: back to the normal policy (still at nice 19, on wrk's core).
+unyield_others() {
+  local pid
+  [ -n "$wrk_cpu" ] || return 0
+  for pid in "$@"; do chrt -a -o -p 0 "$pid" >/dev/null; done
+}
+
 # The runs' helpers below use app_url, app_pid, tmp, wrk_pin, THREADS and CONNECTIONS, and set
 # wrk_pid while wrk runs (for the clean-up).
 
