@@ -114,6 +114,8 @@ def load(path):
         counts[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
     return counts
 before, after = load(sys.argv[1]), load(sys.argv[2])
+if not before:  # no snapshot before the run: not measured (after alone would count since start)
+    after = {}
 buckets = sorted((le, after[le] - before.get(le, 0)) for le in after)
 total = buckets[-1][1] if buckets else 0
 lower, below = 0.0, 0.0
@@ -206,7 +208,8 @@ fi
 ratio="$(awk -v a="$drain_p99" -v b="$normal_p99" 'BEGIN { printf "%.2f", a / b }')"
 own_normal_p99="$(hist_p99 "$tmp/hist-normal-0" "$tmp/hist-normal-1")"
 own_drain_p99="$(hist_p99 "$tmp/hist-drain-0" "$tmp/hist-drain-1")"
-own_ratio="$(awk -v a="$own_drain_p99" -v b="$own_normal_p99" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "not measured" }')"
+own_ratio="$(awk -v a="$own_drain_p99" -v b="$own_normal_p99" 'BEGIN { if (a > 0 && b > 0) printf "%.2fx", a / b; else print "not measured" }')"
+own_ms() { if [ "${1:-0}" -gt 0 ] 2>/dev/null; then ms "$1"; else echo "n/a"; fi; }
 ratio_after="$(awk -v a="$drain_p99" -v b="$after_p99" 'BEGIN { printf "%.2f", a / b }')"
 spill_pct="$(awk -v a="$outage_rps" -v b="$sat_rps" 'BEGIN { printf "%.1f", 100 * a / b }')"
 spill_verdict="$(awk -v p="$spill_pct" 'BEGIN { print (p >= 75 ? "PASS" : "BELOW") }')"
@@ -225,7 +228,7 @@ when="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo
   echo "Target: live p99 while the backlog drains <= ${TARGET_RATIO}x the p99 at rest: **$verdict** (${ratio}x; ${ratio_after}x the p99 after the drain)."
   echo "adbeacon's own p99 of POST /ads/click (http_request_duration_seconds, inside the service; linear within" \
-    "its histogram bucket): $(ms "$own_normal_p99") at rest, $(ms "$own_drain_p99") during the drain (${own_ratio})." \
+    "its histogram bucket): $(own_ms "$own_normal_p99") at rest, $(own_ms "$own_drain_p99") during the drain (${own_ratio})." \
     "The rest of what wrk measures is spent outside adbeacon's handlers: hyper reading and writing, the kernel, and wrk's own core (where ClickHouse takes the replay's INSERTs on this machine)."
   echo "Target: throughput while spilling >= 75 % of normal at saturation: **$spill_verdict** ($spill_pct %)."
   echo "Accounting: accepted $accepted, stored $stored, distinct event ids $distinct."

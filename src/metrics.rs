@@ -126,7 +126,8 @@ pub struct Metrics {
     pub batches_spilled: IntCounter,
     /// Events moved to the Redis spill.
     pub events_spilled: IntCounter,
-    /// Bytes of the spill entries this instance pushed (field names and values).
+    /// Bytes of the spill entries this instance pushed (field names and values): spilled
+    /// batches, and dead letters an operator sent back.
     pub spill_bytes_pushed: IntCounter,
     /// Batches Redis could not take when they were to be spilled.
     pub spill_failures: IntCounter,
@@ -339,7 +340,7 @@ impl Metrics {
             events_spilled: counter("adbeacon_events_spilled_total", "Events moved to the Redis spill"),
             spill_bytes_pushed: counter(
                 "adbeacon_spill_bytes_pushed_total",
-                "Bytes of the spill entries this instance pushed to Redis (field names and values)",
+                "Bytes of the spill entries this instance pushed to Redis (field names and values): spilled batches, and dead letters sent back with POST /admin/dead-letters/replay",
             ),
             spill_failures: counter(
                 "adbeacon_spill_failures_total",

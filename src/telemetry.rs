@@ -79,8 +79,9 @@ pub fn init(format: LogFormat, level: &str) {
         }
         LogFormat::Pretty => {
             // Colours for a person at a terminal; none in a file or a log collector, where the
-            // escape codes would be noise in every line.
-            let ansi = io::IsTerminal::is_terminal(&io::stdout());
+            // escape codes would be noise in every line, nor when NO_COLOR is set (no-color.org).
+            let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+            let ansi = io::IsTerminal::is_terminal(&io::stdout()) && !no_color;
             let inner = fmt::format().with_target(true).with_ansi(ansi);
             builder.with_ansi(ansi).event_format(WithRequestId { inner, json: false }).try_init()
         }

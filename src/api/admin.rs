@@ -372,6 +372,7 @@ impl AdminApi {
             .await
             .map_err(|e| ApiError::redis(&e, self.state.retry_after))?;
         self.state.metrics.dead_letters_replayed.inc_by(done.entries);
+        self.state.metrics.spill_bytes_pushed.inc_by(done.bytes);
         self.refresh_gauge().await;
         tracing::info!(
             entries = done.entries,

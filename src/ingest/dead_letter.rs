@@ -21,7 +21,7 @@ use serde::Serialize;
 use time::{OffsetDateTime, format_description::FormatItem, macros::format_description};
 use uuid::Uuid;
 
-use super::spill::{Corrupt, Fields, Spill, batch_fields, field, parse_batch, xadd};
+use super::spill::{Corrupt, Fields, Spill, batch_fields, field, fields_bytes, parse_batch, xadd};
 use crate::store::{EventRow, RedisError};
 
 const DATETIME: &[FormatItem<'static>] = format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
@@ -120,6 +120,8 @@ pub struct Replayed {
     pub entries: u64,
     /// Events in them.
     pub events: u64,
+    /// Bytes of the spill entries written for them ([`super::spill::fields_bytes`]).
+    pub bytes: u64,
     /// Ids left in place: damaged entries, which hold no rows to replay.
     pub skipped: Vec<String>,
 }
@@ -251,13 +253,17 @@ impl DeadLetters {
                 };
                 let mut pipe = redis::pipe();
                 pipe.atomic();
-                xadd(&mut pipe, &spill.keys.spill, &batch_fields(token, &rows, 0, true));
+                let entry = batch_fields(token, &rows, 0, true);
+                xadd(&mut pipe, &spill.keys.spill, &entry);
+                let bytes = fields_bytes(&entry) as u64;
+                drop(entry);
                 pipe.ignore();
                 pipe.cmd("INCRBY").arg(&spill.keys.spill_events).arg(rows.len()).ignore();
                 pipe.cmd("XDEL").arg(&spill.keys.dead_letters).arg(&id).ignore();
                 spill.redis.pipe::<()>(&pipe).await?;
                 done.entries += 1;
                 done.events += rows.len() as u64;
+                done.bytes += bytes;
             }
             if ids.is_some() {
                 break;

@@ -384,12 +384,24 @@ impl Replayer {
     }
 
     async fn refresh_gauges(&self) {
-        if let Ok((entries, events)) = self.spill.backlog().await {
+        let backlog = self.spill.backlog().await;
+        if let Ok((entries, events)) = backlog {
             self.metrics.spill_backlog_entries.set(entries as i64);
             self.metrics.spill_backlog_events.set(events as i64);
         }
-        if let Ok(bytes) = self.spill.memory().await {
-            self.metrics.spill_backlog_bytes.set(bytes as i64);
+        match self.spill.memory().await {
+            Ok(bytes) => self.metrics.spill_backlog_bytes.set(bytes as i64),
+            // Redis answers, but not MEMORY USAGE (a hosted Redis may refuse it): the gauge then
+            // stays 0, which must not pass for an empty spill unnoticed. Said once per process.
+            Err(e) if backlog.is_ok() => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    tracing::warn!(error = %e,
+                        "Redis refuses MEMORY USAGE: adbeacon_spill_backlog_bytes stays 0; watch Redis's own memory");
+                });
+            }
+            // Redis does not answer at all: logged where that matters (spilling, replaying).
+            Err(_) => {}
         }
         if let Ok(n) =
             self.spill.redis.query::<u64>(redis::cmd("XLEN").arg(&self.spill.keys.dead_letters)).await

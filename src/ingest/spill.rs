@@ -345,9 +345,12 @@ impl Spill {
         pipe.atomic();
         let fields = batch_fields(token, rows, attempts, uncertain);
         xadd(&mut pipe, &self.keys.spill, &fields);
+        // The pipeline holds its own copy: the encoded rows (megabytes) need not wait for Redis.
+        let bytes = fields_bytes(&fields);
+        drop(fields);
         pipe.cmd("INCRBY").arg(&self.keys.spill_events).arg(rows.len()).ignore();
         let result: Result<(String,), RedisError> = self.redis.pipe(&pipe).await;
-        result.map(|_| fields_bytes(&fields)).map_err(|e| {
+        result.map(|_| bytes).map_err(|e| {
             self.recheck();
             SpillError::Redis(e)
         })

@@ -138,6 +138,17 @@ async fn dead_letters_are_listed_then_replayed_and_stored_exactly_once() {
     let distinct = stored.replace("count()", "uniqExact(event_id)");
     assert_eq!((app.number(&stored).await, app.number(&distinct).await), (5, 5));
     assert_eq!(app.metric("adbeacon_dead_letters_replayed_total").await, 2);
+    // The two entries sent back count as bytes pushed to the spill, and were replayed byte for byte.
+    let pushed = app.metric("adbeacon_spill_bytes_pushed_total").await;
+    let mut replayed = 0;
+    for _ in 0..20 {
+        replayed = app.metric("adbeacon_spill_bytes_replayed_total").await;
+        if replayed == pushed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(pushed >= 5 * 65 && replayed == pushed, "{pushed} bytes pushed, {replayed} replayed");
 
     // Only the damaged entry is left; a purge removes it.
     let (_, page) = app.send(get.clone(), "/admin/dead-letters", Some(ADMIN), None).await;
