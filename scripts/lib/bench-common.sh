@@ -256,26 +256,22 @@ pin_others() {
 # is busy on wrk's core (ClickHouse taking a replay's INSERTs) keeps the core until its time slice
 # ends when wrk wakes up (EEVDF, Linux 6.6 and later), and wrk then reads up to a few ms of
 # latency that is not adbeacon's; a SCHED_IDLE thread gives the core up at once. Not for runs at
-# saturation, where SCHED_IDLE starves ClickHouse (unyield_others puts them back).
-# Only as root: leaving SCHED_IDLE again needs the privilege (CAP_SYS_NICE), and a ClickHouse left
-# idle would starve in the saturation runs that follow. A thread that ends while chrt walks the
-# list makes it fail; that is worth a line, not the run.
-yield_others() {
-  local pid
-  [ -n "$wrk_cpu" ] && [ "$(id -u)" = 0 ] || return 0
-  for pid in "$@"; do
-    [ -n "$pid" ] || continue
-    chrt -a -i -p 0 "$pid" >/dev/null 2>&1 || log "warning: could not put every thread of pid $pid under SCHED_IDLE"
-  done
-}
+# saturation, where SCHED_IDLE starves ClickHouse: unyield_others puts them back under
+# SCHED_OTHER (still at nice 19, on wrk's core).
+yield_others() { others_policy -i SCHED_IDLE "$@"; }
+unyield_others() { others_policy -o SCHED_OTHER "$@"; }
 
-# unyield_others PID...: back to the normal policy (still at nice 19, on wrk's core).
-unyield_others() {
-  local pid
+# others_policy FLAG NAME PID...: chrt FLAG (priority 0) on every thread of each PID. Only as root:
+# leaving SCHED_IDLE again needs the privilege (CAP_SYS_NICE), and a ClickHouse left idle would
+# starve in the saturation runs that follow. A thread that ends while chrt walks the list makes it
+# fail; that is worth a line, not the run.
+others_policy() {
+  local flag="$1" name="$2" pid
+  shift 2
   [ -n "$wrk_cpu" ] && [ "$(id -u)" = 0 ] || return 0
   for pid in "$@"; do
     [ -n "$pid" ] || continue
-    chrt -a -o -p 0 "$pid" >/dev/null 2>&1 || log "warning: could not put every thread of pid $pid back under SCHED_OTHER"
+    chrt -a "$flag" -p 0 "$pid" >/dev/null 2>&1 || log "warning: could not put every thread of pid $pid under $name"
   done
 }
 
