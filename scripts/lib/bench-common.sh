@@ -321,14 +321,22 @@ stop_rss() {
   fi
 }
 
-# utime + stime of PID in clock ticks. Fields counted after the last ')' since comm may hold spaces.
+# utime + stime of PID in clock ticks.
 cpu_ticks() { # PID
+  local user sys
+  read -r user sys < <(cpu_split "$1")
+  echo $((user + sys))
+}
+
+# utime and stime of PID in clock ticks, space-separated. Fields counted after the last ')'
+# since comm may hold spaces.
+cpu_split() { # PID
   local stat
   stat="$(cat "/proc/$1/stat")"
   stat="${stat##*) }"
   # shellcheck disable=SC2086  # word splitting into fields is the point
   set -- $stat
-  echo $((${12} + ${13}))
+  echo "${12} ${13}"
 }
 
 # Waits until adbeacon holds no event (all confirmed by ClickHouse), up to 30 s.
