@@ -230,6 +230,10 @@ when="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "adbeacon's own p99 of POST /ads/click (http_request_duration_seconds, inside the service; linear within" \
     "its histogram bucket): $(own_ms "$own_normal_p99") at rest, $(own_ms "$own_drain_p99") during the drain (${own_ratio})." \
     "The rest of what wrk measures is spent outside adbeacon's handlers: hyper reading and writing, the kernel, and wrk's own core (where ClickHouse takes the replay's INSERTs on this machine)."
+  if [ "$(kernel_preemption)" = none ]; then
+    echo "This kernel does not preempt kernel work (Dynamic Preempt: none): ClickHouse writing the replayed parts keeps the" \
+      "core it shares with wrk (or with adbeacon) for milliseconds at a time, SCHED_IDLE or not; see the README, What an outage costs."
+  fi
   echo "Target: throughput while spilling >= 75 % of normal at saturation: **$spill_verdict** ($spill_pct %)."
   echo "Accounting: accepted $accepted, stored $stored, distinct event ids $distinct."
   echo "Load: wrk -t1 -c$CONNECTIONS POST /ads/click, WRK_DELAY_MS=$DELAY_MS (paced), $DURATION per phase; outage $OUTAGE at" \

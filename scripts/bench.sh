@@ -389,6 +389,10 @@ rows_md=() targets_md=()
     "$(verdict "$v" 2 le)"
   echo
   echo "overload: $overload_non2xx non-2xx (503 is load shedding) of $(num "$overload_rps") requests/s"
+  if [ "$(kernel_preemption)" = none ]; then
+    echo "kernel:   no kernel preemption (Dynamic Preempt: none): ClickHouse's INSERTs and merges, working inside the kernel," \
+      "hold wrk's core for milliseconds at a time, SCHED_IDLE or not: this shows in the p99s wrk reads, most for adbeacon, whose INSERTs it takes"
+  fi
   if [[ " $ENDPOINTS " == *" batch "* ]]; then
     echo "batch:    adbeacon answered ${non2xx_sum[adbeacon:batch]} batches 503 (ClickHouse behind, buffer full), the no-op sink ${non2xx_sum[noop:batch]}"
   fi

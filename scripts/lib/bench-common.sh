@@ -402,6 +402,16 @@ build_release() { # [CARGO_BUILD_ARGS...]
 }
 
 # The commit the figures were taken at, "+dirty" when the working tree differs from it.
+# kernel_preemption: the kernel's preemption model as its boot log states it (none, voluntary,
+# full, lazy), or "unknown". With `none`, a process working inside the kernel (ClickHouse writing
+# parts) keeps its core until a scheduling point whatever its priority or class, so SCHED_IDLE
+# does not keep it from delaying wrk or adbeacon by milliseconds: the reports say so.
+kernel_preemption() {
+  local mode
+  mode="$(dmesg 2>/dev/null | sed -n 's/.*Dynamic Preempt: \([a-z]*\).*/\1/p' | tail -n 1)"
+  printf '%s\n' "${mode:-unknown}"
+}
+
 git_rev() {
   local rev
   rev="$(git rev-parse --short HEAD 2>/dev/null || echo none)"
