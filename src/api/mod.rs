@@ -461,6 +461,8 @@ pub fn routes(state: Arc<State>) -> impl Endpoint<Output = Response> {
     let body_timeout = state.body_read_timeout;
     let cors = state.cors.clone();
     let limits = state.clone();
+    let tracking = tracking::TrackingApi { state: state.clone() };
+    let pixel = pixel::PixelApi { state: state.clone() };
     let api = openapi(state);
     let spec = api.spec();
     let routes = operation_routes(&spec);
@@ -468,6 +470,8 @@ pub fn routes(state: Arc<State>) -> impl Endpoint<Output = Response> {
     let other = Route::new().nest("/docs", api.swagger_ui()).at("/openapi.json", api.spec_endpoint());
     Front {
         api: api.into_endpoint(),
+        tracking,
+        pixel,
         other,
         metrics,
         routes,
@@ -511,6 +515,9 @@ fn operation_routes(spec_json: &str) -> HashMap<String, OperationRoute> {
 /// enough for those copies to show in `make bench`.
 struct Front<A, O> {
     api: A,
+    /// Serve the [`tracking::Hot`] operations without the API's router.
+    tracking: tracking::TrackingApi,
+    pixel: pixel::PixelApi,
     other: O,
     metrics: Arc<Metrics>,
     routes: HashMap<String, OperationRoute>,
@@ -641,9 +648,16 @@ impl<A: Endpoint, O: Endpoint> Front<A, O> {
             (false, "unmatched")
         };
         let limit = if path == "/ads/events" { self.batch_body_limit } else { self.body_limit };
+        let hot = tracking::Hot::find(&method, path);
         req.set_data(BodyLimit { bytes: limit, timeout: self.body_timeout });
         let result = if docs {
             self.other.call(req).await.map(IntoResponse::into_response)
+        } else if let Some(hot) = hot {
+            match hot {
+                tracking::Hot::Click => self.tracking.call_click(req).await,
+                tracking::Hot::Impression => self.tracking.call_impression(req).await,
+                tracking::Hot::Beacon => self.pixel.call_beacon(req).await,
+            }
         } else {
             self.api.call(req).await.map(IntoResponse::into_response)
         };

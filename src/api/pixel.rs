@@ -11,7 +11,7 @@
 use std::{hash::Hasher, sync::Arc};
 
 use bytes::Bytes;
-use poem::Request;
+use poem::{Request, Response};
 use poem_openapi::{
     ApiResponse, OpenApi,
     param::{Path, Query},
@@ -21,7 +21,11 @@ use siphasher::sip128::{Hasher128, SipHasher13};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use uuid::Uuid;
 
-use super::{Accepted, ApiTags, State, error::ApiError};
+use super::{
+    Accepted, ApiTags, State,
+    error::ApiError,
+    tracking::{Hot, param_opts, tagged},
+};
 use crate::domain::{EventKind, EventReport, PlaybackTime, is_http_url};
 
 /// A transparent 1×1 GIF, the smallest image every browser and player accepts.
@@ -161,6 +165,38 @@ fn parse(b: &Beacon<'_>) -> Result<Parsed, ApiError> {
 pub struct PixelApi {
     /// Shared service state.
     pub state: Arc<State>,
+}
+
+impl PixelApi {
+    /// Serves `GET /t/{event}` as poem-openapi's generated endpoint for it does, without the
+    /// router (see [`Hot`]): the query string parsed once as the API service's own first layer
+    /// does, the event taken from the path's one segment (plain letters and digits, see
+    /// [`Hot::find`], so the router's percent-decoding would not change it), every query parameter through its extractor, then the operation's
+    /// own method, its result turned into a response and tagged with the operation id.
+    pub async fn call_beacon(&self, mut req: Request) -> poem::Result<Response> {
+        use poem::error::IntoResult;
+        use poem_openapi::ApiExtractor;
+        // What `OpenApiService::into_endpoint` puts in front of its routes, and what its `Query`
+        // extractor reads (its type is public for the generated code, not documented: a
+        // poem-openapi upgrade that moves it fails to compile here rather than behave otherwise).
+        let query: Vec<(String, String)> = req.params().unwrap_or_default();
+        req.extensions_mut().insert(poem_openapi::__private::UrlQuery(query));
+        let event = req.uri().path().strip_prefix("/t/").unwrap_or_default().to_owned();
+        let (request, mut body) = req.split();
+        let result = async {
+            let mut q = async |name| {
+                Query::<Option<String>>::from_request(&request, &mut body, param_opts(name)).await
+            };
+            let (ad, ts, pt, cb) = (q("ad").await?, q("ts").await?, q("pt").await?, q("cb").await?);
+            let (eid, code, f) = (q("eid").await?, q("code").await?, q("f").await?);
+            self.beacon(&request, Path(event), ad, ts, pt, cb, eid, code, f)
+                .await
+                .into_result()
+                .map(poem::IntoResponse::into_response)
+        }
+        .await;
+        tagged(result, Hot::Beacon)
+    }
 }
 
 #[OpenApi(tag = "ApiTags::Tracking")]
