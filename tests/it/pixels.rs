@@ -242,3 +242,44 @@ async fn analytics_count_vast_errors_by_code() {
         .unwrap();
     assert_eq!(old["errorCodes"], serde_json::json!([]));
 }
+
+/// `GET /t/{event}` is served by the front endpoint without poem-openapi's router when the event
+/// is plain letters (every real beacon), and by the router otherwise. An escaped event name
+/// (`st%61rt` is `start`) takes the router: both ways must give the same answers and rows.
+#[tokio::test]
+async fn a_beacon_answers_alike_with_and_without_the_router() {
+    let app = TestApp::spawn().await;
+    let queries = [
+        format!("ad={AD}&pt=00:00:07.500&cb=1"),
+        format!("ad={AD}&f=204"),
+        format!("ad={AD}&ts=%5BTIMESTAMP%5D&pt=bad"),
+        format!("ad={AD}&ts=2001-01-01T00:00:00Z"),
+        "ad=nope".to_string(),
+        "ad=99999999-9999-9999-9999-999999999999".to_string(),
+        String::new(),
+    ];
+    let answer = |resp: reqwest::Response| async move {
+        let status = resp.status();
+        let mut headers: Vec<(String, String)> = resp
+            .headers()
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "date" | "x-request-id"))
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("?").to_string()))
+            .collect();
+        headers.sort();
+        (status, headers, resp.bytes().await.unwrap())
+    };
+    for q in &queries {
+        let fast = answer(app.get(&format!("/t/start?{q}")).await).await;
+        let routed = answer(app.get(&format!("/t/st%61rt?{q}")).await).await;
+        assert_eq!(fast, routed, "?{q}");
+    }
+    // Three queries store an event each way (the GIF, the 204, the unreadable macros).
+    assert_eq!(app.wait_flushed(6).await, 6);
+    assert_eq!(app.number("SELECT count() FROM events WHERE kind = 'start'").await, 6);
+    // Both ways count under the operation's route.
+    let ok = r#"http_requests_total{method="GET",path="/t/{event}",status="200"}"#;
+    assert_eq!(app.metric(ok).await, 4);
+    let bad = r#"http_requests_total{method="GET",path="/t/{event}",status="400"}"#;
+    assert_eq!(app.metric(bad).await, 6);
+}
