@@ -515,8 +515,9 @@ fn operation_routes(spec_json: &str) -> HashMap<String, OperationRoute> {
 /// enough for those copies to show in `make bench`.
 struct Front<A, O> {
     api: A,
-    /// Serve the [`tracking::Hot`] operations without the API's router.
+    /// Serves the click and the impression without the API's router ([`tracking::Hot`]).
     tracking: tracking::TrackingApi,
+    /// Serves the VAST beacon without the API's router.
     pixel: pixel::PixelApi,
     other: O,
     metrics: Arc<Metrics>,

@@ -312,10 +312,11 @@ impl TryFrom<ClickRequest> for EventReport {
 }
 
 /// The tracking operations that the front endpoint calls directly, without poem-openapi's
-/// router: the busiest requests of all (the VAST beacon above all: a viewed ad fires several). Through the router each one passes eight boxed endpoint
-/// layers (the route table, the method table, response mapping and the operation's wrappers),
-/// and each layer moves the request and its future into a new box; callgrind counted about 11 %
-/// of a click's instructions there, and its radix-tree lookup alone about 2,000 per request.
+/// router: the busiest requests of all (the VAST beacon above all: a viewed ad fires several).
+/// Through the router each one passes a radix-tree lookup (about 2,000 instructions) and eight
+/// boxed endpoint layers (the route table, the method table, response mapping and the
+/// operation's wrappers), each moving the request and its future into a new box. Measured with
+/// callgrind: a click took 43,700 instructions through the router and 35,000 without it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hot {
     /// `POST /ads/click` (`recordClick`).
