@@ -373,3 +373,33 @@ impl App {
         served.map_err(io("HTTP server"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::tracking::Hot;
+
+    /// The front endpoint serves the hot routes by itself and names each by its operation id,
+    /// which labels its metrics: each id must be the operation that the spec serves on that
+    /// method and path, and the path must be one the front endpoint takes as hot.
+    #[test]
+    fn every_hot_route_is_the_operation_the_spec_serves_there() {
+        let config = Config::from_lookup(|_| None).expect("the defaults make a config");
+        let ch = ClickHouse::detached(&config.clickhouse);
+        let metrics = Arc::new(Metrics::new());
+        let intake = Intake::buffered(buffer(&config, metrics.clone()));
+        let st = state(&config, ch, IpHasher::new([0; 16]), metrics, intake, None);
+        let spec: serde_json::Value = serde_json::from_str(&api::openapi(st).spec()).unwrap();
+        for (hot, method, template, sample) in [
+            (Hot::Click, "POST", "/ads/click", "/ads/click"),
+            (Hot::Impression, "POST", "/ads/impression", "/ads/impression"),
+            (Hot::Beacon, "GET", "/t/{event}", "/t/firstQuartile"),
+        ] {
+            let op = &spec["paths"][template][method.to_lowercase()]["operationId"];
+            assert_eq!(op, hot.operation_id(), "{method} {template}");
+            assert_eq!(Hot::find(&method.parse().unwrap(), sample), Some(hot), "{method} {sample}");
+        }
+        assert_eq!(Hot::find(&poem::http::Method::HEAD, "/t/start"), None);
+        assert_eq!(Hot::find(&poem::http::Method::GET, "/t/st%61rt"), None);
+    }
+}

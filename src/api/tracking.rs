@@ -313,7 +313,7 @@ impl TryFrom<ClickRequest> for EventReport {
 
 /// The tracking operations that the front endpoint calls directly, without poem-openapi's
 /// router: the busiest requests of all (the VAST beacon above all: a viewed ad fires several).
-/// Through the router each one passes a radix-tree lookup (about 2,000 instructions) and eight
+/// Through the router each one passes a radix-tree lookup (about 500 instructions) and eight
 /// boxed endpoint layers (the route table, the method table, response mapping and the
 /// operation's wrappers), each moving the request and its future into a new box. Measured with
 /// callgrind: a click took 43,700 instructions through the router and 35,000 without it.
@@ -450,22 +450,22 @@ impl TrackingApi {
     pub async fn call_click(&self, req: Request) -> poem::Result<Response> {
         use poem::error::IntoResult;
         let (request, mut body) = req.split();
-        let result = match extract::<ClickRequest>(&request, &mut body).await {
-            Ok(b) => self.click(&request, b).await.into_result().map(IntoResponse::into_response),
-            Err(e) => Err(e),
+        let result = async {
+            let b = extract::<ClickRequest>(&request, &mut body).await?;
+            self.click(&request, b).await.into_result().map(IntoResponse::into_response)
         };
-        tagged(result, Hot::Click)
+        tagged(result.await, Hot::Click)
     }
 
     /// Serves `POST /ads/impression` as [`TrackingApi::call_click`] serves the click.
     pub async fn call_impression(&self, req: Request) -> poem::Result<Response> {
         use poem::error::IntoResult;
         let (request, mut body) = req.split();
-        let result = match extract::<ImpressionRequest>(&request, &mut body).await {
-            Ok(b) => self.impression(&request, b).await.into_result().map(IntoResponse::into_response),
-            Err(e) => Err(e),
+        let result = async {
+            let b = extract::<ImpressionRequest>(&request, &mut body).await?;
+            self.impression(&request, b).await.into_result().map(IntoResponse::into_response)
         };
-        tagged(result, Hot::Impression)
+        tagged(result.await, Hot::Impression)
     }
 }
 
