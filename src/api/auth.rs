@@ -15,6 +15,10 @@ use std::hash::Hasher;
 
 use super::error::ApiError;
 
+/// The header a key may come in instead of `Authorization: Bearer`. A constant, not a string:
+/// looking a header up by `&str` parses the name again on every request.
+const X_API_KEY: poem::http::HeaderName = poem::http::HeaderName::from_static("x-api-key");
+
 /// What a key may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scope {
@@ -66,7 +70,7 @@ fn fingerprint(key: &str) -> u128 {
 /// Whether `headers` carry an API key at all (`Authorization: Bearer` or `X-API-Key`): a
 /// header look-up, so that requests without one skip hashing.
 pub fn carries_key(headers: &poem::http::HeaderMap) -> bool {
-    headers.contains_key(poem::http::header::AUTHORIZATION) || headers.contains_key("x-api-key")
+    headers.contains_key(poem::http::header::AUTHORIZATION) || headers.contains_key(X_API_KEY)
 }
 
 impl ApiKeys {
@@ -102,7 +106,7 @@ impl ApiKeys {
             .get(poem::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        let key = bearer.or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
+        let key = bearer.or_else(|| headers.get(X_API_KEY).and_then(|v| v.to_str().ok()));
         key.and_then(|k| self.by_hash.get(&fingerprint(k.trim())))
             .is_some_and(|scopes| scopes.iter().any(|s| *s == scope || *s == Scope::Admin))
     }

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use super::{
     ApiTags, Claim, Claims, State,
-    body::{SerdeJson, describe_malformed, json_or_text, malformed, read_body},
+    body::{BodyLimit, SerdeJson, describe_malformed, json_or_text, malformed, read_body},
     error::ApiError,
     pixel::event_id,
     tracking::{ad_id, ip, one_of, rfc3339, uuid},
@@ -258,7 +258,7 @@ impl<'a> ApiExtractor<'a> for EventBatch {
         body: &mut RequestBody,
         _param_opts: ExtractParamOptions<Self::ParamType>,
     ) -> poem::Result<Self> {
-        let bytes = read_body(request, body, 1 << 20).await?;
+        let bytes = read_body(request, body, BodyLimit::of(request, 1 << 20)).await?;
         let items: Vec<&RawValue> = match serde_json::from_slice(&bytes) {
             Ok(items) => items,
             // Valid JSON of another shape, or not JSON at all: say which.

@@ -38,9 +38,33 @@ pub struct BodyLimit {
     pub timeout: Duration,
 }
 
+impl BodyLimit {
+    /// The limit the front endpoint put into `request`; else (a request that did not pass it,
+    /// as in unit tests) `bytes` and 30 seconds.
+    pub(crate) fn of(request: &Request, bytes: usize) -> Self {
+        request.data::<BodyLimit>().copied().unwrap_or(BodyLimit { bytes, timeout: Duration::from_secs(30) })
+    }
+}
+
 /// A JSON request body of type `T`.
 #[derive(Debug)]
 pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> JsonBody<T> {
+    /// Reads and parses the body under `rules`: what the extractor does with the limit in the
+    /// request. The front endpoint's own routes ([`super::tracking::Hot`]) pass it here
+    /// directly, since putting it into the request costs a hash-map allocation per request.
+    pub(crate) async fn read(
+        request: &Request,
+        body: &mut RequestBody,
+        rules: BodyLimit,
+    ) -> poem::Result<Self> {
+        let bytes = read_body(request, body, rules).await?;
+        parse_classified(&bytes)
+            .map(JsonBody)
+            .map_err(|(reason, msg)| refusal(StatusCode::BAD_REQUEST, msg, reason))
+    }
+}
 
 /// Content types whose bodies are read as JSON, as the 415 names them.
 const ACCEPTED_TYPES: &str =
@@ -48,21 +72,29 @@ const ACCEPTED_TYPES: &str =
 
 /// True for a Content-Type read as JSON: none, JSON, or what `sendBeacon` and `curl -d` send.
 pub fn is_json_content_type(value: Option<&[u8]>) -> bool {
+    const READ: [&[u8]; 4] = [b"", b"application/json", b"text/plain", b"application/x-www-form-urlencoded"];
     let Some(value) = value else { return true };
-    let Ok(text) = std::str::from_utf8(value) else { return false };
-    let essence = text.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    matches!(essence.as_str(), "" | "application/json" | "text/plain" | "application/x-www-form-urlencoded")
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
+    // Compared in place, case-insensitively: every tracking request passes here, and a lower-cased
+    // copy was most of this check's cost. Whitespace around the type is HTTP's (spaces and tabs).
+    if !value.is_ascii() && std::str::from_utf8(value).is_err() {
+        return false;
+    }
+    let essence = value.split(|b| *b == b';').next().unwrap_or_default().trim_ascii();
+    let (prefix, suffix) = (b"application/".as_slice(), b"+json".as_slice());
+    READ.iter().any(|t| essence.eq_ignore_ascii_case(t))
+        || (essence.len() >= prefix.len() + suffix.len()
+            && essence[..prefix.len()].eq_ignore_ascii_case(prefix)
+            && essence[essence.len() - suffix.len()..].eq_ignore_ascii_case(suffix))
 }
 
 /// Reads the body of `request` for a JSON extractor: 415 for a content type that is not read as
 /// JSON, 413 for a declared or actual length over the [`BodyLimit`] (the bytes read are capped,
 /// chunked bodies too, and a declared length over it is refused before anything is read), 408
-/// when it has not all arrived within the [`BodyTimeout`].
+/// when it has not all arrived within the limit's timeout.
 pub(crate) async fn read_body(
     request: &Request,
     body: &mut RequestBody,
-    default_limit: usize,
+    rules: BodyLimit,
 ) -> poem::Result<bytes::Bytes> {
     let content_type = request.headers().get(header::CONTENT_TYPE);
     if !is_json_content_type(content_type.map(|v| v.as_bytes())) {
@@ -74,14 +106,13 @@ pub(crate) async fn read_body(
             RejectReason::UnsupportedMediaType,
         ));
     }
-    let rules = request.data::<BodyLimit>().copied();
-    let limit = rules.map_or(default_limit, |l| l.bytes);
+    let limit = rules.bytes;
     let declared =
         request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large(limit));
     }
-    let timeout = rules.map_or(Duration::from_secs(30), |l| l.timeout);
+    let timeout = rules.timeout;
     match tokio::time::timeout(timeout, read_limited(body.take()?, limit)).await {
         Ok(read) => read,
         Err(_) => Err(refusal(
@@ -144,15 +175,34 @@ fn near_error<'a>(bytes: &'a [u8], e: &serde_json::Error) -> Option<&'a str> {
 }
 
 /// Reads a whole body of at most `limit` bytes. poem's own `into_bytes_limit` zeroes a 4 KiB
-/// buffer on every call and was a tenth of a tracking request's instructions; `Limited` over the
-/// underlying body collects the frames without copying them through a buffer.
+/// buffer on every call and was a tenth of a tracking request's instructions; this takes the
+/// body's frames as they come. A body in one frame (nearly every tracking body) is kept as it
+/// is; only a body in several frames is copied, into one buffer.
 pub(crate) async fn read_limited(body: poem::Body, limit: usize) -> poem::Result<bytes::Bytes> {
-    let inner: http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error> = body.into();
-    match http_body_util::BodyExt::collect(http_body_util::Limited::new(inner, limit)).await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(limit)),
-        Err(e) => Err(malformed(format!("cannot read the request body: {e}"))),
+    use http_body_util::BodyExt;
+    let mut inner: http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error> = body.into();
+    let mut first = bytes::Bytes::new();
+    let mut joined: Option<bytes::BytesMut> = None;
+    while let Some(frame) = inner.frame().await {
+        let frame = frame.map_err(|e| malformed(format!("cannot read the request body: {e}")))?;
+        // Trailers carry nothing a JSON body needs.
+        let Ok(data) = frame.into_data() else { continue };
+        let read = joined.as_ref().map_or(first.len(), bytes::BytesMut::len);
+        if data.len() > limit.saturating_sub(read) {
+            return Err(too_large(limit));
+        }
+        match &mut joined {
+            Some(buf) => buf.extend_from_slice(&data),
+            None if first.is_empty() => first = data,
+            None => {
+                let mut buf = bytes::BytesMut::with_capacity(first.len() + data.len());
+                buf.extend_from_slice(&first);
+                buf.extend_from_slice(&data);
+                joined = Some(buf);
+            }
+        }
     }
+    Ok(joined.map_or(first, bytes::BytesMut::freeze))
 }
 
 /// The OpenAPI request of a JSON body that is read whatever its Content-Type: listed under
@@ -237,10 +287,7 @@ impl<'a, T: DeserializeOwned + Type + Send> ApiExtractor<'a> for JsonBody<T> {
         body: &mut RequestBody,
         _param_opts: ExtractParamOptions<Self::ParamType>,
     ) -> poem::Result<Self> {
-        let bytes = read_body(request, body, 64 * 1024).await?;
-        parse_classified(&bytes)
-            .map(JsonBody)
-            .map_err(|(reason, msg)| refusal(StatusCode::BAD_REQUEST, msg, reason))
+        Self::read(request, body, BodyLimit::of(request, 64 * 1024)).await
     }
 }
 
@@ -273,7 +320,7 @@ impl<'a, T: DeserializeOwned + Type + Send> ApiExtractor<'a> for OptionalJsonBod
         body: &mut RequestBody,
         _param_opts: ExtractParamOptions<Self::ParamType>,
     ) -> poem::Result<Self> {
-        let bytes = read_body(request, body, 64 * 1024).await?;
+        let bytes = read_body(request, body, BodyLimit::of(request, 64 * 1024)).await?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJsonBody(None));
         }
@@ -324,6 +371,22 @@ mod tests {
         assert!(e.contains("number out of range"), "{e}");
     }
 
+    /// A body in one frame is taken as it is, one in several is joined, and either is held to
+    /// the limit, to the byte.
+    #[tokio::test]
+    async fn bodies_are_read_whole_and_held_to_the_limit() {
+        use tokio::io::AsyncReadExt;
+        // Three frames: each slice is one read of the chain.
+        let frames = || poem::Body::from_async_read((&b"{\"a\""[..]).chain(&b":"[..]).chain(&b"1}"[..]));
+        assert_eq!(&read_limited(frames(), 7).await.unwrap()[..], b"{\"a\":1}");
+        assert_eq!(read_limited(frames(), 6).await.unwrap_err().status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(read_limited(frames(), 3).await.unwrap_err().status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let one = || poem::Body::from(&b"{\"a\":1}"[..]);
+        assert_eq!(&read_limited(one(), 7).await.unwrap()[..], b"{\"a\":1}");
+        assert_eq!(read_limited(one(), 6).await.unwrap_err().status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(read_limited(poem::Body::empty(), 0).await.unwrap().is_empty());
+    }
+
     #[test]
     fn content_types_read_as_json() {
         for ok in [
@@ -333,6 +396,9 @@ mod tests {
             Some("text/plain;charset=UTF-8"),
             Some("application/x-www-form-urlencoded"),
             Some("application/vnd.api+json"),
+            Some("APPLICATION/VND.X+JSON"),
+            Some(" \tapplication/json \t; q=1"),
+            Some("application/json; name=\u{e9}"),
             Some(""),
         ] {
             assert!(is_json_content_type(ok.map(str::as_bytes)), "{ok:?}");
@@ -343,9 +409,14 @@ mod tests {
             "image/png",
             "text/html",
             "application/jsonx",
+            "application/",
+            "+json",
+            "text/plain+json",
         ] {
             assert!(!is_json_content_type(Some(bad.as_bytes())), "{bad}");
         }
+        // Not UTF-8 at all: refused, as an unreadable type.
+        assert!(!is_json_content_type(Some(b"application/json; name=\xff")));
     }
 }
 

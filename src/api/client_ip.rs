@@ -9,7 +9,20 @@
 
 use std::net::IpAddr;
 
-use poem::{Request, http::HeaderMap};
+use poem::{
+    Request,
+    http::{HeaderMap, HeaderName},
+};
+
+// Constants rather than strings: a look-up by `&str` parses the name again on every request.
+/// `X-Forwarded-For`, believed from trusted proxies only.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Real-IP`, believed from trusted proxies only.
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+/// `X-Device-IP`: the viewer's address, as a server-side caller (ingest scope) states it.
+pub(crate) const X_DEVICE_IP: HeaderName = HeaderName::from_static("x-device-ip");
+/// `X-Device-User-Agent`: the viewer's user agent, as a server-side caller states it.
+pub(crate) const X_DEVICE_USER_AGENT: HeaderName = HeaderName::from_static("x-device-user-agent");
 
 /// An address block such as `10.0.0.0/8` or `2001:db8::/32` (a lone address is a /32 or /128).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,7 +98,7 @@ impl TrustedProxies {
             return peer;
         }
         let entries: Vec<&str> = headers
-            .get_all("x-forwarded-for")
+            .get_all(X_FORWARDED_FOR)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
@@ -105,12 +118,12 @@ impl TrustedProxies {
         if let Some(addr) = leftmost_trusted {
             return addr;
         }
-        header_ip(headers, "x-real-ip").unwrap_or(peer)
+        header_ip(headers, &X_REAL_IP).unwrap_or(peer)
     }
 }
 
 /// The address in header `name`, if it holds exactly one that parses.
-pub(crate) fn header_ip(headers: &HeaderMap, name: &str) -> Option<IpAddr> {
+pub(crate) fn header_ip(headers: &HeaderMap, name: &HeaderName) -> Option<IpAddr> {
     headers.get(name)?.to_str().ok()?.trim().parse().ok()
 }
 
@@ -118,7 +131,7 @@ pub(crate) fn header_ip(headers: &HeaderMap, name: &str) -> Option<IpAddr> {
 /// believed (like `X-Device-IP`) only when `ingest` says the caller's key has the ingest scope.
 pub fn resolve(req: &Request, proxies: &TrustedProxies, ingest: bool, stated: Option<IpAddr>) -> IpAddr {
     let headers = req.headers();
-    if ingest && let Some(claim) = header_ip(headers, "x-device-ip").or(stated) {
+    if ingest && let Some(claim) = header_ip(headers, &X_DEVICE_IP).or(stated) {
         return claim;
     }
     let peer = req

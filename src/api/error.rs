@@ -48,7 +48,7 @@ impl Payload for Refusal {
 /// The header that carries a [`Refusal`]'s reason from the handler to the front endpoint, which
 /// removes it. Not response data: poem-openapi turns an operation's error into a `poem::Error`,
 /// whose conversion back into a response replaces the response's data with the error's.
-pub const REFUSAL_HEADER: &str = "x-adbeacon-refusal";
+pub const REFUSAL_HEADER: poem::http::HeaderName = poem::http::HeaderName::from_static("x-adbeacon-refusal");
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {

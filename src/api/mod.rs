@@ -252,11 +252,11 @@ impl State {
         let ingest = auth::carries_key(headers) && self.api_keys.grants(headers, auth::Scope::Ingest);
         let ip = client_ip::resolve(req, &self.trusted_proxies, ingest, stated);
         let (agent, per_device) = if ingest {
-            let device_agent = headers.get("x-device-user-agent");
+            let device_agent = headers.get(client_ip::X_DEVICE_USER_AGENT);
             let agent =
                 device_agent.map_or(Traffic::Valid, |ua| self.user_agents.classify(Some(ua.as_bytes())));
             // Only an address that parses names the viewer; a garbled header leaves the server's.
-            (agent, stated.is_some() || client_ip::header_ip(headers, "x-device-ip").is_some())
+            (agent, stated.is_some() || client_ip::header_ip(headers, &client_ip::X_DEVICE_IP).is_some())
         } else {
             (
                 self.user_agents.classify(headers.get(poem::http::header::USER_AGENT).map(|v| v.as_bytes())),
@@ -466,6 +466,7 @@ pub fn routes(state: Arc<State>) -> impl Endpoint<Output = Response> {
     let api = openapi(state);
     let spec = api.spec();
     let routes = operation_routes(&spec);
+    let hot_routes = tracking::Hot::ALL.map(|hot| routes.get(hot.operation_id()).cloned());
     let methods = Methods::from_spec(&spec, &[("/openapi.json", &["GET"])]);
     let other = Route::new().nest("/docs", api.swagger_ui()).at("/openapi.json", api.spec_endpoint());
     Front {
@@ -475,6 +476,7 @@ pub fn routes(state: Arc<State>) -> impl Endpoint<Output = Response> {
         other,
         metrics,
         routes,
+        hot_routes,
         methods,
         body_limit,
         batch_body_limit,
@@ -485,6 +487,7 @@ pub fn routes(state: Arc<State>) -> impl Endpoint<Output = Response> {
 }
 
 /// What the front endpoint needs to know of an operation, read from the spec itself.
+#[derive(Clone)]
 struct OperationRoute {
     /// The path template, the `path` label of the HTTP metrics.
     template: String,
@@ -522,6 +525,9 @@ struct Front<A, O> {
     other: O,
     metrics: Arc<Metrics>,
     routes: HashMap<String, OperationRoute>,
+    /// The routes of [`tracking::Hot`], by [`tracking::Hot::index`]: the front endpoint knows
+    /// which of them it called, so their answers need no operation id to be looked up by.
+    hot_routes: [Option<OperationRoute>; 3],
     methods: Methods,
     body_limit: usize,
     batch_body_limit: usize,
@@ -550,7 +556,7 @@ fn refusal_reason(resp: &mut Response) -> Option<RejectReason> {
 /// The request id header: taken from the request when it holds a sane id (so that a caller's or a
 /// proxy's id follows the request through), else generated; echoed on the response and a field
 /// of every log line of the request.
-pub const REQUEST_ID: &str = "x-request-id";
+pub const REQUEST_ID: poem::http::HeaderName = poem::http::HeaderName::from_static("x-request-id");
 
 /// The request's own id if it is 1 to 128 characters of letters, digits and `-_.:/+=` (nothing a
 /// JSON string or a log line would have to escape), else a new one: this process's random prefix
@@ -650,13 +656,18 @@ impl<A: Endpoint, O: Endpoint> Front<A, O> {
         };
         let limit = if path == "/ads/events" { self.batch_body_limit } else { self.body_limit };
         let hot = tracking::Hot::find(&method, path);
-        req.set_data(BodyLimit { bytes: limit, timeout: self.body_timeout });
+        let rules = BodyLimit { bytes: limit, timeout: self.body_timeout };
+        if hot.is_none() {
+            // The hot routes take it as an argument: an insert here allocates the request's
+            // extension map, which they do not need otherwise.
+            req.set_data(rules);
+        }
         let result = if docs {
             self.other.call(req).await.map(IntoResponse::into_response)
         } else if let Some(hot) = hot {
             match hot {
-                tracking::Hot::Click => self.tracking.call_click(req).await,
-                tracking::Hot::Impression => self.tracking.call_impression(req).await,
+                tracking::Hot::Click => self.tracking.call_click(req, rules).await,
+                tracking::Hot::Impression => self.tracking.call_impression(req, rules).await,
                 tracking::Hot::Beacon => self.pixel.call_beacon(req).await,
             }
         } else {
@@ -666,7 +677,10 @@ impl<A: Endpoint, O: Endpoint> Front<A, O> {
             Ok(resp) => error::into_json_error(resp).await,
             Err(e) => error::into_json_error(error::error_into_response(e)).await,
         };
-        let route = resp.data::<poem_openapi::OperationId>().and_then(|op| self.routes.get(op.0));
+        let route = match hot {
+            Some(hot) => self.hot_routes[hot.index()].as_ref(),
+            None => resp.data::<poem_openapi::OperationId>().and_then(|op| self.routes.get(op.0)),
+        };
         let mut path = route.map_or(fallback, |r| r.template.as_str());
         let status = resp.status();
         if status == StatusCode::METHOD_NOT_ALLOWED

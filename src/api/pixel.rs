@@ -21,11 +21,7 @@ use siphasher::sip128::{Hasher128, SipHasher13};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use uuid::Uuid;
 
-use super::{
-    Accepted, ApiTags, State,
-    error::ApiError,
-    tracking::{Hot, param_opts, tagged},
-};
+use super::{Accepted, ApiTags, State, error::ApiError, tracking::param_opts};
 use crate::domain::{EventKind, EventReport, PlaybackTime, is_http_url};
 
 /// A transparent 1×1 GIF, the smallest image every browser and player accepts.
@@ -172,8 +168,8 @@ impl PixelApi {
     /// router (see [`Hot`]): the query string parsed once as the API service's own first layer
     /// does, the event taken from the path's one segment (plain letters and digits, see
     /// [`Hot::find`], so the router's percent-decoding would not change it), every query
-    /// parameter read by its extractor, then the operation's own method, its result turned into
-    /// a response and tagged with the operation id.
+    /// parameter read by its extractor, then the operation's own method and its result turned
+    /// into a response.
     pub async fn call_beacon(&self, mut req: Request) -> poem::Result<Response> {
         use poem::error::IntoResult;
         use poem_openapi::ApiExtractor;
@@ -184,19 +180,14 @@ impl PixelApi {
         req.extensions_mut().insert(poem_openapi::__private::UrlQuery(query));
         let event = req.uri().path().strip_prefix("/t/").unwrap_or_default().to_owned();
         let (request, mut body) = req.split();
-        let result = async {
-            let mut q = async |name| {
-                Query::<Option<String>>::from_request(&request, &mut body, param_opts(name)).await
-            };
-            let (ad, ts, pt, cb) = (q("ad").await?, q("ts").await?, q("pt").await?, q("cb").await?);
-            let (eid, code, f) = (q("eid").await?, q("code").await?, q("f").await?);
-            self.beacon(&request, Path(event), ad, ts, pt, cb, eid, code, f)
-                .await
-                .into_result()
-                .map(poem::IntoResponse::into_response)
-        }
-        .await;
-        tagged(result, Hot::Beacon)
+        let mut q =
+            async |name| Query::<Option<String>>::from_request(&request, &mut body, param_opts(name)).await;
+        let (ad, ts, pt, cb) = (q("ad").await?, q("ts").await?, q("pt").await?, q("cb").await?);
+        let (eid, code, f) = (q("eid").await?, q("code").await?, q("f").await?);
+        self.beacon(&request, Path(event), ad, ts, pt, cb, eid, code, f)
+            .await
+            .into_result()
+            .map(poem::IntoResponse::into_response)
     }
 }
 

@@ -13,7 +13,11 @@ use serde::{Deserialize, Deserializer, de};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use uuid::Uuid;
 
-use super::{ApiTags, State, body::JsonBody, error::ApiError};
+use super::{
+    ApiTags, State,
+    body::{BodyLimit, JsonBody},
+    error::ApiError,
+};
 use crate::domain::{EventKind, EventReport, PlaybackTime};
 
 /// Reads a string field (borrowed from the body when it has no escapes) and parses it with
@@ -328,6 +332,14 @@ pub enum Hot {
 }
 
 impl Hot {
+    /// Every one of them, in [`Hot::index`] order.
+    pub const ALL: [Hot; 3] = [Hot::Click, Hot::Impression, Hot::Beacon];
+
+    /// Its place in [`Hot::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The operation that serves `method` on exactly `path`, if it is one of these.
     pub fn find(method: &poem::http::Method, path: &str) -> Option<Hot> {
         if method == poem::http::Method::GET {
@@ -358,22 +370,6 @@ impl Hot {
     }
 }
 
-/// Tags an operation's response, or its error, with its id, as poem-openapi's generated
-/// endpoint does (the front endpoint labels metrics by it).
-pub(crate) fn tagged(result: poem::Result<Response>, hot: Hot) -> poem::Result<Response> {
-    let id = poem_openapi::OperationId(hot.operation_id());
-    match result {
-        Ok(mut resp) => {
-            resp.set_data(id);
-            Ok(resp)
-        }
-        Err(mut e) => {
-            e.set_data(id);
-            Err(e)
-        }
-    }
-}
-
 /// The options poem-openapi's generated code passes to the extractor of an argument named
 /// `name` without `#[oai(...)]` settings.
 pub(crate) fn param_opts<T>(name: &'static str) -> poem_openapi::ExtractParamOptions<T> {
@@ -385,14 +381,6 @@ pub(crate) fn param_opts<T>(name: &'static str) -> poem_openapi::ExtractParamOpt
         explode: true,
         style: None,
     }
-}
-
-/// Reads a JSON body exactly as the operation's generated code does (the same extractor).
-async fn extract<T: serde::de::DeserializeOwned + Type + Send>(
-    request: &Request,
-    body: &mut poem::RequestBody,
-) -> poem::Result<JsonBody<T>> {
-    <JsonBody<T> as poem_openapi::ApiExtractor>::from_request(request, body, param_opts("body")).await
 }
 
 /// The seed-compatible tracking operations.
@@ -443,29 +431,24 @@ impl TrackingApi {
 
 impl TrackingApi {
     /// Serves `POST /ads/click` as poem-openapi's generated endpoint for it does, without the
-    /// router (see [`Hot`]): splits the request, reads the body with the operation's extractor
-    /// (its error goes out as the router's would), calls the operation's own method, turns the
-    /// result into a response and tags it with the operation id. The spec still comes from the
-    /// operation, and every request that is not [`Hot`] still goes through the router.
-    pub async fn call_click(&self, req: Request) -> poem::Result<Response> {
+    /// router (see [`Hot`]): splits the request, reads the body as the operation's extractor
+    /// does, under `rules` (its error goes out as the router's would), calls the operation's own
+    /// method, turns the result into a response. The front endpoint, which knows what it called, labels it by the
+    /// operation's route. The spec still comes from the operation, and every request that is not
+    /// [`Hot`] still goes through the router.
+    pub async fn call_click(&self, req: Request, rules: BodyLimit) -> poem::Result<Response> {
         use poem::error::IntoResult;
         let (request, mut body) = req.split();
-        let result = async {
-            let b = extract::<ClickRequest>(&request, &mut body).await?;
-            self.click(&request, b).await.into_result().map(IntoResponse::into_response)
-        };
-        tagged(result.await, Hot::Click)
+        let b = JsonBody::<ClickRequest>::read(&request, &mut body, rules).await?;
+        self.click(&request, b).await.into_result().map(IntoResponse::into_response)
     }
 
     /// Serves `POST /ads/impression` as [`TrackingApi::call_click`] serves the click.
-    pub async fn call_impression(&self, req: Request) -> poem::Result<Response> {
+    pub async fn call_impression(&self, req: Request, rules: BodyLimit) -> poem::Result<Response> {
         use poem::error::IntoResult;
         let (request, mut body) = req.split();
-        let result = async {
-            let b = extract::<ImpressionRequest>(&request, &mut body).await?;
-            self.impression(&request, b).await.into_result().map(IntoResponse::into_response)
-        };
-        tagged(result.await, Hot::Impression)
+        let b = JsonBody::<ImpressionRequest>::read(&request, &mut body, rules).await?;
+        self.impression(&request, b).await.into_result().map(IntoResponse::into_response)
     }
 }
 
