@@ -165,11 +165,11 @@ pub struct PixelApi {
 
 impl PixelApi {
     /// Serves `GET /t/{event}` as poem-openapi's generated endpoint for it does, without the
-    /// router (see [`Hot`]): the query string parsed once as the API service's own first layer
-    /// does, the event taken from the path's one segment (plain letters and digits, see
-    /// [`Hot::find`], so the router's percent-decoding would not change it), every query
-    /// parameter read by its extractor, then the operation's own method and its result turned
-    /// into a response.
+    /// router (see [`Hot`](super::tracking::Hot)): the query string parsed once as the API
+    /// service's own first layer does, the event taken from the path's one segment (plain letters
+    /// and digits, see [`Hot::find`](super::tracking::Hot::find), so the router's
+    /// percent-decoding would not change it), every query parameter read by its extractor, then
+    /// the operation's own method and its result turned into a response.
     pub async fn call_beacon(&self, mut req: Request) -> poem::Result<Response> {
         use poem::error::IntoResult;
         use poem_openapi::ApiExtractor;
