@@ -401,7 +401,6 @@ build_release() { # [CARGO_BUILD_ARGS...]
   app_bin="$PWD/target/release/adbeacon"
 }
 
-# The commit the figures were taken at, "+dirty" when the working tree differs from it.
 # kernel_preemption: the kernel's preemption model as its boot log states it (none, voluntary,
 # full, lazy), or "unknown". With `none`, a process working inside the kernel (ClickHouse writing
 # parts) keeps its core until a scheduling point whatever its priority or class, so SCHED_IDLE
@@ -412,6 +411,7 @@ kernel_preemption() {
   printf '%s\n' "${mode:-unknown}"
 }
 
+# The commit the figures were taken at, "+dirty" when the working tree differs from it.
 git_rev() {
   local rev
   rev="$(git rev-parse --short HEAD 2>/dev/null || echo none)"
