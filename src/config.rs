@@ -170,7 +170,7 @@ pub const SETTINGS: &[Setting] = &[
         "HEADER_READ_TIMEOUT",
         "30s",
         "a duration",
-        "time a client may take to send a request's headers; slower connections are closed",
+        "time a client may take to send a request's headers, counted from the connection's opening or the last answer written; slower connections are closed, idle keep-alive ones too, and so are clients that stop reading an answer for this long",
     ),
     s(
         "BODY_READ_TIMEOUT",

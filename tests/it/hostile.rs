@@ -881,6 +881,90 @@ async fn hostile_slow_clients_are_cut_off() {
     only_valid_traffic_is_stored(&app, 0).await;
 }
 
+/// The header read timeout runs only while a connection waits for a request's head: from its
+/// opening and from each answer. A head trickled a byte at a time is cut off all the same; a
+/// keep-alive connection whose requests come in time is served for longer than the timeout; a
+/// request being served (a slow body, a body sent late after `100 Continue`) is not cut off by
+/// it; an idle keep-alive connection is closed after it and not counted as a slow client.
+#[tokio::test]
+async fn hostile_header_timeout_runs_only_while_a_head_is_awaited() {
+    let app = TestApp::spawn_with(&[("HEADER_READ_TIMEOUT", "300ms"), ("BODY_READ_TIMEOUT", "5s")]).await;
+    let slow = r#"adbeacon_requests_rejected_total{reason="header_timeout"}"#;
+    let body = format!(r#"{{"adId":"{AD1}"}}"#);
+    let click =
+        |extra: &str| head("POST", "/ads/click", &format!("Content-Length: {}\r\n{extra}", body.len()));
+
+    // Trickled: a byte every 50 ms keeps arriving, but the head is not complete in 300 ms.
+    let before = app.metric(slow).await;
+    let (mut rd, mut wr) = TcpStream::connect(addr(&app)).await.unwrap().into_split();
+    let trickle = tokio::spawn(async move {
+        for b in
+            format!("POST /ads/click HTTP/1.1\r\nHost: adbeacon\r\nX-Padding: {}", "a".repeat(200)).bytes()
+        {
+            if wr.write_all(&[b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    assert_closed(&mut rd).await;
+    assert!(!trickle.is_finished(), "closed only after the whole head was sent");
+    trickle.abort();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(app.metric(slow).await, before + 1, "the trickled head is counted");
+
+    // In time: 6 requests 150 ms apart on one connection, 900 ms in all.
+    let mut s = TcpStream::connect(addr(&app)).await.unwrap();
+    for i in 0..6 {
+        s.write_all(format!("{}{body}", click("")).as_bytes()).await.unwrap();
+        assert_eq!(read_response(&mut s).await.status, 202, "request {i}");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+
+    // A slow body on the same connection: the head at once, the body over about a second.
+    s.write_all(click("").as_bytes()).await.unwrap();
+    for piece in body.as_bytes().chunks(10) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        s.write_all(piece).await.unwrap();
+    }
+    assert_eq!(read_response(&mut s).await.status, 202, "slow body");
+
+    // `Expect: 100-continue`: the body sent 800 ms after the `100 Continue`.
+    s.write_all(click("Expect: 100-continue\r\n").as_bytes()).await.unwrap();
+    let mut interim = Vec::new();
+    while !interim.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        tokio::time::timeout(PATIENCE, s.read_exact(&mut byte)).await.expect("100 Continue").unwrap();
+        interim.push(byte[0]);
+    }
+    assert!(interim.starts_with(b"HTTP/1.1 100"), "{:?}", String::from_utf8_lossy(&interim));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    s.write_all(body.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut s).await.status, 202, "body after 100 Continue");
+
+    // Idle: closed after the timeout, and not counted.
+    let counted = app.metric(slow).await;
+    assert_closed(&mut s).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(app.metric(slow).await, counted, "an idle keep-alive connection is not a slow client");
+
+    // A client that asks for 60 copies of the 130 KB spec (more than the sockets' buffers hold)
+    // and reads none: closed once no answer byte could be written for the timeout.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(8 * 1024).unwrap();
+    let mut s = socket.connect(addr(&app).parse().unwrap()).await.unwrap();
+    let spec = "GET /openapi.json HTTP/1.1\r\nHost: adbeacon\r\n\r\n".repeat(60);
+    s.write_all(spec.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, s.read_to_end(&mut got)).await.expect("closed within 10 s");
+    let answers = got.windows(12).filter(|w| w == b"HTTP/1.1 200").count();
+    assert!(
+        read.is_err() || answers < 60,
+        "all {answers} answers written: the stalled writer was not closed"
+    );
+}
+
 /// Client timestamps 100 years away are refused, naming `timestamp` (the accepted window is
 /// MAX_CLOCK_SKEW ahead and MAX_EVENT_AGE behind, by default 5 minutes and the raw retention).
 #[tokio::test]
