@@ -370,19 +370,6 @@ impl Hot {
     }
 }
 
-/// The options poem-openapi's generated code passes to the extractor of an argument named
-/// `name` without `#[oai(...)]` settings.
-pub(crate) fn param_opts<T>(name: &'static str) -> poem_openapi::ExtractParamOptions<T> {
-    poem_openapi::ExtractParamOptions {
-        name,
-        ignore_case: false,
-        default_value: None,
-        example_value: None,
-        explode: true,
-        style: None,
-    }
-}
-
 /// The seed-compatible tracking operations.
 pub struct TrackingApi {
     /// Shared service state.
