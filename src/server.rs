@@ -268,8 +268,7 @@ impl HeadClock {
 /// The header read timeout with one timer per connection: when it fires, the connection is
 /// closed if it has waited for a head for the whole limit, else the timer is set again for
 /// when that would be. The timer is polled only when it has fired (its waker is an [`Alarm`]):
-/// a tokio timer costs about 100 instructions a poll, and a connection is polled several times
-/// per request.
+/// polling it at every wake-up of the connection cost about 440 instructions per click.
 struct HeadWatch {
     clock: Arc<HeadClock>,
     limit: Duration,
