@@ -196,19 +196,33 @@ fn gif_response() -> Response {
 }
 
 /// The beacon's query parameters but `cb`, in the order of [`BEACON_PARAMS`], as the `Query`
-/// extractor of an optional string reads each: the query string form-decoded (`+` as a space,
-/// percent escapes, invalid UTF-8 replaced), names matched exactly, the first occurrence taken.
-/// The extractor first decodes every pair into owned strings and scans them once per parameter;
-/// this decodes in one pass and copies only the values it keeps (a tenth of a beacon's
-/// instructions, by callgrind).
+/// extractor of an optional string reads each: pairs split as `form_urlencoded::parse` splits
+/// them, names and values decoded as it decodes them (see [`form_decode`]), names matched
+/// exactly, the first occurrence taken. The extractor first decodes every pair into owned
+/// strings and scans them once per parameter; this decodes only what it compares or keeps, and
+/// copies only the values it keeps: about 4,600 of a beacon's 31,100 instructions (callgrind).
 fn beacon_query(query: &str) -> [Option<String>; 6] {
     let mut found: [Option<String>; 6] = Default::default();
-    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = form_decode(name);
         if let Some(i) = BEACON_PARAMS.iter().position(|p| *p == name) {
-            found[i].get_or_insert_with(|| value.into_owned());
+            found[i].get_or_insert_with(|| form_decode(value).into_owned());
         }
     }
     found
+}
+
+/// A name or value of a form-encoded query, decoded by `form_urlencoded`'s rules: `+` is a
+/// space, percent escapes are decoded (malformed ones kept as they are), and bytes that are not
+/// UTF-8 are replaced. Borrowed when there is nothing to decode, as in most beacon parameters.
+fn form_decode(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.bytes().any(|b| b == b'%' || b == b'+') {
+        return text.into();
+    }
+    let spaced: Vec<u8> = text.bytes().map(|b| if b == b'+' { b' ' } else { b }).collect();
+    let decoded: Vec<u8> = percent_encoding::percent_decode(&spaced).collect();
+    String::from_utf8_lossy(&decoded).into_owned().into()
 }
 
 /// The query parameters of `GET /t/{event}` that [`beacon_query`] reads.
@@ -377,8 +391,8 @@ mod tests {
     const AD: &str = "11111111-1111-1111-1111-111111111111";
 
     /// `beacon_query` against poem-openapi's own `Query` extractor, fed as its generated endpoint
-    /// feeds it, on queries with repeats, empty and bare names, `+`, bad escapes and bytes that
-    /// are not UTF-8.
+    /// feeds it, on queries with repeats, empty and bare names, escaped names, `+`, `=` in values,
+    /// bad escapes and bytes that are not UTF-8.
     #[tokio::test]
     async fn beacon_query_reads_what_the_query_extractor_reads() {
         use poem_openapi::ApiExtractor;
@@ -389,6 +403,7 @@ mod tests {
             "ad=&ts&pt=a+b%20c&eid=%E2%82%AC&code=%FF%FE&f=%zz",
             "AD=upper&Ad=mixed&ad%3D=x&a=d&=ad&ad",
             "f=204;ad=semicolon&&&eid=e%2Bf+g",
+            "a%64=escaped-name&+ad=plus-name&pt=a=b=c&ts=%&code=%4&eid=%C3%A9%e2%82%ac+%2B",
         ];
         for query in queries {
             let mut req = Request::builder().uri(format!("/t/start?{query}").parse().unwrap()).finish();
