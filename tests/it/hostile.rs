@@ -885,7 +885,8 @@ async fn hostile_slow_clients_are_cut_off() {
 /// opening and from each answer. A head trickled a byte at a time is cut off all the same; a
 /// keep-alive connection whose requests come in time is served for longer than the timeout; a
 /// request being served (a slow body, a body sent late after `100 Continue`) is not cut off by
-/// it; an idle keep-alive connection is closed after it and not counted as a slow client.
+/// it; an idle keep-alive connection, and one whose client stops reading its answers, is closed
+/// after it and not counted as a slow client.
 #[tokio::test]
 async fn hostile_header_timeout_runs_only_while_a_head_is_awaited() {
     let app = TestApp::spawn_with(&[("HEADER_READ_TIMEOUT", "300ms"), ("BODY_READ_TIMEOUT", "5s")]).await;
@@ -963,6 +964,7 @@ async fn hostile_header_timeout_runs_only_while_a_head_is_awaited() {
         read.is_err() || answers < 200,
         "all {answers} answers written: the stalled writer was not closed"
     );
+    assert_eq!(app.metric(slow).await, counted, "a client that stops reading is not a slow sender");
 }
 
 /// Client timestamps 100 years away are refused, naming `timestamp` (the accepted window is
