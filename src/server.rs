@@ -117,8 +117,8 @@ pub type OnSlowHeaders = Arc<dyn Fn() + Send + Sync>;
 /// How the server treats connections.
 #[derive(Clone)]
 pub struct Limits {
-    /// How long a client may take to send a request's headers (slow-header attacks hold
-    /// connections open otherwise).
+    /// How long a connection may wait for a request's headers, counted from its opening or from
+    /// the last write of an answer (slow-header attacks hold connections open otherwise).
     pub header_read_timeout: Duration,
     /// How long in-flight requests may take to finish once shutdown begins.
     pub shutdown_grace: Duration,
