@@ -65,6 +65,7 @@ struct Graceful<C> {
     begin_shutdown: fn(Pin<&mut C>),
     signal: Arc<ShutdownSignal>,
     id: u64,
+    /// The task's waker as last given to the shutdown signal and the head watch.
     registered: Option<Waker>,
     shutting_down: bool,
     /// Closes the connection when a request's headers are late.
@@ -76,25 +77,27 @@ impl<C: Future> Future for Graceful<C> {
     type Output = Option<C::Output>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if !self.shutting_down {
-            // A spawned task keeps its waker, so this runs about once per connection.
-            let stale = self.registered.as_ref().is_none_or(|w| !w.will_wake(cx.waker()));
-            if stale && !self.signal.triggered.load(Ordering::Acquire) {
-                let (id, waker) = (self.id, cx.waker().clone());
-                self.signal.wakers.lock().insert(id, waker.clone());
-                self.registered = Some(waker);
+        // A spawned task keeps its waker, so this runs about once per connection: the shutdown
+        // signal and the head watch's alarm wake the task through it.
+        let stale = self.registered.as_ref().is_none_or(|w| !w.will_wake(cx.waker()));
+        if stale {
+            let waker = cx.waker().clone();
+            self.heads.wake(waker.clone());
+            if !self.shutting_down && !self.signal.triggered.load(Ordering::Acquire) {
+                self.signal.wakers.lock().insert(self.id, waker.clone());
             }
-            // Checked after registering too, so a shutdown between the two is not missed.
-            if self.signal.triggered.load(Ordering::Acquire) {
-                self.shutting_down = true;
-                let begin = self.begin_shutdown;
-                begin(self.conn.as_mut());
-            }
+            self.registered = Some(waker);
+        }
+        // Checked after registering too, so a shutdown between the two is not missed.
+        if !self.shutting_down && self.signal.triggered.load(Ordering::Acquire) {
+            self.shutting_down = true;
+            let begin = self.begin_shutdown;
+            begin(self.conn.as_mut());
         }
         if let Poll::Ready(out) = self.conn.as_mut().poll(cx) {
             return Poll::Ready(Some(out));
         }
-        if self.heads.late(cx) {
+        if self.heads.late() {
             // Dropping the connection closes the socket; no request exists to answer.
             return Poll::Ready(None);
         }
@@ -276,8 +279,6 @@ struct HeadWatch {
     alarm: Arc<Alarm>,
     /// The alarm as a waker, made once.
     alarm_waker: Waker,
-    /// The connection task's waker the alarm wakes; None until the first poll.
-    task: Option<Waker>,
 }
 
 /// The head watch's timer waker: notes that the timer fired and wakes the connection's task.
@@ -305,18 +306,18 @@ impl HeadWatch {
         let timer = Box::pin(tokio::time::sleep_until(clock.start + limit));
         let alarm = Arc::new(Alarm::default());
         let alarm_waker = Waker::from(alarm.clone());
-        Self { clock, limit, timer, alarm, alarm_waker, task: None }
+        Self { clock, limit, timer, alarm, alarm_waker }
+    }
+
+    /// Has the alarm wake `task`, the connection task's waker (at its first poll, and whenever
+    /// it changes), and has the next [`HeadWatch::late`] poll the timer, which arms it.
+    fn wake(&mut self, task: Waker) {
+        *self.alarm.task.lock() = Some(task);
+        self.alarm.rung.store(true, Ordering::Release);
     }
 
     /// Whether the connection's next head is late.
-    fn late(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.task.as_ref().is_none_or(|t| !t.will_wake(cx.waker())) {
-            let task = cx.waker().clone();
-            *self.alarm.task.lock() = Some(task.clone());
-            // The first poll, or a new task waker: arm (or re-arm) the timer below.
-            self.task = Some(task);
-            self.alarm.rung.store(true, Ordering::Relaxed);
-        }
+    fn late(&mut self) -> bool {
         if !self.alarm.rung.load(Ordering::Acquire) {
             return false;
         }

@@ -420,9 +420,9 @@ impl TrackingApi {
     /// Serves `POST /ads/click` as poem-openapi's generated endpoint for it does, without the
     /// router (see [`Hot`]): splits the request, reads the body as the operation's extractor
     /// does, under `rules` (its error goes out as the router's would), calls the operation's own
-    /// method, turns the result into a response. The front endpoint, which knows what it called, labels it by the
-    /// operation's route. The spec still comes from the operation, and every request that is not
-    /// [`Hot`] still goes through the router.
+    /// method, turns the result into a response. The front endpoint, which knows what it called,
+    /// labels it by the operation's route. The spec still comes from the operation, and every
+    /// request that is not [`Hot`] still goes through the router.
     pub async fn call_click(&self, req: Request, rules: BodyLimit) -> poem::Result<Response> {
         use poem::error::IntoResult;
         let (request, mut body) = req.split();
