@@ -204,7 +204,9 @@ async fn connection<E>(
         let shared = shared.clone();
         async move {
             let request = Request::from((req, shared.local.clone(), shared.remote.clone(), Scheme::HTTP));
-            let response = shared.endpoint.get_response(request).await;
+            // The endpoint's own `get_response`, not the `Arc`'s: poem's `Endpoint` for `Arc`
+            // wraps the call in two more async layers, each with its copy of the request.
+            let response = shared.endpoint.as_ref().get_response(request).await;
             shared.clock.since.store(ANSWERED, Ordering::Relaxed);
             Ok::<_, Infallible>(HyperResponse::from(response))
         }

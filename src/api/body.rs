@@ -64,6 +64,13 @@ impl<T: DeserializeOwned> JsonBody<T> {
             .map(JsonBody)
             .map_err(|(reason, msg)| refusal(StatusCode::BAD_REQUEST, msg, reason))
     }
+
+    /// [`JsonBody::read`] of `req`'s own body, taken out of it in place: `Request::split` would
+    /// move the request (see [`super::tracking::TrackingApi::call_click`]).
+    pub(crate) async fn take(req: &mut Request, rules: BodyLimit) -> poem::Result<Self> {
+        let mut body = RequestBody::new(req.take_body());
+        Self::read(req, &mut body, rules).await
+    }
 }
 
 /// Content types whose bodies are read as JSON, as the 415 names them.

@@ -173,14 +173,22 @@ impl PixelApi {
     /// percent-decoding would not change it), each query parameter read as the `Query` extractor
     /// reads it (see [`beacon_query`]), then the operation's own method and its result turned
     /// into a response.
-    pub async fn call_beacon(&self, req: Request) -> poem::Result<Response> {
-        use poem::error::IntoResult;
-        let event = req.uri().path().strip_prefix("/t/").unwrap_or_default().to_owned();
-        let [ad, ts, pt, eid, code, f] = beacon_query(req.uri().query().unwrap_or_default()).map(Query);
-        // `cb` is ignored by the operation; not copying it saves an allocation on most beacons.
-        match self.beacon(&req, Path(event), ad, ts, pt, Query(None), eid, code, f).await {
-            Ok(PixelResponse::Gif(..)) => Ok(gif_response()),
-            other => other.into_result().map(poem::IntoResponse::into_response),
+    /// A plain function returning an `async move` block, as
+    /// [`TrackingApi::call_click`](super::tracking::TrackingApi::call_click) is.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an `async fn` keeps a second copy of the request in its future"
+    )]
+    pub fn call_beacon(&self, req: Request) -> impl Future<Output = poem::Result<Response>> + Send + '_ {
+        async move {
+            use poem::error::IntoResult;
+            let event = req.uri().path().strip_prefix("/t/").unwrap_or_default().to_owned();
+            let [ad, ts, pt, eid, code, f] = beacon_query(req.uri().query().unwrap_or_default()).map(Query);
+            // `cb` is ignored by the operation; not copying it saves an allocation on most beacons.
+            match self.beacon(&req, Path(event), ad, ts, pt, Query(None), eid, code, f).await {
+                Ok(PixelResponse::Gif(..)) => Ok(gif_response()),
+                other => other.into_result().map(poem::IntoResponse::into_response),
+            }
         }
     }
 }
