@@ -81,6 +81,11 @@ const ACCEPTED_TYPES: &str =
 pub fn is_json_content_type(value: Option<&[u8]>) -> bool {
     const READ: [&[u8]; 4] = [b"", b"application/json", b"text/plain", b"application/x-www-form-urlencoded"];
     let Some(value) = value else { return true };
+    // What nearly every tracking request sends, exactly: the general check below costs about
+    // 200 instructions of a click (callgrind).
+    if value == b"application/json" {
+        return true;
+    }
     // Compared in place, case-insensitively: every tracking request passes here, and a lower-cased
     // copy was most of this check's cost. Whitespace around the type is HTTP's (spaces and tabs).
     if !value.is_ascii() && std::str::from_utf8(value).is_err() {
@@ -253,8 +258,14 @@ pub fn parse_classified<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, (RejectR
         Some(_) => {}
     }
     // The fast path: plain serde. Only a failure pays for a second, path-tracking parse that
-    // names the offending field.
-    if let Ok(value) = serde_json::from_slice(bytes) {
+    // names the offending field. Text that is UTF-8 as a whole is parsed as text: from bytes,
+    // serde_json checks each string on its own, about 90 instructions a string, five strings in
+    // a click (callgrind). Other bytes take the byte parser, whose errors say where they fail.
+    let fast = match std::str::from_utf8(bytes) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(bytes),
+    };
+    if let Ok(value) = fast {
         return Ok(value);
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
@@ -366,6 +377,19 @@ mod tests {
         assert!(e.contains("empty"), "{e}");
         let e = parse_json::<Probe>(b"{} {}").unwrap_err();
         assert!(e.contains("after the JSON value"), "{e}");
+    }
+
+    /// The fast path parses UTF-8 bodies as text: the same values as from bytes.
+    #[test]
+    fn text_and_bytes_parse_alike() {
+        for body in [
+            r#"{"a":"x\u00e9\ud83d\ude00","b":[1,2.5e3,-0.0],"c":null,"d":{"e":true}}"#,
+            "{\"\u{e9}\": \"\u{1f600}\", \"\u{e9}\u{e9}\": 1}",
+            r#"{"a":"\"\\\/\b\f\n\r\t"}"#,
+        ] {
+            let v: serde_json::Value = parse_classified(body.as_bytes()).unwrap();
+            assert_eq!(v, serde_json::from_slice::<serde_json::Value>(body.as_bytes()).unwrap(), "{body}");
+        }
     }
 
     #[test]
