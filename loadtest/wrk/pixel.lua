@@ -13,6 +13,12 @@ local beacons = {
   { "thirdQuartile", 22.5 }, { "complete", 30 },
 }
 
+-- VAST's [ADPLAYHEAD] as a player expands it: HH:MM:SS.mmm.
+local function playhead(seconds)
+  local h, m = math.floor(seconds / 3600), math.floor(seconds % 3600 / 60)
+  return string.format("%02d:%02d:%06.3f", h, m, seconds % 60)
+end
+
 common.install(function()
   local headers = { ["User-Agent"] = common.user_agent }
   local ts = common.timestamp:gsub(":", "%%3A")
@@ -21,7 +27,7 @@ common.install(function()
     for _, b in ipairs(beacons) do
       local path = string.format("/t/%s?ad=%s&ts=%s", b[1], ad, ts)
       if b[2] then
-        path = path .. "&pt=" .. tostring(b[2])
+        path = path .. "&pt=" .. playhead(b[2])
       end
       requests[#requests + 1] = wrk.format("GET", path, headers)
     end

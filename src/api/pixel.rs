@@ -153,7 +153,10 @@ fn parse(b: &Beacon<'_>) -> Result<Parsed, ApiError> {
             ad_id,
             kind,
             client_time: client_time.flatten(),
-            playback_time: b.pt.and_then(|p| PlaybackTime::parse_playhead(p).ok()),
+            playback_time: b
+                .pt
+                .and_then(PlaybackTime::playhead_seconds)
+                .and_then(|s| PlaybackTime::new(s).ok()),
             error_code,
         },
         bad_timestamp: matches!(client_time, Some(None)),
@@ -441,6 +444,7 @@ mod tests {
         let generated = PixelResponse::new(None).into_response();
         let fast = gif_response();
         assert_eq!(fast.status(), generated.status());
+        assert_eq!(fast.version(), generated.version());
         let headers = |r: &Response| {
             let mut h: Vec<_> = r.headers().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             h.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
