@@ -101,10 +101,11 @@ pub fn preflight(allowed: &AllowedOrigins, req: &Request) -> Response {
 
 /// A tracking request from a page whose origin is not allowed: refused outright, not only hidden
 /// from the page by the browser, so that an allowlist really limits who can send events. (A
-/// request without an `Origin` header, from a player or a server, is not a page's.)
-pub fn refuse(allowed: &AllowedOrigins, req: &Request) -> Option<Response> {
-    let origin = req.headers().get(header::ORIGIN)?;
-    if !is_tracking_path(req.uri().path()) || allowed.allow(origin).is_some() {
+/// request without an `Origin` header, from a player or a server, is not a page's.) `origin` is
+/// the request's `Origin`, looked up once by the caller, which needs it again.
+pub fn refuse(allowed: &AllowedOrigins, origin: Option<&HeaderValue>, path: &str) -> Option<Response> {
+    let origin = origin?;
+    if !is_tracking_path(path) || allowed.allow(origin).is_some() {
         return None;
     }
     let shown = origin.to_str().unwrap_or("?");

@@ -551,6 +551,11 @@ async fn run(app: &TestApp, c: &Case) -> Result<(), String> {
     if c.status == 405 && !resp.headers().contains_key("allow") {
         return Err("no Allow header".into());
     }
+    // The reason travels from the handler to the front endpoint in a header of its own, which
+    // must not reach the client.
+    if let Some(name) = resp.headers().keys().find(|k| k.as_str().starts_with("x-adbeacon")) {
+        return Err(format!("the internal header {name} reached the client"));
+    }
     let error = error_of(resp, c.method == "HEAD").await;
     if !error.contains(c.needle) {
         return Err(format!("{error:?} lacks {:?}", c.needle));
