@@ -176,6 +176,7 @@ impl PixelApi {
     /// percent-decoding would not change it), each query parameter read as the `Query` extractor
     /// reads it (see [`beacon_query`]), then the operation's own method and its result turned
     /// into a response.
+    ///
     /// A plain function returning an `async move` block, as
     /// [`TrackingApi::call_click`](super::tracking::TrackingApi::call_click) is.
     #[expect(
