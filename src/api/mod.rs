@@ -625,187 +625,250 @@ impl<A: Endpoint, O: Endpoint> Endpoint for Front<A, O> {
     /// the connection and the handler would keep its own copy of the 472-byte request in the
     /// request's future (see [`Front::handle`]).
     fn get_response(&self, req: Request) -> impl Future<Output = Response> + Send {
-        let id = request_id(req.headers());
-        // A task-local, not a tracing span: a span per request cost about 6,000 instructions
-        // (15 % of a click); the log formatter adds the id to lines logged while it is set.
-        crate::telemetry::REQUEST_ID.scope(id.clone(), self.handle(req, id))
+        Tagged { id: Some(request_id(req.headers())), inner: self.handle(req) }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request's future, polled with its id set for the log lines
+    /// ([`crate::telemetry::RequestScope`]; not a tracing span, which cost about 6,000
+    /// instructions of a click), whose answer carries the id in `x-request-id`.
+    struct Tagged<F> {
+        // Taken out while the future is polled, and into the answer at the end.
+        id: Option<poem::http::HeaderValue>,
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F: Future<Output = Response>> Future for Tagged<F> {
+    type Output = Response;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Response> {
+        let this = self.project();
+        let polled = {
+            let _scope = crate::telemetry::RequestScope::enter(this.id);
+            this.inner.poll(cx)
+        };
+        polled.map(|mut resp| {
+            if let Some(id) = this.id.take() {
+                resp.headers_mut().insert(REQUEST_ID, id);
+            }
+            resp
+        })
     }
 }
 
 impl<A: Endpoint, O: Endpoint> Front<A, O> {
-    /// Serves one request and tags its answer with `id`. A plain function returning an `async
-    /// move` block, not an `async fn`: an `async fn` moves each argument into a local of its own,
-    /// so its future holds the request twice; the block uses the captured request in place.
+    /// Serves one request. A plain function returning an `async move` block, not an `async fn`:
+    /// an `async fn` moves each argument into a local of its own, so its future holds the request
+    /// twice; the block uses the captured request in place.
     #[expect(
         clippy::manual_async_fn,
         reason = "an `async fn` keeps a second copy of the request in its future"
     )]
-    fn handle(
-        &self,
-        mut req: Request,
-        id: poem::http::HeaderValue,
-    ) -> impl Future<Output = Response> + Send + '_ {
+    fn handle(&self, mut req: Request) -> impl Future<Output = Response> + Send + '_ {
         async move {
-            let mut resp = 'answer: {
-                let started = Instant::now();
-                let method = req.method().clone();
-                if cors::is_preflight(&req) {
-                    let resp = cors::preflight(&self.cors, &req);
-                    let status = resp.status();
-                    self.metrics
-                        .http_requests
-                        .with_label_values(&[method.as_str(), "preflight", status.as_str()])
-                        .inc();
-                    break 'answer resp;
-                }
-                let origin = req.headers().get(poem::http::header::ORIGIN).cloned();
-                if let Some(resp) = cors::refuse(&self.cors, origin.as_ref(), req.uri().path()) {
-                    self.metrics.rejected(RejectReason::ForbiddenOrigin);
-                    self.metrics
-                        .http_requests
-                        .with_label_values(&[method.as_str(), "forbidden_origin", "403"])
-                        .inc();
-                    break 'answer resp;
-                }
-                if let Some(wait) = self.limits.rate_limited(&req) {
-                    self.metrics.rejected(RejectReason::RateLimited);
-                    if method == poem::http::Method::GET && req.uri().path().starts_with("/c/") {
-                        // A click-through still takes the viewer to the ad (see PixelApi::click_through).
-                        req.set_data(ratelimit::OverLimit);
-                    } else {
-                        let route = tracking_route(req.uri().path()).unwrap_or("unmatched");
-                        self.metrics.http_requests.with_label_values(&[method.as_str(), route, "429"]).inc();
-                        let mut resp = error::too_many_requests(wait);
-                        if origin.is_some() {
-                            cors::decorate(&self.cors, origin.as_ref(), &mut resp);
-                        }
-                        break 'answer resp;
-                    }
-                }
-                // A plain OPTIONS learns what the path serves. A preflight of a path without CORS (the
-                // catalog, analytics) is not granted: it falls through to the router's 405.
-                if method == poem::http::Method::OPTIONS
-                    && !req.headers().contains_key(poem::http::header::ACCESS_CONTROL_REQUEST_METHOD)
-                    && let Some((template, allow)) = self.methods.find(req.uri().path())
-                {
-                    let mut resp = methods::options(allow);
-                    if cors::is_tracking_path(req.uri().path()) {
+            let started = Instant::now();
+            let method = req.method().clone();
+            if cors::is_preflight(&req) {
+                let resp = cors::preflight(&self.cors, &req);
+                let status = resp.status();
+                self.metrics
+                    .http_requests
+                    .with_label_values(&[method.as_str(), "preflight", status.as_str()])
+                    .inc();
+                return resp;
+            }
+            let origin = req.headers().get(poem::http::header::ORIGIN).cloned();
+            if let Some(resp) = cors::refuse(&self.cors, origin.as_ref(), req.uri().path()) {
+                self.metrics.rejected(RejectReason::ForbiddenOrigin);
+                self.metrics
+                    .http_requests
+                    .with_label_values(&[method.as_str(), "forbidden_origin", "403"])
+                    .inc();
+                return resp;
+            }
+            if let Some(wait) = self.limits.rate_limited(&req) {
+                self.metrics.rejected(RejectReason::RateLimited);
+                if method == poem::http::Method::GET && req.uri().path().starts_with("/c/") {
+                    // A click-through still takes the viewer to the ad (see PixelApi::click_through).
+                    req.set_data(ratelimit::OverLimit);
+                } else {
+                    let route = tracking_route(req.uri().path()).unwrap_or("unmatched");
+                    self.metrics.http_requests.with_label_values(&[method.as_str(), route, "429"]).inc();
+                    let mut resp = error::too_many_requests(wait);
+                    if origin.is_some() {
                         cors::decorate(&self.cors, origin.as_ref(), &mut resp);
                     }
-                    self.metrics.http_requests.with_label_values(&[method.as_str(), template, "204"]).inc();
-                    break 'answer resp;
+                    return resp;
                 }
-                let uri = req.uri().clone();
-                let path = req.uri().path();
-                let (docs, fallback) = if path.starts_with("/docs") {
-                    (true, "/docs")
-                } else if path == "/openapi.json" {
-                    (true, "/openapi.json")
-                } else {
-                    (false, "unmatched")
-                };
-                let limit = if path == "/ads/events" { self.batch_body_limit } else { self.body_limit };
-                let hot = tracking::Hot::find(&method, path);
-                let rules = BodyLimit { bytes: limit, timeout: self.body_timeout };
-                if hot.is_none() {
-                    // The hot routes take it as an argument: an insert here allocates the request's
-                    // extension map, which they do not need otherwise.
-                    req.set_data(rules);
-                }
-                let result = if docs {
-                    // Boxed: the documentation's router future is the largest of these, and
-                    // unboxed it would size every request's future.
-                    Box::pin(self.other.call(req)).await.map(IntoResponse::into_response)
-                } else if let Some(hot) = hot {
-                    match hot {
-                        tracking::Hot::Click => self.tracking.call_click(req, rules).await,
-                        tracking::Hot::Impression => self.tracking.call_impression(req, rules).await,
-                        tracking::Hot::Beacon => self.pixel.call_beacon(req).await,
-                    }
-                } else {
-                    self.api.call(req).await.map(IntoResponse::into_response)
-                };
-                let mut resp = match result {
-                    Ok(resp) => error::into_json_error(resp).await,
-                    Err(e) => error::into_json_error(error::error_into_response(e)).await,
-                };
-                let route = match hot {
-                    Some(hot) => self.hot_routes[hot.index()].as_ref(),
-                    None => resp.data::<poem_openapi::OperationId>().and_then(|op| self.routes.get(op.0)),
-                };
-                let mut path = route.map_or(fallback, |r| r.template.as_str());
-                let status = resp.status();
-                if status == StatusCode::METHOD_NOT_ALLOWED
-                    && let Some((template, allow)) = self.methods.find(uri.path())
-                {
-                    resp = error::error_response(
-                        status,
-                        &format!(
-                            "{method} is not served on {template}; it serves {}",
-                            allow.to_str().unwrap_or("")
-                        ),
-                    );
-                    resp.headers_mut().insert(poem::http::header::ALLOW, allow.clone());
-                    path = template;
-                }
-                // The body was not read to its end (too large, too slow, of a type not read): what the
-                // client sends next on this connection cannot be told from the rest of it.
-                if matches!(
-                    status,
-                    StatusCode::PAYLOAD_TOO_LARGE
-                        | StatusCode::REQUEST_TIMEOUT
-                        | StatusCode::UNSUPPORTED_MEDIA_TYPE
-                ) {
-                    resp.headers_mut().insert(
-                        poem::http::header::CONNECTION,
-                        poem::http::HeaderValue::from_static("close"),
-                    );
-                }
-                let tracking = route.map_or_else(|| cors::is_tracking_path(uri.path()), |r| r.tracking);
-                if tracking && origin.is_some() {
+            }
+            // A plain OPTIONS learns what the path serves. A preflight of a path without CORS (the
+            // catalog, analytics) is not granted: it falls through to the router's 405.
+            if method == poem::http::Method::OPTIONS
+                && !req.headers().contains_key(poem::http::header::ACCESS_CONTROL_REQUEST_METHOD)
+                && let Some((template, allow)) = self.methods.find(req.uri().path())
+            {
+                let mut resp = methods::options(allow);
+                if cors::is_tracking_path(req.uri().path()) {
                     cors::decorate(&self.cors, origin.as_ref(), &mut resp);
                 }
-                // Counted here, not in the handlers, so that requests refused before a handler runs
-                // (malformed JSON, too large, too slow, a wrong method) count too; the reason travels on
-                // the response (see error::Refusal).
-                if let Some(reason) = refusal_reason(&mut resp) {
-                    if tracking {
-                        self.metrics.rejected(reason);
-                    } else if route.is_some() || path != "unmatched" {
-                        self.metrics.request_rejected(reason);
-                    }
+                self.metrics.http_requests.with_label_values(&[method.as_str(), template, "204"]).inc();
+                return resp;
+            }
+            let uri = req.uri().clone();
+            let path = req.uri().path();
+            let (docs, fallback) = if path.starts_with("/docs") {
+                (true, "/docs")
+            } else if path == "/openapi.json" {
+                (true, "/openapi.json")
+            } else {
+                (false, "unmatched")
+            };
+            let limit = if path == "/ads/events" { self.batch_body_limit } else { self.body_limit };
+            let hot = tracking::Hot::find(&method, path);
+            let rules = BodyLimit { bytes: limit, timeout: self.body_timeout };
+            if hot.is_none() {
+                // The hot routes take it as an argument: an insert here allocates the request's
+                // extension map, which they do not need otherwise.
+                req.set_data(rules);
+            }
+            let result = if docs {
+                // Boxed: the documentation's router future is the largest of these, and
+                // unboxed it would size every request's future.
+                Box::pin(self.other.call(req)).await.map(IntoResponse::into_response)
+            } else if let Some(hot) = hot {
+                match hot {
+                    tracking::Hot::Click => self.tracking.call_click(req, rules).await,
+                    tracking::Hot::Impression => self.tracking.call_impression(req, rules).await,
+                    tracking::Hot::Beacon => self.pixel.call_beacon(req).await,
                 }
-                let elapsed = started.elapsed().as_secs_f64();
-                // A hot route's path is its template (see `route` above): its series are those.
-                match hot.and_then(|hot| self.hot_series[hot.index()].as_ref()) {
-                    Some(series) => {
-                        if series.usual_status == status {
-                            series.usual.inc();
-                        } else {
-                            self.metrics
-                                .http_requests
-                                .with_label_values(&[method.as_str(), path, status.as_str()])
-                                .inc();
-                        }
-                        series.duration.observe(elapsed);
-                    }
-                    None => {
+            } else {
+                self.api.call(req).await.map(IntoResponse::into_response)
+            };
+            let mut resp = match result {
+                Ok(resp) => error::into_json_error(resp).await,
+                Err(e) => error::into_json_error(error::error_into_response(e)).await,
+            };
+            let route = match hot {
+                Some(hot) => self.hot_routes[hot.index()].as_ref(),
+                None => resp.data::<poem_openapi::OperationId>().and_then(|op| self.routes.get(op.0)),
+            };
+            let mut path = route.map_or(fallback, |r| r.template.as_str());
+            let status = resp.status();
+            if status == StatusCode::METHOD_NOT_ALLOWED
+                && let Some((template, allow)) = self.methods.find(uri.path())
+            {
+                resp = error::error_response(
+                    status,
+                    &format!(
+                        "{method} is not served on {template}; it serves {}",
+                        allow.to_str().unwrap_or("")
+                    ),
+                );
+                resp.headers_mut().insert(poem::http::header::ALLOW, allow.clone());
+                path = template;
+            }
+            // The body was not read to its end (too large, too slow, of a type not read): what the
+            // client sends next on this connection cannot be told from the rest of it.
+            if matches!(
+                status,
+                StatusCode::PAYLOAD_TOO_LARGE
+                    | StatusCode::REQUEST_TIMEOUT
+                    | StatusCode::UNSUPPORTED_MEDIA_TYPE
+            ) {
+                resp.headers_mut()
+                    .insert(poem::http::header::CONNECTION, poem::http::HeaderValue::from_static("close"));
+            }
+            let tracking = route.map_or_else(|| cors::is_tracking_path(uri.path()), |r| r.tracking);
+            if tracking && origin.is_some() {
+                cors::decorate(&self.cors, origin.as_ref(), &mut resp);
+            }
+            // Counted here, not in the handlers, so that requests refused before a handler runs
+            // (malformed JSON, too large, too slow, a wrong method) count too; the reason travels on
+            // the response (see error::Refusal).
+            if let Some(reason) = refusal_reason(&mut resp) {
+                if tracking {
+                    self.metrics.rejected(reason);
+                } else if route.is_some() || path != "unmatched" {
+                    self.metrics.request_rejected(reason);
+                }
+            }
+            let elapsed = started.elapsed().as_secs_f64();
+            // A hot route's path is its template (see `route` above): its series are those.
+            match hot.and_then(|hot| self.hot_series[hot.index()].as_ref()) {
+                Some(series) => {
+                    if series.usual_status == status {
+                        series.usual.inc();
+                    } else {
                         self.metrics
                             .http_requests
                             .with_label_values(&[method.as_str(), path, status.as_str()])
                             .inc();
-                        self.metrics.http_duration.with_label_values(&[path]).observe(elapsed);
                     }
+                    series.duration.observe(elapsed);
                 }
-                // 503 is back-pressure, expected under overload and counted above; logging each one would
-                // flood the logs exactly when the machine has no time to spare.
-                if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
-                    tracing::warn!(method = %method, path, status = status.as_u16(), "request failed");
+                None => {
+                    self.metrics
+                        .http_requests
+                        .with_label_values(&[method.as_str(), path, status.as_str()])
+                        .inc();
+                    self.metrics.http_duration.with_label_values(&[path]).observe(elapsed);
                 }
-                resp
-            };
-            resp.headers_mut().insert(REQUEST_ID, id);
+            }
+            // 503 is back-pressure, expected under overload and counted above; logging each one would
+            // flood the logs exactly when the machine has no time to spare.
+            if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+                tracing::warn!(method = %method, path, status = status.as_u16(), "request failed");
+            }
             resp
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The id is set for log lines while the request's future is polled, on every poll, and only
+    /// then; the answer carries it.
+    #[tokio::test]
+    async fn a_request_id_is_current_only_while_its_request_is_polled() {
+        use crate::telemetry::current_request_id;
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let inner = async move {
+            log.lock().unwrap().push(current_request_id());
+            tokio::task::yield_now().await;
+            log.lock().unwrap().push(current_request_id());
+            Response::default()
+        };
+        let id = poem::http::HeaderValue::from_static("abc-1");
+        let tagged = Tagged { id: Some(id.clone()), inner };
+        assert_eq!(current_request_id(), None);
+        let resp = tokio::spawn(tagged).await.unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec![Some(id.clone()), Some(id.clone())]);
+        assert_eq!(resp.headers().get(REQUEST_ID), Some(&id));
+        assert_eq!(current_request_id(), None);
+    }
+
+    /// A request polled inside another's poll (not done here, but possible) leaves the outer
+    /// request's id in place when it returns.
+    #[test]
+    fn an_inner_scope_restores_the_outer_id() {
+        use crate::telemetry::{RequestScope, current_request_id};
+        let (a, b) = (poem::http::HeaderValue::from_static("a"), poem::http::HeaderValue::from_static("b"));
+        let (mut outer, mut inner) = (Some(a.clone()), Some(b.clone()));
+        {
+            let _outer = RequestScope::enter(&mut outer);
+            {
+                let _inner = RequestScope::enter(&mut inner);
+                assert_eq!(current_request_id(), Some(b.clone()));
+            }
+            assert_eq!(current_request_id(), Some(a.clone()));
+        }
+        assert_eq!(current_request_id(), None);
+        assert_eq!((outer, inner), (Some(a), Some(b)));
     }
 }
