@@ -698,9 +698,7 @@ impl<A: Endpoint, O: Endpoint> Front<A, O> {
                     let route = tracking_route(req.uri().path()).unwrap_or("unmatched");
                     self.metrics.http_requests.with_label_values(&[method.as_str(), route, "429"]).inc();
                     let mut resp = error::too_many_requests(wait);
-                    if origin.is_some() {
-                        cors::decorate(&self.cors, origin.as_ref(), &mut resp);
-                    }
+                    cors::decorate(&self.cors, origin.as_ref(), &mut resp);
                     return resp;
                 }
             }
