@@ -45,14 +45,18 @@ impl Drop for RequestScope<'_> {
     }
 }
 
-/// The id of the request whose future this thread is polling, if any.
+/// The id of the request whose future this thread is polling, if any. (None too while the
+/// thread's locals are being destroyed, when a line may still be logged.)
 pub fn current_request_id() -> Option<poem::http::HeaderValue> {
-    REQUEST_ID.with(|cell| {
-        let id = cell.take();
-        let copy = id.clone();
-        cell.set(id);
-        copy
-    })
+    REQUEST_ID
+        .try_with(|cell| {
+            let id = cell.take();
+            let copy = id.clone();
+            cell.set(id);
+            copy
+        })
+        .ok()
+        .flatten()
 }
 
 /// Adds `request_id` to every line logged while a request's id is set ([`RequestScope`]): as a
