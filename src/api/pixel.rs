@@ -153,10 +153,7 @@ fn parse(b: &Beacon<'_>) -> Result<Parsed, ApiError> {
             ad_id,
             kind,
             client_time: client_time.flatten(),
-            playback_time: b
-                .pt
-                .and_then(PlaybackTime::playhead_seconds)
-                .and_then(|s| PlaybackTime::new(s).ok()),
+            playback_time: b.pt.and_then(PlaybackTime::playhead),
             error_code,
         },
         bad_timestamp: matches!(client_time, Some(None)),

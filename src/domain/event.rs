@@ -114,9 +114,10 @@ impl PlaybackTime {
     /// Longest playback position accepted (a day); anything beyond is a client bug.
     pub const MAX_SECONDS: f64 = 86_400.0;
 
-    /// Parses VAST's `[ADPLAYHEAD]` form, `HH:MM:SS` or `HH:MM:SS.mmm`.
-    pub fn parse_playhead(text: &str) -> Result<Self, String> {
-        Self::new(Self::playhead_seconds(text).ok_or_else(|| format!("must be HH:MM:SS.mmm, got {text:?}"))?)
+    /// Reads VAST's `[ADPLAYHEAD]` form, `HH:MM:SS` or `HH:MM:SS.mmm`; `None` for any other text
+    /// or a position out of range. A beacon keeps no playhead then (no error is built to drop).
+    pub fn playhead(text: &str) -> Option<Self> {
+        Self::new(Self::playhead_seconds(text)?).ok()
     }
 
     /// The seconds a playhead in `HH:MM:SS` or `HH:MM:SS.mmm` names (minutes and seconds two
@@ -125,7 +126,7 @@ impl PlaybackTime {
     /// `0.mmm`: a beacon's playhead cost about 580 instructions that way (callgrind). The value
     /// is the same: the fraction, up to 15 digits, is an exact integer divided by an exact power
     /// of ten, which IEEE division rounds as parsing `0.mmm` does; longer ones are parsed.
-    pub fn playhead_seconds(text: &str) -> Option<f64> {
+    fn playhead_seconds(text: &str) -> Option<f64> {
         let mut parts = text.split(':');
         let (Some(h), Some(m), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
         else {
@@ -336,10 +337,12 @@ mod tests {
 
     #[test]
     fn playheads_parse() {
-        assert_eq!(PlaybackTime::parse_playhead("00:00:12.500").unwrap().seconds(), 12.5);
-        assert_eq!(PlaybackTime::parse_playhead("01:02:03").unwrap().seconds(), 3723.0);
-        for bad in ["[ADPLAYHEAD]", "12.5", "00:60:00", "00:00:7", "-1:00:00", "00:00:00.x", "::", ""] {
-            assert!(PlaybackTime::parse_playhead(bad).is_err(), "{bad}");
+        assert_eq!(PlaybackTime::playhead("00:00:12.500").unwrap().seconds(), 12.5);
+        assert_eq!(PlaybackTime::playhead("01:02:03").unwrap().seconds(), 3723.0);
+        for bad in
+            ["[ADPLAYHEAD]", "12.5", "00:60:00", "00:00:7", "-1:00:00", "00:00:00.x", "::", "", "25:00:00"]
+        {
+            assert!(PlaybackTime::playhead(bad).is_none(), "{bad}");
         }
     }
 
