@@ -291,6 +291,7 @@ impl App {
                 max_rows: config.batch_max_rows,
                 rate: config.replay_rate,
                 claim_idle: config.replay_claim_idle,
+                insert_timeout: config.insert_timeout,
                 unsafe_skip_check: config.unsafe_skip_insert_check,
             };
             let stop = stop_replayer.clone();

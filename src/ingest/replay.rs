@@ -8,7 +8,10 @@
 //! pending, and once they have been idle for `REPLAY_CLAIM_IDLE` another replayer ends any INSERT
 //! the dead one may have left running (its query ids carry its name), claims them and replays
 //! them with the check of [`super::insert`]. Every spilled row keeps its batch token, so nothing
-//! is counted twice, whichever replayer gets it and however often.
+//! is counted twice, whichever replayer gets it and however often. A live replayer never looks
+//! dead: it renews the entries it works on before its INSERTs (and while it waits out an
+//! outage), gives them up if another replayer claimed them anyway, and acknowledges only entries
+//! that are still its own.
 //!
 //! Live ingest keeps priority: a replay INSERT waits while the buffer holds a full batch for the
 //! flusher, replay runs at most `REPLAY_RATE` events a second, and the heavy work on entries
@@ -74,6 +77,9 @@ pub struct Replayer {
     pub rate: u64,
     /// How long an entry stays pending before its consumer counts as dead.
     pub claim_idle: Duration,
+    /// How long one INSERT may take (`INSERT_TIMEOUT`): sizes how often the entries being
+    /// replayed are renewed (see [`Replayer::renew_every`]).
+    pub insert_timeout: Duration,
     /// The negative control: re-sends skip the check (`Config::unsafe_skip_insert_check`).
     pub unsafe_skip_check: bool,
 }
@@ -139,6 +145,8 @@ impl Replayer {
             }
             let mut entries = Vec::new();
             let mut claimed = false;
+            // Before the read: the entries' idle time in Redis starts no earlier.
+            let read_at = Instant::now();
             if Instant::now() >= next_claim {
                 next_claim = Instant::now() + (self.claim_idle / 4).max(Duration::from_secs(1));
                 match self.claim(read_count(rows_per_entry, self.max_rows)).await {
@@ -176,7 +184,7 @@ impl Replayer {
                 continue;
             }
             for group in groups(entries, self.max_rows) {
-                if !self.replay(group, claimed, &mut not_before, &stop).await {
+                if !self.replay(group, claimed, read_at, &mut not_before, &stop).await {
                     break;
                 }
             }
@@ -227,13 +235,15 @@ impl Replayer {
         Ok(claimed)
     }
 
-    /// Replays one group of entries until ClickHouse confirmed it and Redis acknowledged it,
-    /// starting no earlier than `not_before` (which it moves on as REPLAY_RATE says). False when
-    /// `stop` came first (the entries stay pending).
+    /// Replays one group of entries (read or claimed at `read_at`) until ClickHouse confirmed it
+    /// and Redis acknowledged it, starting no earlier than `not_before` (which it moves on as
+    /// REPLAY_RATE says). False when `stop` came first (the entries stay pending). True also
+    /// when another replayer claimed the entries meanwhile: they are its to finish.
     async fn replay(
         &self,
         group: Vec<Entry>,
         claimed: bool,
+        read_at: Instant,
         not_before: &mut Instant,
         stop: &CancellationToken,
     ) -> bool {
@@ -262,6 +272,14 @@ impl Replayer {
         let uncertain = claimed || batches.iter().any(|b| b.uncertain);
         let mut pending: Vec<EventRow> =
             batches.iter_mut().flat_map(|b| std::mem::take(&mut b.rows)).collect();
+        let copies = drop_copies(&mut pending);
+        if copies > 0 {
+            tracing::warn!(
+                entries = ids.len(),
+                copies,
+                "the spill holds a batch twice (a spill whose answer was lost, or a batch spilled again after a restart); replaying it once"
+            );
+        }
         let query_id = format!("{QUERY_PREFIX}{}-{}", self.consumer, Uuid::new_v4().simple());
         let mut check: Option<Vec<String>> = uncertain.then(|| tokens.clone());
         let mut backoff = FIRST_BACKOFF;
@@ -279,6 +297,8 @@ impl Replayer {
         // Rows before `done` are sent; the slice after it is what is left (no shifting of a
         // 100,000-row vector after every INSERT).
         let mut done = 0;
+        // When the entries' idle time in Redis was last reset (read, claimed or renewed).
+        let mut held_since = read_at;
         while done < pending.len() {
             if stop.is_cancelled() {
                 return false;
@@ -287,6 +307,27 @@ impl Replayer {
             // so a replayer that dies while it waits leaves them to be claimed, as during one.
             pause(not_before.saturating_duration_since(Instant::now()), stop).await;
             self.live_first(stop).await;
+            // A live replayer's entries must never look like a dead one's: renewed before an
+            // INSERT (and during an outage) whenever they may have been idle for long, and
+            // given up if another replayer claimed them meanwhile (it replays them with the
+            // check; sending them here too would store them twice).
+            if held_since.elapsed() >= self.renew_every() {
+                let asked = Instant::now();
+                match self.spill.renew(&self.consumer, &ids).await {
+                    Ok(true) => held_since = asked,
+                    Ok(false) => {
+                        self.gave_up(ids.len(), events);
+                        return true;
+                    }
+                    Err(e) => {
+                        tracing::warn!(entries = ids.len(), error = %e,
+                            "cannot renew the spill entries being replayed; waiting before the next INSERT");
+                        pause(backoff, stop).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        continue;
+                    }
+                }
+            }
             if !self.health.ok() {
                 self.probe(stop).await;
                 continue;
@@ -350,9 +391,18 @@ impl Replayer {
         // Acknowledged only now, with the dead letters in the same transaction. Until Redis takes
         // it the entries stay pending: a replayer that gets them later finds the rows stored.
         let mut backoff = FIRST_BACKOFF;
-        while let Err(e) = self.spill.ack(&ids, counted, &dead).await {
-            tracing::warn!(entries = ids.len(), error = %e,
-                "replayed events are in ClickHouse but Redis cannot acknowledge them yet; retrying");
+        loop {
+            match self.spill.ack(&self.consumer, &ids, counted, &dead).await {
+                Ok(true) => break,
+                Ok(false) => {
+                    // Claimed while the acknowledgement waited: the rows are stored, and the
+                    // new owner's check finds them so.
+                    self.gave_up(ids.len(), events);
+                    return true;
+                }
+                Err(e) => tracing::warn!(entries = ids.len(), error = %e,
+                    "replayed events are in ClickHouse but Redis cannot acknowledge them yet; retrying"),
+            }
             if stop.is_cancelled() {
                 return false;
             }
@@ -361,10 +411,26 @@ impl Replayer {
         }
         self.metrics.spill_entries_replayed.inc_by(ids.len() as u64);
         self.metrics.spill_bytes_replayed.inc_by(bytes as u64);
-        self.metrics.events_replayed.inc_by((events - rejected) as u64);
+        self.metrics.events_replayed.inc_by((events - copies - rejected) as u64);
         self.metrics.replay_events_dead_lettered.inc_by(rejected as u64);
         tracing::info!(entries = ids.len(), events, rejected, "replayed spilled batches");
         true
+    }
+
+    /// How often entries being replayed are renewed: often enough that an INSERT started right
+    /// before the renewal is due (it takes at most INSERT_TIMEOUT) ends before they could have
+    /// been idle for REPLAY_CLAIM_IDLE, so no replayer claims them while it may still land.
+    fn renew_every(&self) -> Duration {
+        (self.claim_idle.saturating_sub(self.insert_timeout) / 2).max(Duration::from_millis(100))
+    }
+
+    /// Logs that another replayer took over entries this one was replaying.
+    fn gave_up(&self, entries: usize, events: usize) {
+        tracing::warn!(
+            entries,
+            events,
+            "another replayer claimed these spill entries (this one held them past REPLAY_CLAIM_IDLE); leaving them to it"
+        );
     }
 
     /// Rows per replay INSERT: a fiftieth of a second's worth at REPLAY_RATE (at least 1,000),
@@ -416,6 +482,19 @@ fn read_count(rows_per_entry: usize, max_rows: usize) -> usize {
     (max_rows / rows_per_entry.max(1)).clamp(1, READ_ENTRIES)
 }
 
+/// Drops the second and later copies of a row (same batch token, same event id), keeping the
+/// order; returns how many it dropped. The spill can hold a batch twice: a push whose answer was
+/// lost is pushed again, and a batch recovered from the log after a crash between its spill and
+/// the log's note is spilled again. Both copies are uncertain, so a copy replayed after the other
+/// was stored is checked against it; but in one group neither is stored yet when the group is
+/// checked, and both would be sent.
+fn drop_copies(rows: &mut Vec<EventRow>) -> usize {
+    let before = rows.len();
+    let mut seen = std::collections::HashSet::with_capacity(before);
+    rows.retain(|r| seen.insert((r.batch_id, r.event_id)));
+    before - rows.len()
+}
+
 /// Splits entries into groups of at most `max_rows` rows (an entry is never split).
 fn groups(entries: Vec<Entry>, max_rows: usize) -> Vec<Vec<Entry>> {
     let mut out: Vec<Vec<Entry>> = Vec::new();
@@ -434,4 +513,44 @@ fn groups(entries: Vec<Entry>, max_rows: usize) -> Vec<Vec<Entry>> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{EventKind, Traffic};
+    use time::OffsetDateTime;
+
+    fn row(batch: Uuid) -> EventRow {
+        EventRow {
+            event_id: Uuid::new_v4(),
+            ad_id: Uuid::new_v4(),
+            kind: EventKind::Impression,
+            event_time: OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
+            received_at: OffsetDateTime::from_unix_timestamp(1_700_000_001).unwrap(),
+            ip_hash: 7,
+            playback_time: None,
+            error_code: 0,
+            batch_id: batch,
+            traffic: Traffic::Valid,
+        }
+    }
+
+    #[test]
+    fn a_batch_spilled_twice_is_replayed_once() {
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let first: Vec<EventRow> = (0..3).map(|_| row(a)).collect();
+        let other: Vec<EventRow> = (0..2).map(|_| row(b)).collect();
+        // The group as replay() builds it: the entries' rows one after another, the batch
+        // `a` in two entries.
+        let mut group: Vec<EventRow> = first.iter().chain(&other).chain(&first).cloned().collect();
+        assert_eq!(drop_copies(&mut group), 3);
+        let kept: Vec<EventRow> = first.iter().chain(&other).cloned().collect();
+        assert_eq!(group, kept, "the first copy stays, in order");
+        // The same event id under another token is another batch's row, not a copy.
+        let mut moved = row(a);
+        moved.batch_id = b;
+        let mut group = vec![first[0].clone(), EventRow { event_id: first[0].event_id, ..moved }];
+        assert_eq!(drop_copies(&mut group), 0);
+    }
 }

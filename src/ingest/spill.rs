@@ -272,6 +272,56 @@ pub(crate) fn xadd(pipe: &mut redis::Pipeline, key: &str, fields: &Fields) {
     }
 }
 
+/// [`Spill::renew`]: KEYS[1] the stream; ARGV group, consumer, then the ids. 1 when all were
+/// pending for the consumer (their idle time is now 0), else 0 (nothing changed).
+const RENEW_SCRIPT: &str = r"
+local claim = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #p ~= 1 or p[1][2] ~= ARGV[2] then return 0 end
+  claim[#claim + 1] = ARGV[i]
+end
+claim[#claim + 1] = 'JUSTID'
+redis.call(unpack(claim))
+return 1
+";
+
+/// [`Spill::ack`]: KEYS the stream, the events counter and the dead letters; ARGV group,
+/// consumer, events, the number of ids, the ids, then each dead letter as its number of
+/// arguments followed by its field names and values. 1 when done; 2 when none of the ids is
+/// pending any more (acknowledged already); 0 when one is another consumer's (nothing done).
+const ACK_SCRIPT: &str = r"
+local n = tonumber(ARGV[4])
+local ids = {}
+for i = 5, 4 + n do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #p == 1 then
+    if p[1][2] ~= ARGV[2] then return 0 end
+    ids[#ids + 1] = ARGV[i]
+  end
+end
+if #ids == 0 then return 2 end
+redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
+redis.call('XDEL', KEYS[1], unpack(ids))
+redis.call('DECRBY', KEYS[2], ARGV[3])
+local i = 5 + n
+while i <= #ARGV do
+  local count = tonumber(ARGV[i])
+  local add = {'XADD', KEYS[3], '*'}
+  for j = i + 1, i + count do add[#add + 1] = ARGV[j] end
+  redis.call(unpack(add))
+  i = i + count + 1
+end
+return 1
+";
+
+/// [`Spill::forget_idle_consumers`]: deletes consumer ARGV[2] of group ARGV[1] in stream
+/// KEYS[1] if it holds no entry; its DELCONSUMER answer, or -1 when it holds one.
+const FORGET_SCRIPT: &str = r"
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return -1 end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+";
+
 /// The spill stream of one deployment.
 pub struct Spill {
     /// The Redis holding it.
@@ -426,30 +476,61 @@ impl Spill {
         let mut forgotten = 0;
         for c in reply.consumers {
             if c.name != me && c.pending == 0 && c.idle as u128 >= min_idle.as_millis() {
-                let mut del = redis::cmd("XGROUP");
-                del.arg("DELCONSUMER").arg(&self.keys.spill).arg(GROUP).arg(&c.name);
-                // Only if it still holds nothing: DELCONSUMER drops what a consumer holds.
-                let _: u64 = self.redis.query(&del).await?;
-                forgotten += 1;
+                // DELCONSUMER drops what a consumer holds, and the consumer may have read
+                // entries since XINFO answered: the script looks again and deletes in one step.
+                let mut del = redis::cmd("EVAL");
+                del.arg(FORGET_SCRIPT).arg(1).arg(&self.keys.spill).arg(GROUP).arg(&c.name);
+                let deleted: i64 = self.redis.query(&del).await?;
+                if deleted >= 0 {
+                    forgotten += 1;
+                }
             }
         }
         Ok(forgotten)
     }
 
+    /// Keeps `ids` this consumer's while it works on them: resets their idle time, so that no
+    /// replayer claims them as a dead one's. False when one of them is no longer `consumer`'s
+    /// (another replayer claimed it, or it was acknowledged): the caller must leave them alone.
+    pub async fn renew(&self, consumer: &str, ids: &[String]) -> Result<bool, RedisError> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(RENEW_SCRIPT).arg(1).arg(&self.keys.spill).arg(GROUP).arg(consumer).arg(ids);
+        let held: i64 = self.redis.query(&cmd).await?;
+        Ok(held == 1)
+    }
+
     /// Acknowledges and deletes replayed entries holding `events` events, and adds the dead
-    /// letters that came out of them, in one transaction: the entries are gone exactly when
-    /// their bad rows are kept.
-    pub async fn ack(&self, ids: &[String], events: usize, dead: &[Fields]) -> Result<(), RedisError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        pipe.cmd("XACK").arg(&self.keys.spill).arg(GROUP).arg(ids).ignore();
-        pipe.cmd("XDEL").arg(&self.keys.spill).arg(ids).ignore();
-        pipe.cmd("DECRBY").arg(&self.keys.spill_events).arg(events).ignore();
+    /// letters that came out of them, in one step: the entries are gone exactly when their bad
+    /// rows are kept. Only while the entries are still `consumer`'s: false (nothing done) when
+    /// another replayer claimed one, which then checks and acknowledges them itself, so that
+    /// the backlog counter and the dead letters count them once. True also when none of them is
+    /// pending any more: an earlier call whose answer was lost acknowledged them.
+    pub async fn ack(
+        &self,
+        consumer: &str,
+        ids: &[String],
+        events: usize,
+        dead: &[Fields],
+    ) -> Result<bool, RedisError> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(ACK_SCRIPT)
+            .arg(3)
+            .arg(&self.keys.spill)
+            .arg(&self.keys.spill_events)
+            .arg(&self.keys.dead_letters)
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(events)
+            .arg(ids.len())
+            .arg(ids);
         for fields in dead {
-            xadd(&mut pipe, &self.keys.dead_letters, fields);
-            pipe.ignore();
+            cmd.arg(fields.len() * 2);
+            for (name, value) in fields {
+                cmd.arg(name).arg(value);
+            }
         }
-        self.redis.pipe::<()>(&pipe).await
+        let done: i64 = self.redis.query(&cmd).await?;
+        Ok(done != 0)
     }
 
     /// The backlog: entries (batches) and events in the spill.

@@ -589,6 +589,109 @@ async fn poison_rows_and_a_damaged_entry_become_dead_letters_and_the_rest_is_sto
     assert_eq!(redis.command(&["GET", &format!("{spill}:events")]), "0", "the backlog counter is back to 0");
 }
 
+/// Adds `entries` to the spill stream `key` in one transaction (so that one read gets them
+/// all) and counts `events` on the backlog counter, as the flusher's pushes would.
+async fn spill_at_once(redis: &Redis, key: &str, entries: &[&[(String, Vec<u8>)]], events: usize) {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for fields in entries {
+        let cmd = pipe.cmd("XADD").arg(key).arg("*");
+        for (k, v) in *fields {
+            cmd.arg(k).arg(v);
+        }
+        pipe.ignore();
+    }
+    pipe.cmd("INCRBY").arg(format!("{key}:events")).arg(events).ignore();
+    let () = pipe.query_async(&mut conn).await.unwrap();
+}
+
+/// Waits until the spill under `prefix` is empty and its backlog counter back to 0.
+async fn spill_drained(redis: &Redis, prefix: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    let spill = format!("{prefix}spill");
+    while redis.command(&["XLEN", &spill]) != "0"
+        || redis.command(&["GET", &format!("{spill}:events")]) != "0"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the spill was not drained: {} entries left",
+            redis.command(&["XLEN", &spill])
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One batch in the spill twice (a push whose answer was lost is pushed again; a batch recovered
+/// from the log after a crash between its spill and the log's note is spilled again), both
+/// entries read at once: the replayer stores its events once and acknowledges both entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_spilled_twice_is_stored_once() {
+    let mut app = TestApp::spawn_with(&vars(&[])).await;
+    let redis = shared_redis();
+    let spill = format!("{}spill", app.redis_prefix);
+    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    // A first entry on its own: the replayer's first read takes one entry, later reads as
+    // many as make a batch, so the two copies below are read (and replayed) together.
+    let first: Vec<EventRow> = (0..20).map(|_| row(now)).collect();
+    spill_at_once(redis, &spill, &[&batch_fields(Uuid::new_v4(), &first, 1, true)], first.len()).await;
+    spill_drained(redis, &app.redis_prefix, Duration::from_secs(20)).await;
+    let twice: Vec<EventRow> = (0..20).map(|_| row(now)).collect();
+    let copy = batch_fields(Uuid::new_v4(), &twice, 3, true);
+    spill_at_once(redis, &spill, &[&copy, &copy], 2 * twice.len()).await;
+    spill_drained(redis, &app.redis_prefix, Duration::from_secs(20)).await;
+    let acked: HashSet<Uuid> = first.iter().chain(&twice).map(|r| r.event_id).collect();
+    let stored = stored_ids(shared_clickhouse(), &app.db).await;
+    assert_books_balance(&acked, &stored);
+    assert_eq!(stored.len(), acked.len());
+    assert_eq!(app.metric("adbeacon_spill_entries_replayed_total").await, 3);
+    assert_eq!(app.metric("adbeacon_events_replayed_total").await, 40, "each event counted once");
+    app.stop().await.unwrap();
+}
+
+/// Two replayers (two processes) on one spill, one of them replaying a group slowly, for longer
+/// than REPLAY_CLAIM_IDLE: it renews the entries before its INSERTs, so the other never takes
+/// them as a dead replayer's (which would send the rest of them a second time), and every event
+/// is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_replayer_keeps_its_entries_however_long_it_replays() {
+    let url = shared_clickhouse().url();
+    let db = fresh_db();
+    let prefix = format!("{db}:");
+    let redis = shared_redis();
+    let redis_url = redis.url();
+    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    // 12 entries of 1,000 events at 1,000 events/s: after a first read of one entry, one
+    // replayer reads the other eleven as one group and needs about 11 s for it, well past the
+    // 6 s after which an entry counts as a dead replayer's.
+    let batches: Vec<Vec<EventRow>> = (0..12).map(|_| (0..1000).map(|_| row(now)).collect()).collect();
+    let fields: Vec<_> = batches.iter().map(|rows| batch_fields(Uuid::new_v4(), rows, 3, true)).collect();
+    let entries: Vec<&[(String, Vec<u8>)]> = fields.iter().map(Vec::as_slice).collect();
+    let slow = [("REPLAY_RATE", "1000"), ("REPLAY_CLAIM_IDLE", "6s"), ("INSERT_TIMEOUT", "2s")];
+    let data_a = tempfile::tempdir().unwrap();
+    let data_b = tempfile::tempdir().unwrap();
+    let vars_a = service_vars(&url, &db, &data_a.path().display().to_string(), &redis_url, &prefix, &slow);
+    let vars_b = service_vars(&url, &db, &data_b.path().display().to_string(), &redis_url, &prefix, &slow);
+    let a = start_service(vars_a).await;
+    let b = start_service(vars_b).await;
+    spill_at_once(redis, &format!("{prefix}spill"), &entries, 12_000).await;
+    spill_drained(redis, &prefix, Duration::from_secs(60)).await;
+    let acked: HashSet<Uuid> = batches.iter().flatten().map(|r| r.event_id).collect();
+    let stored = stored_ids(shared_clickhouse(), &db).await;
+    assert_books_balance(&acked, &stored);
+    assert_eq!(stored.len(), acked.len());
+    for (name, service) in [("a", &a), ("b", &b)] {
+        assert_eq!(
+            metric(&service.base, "adbeacon_spill_entries_claimed_total").await,
+            0,
+            "replayer {name} took entries from a live replayer"
+        );
+    }
+    assert_eq!(a.terminate(), Some(0));
+    assert_eq!(b.terminate(), Some(0));
+}
+
 /// Resident memory of a process, in bytes.
 fn rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
