@@ -93,7 +93,8 @@ impl Flusher {
     }
 
     /// Inserts `batch`, retrying while that can help; ends with the batch in ClickHouse,
-    /// spilled or saved (or, in `wal` mode at the end of the shutdown budget, left in the log).
+    /// spilled or saved (or, at the end of the shutdown budget, left in the log when the log holds
+    /// every event of it).
     async fn deliver(&self, batch: Batch, stop: &CancellationToken, give_up_at: &mut Option<Instant>) {
         let mut backoff = FIRST_BACKOFF;
         let mut failures = 0u32;
@@ -115,9 +116,9 @@ impl Flusher {
             if let Some(limit) = *give_up_at
                 && Instant::now() >= limit
             {
-                if self.wal.is_some() {
-                    // Out of shutdown time with the log on: the batch stays in it and is sent,
-                    // with the check, at the next start.
+                if self.kept_by_log(&batch) {
+                    // Out of shutdown time and every event of the batch is in the log: it stays
+                    // there and is sent, with the check, at the next start.
                     tracing::warn!(batch = %batch.id, rows = batch.rows.len(),
                         "neither ClickHouse nor Redis takes the batch at shutdown; it stays in the local log");
                     return;
@@ -148,9 +149,10 @@ impl Flusher {
                     health: &self.health,
                     check: !self.unsafe_skip_check,
                 };
-                let outcome = sender.send(&query_id, &batch.rows, sent.then_some(&check[..])).await;
-                sent = true;
-                outcome
+                // Counted as sent before the send starts: during shutdown the timeout below can
+                // drop this future after the INSERT went out, and the next attempt must check.
+                let check_first = std::mem::replace(&mut sent, true);
+                sender.send(&query_id, &batch.rows, check_first.then_some(&check[..])).await
             };
             // During shutdown an attempt gets only what is left of the budget.
             let outcome = match *give_up_at {
@@ -211,7 +213,7 @@ impl Flusher {
 
     /// Keeps the rows ClickHouse rejected as dead letters and counts the batch's events: the
     /// rejected ones as dead-lettered, the rest as flushed. False when they could be kept
-    /// nowhere before the shutdown budget ran out in `wal` mode (the batch stays in the log).
+    /// nowhere before the shutdown budget ran out and the log holds the batch (it stays there).
     async fn keep_bad(
         &self,
         batch: &Batch,
@@ -232,7 +234,7 @@ impl Flusher {
             }
             if stop.is_cancelled() {
                 let limit = *give_up_at.get_or_insert_with(|| Instant::now() + self.shutdown_timeout);
-                if Instant::now() >= limit && self.wal.is_some() {
+                if Instant::now() >= limit && self.kept_by_log(batch) {
                     return false;
                 }
             }
@@ -291,6 +293,13 @@ impl Flusher {
     fn confirm_elsewhere(&self, batch: &Batch) {
         self.buffer.release_elsewhere(batch);
         self.forget(batch);
+    }
+
+    /// Whether every event of `batch` is in the local log, so that a batch nothing else takes at
+    /// shutdown may stay there. Not so for events taken in `buffered` or `committed` mode by a
+    /// process that only drains a log an earlier `wal` run left ([`Wal::recovery_only`]).
+    fn kept_by_log(&self, batch: &Batch) -> bool {
+        self.wal.as_ref().is_some_and(|w| w.keeps(batch))
     }
 
     fn forget(&self, batch: &Batch) {

@@ -192,6 +192,13 @@ impl Wal {
         self.takes_appends || batch.seqs.iter().any(|r| r.start < self.recovered_end)
     }
 
+    /// Whether every event of `batch` is in the log: true for every batch unless the log only
+    /// drains an earlier run's events ([`Wal::recovery_only`]), whose events it holds and no
+    /// others.
+    pub fn keeps(&self, batch: &Batch) -> bool {
+        self.takes_appends || batch.seqs.iter().all(|r| r.end <= self.recovered_end)
+    }
+
     /// Logs `rows` (room for them already reserved) and, once they are durable as `WAL_FSYNC`
     /// says, puts them in the buffer. Ok means the 2xx may be sent.
     pub async fn append(&self, room: Reservation, rows: Vec<EventRow>) -> Result<(), WalError> {

@@ -245,6 +245,62 @@ async fn a_log_left_by_a_wal_run_is_drained_in_buffered_mode() {
     assert!(left.is_empty(), "drained and deleted: {left:?}");
 }
 
+/// A run in `buffered` mode that drains a log an earlier `wal` run left does not log its own
+/// events: when neither ClickHouse nor Redis takes them at shutdown they are saved as dead-letter
+/// files, as in any buffered run, not left to a log that does not hold them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buffered_run_draining_a_log_saves_its_own_events_at_shutdown() {
+    let (mut ch, db, data, left) = events_left_in_the_log(10).await;
+    ch.restart();
+    let mut app = TestApp::spawn_in(
+        &ch.url(),
+        &db,
+        data,
+        &[
+            ("ACK_MODE", "buffered"),
+            ("REDIS_URL", "none"),
+            ("FLUSH_INTERVAL", "1h"),
+            ("SHUTDOWN_TIMEOUT", "1s"),
+            ("INSERT_TIMEOUT", "1s"),
+        ],
+    )
+    .await;
+    assert_eq!(app.wait_flushed(10).await, 10, "the left events are sent");
+    let mut own = Vec::new();
+    for _ in 0..5 {
+        let id = Uuid::new_v4();
+        assert_eq!(app.post("/ads/click", &json!({"adId": AD1, "eventId": id})).await.status(), 202);
+        own.push(id);
+    }
+    ch.kill();
+    app.stop().await.expect("shutdown completes with ClickHouse down");
+    let files: Vec<_> = std::fs::read_dir(app.data_dir.path().join("dead-letter"))
+        .expect("the buffered events went to dead-letter files")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    let saved: HashSet<Uuid> = files
+        .iter()
+        .flat_map(|f| {
+            let text = std::fs::read_to_string(f).unwrap();
+            text.lines()
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).unwrap()["event_id"]
+                        .as_str()
+                        .unwrap()
+                        .parse()
+                        .unwrap()
+                })
+                .collect::<Vec<Uuid>>()
+        })
+        .collect();
+    assert_eq!(saved, own.iter().copied().collect::<HashSet<_>>(), "the 5 buffered events, in {files:?}");
+    ch.restart();
+    let stored = stored_ids(&ch, &db).await;
+    assert_eq!(stored.len(), 10);
+    assert!(left.iter().all(|id| stored.get(id) == Some(&1)), "the log's events were stored once");
+}
+
 /// A tmpfs of a few hundred KiB mounted for the test (root, or CAP_SYS_ADMIN, is needed: the test
 /// says so and fails otherwise), unmounted when dropped.
 struct SmallDisk {
