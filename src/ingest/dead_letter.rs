@@ -113,6 +113,18 @@ pub struct DeadLetter {
     pub rows: Vec<EventRow>,
 }
 
+/// [`DeadLetters::replay`], one dead letter: KEYS the dead letters, the spill and its events
+/// counter; ARGV the dead letter's id, its number of events, then the spill entry's field names
+/// and values. 1 when moved, 0 when the dead letter was gone (nothing done).
+const MOVE_SCRIPT: &str = r"
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+local add = {'XADD', KEYS[2], '*'}
+for i = 3, #ARGV do add[#add + 1] = ARGV[i] end
+redis.call(unpack(add))
+redis.call('INCRBY', KEYS[3], ARGV[2])
+return 1
+";
+
 /// What a replay of dead letters did.
 #[derive(Debug, Clone, Default)]
 pub struct Replayed {
@@ -218,11 +230,21 @@ impl DeadLetters {
     }
 
     /// Moves dead letters (`ids`, or every one) back to the spill, where the replayers insert
-    /// them again (checked first, as any spilled batch). Damaged entries stay.
+    /// them again (checked first, as any spilled batch). Damaged entries stay. Each one moves in
+    /// one step that deletes it first, so that two replays at once move it once.
     pub async fn replay(&self, ids: Option<&[String]>) -> Result<Replayed, RedisError> {
         let spill = self.stream()?;
         let mut done = Replayed::default();
         let mut after: Option<String> = None;
+        // Every dead letter there is now, not those the replay adds meanwhile (rows rejected
+        // again), which would otherwise go round as long as this call runs.
+        let newest = match ids {
+            Some(_) => None,
+            None => match spill.newest(&spill.keys.dead_letters).await? {
+                Some(id) => Some(id),
+                None => return Ok(done),
+            },
+        };
         loop {
             let page = match ids {
                 Some(ids) => {
@@ -240,7 +262,8 @@ impl DeadLetters {
                 }
                 None => {
                     let start = after.as_ref().map_or_else(|| "-".to_string(), |id| format!("({id}"));
-                    spill.range(&spill.keys.dead_letters, &start, 100).await?
+                    let end = newest.as_deref().unwrap_or("+");
+                    spill.range_to(&spill.keys.dead_letters, &start, end, 100).await?
                 }
             };
             let Some((last, _)) = page.last() else { break };
@@ -251,16 +274,25 @@ impl DeadLetters {
                     done.skipped.push(id);
                     continue;
                 };
-                let mut pipe = redis::pipe();
-                pipe.atomic();
                 let entry = batch_fields(token, &rows, 0, true);
-                xadd(&mut pipe, &spill.keys.spill, &entry);
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(MOVE_SCRIPT)
+                    .arg(3)
+                    .arg(&spill.keys.dead_letters)
+                    .arg(&spill.keys.spill)
+                    .arg(&spill.keys.spill_events)
+                    .arg(&id)
+                    .arg(rows.len());
+                for (name, value) in &entry {
+                    cmd.arg(name).arg(value);
+                }
                 let bytes = fields_bytes(&entry) as u64;
                 drop(entry);
-                pipe.ignore();
-                pipe.cmd("INCRBY").arg(&spill.keys.spill_events).arg(rows.len()).ignore();
-                pipe.cmd("XDEL").arg(&spill.keys.dead_letters).arg(&id).ignore();
-                spill.redis.pipe::<()>(&pipe).await?;
+                let moved: i64 = spill.redis.query(&cmd).await?;
+                if moved == 0 {
+                    // Another replay (or a delete) took it since it was read: moved once only.
+                    continue;
+                }
                 done.entries += 1;
                 done.events += rows.len() as u64;
                 done.bytes += bytes;

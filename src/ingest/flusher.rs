@@ -102,15 +102,35 @@ impl Flusher {
         // recovered from the log, by the one before): then every attempt checks first.
         let mut sent = batch.uncertain;
         let mut marked = !self.wal.as_ref().is_some_and(|w| w.holds(&batch));
+        // Whether the spill may hold the batch: recovered from the log after a crash that
+        // followed its spill, or pushed by an attempt whose answer was lost. The replayer then
+        // stores it, and an INSERT here could run alongside the replayer's (each checking before
+        // the other stored), so the spill is asked first.
+        let mut maybe_spilled = batch.uncertain;
         let query_id = batch.id.to_string();
         let check = [query_id.clone()];
         loop {
+            if maybe_spilled && let Some(spill) = &self.spill {
+                match spill.holds(batch.id).await {
+                    Ok(true) => {
+                        tracing::info!(batch = %batch.id, rows = batch.rows.len(),
+                            "the Redis spill already holds the batch; the replayer stores it");
+                        self.confirm_elsewhere(&batch);
+                        return;
+                    }
+                    Ok(false) => maybe_spilled = false,
+                    // Redis does not answer: the INSERT below checks ClickHouse as before.
+                    Err(e) => {
+                        tracing::debug!(batch = %batch.id, error = %e, "cannot ask the spill for the batch")
+                    }
+                }
+            }
             // To the spill: after SPILL_AFTER failures; at once while ClickHouse is known to be
             // down; after one failure once shutdown began.
             let spill_now = failures >= self.spill_after
                 || (failures == 0 && !self.health.ok())
                 || (failures > 0 && stop.is_cancelled());
-            if spill_now && self.spill(&batch, failures, &mut marked).await {
+            if spill_now && self.spill(&batch, failures, &mut marked, &mut maybe_spilled).await {
                 return;
             }
             if let Some(limit) = *give_up_at
@@ -247,9 +267,11 @@ impl Flusher {
     ///
     /// With the log, the batch is marked first (as before an INSERT): after a crash between the
     /// spill and the log's note that it is done, its events come back under this token, and
-    /// the entry is spilled as uncertain, so that whichever copy is stored second is checked
-    /// against the first and not stored again.
-    async fn spill(&self, batch: &Batch, failures: u32, marked: &mut bool) -> bool {
+    /// [`Flusher::deliver`] finds the token in the spill and leaves the batch to the replayer.
+    /// The spill takes a token once ([`Spill::push`]), and the entry is spilled as uncertain, so
+    /// that a copy stored by other means is checked against. A push that failed may have landed
+    /// all the same (its answer lost): then `maybe_spilled` is set.
+    async fn spill(&self, batch: &Batch, failures: u32, marked: &mut bool, maybe_spilled: &mut bool) -> bool {
         let Some(spill) = &self.spill else { return false };
         if !*marked {
             let wal = self.wal.as_ref().expect("unmarked only with a log");
@@ -262,7 +284,13 @@ impl Flusher {
         // Always uncertain: an INSERT of it may have landed (a timeout), or a copy recovered
         // from the log may be stored first; the replay checks by token, a look-up per INSERT.
         match spill.push(batch.id, &batch.rows, failures, true).await {
-            Ok(bytes) => {
+            Ok(None) => {
+                tracing::info!(batch = %batch.id, rows = batch.rows.len(),
+                    "the Redis spill already holds the batch (an earlier push whose answer was lost)");
+                self.confirm_elsewhere(batch);
+                true
+            }
+            Ok(Some(bytes)) => {
                 let rows = batch.rows.len();
                 self.metrics.batches_spilled.inc();
                 self.metrics.events_spilled.inc_by(rows as u64);
@@ -273,6 +301,7 @@ impl Flusher {
                 true
             }
             Err(e) => {
+                *maybe_spilled = true;
                 self.metrics.spill_failures.inc();
                 tracing::warn!(batch = %batch.id, rows = batch.rows.len(), error = %e,
                     "cannot spill the batch; keeping it and retrying ClickHouse");

@@ -269,6 +269,7 @@ impl Replayer {
         let counted = events + dead_events;
         let tokens: Vec<String> = batches.iter().map(|b| b.token.to_string()).collect();
         let by_token: HashMap<Uuid, usize> = batches.iter().enumerate().map(|(i, b)| (b.token, i)).collect();
+        let batch_tokens: Vec<Uuid> = by_token.keys().copied().collect();
         let uncertain = claimed || batches.iter().any(|b| b.uncertain);
         let mut pending: Vec<EventRow> =
             batches.iter_mut().flat_map(|b| std::mem::take(&mut b.rows)).collect();
@@ -392,7 +393,7 @@ impl Replayer {
         // it the entries stay pending: a replayer that gets them later finds the rows stored.
         let mut backoff = FIRST_BACKOFF;
         loop {
-            match self.spill.ack(&self.consumer, &ids, counted, &dead).await {
+            match self.spill.ack(&self.consumer, &ids, &batch_tokens, counted, &dead).await {
                 Ok(true) => break,
                 Ok(false) => {
                     // Claimed while the acknowledgement waited: the rows are stored, and the

@@ -41,6 +41,9 @@ pub struct Keys {
     pub spill_events: String,
     /// The dead-letter stream.
     pub dead_letters: String,
+    /// The batch tokens of the entries in the spill stream (a set kept with it), so that a batch
+    /// is never in the spill twice and a batch recovered from the log can tell it is there.
+    pub spill_tokens: String,
 }
 
 impl Keys {
@@ -50,6 +53,7 @@ impl Keys {
             spill: format!("{prefix}spill"),
             spill_events: format!("{prefix}spill:events"),
             dead_letters: format!("{prefix}dead-letters"),
+            spill_tokens: format!("{prefix}spill:tokens"),
         }
     }
 }
@@ -272,6 +276,19 @@ pub(crate) fn xadd(pipe: &mut redis::Pipeline, key: &str, fields: &Fields) {
     }
 }
 
+/// [`Spill::push`]: KEYS the stream, the events counter and the token set; ARGV the token, the
+/// number of events, then the entry's field names and values. 1 when added, 0 when the token was
+/// in the set (nothing done).
+const PUSH_SCRIPT: &str = r"
+if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1 then return 0 end
+local add = {'XADD', KEYS[1], '*'}
+for i = 3, #ARGV do add[#add + 1] = ARGV[i] end
+redis.call(unpack(add))
+redis.call('INCRBY', KEYS[2], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[1])
+return 1
+";
+
 /// [`Spill::renew`]: KEYS[1] the stream; ARGV group, consumer, then the ids. 1 when all were
 /// pending for the consumer (their idle time is now 0), else 0 (nothing changed).
 const RENEW_SCRIPT: &str = r"
@@ -286,9 +303,9 @@ redis.call(unpack(claim))
 return 1
 ";
 
-/// [`Spill::ack`]: KEYS the stream, the events counter and the dead letters; ARGV group,
-/// consumer, events, the number of ids, the ids, then each dead letter as its number of
-/// arguments followed by its field names and values. 1 when done; 2 when none of the ids is
+/// [`Spill::ack`]: KEYS the stream, the events counter, the dead letters and the token set;
+/// ARGV group, consumer, events, the number of ids, the ids, the number of tokens, the tokens,
+/// then each dead letter as its number of arguments followed by its field names and values. 1 when done; 2 when none of the ids is
 /// pending any more (acknowledged already); 0 when one is another consumer's (nothing done).
 const ACK_SCRIPT: &str = r"
 local n = tonumber(ARGV[4])
@@ -304,7 +321,9 @@ if #ids == 0 then return 2 end
 redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
 redis.call('XDEL', KEYS[1], unpack(ids))
 redis.call('DECRBY', KEYS[2], ARGV[3])
-local i = 5 + n
+local t = tonumber(ARGV[5 + n])
+if t > 0 then redis.call('SREM', KEYS[4], unpack(ARGV, 6 + n, 5 + n + t)) end
+local i = 6 + n + t
 while i <= #ARGV do
   local count = tonumber(ARGV[i])
   local add = {'XADD', KEYS[3], '*'}
@@ -375,15 +394,17 @@ impl Spill {
         self.state.lock().1 = None;
     }
 
-    /// Adds a batch to the spill, with its counter, in one transaction; the entry's size
-    /// ([`fields_bytes`]) when Redis took it.
+    /// Adds a batch to the spill, with its counter and its token, in one step, unless the spill
+    /// holds the batch already (an earlier push whose answer was lost, or a push before a crash
+    /// that the log did not note): the entry's size ([`fields_bytes`]) when Redis took it now,
+    /// `None` when it was there.
     pub async fn push(
         &self,
         token: Uuid,
         rows: &[EventRow],
         attempts: u32,
         uncertain: bool,
-    ) -> Result<usize, SpillError> {
+    ) -> Result<Option<usize>, SpillError> {
         match self.check().await {
             RedisState::Ok => {}
             RedisState::Unavailable => {
@@ -391,19 +412,33 @@ impl Spill {
             }
             RedisState::Evicting(p) => return Err(SpillError::Policy(PolicyError::Evicts(p))),
         }
-        let mut pipe = redis::pipe();
-        pipe.atomic();
         let fields = batch_fields(token, rows, attempts, uncertain);
-        xadd(&mut pipe, &self.keys.spill, &fields);
-        // The pipeline holds its own copy: the encoded rows (megabytes) need not wait for Redis.
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(PUSH_SCRIPT)
+            .arg(3)
+            .arg(&self.keys.spill)
+            .arg(&self.keys.spill_events)
+            .arg(&self.keys.spill_tokens)
+            .arg(token.to_string())
+            .arg(rows.len());
+        for (name, value) in &fields {
+            cmd.arg(name).arg(value);
+        }
+        // The command holds its own copy: the encoded rows (megabytes) need not wait for Redis.
         let bytes = fields_bytes(&fields);
         drop(fields);
-        pipe.cmd("INCRBY").arg(&self.keys.spill_events).arg(rows.len()).ignore();
-        let result: Result<(String,), RedisError> = self.redis.pipe(&pipe).await;
-        result.map(|_| bytes).map_err(|e| {
+        let added: Result<i64, RedisError> = self.redis.query(&cmd).await;
+        added.map(|n| (n == 1).then_some(bytes)).map_err(|e| {
             self.recheck();
             SpillError::Redis(e)
         })
+    }
+
+    /// Whether the spill holds the batch `token`: pushed and not yet acknowledged by a replayer.
+    pub async fn holds(&self, token: Uuid) -> Result<bool, RedisError> {
+        let mut cmd = redis::cmd("SISMEMBER");
+        cmd.arg(&self.keys.spill_tokens).arg(token.to_string());
+        self.redis.query(&cmd).await
     }
 
     /// Creates the consumer group (and the stream) unless they exist.
@@ -499,8 +534,8 @@ impl Spill {
         Ok(held == 1)
     }
 
-    /// Acknowledges and deletes replayed entries holding `events` events, and adds the dead
-    /// letters that came out of them, in one step: the entries are gone exactly when their bad
+    /// Acknowledges and deletes replayed entries holding `events` events (batches `tokens`, which
+    /// leave the token set), and adds the dead letters that came out of them, in one step: the entries are gone exactly when their bad
     /// rows are kept. Only while the entries are still `consumer`'s: false (nothing done) when
     /// another replayer claimed one, which then checks and acknowledges them itself, so that
     /// the backlog counter and the dead letters count them once. True also when none of them is
@@ -509,20 +544,26 @@ impl Spill {
         &self,
         consumer: &str,
         ids: &[String],
+        tokens: &[Uuid],
         events: usize,
         dead: &[Fields],
     ) -> Result<bool, RedisError> {
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(ACK_SCRIPT)
-            .arg(3)
+            .arg(4)
             .arg(&self.keys.spill)
             .arg(&self.keys.spill_events)
             .arg(&self.keys.dead_letters)
+            .arg(&self.keys.spill_tokens)
             .arg(GROUP)
             .arg(consumer)
             .arg(events)
             .arg(ids.len())
-            .arg(ids);
+            .arg(ids)
+            .arg(tokens.len());
+        for token in tokens {
+            cmd.arg(token.to_string());
+        }
         for fields in dead {
             cmd.arg(fields.len() * 2);
             for (name, value) in fields {
@@ -556,10 +597,29 @@ impl Spill {
         start: &str,
         count: usize,
     ) -> Result<Vec<(String, Fields)>, RedisError> {
+        self.range_to(key, start, "+", count).await
+    }
+
+    /// As [`Spill::range`], up to `end` (inclusive) only.
+    pub async fn range_to(
+        &self,
+        key: &str,
+        start: &str,
+        end: &str,
+        count: usize,
+    ) -> Result<Vec<(String, Fields)>, RedisError> {
         let mut cmd = redis::cmd("XRANGE");
-        cmd.arg(key).arg(start).arg("+").arg("COUNT").arg(count);
+        cmd.arg(key).arg(start).arg(end).arg("COUNT").arg(count);
         let reply: StreamRangeReply = self.redis.query(&cmd).await?;
         Ok(reply.ids.iter().map(|id| (id.id.clone(), raw_fields(id))).collect())
+    }
+
+    /// The id of the newest entry of a stream; `None` when it is empty or absent.
+    pub async fn newest(&self, key: &str) -> Result<Option<String>, RedisError> {
+        let mut cmd = redis::cmd("XREVRANGE");
+        cmd.arg(key).arg("+").arg("-").arg("COUNT").arg(1);
+        let reply: StreamRangeReply = self.redis.query(&cmd).await?;
+        Ok(reply.ids.first().map(|id| id.id.clone()))
     }
 }
 

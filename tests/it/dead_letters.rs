@@ -162,6 +162,62 @@ async fn dead_letters_are_listed_then_replayed_and_stored_exactly_once() {
     assert_eq!(app.metric("adbeacon_dead_letters").await, 0);
 }
 
+/// Two replays of every dead letter at once (an operator's retry after a slow answer, two
+/// scripts): each dead letter goes back to the spill once, whichever call moves it, and its
+/// events are stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replays_at_once_move_each_dead_letter_once() {
+    use adbeacon::{
+        domain::{EventKind, Traffic},
+        ingest::dead_letter::{Source, rows_fields},
+        store::EventRow,
+    };
+    let app = TestApp::spawn().await;
+    let now = time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let mut all = Vec::new();
+    let client = redis::Client::open(shared_redis().url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for _ in 0..300 {
+        let token = uuid::Uuid::new_v4();
+        let rows: Vec<EventRow> = (0..2)
+            .map(|_| EventRow {
+                event_id: uuid::Uuid::new_v4(),
+                ad_id: AD1.parse().unwrap(),
+                kind: EventKind::Click,
+                event_time: now,
+                received_at: now,
+                ip_hash: 3,
+                playback_time: None,
+                error_code: 0,
+                batch_id: token,
+                traffic: Traffic::Valid,
+            })
+            .collect();
+        all.extend(rows.iter().map(|r| format!("'{}'", r.event_id)));
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(stream(&app)).arg("*");
+        for (k, v) in rows_fields(token, &rows, "rejected for the test", Source::Rejected) {
+            cmd.arg(k).arg(v);
+        }
+        let _: String = cmd.query_async(&mut conn).await.unwrap();
+    }
+    let replay = || app.send(reqwest::Method::POST, "/admin/dead-letters/replay", None, None);
+    let ((s1, a), (s2, b)) = tokio::join!(replay(), replay());
+    assert_eq!((s1, s2), (200, 200), "{a} {b}");
+    let moved = a["entries"].as_u64().unwrap() + b["entries"].as_u64().unwrap();
+    let events = a["events"].as_u64().unwrap() + b["events"].as_u64().unwrap();
+    assert_eq!((moved, events), (300, 600), "each dead letter moved once: {a} {b}");
+    let stored = format!("SELECT count() FROM events WHERE toString(event_id) IN ({})", all.join(","));
+    assert_eq!(app.wait_for(&stored, 600).await, 600);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while app.metric("adbeacon_events_replayed_total").await < 600 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(app.metric("adbeacon_events_replayed_total").await, 600);
+    let distinct = stored.replace("count()", "uniqExact(event_id)");
+    assert_eq!((app.number(&stored).await, app.number(&distinct).await), (600, 600));
+}
+
 #[tokio::test]
 async fn purge_deletes_the_selected_dead_letters_or_all() {
     let app = TestApp::spawn().await;

@@ -650,6 +650,43 @@ async fn a_batch_spilled_twice_is_stored_once() {
     app.stop().await.unwrap();
 }
 
+/// The spill takes a batch once: a second push of the same token (its first answer lost, or a
+/// push before a crash the log did not note) adds nothing, and the batch leaves the token set
+/// when a replayer acknowledges it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spill_takes_a_batch_once() {
+    let redis = shared_redis();
+    let prefix = format!("{}:", fresh_db());
+    let client = adbeacon::store::redis::Redis::new(&redis.url(), Duration::from_secs(2)).unwrap();
+    let spill =
+        adbeacon::ingest::spill::Spill::new(Arc::new(client), adbeacon::ingest::spill::Keys::new(&prefix));
+    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let rows: Vec<EventRow> = (0..5).map(|_| row(now)).collect();
+    let token = Uuid::new_v4();
+    assert!(!spill.holds(token).await.unwrap());
+    assert!(spill.push(token, &rows, 1, true).await.unwrap().is_some(), "the first push adds the entry");
+    assert!(spill.holds(token).await.unwrap());
+    assert_eq!(spill.push(token, &rows, 2, true).await.unwrap(), None, "the second adds nothing");
+    assert_eq!(redis.command(&["XLEN", &format!("{prefix}spill")]), "1");
+    assert_eq!(redis.command(&["GET", &format!("{prefix}spill:events")]), "5");
+    // A replayer reads and acknowledges it: the token leaves the set.
+    spill.ensure_group().await.unwrap();
+    let read = spill.read_new("test-replayer", 10).await.unwrap();
+    let ids: Vec<String> = read.iter().map(|e| e.id().to_string()).collect();
+    assert_eq!(ids.len(), 1);
+    assert!(
+        !spill.ack("another-replayer", &ids, &[token], 5, &[]).await.unwrap(),
+        "only the owner acknowledges"
+    );
+    assert!(spill.ack("test-replayer", &ids, &[token], 5, &[]).await.unwrap());
+    assert!(!spill.holds(token).await.unwrap());
+    assert_eq!(redis.command(&["XLEN", &format!("{prefix}spill")]), "0");
+    assert_eq!(redis.command(&["GET", &format!("{prefix}spill:events")]), "0");
+    // An acknowledgement whose answer was lost, sent again: done already, nothing counted twice.
+    assert!(spill.ack("test-replayer", &ids, &[token], 5, &[]).await.unwrap());
+    assert_eq!(redis.command(&["GET", &format!("{prefix}spill:events")]), "0");
+}
+
 /// Two replayers (two processes) on one spill, one of them replaying a group slowly, for longer
 /// than REPLAY_CLAIM_IDLE: it renews the entries before its INSERTs, so the other never takes
 /// them as a dead replayer's (which would send the rest of them a second time), and every event

@@ -301,6 +301,59 @@ async fn a_buffered_run_draining_a_log_saves_its_own_events_at_shutdown() {
     assert!(left.iter().all(|id| stored.get(id) == Some(&1)), "the log's events were stored once");
 }
 
+/// A batch spilled to Redis just before a crash, before the log noted it: at the next start
+/// it comes back from the log as well. The flusher finds its token in the spill and leaves it to
+/// the replayer, instead of inserting it alongside the replayer's own INSERT of the entry (each
+/// checking ClickHouse before the other stored): its events are stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_in_the_log_and_the_spill_is_stored_once() {
+    use adbeacon::{
+        domain::{EventKind, Traffic},
+        ingest::spill::{Keys, Spill},
+        store::EventRow,
+    };
+    let (mut ch, db, data, ids) = events_left_in_the_log(10).await;
+    // The batch the log marked before its INSERT failed at shutdown: the spill gets it under the
+    // same token, as the flusher's push before the crash would have.
+    let (segment, records) = log_records(data.path());
+    let (at, _, _) = *records.iter().find(|r| r.2 == 2).expect("a batch record");
+    let token = Uuid::from_slice(&std::fs::read(&segment).unwrap()[at + 9..at + 25]).unwrap();
+    let now = time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let rows: Vec<EventRow> = ids
+        .iter()
+        .map(|id| EventRow {
+            event_id: *id,
+            ad_id: AD1.parse().unwrap(),
+            kind: EventKind::Click,
+            event_time: now,
+            received_at: now,
+            ip_hash: 1,
+            playback_time: None,
+            error_code: 0,
+            batch_id: token,
+            traffic: Traffic::Valid,
+        })
+        .collect();
+    let redis = crate::support::shared_redis();
+    let prefix = format!("{db}:");
+    let client = adbeacon::store::redis::Redis::new(&redis.url(), Duration::from_secs(2)).unwrap();
+    let spill = Spill::new(Arc::new(client), Keys::new(&prefix));
+    assert!(spill.push(token, &rows, 1, true).await.unwrap().is_some());
+    ch.restart();
+    let mut app = TestApp::spawn_in(&ch.url(), &db, data, &[("REDIS_KEY_PREFIX", &prefix)]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while redis.command(&["GET", &format!("{prefix}spill:events")]) != "0" {
+        assert!(Instant::now() < deadline, "the spill was not replayed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stored = stored_ids(&ch, &db).await;
+    assert_books_balance(&ids.iter().copied().collect(), &stored);
+    assert_eq!(stored.len(), 10);
+    assert_eq!(app.metric("adbeacon_events_replayed_total").await, 10, "the replayer stored them");
+    assert_eq!(app.metric("adbeacon_events_flushed_total").await, 0, "the flusher left them to it");
+    app.stop().await.unwrap();
+}
+
 /// A tmpfs of a few hundred KiB mounted for the test (root, or CAP_SYS_ADMIN, is needed: the test
 /// says so and fails otherwise), unmounted when dropped.
 struct SmallDisk {
