@@ -251,6 +251,7 @@ impl Replayer {
         let bytes: usize = group.iter().map(Entry::bytes).sum();
         let mut dead = Vec::new();
         let mut dead_events = 0;
+        let mut corrupt_tokens = Vec::new();
         let mut batches: Vec<Spilled> = Vec::new();
         for entry in group {
             match entry {
@@ -260,6 +261,7 @@ impl Replayer {
                         "a spill entry cannot be read; keeping it as a dead letter");
                     dead_events += c.events;
                     self.metrics.spill_entries_corrupt.inc();
+                    corrupt_tokens.extend(c.token());
                     dead.push(corrupt_fields(&c));
                 }
             }
@@ -269,7 +271,9 @@ impl Replayer {
         let counted = events + dead_events;
         let tokens: Vec<String> = batches.iter().map(|b| b.token.to_string()).collect();
         let by_token: HashMap<Uuid, usize> = batches.iter().enumerate().map(|(i, b)| (b.token, i)).collect();
-        let batch_tokens: Vec<Uuid> = by_token.keys().copied().collect();
+        // What leaves the spill's token set with these entries: a damaged entry's readable
+        // token too (else a batch the log brings back under it would be taken for spilled).
+        let batch_tokens: Vec<Uuid> = by_token.keys().copied().chain(corrupt_tokens).collect();
         let uncertain = claimed || batches.iter().any(|b| b.uncertain);
         let mut pending: Vec<EventRow> =
             batches.iter_mut().flat_map(|b| std::mem::take(&mut b.rows)).collect();

@@ -124,6 +124,15 @@ pub struct Corrupt {
     pub bytes: usize,
 }
 
+impl Corrupt {
+    /// The batch token the entry names, when that field is readable: it leaves the spill's token
+    /// set with the entry.
+    pub fn token(&self) -> Option<Uuid> {
+        let (_, value) = self.fields.iter().find(|(name, _)| name == "token")?;
+        Uuid::try_parse_ascii(value).ok()
+    }
+}
+
 /// A spill entry read back.
 #[derive(Debug)]
 pub enum Entry {
@@ -305,8 +314,9 @@ return 1
 
 /// [`Spill::ack`]: KEYS the stream, the events counter, the dead letters and the token set;
 /// ARGV group, consumer, events, the number of ids, the ids, the number of tokens, the tokens,
-/// then each dead letter as its number of arguments followed by its field names and values. 1 when done; 2 when none of the ids is
-/// pending any more (acknowledged already); 0 when one is another consumer's (nothing done).
+/// then each dead letter as its number of arguments followed by its field names and values.
+/// 1 when done; 2 when none of the ids is pending any more (acknowledged already); 0 when one is
+/// another consumer's (nothing done).
 const ACK_SCRIPT: &str = r"
 local n = tonumber(ARGV[4])
 local ids = {}
@@ -535,8 +545,9 @@ impl Spill {
     }
 
     /// Acknowledges and deletes replayed entries holding `events` events (batches `tokens`, which
-    /// leave the token set), and adds the dead letters that came out of them, in one step: the entries are gone exactly when their bad
-    /// rows are kept. Only while the entries are still `consumer`'s: false (nothing done) when
+    /// leave the token set), and adds the dead letters that came out of them, in one step: the
+    /// entries are gone exactly when their bad rows are kept. Only while the entries are still
+    /// `consumer`'s: false (nothing done) when
     /// another replayer claimed one, which then checks and acknowledges them itself, so that
     /// the backlog counter and the dead letters count them once. True also when none of them is
     /// pending any more: an earlier call whose answer was lost acknowledged them.

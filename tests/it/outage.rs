@@ -558,10 +558,13 @@ async fn poison_rows_and_a_damaged_entry_become_dead_letters_and_the_rest_is_sto
     rows.insert(4, poison.clone());
     let token = Uuid::new_v4();
     xadd(redis, &spill, &batch_fields(token, &rows, 2, true)).await;
-    let mut damaged = batch_fields(Uuid::new_v4(), &[row(now), row(now)], 1, false);
+    let damaged_token = Uuid::new_v4();
+    let mut damaged = batch_fields(damaged_token, &[row(now), row(now)], 1, false);
     damaged.retain(|(k, _)| k != "crc");
     damaged.push(field("crc", 12345));
     xadd(redis, &spill, &damaged).await;
+    // In the token set, as a push puts it: it leaves with the entry, though the rows are lost.
+    redis.command(&["SADD", &format!("{spill}:tokens"), &damaged_token.to_string()]);
     let after = vec![row(now), row(now)];
     xadd(redis, &spill, &batch_fields(Uuid::new_v4(), &after, 1, false)).await;
     // As the flusher counts what it spills: the damaged entry's two events included.
@@ -587,6 +590,7 @@ async fn poison_rows_and_a_damaged_entry_become_dead_letters_and_the_rest_is_sto
     assert!(listed.contains("checksum"), "{listed}");
     assert_eq!(redis.command(&["XLEN", &spill]), "0", "acknowledged entries are deleted");
     assert_eq!(redis.command(&["GET", &format!("{spill}:events")]), "0", "the backlog counter is back to 0");
+    assert_eq!(redis.command(&["SCARD", &format!("{spill}:tokens")]), "0", "no token left in the set");
 }
 
 /// Adds `entries` to the spill stream `key` in one transaction (so that one read gets them
