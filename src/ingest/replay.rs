@@ -279,11 +279,7 @@ impl Replayer {
             batches.iter_mut().flat_map(|b| std::mem::take(&mut b.rows)).collect();
         let copies = drop_copies(&mut pending);
         if copies > 0 {
-            tracing::warn!(
-                entries = ids.len(),
-                copies,
-                "the spill holds a batch twice (a spill whose answer was lost, or a batch spilled again after a restart); replaying it once"
-            );
+            tracing::warn!(entries = ids.len(), copies, "the spill holds a batch twice; replaying it once");
         }
         let query_id = format!("{QUERY_PREFIX}{}-{}", self.consumer, Uuid::new_v4().simple());
         let mut check: Option<Vec<String>> = uncertain.then(|| tokens.clone());
@@ -488,11 +484,11 @@ fn read_count(rows_per_entry: usize, max_rows: usize) -> usize {
 }
 
 /// Drops the second and later copies of a row (same batch token, same event id), keeping the
-/// order; returns how many it dropped. The spill can hold a batch twice: a push whose answer was
-/// lost is pushed again, and a batch recovered from the log after a crash between its spill and
-/// the log's note is spilled again. Both copies are uncertain, so a copy replayed after the other
-/// was stored is checked against it; but in one group neither is stored yet when the group is
-/// checked, and both would be sent.
+/// order; returns how many it dropped. The spill takes a token once ([`Spill::push`]), but it can
+/// still hold a batch twice: entries spilled before it kept its token set (a push whose answer
+/// was lost was pushed again), or a dead letter moved back while its batch was spilled too. Both
+/// copies are uncertain, so a copy replayed after the other was stored is checked against it;
+/// but in one group neither is stored yet when the group is checked, and both would be sent.
 fn drop_copies(rows: &mut Vec<EventRow>) -> usize {
     let before = rows.len();
     let mut seen = std::collections::HashSet::with_capacity(before);
