@@ -194,11 +194,15 @@ impl Window {
     /// decode; longer windows read days so that a year stays 365 rows per ad.
     pub fn cuts(&self) -> Cuts {
         let (from, to) = (self.from.unix_timestamp(), self.to.unix_timestamp());
-        let (h_from, h_to) = (ceil(from, 3600), floor(to, 3600));
+        // Rounded up no further than `to`: past it the window holds no whole hour (day) either
+        // way, and near the end of what ClickHouse's DateTime holds (2106-02-07 06:28:15) a
+        // bound rounded past it would wrap around to 1970 in 18.16's toDateTime and select
+        // every hour before the window.
+        let (h_from, h_to) = (ceil(from, 3600).min(to), floor(to, 3600));
         let (d_from, d_to) = if to - from <= WHOLE_DAYS_BEYOND.whole_seconds() {
             (h_from, h_from)
         } else {
-            (ceil(from, 86_400), floor(to, 86_400))
+            (ceil(from, 86_400).min(to), floor(to, 86_400))
         };
         Cuts { from, to, h_from, h_to, d_from, d_to }
     }
@@ -218,7 +222,7 @@ pub fn rfc3339(t: OffsetDateTime) -> String {
 
 /// A window cut for the aggregate tables, as unix seconds: whole days `[d_from, d_to)`, whole
 /// hours `[h_from, h_to)` outside them, and the minutes of `[from, to)` outside those. When the
-/// window holds no whole day (or hour), `d_from > d_to` (or `h_from > h_to`): that table then
+/// window holds no whole day (or hour), `d_from >= d_to` (or `h_from >= h_to`): that table then
 /// contributes nothing and the finer one everything, with the same conditions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cuts {
@@ -335,6 +339,19 @@ mod tests {
     fn months_before_clamps_the_day() {
         assert_eq!(months_before(datetime!(2026-03-31 12:00 UTC), 1), datetime!(2026-02-28 12:00 UTC));
         assert_eq!(months_before(datetime!(2026-01-15 00:00 UTC), 13), datetime!(2024-12-15 00:00 UTC));
+    }
+
+    #[test]
+    fn no_cut_passes_the_end_of_a_window_near_the_last_datetime() {
+        // The latest window a request can name ends at 2106-02-07 06:27 (parse_bound); its
+        // hour and day would round up past u32::MAX seconds.
+        for len in [1, 26, 60, 2 * 1440, 40 * 1440] {
+            let to = datetime!(2106-02-07 06:27 UTC).unix_timestamp();
+            let cuts = Window { kind: WindowKind::Custom, from: at(to - len * 60), to: at(to) }.cuts();
+            for cut in [cuts.h_from, cuts.h_to, cuts.d_from, cuts.d_to] {
+                assert!(cut <= to && cut <= i64::from(u32::MAX), "{cuts:?}");
+            }
+        }
     }
 
     #[test]

@@ -773,17 +773,18 @@ def window_params(from_ts: int, to_ts: int, whole_days: bool | None = None) -> d
     """The parameters of a window [from, to) as the service computes them (src/domain/window.rs,
     Window::cuts): h_from/d_from = from rounded up to the hour/UTC day, h_to/d_to = to rounded
     down. A window without a whole hour (day) gets h_from >= h_to (d_from >= d_to): equal when it
-    starts on the hour (day), greater otherwise. Windows of up to 31 days read no days: the
+    starts or ends on the hour (day), greater otherwise; h_from and d_from are never past `to`. Windows of up to 31 days read no days: the
     service passes d_from = d_to = h_from. `whole_days` forces either way (the SQL must be right
     in both)."""
     if from_ts % 60 or to_ts % 60:
         raise ValueError(f"window bounds must be whole minutes: {from_ts}, {to_ts}")
     if from_ts > to_ts:
         raise ValueError(f"from {from_ts} is after to {to_ts}")
-    h_from, h_to = -(-from_ts // 3600) * 3600, to_ts // 3600 * 3600
+    # Rounded up no further than `to`, as the service does (no DateTime past 2106 to wrap).
+    h_from, h_to = min(-(-from_ts // 3600) * 3600, to_ts), to_ts // 3600 * 3600
     if whole_days is None:
         whole_days = to_ts - from_ts > WHOLE_DAYS_BEYOND
-    d_from, d_to = (-(-from_ts // 86400) * 86400, to_ts // 86400 * 86400) if whole_days else (h_from, h_from)
+    d_from, d_to = (min(-(-from_ts // 86400) * 86400, to_ts), to_ts // 86400 * 86400) if whole_days else (h_from, h_from)
     return {"from": from_ts, "to": to_ts, "h_from": h_from, "h_to": h_to, "d_from": d_from, "d_to": d_to}
 
 
