@@ -31,9 +31,10 @@ async fn months_older_than_the_retention_are_dropped_and_aggregates_stay() {
     let config =
         Config::from_vars([("CLICKHOUSE_URL", url.clone()), ("CLICKHOUSE_DATABASE", db.clone())]).unwrap();
     adbeacon::app::connect_and_migrate(&config).await.unwrap();
-    // Events 20, 14, 13 and 0 months back: with 13 months of retention the first two go (their
-    // months ended more than 13 months ago), 13 months back is the oldest month kept.
-    let backs = [20, 14, 13, 0];
+    // Events 20, 15, 13 and 0 months back: with 13 months of retention the first two go (their
+    // months ended more than 13 months and the week of grace ago), 13 months back is the oldest
+    // month kept. (14 months back goes only once the grace is over: not in a month's first week.)
+    let backs = [20, 15, 13, 0];
     let now = OffsetDateTime::now_utc().unix_timestamp();
     let rows: Vec<String> = backs
         .iter()
