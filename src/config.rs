@@ -451,8 +451,18 @@ where
 
 /// Parses a duration like `500ms`, `1s`, `2m`, `7d`.
 pub fn parse_duration(v: &str) -> Result<Duration, String> {
-    humantime::parse_duration(v).map_err(|e| e.to_string())
+    let d = humantime::parse_duration(v).map_err(|e| e.to_string())?;
+    if d > MAX_DURATION {
+        // Deadlines are the clock plus a setting: a value meant as "never" overflowed there and
+        // panicked every connection (HEADER_READ_TIMEOUT), the flusher (FLUSH_INTERVAL) or the
+        // shutdown's drain (SHUTDOWN_TIMEOUT).
+        return Err("longer than 100 years".to_string());
+    }
+    Ok(d)
 }
+
+/// The longest duration a setting takes.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 /// Parses a byte size like `64KiB`, `16MiB`, `1GiB`, `512KB` or a plain number of bytes.
 pub fn parse_size(v: &str) -> Result<usize, String> {
@@ -738,6 +748,10 @@ mod tests {
         assert!(e.contains("PORT=\"eighty\"") && e.contains("port number"), "{e}");
         let e = Config::from_vars([("FLUSH_INTERVAL", "soon")]).unwrap_err().to_string();
         assert!(e.contains("FLUSH_INTERVAL") && e.contains("duration"), "{e}");
+        for name in ["HEADER_READ_TIMEOUT", "FLUSH_INTERVAL", "SHUTDOWN_TIMEOUT", "CATALOG_TTL"] {
+            let e = Config::from_vars([(name, "18446744073709551615s")]).unwrap_err().to_string();
+            assert!(e.contains(name) && e.contains("100 years"), "{e}");
+        }
         let e = Config::from_vars([("BUFFER_MAX_BYTES", "12 parsecs")]).unwrap_err().to_string();
         assert!(e.contains("BUFFER_MAX_BYTES") && e.contains("unknown unit"), "{e}");
         let e = Config::from_vars([("CLICKHOUSE_URL", "tcp://x")]).unwrap_err().to_string();

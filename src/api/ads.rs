@@ -182,10 +182,17 @@ fn validate(input: &AdInput) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// A version above `previous` that also orders writes of different instances by time.
-fn next_version(previous: u64, now: OffsetDateTime) -> u64 {
+/// A version above `previous` that also orders writes of different instances by time: the
+/// clock in microseconds, not the whole second the ad's `updated_at` shows (two writes to one ad
+/// in the same second got one version, and which of them the catalog served was a coin toss).
+fn next_version(previous: u64) -> u64 {
+    next_version_at(previous, OffsetDateTime::now_utc())
+}
+
+/// [`next_version`] at `now`.
+fn next_version_at(previous: u64, now: OffsetDateTime) -> u64 {
     let micros = u64::try_from(now.unix_timestamp_nanos() / 1000).unwrap_or(0);
-    micros.max(previous + 1)
+    micros.max(previous.saturating_add(1))
 }
 
 /// Answer of `POST /ads`.
@@ -294,7 +301,7 @@ impl AdsApi {
             active: body.0.active.unwrap_or(true),
             created_at: now,
             updated_at: now,
-            version: next_version(0, now),
+            version: next_version(0),
         };
         self.save(&ad).await?;
         Ok(CreatedResponse::Created(Json(AdDetail::from(&ad)), format!("/ads/{id}")))
@@ -339,7 +346,7 @@ impl AdsApi {
             active: body.0.active.unwrap_or(true),
             created_at: old.created_at,
             updated_at: now,
-            version: next_version(old.version, now),
+            version: next_version(old.version),
         };
         self.save(&ad).await?;
         Ok(AdResponse::Ok(Json(AdDetail::from(&ad))))
@@ -358,12 +365,8 @@ impl AdsApi {
         if old.active {
             let now =
                 OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or_else(|_| OffsetDateTime::now_utc());
-            let ad = Ad {
-                active: false,
-                updated_at: now,
-                version: next_version(old.version, now),
-                ..(*old).clone()
-            };
+            let ad =
+                Ad { active: false, updated_at: now, version: next_version(old.version), ..(*old).clone() };
             self.save(&ad).await?;
         }
         Ok(RetiredResponse::Retired)
@@ -424,7 +427,12 @@ mod tests {
     #[test]
     fn versions_grow() {
         let now = OffsetDateTime::now_utc();
-        assert!(next_version(0, now) > 1_700_000_000_000_000);
-        assert_eq!(next_version(u64::MAX - 1, now), u64::MAX);
+        assert!(next_version_at(0, now) > 1_700_000_000_000_000);
+        assert_eq!(next_version_at(u64::MAX - 1, now), u64::MAX);
+        assert_eq!(next_version_at(u64::MAX, now), u64::MAX);
+        // Two writes in one second: their versions differ by the microseconds between them.
+        let second = time::macros::datetime!(2026-11-23 01:00:00 UTC);
+        let (a, b) = (second + time::Duration::microseconds(10), second + time::Duration::microseconds(11));
+        assert_eq!(next_version_at(0, b), next_version_at(0, a) + 1);
     }
 }
