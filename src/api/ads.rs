@@ -14,7 +14,10 @@ use super::{
     body::JsonBody,
     error::ApiError,
 };
-use crate::domain::{Ad, is_http_url};
+use crate::{
+    domain::{Ad, is_http_url},
+    store::catalog::WriteLock,
+};
 
 /// An active ad as players see it (field names as the old service had them).
 #[derive(Debug, Object)]
@@ -288,7 +291,8 @@ impl AdsApi {
         self.state.api_keys.require(&auth, Scope::Admin)?;
         validate(&body.0)?;
         let id = body.0.id.unwrap_or_else(Uuid::new_v4);
-        if self.find(id).await?.is_some() {
+        let (_lock, found) = self.find(id).await?;
+        if found.is_some() {
             return Err(ApiError::conflict(format!("ad {id} exists already; change it with PUT /ads/{id}")));
         }
         let now =
@@ -314,7 +318,10 @@ impl AdsApi {
     async fn get(&self, auth: Credentials, id: Path<UuidText>) -> Result<AdResponse, ApiError> {
         self.state.api_keys.require(&auth, Scope::Read)?;
         let id = parse_id(&id.0.0)?;
-        let ad = self.find(id).await?.ok_or_else(|| ApiError::not_found(format!("ad {id} not found")))?;
+        // Read under the ad's lock too (released at once): a change through this instance in
+        // progress is answered once written.
+        let (_, ad) = self.find(id).await?;
+        let ad = ad.ok_or_else(|| ApiError::not_found(format!("ad {id} not found")))?;
         Ok(AdResponse::Ok(Json(AdDetail::from(ad.as_ref()))))
     }
 
@@ -335,7 +342,8 @@ impl AdsApi {
             return Err(ApiError::unprocessable("id in the body differs from the id in the path"));
         }
         validate(&body.0)?;
-        let old = self.find(id).await?.ok_or_else(|| ApiError::not_found(format!("ad {id} not found")))?;
+        let (_lock, old) = self.find(id).await?;
+        let old = old.ok_or_else(|| ApiError::not_found(format!("ad {id} not found")))?;
         let now =
             OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or_else(|_| OffsetDateTime::now_utc());
         let ad = Ad {
@@ -361,7 +369,8 @@ impl AdsApi {
     async fn retire(&self, auth: Credentials, id: Path<UuidText>) -> Result<RetiredResponse, ApiError> {
         self.state.api_keys.require(&auth, Scope::Admin)?;
         let id = parse_id(&id.0.0)?;
-        let old = self.find(id).await?.ok_or_else(|| ApiError::not_found(format!("ad {id} not found")))?;
+        let (_lock, old) = self.find(id).await?;
+        let old = old.ok_or_else(|| ApiError::not_found(format!("ad {id} not found")))?;
         if old.active {
             let now =
                 OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or_else(|_| OffsetDateTime::now_utc());
@@ -374,10 +383,10 @@ impl AdsApi {
 }
 
 impl AdsApi {
-    /// The ad as ClickHouse holds it now: the catalog's writes must not act on a cached copy
-    /// that another instance has changed since.
-    async fn find(&self, id: Uuid) -> Result<Option<Arc<Ad>>, ApiError> {
-        self.state.catalog.get_fresh(id).await.map_err(|e| ApiError::storage(e, self.state.retry_after))
+    /// The ad as ClickHouse holds it now (the catalog's writes must not act on a cached copy
+    /// that another instance has changed since), with its lock, to hold until the write.
+    async fn find(&self, id: Uuid) -> Result<(WriteLock, Option<Arc<Ad>>), ApiError> {
+        self.state.catalog.get_for_write(id).await.map_err(|e| ApiError::storage(e, self.state.retry_after))
     }
 
     async fn save(&self, ad: &Ad) -> Result<(), ApiError> {

@@ -119,6 +119,9 @@ impl Expiry<Uuid, Arc<Cached>> for UnknownExpires {
     }
 }
 
+/// The ad's lock held across a read-change-write ([`Catalog::get_for_write`]).
+pub type WriteLock = tokio::sync::OwnedMutexGuard<()>;
+
 /// One lock per id being read, so that concurrent misses share one query. Kept a little while
 /// after use, so that a request that missed just before the answer was cached still finds it.
 type Loading = sync::Cache<Uuid, Arc<tokio::sync::Mutex<()>>>;
@@ -196,17 +199,24 @@ impl Catalog {
             let _guard = guard;
             if let Err(e) = this.load(id).await {
                 tracing::debug!(ad = %id, error = %e, "re-reading a cached ad failed; keeping the copy");
-                this.by_id.insert(id, Arc::new(Cached { ad: stale.ad.clone(), read_at: Instant::now() }));
+                // Only over the copy it re-read: a write through this instance may have put a
+                // newer one there meanwhile.
+                if this.by_id.get(&id).is_some_and(|current| Arc::ptr_eq(&current, &stale)) {
+                    this.by_id.insert(id, Arc::new(Cached { ad: stale.ad.clone(), read_at: Instant::now() }));
+                }
             }
         });
     }
 
-    /// The ad as ClickHouse holds it now, bypassing the cache (for the catalog's own writes,
-    /// which must not act on a copy up to a TTL old).
-    pub async fn get_fresh(&self, id: Uuid) -> Result<Option<Arc<Ad>>, StoreError> {
-        let lock = self.lock_of(id);
-        let _guard = lock.lock().await;
-        self.load(id).await
+    /// The ad as ClickHouse holds it now, bypassing the cache (the catalog's own writes must not
+    /// act on a copy up to a TTL old), with the ad's lock: held until the caller has written,
+    /// so that two changes of one ad through this instance do not both start from the same
+    /// version (the later write would silently undo the earlier one's change). Across
+    /// instances ClickHouse offers no compare-and-set; the newer version wins there.
+    pub async fn get_for_write(&self, id: Uuid) -> Result<(WriteLock, Option<Arc<Ad>>), StoreError> {
+        let guard = self.lock_of(id).lock_owned().await;
+        let ad = self.load(id).await?;
+        Ok((guard, ad))
     }
 
     async fn load(&self, id: Uuid) -> Result<Option<Arc<Ad>>, StoreError> {
@@ -215,12 +225,13 @@ impl Catalog {
         let rows: Vec<AdRow> = self.ch.fetch_all(q).await?;
         let ad = rows.into_iter().next().map(|r| Arc::new(Ad::from(r)));
         // A read that started before a write through this instance must not put the older
-        // version back: the newer one stays.
+        // version back: the newer one stays. Nor may it put "unknown" over a known ad: ads are
+        // never deleted, so an empty read of one is a read that began before its creation.
         let cached = self.by_id.get(&id).and_then(|c| c.ad.clone());
-        if let (Some(read), Some(newer)) = (&ad, &cached)
-            && newer.version > read.version
-        {
-            return Ok(cached);
+        match (&ad, &cached) {
+            (Some(read), Some(newer)) if newer.version > read.version => return Ok(cached),
+            (None, Some(_)) => return Ok(cached),
+            _ => {}
         }
         self.by_id.insert(id, Arc::new(Cached { ad: ad.clone(), read_at: Instant::now() }));
         Ok(ad)

@@ -176,3 +176,25 @@ async fn api_keys_guard_the_catalog_and_analytics_but_not_tracking() {
     assert!(schemes.values().any(|s| s["scheme"] == "bearer"), "{schemes:?}");
     assert!(schemes.values().any(|s| s["name"] == "X-API-Key"), "{schemes:?}");
 }
+
+/// A change and a retirement of one ad at the same moment (two ad-ops people, a script and a
+/// person): both are answered 2xx and neither undoes the other. The change's name stays, whichever
+/// write came last; before, the retirement could write back the name it had read before the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_and_a_retirement_at_once_both_hold() {
+    let app = TestApp::spawn().await;
+    for round in 0..20 {
+        let ad = json!({"name": "Before", "video_url": "/v.mp4", "target_url": "https://shop.example/a"});
+        let (status, created) = app.send(reqwest::Method::POST, "/ads", None, Some(ad)).await;
+        assert_eq!(status, 201, "{created}");
+        let path = format!("/ads/{}", created["id"].as_str().unwrap());
+        let change = json!({"name": "After", "video_url": "/v.mp4", "target_url": "https://shop.example/a"});
+        let ((changed, _), (retired, _)) = tokio::join!(
+            app.send(reqwest::Method::PUT, &path, None, Some(change)),
+            app.send(reqwest::Method::DELETE, &path, None, None)
+        );
+        assert_eq!((changed, retired), (200, 204), "round {round}");
+        let (_, now) = app.send(reqwest::Method::GET, &path, None, None).await;
+        assert_eq!(now["name"], "After", "round {round}: the change was undone: {now}");
+    }
+}
