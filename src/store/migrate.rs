@@ -103,6 +103,14 @@ pub async fn apply_at_startup(ch: &ClickHouse) -> Result<Vec<u32>, StoreError> {
     apply_through(ch, u32::MAX, true).await
 }
 
+/// Whether the ledger records migration `version` now.
+async fn recorded(ch: &ClickHouse, version: u32) -> Result<bool, StoreError> {
+    let n: Vec<u64> = ch
+        .fetch_all(ch.client().query("SELECT count() FROM schema_migrations WHERE version = ?").bind(version))
+        .await?;
+    Ok(n.first().copied().unwrap_or(0) > 0)
+}
+
 /// Applies the pending migrations up to version `last`, refusing view re-creations on a
 /// database with events when `at_startup` (see [`apply_at_startup`]).
 pub async fn apply_through(ch: &ClickHouse, last: u32, at_startup: bool) -> Result<Vec<u32>, StoreError> {
@@ -128,6 +136,17 @@ pub async fn apply_through(ch: &ClickHouse, last: u32, at_startup: bool) -> Resu
                     m.version, m.name, a.name
                 )));
             }
+            continue;
+        }
+        // Another instance starting at the same moment may have applied it since the ledger
+        // was read: then it is done (and re-creating views now, while that instance may already
+        // insert, would lose its inserts between the steps).
+        if recorded(ch, m.version).await? {
+            tracing::info!(
+                version = m.version,
+                name = m.name,
+                "migration applied meanwhile by another instance"
+            );
             continue;
         }
         if at_startup && m.recreates_views && holds_events(ch).await? {
