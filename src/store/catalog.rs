@@ -24,7 +24,11 @@ use std::{
 };
 
 use clickhouse::Row;
-use moka::{Expiry, future, sync};
+use moka::{
+    Expiry, future,
+    ops::compute::{CompResult, Op},
+    sync,
+};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -201,9 +205,12 @@ impl Catalog {
                 tracing::debug!(ad = %id, error = %e, "re-reading a cached ad failed; keeping the copy");
                 // Only over the copy it re-read: a write through this instance may have put a
                 // newer one there meanwhile.
-                if this.by_id.get(&id).is_some_and(|current| Arc::ptr_eq(&current, &stale)) {
-                    this.by_id.insert(id, Arc::new(Cached { ad: stale.ad.clone(), read_at: Instant::now() }));
-                }
+                this.by_id.entry(id).and_compute_with(|current| match current {
+                    Some(c) if Arc::ptr_eq(c.value(), &stale) => {
+                        Op::Put(Arc::new(Cached { ad: stale.ad.clone(), read_at: Instant::now() }))
+                    }
+                    _ => Op::Nop,
+                });
             }
         });
     }
@@ -224,17 +231,30 @@ impl Catalog {
         let q = self.ch.client().query(queries::AD_BY_ID).bind(id.to_string());
         let rows: Vec<AdRow> = self.ch.fetch_all(q).await?;
         let ad = rows.into_iter().next().map(|r| Arc::new(Ad::from(r)));
-        // A read that started before a write through this instance must not put the older
-        // version back: the newer one stays. Nor may it put "unknown" over a known ad: ads are
-        // never deleted, so an empty read of one is a read that began before its creation.
-        let cached = self.by_id.get(&id).and_then(|c| c.ad.clone());
-        match (&ad, &cached) {
-            (Some(read), Some(newer)) if newer.version > read.version => return Ok(cached),
-            (None, Some(_)) => return Ok(cached),
-            _ => {}
+        Ok(self.offer(id, ad))
+    }
+
+    /// Caches what a read or a write found for `id`, unless the cache holds something newer, in
+    /// one step per id (moka serializes `and_compute_with` per key, and every change of `by_id`
+    /// goes through it or [`Catalog::refresh_in_background`]'s own); returns what the cache
+    /// holds afterwards. A read that started before a write through this instance must not put
+    /// the older version back, nor put "unknown" over a known ad: ads are never deleted, so an
+    /// empty read of one began before its creation.
+    fn offer(&self, id: Uuid, ad: Option<Arc<Ad>>) -> Option<Arc<Ad>> {
+        let result = self.by_id.entry(id).and_compute_with(|current| {
+            let held = current.and_then(|c| c.value().ad.clone());
+            match (&ad, &held) {
+                (Some(found), Some(newer)) if newer.version > found.version => Op::Nop,
+                (None, Some(_)) => Op::Nop,
+                _ => Op::Put(Arc::new(Cached { ad: ad.clone(), read_at: Instant::now() })),
+            }
+        });
+        match result {
+            CompResult::Inserted(e) | CompResult::ReplacedWith(e) | CompResult::Unchanged(e) => {
+                e.value().ad.clone()
+            }
+            CompResult::Removed(_) | CompResult::StillNone(_) => ad,
         }
-        self.by_id.insert(id, Arc::new(Cached { ad: ad.clone(), read_at: Instant::now() }));
-        Ok(ad)
     }
 
     /// Caches every active ad (at start-up), so that events for them are taken even when
@@ -245,10 +265,7 @@ impl Catalog {
         for row in rows {
             let ad = Ad::from(row);
             // Never over a newer copy a write through this instance put there meanwhile.
-            if self.by_id.get(&ad.id).and_then(|c| c.ad.clone()).is_some_and(|c| c.version >= ad.version) {
-                continue;
-            }
-            self.by_id.insert(ad.id, Arc::new(Cached { ad: Some(Arc::new(ad)), read_at: Instant::now() }));
+            self.offer(ad.id, Some(Arc::new(ad)));
         }
         Ok(n)
     }
@@ -271,10 +288,9 @@ impl Catalog {
             insert.write(&AdRow::from(ad)).await.map_err(classify)?;
         }
         insert.end().await.map_err(classify)?;
-        // The written versions, at once: a later stale read cannot replace them (see `load`).
+        // The written versions, at once: a later stale read cannot replace them (see `offer`).
         for ad in ads {
-            self.by_id
-                .insert(ad.id, Arc::new(Cached { ad: Some(Arc::new(ad.clone())), read_at: Instant::now() }));
+            self.offer(ad.id, Some(Arc::new(ad.clone())));
         }
         self.active.invalidate_all();
         Ok(())
