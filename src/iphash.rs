@@ -8,6 +8,7 @@ use std::{
     hash::Hasher,
     io::Write,
     net::{IpAddr, Ipv6Addr},
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::Path,
 };
 
@@ -42,6 +43,12 @@ impl IpHasher {
         let path = data_dir.join(KEY_FILE);
         match std::fs::read_to_string(&path) {
             Ok(text) => {
+                // Owner-only, as this process writes it: with the key, anyone can test every
+                // IPv4 address against the stored hashes. (A key file written by an earlier
+                // version was readable by all.)
+                if let Err(e) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot make the IP-hash key readable by its owner only");
+                }
                 let key = decode_key(text.trim()).ok_or_else(|| {
                     std::io::Error::other(format!(
                         "{} is not 32 hex digits; restore it or remove it to start new unique counts",
@@ -56,7 +63,12 @@ impl IpHasher {
                 let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
                 // Write then rename, so a crash never leaves a half-written key behind.
                 let tmp = data_dir.join(format!("{KEY_FILE}.tmp"));
-                let mut file = std::fs::File::create(&tmp)?;
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)?;
                 file.write_all(hex.as_bytes())?;
                 file.sync_all()?;
                 std::fs::rename(&tmp, &path)?;
@@ -105,6 +117,19 @@ mod tests {
         assert_eq!(a, b);
         let other = tempfile::tempdir().unwrap();
         assert_ne!(a, IpHasher::load_or_create(other.path(), None).unwrap().hash(ip));
+    }
+
+    #[test]
+    fn the_key_file_is_readable_by_its_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(KEY_FILE);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        IpHasher::load_or_create(dir.path(), None).unwrap();
+        assert_eq!(mode(&path), 0o600, "generated");
+        // A key an earlier version left readable by all is made owner-only at start.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        IpHasher::load_or_create(dir.path(), None).unwrap();
+        assert_eq!(mode(&path), 0o600, "tightened");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Operations endpoints: liveness, readiness and Prometheus metrics.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use poem_openapi::{ApiResponse, Object, OpenApi, payload::Json, payload::PlainText};
 
@@ -93,6 +93,9 @@ pub struct HealthApi {
     pub state: Arc<State>,
 }
 
+/// How long `/readyz` waits for each dependency: well inside a readiness probe's timeout.
+const READY_CHECK: Duration = Duration::from_secs(1);
+
 #[OpenApi(tag = "ApiTags::Operations")]
 impl HealthApi {
     /// Liveness.
@@ -115,24 +118,26 @@ impl HealthApi {
     /// the spill backlog (events waiting for replay) and the dead letters.
     #[oai(path = "/readyz", method = "get", operation_id = "readyz")]
     async fn readyz(&self) -> ReadyResponse {
-        let clickhouse = match self.state.clickhouse.ping().await {
-            Ok(()) => "ok".to_string(),
-            Err(e) => {
-                tracing::debug!(error = %e, "readiness: ClickHouse unavailable");
-                "unavailable".to_string()
+        // Both dependencies at once, each within READY_CHECK: a ClickHouse or Redis that drops
+        // packets instead of refusing them would otherwise hold the answer for their query
+        // timeouts, past an orchestrator's probe timeout (3 s in deploy/k8s), and every instance
+        // would leave the load balancer together.
+        let clickhouse = async {
+            match tokio::time::timeout(READY_CHECK, self.state.clickhouse.ping()).await {
+                Ok(Ok(())) => "ok".to_string(),
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "readiness: ClickHouse unavailable");
+                    "unavailable".to_string()
+                }
+                Err(_) => {
+                    tracing::debug!("readiness: ClickHouse did not answer within {READY_CHECK:?}");
+                    "unavailable".to_string()
+                }
             }
         };
-        let intake = &self.state.intake;
-        let buffer = if intake.buffer.is_full() { "full" } else { "ok" }.to_string();
-        let log = match (&intake.wal, intake.wal.as_ref().and_then(|w| w.failure())) {
-            (None, _) => "off",
-            (Some(_), None) => "ok",
-            (Some(_), Some(_)) => "failing",
-        }
-        .to_string();
-        let (redis, spill_backlog, dead_letters) = match &self.state.spill {
-            None => (RedisState::Unavailable, None, None),
-            Some(spill) => {
+        let redis = async {
+            let Some(spill) = &self.state.spill else { return (RedisState::Unavailable, None, None) };
+            let checked = async {
                 let state = spill.check().await;
                 let backlog = match state {
                     RedisState::Ok => spill.backlog().await.ok().map(|(_, events)| events),
@@ -143,8 +148,18 @@ impl HealthApi {
                     _ => None,
                 };
                 (state, backlog, dead)
-            }
+            };
+            tokio::time::timeout(READY_CHECK, checked).await.unwrap_or((RedisState::Unavailable, None, None))
         };
+        let (clickhouse, (redis, spill_backlog, dead_letters)) = tokio::join!(clickhouse, redis);
+        let intake = &self.state.intake;
+        let buffer = if intake.buffer.is_full() { "full" } else { "ok" }.to_string();
+        let log = match (&intake.wal, intake.wal.as_ref().and_then(|w| w.failure())) {
+            (None, _) => "off",
+            (Some(_), None) => "ok",
+            (Some(_), Some(_)) => "failing",
+        }
+        .to_string();
         let redis_word = if self.state.spill.is_none() { "off" } else { redis.name() };
         let ready = buffer == "ok" && log != "failing" && !matches!(redis, RedisState::Evicting(_));
         let healthy = clickhouse == "ok" && matches!(redis_word, "ok" | "off");

@@ -563,6 +563,25 @@ struct HotSeries {
     duration: prometheus::Histogram,
 }
 
+/// The `method` label of a request's metrics: one of the methods HTTP defines, else `other`. A
+/// client may send any token as a method, and each new label value is a new series kept for the
+/// life of the process.
+fn method_label(method: &poem::http::Method) -> &'static str {
+    use poem::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
 /// The reason a refused request counts under, for the statuses that mean "this request is
 /// hostile or broken": the one its error carries, else the status's own.
 fn refusal_reason(resp: &mut Response) -> Option<RejectReason> {
@@ -654,6 +673,16 @@ impl<F: Future<Output = Response>> Future for Tagged<F> {
             if let Some(id) = this.id.take() {
                 resp.headers_mut().insert(REQUEST_ID, id);
             }
+            // An error is never to be cached: a 404 for an ad not created yet (or retired and
+            // brought back) or a 429, kept by a browser or a CDN, would answer a player's later
+            // pixel or click-through without it reaching the service. 4xx are cacheable by
+            // default (RFC 9110, 15.1), and some CDNs do cache them.
+            if resp.status().is_client_error() || resp.status().is_server_error() {
+                resp.headers_mut().insert(
+                    poem::http::header::CACHE_CONTROL,
+                    poem::http::HeaderValue::from_static("no-store"),
+                );
+            }
             resp
         })
     }
@@ -671,12 +700,13 @@ impl<A: Endpoint, O: Endpoint> Front<A, O> {
         async move {
             let started = Instant::now();
             let method = req.method().clone();
+            let method_label = method_label(&method);
             if cors::is_preflight(&req) {
                 let resp = cors::preflight(&self.cors, &req);
                 let status = resp.status();
                 self.metrics
                     .http_requests
-                    .with_label_values(&[method.as_str(), "preflight", status.as_str()])
+                    .with_label_values(&[method_label, "preflight", status.as_str()])
                     .inc();
                 return resp;
             }
@@ -685,7 +715,7 @@ impl<A: Endpoint, O: Endpoint> Front<A, O> {
                 self.metrics.rejected(RejectReason::ForbiddenOrigin);
                 self.metrics
                     .http_requests
-                    .with_label_values(&[method.as_str(), "forbidden_origin", "403"])
+                    .with_label_values(&[method_label, "forbidden_origin", "403"])
                     .inc();
                 return resp;
             }
@@ -696,7 +726,7 @@ impl<A: Endpoint, O: Endpoint> Front<A, O> {
                     req.set_data(ratelimit::OverLimit);
                 } else {
                     let route = tracking_route(req.uri().path()).unwrap_or("unmatched");
-                    self.metrics.http_requests.with_label_values(&[method.as_str(), route, "429"]).inc();
+                    self.metrics.http_requests.with_label_values(&[method_label, route, "429"]).inc();
                     let mut resp = error::too_many_requests(wait);
                     cors::decorate(&self.cors, origin.as_ref(), &mut resp);
                     return resp;
@@ -712,7 +742,7 @@ impl<A: Endpoint, O: Endpoint> Front<A, O> {
                 if cors::is_tracking_path(req.uri().path()) {
                     cors::decorate(&self.cors, origin.as_ref(), &mut resp);
                 }
-                self.metrics.http_requests.with_label_values(&[method.as_str(), template, "204"]).inc();
+                self.metrics.http_requests.with_label_values(&[method_label, template, "204"]).inc();
                 return resp;
             }
             let uri = req.uri().clone();
@@ -802,7 +832,7 @@ impl<A: Endpoint, O: Endpoint> Front<A, O> {
                     } else {
                         self.metrics
                             .http_requests
-                            .with_label_values(&[method.as_str(), path, status.as_str()])
+                            .with_label_values(&[method_label, path, status.as_str()])
                             .inc();
                     }
                     series.duration.observe(elapsed);
@@ -810,7 +840,7 @@ impl<A: Endpoint, O: Endpoint> Front<A, O> {
                 None => {
                     self.metrics
                         .http_requests
-                        .with_label_values(&[method.as_str(), path, status.as_str()])
+                        .with_label_values(&[method_label, path, status.as_str()])
                         .inc();
                     self.metrics.http_duration.with_label_values(&[path]).observe(elapsed);
                 }

@@ -309,6 +309,11 @@ impl PixelApi {
         let _ = cb;
         let beacon = Beacon::new(&event, &ad, &ts, &pt, &eid, &code);
         let Parsed { report, .. } = parse(&beacon)?;
+        // The timestamp is checked as GET checks it: a `ts` outside MAX_CLOCK_SKEW or
+        // MAX_EVENT_AGE answers 400 here too.
+        self.state
+            .event_time(&report, OffsetDateTime::now_utc())
+            .map_err(|e| ApiError::refused(e, crate::metrics::RejectReason::BadTimestamp))?;
         match self.state.catalog.get(report.ad_id).await {
             Ok(Some(_)) => Ok(PixelResponse::new(f.0.as_deref())),
             Ok(None) => Err(ApiError::not_found(format!("ad {} not found", report.ad_id))),

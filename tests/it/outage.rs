@@ -654,6 +654,29 @@ async fn a_batch_spilled_twice_is_stored_once() {
     app.stop().await.unwrap();
 }
 
+/// A ClickHouse that answers nothing (frozen, as behind a network that drops packets) with the
+/// default QUERY_TIMEOUT of 10 s: `/readyz` still answers within its probe's time, degraded and
+/// 200, so instances do not all leave the load balancer together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_answers_quickly_while_clickhouse_is_frozen() {
+    let ch = ClickHouse::start();
+    let mut app = TestApp::spawn_on(&ch.url(), &fresh_db(), &[("QUERY_TIMEOUT", "10s")]).await;
+    ch.freeze();
+    // Half the query timeout: the answer must not wait for it.
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let resp = client.get(format!("{}/readyz", app.base)).send().await;
+    ch.thaw();
+    let resp = resp.expect("/readyz answered before the query timeout");
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (body["status"].as_str(), body["clickhouse"].as_str()),
+        (Some("degraded"), Some("unavailable")),
+        "{body}"
+    );
+    app.stop().await.unwrap();
+}
+
 /// The spill takes a batch once: a second push of the same token (its first answer lost, or a
 /// push before a crash the log did not note) adds nothing, and the batch leaves the token set
 /// when a replayer acknowledges it.

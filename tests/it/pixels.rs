@@ -283,3 +283,35 @@ async fn a_beacon_answers_alike_with_and_without_the_router() {
     let bad = r#"http_requests_total{method="GET",path="/t/{event}",status="400"}"#;
     assert_eq!(app.metric(bad).await, 6);
 }
+
+/// An error on a pixel or a click-through is never cacheable: a 404 for an ad created (or
+/// brought back) later, kept by a browser or a CDN, would answer the player's next firing
+/// without it reaching the service. And a client's made-up HTTP method does not become a metric
+/// label of its own (each would be a new series for the life of the process).
+#[tokio::test]
+async fn errors_are_not_cached_and_odd_methods_make_no_series() {
+    let app = TestApp::spawn().await;
+    let unknown = uuid::Uuid::new_v4();
+    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    for path in [format!("/t/start?ad={unknown}"), format!("/c/{unknown}"), "/t/nonsense?ad=x".to_string()] {
+        let resp = client.get(format!("{}{path}", app.base)).send().await.unwrap();
+        assert!(resp.status().is_client_error(), "{path}: {}", resp.status());
+        assert_eq!(
+            resp.headers().get("cache-control").map(|v| v.to_str().unwrap()),
+            Some("no-store"),
+            "{path}"
+        );
+    }
+    for i in 0..3 {
+        let method = reqwest::Method::from_bytes(format!("BREW{i}").as_bytes()).unwrap();
+        let resp = client.request(method, format!("{}/ads/click", app.base)).send().await.unwrap();
+        assert!(resp.status().is_client_error(), "{}", resp.status());
+    }
+    // HEAD answers what GET would, the timestamp's check included.
+    let old = format!("{}/t/start?ad={AD}&ts=2000-01-01T00:00:00Z", app.base);
+    assert_eq!(client.get(&old).send().await.unwrap().status(), 400);
+    assert_eq!(client.head(&old).send().await.unwrap().status(), 400);
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(!metrics.contains("BREW"), "a client's method became a label");
+    assert!(metrics.contains("method=\"other\""), "odd methods count as other");
+}
