@@ -113,18 +113,6 @@ pub struct DeadLetter {
     pub rows: Vec<EventRow>,
 }
 
-/// [`DeadLetters::replay`], one dead letter: KEYS the dead letters, the spill and its events
-/// counter; ARGV the dead letter's id, its number of events, then the spill entry's field names
-/// and values. 1 when moved, 0 when the dead letter was gone (nothing done).
-const MOVE_SCRIPT: &str = r"
-if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
-local add = {'XADD', KEYS[2], '*'}
-for i = 3, #ARGV do add[#add + 1] = ARGV[i] end
-redis.call(unpack(add))
-redis.call('INCRBY', KEYS[3], ARGV[2])
-return 1
-";
-
 /// What a replay of dead letters did.
 #[derive(Debug, Clone, Default)]
 pub struct Replayed {
@@ -275,24 +263,11 @@ impl DeadLetters {
                     continue;
                 };
                 let entry = batch_fields(token, &rows, 0, true);
-                let mut cmd = redis::cmd("EVAL");
-                cmd.arg(MOVE_SCRIPT)
-                    .arg(3)
-                    .arg(&spill.keys.dead_letters)
-                    .arg(&spill.keys.spill)
-                    .arg(&spill.keys.spill_events)
-                    .arg(&id)
-                    .arg(rows.len());
-                for (name, value) in &entry {
-                    cmd.arg(name).arg(value);
-                }
-                let bytes = fields_bytes(&entry) as u64;
-                drop(entry);
-                let moved: i64 = spill.redis.query(&cmd).await?;
-                if moved == 0 {
-                    // Another replay (or a delete) took it since it was read: moved once only.
+                if !spill.move_dead_letter(&id, &entry, rows.len()).await? {
+                    // Another replay (or a purge) took it since it was read: moved once only.
                     continue;
                 }
+                let bytes = fields_bytes(&entry) as u64;
                 done.entries += 1;
                 done.events += rows.len() as u64;
                 done.bytes += bytes;

@@ -285,18 +285,53 @@ pub(crate) fn xadd(pipe: &mut redis::Pipeline, key: &str, fields: &Fields) {
     }
 }
 
+/// Appends an entry's field names and values to a command.
+fn arg_fields(cmd: &mut redis::Cmd, fields: &Fields) {
+    for (name, value) in fields {
+        cmd.arg(name).arg(value);
+    }
+}
+
+/// The scripts' shared Lua: `xadd(key, from, to)` adds an entry to stream `key` whose field names
+/// and values are `ARGV[from..=to]`.
+macro_rules! lua_xadd {
+    () => {
+        r"
+local function xadd(key, from, to)
+  local add = {'XADD', key, '*'}
+  for i = from, to do add[#add + 1] = ARGV[i] end
+  return redis.call(unpack(add))
+end
+"
+    };
+}
+
 /// [`Spill::push`]: KEYS the stream, the events counter and the token set; ARGV the token, the
 /// number of events, then the entry's field names and values. 1 when added, 0 when the token was
 /// in the set (nothing done).
-const PUSH_SCRIPT: &str = r"
+const PUSH_SCRIPT: &str = concat!(
+    lua_xadd!(),
+    r"
 if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1 then return 0 end
-local add = {'XADD', KEYS[1], '*'}
-for i = 3, #ARGV do add[#add + 1] = ARGV[i] end
-redis.call(unpack(add))
+xadd(KEYS[1], 3, #ARGV)
 redis.call('INCRBY', KEYS[2], ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[1])
 return 1
-";
+"
+);
+
+/// [`Spill::move_dead_letter`]: KEYS the dead letters, the spill and its events counter; ARGV the
+/// dead letter's id, its number of events, then the spill entry's field names and values. 1 when
+/// moved, 0 when the dead letter was gone (nothing done).
+const MOVE_SCRIPT: &str = concat!(
+    lua_xadd!(),
+    r"
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+xadd(KEYS[2], 3, #ARGV)
+redis.call('INCRBY', KEYS[3], ARGV[2])
+return 1
+"
+);
 
 /// [`Spill::renew`]: KEYS[1] the stream; ARGV group, consumer, then the ids. 1 when all were
 /// pending for the consumer (their idle time is now 0), else 0 (nothing changed).
@@ -317,7 +352,9 @@ return 1
 /// then each dead letter as its number of arguments followed by its field names and values.
 /// 1 when done; 2 when none of the ids is pending any more (acknowledged already); 0 when one is
 /// another consumer's (nothing done).
-const ACK_SCRIPT: &str = r"
+const ACK_SCRIPT: &str = concat!(
+    lua_xadd!(),
+    r"
 local n = tonumber(ARGV[4])
 local ids = {}
 for i = 5, 4 + n do
@@ -336,13 +373,12 @@ if t > 0 then redis.call('SREM', KEYS[4], unpack(ARGV, 6 + n, 5 + n + t)) end
 local i = 6 + n + t
 while i <= #ARGV do
   local count = tonumber(ARGV[i])
-  local add = {'XADD', KEYS[3], '*'}
-  for j = i + 1, i + count do add[#add + 1] = ARGV[j] end
-  redis.call(unpack(add))
+  xadd(KEYS[3], i + 1, i + count)
   i = i + count + 1
 end
 return 1
-";
+"
+);
 
 /// [`Spill::forget_idle_consumers`]: deletes consumer ARGV[2] of group ARGV[1] in stream
 /// KEYS[1] if it holds no entry; its DELCONSUMER answer, or -1 when it holds one.
@@ -431,9 +467,7 @@ impl Spill {
             .arg(&self.keys.spill_tokens)
             .arg(token.to_string())
             .arg(rows.len());
-        for (name, value) in &fields {
-            cmd.arg(name).arg(value);
-        }
+        arg_fields(&mut cmd, &fields);
         // The command holds its own copy: the encoded rows (megabytes) need not wait for Redis.
         let bytes = fields_bytes(&fields);
         drop(fields);
@@ -576,13 +610,32 @@ impl Spill {
             cmd.arg(token.to_string());
         }
         for fields in dead {
-            cmd.arg(fields.len() * 2);
-            for (name, value) in fields {
-                cmd.arg(name).arg(value);
-            }
+            arg_fields(cmd.arg(fields.len() * 2), fields);
         }
         let done: i64 = self.redis.query(&cmd).await?;
         Ok(done != 0)
+    }
+
+    /// Moves dead letter `id` back to the spill as `entry` (holding `events` events) in one step
+    /// that deletes it first: false (nothing done) when it was gone, taken by another replay or a
+    /// purge since it was read, so that it moves at most once.
+    pub async fn move_dead_letter(
+        &self,
+        id: &str,
+        entry: &Fields,
+        events: usize,
+    ) -> Result<bool, RedisError> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(MOVE_SCRIPT)
+            .arg(3)
+            .arg(&self.keys.dead_letters)
+            .arg(&self.keys.spill)
+            .arg(&self.keys.spill_events)
+            .arg(id)
+            .arg(events);
+        arg_fields(&mut cmd, entry);
+        let moved: i64 = self.redis.query(&cmd).await?;
+        Ok(moved == 1)
     }
 
     /// The backlog: entries (batches) and events in the spill.
