@@ -182,13 +182,13 @@ pub const SETTINGS: &[Setting] = &[
         "MAX_CLOCK_SKEW",
         "5m",
         "a duration",
-        "an event whose client timestamp is further in the future than this is refused (400)",
+        "an event whose client timestamp is further in the future than this is refused (400; a beacon's `ts` is replaced by the server's time)",
     ),
     s(
         "MAX_EVENT_AGE",
         "",
         "a duration, at most RAW_RETENTION_MONTHS; empty = RAW_RETENTION_MONTHS (28-day months)",
-        "an event whose client timestamp is older than this is refused (400)",
+        "an event whose client timestamp is older than this is refused (400; a beacon's `ts` is replaced by the server's time)",
     ),
     s(
         "RAW_RETENTION_MONTHS",

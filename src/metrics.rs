@@ -393,7 +393,7 @@ impl Metrics {
             ),
             event_time_replaced: counter(
                 "adbeacon_event_time_replaced_total",
-                "Pixel timestamps that could not be read (such as an unexpanded [TIMESTAMP] macro), replaced by server time",
+                "Pixel timestamps replaced by server time: unreadable (such as an unexpanded [TIMESTAMP] macro) or outside MAX_CLOCK_SKEW / MAX_EVENT_AGE (a device's wrong clock)",
             ),
             retention_months_dropped: counter(
                 "adbeacon_retention_months_dropped_total",

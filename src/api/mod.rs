@@ -198,6 +198,18 @@ impl State {
         // Counted by the front endpoint, from the reason the refusal carries.
         let at =
             self.event_time(&report, now).map_err(|e| ApiError::refused(e, RejectReason::BadTimestamp))?;
+        self.accept_at(report, caller, at, now).await
+    }
+
+    /// [`accept`](Self::accept) with the event time already settled (`at`, read at `now`): a
+    /// beacon puts the server's time in place of a client time that `accept` would refuse.
+    pub async fn accept_at(
+        &self,
+        report: EventReport,
+        caller: &Caller,
+        at: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> Result<Accepted, ApiError> {
         self.known_ad(report.ad_id).await?;
         // A client id is claimed atomically, so that of two concurrent repeats only one is stored;
         // nothing awaits between the claim and the hold.

@@ -4,9 +4,10 @@
 //! Players fire a VAST tracking URL once and never retry it, so a beacon is answered as soon as
 //! the event is held, and with a 5xx only when nothing can hold it. Macros the player did not
 //! expand (`[TIMESTAMP]`) or garbage in optional parameters never lose the event: the server's
-//! time stands in for an unreadable timestamp (counted in `adbeacon_event_time_replaced_total`),
-//! a bad playhead is left out. A readable timestamp outside the accepted window is refused like
-//! any other endpoint's.
+//! time stands in for a timestamp that is unreadable or outside the accepted window (a device
+//! whose clock is wrong; counted in `adbeacon_event_time_replaced_total`), a bad playhead is left
+//! out, and an event id that is not one (empty, too long, or a macro left as it is) is ignored.
+//! The JSON endpoints refuse the same input with a 400: their callers can fix and resend it.
 
 use std::{hash::Hasher, sync::Arc};
 
@@ -109,10 +110,105 @@ struct Parsed {
     bad_timestamp: bool,
 }
 
+/// A beacon's `eid` as an idempotency key, or `None` when it cannot be one: blank, too long, or
+/// a macro the player left as it is (`[TRANSACTIONID]`, also percent-encoded once more) or
+/// filled with VAST's "unknown" (-1) or "not applicable" (-2). Such a value is the same on every
+/// viewer's beacon, so taking it as a key would store one event of each kind per ad and hour.
+fn beacon_event_id(text: &str, ad: Uuid, kind: EventKind) -> Option<Uuid> {
+    let t = text.trim().as_bytes();
+    let macro_left = (t.starts_with(b"[") && t.ends_with(b"]"))
+        || (t.len() > 6
+            && t[..3].eq_ignore_ascii_case(b"%5b")
+            && t[t.len() - 3..].eq_ignore_ascii_case(b"%5d"));
+    if t.is_empty() || macro_left || t == b"-1" || t == b"-2" {
+        return None;
+    }
+    event_id(text, ad, kind).ok()
+}
+
+/// A beacon's `ts`: RFC 3339, or the looser ISO 8601 that VAST 4 describes for `[TIMESTAMP]`
+/// and players write (`2016-01-17T8:15:07.127-05`: a one-digit hour, an offset in whole
+/// hours), also with the offset's `+` turned into a space by a URL that did not encode it.
+/// `None` when it is none of these (the server's time then stands in). A time without an
+/// offset is not taken: whose local time it is cannot be known.
+fn vast_time(text: &str) -> Option<OffsetDateTime> {
+    if let Ok(t) = OffsetDateTime::parse(text, &Rfc3339) {
+        return Some(t);
+    }
+    let mut r = Digits(text.as_bytes());
+    let year = r.number(4, 4)?;
+    r.expect(b"-")?;
+    let month = r.number(2, 2)?;
+    r.expect(b"-")?;
+    let day = r.number(2, 2)?;
+    r.expect(b"Tt ")?;
+    let hour = r.number(1, 2)?;
+    r.expect(b":")?;
+    let minute = r.number(2, 2)?;
+    r.expect(b":")?;
+    let second = r.number(2, 2)?;
+    let mut nanos = 0;
+    if r.expect(b".").is_some() {
+        let start = r.0.len();
+        let digits = r.number(1, 9)?;
+        nanos = digits * 10u32.pow(9 - (start - r.0.len()) as u32);
+        // Digits past nanoseconds are dropped, as RFC 3339's parser does.
+        while r.expect(b"0123456789").is_some() {}
+    }
+    let offset_seconds = match r.0 {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-' | b' '), ..] => {
+            let negative = *sign == b'-';
+            r.0 = &r.0[1..];
+            let hours = r.number(2, 2)?;
+            r.expect(b":");
+            let minutes = if r.0.is_empty() { 0 } else { r.number(2, 2)? };
+            if !r.0.is_empty() || hours > 23 || minutes > 59 {
+                return None;
+            }
+            let s = (hours * 3600 + minutes * 60) as i32;
+            if negative { -s } else { s }
+        }
+        _ => return None,
+    };
+    let date = time::Date::from_calendar_date(
+        year as i32,
+        time::Month::try_from(u8::try_from(month).ok()?).ok()?,
+        u8::try_from(day).ok()?,
+    )
+    .ok()?;
+    let clock =
+        time::Time::from_hms_nano(u8::try_from(hour).ok()?, minute as u8, second as u8, nanos).ok()?;
+    let offset = time::UtcOffset::from_whole_seconds(offset_seconds).ok()?;
+    Some(date.with_time(clock).assume_offset(offset))
+}
+
+/// The rest of a text being read by [`vast_time`].
+struct Digits<'a>(&'a [u8]);
+
+impl Digits<'_> {
+    /// The number written by the next `min` to `max` ASCII digits (as many as there are).
+    fn number(&mut self, min: usize, max: usize) -> Option<u32> {
+        let n = self.0.iter().take(max).take_while(|b| b.is_ascii_digit()).count();
+        if n < min {
+            return None;
+        }
+        let value = self.0[..n].iter().fold(0u32, |v, d| v * 10 + u32::from(d - b'0'));
+        self.0 = &self.0[n..];
+        Some(value)
+    }
+
+    /// Skips the next byte when it is one of `any`.
+    fn expect(&mut self, any: &[u8]) -> Option<()> {
+        let (first, rest) = self.0.split_first()?;
+        any.contains(first).then(|| self.0 = rest)
+    }
+}
+
 /// A client event id: a UUID as is (the client vouches that it names one event), any other
 /// string mapped to a stable UUID together with the ad and the kind, so that a label such as a
-/// session id reused for another ad or event kind is not taken for a repeat. A 400 when it is
-/// too long to be an id.
+/// session id reused for another ad or event kind is not taken for a repeat. An error when it is
+/// empty or too long to be an id.
 pub(crate) fn event_id(text: &str, ad: Uuid, kind: EventKind) -> Result<Uuid, String> {
     if let Ok(id) = Uuid::try_parse(text) {
         return Ok(id);
@@ -141,12 +237,12 @@ fn parse(b: &Beacon<'_>) -> Result<Parsed, ApiError> {
             "ad must be a UUID such as 11111111-1111-1111-1111-111111111111, got {ad:?}"
         ))
     })?;
-    let client_time = b.ts.map(|t| OffsetDateTime::parse(t, &Rfc3339).ok());
+    let client_time = b.ts.map(vast_time);
     let error_code = match kind {
         EventKind::Error => b.code.and_then(|c| c.parse().ok()).unwrap_or(UNDEFINED_VAST_ERROR),
         _ => 0,
     };
-    let event_id = b.eid.map(|e| event_id(e, ad_id, kind)).transpose().map_err(ApiError::bad_request)?;
+    let event_id = b.eid.and_then(|e| beacon_event_id(e, ad_id, kind));
     Ok(Parsed {
         report: EventReport {
             event_id,
@@ -244,11 +340,12 @@ impl PixelApi {
     /// The tracking URL to write into VAST: `/t/{event}?ad={adId}` with `event` one of
     /// impression, creativeView, start, firstQuartile, midpoint, thirdQuartile, complete, skip,
     /// pause, resume, mute, unmute, close, error (with `code=[ERRORCODE]`) or click. Answers a
-    /// transparent 1×1 GIF, or 204 with `f=204`, never cached. An unreadable or unexpanded `ts`
-    /// is replaced by the server's time, a bad `pt` is left out; neither loses the event (a `ts`
-    /// outside MAX_CLOCK_SKEW / MAX_EVENT_AGE is refused, 400). With `eid`,
-    /// a repeated beacon is answered but stored once (per instance, within an hour). 5xx only when
-    /// the service cannot hold the event.
+    /// transparent 1×1 GIF, or 204 with `f=204`, never cached. A `ts` that is unreadable,
+    /// unexpanded, or outside MAX_CLOCK_SKEW / MAX_EVENT_AGE (a device's wrong clock) is
+    /// replaced by the server's time, a bad `pt` is left out, an `eid` that cannot be an id
+    /// (empty, over 200 characters, an unexpanded macro, -1 or -2) is ignored: none of them loses
+    /// the event. With `eid`, a repeated beacon is answered but stored once (per instance, within
+    /// an hour). 5xx only when the service cannot hold the event.
     #[oai(path = "/t/:event", method = "get", operation_id = "trackBeacon")]
     #[allow(clippy::too_many_arguments)]
     async fn beacon(
@@ -275,7 +372,14 @@ impl PixelApi {
         let beacon = Beacon::new(&event, &ad, &ts, &pt, &eid, &code);
         let Parsed { report, bad_timestamp } = parse(&beacon)?;
         let caller = self.state.caller(req, None);
-        if matches!(self.state.accept(report, &caller).await?, Accepted::Stored(_)) && bad_timestamp {
+        // A time the other endpoints refuse is a device's wrong clock here: the beacon is not
+        // fired again, so the server's time stands in, as for an unreadable one.
+        let now = OffsetDateTime::now_utc();
+        let (at, replaced) = match self.state.event_time(&report, now) {
+            Ok(at) => (at, bad_timestamp),
+            Err(_) => (now, true),
+        };
+        if matches!(self.state.accept_at(report, &caller, at, now).await?, Accepted::Stored(_)) && replaced {
             self.state.metrics.event_time_replaced.inc();
         }
         Ok(PixelResponse::new(f.0.as_deref()))
@@ -308,12 +412,9 @@ impl PixelApi {
     ) -> Result<PixelResponse, ApiError> {
         let _ = cb;
         let beacon = Beacon::new(&event, &ad, &ts, &pt, &eid, &code);
+        // As GET, no timestamp is refused: GET stores the server's time in place of one it
+        // cannot use.
         let Parsed { report, .. } = parse(&beacon)?;
-        // The timestamp is checked as GET checks it: a `ts` outside MAX_CLOCK_SKEW or
-        // MAX_EVENT_AGE answers 400 here too.
-        self.state
-            .event_time(&report, OffsetDateTime::now_utc())
-            .map_err(|e| ApiError::refused(e, crate::metrics::RejectReason::BadTimestamp))?;
         match self.state.catalog.get(report.ad_id).await {
             Ok(Some(_)) => Ok(PixelResponse::new(f.0.as_deref())),
             Ok(None) => Err(ApiError::not_found(format!("ad {} not found", report.ad_id))),
@@ -494,10 +595,75 @@ mod tests {
         assert!(matches!(parse(&beacon("firstquartile", Some(AD))), Err(ApiError::NotFound(_))));
         assert!(matches!(parse(&beacon("start", None)), Err(ApiError::BadRequest(_))));
         assert!(matches!(parse(&beacon("start", Some("x"))), Err(ApiError::BadRequest(_))));
-        let mut b = beacon("start", Some(AD));
+    }
+
+    #[test]
+    fn an_eid_that_cannot_be_an_id_is_ignored_not_refused() {
         let long = "x".repeat(201);
-        b.eid = Some(&long);
-        assert!(matches!(parse(&b), Err(ApiError::BadRequest(_))));
+        for eid in [
+            "",
+            "  ",
+            &long,
+            "[TRANSACTIONID]",
+            "[CACHEBUSTING]",
+            "%5BTRANSACTIONID%5D",
+            "%5bx%5d",
+            "-1",
+            "-2",
+        ] {
+            let mut b = beacon("start", Some(AD));
+            b.eid = Some(eid);
+            assert_eq!(parse(&b).unwrap().report.event_id, None, "{eid:?}");
+        }
+        let ad = Uuid::parse_str(AD).unwrap();
+        for eid in ["sess-42-7", "[half", "-3", "%5B"] {
+            let mut b = beacon("start", Some(AD));
+            b.eid = Some(eid);
+            assert_eq!(
+                parse(&b).unwrap().report.event_id,
+                event_id(eid, ad, EventKind::Start).ok(),
+                "{eid:?}"
+            );
+        }
+        // The JSON endpoints still refuse it (their callers can fix and resend).
+        assert!(event_id("", ad, EventKind::Start).is_err());
+        assert!(event_id(&long, ad, EventKind::Start).is_err());
+    }
+
+    #[test]
+    fn timestamps_are_read_as_players_write_them() {
+        use time::macros::datetime;
+        let cases = [
+            ("2026-11-21T10:00:00Z", datetime!(2026-11-21 10:00:00 UTC)),
+            ("2026-11-21T10:00:00.250+02:00", datetime!(2026-11-21 10:00:00.25 +02:00)),
+            // VAST 4's own example of [TIMESTAMP]: a one-digit hour, an offset in whole hours.
+            ("2016-01-17T8:15:07.127-05", datetime!(2016-01-17 08:15:07.127 -05:00)),
+            ("2016-01-17T08:15:07-0500", datetime!(2016-01-17 08:15:07 -05:00)),
+            // An offset's `+` that the URL did not encode arrives as a space.
+            ("2026-11-21T10:00:00 02:00", datetime!(2026-11-21 10:00:00 +02:00)),
+            ("2026-11-21T10:00:00.123 0530", datetime!(2026-11-21 10:00:00.123 +05:30)),
+            ("2026-11-21 10:00:00z", datetime!(2026-11-21 10:00:00 UTC)),
+            ("2026-11-21T10:00:00.1234567891Z", datetime!(2026-11-21 10:00:00.123456789 UTC)),
+        ];
+        for (text, want) in cases {
+            assert_eq!(vast_time(text), Some(want), "{text}");
+        }
+        for text in [
+            "[TIMESTAMP]",
+            "-1",
+            "",
+            "2026-11-21T10:00:00",
+            "2026-11-21T10:00Z",
+            "2026-11-21T24:00:00Z",
+            "2026-02-30T10:00:00Z",
+            "2026-11-21T10:00:00+2",
+            "2026-11-21T10:00:00+24",
+            "2026-11-21T10:00:00Zjunk",
+            "2026-11-21T10:00:00.Z",
+            "2026-11-21T123:00:00Z",
+        ] {
+            assert_eq!(vast_time(text), None, "{text}");
+        }
     }
 
     #[test]
