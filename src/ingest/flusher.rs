@@ -107,6 +107,8 @@ impl Flusher {
         // stores it, and an INSERT here could run alongside the replayer's (each checking before
         // the other stored), so the spill is asked first.
         let mut maybe_spilled = batch.uncertain;
+        // A push failed in the pass before (its answer may be lost while it landed).
+        let mut push_failed = false;
         let query_id = batch.id.to_string();
         let check = [query_id.clone()];
         loop {
@@ -115,7 +117,7 @@ impl Flusher {
                     Ok(true) => {
                         tracing::info!(batch = %batch.id, rows = batch.rows.len(),
                             "the Redis spill already holds the batch; the replayer stores it");
-                        self.confirm_elsewhere(&batch);
+                        self.spilled(&batch, 0);
                         return;
                     }
                     Ok(false) => maybe_spilled = false,
@@ -126,12 +128,27 @@ impl Flusher {
                 }
             }
             // To the spill: after SPILL_AFTER failures; at once while ClickHouse is known to be
-            // down; after one failure once shutdown began.
-            let spill_now = failures >= self.spill_after
+            // down; after one failure once shutdown began. Not again right after a failed push:
+            // ClickHouse gets its turn, so that a Redis that fails or refuses every push does
+            // not keep a batch from ClickHouse.
+            let spill_now = (failures >= self.spill_after
                 || (failures == 0 && !self.health.ok())
-                || (failures > 0 && stop.is_cancelled());
-            if spill_now && self.spill(&batch, failures, &mut marked, &mut maybe_spilled).await {
-                return;
+                || (failures > 0 && stop.is_cancelled()))
+                && !std::mem::take(&mut push_failed);
+            if spill_now {
+                if self.spill(&batch, failures, &mut marked, &mut maybe_spilled).await {
+                    return;
+                }
+                if maybe_spilled {
+                    // The push failed, and may have landed all the same: a replayer may be
+                    // storing the batch already. No INSERT in this pass (it would race the
+                    // replayer's, each checking before the other stored); the next pass asks
+                    // the spill first, and an INSERT from now on checks ClickHouse first.
+                    push_failed = true;
+                    sent = true;
+                    Self::pause(&mut backoff, *give_up_at, stop).await;
+                    continue;
+                }
             }
             if let Some(limit) = *give_up_at
                 && Instant::now() >= limit
@@ -168,22 +185,36 @@ impl Flusher {
                     metrics: &self.metrics,
                     health: &self.health,
                     check: !self.unsafe_skip_check,
+                    renew_by: None,
+                    stop: None,
                 };
                 // Counted as sent before the send starts: during shutdown the timeout below can
                 // drop this future after the INSERT went out, and the next attempt must check.
                 let check_first = std::mem::replace(&mut sent, true);
                 sender.send(&query_id, &batch.rows, check_first.then_some(&check[..])).await
             };
-            // During shutdown an attempt gets only what is left of the budget.
-            let outcome = match *give_up_at {
-                Some(limit) => {
+            // During shutdown an attempt gets only what is left of the budget, an attempt under
+            // way when shutdown begins too: the budget starts then (else an INSERT that hangs
+            // would add INSERT_TIMEOUT to it, past the orchestrator's kill).
+            let mut attempt_future = std::pin::pin!(attempt_future);
+            let ended = match *give_up_at {
+                Some(_) => None,
+                None => tokio::select! {
+                    biased;
+                    done = &mut attempt_future => Some(done),
+                    _ = stop.cancelled() => None,
+                },
+            };
+            let outcome = match ended {
+                Some(done) => done,
+                None => {
+                    let limit = *give_up_at.get_or_insert_with(|| Instant::now() + self.shutdown_timeout);
                     let left =
                         limit.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
                     tokio::time::timeout(left, attempt_future)
                         .await
                         .unwrap_or_else(|_| Err(StoreError::Retryable("shutdown time ran out".into())))
                 }
-                None => attempt_future.await,
             };
             match outcome {
                 Ok(bad) => {
@@ -219,16 +250,21 @@ impl Flusher {
                     }
                 }
             }
-            // Wake early on shutdown, so the drain starts counting its deadline at once, and never
-            // sleep past the shutdown budget.
-            let pause =
-                give_up_at.map_or(backoff, |l| backoff.min(l.saturating_duration_since(Instant::now())));
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = stop.cancelled(), if !stop.is_cancelled() => {}
-            }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            Self::pause(&mut backoff, *give_up_at, stop).await;
         }
+    }
+
+    /// Waits `backoff` before the next attempt and doubles it (up to [`MAX_BACKOFF`]). Wakes early
+    /// on shutdown, so that the drain starts counting its deadline at once, and never sleeps past
+    /// the shutdown budget.
+    async fn pause(backoff: &mut Duration, give_up_at: Option<Instant>, stop: &CancellationToken) {
+        let pause =
+            give_up_at.map_or(*backoff, |l| (*backoff).min(l.saturating_duration_since(Instant::now())));
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.cancelled(), if !stop.is_cancelled() => {}
+        }
+        *backoff = (*backoff * 2).min(MAX_BACKOFF);
     }
 
     /// Keeps the rows ClickHouse rejected as dead letters and counts the batch's events: the
@@ -287,16 +323,12 @@ impl Flusher {
             Ok(None) => {
                 tracing::info!(batch = %batch.id, rows = batch.rows.len(),
                     "the Redis spill already holds the batch (an earlier push whose answer was lost)");
-                self.confirm_elsewhere(batch);
+                self.spilled(batch, 0);
                 true
             }
             Ok(Some(bytes)) => {
-                let rows = batch.rows.len();
-                self.metrics.batches_spilled.inc();
-                self.metrics.events_spilled.inc_by(rows as u64);
-                self.metrics.spill_bytes_pushed.inc_by(bytes as u64);
-                self.confirm_elsewhere(batch);
-                tracing::warn!(batch = %batch.id, rows, failures,
+                self.spilled(batch, bytes);
+                tracing::warn!(batch = %batch.id, rows = batch.rows.len(), failures,
                     "ClickHouse does not take the batch; moved it to the Redis spill for replay");
                 true
             }
@@ -308,6 +340,16 @@ impl Flusher {
                 false
             }
         }
+    }
+
+    /// The spill holds `batch` (pushed now with `bytes`, or found there: pushed by an attempt
+    /// whose answer was lost, or by the run before a crash): its events count as spilled, once,
+    /// so that the books balance, and the buffer and the log let it go.
+    fn spilled(&self, batch: &Batch, bytes: usize) {
+        self.metrics.batches_spilled.inc();
+        self.metrics.events_spilled.inc_by(batch.rows.len() as u64);
+        self.metrics.spill_bytes_pushed.inc_by(bytes as u64);
+        self.confirm_elsewhere(batch);
     }
 
     /// The batch is safe (in ClickHouse, the spill or the dead letters): the buffer forgets it

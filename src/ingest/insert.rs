@@ -11,8 +11,9 @@
 //! halves until the bad ones are isolated; the good ones are stored and the bad ones returned,
 //! with the error text, for the dead letters.
 
-use std::{collections::HashSet, future::Future, pin::Pin};
+use std::{collections::HashSet, future::Future, pin::Pin, time::Instant};
 
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::Health;
@@ -35,6 +36,14 @@ pub struct Sender<'a> {
     pub health: &'a Health,
     /// False only in the negative-control test: re-sends skip the check.
     pub check: bool,
+    /// No INSERT starts at or after this instant: the replayer renews its claim on the spill
+    /// entries then. Splitting a rejected INSERT can take many INSERTs; past it, the split
+    /// stops with a retryable error, and the replayer renews and checks before it goes on.
+    pub renew_by: Option<Instant>,
+    /// The replayer's stop: once cancelled, a split stops as at `renew_by` (the entries stay
+    /// pending, and whoever replays them next checks what the split stored), so that shutdown
+    /// waits for one INSERT at most, not for a split of many.
+    pub stop: Option<&'a CancellationToken>,
 }
 
 impl Sender<'_> {
@@ -47,12 +56,25 @@ impl Sender<'_> {
         rows: &[EventRow],
         check: Option<&[String]>,
     ) -> Result<Bad, StoreError> {
+        let mut bad = Vec::new();
+        self.send_into(query_id, rows, check, &mut bad).await.map(|()| bad)
+    }
+
+    /// As [`send`](Self::send), adding the rejected rows to `bad` as they are found: when the
+    /// send stops for a retry, those found so far stay known, and are not split out again.
+    pub async fn send_into(
+        &self,
+        query_id: &str,
+        rows: &[EventRow],
+        check: Option<&[String]>,
+        bad: &mut Bad,
+    ) -> Result<(), StoreError> {
         let result = match check {
             Some(kill) => match self.unsent(kill, rows).await {
-                Ok(rest) => self.isolate(query_id, &rest).await,
+                Ok(rest) => self.isolate(query_id, &rest, bad).await,
                 Err(e) => Err(e),
             },
-            None => self.isolate(query_id, rows).await,
+            None => self.isolate(query_id, rows, bad).await,
         };
         if result.is_ok() {
             self.health.succeeded();
@@ -97,19 +119,28 @@ impl Sender<'_> {
         Ok(missing)
     }
 
-    /// Inserts rows; on a data error splits them until the rejected rows are isolated. Borrows
-    /// the rows: the hot path sends a batch without copying it.
+    /// Inserts rows; on a data error splits them until the rejected rows are isolated, adding
+    /// them to `bad`. Borrows the rows: the hot path sends a batch without copying it.
     fn isolate<'s>(
         &'s self,
         query_id: &'s str,
         rows: &'s [EventRow],
-    ) -> Pin<Box<dyn Future<Output = Result<Bad, StoreError>> + Send + 's>> {
+        bad: &'s mut Bad,
+    ) -> Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 's>> {
         Box::pin(async move {
             if rows.is_empty() {
-                return Ok(Vec::new());
+                return Ok(());
+            }
+            if self.renew_by.is_some_and(|t| Instant::now() >= t) {
+                return Err(StoreError::Retryable(
+                    "the replayer's claim on its entries is due for renewal".into(),
+                ));
+            }
+            if self.stop.is_some_and(CancellationToken::is_cancelled) {
+                return Err(StoreError::Retryable("the replayer is stopping".into()));
             }
             let reason = match self.clickhouse.insert_events(query_id, rows).await {
-                Ok(()) => return Ok(Vec::new()),
+                Ok(()) => return Ok(()),
                 Err(e @ StoreError::Retryable(_)) => {
                     self.metrics.insert_failed(true);
                     return Err(e);
@@ -121,18 +152,18 @@ impl Sender<'_> {
             // table's part was written): only what is missing is split and tried again.
             let rest = self.missing(rows).await?;
             match rest.len() {
-                0 => Ok(Vec::new()),
+                0 => Ok(()),
                 1 => {
                     let row = rest.into_iter().next().expect("one row");
                     tracing::warn!(batch = %row.batch_id, event = %row.event_id, error = %reason,
                         "ClickHouse rejects this event as data");
-                    Ok(vec![(row, reason)])
+                    bad.push((row, reason));
+                    Ok(())
                 }
                 n => {
                     let (left, right) = rest.split_at(n / 2);
-                    let mut bad = self.isolate(query_id, left).await?;
-                    bad.extend(self.isolate(query_id, right).await?);
-                    Ok(bad)
+                    self.isolate(query_id, left, bad).await?;
+                    self.isolate(query_id, right, bad).await
                 }
             }
         })

@@ -25,7 +25,7 @@
 //! connection (`App::build`), so that its INSERTs never hold up a worker serving requests.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -37,8 +37,8 @@ use super::{
     Health,
     buffer::Buffer,
     dead_letter::{Source, corrupt_fields, rows_fields},
-    insert::Sender,
-    spill::{Entry, RedisState, Spill, Spilled},
+    insert::{Bad, Sender},
+    spill::{Acked, Entry, RedisState, Spill, Spilled},
 };
 use crate::{
     metrics::Metrics,
@@ -284,14 +284,16 @@ impl Replayer {
         let query_id = format!("{QUERY_PREFIX}{}-{}", self.consumer, Uuid::new_v4().simple());
         let mut check: Option<Vec<String>> = uncertain.then(|| tokens.clone());
         let mut backoff = FIRST_BACKOFF;
-        let sender = Sender {
+        let mut sender = Sender {
             clickhouse: &self.clickhouse,
             metrics: &self.metrics,
             health: &self.health,
             check: !self.unsafe_skip_check,
+            renew_by: None,
+            stop: Some(stop),
         };
         let chunk_rows = self.chunk_rows();
-        let mut bad = Vec::new();
+        let mut bad: Bad = Vec::new();
         // One check for the group, then INSERTs of at most `chunk_rows` rows: small, evenly
         // paced INSERTs keep the live path's latency (a 100,000-row INSERT is a burst of work
         // for adbeacon and ClickHouse alike). After a failure the check runs again.
@@ -333,9 +335,18 @@ impl Replayer {
                 self.probe(stop).await;
                 continue;
             }
+            // A step that splits a rejected INSERT stops sending when the renewal falls due.
+            let renew_by = held_since + self.renew_every();
+            sender.renew_by = Some(renew_by);
             let step = match check.take() {
                 Some(kill) => match sender.unsent(&kill, &pending[done..]).await {
-                    Ok(rest) => {
+                    Ok(mut rest) => {
+                        // Rows already found bad (by a split that stopped) are not split out
+                        // again.
+                        if !bad.is_empty() {
+                            let known: HashSet<Uuid> = bad.iter().map(|(r, _)| r.event_id).collect();
+                            rest.retain(|r| !known.contains(&r.event_id));
+                        }
                         pending = rest;
                         done = 0;
                         Ok(())
@@ -348,9 +359,8 @@ impl Replayer {
                 None => {
                     let n = (pending.len() - done).min(chunk_rows);
                     let started = Instant::now();
-                    match sender.send(&query_id, &pending[done..done + n], None).await {
-                        Ok(rejected) => {
-                            bad.extend(rejected);
+                    match sender.send_into(&query_id, &pending[done..done + n], None, &mut bad).await {
+                        Ok(()) => {
                             done += n;
                             if self.rate > 0 {
                                 *not_before = started + Duration::from_secs_f64(n as f64 / self.rate as f64);
@@ -369,6 +379,12 @@ impl Replayer {
             };
             match step {
                 Ok(()) => backoff = FIRST_BACKOFF,
+                // Stopped for the renewal (or failed after it fell due): renewed at the top of
+                // the loop, then the check finds what the split stored. Or stopped for
+                // shutdown: the loop ends at its top (ClickHouse is not to be taken for down).
+                Err(e) if Instant::now() >= renew_by || stop.is_cancelled() => {
+                    tracing::debug!(entries = ids.len(), error = %e, "renewing the entries before sending more")
+                }
                 Err(e) => {
                     tracing::warn!(entries = ids.len(), events, error = %e, "replay INSERT failed; retrying");
                     // Probe before the next try (and let the flusher spill meanwhile).
@@ -392,17 +408,24 @@ impl Replayer {
         // Acknowledged only now, with the dead letters in the same transaction. Until Redis takes
         // it the entries stay pending: a replayer that gets them later finds the rows stored.
         let mut backoff = FIRST_BACKOFF;
+        // Whether an earlier call may have acknowledged them with its answer lost.
+        let mut maybe_acked = false;
         loop {
             match self.spill.ack(&self.consumer, &ids, &batch_tokens, counted, &dead).await {
-                Ok(true) => break,
-                Ok(false) => {
+                Ok(Acked::Done) => break,
+                // Acknowledged by this replayer's own earlier call: counted here, once.
+                Ok(Acked::NonePending) if maybe_acked => break,
+                Ok(Acked::Claimed | Acked::NonePending) => {
                     // Claimed while the acknowledgement waited: the rows are stored, and the
-                    // new owner's check finds them so.
+                    // new owner's check finds them so (and counts them).
                     self.gave_up(ids.len(), events);
                     return true;
                 }
-                Err(e) => tracing::warn!(entries = ids.len(), error = %e,
-                    "replayed events are in ClickHouse but Redis cannot acknowledge them yet; retrying"),
+                Err(e) => {
+                    maybe_acked = true;
+                    tracing::warn!(entries = ids.len(), error = %e,
+                        "replayed events are in ClickHouse but Redis cannot acknowledge them yet; retrying")
+                }
             }
             if stop.is_cancelled() {
                 return false;

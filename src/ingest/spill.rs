@@ -350,8 +350,9 @@ return 1
 /// [`Spill::ack`]: KEYS the stream, the events counter, the dead letters and the token set;
 /// ARGV group, consumer, events, the number of ids, the ids, the number of tokens, the tokens,
 /// then each dead letter as its number of arguments followed by its field names and values.
-/// 1 when done; 2 when none of the ids is pending any more (acknowledged already); 0 when one is
-/// another consumer's (nothing done).
+/// 1 when done; 2 when none of the ids is pending any more (acknowledged already); 0 (nothing
+/// done) when one is another consumer's, or some but not all are pending: another replayer
+/// claimed some and acknowledged them, counting their events and dead letters itself.
 const ACK_SCRIPT: &str = concat!(
     lua_xadd!(),
     r"
@@ -365,6 +366,7 @@ for i = 5, 4 + n do
   end
 end
 if #ids == 0 then return 2 end
+if #ids < n then return 0 end
 redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
 redis.call('XDEL', KEYS[1], unpack(ids))
 redis.call('DECRBY', KEYS[2], ARGV[3])
@@ -386,6 +388,18 @@ const FORGET_SCRIPT: &str = r"
 if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return -1 end
 return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 ";
+
+/// What [`Spill::ack`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acked {
+    /// The entries are acknowledged, their events counted out and their dead letters added.
+    Done,
+    /// None of them is pending any more: acknowledged already, by an earlier call whose answer
+    /// was lost, or by a replayer that claimed them all (nothing done now).
+    NonePending,
+    /// Another replayer holds some of them (or held and acknowledged some): nothing done.
+    Claimed,
+}
 
 /// The spill stream of one deployment.
 pub struct Spill {
@@ -580,11 +594,10 @@ impl Spill {
 
     /// Acknowledges and deletes replayed entries holding `events` events (batches `tokens`, which
     /// leave the token set), and adds the dead letters that came out of them, in one step: the
-    /// entries are gone exactly when their bad rows are kept. Only while the entries are still
-    /// `consumer`'s: false (nothing done) when
-    /// another replayer claimed one, which then checks and acknowledges them itself, so that
-    /// the backlog counter and the dead letters count them once. True also when none of them is
-    /// pending any more: an earlier call whose answer was lost acknowledged them.
+    /// entries are gone exactly when their bad rows are kept. Only while every entry is still
+    /// `consumer`'s: [`Acked::Claimed`] (nothing done) when another replayer claimed one, which
+    /// then checks and acknowledges them itself, so that the backlog counter and the dead letters
+    /// count them once.
     pub async fn ack(
         &self,
         consumer: &str,
@@ -592,7 +605,7 @@ impl Spill {
         tokens: &[Uuid],
         events: usize,
         dead: &[Fields],
-    ) -> Result<bool, RedisError> {
+    ) -> Result<Acked, RedisError> {
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(ACK_SCRIPT)
             .arg(4)
@@ -613,7 +626,11 @@ impl Spill {
             arg_fields(cmd.arg(fields.len() * 2), fields);
         }
         let done: i64 = self.redis.query(&cmd).await?;
-        Ok(done != 0)
+        Ok(match done {
+            1 => Acked::Done,
+            2 => Acked::NonePending,
+            _ => Acked::Claimed,
+        })
     }
 
     /// Moves dead letter `id` back to the spill as `entry` (holding `events` events) in one step

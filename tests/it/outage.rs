@@ -13,7 +13,7 @@ use std::{
 
 use adbeacon::{
     domain::{EventKind, Traffic},
-    ingest::spill::{batch_fields, field},
+    ingest::spill::{Acked, batch_fields, field},
     store::EventRow,
 };
 use serde_json::{Value, json};
@@ -701,17 +701,52 @@ async fn the_spill_takes_a_batch_once() {
     let read = spill.read_new("test-replayer", 10).await.unwrap();
     let ids: Vec<String> = read.iter().map(|e| e.id().to_string()).collect();
     assert_eq!(ids.len(), 1);
-    assert!(
-        !spill.ack("another-replayer", &ids, &[token], 5, &[]).await.unwrap(),
+    assert_eq!(
+        spill.ack("another-replayer", &ids, &[token], 5, &[]).await.unwrap(),
+        Acked::Claimed,
         "only the owner acknowledges"
     );
-    assert!(spill.ack("test-replayer", &ids, &[token], 5, &[]).await.unwrap());
+    assert_eq!(spill.ack("test-replayer", &ids, &[token], 5, &[]).await.unwrap(), Acked::Done);
     assert!(!spill.holds(token).await.unwrap());
     assert_eq!(redis.command(&["XLEN", &format!("{prefix}spill")]), "0");
     assert_eq!(redis.command(&["GET", &format!("{prefix}spill:events")]), "0");
     // An acknowledgement whose answer was lost, sent again: done already, nothing counted twice.
-    assert!(spill.ack("test-replayer", &ids, &[token], 5, &[]).await.unwrap());
+    assert_eq!(spill.ack("test-replayer", &ids, &[token], 5, &[]).await.unwrap(), Acked::NonePending);
     assert_eq!(redis.command(&["GET", &format!("{prefix}spill:events")]), "0");
+}
+
+/// A replayer cut off from Redis for longer than REPLAY_CLAIM_IDLE: another claims part of its
+/// group, replays and acknowledges it. The first one's acknowledgement of the whole group then
+/// does nothing, instead of counting the backlog and the dead letters of the part the other one
+/// counted already.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledgement_of_a_group_partly_taken_over_does_nothing() {
+    let redis = shared_redis();
+    let prefix = format!("{}:", fresh_db());
+    let client = adbeacon::store::redis::Redis::new(&redis.url(), Duration::from_secs(2)).unwrap();
+    let spill =
+        adbeacon::ingest::spill::Spill::new(Arc::new(client), adbeacon::ingest::spill::Keys::new(&prefix));
+    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let tokens: Vec<Uuid> = (0..2).map(|_| Uuid::new_v4()).collect();
+    for token in &tokens {
+        let rows: Vec<EventRow> = (0..5).map(|_| row(now)).collect();
+        assert!(spill.push(*token, &rows, 1, true).await.unwrap().is_some());
+    }
+    spill.ensure_group().await.unwrap();
+    let read = spill.read_new("slow-replayer", 10).await.unwrap();
+    let ids: Vec<String> = read.iter().map(|e| e.id().to_string()).collect();
+    assert_eq!(ids.len(), 2);
+    // The other replayer takes the first entry over and acknowledges it.
+    let stream = format!("{prefix}spill");
+    let group = adbeacon::ingest::spill::GROUP;
+    redis.command(&["XCLAIM", &stream, group, "other-replayer", "0", &ids[0], "JUSTID"]);
+    let first = [ids[0].clone()];
+    assert_eq!(spill.ack("other-replayer", &first, &tokens[..1], 5, &[]).await.unwrap(), Acked::Done);
+    assert_eq!(redis.command(&["GET", &format!("{prefix}spill:events")]), "5");
+    // The slow one's acknowledgement of both: nothing done, the backlog counted once.
+    assert_eq!(spill.ack("slow-replayer", &ids, &tokens, 10, &[]).await.unwrap(), Acked::Claimed);
+    assert_eq!(redis.command(&["GET", &format!("{prefix}spill:events")]), "5");
+    assert!(spill.holds(tokens[1]).await.unwrap(), "the entry left is still the spill's");
 }
 
 /// Two replayers (two processes) on one spill, one of them replaying a group slowly, for longer
@@ -752,6 +787,52 @@ async fn a_live_replayer_keeps_its_entries_however_long_it_replays() {
             "replayer {name} took entries from a live replayer"
         );
     }
+    assert_eq!(a.terminate(), Some(0));
+    assert_eq!(b.terminate(), Some(0));
+}
+
+/// A group whose rows ClickHouse rejects in many places takes many INSERTs to split (each half
+/// is tried again until the bad rows are alone), for longer than REPLAY_CLAIM_IDLE: the
+/// replayer stops splitting to renew its entries, so that the other replayer never takes them
+/// as a dead one's while the split goes on storing rows (it would store them a second time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_split_of_rejected_rows_keeps_the_entries() {
+    let url = shared_clickhouse().url();
+    let db = fresh_db();
+    let prefix = format!("{db}:");
+    let redis = shared_redis();
+    let redis_url = redis.url();
+    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let year_2200 = OffsetDateTime::from_unix_timestamp(7_258_118_400).unwrap();
+    // Every 5th row cannot be stored: 120 bad rows among 600 take hundreds of INSERTs and
+    // look-ups to isolate, several times REPLAY_CLAIM_IDLE.
+    let rows: Vec<EventRow> = (0..600).map(|i| row(if i % 5 == 0 { year_2200 } else { now })).collect();
+    let fields = batch_fields(Uuid::new_v4(), &rows, 3, true);
+    let quick = [("REPLAY_CLAIM_IDLE", "3s"), ("INSERT_TIMEOUT", "1s")];
+    let data_a = tempfile::tempdir().unwrap();
+    let data_b = tempfile::tempdir().unwrap();
+    let vars_a = service_vars(&url, &db, &data_a.path().display().to_string(), &redis_url, &prefix, &quick);
+    let vars_b = service_vars(&url, &db, &data_b.path().display().to_string(), &redis_url, &prefix, &quick);
+    let a = start_service(vars_a).await;
+    let b = start_service(vars_b).await;
+    let started = Instant::now();
+    spill_at_once(redis, &format!("{prefix}spill"), &[fields.as_slice()], rows.len()).await;
+    spill_drained(redis, &prefix, Duration::from_secs(180)).await;
+    eprintln!("the split took {:?}", started.elapsed());
+    let good: HashSet<Uuid> = rows.iter().filter(|r| r.event_time == now).map(|r| r.event_id).collect();
+    let stored = stored_ids(shared_clickhouse(), &db).await;
+    assert_books_balance(&good, &stored);
+    assert_eq!(stored.len(), good.len());
+    let mut dead_lettered = 0;
+    for (name, service) in [("a", &a), ("b", &b)] {
+        assert_eq!(
+            metric(&service.base, "adbeacon_spill_entries_claimed_total").await,
+            0,
+            "replayer {name} took entries from a live replayer"
+        );
+        dead_lettered += metric(&service.base, "adbeacon_replay_events_dead_lettered_total").await;
+    }
+    assert_eq!(dead_lettered, 120);
     assert_eq!(a.terminate(), Some(0));
     assert_eq!(b.terminate(), Some(0));
 }

@@ -156,6 +156,47 @@ async fn shutdown_with_clickhouse_down_saves_the_buffer_as_loadable_dead_letters
     assert_eq!(ch.query_in(&db, "SELECT countIfMerge(clicks) FROM ad_stats_hourly").await.trim(), "25");
 }
 
+/// An INSERT under way when shutdown begins gets only the shutdown budget, not INSERT_TIMEOUT
+/// on top of it: else a ClickHouse that hangs keeps the process past the orchestrator's kill
+/// (the deploy files size the grace period by SHUTDOWN_TIMEOUT). Here INSERT_TIMEOUT is an hour
+/// and ClickHouse is frozen with the INSERT sent: shutdown still ends, with the batch saved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insert_hanging_at_shutdown_gets_only_the_shutdown_budget() {
+    let ch = ClickHouse::start();
+    let db = fresh_db();
+    let mut app = TestApp::spawn_on(
+        &ch.url(),
+        &db,
+        &[
+            ("REDIS_URL", "none"),
+            ("ACK_MODE", "buffered"),
+            ("FLUSH_INTERVAL", "100ms"),
+            ("SHUTDOWN_TIMEOUT", "1s"),
+            ("INSERT_TIMEOUT", "1h"),
+            ("REPLAY_CLAIM_IDLE", "2h"),
+        ],
+    )
+    .await;
+    ch.freeze();
+    for _ in 0..10 {
+        assert_eq!(app.post("/ads/click", &json!({"adId": AD1})).await.status(), 202);
+    }
+    // The flusher sends the batch within FLUSH_INTERVAL; ClickHouse never answers.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let dir = app.data_dir.path().join("dead-letter");
+    // Not a timing assertion: a bound far above the budget and far below INSERT_TIMEOUT.
+    let stopped = tokio::time::timeout(Duration::from_secs(60), app.stop()).await;
+    ch.thaw();
+    stopped.expect("shutdown waited for the hanging INSERT").expect("shutdown completes");
+    let rows: usize = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .map(|p| std::fs::read_to_string(p).unwrap().lines().count())
+        .sum();
+    assert_eq!(rows, 10, "the batch is saved as dead letters");
+}
+
 /// An INSERT whose answer never arrives (the client gives up after 1 ms while ClickHouse goes on
 /// storing the batch, or is still storing it when the retry comes) is ended and looked up by its
 /// token before any retry: every 2xx is stored exactly once.

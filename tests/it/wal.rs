@@ -351,6 +351,9 @@ async fn a_batch_in_the_log_and_the_spill_is_stored_once() {
     assert_eq!(stored.len(), 10);
     assert_eq!(app.metric("adbeacon_events_replayed_total").await, 10, "the replayer stored them");
     assert_eq!(app.metric("adbeacon_events_flushed_total").await, 0, "the flusher left them to it");
+    // The recovered events count out as spilled: the instance's books balance.
+    assert_eq!(app.metric("adbeacon_events_spilled_total").await, 10);
+    assert_eq!(app.metric("adbeacon_books_balance").await, 0, "the books balance");
     app.stop().await.unwrap();
 }
 
