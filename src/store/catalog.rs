@@ -130,6 +130,12 @@ pub type WriteLock = tokio::sync::OwnedMutexGuard<()>;
 /// after use, so that a request that missed just before the answer was cached still finds it.
 type Loading = sync::Cache<Uuid, Arc<tokio::sync::Mutex<()>>>;
 
+/// Locks of the catalog's writes, one per stripe of ids. Never evicted, unlike [`Loading`]'s,
+/// whose entry can leave the cache while a slow write still holds it (the next writer would then
+/// get a fresh lock and start from the same version). Ads written at once rarely share a stripe,
+/// and a write holds one lock only.
+const WRITE_STRIPES: usize = 64;
+
 /// Reads and writes the catalog.
 #[derive(Clone)]
 pub struct Catalog {
@@ -139,6 +145,7 @@ pub struct Catalog {
     /// a hit (callgrind).
     by_id: sync::Cache<Uuid, Arc<Cached>, hashbrown::DefaultHashBuilder>,
     loading: Loading,
+    writing: Arc<[Arc<tokio::sync::Mutex<()>>]>,
     ttl: Duration,
     active: future::Cache<(), Arc<Vec<Ad>>>,
     metrics: Arc<Metrics>,
@@ -157,6 +164,7 @@ impl Catalog {
                 .max_capacity(MAX_CACHED_IDS)
                 .time_to_idle(Duration::from_secs(10))
                 .build(),
+            writing: (0..WRITE_STRIPES).map(|_| Arc::new(tokio::sync::Mutex::new(()))).collect(),
             ttl,
             active: future::Cache::builder().max_capacity(1).time_to_live(ACTIVE_LIST_TTL).build(),
             metrics,
@@ -221,7 +229,8 @@ impl Catalog {
     /// version (the later write would silently undo the earlier one's change). Across
     /// instances ClickHouse offers no compare-and-set; the newer version wins there.
     pub async fn get_for_write(&self, id: Uuid) -> Result<(WriteLock, Option<Arc<Ad>>), StoreError> {
-        let guard = self.lock_of(id).lock_owned().await;
+        let stripe = self.writing[(id.as_u64_pair().1 % WRITE_STRIPES as u64) as usize].clone();
+        let guard = stripe.lock_owned().await;
         let ad = self.load(id).await?;
         Ok((guard, ad))
     }
