@@ -2,6 +2,11 @@
 //! trigger a preflight) as well as with `navigator.sendBeacon` (text/plain, no preflight). Only
 //! tracking paths answer preflights and carry `Access-Control-Allow-Origin`; the catalog and
 //! analytics are not meant to be called from other sites' pages.
+//!
+//! Answers name the page's origin and allow credentials, never `*`: `sendBeacon` with a JSON
+//! `Blob` always sends in credentials mode (so does `fetch` with `credentials: "include"`), and
+//! a browser drops such a request when its preflight answers `*`. The tracking endpoints read no
+//! cookies, so allowing credentials gives a page nothing.
 
 use std::collections::HashSet;
 
@@ -15,7 +20,7 @@ use super::error;
 /// Which origins may call the tracking endpoints (`CORS_ALLOWED_ORIGINS`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AllowedOrigins {
-    /// Any origin (`*`, the default): events carry no credentials, so nothing leaks.
+    /// Any origin (`*`, the default): the tracking endpoints read no cookies, so nothing leaks.
     Any,
     /// Only these, as browsers send them (`https://www.example.com`, lower case, no path).
     Only(HashSet<String>),
@@ -40,21 +45,30 @@ impl AllowedOrigins {
         if set.is_empty() { Err("no origin given".into()) } else { Ok(Self::Only(set)) }
     }
 
-    /// The `Access-Control-Allow-Origin` value for a request from `origin`, if it is allowed.
+    /// The `Access-Control-Allow-Origin` value for a request from `origin`, if it is allowed:
+    /// the origin itself (see the module's note on credentials).
     fn allow(&self, origin: &HeaderValue) -> Option<HeaderValue> {
         match self {
-            Self::Any => Some(HeaderValue::from_static("*")),
+            Self::Any => Some(origin.clone()),
             Self::Only(set) => {
                 let text = origin.to_str().ok()?;
                 set.contains(&text.to_ascii_lowercase()).then(|| origin.clone())
             }
         }
     }
+}
 
-    /// True when answers depend on the request's origin (and so must say `Vary: Origin`).
-    fn varies(&self) -> bool {
-        matches!(self, Self::Only(_))
-    }
+/// The headers of an answer a page's script may read besides the simple ones: when to retry a
+/// 429 or 503, and the id to quote in a report.
+const EXPOSED: &str = "Retry-After, X-Request-Id";
+
+/// Adds what every CORS answer carries: the allowed origin (which varies, hence
+/// `Vary: Origin`, for caches on the way) and credentials allowed.
+fn allow_origin(resp: &mut Response, allow: HeaderValue) {
+    let headers = resp.headers_mut();
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
+    headers.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
+    headers.append(header::VARY, HeaderValue::from_static("Origin"));
 }
 
 /// Paths of the tracking endpoints, the only ones with CORS.
@@ -88,14 +102,11 @@ pub fn preflight(allowed: &AllowedOrigins, req: &Request) -> Response {
         .unwrap_or(HeaderValue::from_static("content-type"));
     let mut resp = Response::builder()
         .status(StatusCode::NO_CONTENT)
-        .header(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow)
         .header(header::ACCESS_CONTROL_ALLOW_METHODS, "GET, HEAD, POST, OPTIONS")
         .header(header::ACCESS_CONTROL_ALLOW_HEADERS, headers)
         .header(header::ACCESS_CONTROL_MAX_AGE, "86400")
         .finish();
-    if allowed.varies() {
-        resp.headers_mut().insert(header::VARY, HeaderValue::from_static("Origin"));
-    }
+    allow_origin(&mut resp, allow);
     resp
 }
 
@@ -115,13 +126,12 @@ pub fn refuse(allowed: &AllowedOrigins, origin: Option<&HeaderValue>, path: &str
     ))
 }
 
-/// Adds `Access-Control-Allow-Origin` to a tracking answer for an allowed `origin`.
+/// Adds `Access-Control-Allow-Origin` (and the rest) to a tracking answer for an allowed
+/// `origin`.
 pub fn decorate(allowed: &AllowedOrigins, origin: Option<&HeaderValue>, resp: &mut Response) {
     if let Some(allow) = origin.and_then(|o| allowed.allow(o)) {
-        resp.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
-        if allowed.varies() {
-            resp.headers_mut().insert(header::VARY, HeaderValue::from_static("Origin"));
-        }
+        allow_origin(resp, allow);
+        resp.headers_mut().insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static(EXPOSED));
     }
 }
 
