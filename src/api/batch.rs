@@ -160,8 +160,12 @@ pub enum ItemStatus {
     /// of the same ad, client and kind was counted within DEDUP_WINDOW (stored, flagged as
     /// filtered traffic).
     Duplicate,
-    /// Not stored; `error` says why.
+    /// Not stored; `error` says why. Sending it again as it is gets the same answer.
     Rejected,
+    /// Not stored now: another request is storing an event with this eventId and may still
+    /// fail. Send the item again, with the same eventId, after a moment: it is then stored, or
+    /// answered as a duplicate.
+    Retry,
 }
 
 /// The result of one item, in request order.
@@ -171,13 +175,13 @@ pub enum ItemStatus {
 pub struct ItemResult {
     /// The item's position in the request, from 0.
     pub index: u32,
-    /// accepted, duplicate or rejected.
+    /// accepted, duplicate, rejected or retry.
     pub status: ItemStatus,
-    /// The stored event id (yours, or the one the server gave it); absent when rejected.
+    /// The event id (yours, or the one the server gave it); absent when rejected.
     #[oai(skip_serializing_if_is_none)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event_id: Option<Uuid>,
-    /// Why it was rejected; absent otherwise.
+    /// Why it was rejected, or is to be sent again; absent otherwise.
     #[oai(skip_serializing_if_is_none)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -194,6 +198,8 @@ pub struct BatchResult {
     pub duplicates: u32,
     /// Items refused.
     pub rejected: u32,
+    /// Items to send again (see `retry` in the results).
+    pub retry: u32,
     /// One entry per item, in request order.
     pub results: Vec<ItemResult>,
 }
@@ -210,6 +216,7 @@ impl poem_openapi::types::Example for BatchResult {
             accepted: 1,
             duplicates: 1,
             rejected: 1,
+            retry: 0,
             results: vec![
                 item(0, ItemStatus::Accepted, Some("0d6f4c1e-9a0b-4c55-8f1e-2b7a9c3d4e5f"), None),
                 item(1, ItemStatus::Duplicate, Some("5b1d8f52-0a47-4b8e-9f0e-3c1f6f0c2a11"), None),
@@ -328,8 +335,9 @@ impl BatchApi {
     /// Record a batch of events.
     ///
     /// Up to 1000 typed events; answers 202 with a result per item: accepted, duplicate (its
-    /// eventId was accepted before, or it repeats a counted event within DEDUP_WINDOW) or
-    /// rejected with the reason. The accepted ones are held all
+    /// eventId was accepted before, or it repeats a counted event within DEDUP_WINDOW),
+    /// rejected with the reason, or retry (another request is storing an event with its eventId
+    /// right now: send the item again). The accepted ones are held all
     /// together: when the service cannot hold them, the answer is 503 and none is stored. More
     /// than 1000 items, or a body over MAX_BATCH_BODY_BYTES, is a 413.
     #[oai(path = "/ads/events", method = "post", operation_id = "recordEvents")]
@@ -377,7 +385,7 @@ impl BatchApi {
         let mut results = Vec::with_capacity(n);
         let mut rows = Vec::with_capacity(n);
         let mut claims = Claims::default();
-        let (mut duplicates, mut rejected, mut repeats) = (0, 0, 0);
+        let (mut duplicates, mut rejected, mut retry, mut repeats) = (0, 0, 0, 0);
         for (index, item) in judged.into_iter().enumerate() {
             let index = index as u32;
             let (report, at, device) = match item {
@@ -411,13 +419,13 @@ impl BatchApi {
                     }
                     Claim::InFlight => {
                         st.metrics.rejected(RejectReason::InFlight);
-                        rejected += 1;
+                        retry += 1;
                         let error =
                             format!("event {id} is being stored by another request; send this item again");
                         results.push(ItemResult {
                             index,
-                            status: ItemStatus::Rejected,
-                            event_id: None,
+                            status: ItemStatus::Retry,
+                            event_id: Some(id),
                             error: Some(error),
                         });
                         continue;
@@ -440,7 +448,7 @@ impl BatchApi {
         }
         // Counted once the batch is answered 2xx: after a 503 the client sends them again.
         st.metrics.event_id_repeats.inc_by(repeats);
-        Ok(BatchResponse::Accepted(SerdeJson(BatchResult { accepted, duplicates, rejected, results })))
+        Ok(BatchResponse::Accepted(SerdeJson(BatchResult { accepted, duplicates, rejected, retry, results })))
     }
 }
 

@@ -307,9 +307,15 @@ impl State {
         limiter.check(client_ip::resolve(req, &self.trusted_proxies, false, None)).err()
     }
 
-    /// Claims a client event id for this instance.
+    /// Claims a client event id for this instance. `or_insert_with`, not `or_default`: moka
+    /// coalesces concurrent `or_insert_with` calls on one key, so exactly one of them gets a
+    /// fresh entry, while `or_default` (and `or_insert`) is a look-up and then an insert, which
+    /// two requests can pass together and both store the event.
     pub fn claim(&self, id: Uuid) -> Claim {
-        let entry = self.recent_event_ids.entry(id).or_default();
+        let entry = self
+            .recent_event_ids
+            .entry(id)
+            .or_insert_with(|| Arc::new(std::sync::atomic::AtomicBool::new(false)));
         if entry.is_fresh() {
             Claim::Fresh
         } else if entry.value().load(std::sync::atomic::Ordering::Acquire) {

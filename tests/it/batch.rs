@@ -112,3 +112,46 @@ async fn the_limits_are_413_and_a_batch_that_cannot_be_held_is_503_with_nothing_
     assert_eq!(app.wait_flushed(4).await, 4);
     assert_eq!(app.number("SELECT count() FROM events").await, 4);
 }
+
+/// An item whose eventId another request is storing right now (its log write under way) is
+/// marked `retry`, not `rejected`: that other request may still fail, and a client that took
+/// `rejected` as final would lose the event. Concurrent batches with one eventId: exactly one
+/// accepts it (two did when the claim was a look-up and then an insert), the others answer
+/// duplicate or retry; sent again, a retried item is a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_items_with_one_event_id_store_it_once() {
+    let app = TestApp::spawn_with(&[("ACK_MODE", "wal"), ("WAL_FSYNC", "always")]).await;
+    const ROUNDS: u64 = 30;
+    let mut retried = None;
+    for round in 0..ROUNDS {
+        let item = json!([{"adId": AD, "kind": "start", "eventId": format!("player-{round}-start")}]);
+        let mut requests = tokio::task::JoinSet::new();
+        for _ in 0..16 {
+            let (http, url, item) = (app.http.clone(), format!("{}/ads/events", app.base), item.clone());
+            requests.spawn(async move {
+                http.post(url).json(&item).send().await.unwrap().json::<Value>().await.unwrap()
+            });
+        }
+        let mut statuses = Vec::new();
+        for body in requests.join_all().await {
+            statuses.push(body["results"][0]["status"].as_str().unwrap().to_string());
+            if body["retry"] == 1 {
+                assert!(
+                    body["results"][0]["error"].as_str().unwrap().contains("send this item again"),
+                    "{body}"
+                );
+                retried.get_or_insert(item.clone());
+            }
+        }
+        assert_eq!(statuses.iter().filter(|s| *s == "accepted").count(), 1, "round {round}: {statuses:?}");
+        assert!(
+            statuses.iter().all(|s| ["accepted", "duplicate", "retry"].contains(&s.as_str())),
+            "{statuses:?}"
+        );
+    }
+    assert_eq!(app.wait_flushed(ROUNDS).await, ROUNDS);
+    assert_eq!(app.number("SELECT count() FROM events").await, ROUNDS, "each event id stored once");
+    let item = retried.expect("no request ever found an eventId in flight");
+    let again: Value = app.post("/ads/events", &item).await.json().await.unwrap();
+    assert_eq!(again["results"][0]["status"], "duplicate", "{again}");
+}
