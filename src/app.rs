@@ -176,6 +176,7 @@ fn state(
             .eviction_policy(moka::policy::EvictionPolicy::lru())
             .time_to_live(api::RECENT_EVENT_IDS.1)
             .build(),
+        in_flight_ids: Default::default(),
         user_agents: crate::domain::UserAgentFilter::new(&config.bot_user_agents),
         dedup: Arc::new(api::dedup::DedupWindow::new(config.dedup_window, &config.dedup_kinds)),
         rate_limiter: api::ratelimit::RateLimiter::new(config.rate_limit, config.rate_limit_burst),

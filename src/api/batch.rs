@@ -403,9 +403,8 @@ impl BatchApi {
                 }
             };
             if let Some(id) = report.event_id {
-                let claim = if claims.ids.contains(&id) { Claim::Held } else { st.claim(id) };
-                match claim {
-                    Claim::Fresh => claims.ids.push(id),
+                match st.claim(id, &mut claims) {
+                    Claim::Fresh => {}
                     Claim::Held => {
                         repeats += 1;
                         duplicates += 1;

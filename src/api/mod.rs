@@ -94,10 +94,14 @@ pub struct State {
     pub api_keys: auth::ApiKeys,
     /// Proxies whose forwarding headers name the client.
     pub trusted_proxies: client_ip::TrustedProxies,
-    /// Client event ids claimed recently on this instance, so that a repeated one is answered
-    /// but not stored twice (see [`RECENT_EVENT_IDS`]); the flag turns true once the event is
-    /// held.
-    pub recent_event_ids: moka::sync::Cache<Uuid, Arc<std::sync::atomic::AtomicBool>>,
+    /// Client event ids whose events this instance held recently, so that a repeated one is
+    /// answered but not stored twice (see [`RECENT_EVENT_IDS`]).
+    pub recent_event_ids: moka::sync::Cache<Uuid, ()>,
+    /// Client event ids claimed by requests whose events are not held yet. Apart from
+    /// `recent_event_ids`, whose least recently used entries go when it is full: an id must stay
+    /// claimed until its request settles however many ids come meanwhile (a log that stalls),
+    /// or a repeat would be stored too.
+    pub in_flight_ids: InFlightIds,
     /// Bot and empty user agents.
     pub user_agents: UserAgentFilter,
     /// The repeat rule (same ad, client and kind within DEDUP_WINDOW).
@@ -128,14 +132,40 @@ pub struct Caller {
     pub ingest: bool,
 }
 
+/// Client event ids in flight (see [`State::in_flight_ids`]).
+pub type InFlightIds = Arc<std::sync::Mutex<hashbrown::HashSet<Uuid>>>;
+
 /// What a request has reserved while it stores events, to be given back if they are not held:
 /// claimed client event ids and the repeat rule's marks.
 #[derive(Debug, Default)]
 pub struct Claims {
-    /// Client event ids claimed by this request.
-    pub ids: Vec<Uuid>,
+    /// Client event ids claimed by this request ([`State::claim`]), in flight until settled.
+    ids: Vec<Uuid>,
     /// Events the repeat rule counted.
     pub marks: Vec<dedup::Mark>,
+    /// Where `ids` are in flight: a request that ends without settling them (an error on the
+    /// way, a task that failed) gives them back when its claims are dropped.
+    in_flight: Option<InFlightIds>,
+}
+
+impl Claims {
+    /// True when nothing is reserved.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty() && self.marks.is_empty()
+    }
+}
+
+impl Drop for Claims {
+    fn drop(&mut self) {
+        if let Some(set) = &self.in_flight
+            && !self.ids.is_empty()
+        {
+            let mut flying = set.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for id in self.ids.drain(..) {
+                flying.remove(&id);
+            }
+        }
+    }
 }
 
 /// Tracking paths, and the route template each is counted under when refused before routing.
@@ -215,8 +245,8 @@ impl State {
         // nothing awaits between the claim and the hold.
         let mut claims = Claims::default();
         if let Some(id) = report.event_id {
-            match self.claim(id) {
-                Claim::Fresh => claims.ids.push(id),
+            match self.claim(id, &mut claims) {
+                Claim::Fresh => {}
                 Claim::Held => {
                     self.metrics.event_id_repeats.inc();
                     return Ok(Accepted::Repeat);
@@ -307,22 +337,25 @@ impl State {
         limiter.check(client_ip::resolve(req, &self.trusted_proxies, false, None)).err()
     }
 
-    /// Claims a client event id for this instance. `or_insert_with`, not `or_default`: moka
-    /// coalesces concurrent `or_insert_with` calls on one key, so exactly one of them gets a
-    /// fresh entry, while `or_default` (and `or_insert`) is a look-up and then an insert, which
-    /// two requests can pass together and both store the event.
-    pub fn claim(&self, id: Uuid) -> Claim {
-        let entry = self
-            .recent_event_ids
-            .entry(id)
-            .or_insert_with(|| Arc::new(std::sync::atomic::AtomicBool::new(false)));
-        if entry.is_fresh() {
-            Claim::Fresh
-        } else if entry.value().load(std::sync::atomic::Ordering::Acquire) {
-            Claim::Held
-        } else {
-            Claim::InFlight
+    /// Claims a client event id for this instance: [`Claim::Fresh`] (then it is in `claims`,
+    /// in flight until the request settles it) for exactly one of any number of concurrent
+    /// requests, under one lock. (A look-up and then an insert in the cache, as moka's
+    /// `or_default` does, let two requests both store the event.)
+    pub fn claim(&self, id: Uuid, claims: &mut Claims) -> Claim {
+        if claims.ids.contains(&id) {
+            return Claim::Held;
         }
+        let mut flying = self.in_flight_ids.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if flying.contains(&id) {
+            return Claim::InFlight;
+        }
+        if self.recent_event_ids.contains_key(&id) {
+            return Claim::Held;
+        }
+        flying.insert(id);
+        claims.ids.push(id);
+        claims.in_flight.get_or_insert_with(|| self.in_flight_ids.clone());
+        Claim::Fresh
     }
 
     /// The 503 for a repeat of an event another request is storing right now.
@@ -376,7 +409,7 @@ impl State {
     /// ids counts as it would have.
     pub async fn hold(&self, rows: Vec<EventRow>, claims: Claims) -> Result<(), ApiError> {
         let count = rows.len() as u64;
-        let outcome = if self.intake.wal.is_some() && !(claims.ids.is_empty() && claims.marks.is_empty()) {
+        let outcome = if self.intake.wal.is_some() && !claims.is_empty() {
             // The request waits for the log. If it goes away meanwhile (the client hangs up),
             // its claims must still be settled by what became of the events, or a retry with the
             // same event id would be told "in flight" until the id is forgotten: so the wait and
@@ -384,18 +417,23 @@ impl State {
             let intake = self.intake.clone();
             let (ids, dedup, metrics) =
                 (self.recent_event_ids.clone(), self.dedup.clone(), self.metrics.clone());
+            let mut claims = claims;
             tokio::spawn(async move {
                 let outcome = intake.hold(rows).await;
-                Settle { recent_event_ids: &ids, dedup: &dedup, metrics: &metrics }
-                    .apply(&outcome, &claims, count);
+                Settle { recent_event_ids: &ids, dedup: &dedup, metrics: &metrics }.apply(
+                    &outcome,
+                    &mut claims,
+                    count,
+                );
                 outcome
             })
             .await
             .unwrap_or_else(|e| Err(HoldError::Log(crate::ingest::WalError(format!("the hold failed: {e}")))))
         } else {
+            let mut claims = claims;
             let outcome = self.intake.hold(rows).await;
             Settle { recent_event_ids: &self.recent_event_ids, dedup: &self.dedup, metrics: &self.metrics }
-                .apply(&outcome, &claims, count);
+                .apply(&outcome, &mut claims, count);
             outcome
         };
         let held = outcome.map_err(|e| ApiError::hold(&e, self.retry_after))?;
@@ -408,7 +446,7 @@ impl State {
 
 /// Settles a request's claims once its events are held or refused.
 struct Settle<'a> {
-    recent_event_ids: &'a moka::sync::Cache<Uuid, Arc<std::sync::atomic::AtomicBool>>,
+    recent_event_ids: &'a moka::sync::Cache<Uuid, ()>,
     dedup: &'a dedup::DedupWindow,
     metrics: &'a Metrics,
 }
@@ -417,19 +455,21 @@ impl Settle<'_> {
     /// Held: a repeat of the claimed ids is a duplicate from now on (also while `committed` mode
     /// waits for ClickHouse). Refused: the ids and the repeat rule's marks are given back, and
     /// each event is counted as rejected.
-    fn apply(&self, outcome: &Result<crate::ingest::Held, HoldError>, claims: &Claims, count: u64) {
+    fn apply(&self, outcome: &Result<crate::ingest::Held, HoldError>, claims: &mut Claims, count: u64) {
         match outcome {
             Ok(_) => {
-                for id in &claims.ids {
-                    if let Some(flag) = self.recent_event_ids.get(id) {
-                        flag.store(true, std::sync::atomic::Ordering::Release);
+                // Remembered as held before they leave the in-flight set (under its lock, which
+                // `State::claim` takes too), so that no repeat finds them in neither.
+                if let Some(set) = &claims.in_flight {
+                    let mut flying = set.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    for id in claims.ids.drain(..) {
+                        self.recent_event_ids.insert(id, ());
+                        flying.remove(&id);
                     }
                 }
             }
             Err(e) => {
-                for id in &claims.ids {
-                    self.recent_event_ids.invalidate(id);
-                }
+                // Given back: dropping the claims takes the ids out of the in-flight set.
                 for mark in &claims.marks {
                     self.dedup.release(*mark);
                 }
