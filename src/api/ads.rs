@@ -15,7 +15,7 @@ use super::{
     error::ApiError,
 };
 use crate::{
-    domain::{Ad, is_http_url},
+    domain::{Ad, MAX_URL_LEN, is_http_url},
     store::catalog::WriteLock,
 };
 
@@ -133,7 +133,7 @@ pub struct AdInput {
     pub video_url: String,
     /// Where a click leads: an absolute http(s) URL (the click-through redirects only there).
     pub target_url: String,
-    /// Whether players get the ad (default true).
+    /// Whether players get the ad: on `POST`, true when absent; on `PUT`, unchanged when absent.
     #[oai(nullable)]
     #[serde(default)]
     pub active: Option<bool>,
@@ -148,6 +148,14 @@ impl poem_openapi::types::Example for AdInput {
             target_url: "https://shop.example.com/winter".into(),
             active: Some(true),
         }
+    }
+}
+
+/// At most the first 100 characters of `text`, for an error that shows it.
+fn shorten(text: &str) -> String {
+    match text.char_indices().nth(100) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_string(),
     }
 }
 
@@ -170,16 +178,24 @@ fn validate(input: &AdInput) -> Result<(), ApiError> {
     }
     if !is_http_url(&input.target_url) {
         return Err(ApiError::unprocessable(format!(
-            "target_url must be an absolute http(s) URL such as https://www.example.com/landing, got {:?}",
-            input.target_url
+            "target_url must be an absolute http(s) URL with a host and no user name, at most \
+             {MAX_URL_LEN} characters, such as https://www.example.com/landing; got {:?}",
+            shorten(&input.target_url)
         )));
     }
-    let path = input.video_url.starts_with('/')
-        && !input.video_url.chars().any(|c| c.is_whitespace() || c.is_control());
-    if !(path || is_http_url(&input.video_url)) {
+    // A path on the player's host; `//host/x` (and `/\host/x`, which browsers read alike) would
+    // name another host.
+    let video = &input.video_url;
+    let path = video.starts_with('/')
+        && !video.starts_with("//")
+        && !video.starts_with("/\\")
+        && video.len() <= MAX_URL_LEN
+        && !video.chars().any(|c| c.is_whitespace() || c.is_control());
+    if !(path || is_http_url(video)) {
         return Err(ApiError::unprocessable(format!(
-            "video_url must be an http(s) URL or a path starting with /, got {:?}",
-            input.video_url
+            "video_url must be an http(s) URL with a host and no user name, or a path starting with a \
+             single /, at most {MAX_URL_LEN} characters; got {:?}",
+            shorten(video)
         )));
     }
     Ok(())
@@ -327,7 +343,8 @@ impl AdsApi {
 
     /// Change an ad.
     ///
-    /// Replaces name, video_url, target_url and active (true when absent). Needs the admin scope
+    /// Replaces name, video_url, target_url and active (unchanged when absent: a retired ad stays
+    /// retired unless `active` is true). Needs the admin scope
     /// when API keys are configured. 404 for an unknown id; 422 naming the field that is wrong.
     #[oai(path = "/ads/:id", method = "put", operation_id = "updateAd")]
     async fn update(
@@ -351,7 +368,8 @@ impl AdsApi {
             name: body.0.name.trim().to_string(),
             video_url: body.0.video_url,
             target_url: body.0.target_url,
-            active: body.0.active.unwrap_or(true),
+            // Absent: as it was. A PUT that fixes a typo must not bring a retired ad back.
+            active: body.0.active.unwrap_or(old.active),
             created_at: old.created_at,
             updated_at: now,
             version: next_version(old.version),

@@ -24,14 +24,27 @@ pub struct Ad {
     pub version: u64,
 }
 
-/// An absolute http(s) URL with a host and no spaces or control characters: what an ad's
-/// `target_url` must be, since the click-through redirects there.
+/// The longest URL an ad may hold: 2,048 characters, as browsers and CDNs take everywhere. A
+/// longer `target_url` would make the click-through's `Location` header outgrow a proxy's
+/// header buffer (nginx's is 4 to 8 KiB by default: a 502 for every click).
+pub const MAX_URL_LEN: usize = 2048;
+
+/// An absolute http(s) URL with a host, no user name or password, at most [`MAX_URL_LEN`]
+/// characters and no spaces or control characters: what an ad's `target_url` must be, since the
+/// click-through redirects there (`https://www.shop.com@evil.example/` names the host
+/// evil.example: a viewer reading the ad's URL would be misled).
 pub fn is_http_url(url: &str) -> bool {
     let Some(rest) = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://")) else {
         return false;
     };
-    !rest.is_empty()
-        && !rest.starts_with(['/', '?', '#'])
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
+    };
+    !host.is_empty()
+        && !authority.contains('@')
+        && url.len() <= MAX_URL_LEN
         && !url.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
@@ -60,7 +73,16 @@ mod tests {
 
     #[test]
     fn only_absolute_http_urls_pass() {
-        assert!(is_http_url("https://example.com/x?y=1") && is_http_url("http://example.com"));
+        for good in [
+            "https://example.com/x?y=1",
+            "http://example.com",
+            "https://example.com:8443/x",
+            "https://[2001:db8::1]:8080/x",
+            "https://example.com/a@b?c=d@e",
+        ] {
+            assert!(is_http_url(good), "{good}");
+        }
+        let long = format!("https://example.com/{}", "x".repeat(MAX_URL_LEN));
         for bad in [
             "javascript:alert(1)",
             "//evil.example",
@@ -69,6 +91,12 @@ mod tests {
             "https:///x",
             "https://a b",
             "ftp://a",
+            "https://user:pass@evil.example/",
+            "https://www.shop.com@evil.example/",
+            "https://@",
+            "https://:",
+            "https://:443/x",
+            &long,
         ] {
             assert!(!is_http_url(bad), "{bad}");
         }

@@ -69,6 +69,18 @@ async fn ad_ops_create_change_and_retire_ads_and_players_follow() {
     assert_eq!(app.wait_flushed(2).await, 2);
     let a: Value = app.get(&format!("/ads/analytics?adId={id}&timeframe=1h")).await.json().await.unwrap();
     assert_eq!(a["totalClicks"], 2, "a retired ad's events still count");
+
+    // A change that does not mention `active` (a typo fixed) leaves it retired; saying so
+    // brings it back.
+    let fix = json!({"name": "Winter Sale 2", "video_url": "https://cdn.example/w2.mp4", "target_url": "https://shop.example/w2"});
+    let (status, fixed) = app.send(reqwest::Method::PUT, &location, None, Some(fix.clone())).await;
+    assert_eq!((status, fixed["active"].as_bool()), (200, Some(false)), "{fixed}");
+    assert_eq!(no_redirects().get(format!("{}/c/{id}", app.base)).send().await.unwrap().status(), 404);
+    let mut back = fix;
+    back["active"] = json!(true);
+    let (status, revived) = app.send(reqwest::Method::PUT, &location, None, Some(back)).await;
+    assert_eq!((status, revived["active"].as_bool()), (200, Some(true)), "{revived}");
+    assert_eq!(no_redirects().get(format!("{}/c/{id}", app.base)).send().await.unwrap().status(), 302);
 }
 
 #[tokio::test]
@@ -104,6 +116,27 @@ async fn bad_catalog_requests_get_the_right_status() {
             json!({"name": "A", "video_url": "v.mp4", "target_url": "https://a.example"}),
             422,
             "video_url must be",
+        ),
+        (
+            reqwest::Method::POST,
+            "/ads".to_string(),
+            json!({"name": "A", "video_url": "/v.mp4", "target_url": "https://www.shop.example@evil.example/"}),
+            422,
+            "target_url must be an absolute http(s) URL with a host and no user name",
+        ),
+        (
+            reqwest::Method::POST,
+            "/ads".to_string(),
+            json!({"name": "A", "video_url": "//evil.example/v.mp4", "target_url": "https://a.example"}),
+            422,
+            "video_url must be",
+        ),
+        (
+            reqwest::Method::POST,
+            "/ads".to_string(),
+            json!({"name": "A", "video_url": "/v.mp4", "target_url": format!("https://a.example/{}", "x".repeat(2100))}),
+            422,
+            "at most 2048 characters",
         ),
         (
             reqwest::Method::PUT,
