@@ -14,9 +14,12 @@ use super::{
     ApiTags, State,
     auth::{Credentials, Scope},
     body::OptionalJsonBody,
-    error::ApiError,
+    error::{ApiError, ErrorBody},
 };
-use crate::{ingest::dead_letter::DeadLetter, store::EventRow};
+use crate::{
+    ingest::dead_letter::{DeadLetter, Interrupted},
+    store::EventRow,
+};
 
 /// Dead letters per page when `limit` is not given.
 pub const DEFAULT_LIMIT: usize = 100;
@@ -355,7 +358,8 @@ impl AdminApi {
     /// still rejects come back as new dead letters. Damaged entries hold no rows: they stay and
     /// are listed in `skipped`. Ids that name no dead letter are ignored. Needs the admin scope
     /// when API keys are configured. 422 naming a malformed id; 409 when REDIS_URL is none; 503
-    /// when Redis does not answer.
+    /// when Redis does not answer (saying how many moved, when it failed part way: those are in
+    /// the spill, and a retry moves the rest).
     #[oai(path = "/admin/dead-letters/replay", method = "post", operation_id = "replayDeadLetters")]
     async fn replay(
         &self,
@@ -365,12 +369,30 @@ impl AdminApi {
         self.state.api_keys.require(&auth, Scope::Admin)?;
         let ids = selection(body.0)?;
         self.redis()?;
-        let done = self
-            .state
-            .dead_letters
-            .replay(ids.as_deref())
-            .await
-            .map_err(|e| ApiError::redis(&e, self.state.retry_after))?;
+        let done = match self.state.dead_letters.replay(ids.as_deref()).await {
+            Ok(done) => done,
+            Err(Interrupted { done, error }) if done.entries == 0 => {
+                return Err(ApiError::redis(&error, self.state.retry_after));
+            }
+            // Some moved before Redis failed: they are in the spill, counted, and the answer
+            // says so (retrying moves the rest; the moved ones are no dead letters any more).
+            Err(Interrupted { done, error }) => {
+                self.state.metrics.dead_letters_replayed.inc_by(done.entries);
+                self.state.metrics.spill_bytes_pushed.inc_by(done.bytes);
+                tracing::warn!(entries = done.entries, events = done.events, error = %error,
+                    "Redis failed part way through a replay of dead letters");
+                return Err(ApiError::Unavailable(
+                    Json(ErrorBody {
+                        error: format!(
+                            "Redis stopped answering after {} dead letters ({} events) were moved back \
+                             to the spill, where they will be replayed; retry to move the rest",
+                            done.entries, done.events
+                        ),
+                    }),
+                    self.state.retry_after,
+                ));
+            }
+        };
         self.state.metrics.dead_letters_replayed.inc_by(done.entries);
         self.state.metrics.spill_bytes_pushed.inc_by(done.bytes);
         self.refresh_gauge().await;

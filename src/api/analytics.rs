@@ -390,13 +390,13 @@ pub struct AnalyticsApi {
     pub state: Arc<State>,
 }
 
-fn parse_page(name: &str, text: Option<&str>, default: u64, max: u64) -> Result<u64, ApiError> {
+fn parse_page(name: &str, text: Option<&str>, default: u64, (min, max): (u64, u64)) -> Result<u64, ApiError> {
     let Some(text) = text else { return Ok(default) };
     match text.parse::<u64>() {
-        Ok(n) if n <= max => Ok(n),
-        _ => {
-            Err(ApiError::bad_request(format!("{name} must be a whole number from 0 to {max}; got {text:?}")))
-        }
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(ApiError::bad_request(format!(
+            "{name} must be a whole number from {min} to {max}; got {text:?}"
+        ))),
     }
 }
 
@@ -497,13 +497,8 @@ impl AnalyticsApi {
                 AnalyticsBody::Ad(Box::new(self.one_ad(ad, window).await.map_err(unavailable)?))
             }
             None => {
-                let limit = parse_page("limit", limit.0.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)?;
-                if limit == 0 {
-                    return Err(ApiError::bad_request(format!(
-                        "limit must be a whole number from 1 to {MAX_LIMIT}; got \"0\""
-                    )));
-                }
-                let offset = parse_page("offset", offset.0.as_deref(), 0, u64::from(u32::MAX))?;
+                let limit = parse_page("limit", limit.0.as_deref(), DEFAULT_LIMIT, (1, MAX_LIMIT))?;
+                let offset = parse_page("offset", offset.0.as_deref(), 0, (0, u64::from(u32::MAX)))?;
                 AnalyticsBody::Ads(self.every_ad(window, limit, offset).await.map_err(unavailable)?)
             }
         };
@@ -612,8 +607,12 @@ mod tests {
         assert!(parse_ad_id(Some("x"), None).is_err());
         assert!(parse_ad_id(Some("11111111-1111-1111-1111-111111111111"), Some("x")).is_err());
         assert_eq!(parse_ad_id(None, None).ok(), Some(None));
-        assert!(parse_page("limit", Some("-1"), 100, 1000).is_err());
-        assert!(parse_page("limit", Some("1001"), 100, 1000).is_err());
-        assert_eq!(parse_page("limit", None, 100, 1000).ok(), Some(100));
+        assert!(parse_page("limit", Some("-1"), 100, (1, 1000)).is_err());
+        assert!(parse_page("limit", Some("0"), 100, (1, 1000)).is_err());
+        let Err(ApiError::BadRequest(e)) = parse_page("limit", Some("1001"), 100, (1, 1000)) else {
+            panic!()
+        };
+        assert!(e.0.error.contains("from 1 to 1000"), "{}", e.0.error);
+        assert_eq!(parse_page("limit", None, 100, (1, 1000)).ok(), Some(100));
     }
 }

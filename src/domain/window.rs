@@ -133,8 +133,19 @@ pub fn months_before(t: OffsetDateTime, months: u32) -> OffsetDateTime {
 }
 
 fn parse_bound(name: &str, text: &str) -> Result<OffsetDateTime, String> {
-    let t = OffsetDateTime::parse(text, &Rfc3339)
-        .map_err(|_| format!("{name} must be an RFC 3339 time such as 2026-11-21T10:15:00Z; got {text:?}"))?;
+    // An offset's `+` that the URL did not encode arrives as a space (`…T10:15:00 01:00`).
+    let plus = match (text.get(..19), text.get(19..)) {
+        (Some(head), Some(tail)) if tail.contains(' ') => {
+            Some(format!("{head}{}", tail.replacen(' ', "+", 1)))
+        }
+        _ => None,
+    };
+    let t = OffsetDateTime::parse(plus.as_deref().unwrap_or(text), &Rfc3339).map_err(|_| {
+        format!(
+            "{name} must be an RFC 3339 time such as 2026-11-21T10:15:00Z (encode an offset's + as \
+             %2B); got {text:?}"
+        )
+    })?;
     if t.second() != 0 || t.nanosecond() != 0 {
         return Err(format!(
             "{name} must be on a whole minute (analytics are exact to the minute), such as \
@@ -313,6 +324,10 @@ mod tests {
         let w = resolve(None, Some("2026-10-31T23:15:00+01:00"), Some("2026-11-01T01:00:00Z")).unwrap();
         assert_eq!((w.from, w.to), (datetime!(2026-10-31 22:15 UTC), datetime!(2026-11-01 01:00 UTC)));
         assert_eq!(w.kind.to_string(), "custom");
+        // The same offset with its `+` decoded to a space by a URL that did not encode it.
+        let spaced = resolve(None, Some("2026-10-31T23:15:00 01:00"), Some("2026-11-01T01:00:00Z")).unwrap();
+        assert_eq!(spaced.from, w.from);
+        assert!(resolve(None, Some("2026-10-31T23:15:00é01:00"), None).is_err());
         assert_eq!(
             resolve(None, Some("2026-11-22T01:00:00Z"), None).unwrap().to,
             datetime!(2026-11-22 01:38 UTC)

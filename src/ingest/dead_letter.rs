@@ -126,6 +126,15 @@ pub struct Replayed {
     pub skipped: Vec<String>,
 }
 
+/// A replay that Redis cut short: what moved before it stopped answering, and why.
+#[derive(Debug)]
+pub struct Interrupted {
+    /// The dead letters moved back before the error (they are in the spill).
+    pub done: Replayed,
+    /// Redis's error.
+    pub error: RedisError,
+}
+
 /// The dead letters: the Redis stream, with files as the fallback.
 #[derive(Clone)]
 pub struct DeadLetters {
@@ -220,9 +229,17 @@ impl DeadLetters {
     /// Moves dead letters (`ids`, or every one) back to the spill, where the replayers insert
     /// them again (checked first, as any spilled batch). Damaged entries stay. Each one moves in
     /// one step that deletes it first, so that two replays at once move it once.
-    pub async fn replay(&self, ids: Option<&[String]>) -> Result<Replayed, RedisError> {
-        let spill = self.stream()?;
+    /// When Redis fails on the way, the error carries what moved before it.
+    pub async fn replay(&self, ids: Option<&[String]>) -> Result<Replayed, Interrupted> {
         let mut done = Replayed::default();
+        match self.replay_into(ids, &mut done).await {
+            Ok(()) => Ok(done),
+            Err(error) => Err(Interrupted { done, error }),
+        }
+    }
+
+    async fn replay_into(&self, ids: Option<&[String]>, done: &mut Replayed) -> Result<(), RedisError> {
+        let spill = self.stream()?;
         let mut after: Option<String> = None;
         // Every dead letter there is now, not those the replay adds meanwhile (rows rejected
         // again), which would otherwise go round as long as this call runs.
@@ -230,7 +247,7 @@ impl DeadLetters {
             Some(_) => None,
             None => match spill.newest(&spill.keys.dead_letters).await? {
                 Some(id) => Some(id),
-                None => return Ok(done),
+                None => return Ok(()),
             },
         };
         loop {
@@ -276,10 +293,10 @@ impl DeadLetters {
                 break;
             }
         }
-        Ok(done)
+        Ok(())
     }
 
-    /// Deletes dead letters (`ids`, or every one); returns how many.
+    /// Deletes dead letters (`ids`, or every one there is, in one step); returns how many.
     pub async fn purge(&self, ids: Option<&[String]>) -> Result<u64, RedisError> {
         let spill = self.stream()?;
         match ids {
