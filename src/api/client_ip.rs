@@ -97,29 +97,60 @@ impl TrustedProxies {
         if !self.trusts(peer) {
             return peer;
         }
-        let entries: Vec<&str> = headers
+        // Split as bytes: a client's entry that is not UTF-8 must not make the whole header, the
+        // addresses the proxies appended included, go unread (and X-Real-IP, which the client
+        // may have set itself, count instead).
+        let entries: Vec<&[u8]> = headers
             .get_all(X_FORWARDED_FOR)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
             .collect();
         // From the right: each trusted proxy appended the address it saw, so the last address no
         // trusted proxy vouches for is the client. Anything left of an entry that does not parse
         // was written by someone unknown and is not believed.
         let mut leftmost_trusted = None;
         for entry in entries.iter().rev() {
-            match entry.parse::<IpAddr>() {
-                Ok(addr) if self.trusts(addr) => leftmost_trusted = Some(addr),
-                Ok(addr) => return addr,
-                Err(_) => return leftmost_trusted.unwrap_or(peer),
+            match forwarded_ip(entry) {
+                Some(addr) if self.trusts(addr) => leftmost_trusted = Some(addr),
+                Some(addr) => return addr,
+                None => return leftmost_trusted.unwrap_or(peer),
             }
         }
         if let Some(addr) = leftmost_trusted {
             return addr;
         }
-        header_ip(headers, &X_REAL_IP).unwrap_or(peer)
+        // X-Real-IP only from a proxy that sends no X-Forwarded-For at all.
+        if entries.is_empty() { header_ip(headers, &X_REAL_IP).unwrap_or(peer) } else { peer }
     }
+}
+
+/// An `X-Forwarded-For` entry's address: a bare address, or one with a port as some load
+/// balancers write it (`192.0.2.1:5678`, `[2001:db8::1]:5678`, `[2001:db8::1]`).
+fn forwarded_ip(entry: &[u8]) -> Option<IpAddr> {
+    let text = std::str::from_utf8(entry).ok()?.trim();
+    if let Ok(ip) = text.parse() {
+        return Some(ip);
+    }
+    let port_ok = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+    if let Some(rest) = text.strip_prefix('[') {
+        let (inside, after) = rest.split_once(']')?;
+        let bare = after.is_empty() || after.strip_prefix(':').is_some_and(port_ok);
+        return bare.then(|| inside.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6)).flatten();
+    }
+    let (host, port) = text.split_once(':')?;
+    port_ok(port).then(|| host.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)).flatten()
+}
+
+/// True for an address that names no one viewer: unspecified (`0.0.0.0`, `::`), loopback,
+/// multicast or broadcast, the placeholders an ad server may send for a viewer it does not
+/// know. Taken as a viewer's, it would make every such viewer one (one unique click, each
+/// other's repeats).
+pub fn is_placeholder(ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_multicast()
+        || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
 }
 
 /// The address in header `name`, if it holds exactly one that parses.
@@ -127,11 +158,17 @@ pub(crate) fn header_ip(headers: &HeaderMap, name: &HeaderName) -> Option<IpAddr
     headers.get(name)?.to_str().ok()?.trim().parse().ok()
 }
 
+/// The viewer's address an ingest caller states in `X-Device-IP`, unless it is a placeholder
+/// ([`is_placeholder`]).
+pub(crate) fn device_ip(headers: &HeaderMap) -> Option<IpAddr> {
+    header_ip(headers, &X_DEVICE_IP).filter(|ip| !is_placeholder(*ip))
+}
+
 /// The address an event from `req` counts for; `stated` is an address the request body claims,
 /// believed (like `X-Device-IP`) only when `ingest` says the caller's key has the ingest scope.
 pub fn resolve(req: &Request, proxies: &TrustedProxies, ingest: bool, stated: Option<IpAddr>) -> IpAddr {
     let headers = req.headers();
-    if ingest && let Some(claim) = header_ip(headers, &X_DEVICE_IP).or(stated) {
+    if ingest && let Some(claim) = device_ip(headers).or(stated.filter(|ip| !is_placeholder(*ip))) {
         return claim;
     }
     let peer = req
@@ -183,5 +220,47 @@ mod tests {
         let mut hops = HeaderMap::new();
         hops.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.3, 10.0.0.9"));
         assert_eq!(proxies.client(ip("10.0.0.1"), &hops), ip("10.0.0.3"));
+        // A client's entry that is not UTF-8 does not hide what the proxy appended, nor make a
+        // client's own X-Real-IP count.
+        let mut bytes = HeaderMap::new();
+        bytes.insert("x-forwarded-for", HeaderValue::from_bytes(b"\xff, 203.0.113.5").unwrap());
+        bytes.insert("x-real-ip", HeaderValue::from_static("198.51.100.77"));
+        assert_eq!(proxies.client(ip("10.0.0.1"), &bytes), ip("203.0.113.5"));
+        let mut only_junk = HeaderMap::new();
+        only_junk.insert("x-forwarded-for", HeaderValue::from_bytes(b"\xff").unwrap());
+        only_junk.insert("x-real-ip", HeaderValue::from_static("198.51.100.77"));
+        assert_eq!(proxies.client(ip("10.0.0.1"), &only_junk), ip("10.0.0.1"));
+        // Entries with ports.
+        for (entry, want) in [
+            ("192.0.2.1:5678", "192.0.2.1"),
+            ("[2001:db8::1]:5678", "2001:db8::1"),
+            ("[2001:db8::1]", "2001:db8::1"),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("x-forwarded-for", HeaderValue::from_str(&format!("{entry}, 10.0.0.9")).unwrap());
+            assert_eq!(proxies.client(ip("10.0.0.1"), &h), ip(want), "{entry}");
+        }
+        for bad in ["192.0.2.1:", "192.0.2.1:x", "[2001:db8::1", "[2001:db8::1]x", "2001:db8::1:99999"] {
+            assert_eq!(forwarded_ip(bad.as_bytes()), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn placeholders_name_no_viewer() {
+        for p in [
+            "0.0.0.0",
+            "::",
+            "127.0.0.1",
+            "::1",
+            "255.255.255.255",
+            "224.0.0.1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(is_placeholder(ip(p)), "{p}");
+        }
+        for real in ["192.0.2.1", "2001:db8::1", "10.1.2.3"] {
+            assert!(!is_placeholder(ip(real)), "{real}");
+        }
     }
 }

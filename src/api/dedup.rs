@@ -5,7 +5,8 @@
 //! is still stored, flagged `duplicate`, so it shows as filtered traffic; only the first counts.
 //! Windows are measured on event time, so a batch an SDK sends after being offline is judged by
 //! when its events happened, not by when they arrived; a late event is judged against the last
-//! few counted ones of its key (up to [`REMEMBERED`]), so it cannot sneak in between them. Memory
+//! few counted ones of its key (up to [`REMEMBERED`]), so it cannot sneak in between them, and
+//! one older than all of them, with all of them remembered, is taken for a repeat. Memory
 //! is bounded: an entry is forgotten one to two windows (of arrival time) after it was last used
 //! (see [`super::recent`]), and at most about [`MAX_KEYS`] are kept (past that the oldest go
 //! first, and a repeat of a forgotten one counts).
@@ -82,11 +83,16 @@ impl DedupWindow {
             if times.iter().any(|&t| t != EMPTY && at.abs_diff(t) < window) {
                 return (seen, Verdict::Repeat);
             }
-            // Keep the newest: `at` takes the oldest slot (or an empty one) if it is newer.
-            if at > times[REMEMBERED - 1] {
-                times[REMEMBERED - 1] = at;
-                times.sort_unstable_by(|a, b| b.cmp(a));
+            // Older than every remembered time with no slot free: it cannot be remembered, so
+            // counting it would let the same time count again and again (a client dating its
+            // clicks back 10 s at a time, then repeating one). Taken for a repeat: a key with
+            // REMEMBERED counted events already is a script's or a replayed batch's.
+            if times[REMEMBERED - 1] != EMPTY && at < times[REMEMBERED - 1] {
+                return (seen, Verdict::Repeat);
             }
+            // Keep the newest: `at` takes the oldest slot (or an empty one).
+            times[REMEMBERED - 1] = at;
+            times.sort_unstable_by(|a, b| b.cmp(a));
             (Some(times), Verdict::Counts(Some(Mark { key, at })))
         })
     }
@@ -134,6 +140,22 @@ mod tests {
         assert_eq!(w.judge(AD, 7, EventKind::Click, 995), Verdict::Repeat);
         assert_eq!(w.judge(AD, 7, EventKind::Click, 1021), Verdict::Repeat);
         assert!(matches!(w.judge(AD, 7, EventKind::Click, 1010), Verdict::Counts(_)));
+    }
+
+    #[test]
+    fn clicks_dated_ever_further_back_do_not_count_without_end() {
+        let w = DedupWindow::new(Duration::from_secs(10), &[EventKind::Click]);
+        for at in [1000, 990, 980, 970] {
+            assert!(matches!(w.judge(AD, 7, EventKind::Click, at), Verdict::Counts(_)), "{at}");
+        }
+        // Older than all four remembered: it could not be remembered, so it would count every
+        // time it came.
+        for _ in 0..3 {
+            assert_eq!(w.judge(AD, 7, EventKind::Click, 960), Verdict::Repeat);
+        }
+        // A newer one still counts, and takes the oldest slot.
+        assert!(matches!(w.judge(AD, 7, EventKind::Click, 1010), Verdict::Counts(_)));
+        assert_eq!(w.judge(AD, 7, EventKind::Click, 975), Verdict::Repeat);
     }
 
     #[test]

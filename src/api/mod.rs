@@ -297,8 +297,13 @@ impl State {
             let device_agent = headers.get(client_ip::X_DEVICE_USER_AGENT);
             let agent =
                 device_agent.map_or(Traffic::Valid, |ua| self.user_agents.classify(Some(ua.as_bytes())));
-            // Only an address that parses names the viewer; a garbled header leaves the server's.
-            (agent, stated.is_some() || client_ip::header_ip(headers, &client_ip::X_DEVICE_IP).is_some())
+            // Only an address that parses, and is no placeholder, names the viewer; else the
+            // server's stands.
+            (
+                agent,
+                stated.is_some_and(|ip| !client_ip::is_placeholder(ip))
+                    || client_ip::device_ip(headers).is_some(),
+            )
         } else {
             (
                 self.user_agents.classify(headers.get(poem::http::header::USER_AGENT).map(|v| v.as_bytes())),
@@ -311,10 +316,12 @@ impl State {
     /// The caller of one batch item: the viewer a server-side caller (ingest scope) names in the
     /// item, else the request's caller. From anyone else the item's viewer fields are ignored.
     pub fn for_device(&self, caller: &Caller, device: &batch::Device) -> Caller {
-        if !caller.ingest || (device.ip.is_none() && device.user_agent.is_none()) {
+        // A placeholder address (0.0.0.0 for "unknown") names no viewer: as if absent.
+        let device_ip = device.ip.filter(|ip| !client_ip::is_placeholder(*ip));
+        if !caller.ingest || (device_ip.is_none() && device.user_agent.is_none()) {
             return *caller;
         }
-        let (ip, ip_hash) = match device.ip {
+        let (ip, ip_hash) = match device_ip {
             Some(ip) => (ip, self.hasher.hash(ip)),
             None => (caller.ip, caller.ip_hash),
         };
@@ -322,7 +329,7 @@ impl State {
             Some(ua) => self.user_agents.classify(Some(ua.as_bytes())),
             None => caller.agent,
         };
-        Caller { ip, ip_hash, agent, per_device: device.ip.is_some() || caller.per_device, ingest: true }
+        Caller { ip, ip_hash, agent, per_device: device_ip.is_some() || caller.per_device, ingest: true }
     }
 
     /// How long the sender of `req` must wait when it is over its rate limit on a tracking

@@ -92,6 +92,10 @@ pub const BUILTIN_BOT_PATTERNS: &[&str] = &[
     "httpie",
     "postmanruntime",
     "insomnia",
+    "guzzlehttp",
+    "windowspowershell",
+    // Load generators.
+    "k6/",
 ];
 
 /// Fragments that contain a bot pattern but name real devices (the phone maker Cubot, whose
@@ -187,7 +191,6 @@ mod tests {
             "Roku/DVP-14.0 (14.0.4.5040-46)",
             "ExoPlayerLib/2.19.1",
             "Mozilla/5.0 (Linux; Android 9; CUBOT_X19) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Mobile Safari/537.36",
-            "k6/0.54.0 (https://k6.io/)",
         ] {
             assert_eq!(class(ua), Traffic::Valid, "{ua}");
         }
@@ -204,6 +207,9 @@ mod tests {
             "curl/8.5.0",
             "python-requests/2.32.3",
             "Go-http-client/1.1",
+            "k6/0.54.0 (https://k6.io/)",
+            "GuzzleHttp/7",
+            "Mozilla/5.0 (Windows NT; Windows NT 10.0; en-US) WindowsPowerShell/5.1.19041.4412",
             "EvilScan/1.0",
             "Mozilla/5.0 (Linux; Android 9; CUBOT_X19) Googlebot/2.1",
         ] {

@@ -81,4 +81,15 @@ async fn stated_addresses_count_only_for_the_ingest_scope() {
         stored_hash(&app, 4, &[("Authorization", &reader), ("X-Device-IP", "203.0.113.9")], None).await,
         hash("127.0.0.1")
     );
+    // A placeholder for "viewer unknown" names no viewer: the caller's own address counts, and
+    // the repeat rule does not lump every such viewer together.
+    let unknown = [("X-API-Key", INGEST), ("X-Device-IP", "0.0.0.0")];
+    assert_eq!(stored_hash(&app, 5, &unknown, None).await, hash("127.0.0.1"));
+    assert_eq!(stored_hash(&app, 6, &unknown, Some("0.0.0.0")).await, hash("127.0.0.1"));
+    let traffic =
+        app.query("SELECT toString(traffic) FROM events WHERE playback_time IN (5, 6) FORMAT TSV").await;
+    assert_eq!(traffic, "valid\nvalid\n", "two viewers behind a placeholder are not each other's repeats");
+    // An IPv6 viewer counts by its /64.
+    let v6 = [("X-API-Key", INGEST), ("X-Device-IP", "2001:db8:1:2:aaaa::1")];
+    assert_eq!(stored_hash(&app, 7, &v6, None).await, hash("2001:db8:1:2::"));
 }
