@@ -57,7 +57,7 @@ pub const SETTINGS: &[Setting] = &[
         "DATA_DIR",
         "./.data/adbeacon",
         "a directory path",
-        "local state: the IP-hash key, the write-ahead log (wal/), dead letters when Redis cannot take them (dead-letter/)",
+        "local state: the IP-hash key, the write-ahead log (wal/), dead letters when Redis cannot take them (dead-letter/); one per instance: a second process on the same directory refuses to start",
     ),
     s(
         "ACK_MODE",

@@ -445,6 +445,26 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Takes the log directory for this process, for as long as the returned file stays open: two
+/// processes on one log would each replay the other's events (storing them twice), delete the
+/// other's segments and write over each other's records. A second adbeacon on the same DATA_DIR
+/// refuses to start instead.
+fn lock_dir(dir: &Path) -> io::Result<File> {
+    let path = dir.join("LOCK");
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!(
+                "another adbeacon process uses the log in {} (each instance needs a DATA_DIR of its own)",
+                dir.display()
+            ),
+        )),
+        Err(fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
 /// The segments in `dir`, by number.
 fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     let mut found = Vec::new();
@@ -486,6 +506,12 @@ fn move_aside(dir: &Path, no: u64, offset: usize, bytes: &[u8]) -> io::Result<Pa
 fn recover(config: WalConfig, buffer: Arc<Buffer>, metrics: Arc<Metrics>) -> io::Result<(Writer, Recovery)> {
     let dir = config.dir.clone();
     fs::create_dir_all(&dir)?;
+    // The new directory's own entry, so that a power cut right after the first start does not
+    // take the directory (and what is then written into it) away.
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        sync_dir(parent)?;
+    }
+    let lock = lock_dir(&dir)?;
     let mut report = Recovery::default();
     let found = segments(&dir)?;
     // The newest recovery segment replaces everything numbered up to what it names.
@@ -583,10 +609,15 @@ fn recover(config: WalConfig, buffer: Arc<Buffer>, metrics: Arc<Metrics>) -> io:
     }
     let path = segment_path(&dir, no);
     let tmp = path.with_extension("tmp");
-    {
-        let mut f = File::create(&tmp)?;
+    let written = File::create(&tmp).and_then(|mut f| {
         f.write_all(&out)?;
-        f.sync_all()?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        // A full disk: the old segments stay as they are (read again at the next start); a
+        // partial copy left behind would only take more room.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
     fs::rename(&tmp, &path)?;
     sync_dir(&dir)?;
@@ -613,6 +644,7 @@ fn recover(config: WalConfig, buffer: Arc<Buffer>, metrics: Arc<Metrics>) -> io:
     metrics.wal_bytes.set(len as i64);
     metrics.wal_segments.set(1);
     let writer = Writer {
+        _lock: lock,
         dir,
         config,
         file,
@@ -668,6 +700,8 @@ struct Sealed {
 
 /// The writer task's state.
 struct Writer {
+    /// The directory's lock ([`lock_dir`]), held while the writer lives.
+    _lock: File,
     dir: PathBuf,
     config: WalConfig,
     /// The active segment; shared with the blocking pool while it is synced.
@@ -1136,7 +1170,8 @@ mod tests {
         let rest = b.take(Instant::now(), true).unwrap();
         let ids: Vec<Uuid> = rest.rows.iter().map(|r| r.event_id).collect();
         assert_eq!(ids, vec![row(3).event_id, row(4).event_id, row(5).event_id]);
-        drop(wal);
+        // Closed without confirming anything (and its lock on the directory let go).
+        wal.close().await;
 
         // Recovering again (nothing confirmed meanwhile) finds the same events, none twice.
         let b = buffer();
@@ -1195,11 +1230,19 @@ mod tests {
         let batch = b.take(Instant::now(), true).unwrap();
         wal.mark_batch(&batch).await.unwrap();
         wal.append(b.reserve(1).unwrap(), vec![row(3)]).await.unwrap();
-        // A crash: no close, nothing confirmed. (The writer task lives on; recovery reads the
-        // files as they are.)
+        // A second process on the same directory is refused: it would replay this one's events.
+        let refused = Wal::open(config(tmp.path()), buffer(), Arc::new(Metrics::new())).await;
+        assert_eq!(refused.err().map(|e| e.kind()), Some(io::ErrorKind::ResourceBusy));
+        // A crash: no close, nothing confirmed. The files as they are now, in a directory of
+        // their own (the writer task lives on, and holds this one).
+        let after = tempfile::tempdir().unwrap();
+        fs::create_dir(after.path().join("wal")).unwrap();
+        for (_, path) in segments(&tmp.path().join("wal")).unwrap() {
+            fs::copy(&path, after.path().join("wal").join(path.file_name().unwrap())).unwrap();
+        }
         let b2 = buffer();
         let (_wal2, report) =
-            Wal::open(config(tmp.path()), b2.clone(), Arc::new(Metrics::new())).await.unwrap();
+            Wal::open(config(after.path()), b2.clone(), Arc::new(Metrics::new())).await.unwrap();
         assert_eq!((report.uncertain_batches, report.uncertain_events, report.fresh_events), (1, 2, 1));
         let first = b2.take(Instant::now(), false).unwrap();
         assert_eq!((first.id, first.uncertain), (batch.id, true));
