@@ -81,6 +81,10 @@ const MAX_GROUP: usize = 4096;
 /// gathers (group commit). Overlapping syncs (2 or 3) measured slower here, with more and smaller
 /// groups whose syncs cost CPU; a disk with a long sync latency but deep queues may prefer more.
 const MAX_IN_FLIGHT: usize = 1;
+/// The most bytes written but not yet known durable that the writer keeps a copy of
+/// (`Writer::pending`); past it, new groups wait for the sync under way.
+const MAX_PENDING: usize = 64 << 20;
+
 /// How often a failing log is probed.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -653,6 +657,9 @@ fn recover(config: WalConfig, buffer: Arc<Buffer>, metrics: Arc<Metrics>) -> io:
         sealed: VecDeque::new(),
         next_seq,
         dirty: false,
+        synced_len: len,
+        pending: Vec::new(),
+        sync_failed: false,
         last_sync: Instant::now(),
         writes: 0,
         buffer,
@@ -671,6 +678,8 @@ type Ack = oneshot::Sender<Result<(), WalError>>;
 /// A group written to the log, waiting for its sync (if it needs one) before it is answered.
 struct Written {
     start_len: u64,
+    /// The segment's length after the group: its sync covers everything before.
+    end_len: u64,
     start_seq: u64,
     appended: Vec<(u64, Reservation, Vec<EventRow>, Ack)>,
     marked: Vec<Ack>,
@@ -698,6 +707,10 @@ struct Sealed {
     bytes: u64,
 }
 
+/// An interval sync running in the background: when it began, `Writer::writes` and the
+/// segment's length then (what it covers), and its task.
+type Background = (Instant, (u64, u64), tokio::task::JoinHandle<io::Result<()>>);
+
 /// The writer task's state.
 struct Writer {
     /// The directory's lock ([`lock_dir`]), held while the writer lives.
@@ -712,6 +725,17 @@ struct Writer {
     next_seq: u64,
     /// Written since the last fsync.
     dirty: bool,
+    /// The active segment is known durable up to here: a sync that began after these bytes
+    /// were written succeeded.
+    synced_len: u64,
+    /// A copy of the bytes after `synced_len` (groups answered before their sync, in
+    /// `WAL_FSYNC=<interval>` mode). When a sync fails, Linux may have dropped those pages from
+    /// the page cache and reports the error once: they are written again from here and synced,
+    /// or events already acknowledged would be missing from the file after a crash.
+    pending: Vec<u8>,
+    /// A sync failed and its bytes could not be written again yet: the log stays `failing`
+    /// (however many later writes succeed) until they are.
+    sync_failed: bool,
     last_sync: Instant,
     /// Groups written so far: an interval sync running in the background clears `dirty` only
     /// if nothing was written after it began.
@@ -733,9 +757,16 @@ impl Writer {
         // being written and answered (when this task waited for it, every request arriving
         // during an fdatasync waited too: with the no-op sink, p99 at half of saturation 1.6 to
         // 2.9 ms, now 1.35 to 1.64; 0.6 to 1.0 without the log). When it began, and `writes` then.
-        let mut background: Option<(Instant, u64, tokio::task::JoinHandle<io::Result<()>>)> = None;
+        let mut background: Option<Background> = None;
         loop {
             if closed && in_flight.is_empty() {
+                // The interval sync under way first: never two syncs of one file at once.
+                if let Some((_, _, sync)) = background.take()
+                    && let Err(e) = sync.await.map_err(io::Error::other).and_then(|r| r)
+                {
+                    self.failed(&e);
+                    self.resync(&e).await;
+                }
                 self.finish().await;
                 if let Some(stop) = stop.take() {
                     let _ = stop.send(());
@@ -744,7 +775,11 @@ impl Writer {
             }
             // A full segment is rotated once nothing is in flight in it; until then no new group.
             let rotating = self.len >= self.config.segment_bytes && !in_flight.is_empty();
-            let accepting = !closed && in_flight.len() < MAX_IN_FLIGHT && !rotating;
+            // Nor while the bytes not yet known durable fill their copy: a sync that stalls holds
+            // new groups back (their requests wait, and the buffer's bound refuses more) instead
+            // of growing the copy without end.
+            let accepting =
+                !closed && in_flight.len() < MAX_IN_FLIGHT && !rotating && self.pending.len() < MAX_PENDING;
             let wait = if in_flight.is_empty() && background.is_none() { self.wait() } else { None };
             let oldest_sync = in_flight.front_mut().and_then(|g| g.sync.as_mut());
             let syncing = oldest_sync.is_some();
@@ -756,6 +791,7 @@ impl Writer {
                     match synced.map_err(io::Error::other).and_then(|r| r) {
                         Ok(()) => {
                             self.metrics.wal_fsync_duration.observe(started.elapsed().as_secs_f64());
+                            self.synced(group.end_len);
                             self.complete(group);
                         }
                         Err(e) => {
@@ -767,19 +803,26 @@ impl Writer {
                             for later in in_flight.drain(..) {
                                 later.fail(&err);
                             }
+                            // What earlier groups, answered already, wrote before it.
+                            self.resync(&e).await;
                         }
                     }
                 }
                 synced = async { (&mut background.as_mut().expect("guarded").2).await }, if background.is_some() => {
-                    let (started, writes, _) = background.take().expect("guarded");
+                    let (started, (writes, covered), _) = background.take().expect("guarded");
                     match synced.map_err(io::Error::other).and_then(|r| r) {
                         Ok(()) => {
                             self.metrics.wal_fsync_duration.observe(started.elapsed().as_secs_f64());
                             self.dirty &= self.writes != writes;
                             self.last_sync = started;
+                            self.synced(covered);
                         }
-                        // The written groups were answered already; the next sync tries again.
-                        Err(e) => self.failed(&e),
+                        // The written groups were answered already: their bytes are written
+                        // again and synced.
+                        Err(e) => {
+                            self.failed(&e);
+                            self.resync(&e).await;
+                        }
                     }
                 }
                 _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {
@@ -788,7 +831,7 @@ impl Writer {
                     } else if self.dirty {
                         let file = self.file.clone();
                         let sync = tokio::task::spawn_blocking(move || file.sync_data());
-                        background = Some((Instant::now(), self.writes, sync));
+                        background = Some((Instant::now(), (self.writes, self.len), sync));
                     }
                 }
                 job = rx.recv(), if accepting => match job {
@@ -805,7 +848,7 @@ impl Writer {
                                 Err(_) => break,
                             }
                         }
-                        if let Some(written) = self.write_group(jobs, &mut stop) {
+                        if let Some(written) = self.write_group(jobs, &mut stop, &mut background) {
                             in_flight.push_back(written);
                         }
                         closed |= stop.is_some();
@@ -818,7 +861,8 @@ impl Writer {
                 self.complete(group);
             }
             self.collect();
-            if in_flight.is_empty() {
+            // Not while an interval sync runs: never two syncs of one file at once.
+            if in_flight.is_empty() && background.is_none() {
                 self.rotate_if_full().await;
             }
         }
@@ -839,6 +883,9 @@ impl Writer {
 
     /// Nothing in flight and the probe of a failing disk is due: writes and syncs a probe record.
     async fn probe(&mut self) {
+        if self.sync_failed && !self.rewrite().await {
+            return;
+        }
         self.out.clear();
         record(&mut self.out, |o| o.push(PROBE));
         let at = self.len;
@@ -849,6 +896,7 @@ impl Writer {
         match probed {
             Ok(()) => {
                 self.len += self.out.len() as u64;
+                self.synced_len = self.len;
                 self.metrics.wal_bytes.add(self.out.len() as i64);
                 self.recovered();
             }
@@ -861,7 +909,12 @@ impl Writer {
 
     /// Encodes and writes one group of jobs (into the page cache: as quick as a log line, so on
     /// the task itself) and starts its sync if it needs one. A stop request goes into `stop`.
-    fn write_group(&mut self, jobs: Vec<Job>, stop: &mut Option<oneshot::Sender<()>>) -> Option<Written> {
+    fn write_group(
+        &mut self,
+        jobs: Vec<Job>,
+        stop: &mut Option<oneshot::Sender<()>>,
+        background: &mut Option<Background>,
+    ) -> Option<Written> {
         let start_seq = self.next_seq;
         let mut must_sync = self.config.fsync == FsyncPolicy::EveryGroup;
         let mut appended = Vec::new();
@@ -895,7 +948,8 @@ impl Writer {
             return None;
         }
         let start_len = self.len;
-        let group = Written { start_len, start_seq, appended, marked, sync: None };
+        let end_len = start_len + self.out.len() as u64;
+        let group = Written { start_len, end_len, start_seq, appended, marked, sync: None };
         if let Err(e) = self.file.write_all_at(&self.out, start_len) {
             self.cut(start_len, start_seq);
             self.failed(&e);
@@ -903,12 +957,23 @@ impl Writer {
             return None;
         }
         self.len += self.out.len() as u64;
+        self.pending.extend_from_slice(&self.out);
         self.metrics.wal_bytes.add(self.out.len() as i64);
         self.dirty = true;
         self.writes += 1;
         let sync = must_sync.then(|| {
             let file = self.file.clone();
-            (Instant::now(), tokio::task::spawn_blocking(move || file.sync_data()))
+            // Never two syncs of the file at once: the kernel reports a writeback error to one
+            // of them only, and the other would say the group is durable when it may not be.
+            // After an interval sync under way, and failing with it.
+            let before = background.take().map(|(_, _, sync)| sync);
+            let task = tokio::spawn(async move {
+                if let Some(before) = before {
+                    before.await.map_err(io::Error::other)??;
+                }
+                tokio::task::spawn_blocking(move || file.sync_data()).await.map_err(io::Error::other)?
+            });
+            (Instant::now(), task)
         });
         Some(Written { sync, ..group })
     }
@@ -916,7 +981,9 @@ impl Writer {
     /// A group is durable (or needs no sync): its rows go to the buffer in log order and its
     /// requests are answered.
     fn complete(&mut self, group: Written) {
-        self.recovered();
+        if !self.sync_failed {
+            self.recovered();
+        }
         self.metrics.wal_appends.inc_by(group.appended.len() as u64);
         for (first, room, rows, ack) in group.appended {
             // Refused only during shutdown; the rows are in the log, so they are acknowledged all
@@ -939,16 +1006,62 @@ impl Writer {
         self.metrics.wal_bytes.sub(self.len.saturating_sub(len) as i64);
         self.len = len;
         self.next_seq = seq;
+        self.synced_len = self.synced_len.min(len);
+        self.pending.truncate((len - self.synced_len) as usize);
+    }
+
+    /// A sync that began with the segment `covered` bytes long succeeded: those are durable.
+    fn synced(&mut self, covered: u64) {
+        let n = covered.saturating_sub(self.synced_len).min(self.pending.len() as u64);
+        self.pending.drain(..n as usize);
+        self.synced_len += n;
+    }
+
+    /// After a failed sync (`e`): writes the bytes not known durable again, at their place, and
+    /// syncs. Until that works the log stays failing, and the probe tries again.
+    async fn resync(&mut self, e: &io::Error) {
+        self.sync_failed = true;
+        if self.rewrite().await {
+            tracing::warn!(error = %e, "a sync of the local log failed; its bytes were written again and synced");
+        }
+    }
+
+    /// Writes `pending` again at `synced_len` and syncs; true when that worked (the log is then
+    /// no longer failing for it).
+    async fn rewrite(&mut self) -> bool {
+        let (file, bytes, at) = (self.file.clone(), self.pending.clone(), self.synced_len);
+        let done = tokio::task::spawn_blocking(move || {
+            file.write_all_at(&bytes, at)?;
+            file.sync_data()
+        })
+        .await
+        .map_err(io::Error::other)
+        .and_then(|r| r);
+        match done {
+            Ok(()) => {
+                self.synced_len += self.pending.len() as u64;
+                self.pending.clear();
+                self.sync_failed = false;
+                self.recovered();
+                true
+            }
+            Err(e) => {
+                self.failed(&e);
+                false
+            }
+        }
     }
 
     /// fdatasync on the blocking pool, with nothing in flight (rotation, interval, shutdown).
     async fn sync(&mut self) -> io::Result<()> {
         let started = Instant::now();
         let file = self.file.clone();
+        let covered = self.len;
         tokio::task::spawn_blocking(move || file.sync_data()).await.map_err(io::Error::other)??;
         self.metrics.wal_fsync_duration.observe(started.elapsed().as_secs_f64());
         self.dirty = false;
         self.last_sync = Instant::now();
+        self.synced(covered);
         Ok(())
     }
 
@@ -989,30 +1102,35 @@ impl Writer {
         if self.len < self.config.segment_bytes || self.health.failing.load(Ordering::Acquire) {
             return;
         }
-        let mut opened = if self.dirty { self.sync().await.map(|()| None) } else { Ok(None) };
-        if opened.is_ok() {
-            let (dir, next) = (self.dir.clone(), self.no + 1);
-            opened = tokio::task::spawn_blocking(move || {
-                let path = segment_path(&dir, next);
-                let mut f = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
-                f.write_all(MAGIC)?;
-                f.sync_all()?;
-                sync_dir(&dir)?;
-                Ok(Some(f))
-            })
-            .await
-            .unwrap_or_else(|e| Err(io::Error::other(e)));
+        if self.dirty
+            && let Err(e) = self.sync().await
+        {
+            self.failed(&e);
+            self.resync(&e).await;
+            return;
         }
+        let (dir, next) = (self.dir.clone(), self.no + 1);
+        let opened = tokio::task::spawn_blocking(move || {
+            let path = segment_path(&dir, next);
+            let mut f = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+            f.write_all(MAGIC)?;
+            f.sync_all()?;
+            sync_dir(&dir)?;
+            Ok(f)
+        })
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)));
         match opened {
-            Ok(Some(file)) => {
+            Ok(file) => {
                 self.sealed.push_back(Sealed { no: self.no, end_seq: self.next_seq, bytes: self.len });
                 self.file = Arc::new(file);
                 self.no += 1;
                 self.len = MAGIC.len() as u64;
+                self.synced_len = self.len;
+                self.pending.clear();
                 self.metrics.wal_bytes.add(self.len as i64);
                 self.metrics.wal_segments.inc();
             }
-            Ok(None) => {}
             Err(e) => {
                 // Keep writing to the full one; the next group tries again.
                 let _ = fs::remove_file(segment_path(&self.dir, self.no + 1));
@@ -1027,6 +1145,7 @@ impl Writer {
             && let Err(e) = self.sync().await
         {
             self.failed(&e);
+            self.resync(&e).await;
         }
         self.collect();
         let owed = self.next_seq.saturating_sub(self.buffer.confirmed_below());
