@@ -407,36 +407,82 @@ fn decode_record(body: &[u8]) -> Option<Record> {
     r.0.is_empty().then_some(record)
 }
 
-/// The records of a segment's bytes, the length of the valid prefix, and why reading stopped
-/// before the end (a torn or corrupt record).
-fn parse(bytes: &[u8]) -> (Vec<Record>, usize, Option<String>) {
+/// What a segment's bytes hold: its records, and the spans that could not be read, each with
+/// why (a torn tail, or a corrupt stretch in the middle: a bad sector, pages a failed writeback
+/// lost). Reading goes on after a bad span at the next record that checks, so that one bad
+/// stretch does not take the rest of the segment with it.
+struct Parsed {
+    records: Vec<Record>,
+    bad: Vec<(usize, usize, String)>,
+}
+
+fn parse(bytes: &[u8]) -> Parsed {
+    let mut parsed = Parsed { records: Vec::new(), bad: Vec::new() };
     if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
-        return (Vec::new(), 0, Some("not a log segment (bad magic)".into()));
+        parsed.bad.push((0, bytes.len(), "not a log segment (bad magic)".into()));
+        return parsed;
     }
-    let mut records = Vec::new();
     let mut at = MAGIC.len();
     while at < bytes.len() {
-        let Some(header) = bytes.get(at..at + HEADER) else {
-            return (records, at, Some(format!("torn record header at byte {at}")));
-        };
-        let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
-        if len == 0 || len > MAX_RECORD {
-            return (records, at, Some(format!("impossible record length {len} at byte {at}")));
+        match read_record(bytes, at) {
+            Ok((record, next)) => {
+                parsed.records.push(record);
+                at = next;
+            }
+            Err(why) => {
+                let resume = (at + 1..bytes.len())
+                    .find(|&x| plausible_record(bytes, x) && read_record(bytes, x).is_ok())
+                    .unwrap_or(bytes.len());
+                parsed.bad.push((at, resume, why));
+                at = resume;
+            }
         }
-        let Some(body) = bytes.get(at + HEADER..at + HEADER + len) else {
-            return (records, at, Some(format!("torn record at byte {at}")));
-        };
-        if crc32c::crc32c(body) != crc {
-            return (records, at, Some(format!("checksum mismatch at byte {at}")));
-        }
-        let Some(record) = decode_record(body) else {
-            return (records, at, Some(format!("undecodable record at byte {at}")));
-        };
-        records.push(record);
-        at += HEADER + len;
     }
-    (records, at, None)
+    parsed
+}
+
+/// The record at byte `at` and where the next begins, or why it cannot be read.
+fn read_record(bytes: &[u8], at: usize) -> Result<(Record, usize), String> {
+    let Some(header) = bytes.get(at..at + HEADER) else {
+        return Err(format!("torn record header at byte {at}"));
+    };
+    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+    if len == 0 || len > MAX_RECORD {
+        return Err(format!("impossible record length {len} at byte {at}"));
+    }
+    let Some(body) = bytes.get(at + HEADER..at + HEADER + len) else {
+        return Err(format!("torn record at byte {at}"));
+    };
+    if crc32c::crc32c(body) != crc {
+        return Err(format!("checksum mismatch at byte {at}"));
+    }
+    let record = decode_record(body).ok_or_else(|| format!("undecodable record at byte {at}"))?;
+    Ok((record, at + HEADER + len))
+}
+
+/// Whether a record could begin at byte `x`: its length fits, and agrees with its type and
+/// counts. Cheap, so that looking for where to go on after a bad span checksums only the
+/// few offsets that pass.
+fn plausible_record(bytes: &[u8], x: usize) -> bool {
+    let (Some(header), Some(&kind)) = (bytes.get(x..x + HEADER), bytes.get(x + HEADER)) else { return false };
+    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+    if len == 0 || len > MAX_RECORD || x + HEADER + len > bytes.len() {
+        return false;
+    }
+    let count_at = |offset: usize| {
+        bytes
+            .get(x + HEADER + offset..x + HEADER + offset + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
+    };
+    match kind {
+        EVENTS => len >= 13 && count_at(9).is_some_and(|n| len == 13 + n * ROW_BYTES),
+        BATCH => len >= 21 && count_at(17).is_some_and(|n| len == 21 + n * 16),
+        DONE => len == 17,
+        SUPERSEDES => len == 9,
+        PROBE => len == 1,
+        _ => false,
+    }
 }
 
 // ------------------------------------------------------------------------------- files
@@ -522,15 +568,15 @@ fn recover(config: WalConfig, buffer: Arc<Buffer>, metrics: Arc<Metrics>) -> io:
     let mut read = Vec::new();
     for (no, path) in &found {
         let bytes = fs::read(path)?;
-        let (records, valid, stop) = parse(&bytes);
-        if let Some(why) = stop {
-            let tail = &bytes[valid..];
-            report.corrupt_bytes += tail.len() as u64;
-            metrics.wal_corrupt_bytes.inc_by(tail.len() as u64);
-            let aside = move_aside(&dir, *no, valid, tail)?;
-            tracing::error!(segment = %path.display(), kept_bytes = valid, moved_bytes = tail.len(),
+        let Parsed { records, bad } = parse(&bytes);
+        for (start, end, why) in bad {
+            let span = &bytes[start..end];
+            report.corrupt_bytes += span.len() as u64;
+            metrics.wal_corrupt_bytes.inc_by(span.len() as u64);
+            let aside = move_aside(&dir, *no, start, span)?;
+            tracing::error!(segment = %path.display(), at_byte = start, moved_bytes = span.len(),
                 moved_to = %aside.display(), reason = %why,
-                "the local log has a torn or corrupt record; kept what precedes it, moved the rest aside");
+                "the local log has a torn or corrupt stretch; moved it aside and read on after it");
         }
         read.push((*no, records));
     }
@@ -1000,8 +1046,13 @@ impl Writer {
     /// follow valid ones) and numbers events from `seq` again.
     fn cut(&mut self, len: u64, seq: u64) {
         if let Err(e) = self.file.set_len(len) {
-            tracing::error!(error = %e, segment = self.no,
-                "cannot cut a failed write off the local log; later writes overwrite it");
+            // Zeros over it instead: recovery reads on after a bad stretch, so a whole record of
+            // the failed write left behind a shorter later one would come back (an event its
+            // client was told 503 for).
+            let zeros = vec![0u8; self.len.saturating_sub(len) as usize];
+            let zeroed = self.file.write_all_at(&zeros, len);
+            tracing::error!(error = %e, segment = self.no, zeroed = zeroed.is_ok(),
+                "cannot cut a failed write off the local log; wrote zeros over it");
         }
         self.metrics.wal_bytes.sub(self.len.saturating_sub(len) as i64);
         self.len = len;
@@ -1208,8 +1259,8 @@ mod tests {
         let mut out = MAGIC.to_vec();
         events_record(&mut out, 42, &rows);
         batch_record(&mut out, Uuid::from_bytes([9; 16]), &[1..3, 5..8]);
-        let (records, valid, stop) = parse(&out);
-        assert_eq!((valid, stop), (out.len(), None));
+        let Parsed { records, bad } = parse(&out);
+        assert!(bad.is_empty(), "{bad:?}");
         assert_eq!(records[0], Record::Events { first_seq: 42, rows });
         assert_eq!(records[1], Record::Batch { id: Uuid::from_bytes([9; 16]), seqs: vec![1..3, 5..8] });
         assert_eq!(MAGIC.len() + HEADER + 1 + 8 + 4 + 5 * ROW_BYTES, {
@@ -1220,26 +1271,42 @@ mod tests {
     }
 
     #[test]
-    fn a_torn_or_flipped_record_ends_the_valid_prefix() {
+    fn a_torn_or_flipped_record_is_set_aside_and_reading_goes_on() {
         let mut out = MAGIC.to_vec();
         events_record(&mut out, 0, &[row(1)]);
         let first_end = out.len();
         events_record(&mut out, 1, &[row(2)]);
+        let second_end = out.len();
         // Torn: the second record cut short.
-        let (records, valid, stop) = parse(&out[..out.len() - 3]);
-        assert_eq!((records.len(), valid), (1, first_end));
-        assert!(stop.unwrap().contains("torn"));
-        // Flipped: one bit of the second record's body.
+        let Parsed { records, bad } = parse(&out[..out.len() - 3]);
+        assert_eq!(records.len(), 1);
+        assert_eq!((bad[0].0, bad[0].1), (first_end, second_end - 3));
+        assert!(bad[0].2.contains("torn"));
+        // Flipped: one bit of the second record's body, with a third record after it: the
+        // third is still read.
         let mut flipped = out.clone();
+        batch_record(&mut flipped, Uuid::from_bytes([9; 16]), &[0..2]);
         flipped[first_end + HEADER + 20] ^= 0x10;
-        let (records, valid, stop) = parse(&flipped);
-        assert_eq!((records.len(), valid), (1, first_end));
-        assert!(stop.unwrap().contains("checksum"));
+        let Parsed { records, bad } = parse(&flipped);
+        assert_eq!(records.len(), 2);
+        assert!(matches!(records[1], Record::Batch { .. }));
+        assert_eq!(bad.len(), 1);
+        assert_eq!((bad[0].0, bad[0].1), (first_end, second_end));
+        assert!(bad[0].2.contains("checksum"));
+        // Zeros in the middle (pages a failed writeback lost), then a good record.
+        let mut holes = out[..first_end].to_vec();
+        holes.extend_from_slice(&[0; 4096]);
+        events_record(&mut holes, 9, &[row(9)]);
+        let Parsed { records, bad } = parse(&holes);
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[1], Record::Events { first_seq: 9, rows: vec![row(9)] });
+        assert_eq!((bad[0].0, bad[0].1), (first_end, first_end + 4096));
         // Garbage length.
         let mut garbage = out[..first_end].to_vec();
         garbage.extend_from_slice(&[0xff; 12]);
-        let (records, valid, _) = parse(&garbage);
-        assert_eq!((records.len(), valid), (1, first_end));
+        let Parsed { records, bad } = parse(&garbage);
+        assert_eq!(records.len(), 1);
+        assert_eq!((bad[0].0, bad[0].1), (first_end, first_end + 12));
     }
 
     /// Writes a segment as a crashed process would have left it.

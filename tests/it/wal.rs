@@ -183,11 +183,12 @@ async fn a_truncated_record_at_the_end_of_the_log_keeps_every_event_before_it() 
     assert_eq!(aside, 1, "the torn tail is kept for inspection");
 }
 
-/// Issue 6, test (b): a flipped bit inside a record (a corrupt sector). Reading stops there: the
-/// events before it are sent, the rest of the file is moved aside and reported, start-up does not
-/// loop or fail.
+/// Issue 6, test (b): a flipped bit inside a record (a corrupt sector). That record is moved aside
+/// and reported, and reading goes on after it: every other event is sent, once; start-up does
+/// not loop or fail. (Until 2026-11-23 reading stopped there, and the records after it were lost
+/// too.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_corrupt_record_ends_recovery_there_and_is_moved_aside() {
+async fn a_corrupt_record_is_moved_aside_and_recovery_reads_on() {
     let (mut ch, db, data, ids) = events_left_in_the_log(10).await;
     let (segment, records) = log_records(data.path());
     let events: Vec<_> = records.iter().filter(|r| r.2 == 1).collect();
@@ -198,11 +199,18 @@ async fn a_corrupt_record_ends_recovery_there_and_is_moved_aside() {
     bytes[at + 8 + 20] ^= 0x04;
     std::fs::write(&segment, bytes).unwrap();
 
-    let app = restart(&mut ch, &db, data, 6).await;
+    let app = restart(&mut ch, &db, data, 9).await;
     let stored = stored_ids(&ch, &db).await;
-    assert_books_balance(&ids[..6].iter().copied().collect(), &stored);
-    assert_eq!(stored.len(), 6);
-    assert!(app.metric("adbeacon_wal_corrupt_bytes_total").await > 0);
+    let kept: std::collections::HashSet<Uuid> =
+        ids.iter().enumerate().filter(|(i, _)| *i != 6).map(|(_, id)| *id).collect();
+    assert_books_balance(&kept, &stored);
+    assert_eq!(stored.len(), 9, "all but the damaged one");
+    assert!(!stored.contains_key(&ids[6]));
+    assert_eq!(
+        app.metric("adbeacon_wal_corrupt_bytes_total").await as usize,
+        events[6].1,
+        "that record alone"
+    );
 }
 
 /// Events left in the log by a stop while ClickHouse was down are sent at the next start, once.
