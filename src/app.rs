@@ -72,6 +72,34 @@ pub struct App {
     retention: JoinHandle<()>,
     stop_retention: CancellationToken,
     header_read_timeout: Duration,
+    max_connections: usize,
+}
+
+/// File descriptors kept for everything but client connections: ClickHouse's and Redis's
+/// connections, the log's segments, dead-letter files, the replay thread's pool.
+const RESERVED_FDS: usize = 256;
+
+/// MAX_CONNECTIONS, lowered to what the process's open-file limit leaves after
+/// [`RESERVED_FDS`] (where `/proc/self/limits` says it), so that connections cannot take the
+/// descriptors the pipeline needs.
+fn connection_limit(configured: usize) -> usize {
+    let soft = std::fs::read_to_string("/proc/self/limits").ok().and_then(|text| {
+        let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+        line.split_whitespace().nth(3)?.parse::<usize>().ok()
+    });
+    match soft {
+        Some(files) if configured > files.saturating_sub(RESERVED_FDS) => {
+            let limit = files.saturating_sub(RESERVED_FDS).max(1);
+            tracing::warn!(
+                max_connections = configured,
+                open_files = files,
+                limit,
+                "MAX_CONNECTIONS is above what the open-file limit leaves; raise the limit (ulimit -n) to allow more"
+            );
+            limit
+        }
+        _ => configured,
+    }
 }
 
 /// The buffer `config` describes.
@@ -316,6 +344,7 @@ impl App {
         let listener = listen(addr).map_err(io(format!("cannot listen on {addr} (set HOST/PORT)")))?;
         let local_addr = listener.local_addr().map_err(io("listening socket"))?;
         let header_read_timeout = config.header_read_timeout;
+        let max_connections = connection_limit(config.max_connections);
         Ok(App {
             listener,
             local_addr,
@@ -328,6 +357,7 @@ impl App {
             retention,
             stop_retention,
             header_read_timeout,
+            max_connections,
         })
     }
 
@@ -342,6 +372,7 @@ impl App {
         let metrics = self.state.metrics.clone();
         let limits = server::Limits {
             header_read_timeout: self.header_read_timeout,
+            max_connections: self.max_connections,
             shutdown_grace: REQUEST_GRACE,
             on_slow_headers: Arc::new(move || {
                 metrics.request_rejected(crate::metrics::RejectReason::HeaderTimeout)

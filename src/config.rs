@@ -173,6 +173,12 @@ pub const SETTINGS: &[Setting] = &[
         "time a client may take to send a request's headers, counted from the connection's opening or the last answer written; slower connections are closed, idle keep-alive ones too, and so are clients that stop reading an answer for this long",
     ),
     s(
+        "MAX_CONNECTIONS",
+        "16384",
+        "a whole number from 1",
+        "open client connections at most (each holds memory and a file descriptor); more wait in the listen queue until one closes; lowered at start-up to the open-file limit less 256",
+    ),
+    s(
         "BODY_READ_TIMEOUT",
         "30s",
         "a duration",
@@ -345,6 +351,8 @@ pub struct Config {
     pub max_batch_body_bytes: usize,
     /// Time a client may take to send a request's headers.
     pub header_read_timeout: Duration,
+    /// MAX_CONNECTIONS: open client connections at most.
+    pub max_connections: usize,
     /// Time a client may take to send a request's body (slow-body clients hold a connection and
     /// a handler otherwise).
     pub body_read_timeout: Duration,
@@ -608,6 +616,7 @@ impl Config {
             max_body_bytes: r.get("MAX_BODY_BYTES", pos_size)?,
             max_batch_body_bytes: r.get("MAX_BATCH_BODY_BYTES", pos_size)?,
             header_read_timeout: r.get("HEADER_READ_TIMEOUT", pos_dur)?,
+            max_connections: r.get("MAX_CONNECTIONS", |v| parse_from_str::<usize>(v).and_then(positive))?,
             body_read_timeout: r.get("BODY_READ_TIMEOUT", pos_dur)?,
             max_clock_skew: r.get("MAX_CLOCK_SKEW", dur)?,
             max_event_age: r

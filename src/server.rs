@@ -128,7 +128,15 @@ pub struct Limits {
     /// Told of each connection cut off in the middle of a request's headers. An idle keep-alive
     /// connection closed by the same timeout is not a slow client and is not reported.
     pub on_slow_headers: OnSlowHeaders,
+    /// Open connections at most: past it the next is accepted once one closes (it waits in the
+    /// kernel's listen queue), so that idle sockets can neither exhaust memory nor take the
+    /// file descriptors ClickHouse, Redis and the log need.
+    pub max_connections: usize,
 }
+
+/// The most a connection buffers: a request's head (tracking heads are under 2 KiB) or answers
+/// queued for a client that does not read. hyper's default is about 400 KiB per connection.
+const MAX_CONNECTION_BUFFER: usize = 64 * 1024;
 
 /// Serves `endpoint` on `listener` until `shutdown` completes; then stops accepting, lets every
 /// connection finish its current request (for at most `limits.shutdown_grace`) and returns.
@@ -145,8 +153,14 @@ where
     let local = LocalAddr(listener.local_addr()?.into());
     let signal = Arc::new(ShutdownSignal::default());
     let connections = TaskTracker::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     tokio::pin!(shutdown);
     loop {
+        let slot = tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+        };
         let (stream, peer) = tokio::select! {
             biased;
             _ = &mut shutdown => break,
@@ -160,14 +174,12 @@ where
                 }
             },
         };
-        connections.spawn(connection(
-            stream,
-            peer,
-            endpoint.clone(),
-            local.clone(),
-            signal.clone(),
-            limits.clone(),
-        ));
+        let served =
+            connection(stream, peer, endpoint.clone(), local.clone(), signal.clone(), limits.clone());
+        connections.spawn(async move {
+            served.await;
+            drop(slot);
+        });
     }
     drop(listener);
     signal.trigger();
@@ -216,6 +228,7 @@ async fn connection<E>(
     // connection and looks at the clock only when it fires.
     let conn = http1::Builder::new()
         .keep_alive(true)
+        .max_buf_size(MAX_CONNECTION_BUFFER)
         .serve_connection(TokioIo::new(Watched { stream, clock: clock.clone() }), service);
     let id = signal.next_id.fetch_add(1, Ordering::Relaxed);
     let graceful = Graceful {

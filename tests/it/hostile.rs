@@ -986,3 +986,36 @@ async fn hostile_timestamps_100_years_away_are_refused() {
     }
     only_valid_traffic_is_stored(&app, 0).await;
 }
+
+/// MAX_CONNECTIONS bounds the open connections: past it the next one waits (in the kernel's
+/// listen queue, unanswered) until one closes, so idle or slow sockets cannot exhaust memory
+/// or the file descriptors ClickHouse, Redis and the log need.
+#[tokio::test]
+async fn connections_past_the_limit_wait_for_one_to_close() {
+    let app = TestApp::spawn_with(&[
+        ("MAX_CONNECTIONS", "2"),
+        ("HEADER_READ_TIMEOUT", "500ms"),
+        ("BODY_READ_TIMEOUT", "30s"),
+    ])
+    .await;
+    // The test client's idle keep-alive connections close after the header timeout.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Two requests in progress (a body that is slow to come) hold both places.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(addr(&app)).await.unwrap();
+        s.write_all(head("POST", "/ads/click", "Content-Length: 100\r\n").as_bytes()).await.unwrap();
+        s.write_all(b"{\"adId\"").await.unwrap();
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fresh = || reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let url = format!("{}/healthz", app.base);
+    // Not a timing assertion: a served /healthz answers in milliseconds; this one is not served.
+    let waiting = tokio::time::timeout(Duration::from_secs(1), fresh().get(&url).send()).await;
+    assert!(waiting.is_err(), "a third connection was served: {waiting:?}");
+    drop(held.pop());
+    let served =
+        tokio::time::timeout(PATIENCE, fresh().get(&url).send()).await.expect("served once one closed");
+    assert_eq!(served.unwrap().status(), 200);
+}
