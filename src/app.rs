@@ -374,8 +374,12 @@ impl App {
             header_read_timeout: self.header_read_timeout,
             max_connections: self.max_connections,
             shutdown_grace: REQUEST_GRACE,
-            on_slow_headers: Arc::new(move || {
-                metrics.request_rejected(crate::metrics::RejectReason::HeaderTimeout)
+            on_slow_headers: {
+                let metrics = metrics.clone();
+                Arc::new(move || metrics.request_rejected(crate::metrics::RejectReason::HeaderTimeout))
+            },
+            on_malformed: Arc::new(move || {
+                metrics.request_rejected(crate::metrics::RejectReason::MalformedHttp)
             }),
         };
         let served = server::serve(self.listener, api::routes(self.state.clone()), shutdown, limits).await;

@@ -32,6 +32,10 @@ pub enum RejectReason {
     /// A request's headers did not arrive within HEADER_READ_TIMEOUT: the connection is closed,
     /// no request exists to answer (counted in `adbeacon_requests_rejected_total`).
     HeaderTimeout,
+    /// A request HTTP itself refused before any endpoint saw it: a malformed request line or
+    /// header, a bad or conflicting Content-Length, a head too large (400, 431, 414: hyper's
+    /// own answer, without a JSON body; counted in `adbeacon_requests_rejected_total`).
+    MalformedHttp,
     /// A method the endpoint does not serve (405).
     MethodNotAllowed,
     /// A client timestamp outside MAX_CLOCK_SKEW / MAX_EVENT_AGE (400).
@@ -57,13 +61,14 @@ pub enum RejectReason {
 
 impl RejectReason {
     /// Every reason.
-    pub const ALL: [RejectReason; 16] = [
+    pub const ALL: [RejectReason; 17] = [
         Self::Invalid,
         Self::MalformedJson,
         Self::UnsupportedMediaType,
         Self::TooLarge,
         Self::BodyTimeout,
         Self::HeaderTimeout,
+        Self::MalformedHttp,
         Self::MethodNotAllowed,
         Self::BadTimestamp,
         Self::UnknownAd,
@@ -90,6 +95,7 @@ impl RejectReason {
             Self::TooLarge => "too_large",
             Self::BodyTimeout => "body_timeout",
             Self::HeaderTimeout => "header_timeout",
+            Self::MalformedHttp => "malformed_http",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::BadTimestamp => "bad_timestamp",
             Self::UnknownAd => "unknown_ad",

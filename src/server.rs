@@ -128,6 +128,9 @@ pub struct Limits {
     /// Told of each connection cut off in the middle of a request's headers. An idle keep-alive
     /// connection closed by the same timeout is not a slow client and is not reported.
     pub on_slow_headers: OnSlowHeaders,
+    /// Told of each request hyper refused itself (a malformed head): it answers before any
+    /// endpoint sees the request, so only here can it be counted.
+    pub on_malformed: OnSlowHeaders,
     /// Open connections at most: past it the next is accepted once one closes (it waits in the
     /// kernel's listen queue), so that idle sockets can neither exhaust memory nor take the
     /// file descriptors ClickHouse, Redis and the log need.
@@ -242,6 +245,10 @@ async fn connection<E>(
     };
     match graceful.await {
         Some(Ok(())) => {}
+        Some(Err(e)) if e.is_parse() || e.is_parse_too_large() => {
+            (limits.on_malformed)();
+            tracing::debug!(error = %e, "refused a malformed request");
+        }
         // Clients closing mid-request are ordinary; nothing the operator must act on.
         Some(Err(e)) => tracing::debug!(error = %e, "connection ended with an error"),
         // Cut off by the head watch: in the middle of a request's headers, a slow client; with

@@ -1019,3 +1019,23 @@ async fn connections_past_the_limit_wait_for_one_to_close() {
         tokio::time::timeout(PATIENCE, fresh().get(&url).send()).await.expect("served once one closed");
     assert_eq!(served.unwrap().status(), 200);
 }
+
+/// Requests the HTTP layer refuses itself (a malformed head, conflicting Content-Lengths, a
+/// head over the connection's buffer) never reach an endpoint; they are counted all the same.
+#[tokio::test]
+async fn requests_hyper_refuses_are_counted() {
+    let app = TestApp::spawn().await;
+    let sample = r#"adbeacon_requests_rejected_total{reason="malformed_http"}"#;
+    let heads = [
+        "GARBAGE\r\n\r\n".to_string(),
+        "POST /ads/click HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n".to_string(),
+        format!("GET /healthz HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "x".repeat(256 * 1024)),
+    ];
+    for (i, head) in heads.iter().enumerate() {
+        let mut s = TcpStream::connect(addr(&app)).await.unwrap();
+        let _ = s.write_all(head.as_bytes()).await;
+        let raw = read_response(&mut s).await;
+        assert!((400..500).contains(&raw.status), "{i}: {}", raw.status);
+    }
+    assert_eq!(app.metric(sample).await, 3);
+}
