@@ -199,7 +199,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "RAW_RETENTION_MONTHS",
         "13",
-        "a whole number of months from 1 to 1200",
+        "a whole number of months from 1 to 96",
         "raw events are kept this many months, then dropped a month at a time (aggregates stay); also the longest analytics window (from/to)",
     ),
     s(
@@ -646,7 +646,10 @@ impl Config {
             raw_retention_months: r.get("RAW_RETENTION_MONTHS", |v| {
                 parse_from_str(v)
                     .and_then(positive)
-                    .and_then(|n: u32| if n <= 1200 { Ok(n) } else { Err("more than 1200".into()) })
+                    // ClickHouse refuses an INSERT whose rows fall in more than 100 monthly
+                    // partitions (max_partitions_per_insert_block): with a longer window a batch
+                    // of clients' late events could reach that and be retried for ever.
+                    .and_then(|n: u32| if n <= 96 { Ok(n) } else { Err("more than 96".into()) })
             })?,
             catalog_ttl: r.get("CATALOG_TTL", pos_dur)?,
             catalog_negative_ttl: r.get("CATALOG_NEGATIVE_TTL", dur)?,
@@ -776,6 +779,9 @@ mod tests {
             .to_string();
         assert!(e.contains("MAX_EVENT_AGE") && e.contains("raw retention"), "{e}");
         assert!(Config::from_vars([("RAW_RETENTION_MONTHS", "3"), ("MAX_EVENT_AGE", "60d")]).is_ok());
+        assert!(Config::from_vars([("RAW_RETENTION_MONTHS", "96")]).is_ok());
+        let e = Config::from_vars([("RAW_RETENTION_MONTHS", "97")]).unwrap_err().to_string();
+        assert!(e.contains("more than 96"), "{e}");
     }
 
     #[test]

@@ -30,6 +30,10 @@ pub const BATCH_EVENT_IDS: &str = include_str!("../../clickhouse/queries/batch_e
 pub const KILL_BATCH_INSERT: &str = include_str!("../../clickhouse/queries/kill_batch_insert.sql");
 /// Ends a replayer's possibly running INSERTs; `?` = a LIKE pattern of their query ids.
 pub const KILL_REPLAY_INSERTS: &str = include_str!("../../clickhouse/queries/kill_replay_inserts.sql");
+/// How many of these INSERTs still run; `?` = their query ids.
+pub const RUNNING_BATCH_INSERTS: &str = include_str!("../../clickhouse/queries/running_batch_inserts.sql");
+/// How many of a replayer's INSERTs still run; `?` = a LIKE pattern of their query ids.
+pub const RUNNING_REPLAY_INSERTS: &str = include_str!("../../clickhouse/queries/running_replay_inserts.sql");
 
 /// Every query file with its name, for the test that the list is complete.
 pub const ALL: &[(&str, &str)] = &[
@@ -46,6 +50,8 @@ pub const ALL: &[(&str, &str)] = &[
     ("events_partitions.sql", EVENTS_PARTITIONS),
     ("kill_batch_insert.sql", KILL_BATCH_INSERT),
     ("kill_replay_inserts.sql", KILL_REPLAY_INSERTS),
+    ("running_batch_inserts.sql", RUNNING_BATCH_INSERTS),
+    ("running_replay_inserts.sql", RUNNING_REPLAY_INSERTS),
 ];
 
 #[cfg(test)]

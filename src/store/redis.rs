@@ -59,16 +59,31 @@ impl Redis {
 
     /// Runs one command.
     pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, RedisError> {
-        let mut conn = self.connection().await?;
-        let result = tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await;
-        self.settle(result).await
+        self.bounded(async |conn: &mut MultiplexedConnection| cmd.query_async::<T>(conn).await).await
     }
 
     /// Runs a pipeline (a `MULTI`/`EXEC` transaction when built with `.atomic()`).
     pub async fn pipe<T: FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, RedisError> {
-        let mut conn = self.connection().await?;
-        let result = tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut conn)).await;
-        self.settle(result).await
+        self.bounded(async |conn: &mut MultiplexedConnection| pipe.query_async::<T>(conn).await).await
+    }
+
+    /// Runs `call` on the connection, the wait for it and its opening included, within one
+    /// `timeout`: while Redis does not answer, callers queued for the connection would each
+    /// wait a connect timeout in turn otherwise.
+    async fn bounded<T>(
+        &self,
+        call: impl AsyncFnOnce(&mut MultiplexedConnection) -> redis::RedisResult<T>,
+    ) -> Result<T, RedisError> {
+        let attempt = async {
+            let mut conn = self.connection().await?;
+            Ok::<_, RedisError>(call(&mut conn).await)
+        };
+        match tokio::time::timeout(self.timeout, attempt).await {
+            // Could not connect.
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(result)) => self.settle(Ok(result)).await,
+            Err(elapsed) => self.settle(Err(elapsed)).await,
+        }
     }
 
     async fn settle<T>(
@@ -82,7 +97,11 @@ impl Redis {
                 Err(e.into())
             }
             Err(_) => {
-                *self.conn.lock().await = None;
+                // Not waited for: another caller holding the slot is connecting or about to
+                // fail on the same connection, and it resets the slot then.
+                if let Ok(mut slot) = self.conn.try_lock() {
+                    *slot = None;
+                }
                 Err(RedisError(format!("no answer within {:?}", self.timeout)))
             }
         }
