@@ -684,9 +684,7 @@ async fn readiness_answers_quickly_while_clickhouse_is_frozen() {
 async fn the_spill_takes_a_batch_once() {
     let redis = shared_redis();
     let prefix = format!("{}:", fresh_db());
-    let client = adbeacon::store::redis::Redis::new(&redis.url(), Duration::from_secs(2)).unwrap();
-    let spill =
-        adbeacon::ingest::spill::Spill::new(Arc::new(client), adbeacon::ingest::spill::Keys::new(&prefix));
+    let spill = crate::support::spill_on_shared_redis(&prefix);
     let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
     let rows: Vec<EventRow> = (0..5).map(|_| row(now)).collect();
     let token = Uuid::new_v4();
@@ -723,9 +721,7 @@ async fn the_spill_takes_a_batch_once() {
 async fn an_acknowledgement_of_a_group_partly_taken_over_does_nothing() {
     let redis = shared_redis();
     let prefix = format!("{}:", fresh_db());
-    let client = adbeacon::store::redis::Redis::new(&redis.url(), Duration::from_secs(2)).unwrap();
-    let spill =
-        adbeacon::ingest::spill::Spill::new(Arc::new(client), adbeacon::ingest::spill::Keys::new(&prefix));
+    let spill = crate::support::spill_on_shared_redis(&prefix);
     let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
     let tokens: Vec<Uuid> = (0..2).map(|_| Uuid::new_v4()).collect();
     for token in &tokens {
@@ -749,17 +745,45 @@ async fn an_acknowledgement_of_a_group_partly_taken_over_does_nothing() {
     assert!(spill.holds(tokens[1]).await.unwrap(), "the entry left is still the spill's");
 }
 
+/// Two service processes (each with a data directory of its own) replaying the spill of database
+/// `db` (key prefix `{db}:`), with `vars` besides the usual.
+async fn two_replayers(db: &str, vars: &[(&str, &str)]) -> ([Service; 2], [tempfile::TempDir; 2]) {
+    let (url, redis_url, prefix) = (shared_clickhouse().url(), shared_redis().url(), format!("{db}:"));
+    let data = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let vars_of = |d: &tempfile::TempDir| {
+        service_vars(&url, db, &d.path().display().to_string(), &redis_url, &prefix, vars)
+    };
+    let (a, b) = (vars_of(&data[0]), vars_of(&data[1]));
+    ([start_service(a).await, start_service(b).await], data)
+}
+
+/// Asserts that neither replayer took entries from the other (a live one's), stops both, and
+/// returns the sum of `sample` over them.
+async fn no_claims_then_stop(replayers: [Service; 2], sample: &str) -> u64 {
+    let mut sum = 0;
+    for (name, service) in ["a", "b"].into_iter().zip(&replayers) {
+        assert_eq!(
+            metric(&service.base, "adbeacon_spill_entries_claimed_total").await,
+            0,
+            "replayer {name} took entries from a live replayer"
+        );
+        sum += metric(&service.base, sample).await;
+    }
+    for service in replayers {
+        assert_eq!(service.terminate(), Some(0));
+    }
+    sum
+}
+
 /// Two replayers (two processes) on one spill, one of them replaying a group slowly, for longer
 /// than REPLAY_CLAIM_IDLE: it renews the entries before its INSERTs, so the other never takes
 /// them as a dead replayer's (which would send the rest of them a second time), and every event
 /// is stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_replayer_keeps_its_entries_however_long_it_replays() {
-    let url = shared_clickhouse().url();
     let db = fresh_db();
     let prefix = format!("{db}:");
     let redis = shared_redis();
-    let redis_url = redis.url();
     let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
     // 12 entries of 1,000 events at 1,000 events/s: after a first read of one entry, one
     // replayer reads the other eleven as one group and needs about 11 s for it, well past the
@@ -768,27 +792,14 @@ async fn a_live_replayer_keeps_its_entries_however_long_it_replays() {
     let fields: Vec<_> = batches.iter().map(|rows| batch_fields(Uuid::new_v4(), rows, 3, true)).collect();
     let entries: Vec<&[(String, Vec<u8>)]> = fields.iter().map(Vec::as_slice).collect();
     let slow = [("REPLAY_RATE", "1000"), ("REPLAY_CLAIM_IDLE", "6s"), ("INSERT_TIMEOUT", "2s")];
-    let data_a = tempfile::tempdir().unwrap();
-    let data_b = tempfile::tempdir().unwrap();
-    let vars_a = service_vars(&url, &db, &data_a.path().display().to_string(), &redis_url, &prefix, &slow);
-    let vars_b = service_vars(&url, &db, &data_b.path().display().to_string(), &redis_url, &prefix, &slow);
-    let a = start_service(vars_a).await;
-    let b = start_service(vars_b).await;
+    let (replayers, _data) = two_replayers(&db, &slow).await;
     spill_at_once(redis, &format!("{prefix}spill"), &entries, 12_000).await;
     spill_drained(redis, &prefix, Duration::from_secs(60)).await;
     let acked: HashSet<Uuid> = batches.iter().flatten().map(|r| r.event_id).collect();
     let stored = stored_ids(shared_clickhouse(), &db).await;
     assert_books_balance(&acked, &stored);
     assert_eq!(stored.len(), acked.len());
-    for (name, service) in [("a", &a), ("b", &b)] {
-        assert_eq!(
-            metric(&service.base, "adbeacon_spill_entries_claimed_total").await,
-            0,
-            "replayer {name} took entries from a live replayer"
-        );
-    }
-    assert_eq!(a.terminate(), Some(0));
-    assert_eq!(b.terminate(), Some(0));
+    assert_eq!(no_claims_then_stop(replayers, "adbeacon_events_replayed_total").await, 12_000);
 }
 
 /// A group whose rows ClickHouse rejects in many places takes many INSERTs to split (each half
@@ -797,11 +808,9 @@ async fn a_live_replayer_keeps_its_entries_however_long_it_replays() {
 /// as a dead one's while the split goes on storing rows (it would store them a second time).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_split_of_rejected_rows_keeps_the_entries() {
-    let url = shared_clickhouse().url();
     let db = fresh_db();
     let prefix = format!("{db}:");
     let redis = shared_redis();
-    let redis_url = redis.url();
     let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
     let year_2200 = OffsetDateTime::from_unix_timestamp(7_258_118_400).unwrap();
     // Every 5th row cannot be stored: 120 bad rows among 600 take hundreds of INSERTs and
@@ -809,12 +818,7 @@ async fn a_long_split_of_rejected_rows_keeps_the_entries() {
     let rows: Vec<EventRow> = (0..600).map(|i| row(if i % 5 == 0 { year_2200 } else { now })).collect();
     let fields = batch_fields(Uuid::new_v4(), &rows, 3, true);
     let quick = [("REPLAY_CLAIM_IDLE", "3s"), ("INSERT_TIMEOUT", "1s")];
-    let data_a = tempfile::tempdir().unwrap();
-    let data_b = tempfile::tempdir().unwrap();
-    let vars_a = service_vars(&url, &db, &data_a.path().display().to_string(), &redis_url, &prefix, &quick);
-    let vars_b = service_vars(&url, &db, &data_b.path().display().to_string(), &redis_url, &prefix, &quick);
-    let a = start_service(vars_a).await;
-    let b = start_service(vars_b).await;
+    let (replayers, _data) = two_replayers(&db, &quick).await;
     let started = Instant::now();
     spill_at_once(redis, &format!("{prefix}spill"), &[fields.as_slice()], rows.len()).await;
     spill_drained(redis, &prefix, Duration::from_secs(180)).await;
@@ -823,18 +827,7 @@ async fn a_long_split_of_rejected_rows_keeps_the_entries() {
     let stored = stored_ids(shared_clickhouse(), &db).await;
     assert_books_balance(&good, &stored);
     assert_eq!(stored.len(), good.len());
-    let mut dead_lettered = 0;
-    for (name, service) in [("a", &a), ("b", &b)] {
-        assert_eq!(
-            metric(&service.base, "adbeacon_spill_entries_claimed_total").await,
-            0,
-            "replayer {name} took entries from a live replayer"
-        );
-        dead_lettered += metric(&service.base, "adbeacon_replay_events_dead_lettered_total").await;
-    }
-    assert_eq!(dead_lettered, 120);
-    assert_eq!(a.terminate(), Some(0));
-    assert_eq!(b.terminate(), Some(0));
+    assert_eq!(no_claims_then_stop(replayers, "adbeacon_replay_events_dead_lettered_total").await, 120);
 }
 
 /// Resident memory of a process, in bytes.

@@ -317,7 +317,6 @@ async fn a_buffered_run_draining_a_log_saves_its_own_events_at_shutdown() {
 async fn a_batch_in_the_log_and_the_spill_is_stored_once() {
     use adbeacon::{
         domain::{EventKind, Traffic},
-        ingest::spill::{Keys, Spill},
         store::EventRow,
     };
     let (mut ch, db, data, ids) = events_left_in_the_log(10).await;
@@ -344,8 +343,7 @@ async fn a_batch_in_the_log_and_the_spill_is_stored_once() {
         .collect();
     let redis = crate::support::shared_redis();
     let prefix = format!("{db}:");
-    let client = adbeacon::store::redis::Redis::new(&redis.url(), Duration::from_secs(2)).unwrap();
-    let spill = Spill::new(Arc::new(client), Keys::new(&prefix));
+    let spill = crate::support::spill_on_shared_redis(&prefix);
     assert!(spill.push(token, &rows, 1, true).await.unwrap().is_some());
     ch.restart();
     let mut app = TestApp::spawn_in(&ch.url(), &db, data, &[("REDIS_KEY_PREFIX", &prefix)]).await;

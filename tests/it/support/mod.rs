@@ -13,7 +13,7 @@ use adbeacon::{App, AppError, Config};
 use tempfile::TempDir;
 use tokio::{sync::oneshot, task::JoinHandle};
 
-pub use servers::{ClickHouse, shared_clickhouse, shared_redis};
+pub use servers::{ClickHouse, shared_clickhouse, shared_redis, spill_on_shared_redis};
 
 /// One running adbeacon with its own database.
 pub struct TestApp {

@@ -101,6 +101,16 @@ pub fn shared_redis() -> &'static Redis {
     SHARED.get_or_init(Redis::start)
 }
 
+/// The spill under `prefix` on the shared Redis, as the service's flusher and replayer reach it.
+pub fn spill_on_shared_redis(prefix: &str) -> adbeacon::ingest::spill::Spill {
+    let client =
+        adbeacon::store::redis::Redis::new(&shared_redis().url(), std::time::Duration::from_secs(2)).unwrap();
+    adbeacon::ingest::spill::Spill::new(
+        std::sync::Arc::new(client),
+        adbeacon::ingest::spill::Keys::new(prefix),
+    )
+}
+
 /// A `clickhouse-server` owned by the test: killed on drop, its data directory removed with it.
 pub struct ClickHouse {
     binary: PathBuf,
