@@ -139,7 +139,7 @@ impl Flusher {
                 if self.spill(&batch, failures, &mut marked, &mut maybe_spilled).await {
                     return;
                 }
-                if maybe_spilled {
+                if maybe_spilled && self.spill.is_some() {
                     // The push failed, and may have landed all the same: a replayer may be
                     // storing the batch already. No INSERT in this pass (it would race the
                     // replayer's, each checking before the other stored); the next pass asks
