@@ -113,9 +113,9 @@ impl<C> Drop for Graceful<C> {
     }
 }
 
-/// Called for each connection closed because a request's headers did not arrive within the
-/// header read timeout (the metrics count them; no request exists to answer).
-pub type OnSlowHeaders = Arc<dyn Fn() + Send + Sync>;
+/// Called for each request refused where no endpoint can count it: a connection closed because a
+/// request's headers did not arrive within the header read timeout, or a head hyper refused.
+pub type OnRefusal = Arc<dyn Fn() + Send + Sync>;
 
 /// How the server treats connections.
 #[derive(Clone)]
@@ -127,10 +127,10 @@ pub struct Limits {
     pub shutdown_grace: Duration,
     /// Told of each connection cut off in the middle of a request's headers. An idle keep-alive
     /// connection closed by the same timeout is not a slow client and is not reported.
-    pub on_slow_headers: OnSlowHeaders,
+    pub on_slow_headers: OnRefusal,
     /// Told of each request hyper refused itself (a malformed head): it answers before any
     /// endpoint sees the request, so only here can it be counted.
-    pub on_malformed: OnSlowHeaders,
+    pub on_malformed: OnRefusal,
     /// Open connections at most: past it the next is accepted once one closes (it waits in the
     /// kernel's listen queue), so that idle sockets can neither exhaust memory nor take the
     /// file descriptors ClickHouse, Redis and the log need.

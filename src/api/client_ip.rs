@@ -164,11 +164,12 @@ pub(crate) fn device_ip(headers: &HeaderMap) -> Option<IpAddr> {
     header_ip(headers, &X_DEVICE_IP).filter(|ip| !is_placeholder(*ip))
 }
 
-/// The address an event from `req` counts for; `stated` is an address the request body claims,
-/// believed (like `X-Device-IP`) only when `ingest` says the caller's key has the ingest scope.
+/// The address an event from `req` counts for; `stated` is an address the request body claims
+/// (placeholders already left out), believed (like `X-Device-IP`) only when `ingest` says the
+/// caller's key has the ingest scope.
 pub fn resolve(req: &Request, proxies: &TrustedProxies, ingest: bool, stated: Option<IpAddr>) -> IpAddr {
     let headers = req.headers();
-    if ingest && let Some(claim) = device_ip(headers).or(stated.filter(|ip| !is_placeholder(*ip))) {
+    if ingest && let Some(claim) = device_ip(headers).or(stated) {
         return claim;
     }
     let peer = req

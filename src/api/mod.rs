@@ -290,6 +290,8 @@ impl State {
     /// judged by the repeat rule either (its own address is shared by every viewer it serves).
     pub fn caller(&self, req: &Request, stated: Option<std::net::IpAddr>) -> Caller {
         let headers = req.headers();
+        // A placeholder (0.0.0.0 for "unknown") names no viewer: as if none was stated.
+        let stated = stated.filter(|ip| !client_ip::is_placeholder(*ip));
         // The key check costs a hash, so only requests that carry a key pay it.
         let ingest = auth::carries_key(headers) && self.api_keys.grants(headers, auth::Scope::Ingest);
         let ip = client_ip::resolve(req, &self.trusted_proxies, ingest, stated);
@@ -299,11 +301,7 @@ impl State {
                 device_agent.map_or(Traffic::Valid, |ua| self.user_agents.classify(Some(ua.as_bytes())));
             // Only an address that parses, and is no placeholder, names the viewer; else the
             // server's stands.
-            (
-                agent,
-                stated.is_some_and(|ip| !client_ip::is_placeholder(ip))
-                    || client_ip::device_ip(headers).is_some(),
-            )
+            (agent, stated.is_some() || client_ip::device_ip(headers).is_some())
         } else {
             (
                 self.user_agents.classify(headers.get(poem::http::header::USER_AGENT).map(|v| v.as_bytes())),
