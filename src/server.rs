@@ -137,8 +137,9 @@ pub struct Limits {
     pub max_connections: usize,
 }
 
-/// The most a connection buffers: a request's head (tracking heads are under 2 KiB) or answers
-/// queued for a client that does not read. hyper's default is about 400 KiB per connection.
+/// hyper's buffer limit per connection, for a request's head (tracking heads are under 2 KiB) and
+/// answers queued for a client that does not read: a head is refused once a read leaves more
+/// than this unparsed, so at 64 to 128 KiB. hyper's default is about 400 KiB.
 const MAX_CONNECTION_BUFFER: usize = 64 * 1024;
 
 /// Serves `endpoint` on `listener` until `shutdown` completes; then stops accepting, lets every
