@@ -178,17 +178,50 @@ impl poem_openapi::types::Example for DeadLetterPage {
 #[oai(example, deny_unknown_fields)]
 #[serde(deny_unknown_fields)]
 pub struct DeadLetterSelection {
-    /// Stream ids (such as `1700000000000-0`), at most 1000. Absent (or no body at all): every
-    /// dead letter. An empty list selects none.
+    /// Stream ids (such as `1700000000000-0`), at most 1000. An empty list selects none.
     #[oai(nullable, validator(max_items = 1000, pattern = r"^(0|[1-9][0-9]{0,18})-(0|[1-9][0-9]{0,18})$"))]
     #[serde(default)]
     pub ids: Option<Vec<String>>,
+    /// `true` selects every dead letter (not together with `ids`). A purge needs `ids` or this:
+    /// a purge deletes for good, so an empty `DELETE` deletes nothing. A replay without either
+    /// takes every dead letter.
+    #[oai(nullable)]
+    #[serde(default)]
+    pub all: Option<bool>,
 }
 
 impl poem_openapi::types::Example for DeadLetterSelection {
     fn example() -> Self {
-        DeadLetterSelection { ids: Some(vec!["1763733600000-0".into()]) }
+        DeadLetterSelection { ids: Some(vec!["1763733600000-0".into()]), all: None }
     }
+}
+
+/// Which dead letters a request acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Selected {
+    /// Every one there is.
+    All,
+    /// These, checked, each once.
+    Ids(Vec<String>),
+}
+
+impl Selected {
+    /// The ids, or `None` for all, as [`crate::ingest::dead_letter::DeadLetters`] takes them.
+    fn ids(&self) -> Option<&[String]> {
+        match self {
+            Selected::All => None,
+            Selected::Ids(ids) => Some(ids),
+        }
+    }
+}
+
+/// What a request without a selection means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unnamed {
+    /// Every dead letter (a replay: it only moves them back to the spill).
+    All,
+    /// An error (a purge, which cannot be undone).
+    Refused,
 }
 
 /// What a replay did.
@@ -202,11 +235,16 @@ pub struct ReplayResult {
     /// Ids of selected damaged entries, left in place: they hold no rows to replay (purge them
     /// once looked at).
     pub skipped: Vec<String>,
+    /// Ids left in place because the spill still holds their batch (pushed by a shutdown that
+    /// could not learn whether the push had landed, so it kept a dead letter too). The spill
+    /// stores the batch; replay these again once it has drained, and only what it did not store
+    /// is stored.
+    pub waiting: Vec<String>,
 }
 
 impl poem_openapi::types::Example for ReplayResult {
     fn example() -> Self {
-        ReplayResult { entries: 2, events: 3, skipped: vec!["1763733600000-1".into()] }
+        ReplayResult { entries: 2, events: 3, skipped: vec!["1763733600000-1".into()], waiting: vec![] }
     }
 }
 
@@ -280,13 +318,29 @@ fn parse_after(text: Option<&str>) -> Result<Option<&str>, ApiError> {
     }
 }
 
-/// The ids a body selects: `None` for every dead letter; each id checked (422 naming the first
-/// wrong one) and repeats dropped, so that no entry is replayed twice.
-fn selection(body: Option<DeadLetterSelection>) -> Result<Option<Vec<String>>, ApiError> {
-    let Some(ids) = body.and_then(|b| b.ids) else { return Ok(None) };
+/// What a body selects: every dead letter (`"all": true`, or for a replay nothing named) or the
+/// ids, each checked (422 naming the first wrong one) and repeats dropped, so that no entry is
+/// replayed twice. 422 for `ids` with `"all": true`, and for a purge that names nothing.
+fn selection(body: Option<DeadLetterSelection>, unnamed: Unnamed) -> Result<Selected, ApiError> {
+    let (ids, all) = body.map_or((None, None), |b| (b.ids, b.all));
+    let ids = match (ids, all) {
+        (Some(_), Some(true)) => {
+            return Err(ApiError::unprocessable(
+                "ids and \"all\": true select twice; send one of them".to_string(),
+            ));
+        }
+        (None, Some(true)) => return Ok(Selected::All),
+        (None, None) if unnamed == Unnamed::All => return Ok(Selected::All),
+        (None, _) => {
+            return Err(ApiError::unprocessable(
+                "name the dead letters in ids, or send {\"all\": true} for every one".to_string(),
+            ));
+        }
+        (Some(ids), _) => ids,
+    };
     if ids.len() > MAX_LIMIT {
         return Err(ApiError::unprocessable(format!(
-            "ids names {} dead letters; at most {MAX_LIMIT} per request (leave ids out for all)",
+            "ids names {} dead letters; at most {MAX_LIMIT} per request (send {{\"all\": true}} for all)",
             ids.len()
         )));
     }
@@ -301,7 +355,7 @@ fn selection(body: Option<DeadLetterSelection>) -> Result<Option<Vec<String>>, A
             unique.push(id);
         }
     }
-    Ok(Some(unique))
+    Ok(Selected::Ids(unique))
 }
 
 /// Dead-letter operations.
@@ -353,10 +407,11 @@ impl AdminApi {
 
     /// Replay dead letters.
     ///
-    /// Moves the selected dead letters (`{"ids": [...]}`; no body, or no `ids`, for all) back to
+    /// Moves the selected dead letters (`{"ids": [...]}`; `{"all": true}`, or no body, for all) back to
     /// the Redis spill, from which the replayers insert them into ClickHouse; rows ClickHouse
     /// still rejects come back as new dead letters. Damaged entries hold no rows: they stay and
-    /// are listed in `skipped`. Ids that name no dead letter are ignored. Needs the admin scope
+    /// are listed in `skipped`; those whose batch the spill still holds stay until it is stored,
+    /// listed in `waiting`. Ids that name no dead letter are ignored. Needs the admin scope
     /// when API keys are configured. 422 naming a malformed id; 409 when REDIS_URL is none; 503
     /// when Redis does not answer (saying how many moved, when it failed part way: those are in
     /// the spill, and a retry moves the rest).
@@ -367,9 +422,9 @@ impl AdminApi {
         body: OptionalJsonBody<DeadLetterSelection>,
     ) -> Result<ReplayResponse, ApiError> {
         self.state.api_keys.require(&auth, Scope::Admin)?;
-        let ids = selection(body.0)?;
+        let selected = selection(body.0, Unnamed::All)?;
         self.redis()?;
-        let done = match self.state.dead_letters.replay(ids.as_deref()).await {
+        let done = match self.state.dead_letters.replay(selected.ids()).await {
             Ok(done) => done,
             Err(Interrupted { done, error }) if done.entries == 0 => {
                 return Err(ApiError::redis(&error, self.state.retry_after));
@@ -400,21 +455,24 @@ impl AdminApi {
             entries = done.entries,
             events = done.events,
             skipped = done.skipped.len(),
+            waiting = done.waiting.len(),
             "dead letters moved back to the spill"
         );
         Ok(ReplayResponse::Ok(Json(ReplayResult {
             entries: done.entries,
             events: done.events,
             skipped: done.skipped,
+            waiting: done.waiting,
         })))
     }
 
     /// Purge dead letters.
     ///
-    /// Deletes the selected dead letters (`{"ids": [...]}`; no body, or no `ids`, for all) for
-    /// good. Ids that name no dead letter are ignored. Needs the admin scope when API keys are
-    /// configured. 422 naming a malformed id; 409 when REDIS_URL is none; 503 when Redis does
-    /// not answer.
+    /// Deletes the selected dead letters (`{"ids": [...]}`, or `{"all": true}` for every one
+    /// there is) for good. A request that names none (no body, no `ids`) is refused: a purge
+    /// cannot be undone. Ids that name no dead letter are ignored. Needs the admin scope when API
+    /// keys are configured. 422 naming a malformed id, or when nothing is named; 409 when
+    /// REDIS_URL is none; 503 when Redis does not answer.
     #[oai(path = "/admin/dead-letters", method = "delete", operation_id = "purgeDeadLetters")]
     async fn purge(
         &self,
@@ -422,12 +480,12 @@ impl AdminApi {
         body: OptionalJsonBody<DeadLetterSelection>,
     ) -> Result<PurgeResponse, ApiError> {
         self.state.api_keys.require(&auth, Scope::Admin)?;
-        let ids = selection(body.0)?;
+        let selected = selection(body.0, Unnamed::Refused)?;
         self.redis()?;
         let purged = self
             .state
             .dead_letters
-            .purge(ids.as_deref())
+            .purge(selected.ids())
             .await
             .map_err(|e| ApiError::redis(&e, self.state.retry_after))?;
         self.state.metrics.dead_letters_purged.inc_by(purged);
@@ -469,21 +527,32 @@ mod tests {
 
     #[test]
     fn selections_are_checked_and_repeats_dropped() {
-        assert_eq!(selection(None).ok(), Some(None));
-        assert_eq!(selection(Some(DeadLetterSelection { ids: None })).ok(), Some(None));
-        let ids =
-            |v: &[&str]| Some(DeadLetterSelection { ids: Some(v.iter().map(|s| s.to_string()).collect()) });
-        assert_eq!(selection(ids(&[])).ok(), Some(Some(vec![])));
-        assert_eq!(selection(ids(&["1-0", "2-0", "1-0"])).ok(), Some(Some(vec!["1-0".into(), "2-0".into()])));
-        match selection(ids(&["1-0", "x"])) {
-            Err(ApiError::Unprocessable(b)) => assert!(b.0.error.starts_with("ids[1]"), "{}", b.0.error),
+        let body = |ids: Option<&[&str]>, all| {
+            Some(DeadLetterSelection { ids: ids.map(|v| v.iter().map(|s| s.to_string()).collect()), all })
+        };
+        let refused = |r: Result<Selected, ApiError>| match r {
+            Err(ApiError::Unprocessable(b)) => b.0.error,
             other => panic!("{other:?}"),
+        };
+        // A replay that names nothing takes every dead letter; a purge is refused.
+        assert_eq!(selection(None, Unnamed::All).ok(), Some(Selected::All));
+        assert_eq!(selection(body(None, None), Unnamed::All).ok(), Some(Selected::All));
+        assert!(refused(selection(None, Unnamed::Refused)).contains("\"all\": true"));
+        refused(selection(body(None, None), Unnamed::Refused));
+        refused(selection(body(None, Some(false)), Unnamed::Refused));
+        refused(selection(body(None, Some(false)), Unnamed::All));
+        for unnamed in [Unnamed::All, Unnamed::Refused] {
+            assert_eq!(selection(body(None, Some(true)), unnamed).ok(), Some(Selected::All));
+            assert!(refused(selection(body(Some(&["1-0"]), Some(true)), unnamed)).starts_with("ids and"));
+            assert_eq!(selection(body(Some(&[]), None), unnamed).ok(), Some(Selected::Ids(vec![])));
+            assert_eq!(
+                selection(body(Some(&["1-0", "2-0", "1-0"]), Some(false)), unnamed).ok(),
+                Some(Selected::Ids(vec!["1-0".into(), "2-0".into()]))
+            );
+            assert!(refused(selection(body(Some(&["1-0", "x"]), None), unnamed)).starts_with("ids[1]"));
+            let many: Vec<String> = (0..=MAX_LIMIT).map(|i| format!("{i}-0")).collect();
+            refused(selection(Some(DeadLetterSelection { ids: Some(many), all: None }), unnamed));
         }
-        let many: Vec<String> = (0..=MAX_LIMIT).map(|i| format!("{i}-0")).collect();
-        assert!(matches!(
-            selection(Some(DeadLetterSelection { ids: Some(many) })),
-            Err(ApiError::Unprocessable(_))
-        ));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use serde::Serialize;
 use time::{OffsetDateTime, format_description::FormatItem, macros::format_description};
 use uuid::Uuid;
 
-use super::spill::{Corrupt, Fields, Spill, batch_fields, field, fields_bytes, parse_batch, xadd};
+use super::spill::{Corrupt, Fields, Moved, Spill, batch_fields, field, fields_bytes, parse_batch, xadd};
 use crate::store::{EventRow, RedisError};
 
 const DATETIME: &[FormatItem<'static>] = format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
@@ -124,6 +124,9 @@ pub struct Replayed {
     pub bytes: u64,
     /// Ids left in place: damaged entries, which hold no rows to replay.
     pub skipped: Vec<String>,
+    /// Ids left in place while the spill holds an entry of their batch (replayed again once it
+    /// is stored, what it stored is not stored twice).
+    pub waiting: Vec<String>,
 }
 
 /// A replay that Redis cut short: what moved before it stopped answering, and why.
@@ -227,8 +230,10 @@ impl DeadLetters {
     }
 
     /// Moves dead letters (`ids`, or every one) back to the spill, where the replayers insert
-    /// them again (checked first, as any spilled batch). Damaged entries stay. Each one moves in
-    /// one step that deletes it first, so that two replays at once move it once.
+    /// them again (checked first, as any spilled batch). Damaged entries stay, and so do those
+    /// whose batch the spill still holds (a spilled batch that was also kept as a dead letter,
+    /// when shutdown could not learn whether its push had landed). Each one moves in one step
+    /// that deletes it first, so that two replays at once move it once.
     /// When Redis fails on the way, the error carries what moved before it.
     pub async fn replay(&self, ids: Option<&[String]>) -> Result<Replayed, Interrupted> {
         let mut done = Replayed::default();
@@ -280,9 +285,14 @@ impl DeadLetters {
                     continue;
                 };
                 let entry = batch_fields(token, &rows, 0, true);
-                if !spill.move_dead_letter(&id, &entry, rows.len()).await? {
+                match spill.move_dead_letter(&id, token, &entry, rows.len()).await? {
+                    Moved::Done => {}
                     // Another replay (or a purge) took it since it was read: moved once only.
-                    continue;
+                    Moved::Gone => continue,
+                    Moved::BatchInSpill => {
+                        done.waiting.push(id);
+                        continue;
+                    }
                 }
                 let bytes = fields_bytes(&entry) as u64;
                 done.entries += 1;

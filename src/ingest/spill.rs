@@ -320,15 +320,19 @@ return 1
 "
 );
 
-/// [`Spill::move_dead_letter`]: KEYS the dead letters, the spill and its events counter; ARGV the
-/// dead letter's id, its number of events, then the spill entry's field names and values. 1 when
-/// moved, 0 when the dead letter was gone (nothing done).
+/// [`Spill::move_dead_letter`]: KEYS the dead letters, the spill, its events counter and its
+/// token set; ARGV the dead letter's id, its number of events, its batch token, then the spill
+/// entry's field names and values. 1 when moved (the token joins the set, as a push's does), 0
+/// when the dead letter was gone, 2 when the spill holds an entry of the same batch (nothing
+/// done in either case).
 const MOVE_SCRIPT: &str = concat!(
     lua_xadd!(),
     r"
+if redis.call('SISMEMBER', KEYS[4], ARGV[3]) == 1 then return 2 end
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
-xadd(KEYS[2], 3, #ARGV)
+xadd(KEYS[2], 4, #ARGV)
 redis.call('INCRBY', KEYS[3], ARGV[2])
+redis.call('SADD', KEYS[4], ARGV[3])
 return 1
 "
 );
@@ -399,6 +403,17 @@ pub enum Acked {
     NonePending,
     /// Another replayer holds some of them (or held and acknowledged some): nothing done.
     Claimed,
+}
+
+/// What [`Spill::move_dead_letter`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Moved {
+    /// Moved to the spill.
+    Done,
+    /// The dead letter was gone: nothing done.
+    Gone,
+    /// The spill holds an entry of the same batch: nothing done until it is stored.
+    BatchInSpill,
 }
 
 /// The spill stream of one deployment.
@@ -633,26 +648,35 @@ impl Spill {
         })
     }
 
-    /// Moves dead letter `id` back to the spill as `entry` (holding `events` events) in one step
-    /// that deletes it first: false (nothing done) when it was gone, taken by another replay or a
-    /// purge since it was read, so that it moves at most once.
+    /// Moves dead letter `id` back to the spill as `entry` (batch `token`, holding `events`
+    /// events) in one step that deletes it first, so that it moves at most once. Nothing is done
+    /// when it was gone (taken by another replay or a purge since it was read), nor while the
+    /// spill holds an entry of the same batch: two entries with the same rows could go to two
+    /// replayers, each checking ClickHouse before the other stored them.
     pub async fn move_dead_letter(
         &self,
         id: &str,
+        token: Uuid,
         entry: &Fields,
         events: usize,
-    ) -> Result<bool, RedisError> {
+    ) -> Result<Moved, RedisError> {
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(MOVE_SCRIPT)
-            .arg(3)
+            .arg(4)
             .arg(&self.keys.dead_letters)
             .arg(&self.keys.spill)
             .arg(&self.keys.spill_events)
+            .arg(&self.keys.spill_tokens)
             .arg(id)
-            .arg(events);
+            .arg(events)
+            .arg(token.to_string());
         arg_fields(&mut cmd, entry);
         let moved: i64 = self.redis.query(&cmd).await?;
-        Ok(moved == 1)
+        Ok(match moved {
+            1 => Moved::Done,
+            2 => Moved::BatchInSpill,
+            _ => Moved::Gone,
+        })
     }
 
     /// The backlog: entries (batches) and events in the spill.

@@ -124,7 +124,7 @@ async fn dead_letters_are_listed_then_replayed_and_stored_exactly_once() {
     app.query("ALTER TABLE events MODIFY COLUMN error_code UInt16").await;
     let (status, done) = app.send(post.clone(), "/admin/dead-letters/replay", Some(ADMIN), None).await;
     assert_eq!(status, 200, "{done}");
-    assert_eq!(done, json!({"entries": 2, "events": 5, "skipped": [damaged]}));
+    assert_eq!(done, json!({"entries": 2, "events": 5, "skipped": [damaged], "waiting": []}));
     let all: Vec<String> = first.iter().chain(&second).map(|id| format!("'{id}'")).collect();
     let stored = format!("SELECT count() FROM events WHERE toString(event_id) IN ({})", all.join(","));
     assert_eq!(app.wait_for(&stored, 5).await, 5, "the replayers insert them");
@@ -154,7 +154,17 @@ async fn dead_letters_are_listed_then_replayed_and_stored_exactly_once() {
     let (_, page) = app.send(get.clone(), "/admin/dead-letters", Some(ADMIN), None).await;
     assert_eq!(page["count"], 1, "{page}");
     assert_eq!(page["deadLetters"][0]["id"], damaged.as_str());
-    let (status, purged) = app.send(delete.clone(), "/admin/dead-letters", Some(ADMIN), None).await;
+    // A purge cannot be undone: one that names nothing deletes nothing.
+    for body in [None, Some(json!({})), Some(json!({"ids": null})), Some(json!({"all": false}))] {
+        let (status, answer) =
+            app.send(delete.clone(), "/admin/dead-letters", Some(ADMIN), body.clone()).await;
+        assert_eq!(status, 422, "{body:?}: {answer}");
+        assert!(answer["error"].as_str().unwrap().contains(r#"{"all": true}"#), "{answer}");
+    }
+    let (_, page) = app.send(get.clone(), "/admin/dead-letters", Some(ADMIN), None).await;
+    assert_eq!(page["count"], 1, "{page}");
+    let all = Some(json!({"all": true}));
+    let (status, purged) = app.send(delete.clone(), "/admin/dead-letters", Some(ADMIN), all).await;
     assert_eq!((status, purged), (200, json!({"purged": 1})));
     let (_, page) = app.send(get, "/admin/dead-letters", Some(ADMIN), None).await;
     assert_eq!(page, json!({"count": 0, "deadLetters": [], "next": null}));
@@ -218,6 +228,76 @@ async fn two_replays_at_once_move_each_dead_letter_once() {
     assert_eq!((app.number(&stored).await, app.number(&distinct).await), (600, 600));
 }
 
+/// A dead letter whose batch the spill still holds (a shutdown that could not learn whether its
+/// push had landed keeps the batch as a dead letter too) stays where it is until the spill has
+/// stored the batch: two entries with the same rows could go to two replayers at once, each
+/// checking ClickHouse before the other stored them. Then it moves, and only what the spill did
+/// not store is stored.
+#[tokio::test]
+async fn a_dead_letter_waits_while_the_spill_holds_its_batch() {
+    use adbeacon::{
+        domain::{EventKind, Traffic},
+        ingest::dead_letter::{Source, rows_fields},
+        store::EventRow,
+    };
+    let app = TestApp::spawn().await;
+    let now = time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let token = uuid::Uuid::new_v4();
+    let rows: Vec<EventRow> = (0..3)
+        .map(|_| EventRow {
+            event_id: uuid::Uuid::new_v4(),
+            ad_id: AD1.parse().unwrap(),
+            kind: EventKind::Click,
+            event_time: now,
+            received_at: now,
+            ip_hash: 5,
+            playback_time: None,
+            error_code: 0,
+            batch_id: token,
+            traffic: Traffic::Valid,
+        })
+        .collect();
+    let redis = shared_redis();
+    let mut conn =
+        redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut add = redis::cmd("XADD");
+    add.arg(stream(&app)).arg("*");
+    for (k, v) in rows_fields(token, &rows, "ClickHouse unavailable at shutdown", Source::Shutdown) {
+        add.arg(k).arg(v);
+    }
+    let id: String = add.query_async(&mut conn).await.unwrap();
+    // The spill holds the batch (its token is in the spill's set while its entry is there).
+    let tokens = format!("{}spill:tokens", app.redis_prefix);
+    redis.command(&["SADD", &tokens, &token.to_string()]);
+    let replay = || app.send(reqwest::Method::POST, "/admin/dead-letters/replay", None, None);
+    let (status, done) = replay().await;
+    assert_eq!((status, done), (200, json!({"entries": 0, "events": 0, "skipped": [], "waiting": [id]})));
+    assert_eq!(redis.command(&["XLEN", &stream(&app)]), "1", "the dead letter stays");
+
+    // The spill stored the batch (one of its rows here), and its entry left.
+    let first = &rows[0];
+    app.query(&format!(
+        "INSERT INTO events (event_id, ad_id, kind, event_time, received_at, ip_hash, error_code, batch_id) \
+         VALUES ('{}', '{AD1}', 'click', now(), now(), 5, 0, '{token}')",
+        first.event_id
+    ))
+    .await;
+    redis.command(&["SREM", &tokens, &token.to_string()]);
+    let (status, done) = replay().await;
+    assert_eq!((status, done), (200, json!({"entries": 1, "events": 3, "skipped": [], "waiting": []})));
+    let ids: Vec<String> = rows.iter().map(|r| format!("'{}'", r.event_id)).collect();
+    let stored = format!("SELECT count() FROM events WHERE toString(event_id) IN ({})", ids.join(","));
+    assert_eq!(app.wait_for(&stored, 3).await, 3);
+    // The moved entry's token is in the set while it is in the spill, and leaves with it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while redis.command(&["SISMEMBER", &tokens, &token.to_string()]) != "0" && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(redis.command(&["SISMEMBER", &tokens, &token.to_string()]), "0");
+    let distinct = stored.replace("count()", "uniqExact(event_id)");
+    assert_eq!((app.number(&stored).await, app.number(&distinct).await), (3, 3), "stored once each");
+}
+
 #[tokio::test]
 async fn purge_deletes_the_selected_dead_letters_or_all() {
     let app = TestApp::spawn().await;
@@ -240,7 +320,10 @@ async fn purge_deletes_the_selected_dead_letters_or_all() {
     let replay = json!({"ids": [damaged]});
     let (status, done) =
         app.send(reqwest::Method::POST, "/admin/dead-letters/replay", None, Some(replay)).await;
-    assert_eq!((status, done), (200, json!({"entries": 0, "events": 0, "skipped": [damaged]})));
+    assert_eq!(
+        (status, done),
+        (200, json!({"entries": 0, "events": 0, "skipped": [damaged], "waiting": []}))
+    );
 
     // An empty list selects none; unknown ids are ignored; repeats count once.
     let purge = |body: Value| app.send(reqwest::Method::DELETE, "/admin/dead-letters", None, Some(body));
@@ -252,8 +335,9 @@ async fn purge_deletes_the_selected_dead_letters_or_all() {
     assert_eq!(page["deadLetters"][0]["id"], ids[1].as_str());
     assert_eq!(row_ids(&page["deadLetters"][0]), kept);
 
-    // No ids: all.
-    assert_eq!(purge(json!({})).await, (200, json!({"purged": 1})));
+    // All, said so.
+    assert_eq!(purge(json!({"ids": [ids[1]], "all": true})).await.0, 422);
+    assert_eq!(purge(json!({"all": true})).await, (200, json!({"purged": 1})));
     assert_eq!(shared_redis().command(&["XLEN", &stream(&app)]), "0");
     assert_eq!(app.metric("adbeacon_dead_letters_purged_total").await, 3);
 }
@@ -314,8 +398,10 @@ async fn without_redis_the_endpoints_answer_409_and_with_redis_down_503() {
         (reqwest::Method::POST, "/admin/dead-letters/replay"),
         (reqwest::Method::DELETE, "/admin/dead-letters"),
     ];
+    // A purge must name what it deletes (422 otherwise, with Redis or without).
+    let select = |method: &reqwest::Method| (method == reqwest::Method::DELETE).then(|| json!({"all": true}));
     for (method, path) in &cases {
-        let (status, body) = app.send(method.clone(), path, None, None).await;
+        let (status, body) = app.send(method.clone(), path, None, select(method)).await;
         assert_eq!(status, 409, "{method} {path}: {body}");
         let error = body["error"].as_str().unwrap();
         assert!(error.contains("REDIS_URL is none") && error.contains("DATA_DIR/dead-letter/"), "{error}");
@@ -327,7 +413,11 @@ async fn without_redis_the_endpoints_answer_409_and_with_redis_down_503() {
     assert_eq!(status, 200);
     redis.stop();
     for (method, path) in &cases {
-        let resp = app.http.request(method.clone(), format!("{}{path}", app.base)).send().await.unwrap();
+        let mut request = app.http.request(method.clone(), format!("{}{path}", app.base));
+        if let Some(body) = select(method) {
+            request = request.json(&body);
+        }
+        let resp = request.send().await.unwrap();
         assert_eq!(resp.status(), 503, "{method} {path}");
         assert!(resp.headers().contains_key("retry-after"));
         let body: Value = resp.json().await.unwrap();
