@@ -19,12 +19,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 # ---- run --------------------------------------------------------------------------------------
 FROM debian:bookworm-slim
-# ca-certificates: for an https CLICKHOUSE_URL behind a TLS proxy; the binary needs nothing else
-# but glibc.
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates \
-    && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --user-group --home-dir /var/lib/adbeacon --shell /usr/sbin/nologin adbeacon \
+# The binary needs nothing but glibc (it speaks plain http to ClickHouse and Redis: no TLS, so no
+# CA certificates either).
+RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/adbeacon --shell /usr/sbin/nologin adbeacon \
     && install -d -o adbeacon -g adbeacon -m 0750 /var/lib/adbeacon
 COPY --from=build /usr/local/bin/adbeacon /usr/local/bin/adbeacon
 

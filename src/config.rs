@@ -200,7 +200,7 @@ pub const SETTINGS: &[Setting] = &[
         "RAW_RETENTION_MONTHS",
         "13",
         "a whole number of months from 1 to 96",
-        "raw events are kept this many months, then dropped a month at a time (aggregates stay); also the longest analytics window (from/to)",
+        "raw events are kept this many months (and a week of grace), then dropped a month at a time (aggregates stay); also the longest analytics window (from/to)",
     ),
     s(
         "CATALOG_TTL",
