@@ -7,8 +7,8 @@
 //! from damaged entries, counted as entries, and dead letters an operator sends back).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::domain::{EventKind, Traffic};
@@ -157,6 +157,10 @@ pub struct Metrics {
     pub spill_backlog_bytes: IntGauge,
     /// Entries in the dead-letter stream.
     pub dead_letters: IntGauge,
+    /// `adbeacon_clickhouse_up`: set from the ingest health when scraped.
+    pub clickhouse_up: IntGauge,
+    /// `adbeacon_dead_letter_files`: counted when scraped.
+    pub dead_letter_files: IntGauge,
     /// Dead letters moved back to the spill by an operator.
     pub dead_letters_replayed: IntCounter,
     /// Dead letters deleted by an operator.
@@ -264,6 +268,12 @@ impl Metrics {
         )
         .expect("valid metric");
         reg(Box::new(requests_rejected.clone()));
+        // Every reason exists from the start at 0, as the insert failures below, so that the first
+        // refusals show in `rate()` (a series born at its full count shows no increase).
+        for reason in RejectReason::ALL {
+            rejected.with_label_values(&[reason.as_str()]);
+            requests_rejected.with_label_values(&[reason.as_str()]);
+        }
         let insert_failures = IntCounterVec::new(
             Opts::new("adbeacon_insert_failures_total", "Failed INSERTs by class (retryable, rejected)"),
             &["class"],
@@ -323,8 +333,27 @@ impl Metrics {
         let filtered =
             Traffic::FILTERED.iter().map(|t| filtered_vec.with_label_values(&[t.name()])).collect();
 
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "adbeacon_build_info",
+                "Always 1, labelled with the running adbeacon's version: instances of different versions share one spill",
+            ),
+            &["version"],
+        )
+        .expect("valid metric");
+        reg(Box::new(build_info.clone()));
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+
         Metrics {
             filtered,
+            clickhouse_up: gauge(
+                "adbeacon_clickhouse_up",
+                "1 while ClickHouse takes INSERTs, 0 while the last INSERT (or the replayer's probe, every second while it is down) failed: batches then go to the Redis spill or wait in the buffer",
+            ),
+            dead_letter_files: gauge(
+                "adbeacon_dead_letter_files",
+                "Dead-letter files in DATA_DIR/dead-letter (written when Redis could not take dead letters): their events are counted nowhere until loaded",
+            ),
             event_id_repeats: counter(
                 "adbeacon_events_repeated_total",
                 "Events whose client event id was accepted before: answered as duplicates, not stored again",
@@ -538,5 +567,19 @@ mod tests {
         labels.sort();
         labels.dedup();
         assert_eq!(labels.len(), RejectReason::ALL.len());
+    }
+
+    #[test]
+    fn every_reason_and_the_build_are_exported_from_the_start() {
+        let text = Metrics::new().render();
+        for family in ["adbeacon_events_rejected_total", "adbeacon_requests_rejected_total"] {
+            for r in RejectReason::ALL {
+                let sample = format!("{family}{{reason=\"{}\"}} 0", r.as_str());
+                assert!(text.lines().any(|l| l == sample), "{sample} missing");
+            }
+        }
+        let build = format!("adbeacon_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+        assert!(text.lines().any(|l| l == build), "{build} missing");
+        assert!(text.lines().any(|l| l == "adbeacon_clickhouse_up 0"), "the gauge is set when scraped");
     }
 }

@@ -190,6 +190,13 @@ impl HealthApi {
     /// `adbeacon_*` pipeline metrics.
     #[oai(path = "/metrics", method = "get", operation_id = "metrics")]
     async fn metrics(&self) -> MetricsResponse {
-        MetricsResponse::Ok(PlainText(self.state.metrics.render()))
+        let metrics = &self.state.metrics;
+        metrics.clickhouse_up.set(i64::from(self.state.insert_health.ok()));
+        // Off the request threads: a failing disk can make even a directory listing hang.
+        let dead = self.state.dead_letters.clone();
+        if let Ok(files) = tokio::task::spawn_blocking(move || dead.files()).await {
+            metrics.dead_letter_files.set(i64::try_from(files).unwrap_or(i64::MAX));
+        }
+        MetricsResponse::Ok(PlainText(metrics.render()))
     }
 }

@@ -157,6 +157,13 @@ impl DeadLetters {
         &self.dir
     }
 
+    /// Dead-letter files in the fallback directory (complete ones: a file being written is
+    /// named `.tmp` until it is synced); 0 when the directory does not exist or cannot be read.
+    pub fn files(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return 0 };
+        entries.filter_map(Result::ok).filter(|e| e.path().extension().is_some_and(|x| x == "jsonl")).count()
+    }
+
     /// Keeps `rows` with the reason: in Redis, or in a file when Redis fails.
     pub async fn save(
         &self,

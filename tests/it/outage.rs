@@ -158,6 +158,8 @@ async fn clickhouse_killed_under_load_spills_and_replays_exactly_once() {
     );
     assert!(ready["spillBacklog"].as_u64().unwrap() > 0, "{ready}");
     assert!(app.metric("adbeacon_events_spilled_total").await > 0);
+    // The gauge the outage alert reads (the failure counter stops once batches spill at once).
+    assert_eq!(app.metric("adbeacon_clickhouse_up").await, 0);
     // Bytes pushed, read in one scrape with the events and entries: 65 bytes a row plus about a
     // hundred an entry (field names, token, checksum).
     let text = app.get("/metrics").await.text().await.unwrap();
@@ -198,6 +200,7 @@ async fn clickhouse_killed_under_load_spills_and_replays_exactly_once() {
     settle(&app.base, &ch, &db, &acked).await;
     assert!(app.metric("adbeacon_events_replayed_total").await > 0);
     assert_eq!(app.metric("adbeacon_books_balance").await, 0);
+    assert_eq!(app.metric("adbeacon_clickhouse_up").await, 1);
     // One instance: it replayed every entry it pushed, byte for byte (counted just after the
     // acknowledgement that emptied the stream, hence the short wait).
     let (mut pushed, mut replayed) = (0, 0);

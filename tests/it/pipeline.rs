@@ -286,6 +286,8 @@ async fn without_redis_rejected_rows_become_a_dead_letter_file() {
     let reason = std::fs::read_to_string(files[0].with_extension("reason")).unwrap();
     assert!(reason.contains("Code:"), "{reason}");
     assert_eq!(app.metric("adbeacon_events_dead_lettered_total").await, 2);
+    // Counted at each scrape, for the alert on files left unloaded.
+    assert_eq!(app.metric("adbeacon_dead_letter_files").await, 1);
     assert_eq!(app.number("SELECT count() FROM events").await, 1);
     assert_eq!(app.get("/readyz").await.status(), 200);
 }
