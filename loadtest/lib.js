@@ -43,6 +43,12 @@ const CLIENTS = Math.max(1, Number(__ENV.CLIENTS || 20000));
 const eventsSent = new Counter('events_sent');
 /** Events a 2xx answered for: a JSON 2xx, a pixel's 200/204, a batch item "accepted". */
 const eventsAcked = new Counter('events_acked');
+/**
+ * The sum of the acknowledged events' keys (eventKey: the event's id, kind and ad folded into a
+ * number), which teardown recomputes from the stored rows: equal counts alone would let a lost
+ * event and one stored though refused cancel out, and would not see a kind or an ad stored wrong.
+ */
+const eventsAckedKeys = new Counter('events_acked_keys');
 /** Events answered 503 (overload or outage): nothing stored, the client may retry. */
 const eventsRefused = new Counter('events_refused');
 /** Events whose request got no answer (timeout, reset): stored or not, nobody knows. */
@@ -53,6 +59,10 @@ const eventsLost = new Counter('events_lost'); // acknowledged, not in ClickHous
 const eventsStoredTwice = new Counter('events_stored_twice'); // rows beyond one per event id
 const eventsUnexplained = new Counter('events_stored_unacked'); // stored, yet refused or never sent
 const booksOff = new Counter('books_off'); // |adbeacon_books_balance| + events still held, at rest
+/** 1 when the stored rows' keys do not sum to the acknowledged events' (see events_acked_keys). */
+const keysOff = new Counter('events_keys_off');
+/** 1 when the run's ads' aggregates (ad_stats_hourly) differ from a recount of their raw rows. */
+const aggregatesOff = new Counter('aggregates_off');
 /** Seconds from the end of setup to the start of teardown: the load's length, for req/s. */
 const loadSeconds = new Counter('load_seconds');
 /** 1 for every answer outside what the script allows (4xx, 5xx other than an allowed 503, none). */
@@ -84,6 +94,8 @@ export function thresholds(extra) {
       events_lost: ['count==0'],
       events_stored_twice: ['count==0'],
       events_stored_unacked: ['count==0'],
+      events_keys_off: ['count==0'],
+      aggregates_off: ['count==0'],
       books_off: ['count==0'],
     },
     extra || {},
@@ -139,6 +151,51 @@ export function eventId(tag) {
   return `${tag}-${hex(exec.vu.idInTest & 0xffff, 4)}-4${s.slice(0, 3)}-8${s.slice(3, 6)}-${s.slice(6)}`;
 }
 
+/** The `kind` column's Enum8 values (clickhouse/migrations/0002_events.sql). */
+const KIND_CODE = {
+  impression: 1,
+  click: 2,
+  creative_view: 3,
+  start: 4,
+  first_quartile: 5,
+  midpoint: 6,
+  third_quartile: 7,
+  complete: 8,
+};
+
+/** A pixel's event name or a batch item's kind (camelCase) as the `kind` column stores it. */
+function storedKind(name) {
+  return name.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
+}
+
+/**
+ * An event's key for the books: its id (the VU and the low 48 bits of its sequence; 0 for an
+ * event sent without an id), its kind and its ad (its index in data.ads), folded into a number
+ * below 2^28, so that the sum over millions of events stays exact in a float64 counter. teardown
+ * computes the same from each stored row (keysSql), so the sums agree only when the rows are the
+ * acknowledged events with their kinds and ads.
+ */
+export function eventKey(data, id, kind, ad) {
+  // Built once per VU (setup's data cannot hold it: k6 hands each VU a read-only copy).
+  if (adIndex === null) adIndex = new Map(data.ads.map((a, i) => [a, i]));
+  const base = id ? (parseInt(id.slice(9, 13), 16) * 65599 + parseInt(id.slice(24, 36), 16)) % 65521 : 0;
+  return (base * 16 + KIND_CODE[storedKind(kind)]) * 256 + adIndex.get(ad) + 1;
+}
+let adIndex = null;
+
+/** SQL for the sum of eventKey over the distinct stored rows matched by `where`. */
+function keysSql(data, where) {
+  const ads = data.ads.map((a) => `'${a}'`).join(',');
+  const base = data.idless
+    ? '0'
+    : '(toUInt64(reinterpretAsUInt16(reverse(unhex(substring(id, 10, 4))))) * 65599' +
+      ' + reinterpretAsUInt64(reverse(unhex(substring(id, 25, 12))))) % 65521';
+  return (
+    `SELECT sum(((${base}) * 16 + toUInt64(toInt8(kind))) * 256 + indexOf([${ads}], toString(ad_id)))` +
+    ` FROM (SELECT DISTINCT toString(event_id) AS id, kind, ad_id FROM events WHERE ${where}) FORMAT TSV`
+  );
+}
+
 export function nowIso() {
   return new Date().toISOString();
 }
@@ -159,17 +216,20 @@ function headers(v, json) {
 }
 
 /**
- * Books one answer for `events` events: 2xx acknowledges them all (unless `accepted` says how
- * many of a batch were), 503 refuses them (allowed only when `allow503`), no answer leaves them
- * uncertain. Returns whether the answer was a 2xx.
+ * Books one answer for the events whose keys (eventKey) are `keys`: 2xx acknowledges them all
+ * (unless `accepted` lists the keys of a batch's accepted items), 503 refuses them (allowed only
+ * when `allow503`), no answer leaves them uncertain. Returns whether the answer was a 2xx.
  */
-export function book(res, events, allow503, accepted) {
+export function book(res, keys, allow503, accepted) {
+  const events = keys.length;
   eventsSent.add(events);
   const ok = res.status >= 200 && res.status < 300;
   const is503 = res.status === 503;
   overloaded.add(is503);
   if (ok) {
-    eventsAcked.add(accepted === undefined ? events : accepted);
+    const acked = accepted === undefined ? keys : accepted;
+    eventsAcked.add(acked.length);
+    eventsAckedKeys.add(acked.reduce((sum, k) => sum + k, 0));
   } else if (is503) {
     eventsRefused.add(events);
     if (!res.headers['Retry-After']) noRetryAfter.add(1);
@@ -188,35 +248,45 @@ export function book(res, events, allow503, accepted) {
   return ok;
 }
 
-/** POST /ads/click with the old service's body, plus an eventId. */
-export function click(tag, ad, v, opts) {
-  const body = JSON.stringify({
+/**
+ * POST /ads/click with the old service's body; with an eventId too unless `opts.idless` (the
+ * old clients sent none: clicks.js sends exactly their body).
+ */
+export function click(data, ad, v, opts) {
+  const fields = {
     adId: ad,
     timestamp: nowIso(),
     ipAddress: v.ip,
     videoPlaybackTime: Math.round(Math.random() * 1200) / 10,
-    eventId: eventId(tag),
-  });
-  const res = http.post(`${BASE_URL}/ads/click`, body, {
+  };
+  if (!(opts && opts.idless)) fields.eventId = eventId(data.tag);
+  const res = http.post(`${BASE_URL}/ads/click`, JSON.stringify(fields), {
     headers: headers(v, true),
     tags: tags('click', 'POST /ads/click'),
   });
-  return book(res, 1, opts && opts.allow503);
+  const ok = book(res, [eventKey(data, fields.eventId, 'click', ad)], opts && opts.allow503);
+  // The old service's answer ("duplicate": true added for a repeat of a counted click).
+  const queued = (r) =>
+    r.status === 202 &&
+    (r.body === '{"message":"Click event queued"}' || r.body === '{"message":"Click event queued","duplicate":true}');
+  if (ok) check(res, { 'click: 202 {"message":"Click event queued"}': queued });
+  return ok;
 }
 
 /** POST /ads/impression with `{"adId","eventId"}`. */
-export function impression(tag, ad, v, opts) {
-  const body = JSON.stringify({ adId: ad, eventId: eventId(tag) });
-  const res = http.post(`${BASE_URL}/ads/impression`, body, {
+export function impression(data, ad, v, opts) {
+  const id = eventId(data.tag);
+  const res = http.post(`${BASE_URL}/ads/impression`, JSON.stringify({ adId: ad, eventId: id }), {
     headers: headers(v, true),
     tags: tags('impression', 'POST /ads/impression'),
   });
-  return book(res, 1, opts && opts.allow503);
+  return book(res, [eventKey(data, id, 'impression', ad)], opts && opts.allow503);
 }
 
 /** GET /t/{event}?ad=…&eid=…&ts=…&pt=… as a VAST player fires it (GIF or, with f=204, empty). */
-export function pixel(tag, event, ad, v, playhead, opts) {
-  let url = `${BASE_URL}/t/${event}?ad=${ad}&eid=${eventId(tag)}&ts=${encodeURIComponent(nowIso())}`;
+export function pixel(data, event, ad, v, playhead, opts) {
+  const id = eventId(data.tag);
+  let url = `${BASE_URL}/t/${event}?ad=${ad}&eid=${id}&ts=${encodeURIComponent(nowIso())}`;
   if (playhead !== undefined) url += `&pt=${playheadText(playhead)}`;
   url += `&cb=${Math.floor(Math.random() * 1e8)}`;
   if (Math.random() < 0.5) url += '&f=204';
@@ -224,7 +294,7 @@ export function pixel(tag, event, ad, v, playhead, opts) {
     headers: headers(v, false),
     tags: tags('pixel', `GET /t/${event}`),
   });
-  return book(res, 1, opts && opts.allow503);
+  return book(res, [eventKey(data, id, event, ad)], opts && opts.allow503);
 }
 
 /** VAST's [ADPLAYHEAD]: HH:MM:SS.mmm. */
@@ -238,23 +308,24 @@ function playheadText(seconds) {
  * POST /ads/events with `items` ([{adId, kind, playbackTime?}]), each given an eventId and a
  * timestamp. 202 answers per item; only the items it calls "accepted" are acknowledged.
  */
-export function batch(tag, items, v, opts) {
+export function batch(data, items, v, opts) {
   const ts = nowIso();
-  const body = JSON.stringify(items.map((e) => Object.assign({ eventId: eventId(tag), timestamp: ts }, e)));
-  const res = http.post(`${BASE_URL}/ads/events`, body, {
+  const sent = items.map((e) => Object.assign({ eventId: eventId(data.tag), timestamp: ts }, e));
+  const keys = sent.map((e) => eventKey(data, e.eventId, e.kind, e.adId));
+  const res = http.post(`${BASE_URL}/ads/events`, JSON.stringify(sent), {
     headers: headers(v, true),
     tags: tags('batch', 'POST /ads/events'),
   });
   let accepted;
   if (res.status === 202) {
     const answer = res.json();
-    accepted = answer.accepted;
+    accepted = (answer.results || []).filter((r) => r.status === 'accepted').map((r) => keys[r.index]);
     // Nothing here is a repeat or invalid: every item must be accepted.
-    if (!check(answer, { 'batch: every item accepted': (a) => a.accepted === items.length })) {
+    if (!check(answer, { 'batch: every item accepted': (a) => a.accepted === items.length && accepted.length === items.length })) {
       console.warn(`warning: batch answer ${JSON.stringify(answer).slice(0, 300)}`);
     }
   }
-  return book(res, items.length, opts && opts.allow503, accepted);
+  return book(res, keys, opts && opts.allow503, accepted);
 }
 
 // ------------------------------------------------------------------ one ad view
@@ -286,19 +357,19 @@ export function adView(data, opts) {
   const reached = Math.random();
   const clickAt = Math.random() < CLICK_SHARE ? Math.random() : -1;
   if (Math.random() < SDK_SHARE) {
-    impression(data.tag, ad, v, opts);
+    impression(data, ad, v, opts);
     const items = [];
     for (const [, kind, share, at] of PROGRESS) {
       if (reached < share) items.push({ adId: ad, kind, playbackTime: at * length });
     }
-    if (items.length > 0) batch(data.tag, items, v, opts);
+    if (items.length > 0) batch(data, items, v, opts);
   } else {
-    pixel(data.tag, 'impression', ad, v, undefined, opts);
+    pixel(data, 'impression', ad, v, undefined, opts);
     for (const [event, , share, at] of PROGRESS) {
-      if (reached < share) pixel(data.tag, event, ad, v, at * length, opts);
+      if (reached < share) pixel(data, event, ad, v, at * length, opts);
     }
   }
-  if (clickAt >= 0) click(data.tag, ad, v, opts);
+  if (clickAt >= 0) click(data, ad, v, opts);
 }
 
 // ------------------------------------------------------------------ watching the service
@@ -447,10 +518,14 @@ function clickhouse(sql) {
 }
 
 /**
- * The books, at the end of the run: waits until adbeacon holds nothing (its buffer is empty and
- * `adbeacon_books_balance` reads 0), then counts the run's events in ClickHouse and compares
- * them with what k6 saw answered. Records events_stored, events_lost, events_stored_twice,
- * events_stored_unacked and books_off, which the thresholds check.
+ * The books, at the end of the run: waits until adbeacon holds nothing (its buffer is empty,
+ * `adbeacon_books_balance` reads 0 and its Redis spill, if any, is drained), then finds the
+ * run's events in ClickHouse (by the run's tag in their ids; by the run's own ads for a script
+ * sending no ids, data.idless) and compares them with what k6 saw answered: their number, the
+ * sum of their keys (eventKey: id, kind and ad), rows per event, and the run's ads' aggregates
+ * against a recount of their rows. Records events_stored, events_lost, events_stored_twice,
+ * events_stored_unacked, events_keys_off, aggregates_off and books_off, which the thresholds
+ * check.
  */
 export function checkStored(data) {
   const t0 = Date.now();
@@ -459,19 +534,23 @@ export function checkStored(data) {
   let acked = -1;
   let refused = -1;
   let uncertain = -1;
+  let ackedKeys = -1;
   for (;;) {
     sleep(0.5);
     const a = k6Count('events_acked');
     const r = k6Count('events_refused');
     const u = k6Count('events_uncertain');
-    if (a === acked && r === refused && u === uncertain) break;
-    [acked, refused, uncertain] = [a, r, u];
+    const k = k6Count('events_acked_keys');
+    if (a === acked && r === refused && u === uncertain && k === ackedKeys) break;
+    [acked, refused, uncertain, ackedKeys] = [a, r, u, k];
   }
   const sent = k6Count('events_sent');
 
-  // adbeacon holds nothing once ClickHouse confirmed every batch (FLUSH_INTERVAL, retries).
+  // adbeacon holds nothing once ClickHouse confirmed every batch (FLUSH_INTERVAL, retries), and
+  // what went to a Redis spill is in ClickHouse once the spill is empty.
   let held = null;
   let balance = null;
+  let backlog = null;
   let text = '';
   while (Date.now() - t0 < FLUSH_WAIT * 1000) {
     const res = http.get(`${BASE_URL}/metrics`, { tags: { name: 'teardown' } });
@@ -479,16 +558,21 @@ export function checkStored(data) {
       text = res.body;
       held = metric(text, /^adbeacon_buffer_events$/);
       balance = metric(text, /^adbeacon_books_balance$/);
-      if (held === 0 && balance === 0) break;
+      backlog = metric(text, /^adbeacon_spill_backlog_events$/) || 0;
+      if (held === 0 && balance === 0 && backlog === 0) break;
     }
     sleep(0.5);
   }
-  booksOff.add(Math.abs(balance === null ? 1 : balance) + Math.abs(held === null ? 1 : held));
+  booksOff.add(Math.abs(balance === null ? 1 : balance) + Math.abs(held === null ? 1 : held) + (backlog || 0));
 
+  const created = data.created.map((a) => `'${a}'`).join(',');
+  const where = data.idless ? `ad_id IN (${created})` : `substring(toString(event_id), 1, 8) = '${data.tag}'`;
+  // Without ids a row cannot be told from its twin: rows stand for events (a second copy shows
+  // as stored unacknowledged).
+  const distinctSql = data.idless ? 'count()' : 'uniqExact(event_id)';
   const row = clickhouse(
-    `SELECT count(), uniqExact(event_id), countIf(traffic = 'valid'), countIf(traffic = 'duplicate'),` +
-      ` countIf(traffic = 'bot'), countIf(traffic = 'empty_user_agent')` +
-      ` FROM events WHERE substring(toString(event_id), 1, 8) = '${data.tag}' FORMAT TSV`,
+    `SELECT count(), ${distinctSql}, countIf(traffic = 'valid'), countIf(traffic = 'duplicate'),` +
+      ` countIf(traffic = 'bot'), countIf(traffic = 'empty_user_agent') FROM events WHERE ${where} FORMAT TSV`,
   )
     .split('\t')
     .map(Number);
@@ -496,22 +580,51 @@ export function checkStored(data) {
   const lost = Math.max(0, acked - distinct);
   // Stored but not acknowledged: only events whose answer never came may be (a 503 stores nothing).
   const unexplained = Math.max(0, distinct - acked - uncertain);
+  // The keys identify the events only when every one was answered: an unanswered one may or may
+  // not be stored (and fails the run anyway, as an unexpected status).
+  const storedKeys = Number(clickhouse(keysSql(data, where)) || 0);
+  const keysDiffer = uncertain === 0 && storedKeys !== ackedKeys;
   eventsStored.add(distinct);
   eventsLost.add(lost);
   eventsStoredTwice.add(rows - distinct);
   eventsUnexplained.add(unexplained);
+  keysOff.add(keysDiffer ? 1 : 0);
+
+  // The run's own ads hold only its events: their aggregates (what analytics reads) must equal a
+  // recount of their valid rows, per ad and kind, unique clickers included.
+  let aggregates = 'no ads created';
+  if (data.created.length > 0) {
+    const kinds = ['impression', 'click', 'start', 'first_quartile', 'midpoint', 'third_quartile', 'complete'];
+    const columns = ['impressions', 'clicks', 'starts', 'first_quartiles', 'midpoints', 'third_quartiles', 'completes'];
+    const raw = clickhouse(
+      `SELECT toString(ad_id) AS ad, ${kinds.map((k) => `countIf(kind = '${k}')`).join(', ')},` +
+        ` uniqExactIf(ip_hash, kind = 'click') FROM events WHERE ad_id IN (${created}) AND traffic = 'valid'` +
+        ' GROUP BY ad ORDER BY ad FORMAT TSV',
+    );
+    const merged = (table) =>
+      clickhouse(
+        `SELECT toString(ad_id) AS ad, ${columns.map((c) => `countIfMerge(${c})`).join(', ')},` +
+          ` uniqIfMerge(unique_clicks) FROM ${table} WHERE ad_id IN (${created}) GROUP BY ad ORDER BY ad FORMAT TSV`,
+      );
+    const differing = ['ad_stats_hourly', 'ad_stats_minutely'].filter((t) => merged(t) !== raw);
+    aggregatesOff.add(differing.length);
+    aggregates = differing.length ? `${differing.join(' and ')} differ from the recount` : 'hourly and minute tables equal the recount';
+  }
 
   const accepted = metric(text, /^adbeacon_events_accepted_total/);
   const flushed = metric(text, /^adbeacon_events_flushed_total$/);
   const secs = (Date.now() - data.started) / 1000;
-  const verdict = lost === 0 && rows === distinct && unexplained === 0 && balance === 0 && held === 0;
+  const verdict =
+    lost === 0 && rows === distinct && unexplained === 0 && !keysDiffer && balance === 0 && held === 0 && !backlog;
   console.log(
     [
       `run ${data.tag} books (${((Date.now() - t0) / 1000).toFixed(1)} s after the load, ${secs.toFixed(0)} s since setup):`,
       `  k6: ${sent} events sent, ${acked} acknowledged (2xx), ${refused} refused (503), ${uncertain} unanswered`,
       `  ClickHouse: ${distinct} of them stored (${rows} rows): valid ${valid}, duplicate ${duplicate}, bot ${bot}, empty user agent ${emptyAgent}`,
-      `  adbeacon: accepted ${accepted} (its lifetime), flushed ${flushed}, held ${held}, books balance ${balance}`,
-      `  ${verdict ? 'OK: stored = acknowledged' : 'FAILED'}: lost ${lost}, stored twice ${rows - distinct}, stored unacknowledged ${unexplained}`,
+      `  keys (id, kind, ad): acknowledged ${ackedKeys}, stored ${storedKeys}${uncertain ? ' (not compared: unanswered events)' : ''}`,
+      `  aggregates of the run's ${data.created.length} ads: ${aggregates}`,
+      `  adbeacon: accepted ${accepted} (its lifetime), flushed ${flushed}, held ${held}, books balance ${balance}, spill backlog ${backlog}`,
+      `  ${verdict ? 'OK: stored = acknowledged' : 'FAILED'}: lost ${lost}, stored twice ${rows - distinct}, stored unacknowledged ${unexplained}${keysDiffer ? ', keys differ' : ''}`,
     ].join('\n'),
   );
 }

@@ -81,16 +81,16 @@ export default function (data) {
   const v = lib.viewer();
   const r = Math.random();
   if (r < 0.75) {
-    lib.pixel(data.tag, lib.pick(['impression'].concat(KINDS)), ad, v, Math.random() * 30, opts);
+    lib.pixel(data, lib.pick(['impression'].concat(KINDS)), ad, v, Math.random() * 30, opts);
   } else if (r < 0.83) {
-    lib.impression(data.tag, ad, v, opts);
+    lib.impression(data, ad, v, opts);
   } else if (r < 0.98) {
     const n = 10 + Math.floor(Math.random() * 91);
     const items = [];
     for (let i = 0; i < n; i++) items.push({ adId: lib.pick(data.ads), kind: lib.pick(KINDS), playbackTime: Math.random() * 30 });
-    lib.batch(data.tag, items, v, opts);
+    lib.batch(data, items, v, opts);
   } else {
-    lib.click(data.tag, ad, v, opts);
+    lib.click(data, ad, v, opts);
   }
 }
 

@@ -17,7 +17,7 @@
 #   LOADTEST_RATE_LIMIT  adbeacon's RATE_LIMIT per client address (500, its default): the scripts
 #                        spread the load over 20,000 addresses in X-Forwarded-For, trusted from
 #                        127.0.0.1, so the limiter works as in production and never refuses
-# Each script's own knobs (RATE, DURATION, SESSIONS, ...; see its header) pass through, e.g.
+# Each script's own knobs (RATE, DURATION, VIEWS, ...; see its header) pass through, e.g.
 # `RATE=4000 LOADTEST_SCRIPTS=clicks scripts/loadtest.sh`.
 #
 # Never touches servers it did not start: `make run`'s stack, test servers and the like are left
@@ -82,6 +82,8 @@ db=loadtest
 app_settings() { # SCRIPT -> NAME=VALUE lines
   case "$1" in
     outage) printf '%s\n' BATCH_MAX_BYTES=256KiB BUFFER_MAX_BYTES=1MiB ;;
+    # Small segments, so that a log that never deletes them would pass soak.js's limit.
+    soak) printf '%s\n' WAL_SEGMENT_BYTES=1MiB ;;
   esac
 }
 
@@ -90,10 +92,11 @@ k6_settings() { # SCRIPT -> NAME=VALUE lines
   case "$1" in
     clicks) printf '%s\n' "DURATION=${DURATION:-30s}" ;;
     mixed) printf '%s\n' "DURATION=${DURATION:-45s}" ;;
-    soak) printf '%s\n' "DURATION=${SOAK_DURATION:-60s}" ;;
+    soak) printf '%s\n' "DURATION=${SOAK_DURATION:-60s}" "WAL_MAX_MIB=${WAL_MAX_MIB:-4}" ;;
     # After the outage: ClickHouse's start, adbeacon's retry backoff (up to 5 s), the drain, and
     # outage.js's last 10 s ("after"), when every answer must be a 2xx again.
-    outage) printf '%s\n' "DURATION=${DURATION:-$((OUTAGE_AT + OUTAGE_FOR + 35))s}" ;;
+    outage) printf '%s\n' "DURATION=${DURATION:-$((OUTAGE_AT + OUTAGE_FOR + 35))s}" "OUTAGE_AT=$OUTAGE_AT" \
+      "OUTAGE_FOR=$OUTAGE_FOR" EXPECT_BUFFER_FULL=1 ;;
   esac
 }
 
