@@ -324,11 +324,12 @@ return 1
 /// token set; ARGV the dead letter's id, its number of events, its batch token, then the spill
 /// entry's field names and values. 1 when moved (the token joins the set, as a push's does), 0
 /// when the dead letter was gone, 2 when the spill holds an entry of the same batch (nothing
-/// done in either case).
+/// done in either case). An empty spill holds no batch, whatever the set says (a stream an
+/// operator deleted by hand leaves its tokens behind).
 const MOVE_SCRIPT: &str = concat!(
     lua_xadd!(),
     r"
-if redis.call('SISMEMBER', KEYS[4], ARGV[3]) == 1 then return 2 end
+if redis.call('XLEN', KEYS[2]) > 0 and redis.call('SISMEMBER', KEYS[4], ARGV[3]) == 1 then return 2 end
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
 xadd(KEYS[2], 4, #ARGV)
 redis.call('INCRBY', KEYS[3], ARGV[2])

@@ -237,10 +237,13 @@ async fn two_replays_at_once_move_each_dead_letter_once() {
 async fn a_dead_letter_waits_while_the_spill_holds_its_batch() {
     use adbeacon::{
         domain::{EventKind, Traffic},
-        ingest::dead_letter::{Source, rows_fields},
+        ingest::{
+            dead_letter::{Source, rows_fields},
+            spill::{GROUP, batch_fields},
+        },
         store::EventRow,
     };
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_with(&[("REPLAY_CLAIM_IDLE", "1h")]).await;
     let now = time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
     let token = uuid::Uuid::new_v4();
     let rows: Vec<EventRow> = (0..3)
@@ -266,22 +269,51 @@ async fn a_dead_letter_waits_while_the_spill_holds_its_batch() {
         add.arg(k).arg(v);
     }
     let id: String = add.query_async(&mut conn).await.unwrap();
-    // The spill holds the batch (its token is in the spill's set while its entry is there).
+    // The spill holds the batch too, pending for a replayer that is gone (this app's replayer
+    // claims it only after REPLAY_CLAIM_IDLE, an hour here): its token is in the spill's set.
+    let spill = format!("{}spill", app.redis_prefix);
     let tokens = format!("{}spill:tokens", app.redis_prefix);
-    redis.command(&["SADD", &tokens, &token.to_string()]);
+    let mut push = redis::cmd("XADD");
+    push.arg(&spill).arg("*");
+    for (k, v) in batch_fields(token, &rows, 0, false) {
+        push.arg(k).arg(v);
+    }
+    let entry: String = push.query_async(&mut conn).await.unwrap();
+    let _: () = redis::cmd("SADD").arg(&tokens).arg(token.to_string()).query_async(&mut conn).await.unwrap();
+    let _: redis::Value = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&spill)
+        .arg(GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut conn)
+        .await
+        .unwrap_or(redis::Value::Nil);
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(GROUP)
+        .arg("a-replayer-that-died")
+        .arg("STREAMS")
+        .arg(&spill)
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     let replay = || app.send(reqwest::Method::POST, "/admin/dead-letters/replay", None, None);
     let (status, done) = replay().await;
     assert_eq!((status, done), (200, json!({"entries": 0, "events": 0, "skipped": [], "waiting": [id]})));
     assert_eq!(redis.command(&["XLEN", &stream(&app)]), "1", "the dead letter stays");
 
-    // The spill stored the batch (one of its rows here), and its entry left.
-    let first = &rows[0];
+    // The spill stored the batch (one of its rows: the others were rejected, say) and its entry
+    // left, as a replayer's acknowledgement does it.
     app.query(&format!(
         "INSERT INTO events (event_id, ad_id, kind, event_time, received_at, ip_hash, error_code, batch_id) \
          VALUES ('{}', '{AD1}', 'click', now(), now(), 5, 0, '{token}')",
-        first.event_id
+        rows[0].event_id
     ))
     .await;
+    redis.command(&["XACK", &spill, GROUP, &entry]);
+    redis.command(&["XDEL", &spill, &entry]);
     redis.command(&["SREM", &tokens, &token.to_string()]);
     let (status, done) = replay().await;
     assert_eq!((status, done), (200, json!({"entries": 1, "events": 3, "skipped": [], "waiting": []})));
@@ -296,6 +328,23 @@ async fn a_dead_letter_waits_while_the_spill_holds_its_batch() {
     assert_eq!(redis.command(&["SISMEMBER", &tokens, &token.to_string()]), "0");
     let distinct = stored.replace("count()", "uniqExact(event_id)");
     assert_eq!((app.number(&stored).await, app.number(&distinct).await), (3, 3), "stored once each");
+
+    // An empty spill holds no batch, whatever its token set says (a token left behind by a
+    // stream deleted by hand): such a dead letter moves.
+    let stale = uuid::Uuid::new_v4();
+    let mut add = redis::cmd("XADD");
+    add.arg(stream(&app)).arg("*");
+    let row = EventRow { event_id: uuid::Uuid::new_v4(), batch_id: stale, ..rows[0].clone() };
+    for (k, v) in rows_fields(stale, std::slice::from_ref(&row), "rejected for the test", Source::Rejected) {
+        add.arg(k).arg(v);
+    }
+    let _: String = add.query_async(&mut conn).await.unwrap();
+    redis.command(&["SADD", &tokens, &stale.to_string()]);
+    assert_eq!(redis.command(&["XLEN", &spill]), "0");
+    let (status, done) = replay().await;
+    assert_eq!((status, done), (200, json!({"entries": 1, "events": 1, "skipped": [], "waiting": []})));
+    let one = format!("SELECT count() FROM events WHERE event_id = toUUID('{}')", row.event_id);
+    assert_eq!(app.wait_for(&one, 1).await, 1);
 }
 
 #[tokio::test]
