@@ -33,6 +33,10 @@ pub enum AppError {
         /// The cause.
         source: std::io::Error,
     },
+    /// Shutdown could not keep every acknowledged event (or its flusher failed): the exit status
+    /// says so, rather than a clean 0.
+    #[error("shutdown: {0}")]
+    Shutdown(String),
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> AppError {
@@ -64,7 +68,7 @@ pub struct App {
     listener: TcpListener,
     local_addr: SocketAddr,
     state: Arc<State>,
-    flusher: JoinHandle<()>,
+    flusher: JoinHandle<u64>,
     wal: Option<Wal>,
     stop_flusher: CancellationToken,
     replayer: Option<std::thread::JoinHandle<()>>,
@@ -73,6 +77,7 @@ pub struct App {
     stop_retention: CancellationToken,
     header_read_timeout: Duration,
     max_connections: usize,
+    shutdown_timeout: Duration,
 }
 
 /// File descriptors kept for everything but client connections: ClickHouse's and Redis's
@@ -345,6 +350,7 @@ impl App {
         let local_addr = listener.local_addr().map_err(io("listening socket"))?;
         let header_read_timeout = config.header_read_timeout;
         let max_connections = connection_limit(config.max_connections);
+        let shutdown_timeout = config.shutdown_timeout;
         Ok(App {
             listener,
             local_addr,
@@ -358,6 +364,7 @@ impl App {
             stop_retention,
             header_read_timeout,
             max_connections,
+            shutdown_timeout,
         })
     }
 
@@ -384,19 +391,36 @@ impl App {
         };
         let served = server::serve(self.listener, api::routes(self.state.clone()), shutdown, limits).await;
         tracing::info!("stopped accepting requests; flushing buffered events");
+        // The budget the flusher keeps to; the replayer's thread is waited for no longer.
+        let budget_ends = std::time::Instant::now() + self.shutdown_timeout;
         self.stop_retention.cancel();
         // The replayer finishes the INSERT it is in; what it has not acknowledged stays pending
         // for another replayer (or this one after a restart) to claim.
         self.stop_replayer.cancel();
         self.state.intake.buffer.close();
         self.stop_flusher.cancel();
-        if let Err(e) = self.flusher.await {
-            tracing::error!(error = %e, "the flusher task failed during shutdown");
-        }
+        let flushed = match self.flusher.await {
+            Ok(0) => Ok(()),
+            Ok(lost) => Err(AppError::Shutdown(format!(
+                "{lost} acknowledged events could be kept nowhere before SHUTDOWN_TIMEOUT ran out"
+            ))),
+            Err(e) => {
+                tracing::error!(error = %e, "the flusher task failed during shutdown");
+                Err(AppError::Shutdown(format!("the flusher failed: {e}")))
+            }
+        };
         if let Some(replayer) = self.replayer {
-            match tokio::task::spawn_blocking(move || replayer.join()).await {
-                Ok(Ok(())) => {}
-                _ => tracing::error!("the replayer thread failed during shutdown"),
+            // A replay INSERT under way may take up to INSERT_TIMEOUT: past the budget the process
+            // ends without it. Its entries stay pending; the replayer that claims them ends the
+            // INSERT and checks what it stored, as for a replayer that died.
+            let left =
+                budget_ends.saturating_duration_since(std::time::Instant::now()).max(Duration::from_secs(1));
+            match tokio::time::timeout(left, tokio::task::spawn_blocking(move || replayer.join())).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(_) => tracing::error!("the replayer thread failed during shutdown"),
+                Err(_) => tracing::warn!(
+                    "the replayer is still in an INSERT at the end of the shutdown budget; leaving it (its spill entries stay pending for another replayer)"
+                ),
             }
         }
         // Last: the flusher logs batch tokens and confirmations until it is done.
@@ -407,7 +431,8 @@ impl App {
         if let Err(e) = self.retention.await {
             tracing::error!(error = %e, "the raw-retention task failed");
         }
-        served.map_err(io("HTTP server"))
+        served.map_err(io("HTTP server"))?;
+        flushed
     }
 }
 

@@ -385,6 +385,8 @@ impl BatchApi {
         let mut results = Vec::with_capacity(n);
         let mut rows = Vec::with_capacity(n);
         let mut claims = Claims::default();
+        // What the repeated ids' first requests wait for (`committed` mode).
+        let mut repeated = Vec::new();
         let (mut duplicates, mut rejected, mut retry, mut repeats) = (0, 0, 0, 0);
         for (index, item) in judged.into_iter().enumerate() {
             let index = index as u32;
@@ -405,7 +407,8 @@ impl BatchApi {
             if let Some(id) = report.event_id {
                 match st.claim(id, &mut claims) {
                     Claim::Fresh => {}
-                    Claim::Held => {
+                    Claim::Held(held) => {
+                        repeated.extend(held);
                         repeats += 1;
                         duplicates += 1;
                         results.push(ItemResult {
@@ -444,6 +447,12 @@ impl BatchApi {
         let accepted = results.iter().filter(|r| r.status == ItemStatus::Accepted).count() as u32;
         if !rows.is_empty() {
             st.hold(rows, claims).await?;
+        }
+        // A 2xx acknowledges the duplicates too: in `committed` mode their events must be
+        // confirmed as well. One wait per request they came from.
+        repeated.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        for held in repeated {
+            st.repeat_confirmed(Some(held)).await?;
         }
         // Counted once the batch is answered 2xx: after a 503 the client sends them again.
         st.metrics.event_id_repeats.inc_by(repeats);

@@ -95,8 +95,9 @@ pub struct State {
     /// Proxies whose forwarding headers name the client.
     pub trusted_proxies: client_ip::TrustedProxies,
     /// Client event ids whose events this instance held recently, so that a repeated one is
-    /// answered but not stored twice (see [`RECENT_EVENT_IDS`]).
-    pub recent_event_ids: moka::sync::Cache<Uuid, ()>,
+    /// answered but not stored twice (see [`RECENT_EVENT_IDS`]), each with what its repeats wait
+    /// for in `committed` mode.
+    pub recent_event_ids: moka::sync::Cache<Uuid, HeldAs>,
     /// Client event ids claimed by requests whose events are not held yet. Apart from
     /// `recent_event_ids`, whose least recently used entries go when it is full: an id must stay
     /// claimed until its request settles however many ids come meanwhile (a log that stalls),
@@ -186,16 +187,21 @@ pub fn tracking_route(path: &str) -> Option<&'static str> {
 pub const RECENT_EVENT_IDS: (u64, Duration) = (1_000_000, Duration::from_secs(3600));
 
 /// The outcome of claiming a client event id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     /// First seen: this request stores it.
     Fresh,
-    /// Held already: answer it as a duplicate.
-    Held,
+    /// Held already: answer it as a duplicate, once [`State::repeat_confirmed`] says so.
+    Held(HeldAs),
     /// Another request is storing it right now and may still fail: the caller must retry, since
     /// answering "duplicate" could acknowledge an event that ends up not stored.
     InFlight,
 }
+
+/// How a held client event id was held: in `committed` mode the sequence numbers of its
+/// request's events, which a repeat's 2xx waits for as the first request's did (shared: an `Arc`
+/// keeps the other modes' entries small); `None` in the other modes.
+pub type HeldAs = Option<Arc<std::ops::Range<u64>>>;
 
 /// What became of an accepted event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,7 +253,8 @@ impl State {
         if let Some(id) = report.event_id {
             match self.claim(id, &mut claims) {
                 Claim::Fresh => {}
-                Claim::Held => {
+                Claim::Held(held) => {
+                    self.repeat_confirmed(held).await?;
                     self.metrics.event_id_repeats.inc();
                     return Ok(Accepted::Repeat);
                 }
@@ -348,19 +355,32 @@ impl State {
     /// `or_default` does, let two requests both store the event.)
     pub fn claim(&self, id: Uuid, claims: &mut Claims) -> Claim {
         if claims.ids.contains(&id) {
-            return Claim::Held;
+            // A repeat within the request: the request's own answer covers it.
+            return Claim::Held(None);
         }
         let mut flying = self.in_flight_ids.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if flying.contains(&id) {
             return Claim::InFlight;
         }
-        if self.recent_event_ids.contains_key(&id) {
-            return Claim::Held;
+        if let Some(held) = self.recent_event_ids.get(&id) {
+            return Claim::Held(held);
         }
         flying.insert(id);
         claims.ids.push(id);
         claims.in_flight.get_or_insert_with(|| self.in_flight_ids.clone());
         Claim::Fresh
+    }
+
+    /// Ok when a repeat of events held as `held` may be answered 2xx: at once, except in
+    /// `committed` mode, where a 2xx means ClickHouse holds the events: the repeat waits for the
+    /// first request's events as that request did (a client retrying after a 503 gets its 2xx
+    /// only once they are confirmed), else the same 503.
+    pub async fn repeat_confirmed(&self, held: HeldAs) -> Result<(), ApiError> {
+        let Some(seqs) = held else { return Ok(()) };
+        self.intake.confirmed(crate::ingest::Held::again(Some((*seqs).clone()))).await.map_err(|e| {
+            self.metrics.commit_timeouts.inc();
+            ApiError::hold(&e, self.retry_after)
+        })
     }
 
     /// The 503 for a repeat of an event another request is storing right now.
@@ -451,24 +471,25 @@ impl State {
 
 /// Settles a request's claims once its events are held or refused.
 struct Settle<'a> {
-    recent_event_ids: &'a moka::sync::Cache<Uuid, ()>,
+    recent_event_ids: &'a moka::sync::Cache<Uuid, HeldAs>,
     dedup: &'a dedup::DedupWindow,
     metrics: &'a Metrics,
 }
 
 impl Settle<'_> {
-    /// Held: a repeat of the claimed ids is a duplicate from now on (also while `committed` mode
-    /// waits for ClickHouse). Refused: the ids and the repeat rule's marks are given back, and
-    /// each event is counted as rejected.
+    /// Held: a repeat of the claimed ids is a duplicate from now on, never stored again (in
+    /// `committed` mode answered 2xx once these events are confirmed). Refused: the ids and the
+    /// repeat rule's marks are given back, and each event is counted as rejected.
     fn apply(&self, outcome: &Result<crate::ingest::Held, HoldError>, claims: &mut Claims, count: u64) {
         match outcome {
-            Ok(_) => {
+            Ok(held) => {
+                let held: HeldAs = held.seqs().map(Arc::new);
                 // Remembered as held before they leave the in-flight set (under its lock, which
                 // `State::claim` takes too), so that no repeat finds them in neither.
                 if let Some(set) = &claims.in_flight {
                     let mut flying = set.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     for id in claims.ids.drain(..) {
-                        self.recent_event_ids.insert(id, ());
+                        self.recent_event_ids.insert(id, held.clone());
                         flying.remove(&id);
                     }
                 }

@@ -66,10 +66,22 @@ pub struct Flusher {
     pub unsafe_skip_check: bool,
 }
 
+/// What became of the rows ClickHouse rejected ([`Flusher::keep_bad`]).
+enum BadKept {
+    /// Kept as dead letters.
+    Kept,
+    /// Out of shutdown time, kept nowhere else: the batch stays in the log.
+    InLog,
+    /// Out of shutdown time, kept nowhere: this many events lost.
+    Lost(u64),
+}
+
 impl Flusher {
-    /// Runs until `stop` is cancelled, then drains the buffer and returns.
-    pub async fn run(self, stop: CancellationToken) {
+    /// Runs until `stop` is cancelled, then drains the buffer and returns the number of events
+    /// it could keep nowhere before the shutdown budget ran out (see [`Flusher::deliver`]).
+    pub async fn run(self, stop: CancellationToken) -> u64 {
         let mut give_up_at = None;
+        let mut lost = 0;
         loop {
             let deadline = self.buffer.next_deadline();
             tokio::select! {
@@ -79,23 +91,32 @@ impl Flusher {
                 _ = sleep_until(deadline) => {}
             }
             while let Some(batch) = self.buffer.take(Instant::now(), false) {
-                self.deliver(batch, &stop, &mut give_up_at).await;
+                // Lost only past the shutdown budget: shutdown began while it was under way.
+                lost += self.deliver(batch, &stop, &mut give_up_at).await;
             }
         }
+        lost + self.drain(&stop, &mut give_up_at).await
+    }
+
+    /// Delivers what the buffer holds at shutdown; returns the events lost.
+    async fn drain(&self, stop: &CancellationToken, give_up_at: &mut Option<Instant>) -> u64 {
         // The shutdown budget starts now, not at the first failure.
         give_up_at.get_or_insert_with(|| Instant::now() + self.shutdown_timeout);
-        let mut drained = 0usize;
+        let (mut drained, mut lost) = (0usize, 0u64);
         while let Some(batch) = self.buffer.take(Instant::now(), true) {
             drained += batch.rows.len();
-            self.deliver(batch, &stop, &mut give_up_at).await;
+            lost += self.deliver(batch, stop, give_up_at).await;
         }
         tracing::info!(events = drained, "flushed the buffer at shutdown");
+        lost
     }
 
     /// Inserts `batch`, retrying while that can help; ends with the batch in ClickHouse,
     /// spilled or saved (or, at the end of the shutdown budget, left in the log when the log holds
-    /// every event of it).
-    async fn deliver(&self, batch: Batch, stop: &CancellationToken, give_up_at: &mut Option<Instant>) {
+    /// every event of it). Returns the events lost: only past the shutdown budget, when
+    /// ClickHouse, Redis and the dead-letter directory all failed a last time and no log holds
+    /// them (`buffered` and `committed` modes), rather than retrying until the orchestrator's kill.
+    async fn deliver(&self, batch: Batch, stop: &CancellationToken, give_up_at: &mut Option<Instant>) -> u64 {
         let mut backoff = FIRST_BACKOFF;
         let mut failures = 0u32;
         // Whether an INSERT of this batch may have been sent (by this run or, for a batch
@@ -111,14 +132,22 @@ impl Flusher {
         let mut push_failed = false;
         let query_id = batch.id.to_string();
         let check = [query_id.clone()];
+        // Past the shutdown budget, an INSERT gets one last try before the batch counts as lost.
+        let mut last_try_made = false;
         loop {
-            if maybe_spilled && let Some(spill) = &self.spill {
+            // Past the shutdown budget Redis is not asked again: a Redis that drops packets would
+            // hold each batch for REDIS_TIMEOUT, past the orchestrator's kill.
+            let out_of_time = give_up_at.is_some_and(|limit| Instant::now() >= limit);
+            if maybe_spilled
+                && !out_of_time
+                && let Some(spill) = &self.spill
+            {
                 match spill.holds(batch.id).await {
                     Ok(true) => {
                         tracing::info!(batch = %batch.id, rows = batch.rows.len(),
                             "the Redis spill already holds the batch; the replayer stores it");
                         self.spilled(&batch, 0);
-                        return;
+                        return 0;
                     }
                     Ok(false) => maybe_spilled = false,
                     // Redis does not answer: the INSERT below checks ClickHouse as before.
@@ -134,10 +163,11 @@ impl Flusher {
             let spill_now = (failures >= self.spill_after
                 || (failures == 0 && !self.health.ok())
                 || (failures > 0 && stop.is_cancelled()))
-                && !std::mem::take(&mut push_failed);
+                && !std::mem::take(&mut push_failed)
+                && !out_of_time;
             if spill_now {
                 if self.spill(&batch, failures, &mut marked, &mut maybe_spilled).await {
-                    return;
+                    return 0;
                 }
                 if maybe_spilled && self.spill.is_some() {
                     // The push failed, and may have landed all the same: a replayer may be
@@ -158,7 +188,7 @@ impl Flusher {
                     // there and is sent, with the check, at the next start.
                     tracing::warn!(batch = %batch.id, rows = batch.rows.len(),
                         "neither ClickHouse nor Redis takes the batch at shutdown; it stays in the local log");
-                    return;
+                    return 0;
                 }
                 // No further attempt (one that landed after all would be stored twice once the
                 // file is loaded), straight to disk.
@@ -168,7 +198,10 @@ impl Flusher {
                 {
                     self.metrics.events_dead_lettered.inc_by(batch.rows.len() as u64);
                     self.confirm_elsewhere(&batch);
-                    return;
+                    return 0;
+                }
+                if std::mem::replace(&mut last_try_made, true) {
+                    return self.lost(&batch, &batch.rows);
                 }
             }
             let started = Instant::now();
@@ -222,8 +255,12 @@ impl Flusher {
                     let clean = bad.is_empty();
                     if clean {
                         self.metrics.events_flushed.inc_by(rows as u64);
-                    } else if !self.keep_bad(&batch, bad, stop, give_up_at).await {
-                        return;
+                    } else {
+                        match self.keep_bad(&batch, bad, stop, give_up_at).await {
+                            BadKept::Kept => {}
+                            BadKept::InLog => return 0,
+                            BadKept::Lost(n) => return n,
+                        }
                     }
                     self.metrics.insert_duration.observe(started.elapsed().as_secs_f64());
                     self.metrics.batch_rows.observe(rows as f64);
@@ -234,7 +271,7 @@ impl Flusher {
                         self.confirm_elsewhere(&batch)
                     }
                     tracing::debug!(batch = %batch.id, rows, failures, "batch inserted");
-                    return;
+                    return 0;
                 }
                 Err(e) => {
                     failures += 1;
@@ -268,15 +305,16 @@ impl Flusher {
     }
 
     /// Keeps the rows ClickHouse rejected as dead letters and counts the batch's events: the
-    /// rejected ones as dead-lettered, the rest as flushed. False when they could be kept
-    /// nowhere before the shutdown budget ran out and the log holds the batch (it stays there).
+    /// rejected ones as dead-lettered, the rest as flushed. When they could be kept nowhere before
+    /// the shutdown budget ran out: the batch stays in the log if the log holds it, else the
+    /// rejected rows are lost (the rest is stored).
     async fn keep_bad(
         &self,
         batch: &Batch,
         bad: Bad,
         stop: &CancellationToken,
         give_up_at: &mut Option<Instant>,
-    ) -> bool {
+    ) -> BadKept {
         let (rows, reasons): (Vec<EventRow>, Vec<String>) = bad.into_iter().unzip();
         let reason = reasons.first().cloned().unwrap_or_default();
         tracing::error!(batch = %batch.id, rejected = rows.len(), stored = batch.rows.len() - rows.len(),
@@ -286,12 +324,16 @@ impl Flusher {
             if self.save(batch, &rows, &reason, Source::Rejected).await {
                 self.metrics.events_dead_lettered.inc_by(rows.len() as u64);
                 self.metrics.events_flushed.inc_by((batch.rows.len() - rows.len()) as u64);
-                return true;
+                return BadKept::Kept;
             }
             if stop.is_cancelled() {
                 let limit = *give_up_at.get_or_insert_with(|| Instant::now() + self.shutdown_timeout);
-                if Instant::now() >= limit && self.kept_by_log(batch) {
-                    return false;
+                if Instant::now() >= limit {
+                    if self.kept_by_log(batch) {
+                        return BadKept::InLog;
+                    }
+                    self.metrics.events_flushed.inc_by((batch.rows.len() - rows.len()) as u64);
+                    return BadKept::Lost(self.lost(batch, &rows));
                 }
             }
             tokio::time::sleep(pause).await;
@@ -333,7 +375,9 @@ impl Flusher {
                 true
             }
             Err(e) => {
-                *maybe_spilled = true;
+                // Sent and failed: it may have landed. Refused before sending (Redis known to be
+                // down, or evicting): it did not.
+                *maybe_spilled |= e.sent();
                 self.metrics.spill_failures.inc();
                 tracing::warn!(batch = %batch.id, rows = batch.rows.len(), error = %e,
                     "cannot spill the batch; keeping it and retrying ClickHouse");
@@ -364,6 +408,15 @@ impl Flusher {
     fn confirm_elsewhere(&self, batch: &Batch) {
         self.buffer.release_elsewhere(batch);
         self.forget(batch);
+    }
+
+    /// Lets `batch` go with `rows` of it kept nowhere, past the shutdown budget: says so, and
+    /// returns how many.
+    fn lost(&self, batch: &Batch, rows: &[EventRow]) -> u64 {
+        tracing::error!(batch = %batch.id, events = rows.len(), dir = %self.dead_letters.dir().display(),
+            "out of shutdown time, and ClickHouse, Redis and the dead-letter directory all failed: acknowledged events are lost");
+        self.confirm_elsewhere(batch);
+        rows.len() as u64
     }
 
     /// Whether every event of `batch` is in the local log, so that a batch nothing else takes at

@@ -136,6 +136,20 @@ impl Intake {
 #[must_use = "committed mode must wait for the confirmation"]
 pub struct Held(Option<std::ops::Range<u64>>);
 
+impl Held {
+    /// The sequence numbers of the events (`committed` mode; else none): what a repeat of them
+    /// must wait for too ([`Held::again`]).
+    pub fn seqs(&self) -> Option<std::ops::Range<u64>> {
+        self.0.clone()
+    }
+
+    /// Events held before as `seqs` ([`Held::seqs`]), for a repeat of them: its 2xx waits for the
+    /// same confirmation as the first one's.
+    pub fn again(seqs: Option<std::ops::Range<u64>>) -> Held {
+        Held(seqs)
+    }
+}
+
 /// Whether ClickHouse takes INSERTs, as the last attempt found it. The flusher spills at once
 /// while it does not; the replayer waits, probing, and says when it is back.
 #[derive(Debug, Default)]

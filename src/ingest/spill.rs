@@ -83,12 +83,22 @@ impl RedisState {
 /// Why a batch could not be spilled.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SpillError {
-    /// Redis does not answer, or failed the command.
+    /// Redis failed the command, or did not answer it: it may have been carried out.
     #[error(transparent)]
     Redis(#[from] RedisError),
-    /// Redis may evict keys.
+    /// Redis is known not to answer (its last check failed): nothing was sent.
+    #[error("Redis does not answer")]
+    Unavailable,
+    /// Redis may evict keys: nothing was sent.
     #[error(transparent)]
     Policy(#[from] PolicyError),
+}
+
+impl SpillError {
+    /// Whether the command was sent, so that it may have been carried out though it failed.
+    pub fn sent(&self) -> bool {
+        matches!(self, SpillError::Redis(_))
+    }
 }
 
 /// One spilled batch, read back.
@@ -483,9 +493,7 @@ impl Spill {
     ) -> Result<Option<usize>, SpillError> {
         match self.check().await {
             RedisState::Ok => {}
-            RedisState::Unavailable => {
-                return Err(SpillError::Redis(RedisError("Redis does not answer".into())));
-            }
+            RedisState::Unavailable => return Err(SpillError::Unavailable),
             RedisState::Evicting(p) => return Err(SpillError::Policy(PolicyError::Evicts(p))),
         }
         let fields = batch_fields(token, rows, attempts, uncertain);

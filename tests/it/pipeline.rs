@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use adbeacon::store::EventRow;
 use serde_json::json;
 
-use crate::support::{ClickHouse, TestApp, fresh_db};
+use crate::support::{ClickHouse, TestApp, fresh_db, servers::Redis};
 
 const AD1: &str = "11111111-1111-1111-1111-111111111111";
 
@@ -195,6 +195,52 @@ async fn an_insert_hanging_at_shutdown_gets_only_the_shutdown_budget() {
         .map(|p| std::fs::read_to_string(p).unwrap().lines().count())
         .sum();
     assert_eq!(rows, 10, "the batch is saved as dead letters");
+}
+
+/// Shutdown with ClickHouse gone, Redis not answering at all (a network that drops packets) and
+/// the dead-letter directory unusable, in `buffered` mode: nothing can keep the acknowledged
+/// events. Shutdown ends at its budget (it asked a silent Redis about every batch, 2 s each, and
+/// retried the rest for ever), and says that events were lost instead of exiting cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_that_can_keep_events_nowhere_ends_and_says_so() {
+    let mut ch = ClickHouse::start();
+    let redis = Redis::start();
+    let db = fresh_db();
+    let mut app = TestApp::spawn_on(
+        &ch.url(),
+        &db,
+        &[
+            ("REDIS_URL", &redis.url()),
+            ("ACK_MODE", "buffered"),
+            ("BATCH_MAX_ROWS", "5"),
+            ("FLUSH_INTERVAL", "100ms"),
+            ("SPILL_AFTER", "1"),
+            ("SHUTDOWN_TIMEOUT", "2s"),
+            ("INSERT_TIMEOUT", "1s"),
+        ],
+    )
+    .await;
+    // The ad is cached while ClickHouse is up, so that clicks are taken once it is gone.
+    assert_eq!(app.post("/ads/click", &json!({"adId": AD1})).await.status(), 202);
+    assert_eq!(app.wait_flushed(1).await, 1);
+    std::fs::write(app.data_dir.path().join("dead-letter"), "not a directory").unwrap();
+    ch.kill();
+    redis.freeze();
+    for _ in 0..60 {
+        assert_eq!(app.post("/ads/click", &json!({"adId": AD1})).await.status(), 202);
+    }
+    // Not a timing assertion: a bound far above the budget, and far below what asking a silent
+    // Redis about each of the 12 batches, then retrying without end, took before.
+    let stopped = tokio::time::timeout(Duration::from_secs(40), app.stop()).await;
+    redis.thaw();
+    let error =
+        stopped.expect("shutdown ends at its budget").expect_err("events were lost: not a clean exit");
+    assert!(
+        error
+            .to_string()
+            .contains("acknowledged events could be kept nowhere before SHUTDOWN_TIMEOUT ran out"),
+        "{error}"
+    );
 }
 
 /// An INSERT whose answer never arrives (the client gives up after 1 ms while ClickHouse goes on

@@ -463,8 +463,9 @@ async fn a_full_disk_gives_503_and_recovers_when_space_returns() {
 }
 
 /// `committed`: the 2xx comes once ClickHouse holds the event; when it cannot confirm within
-/// ACK_TIMEOUT the answer is 503, the event stays held and is stored once ClickHouse is back (and
-/// a retry with the same event id is not stored twice).
+/// ACK_TIMEOUT the answer is 503, the event stays held and is stored once ClickHouse is back. A
+/// retry with the same event id is not stored twice, and gets its 2xx only once the first
+/// request's event is confirmed (a 503 again before).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_answers_after_clickhouse_confirms() {
     let mut ch = ClickHouse::start();
@@ -477,6 +478,8 @@ async fn committed_answers_after_clickhouse_confirms() {
             ("ACK_TIMEOUT", "1s"),
             ("FLUSH_INTERVAL", "50ms"),
             ("INSERT_TIMEOUT", "1s"),
+            // Without a spill, held events wait in memory for ClickHouse.
+            ("REDIS_URL", "none"),
         ],
     )
     .await;
@@ -495,11 +498,21 @@ async fn committed_answers_after_clickhouse_confirms() {
     let err = resp.json::<serde_json::Value>().await.unwrap();
     assert!(err["error"].as_str().unwrap().contains("has not confirmed"), "{err}");
     assert_eq!(app.metric("adbeacon_commit_timeouts_total").await, 1);
-    // The client retries with the same id: answered as a duplicate, not held twice.
+    // The client retries with the same id while ClickHouse is still down: not held twice, and
+    // no 2xx either, since the event is only in memory (alone, and within a batch).
+    let again = app.post("/ads/click", &json!({"adId": AD1, "eventId": id})).await;
+    assert_eq!(again.status(), 503);
+    let batch = json!([{"adId": AD1, "kind": "click", "eventId": id}]);
+    assert_eq!(app.post("/ads/events", &batch).await.status(), 503);
+    assert_eq!(app.metric("adbeacon_commit_timeouts_total").await, 3);
+    ch.restart();
+    assert_eq!(app.wait_for("SELECT count() FROM events", 4).await, 4);
+    // Stored now: the retry is a duplicate, with its 2xx.
     let again = app.post("/ads/click", &json!({"adId": AD1, "eventId": id})).await;
     assert_eq!(again.status(), 202);
     assert_eq!(again.json::<serde_json::Value>().await.unwrap()["duplicate"], true);
-    ch.restart();
-    assert_eq!(app.wait_for("SELECT count() FROM events", 4).await, 4);
+    let answer = app.post("/ads/events", &batch).await;
+    assert_eq!(answer.status(), 202);
+    assert_eq!(answer.json::<serde_json::Value>().await.unwrap()["duplicates"], 1);
     assert_eq!(app.number(&format!("SELECT count() FROM events WHERE event_id = '{id}'")).await, 1);
 }

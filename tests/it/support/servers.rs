@@ -441,6 +441,17 @@ impl Redis {
         self.process.kill();
     }
 
+    /// Freezes the server (SIGSTOP): connections are accepted by the kernel, nothing answers
+    /// until [`Redis::thaw`] (a Redis behind a network that drops packets).
+    pub fn freeze(&self) {
+        self.process.signal("STOP");
+    }
+
+    /// Lets a frozen server run on (SIGCONT).
+    pub fn thaw(&self) {
+        self.process.signal("CONT");
+    }
+
     /// Starts the server again on the same port and directory (stopping it first if it still runs)
     /// and waits until it has loaded its append-only file and answers.
     pub fn restart(&mut self) {
