@@ -308,6 +308,7 @@ impl App {
             spill_after: config.spill_after,
             health: state.insert_health.clone(),
             unsafe_skip_check: config.unsafe_skip_insert_check,
+            retention_months: config.raw_retention_months,
         };
         let flusher = tokio::spawn(flusher.run(stop_flusher.clone()));
         let stop_replayer = CancellationToken::new();
@@ -327,6 +328,7 @@ impl App {
                 claim_idle: config.replay_claim_idle,
                 insert_timeout: config.insert_timeout,
                 unsafe_skip_check: config.unsafe_skip_insert_check,
+                retention_months: config.raw_retention_months,
             };
             let stop = stop_replayer.clone();
             std::thread::Builder::new().name("adbeacon-replay".into()).spawn(move || {

@@ -186,6 +186,8 @@ pub struct Metrics {
     insert_failures: IntCounterVec,
     /// Failed INSERTs found stored, wholly or in part, when checked before a retry.
     pub insert_found_stored: IntCounter,
+    /// Rows to re-send whose month raw retention may have dropped: kept as dead letters.
+    pub insert_unverifiable: IntCounter,
     /// Catalog look-ups answered from the cache.
     pub catalog_hits: IntCounter,
     /// Catalog look-ups that had to wait for ClickHouse.
@@ -454,6 +456,10 @@ impl Metrics {
             insert_found_stored: counter(
                 "adbeacon_insert_found_stored_total",
                 "Failed INSERTs that the check before a retry found stored (wholly or in part); only missing rows were sent again",
+            ),
+            insert_unverifiable: counter(
+                "adbeacon_insert_unverifiable_total",
+                "Rows to re-send (an earlier INSERT may have landed) whose month raw retention may have dropped, so that the check cannot tell whether they are stored: kept as dead letters, not sent again",
             ),
             catalog_hits: counter("adbeacon_catalog_cache_hits_total", "Ad look-ups answered from the cache"),
             catalog_misses: counter(

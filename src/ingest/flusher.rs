@@ -64,6 +64,8 @@ pub struct Flusher {
     pub health: Arc<Health>,
     /// The negative control: re-sends skip the check (`Config::unsafe_skip_insert_check`).
     pub unsafe_skip_check: bool,
+    /// RAW_RETENTION_MONTHS, for the check (see [`Sender::retention_months`]).
+    pub retention_months: u32,
 }
 
 /// What became of the rows ClickHouse rejected ([`Flusher::keep_bad`]).
@@ -220,6 +222,7 @@ impl Flusher {
                     check: !self.unsafe_skip_check,
                     renew_by: None,
                     stop: None,
+                    retention_months: self.retention_months,
                 };
                 // Counted as sent before the send starts: during shutdown the timeout below can
                 // drop this future after the INSERT went out, and the next attempt must check.

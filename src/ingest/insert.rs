@@ -10,16 +10,26 @@
 //! A data error (ClickHouse rejects the rows themselves) is not retried: the rows are split in
 //! halves until the bad ones are isolated; the good ones are stored and the bad ones returned,
 //! with the error text, for the dead letters.
+//!
+//! The look-up needs the rows' month of raw events. Once raw retention may have dropped it
+//! (`store::retention::first_month_kept`), finding nothing proves nothing: such rows are not sent
+//! again (if the earlier INSERT had landed, the aggregates, which keep every month, would count
+//! them twice) but returned as bad, for the dead letters, with the reason.
 
 use std::{collections::HashSet, future::Future, pin::Pin, time::Instant};
 
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use time::OffsetDateTime;
+
 use super::Health;
 use crate::{
     metrics::Metrics,
-    store::{ClickHouse, EventRow, StoreError},
+    store::{
+        ClickHouse, EventRow, StoreError,
+        retention::{first_month_kept, yyyymm},
+    },
 };
 
 /// Rows ClickHouse rejected, each with the error text.
@@ -44,6 +54,8 @@ pub struct Sender<'a> {
     /// pending, and whoever replays them next checks what the split stored), so that shutdown
     /// waits for one INSERT at most, not for a split of many.
     pub stop: Option<&'a CancellationToken>,
+    /// RAW_RETENTION_MONTHS: rows of months it may have dropped cannot be looked up.
+    pub retention_months: u32,
 }
 
 impl Sender<'_> {
@@ -70,7 +82,7 @@ impl Sender<'_> {
         bad: &mut Bad,
     ) -> Result<(), StoreError> {
         let result = match check {
-            Some(kill) => match self.unsent(kill, rows).await {
+            Some(kill) => match self.unsent(kill, rows, bad).await {
                 Ok(rest) => self.isolate(query_id, &rest, bad).await,
                 Err(e) => Err(e),
             },
@@ -83,17 +95,48 @@ impl Sender<'_> {
     }
 
     /// Ends the INSERTs named by `kill` (they may still run) and returns the rows of `rows`
-    /// not stored under their batch tokens: what is left to send.
-    pub async fn unsent(&self, kill: &[String], rows: &[EventRow]) -> Result<Vec<EventRow>, StoreError> {
+    /// not stored under their batch tokens: what is left to send. Rows that cannot be looked up
+    /// any more go to `bad` (see the module's comment).
+    pub async fn unsent(
+        &self,
+        kill: &[String],
+        rows: &[EventRow],
+        bad: &mut Bad,
+    ) -> Result<Vec<EventRow>, StoreError> {
         if !self.check {
             return Ok(rows.to_vec());
         }
         self.clickhouse.kill_inserts(kill).await.map_err(retryable)?;
-        self.missing(rows).await
+        self.missing(rows, bad).await
     }
 
-    /// The rows whose events are not stored under their batch tokens.
-    pub async fn missing(&self, rows: &[EventRow]) -> Result<Vec<EventRow>, StoreError> {
+    /// The rows whose events are not stored under their batch tokens; those of months raw
+    /// retention may have dropped go to `bad` instead.
+    pub async fn missing(&self, rows: &[EventRow], bad: &mut Bad) -> Result<Vec<EventRow>, StoreError> {
+        let keep_from = first_month_kept(OffsetDateTime::now_utc(), self.retention_months);
+        let (rows, expired): (Vec<&EventRow>, Vec<&EventRow>) =
+            rows.iter().partition(|r| yyyymm(r.event_time) >= keep_from);
+        if !expired.is_empty() {
+            self.metrics.insert_unverifiable.inc_by(expired.len() as u64);
+            tracing::warn!(
+                rows = expired.len(),
+                keep_from,
+                "rows to re-send are older than raw retention keeps: whether they were stored cannot be checked; keeping them as dead letters"
+            );
+            bad.extend(expired.into_iter().map(|r| {
+                (
+                    r.clone(),
+                    format!(
+                        "its month ({}) is past raw retention (RAW_RETENTION_MONTHS={}): whether an earlier \
+                     INSERT stored it cannot be checked any more, so it was not sent again (had it been \
+                     stored, the aggregates would count it twice); compare the aggregates with what you \
+                     expect before loading it by hand",
+                        yyyymm(r.event_time),
+                        self.retention_months
+                    ),
+                )
+            }));
+        }
         let first = rows.iter().map(|r| r.event_time).min();
         let last = rows.iter().map(|r| r.event_time).max();
         let (Some(first), Some(last)) = (first, last) else { return Ok(Vec::new()) };
@@ -106,10 +149,11 @@ impl Sender<'_> {
             .into_iter()
             .collect();
         if stored.is_empty() {
-            return Ok(rows.to_vec());
+            return Ok(rows.into_iter().cloned().collect());
         }
         self.metrics.insert_found_stored.inc();
-        let missing: Vec<EventRow> = rows.iter().filter(|r| !stored.contains(&r.event_id)).cloned().collect();
+        let missing: Vec<EventRow> =
+            rows.iter().filter(|r| !stored.contains(&r.event_id)).map(|r| (*r).clone()).collect();
         tracing::info!(
             batches = tokens.len(),
             rows = rows.len(),
@@ -150,7 +194,7 @@ impl Sender<'_> {
             self.metrics.insert_failed(false);
             // A rejected INSERT can have stored part of its rows (a view failing after the
             // table's part was written): only what is missing is split and tried again.
-            let rest = self.missing(rows).await?;
+            let rest = self.missing(rows, bad).await?;
             match rest.len() {
                 0 => Ok(()),
                 1 => {

@@ -82,6 +82,8 @@ pub struct Replayer {
     pub insert_timeout: Duration,
     /// The negative control: re-sends skip the check (`Config::unsafe_skip_insert_check`).
     pub unsafe_skip_check: bool,
+    /// RAW_RETENTION_MONTHS, for the check (see [`Sender::retention_months`]).
+    pub retention_months: u32,
 }
 
 /// A consumer name for this process: host, process id and a random part (never reused, so that
@@ -291,6 +293,7 @@ impl Replayer {
             check: !self.unsafe_skip_check,
             renew_by: None,
             stop: Some(stop),
+            retention_months: self.retention_months,
         };
         let chunk_rows = self.chunk_rows();
         let mut bad: Bad = Vec::new();
@@ -339,7 +342,7 @@ impl Replayer {
             let renew_by = held_since + self.renew_every();
             sender.renew_by = Some(renew_by);
             let step = match check.take() {
-                Some(kill) => match sender.unsent(&kill, &pending[done..]).await {
+                Some(kill) => match sender.unsent(&kill, &pending[done..], &mut bad).await {
                     Ok(mut rest) => {
                         // Rows already found bad (by a split that stopped) are not split out
                         // again.

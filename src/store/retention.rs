@@ -27,7 +27,7 @@ pub const CHECK_EVERY: Duration = Duration::from_secs(3600);
 pub const RESEND_GRACE: time::Duration = time::Duration::days(7);
 
 /// `t`'s month as the `toYYYYMM` partition number.
-fn yyyymm(t: OffsetDateTime) -> u32 {
+pub fn yyyymm(t: OffsetDateTime) -> u32 {
     t.year().unsigned_abs() * 100 + u32::from(u8::from(t.month()))
 }
 

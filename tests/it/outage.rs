@@ -596,6 +596,34 @@ async fn poison_rows_and_a_damaged_entry_become_dead_letters_and_the_rest_is_sto
     assert_eq!(redis.command(&["SCARD", &format!("{spill}:tokens")]), "0", "no token left in the set");
 }
 
+/// A spilled batch whose INSERT may have landed is checked before it is sent again, by a look-up
+/// of its rows in raw events. Rows of a month raw retention may have dropped cannot be looked
+/// up: finding nothing there proves nothing, and sending them again would count them twice in the
+/// aggregates (which keep every month) had the first INSERT landed. They become dead letters
+/// with the reason; the batch's other rows are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_past_raw_retention_are_not_sent_again_unchecked() {
+    let app = TestApp::spawn_with(&vars(&[("RAW_RETENTION_MONTHS", "1")])).await;
+    let redis = shared_redis();
+    let spill = format!("{}spill", app.redis_prefix);
+    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let old = now - time::Duration::days(100);
+    let recent: Vec<EventRow> = (0..2).map(|_| row(now)).collect();
+    let expired: Vec<EventRow> = (0..3).map(|_| row(old)).collect();
+    let rows: Vec<EventRow> = recent.iter().chain(&expired).cloned().collect();
+    spill_at_once(redis, &spill, &[&batch_fields(Uuid::new_v4(), &rows, 2, true)], rows.len()).await;
+    spill_drained(redis, &app.redis_prefix, Duration::from_secs(20)).await;
+    let stored = stored_ids(shared_clickhouse(), &app.db).await;
+    assert_books_balance(&recent.iter().map(|r| r.event_id).collect(), &stored);
+    assert_eq!(stored.len(), 2, "the expired rows are not sent again");
+    assert_eq!(app.metric("adbeacon_insert_unverifiable_total").await, 3);
+    assert_eq!(app.metric("adbeacon_replay_events_dead_lettered_total").await, 3);
+    let dead_key = format!("{}dead-letters", app.redis_prefix);
+    assert_eq!(redis.command(&["XLEN", &dead_key]), "1");
+    let listed = redis.command(&["XRANGE", &dead_key, "-", "+"]);
+    assert!(listed.contains("is past raw retention (RAW_RETENTION_MONTHS=1)"), "{listed}");
+}
+
 /// Adds `entries` to the spill stream `key` in one transaction (so that one read gets them
 /// all) and counts `events` on the backlog counter, as the flusher's pushes would.
 async fn spill_at_once(redis: &Redis, key: &str, entries: &[&[(String, Vec<u8>)]], events: usize) {
