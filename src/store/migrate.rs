@@ -4,14 +4,31 @@
 //! `ADD COLUMN` whose "already exists" counts as done, since ClickHouse 18.16 has no
 //! `ADD COLUMN IF NOT EXISTS`), so a migration interrupted halfway is safe to run again. A migration whose text changed
 //! after it was applied stops start-up: schema history is append-only.
+//!
+//! One instance migrates at a time: instances starting together (a deployment's pods) would
+//! otherwise run the same migration at once, and one re-creating the views could drop those
+//! another had just created while that one already inserts. The lock is a table whose `CREATE`
+//! only one of them wins (`CREATE TABLE` without `IF NOT EXISTS` is atomic in every ClickHouse);
+//! the others wait, then find the migrations recorded. A lock left by an instance that died
+//! while migrating is taken over once it is [`LOCK_STALE_AFTER`] old.
 
-use std::hash::Hasher;
+use std::{hash::Hasher, time::Duration};
 
 use clickhouse::Row;
 use serde::Deserialize;
 use siphasher::sip::SipHasher13;
 
-use super::clickhouse::{ClickHouse, StoreError};
+use super::clickhouse::{ClickHouse, StoreError, error_code};
+
+/// The lock table (see the module's comment).
+const LOCK_TABLE: &str = "schema_migrations_lock";
+
+/// Age (by the table's creation time, as ClickHouse records it) past which a lock is taken for
+/// that of an instance that died while migrating. Migrations take seconds (DDL only).
+pub const LOCK_STALE_AFTER: Duration = Duration::from_secs(300);
+
+/// How often a waiting instance looks at the lock again.
+const LOCK_POLL: Duration = Duration::from_millis(500);
 
 /// One migration file.
 #[derive(Debug, Clone, Copy)]
@@ -111,9 +128,60 @@ async fn recorded(ch: &ClickHouse, version: u32) -> Result<bool, StoreError> {
     Ok(n.first().copied().unwrap_or(0) > 0)
 }
 
+/// Takes the migration lock, waiting while another instance holds it (see the module's comment).
+async fn lock(ch: &ClickHouse) -> Result<(), StoreError> {
+    let mut said = false;
+    loop {
+        match ch.execute(&format!("CREATE TABLE {LOCK_TABLE} (taken_at DateTime) ENGINE = Memory")).await {
+            Ok(()) => return Ok(()),
+            // 57: the table exists, so another instance holds the lock.
+            Err(StoreError::Rejected(t) | StoreError::Retryable(t)) if error_code(&t) == Some(57) => {}
+            Err(e) => return Err(e),
+        }
+        let age: Vec<i64> = ch
+            .fetch_all(
+                ch.client()
+                    .query(
+                        "SELECT toInt64(now()) - toInt64(metadata_modification_time) FROM system.tables \
+                 WHERE database = currentDatabase() AND name = ?",
+                    )
+                    .bind(LOCK_TABLE),
+            )
+            .await?;
+        match age.first() {
+            // Released meanwhile: try again at once.
+            None => continue,
+            Some(&secs) if secs >= LOCK_STALE_AFTER.as_secs() as i64 => {
+                tracing::warn!(
+                    age_s = secs,
+                    "taking over a migration lock left by an instance that stopped while migrating"
+                );
+                ch.execute(&format!("DROP TABLE IF EXISTS {LOCK_TABLE}")).await?;
+                continue;
+            }
+            Some(_) => {}
+        }
+        if !std::mem::replace(&mut said, true) {
+            tracing::info!("another instance is applying migrations; waiting for it");
+        }
+        tokio::time::sleep(LOCK_POLL).await;
+    }
+}
+
 /// Applies the pending migrations up to version `last`, refusing view re-creations on a
-/// database with events when `at_startup` (see [`apply_at_startup`]).
+/// database with events when `at_startup` (see [`apply_at_startup`]). One instance at a time.
 pub async fn apply_through(ch: &ClickHouse, last: u32, at_startup: bool) -> Result<Vec<u32>, StoreError> {
+    lock(ch).await?;
+    let applied = apply_locked(ch, last, at_startup).await;
+    // Released whatever happened (an error leaves nothing half-recorded: each migration is
+    // recorded after its last statement). A release that fails leaves a lock that goes stale.
+    if let Err(e) = ch.execute(&format!("DROP TABLE IF EXISTS {LOCK_TABLE}")).await {
+        tracing::warn!(error = %e, "cannot release the migration lock; other instances take it over once it is stale");
+    }
+    applied
+}
+
+async fn apply_locked(ch: &ClickHouse, last: u32, at_startup: bool) -> Result<Vec<u32>, StoreError> {
     ch.execute(CREATE_LEDGER).await?;
     let applied: Vec<Applied> = ch
         .fetch_all(ch.client().query(

@@ -63,6 +63,45 @@ async fn serve_leaves_view_recreation_on_a_database_with_events_to_migrate() {
     // A new database takes it at start-up (every other test's app does).
 }
 
+/// Instances starting together on a new database (a deployment's pods) migrate one at a time:
+/// one applies every migration, the others wait for its lock and find them applied. Without the
+/// lock both ran every migration, and one re-creating the views could drop those the other had
+/// created while it already inserted. A lock someone holds keeps a migration waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_starting_together_migrate_one_at_a_time() {
+    let db = fresh_db();
+    let config = Config::from_vars([
+        ("CLICKHOUSE_URL", shared_clickhouse().url()),
+        ("CLICKHOUSE_DATABASE", db.clone()),
+    ])
+    .unwrap();
+    let (a, b) = tokio::join!(
+        adbeacon::app::connect_and_migrate(&config),
+        adbeacon::app::connect_and_migrate(&config)
+    );
+    let (mut a, mut b) = (a.unwrap().1, b.unwrap().1);
+    a.append(&mut b);
+    assert_eq!(a, MIGRATIONS.iter().map(|m| m.version).collect::<Vec<_>>(), "each migration applied once");
+    let ledger = shared_clickhouse().query_in(&db, "SELECT count() FROM schema_migrations").await;
+    assert_eq!(ledger.trim(), MIGRATIONS.len().to_string());
+    let lock = "SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = 'schema_migrations_lock'";
+    assert_eq!(shared_clickhouse().query_in(&db, lock).await.trim(), "0", "the lock is released");
+
+    // Held by someone else: a migration waits for it.
+    shared_clickhouse()
+        .query_in(&db, "CREATE TABLE schema_migrations_lock (taken_at DateTime) ENGINE = Memory")
+        .await;
+    let config2 = config.clone();
+    let waiting =
+        tokio::spawn(async move { adbeacon::app::connect_and_migrate(&config2).await.map(|(_, v)| v) });
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert!(!waiting.is_finished(), "the migration went ahead while another instance held the lock");
+    shared_clickhouse().query_in(&db, "DROP TABLE schema_migrations_lock").await;
+    let applied =
+        tokio::time::timeout(std::time::Duration::from_secs(30), waiting).await.unwrap().unwrap().unwrap();
+    assert!(applied.is_empty(), "{applied:?}");
+}
+
 #[tokio::test]
 async fn migrations_apply_once_and_are_safe_to_run_again() {
     let db = fresh_db();
