@@ -347,8 +347,6 @@ impl Buffer {
         self.wake.notified().await;
     }
 
-    /// Forgets a batch that is now safe elsewhere (in ClickHouse or a dead-letter file) and
-    /// confirms its sequence numbers.
     /// Releases a batch that went to the spill or the dead letters: safe, but not in
     /// ClickHouse, which is what a `committed` request waits for ([`Buffer::went_elsewhere`]).
     pub fn release_elsewhere(&self, batch: &Batch) {
@@ -360,7 +358,18 @@ impl Buffer {
                 elsewhere.pop_front();
             }
             let now = Instant::now();
-            elsewhere.extend(batch.seqs.iter().cloned().map(|r| (r, now)));
+            for r in batch.seqs.iter().filter(|r| !r.is_empty()) {
+                // During an outage every batch goes elsewhere, one after the other: their ranges
+                // join into one entry (kept from the last), so that the look-ups of committed
+                // requests, and of their repeats, scan a handful of entries, not one per batch.
+                match elsewhere.back_mut() {
+                    Some((last, at)) if last.end == r.start => {
+                        last.end = r.end;
+                        *at = now;
+                    }
+                    _ => elsewhere.push_back((r.clone(), now)),
+                }
+            }
         }
         self.release(batch);
     }
@@ -533,6 +542,27 @@ mod tests {
         assert_eq!(b.take(Instant::now(), false).unwrap().rows.len(), 4);
         assert!(b.take(Instant::now(), false).is_none());
         assert_eq!(b.take(Instant::now(), true).unwrap().rows.len(), 1);
+    }
+
+    #[test]
+    fn batches_gone_elsewhere_one_after_the_other_are_one_entry() {
+        let b = buffer(1_000, 10);
+        b.push(rows(45)).unwrap();
+        let batches: Vec<Batch> = std::iter::from_fn(|| b.take(Instant::now(), true)).collect();
+        assert_eq!(batches.len(), 5);
+        // 0..10 into ClickHouse; 10..40 elsewhere, one after the other; 40..45 elsewhere too.
+        b.release(&batches[0]);
+        for batch in &batches[1..4] {
+            b.release_elsewhere(batch);
+        }
+        assert_eq!(b.elsewhere.lock().len(), 1, "joined");
+        b.release_elsewhere(&batches[4]);
+        assert_eq!(b.elsewhere.lock().len(), 1);
+        assert!(!b.went_elsewhere(&(0..10)));
+        assert!(b.went_elsewhere(&(9..11)));
+        assert!(b.went_elsewhere(&(25..26)));
+        assert!(b.went_elsewhere(&(44..45)));
+        assert!(!b.went_elsewhere(&(45..50)));
     }
 
     #[test]
