@@ -8,7 +8,7 @@ SELECT
     argMax(target_url, version) AS latest_target_url,
     argMax(active, version)     AS latest_active,
     min(created_at)             AS first_created_at,
-    max(updated_at)             AS last_updated_at,
+    argMax(updated_at, version) AS last_updated_at,
     max(version)                AS latest_version
 FROM ads
 WHERE id = toUUID(?)
