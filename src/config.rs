@@ -206,7 +206,7 @@ pub const SETTINGS: &[Setting] = &[
         "CATALOG_TTL",
         "30s",
         "a duration",
-        "how long a known ad is served from memory before it is re-read (in the background; kept while ClickHouse is down)",
+        "how long a known ad is served from memory before it is re-read (in the background; an ad not asked for in twice this is read again before it serves; kept while ClickHouse is down)",
     ),
     s("CATALOG_NEGATIVE_TTL", "5s", "a duration", "how long an unknown ad id stays cached as unknown"),
     Setting {

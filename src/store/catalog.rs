@@ -48,6 +48,10 @@ pub const ACTIVE_LIST_TTL: Duration = Duration::from_secs(2);
 /// Ids cached at most (known and unknown); bounds memory under random-id floods.
 const MAX_CACHED_IDS: u64 = 1_000_000;
 
+/// How long a request for an ad whose copy is over twice the TTL old waits for a fresh read
+/// before it is served the copy (the read then goes on in the background).
+const FRESH_WAIT: Duration = Duration::from_millis(250);
+
 /// A row of `ads`, in column order.
 #[derive(Debug, Clone, Row, Serialize, Deserialize)]
 struct AdRow {
@@ -172,11 +176,23 @@ impl Catalog {
     }
 
     /// The ad with this id, active or not; `None` if the catalog has never held it.
+    ///
+    /// A copy over the TTL old is served and re-read in the background: an ad in demand is
+    /// re-read every TTL without anyone waiting. A copy over twice the TTL old belongs to an ad
+    /// nobody asked for since: it may have changed long ago (a new target URL, retired), so the
+    /// request waits briefly ([`FRESH_WAIT`]) for a fresh read, and is served the copy only when
+    /// ClickHouse is slow or down.
     pub async fn get(&self, id: Uuid) -> Result<Option<Arc<Ad>>, StoreError> {
         if let Some(hit) = self.by_id.get(&id) {
             self.metrics.catalog_hits.inc();
             let ad = hit.ad.clone();
-            if ad.is_some() && hit.read_at.elapsed() >= self.ttl {
+            let age = hit.read_at.elapsed();
+            if ad.is_some() && age >= self.ttl {
+                if age >= self.ttl * 2
+                    && let Ok(Ok(fresh)) = tokio::time::timeout(FRESH_WAIT, Box::pin(self.reload(id))).await
+                {
+                    return Ok(fresh);
+                }
                 self.refresh_in_background(id, hit);
             }
             return Ok(ad);
@@ -196,6 +212,19 @@ impl Catalog {
         let lock = self.lock_of(id);
         let _guard = lock.lock().await;
         if let Some(cached) = self.by_id.get(&id) {
+            return Ok(cached.ad.clone());
+        }
+        self.load(id).await
+    }
+
+    /// Re-reads a known ad for a request that waits (see [`Catalog::get`]), unless a read under
+    /// way meanwhile brought a copy fresher than the TTL.
+    async fn reload(&self, id: Uuid) -> Result<Option<Arc<Ad>>, StoreError> {
+        let lock = self.lock_of(id);
+        let _guard = lock.lock().await;
+        if let Some(cached) = self.by_id.get(&id)
+            && cached.read_at.elapsed() < self.ttl
+        {
             return Ok(cached.ad.clone());
         }
         self.load(id).await

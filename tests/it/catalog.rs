@@ -97,3 +97,24 @@ async fn a_change_made_elsewhere_shows_after_the_ttl_and_an_outage_keeps_the_cop
         assert_eq!(resp.headers()["location"], "https://example.com/b");
     }
 }
+
+/// An ad nobody asked for over twice the TTL may have changed long ago: the first request after
+/// that waits for a fresh read instead of being served the old copy (a click-through to a target
+/// the advertiser replaced, or to a retired ad).
+#[tokio::test]
+async fn a_copy_past_twice_the_ttl_is_read_again_before_it_serves() {
+    let app = TestApp::spawn_with(&[("CATALOG_TTL", "1s")]).await;
+    let id = Uuid::new_v4();
+    app.query(&insert_ad(id, 1, 1, "https://example.com/old")).await;
+    let client = crate::support::browser().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let click = || client.get(format!("{}/c/{id}", app.base)).send();
+    assert_eq!(click().await.unwrap().headers()["location"], "https://example.com/old");
+    // Another instance changes the ad; nobody asks for it for 2.5 TTLs.
+    app.query(&insert_ad(id, 1, 2, "https://example.com/new")).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(click().await.unwrap().headers()["location"], "https://example.com/new");
+    // Retired elsewhere: the first click after as long a quiet spell finds it retired.
+    app.query(&insert_ad(id, 0, 3, "https://example.com/new")).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(click().await.unwrap().status(), 404);
+}
