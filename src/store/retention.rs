@@ -56,11 +56,43 @@ pub async fn drop_expired(ch: &ClickHouse, months: u32, now: OffsetDateTime) -> 
     Ok(dropped)
 }
 
-/// Drops expired months now and then every [`CHECK_EVERY`] until `stop` is cancelled. A failure
-/// (ClickHouse down) is logged and tried again at the next check; nothing is lost by waiting.
+/// How far this instance's clock may be from ClickHouse's before retention waits: a month is
+/// dropped for good, so one instance whose clock jumped months ahead must not drop what the
+/// others still take events for.
+pub const MAX_CLOCK_DIFFERENCE: time::Duration = time::Duration::minutes(10);
+
+/// The time to judge expiry by: ClickHouse's clock, which every instance shares, and only while
+/// this instance's agrees with it within [`MAX_CLOCK_DIFFERENCE`] (else an error saying so).
+async fn shared_now(ch: &ClickHouse) -> Result<OffsetDateTime, StoreError> {
+    let server: Vec<i64> = ch.fetch_all(ch.client().query("SELECT toInt64(toUnixTimestamp(now()))")).await?;
+    let server = server
+        .first()
+        .and_then(|s| OffsetDateTime::from_unix_timestamp(*s).ok())
+        .ok_or_else(|| StoreError::Retryable("ClickHouse did not say its time".into()))?;
+    agreed_now(OffsetDateTime::now_utc(), server).map_err(StoreError::Rejected)
+}
+
+/// ClickHouse's time `server`, when this instance's `local` agrees with it.
+fn agreed_now(local: OffsetDateTime, server: OffsetDateTime) -> Result<OffsetDateTime, String> {
+    if (local - server).abs() > MAX_CLOCK_DIFFERENCE {
+        return Err(format!(
+            "this instance's clock ({local}) and ClickHouse's ({server}) differ by more than \
+             {MAX_CLOCK_DIFFERENCE}: no month is dropped until they agree (fix the clock)"
+        ));
+    }
+    Ok(server)
+}
+
+/// Drops expired months now and then every [`CHECK_EVERY`] until `stop` is cancelled, judging
+/// by ClickHouse's clock ([`shared_now`]). A failure (ClickHouse down, clocks apart) is logged and
+/// tried again at the next check; nothing is lost by waiting.
 pub async fn run(ch: ClickHouse, months: u32, metrics: Arc<Metrics>, stop: CancellationToken) {
     loop {
-        match drop_expired(&ch, months, OffsetDateTime::now_utc()).await {
+        let dropped = match shared_now(&ch).await {
+            Ok(now) => drop_expired(&ch, months, now).await,
+            Err(e) => Err(e),
+        };
+        match dropped {
             Ok(dropped) => metrics.retention_months_dropped.inc_by(dropped.len() as u64),
             Err(e) => {
                 tracing::warn!(error = %e, "raw retention: could not drop expired months; will try again")
@@ -84,6 +116,16 @@ mod tests {
         assert_eq!(oldest_kept_month(datetime!(2026-11-22 02:00 UTC), 13), 202510);
         assert_eq!(oldest_kept_month(datetime!(2026-01-31 00:00 UTC), 1), 202512);
         assert_eq!(oldest_kept_month(datetime!(2026-03-31 00:00 UTC), 1), 202602);
+    }
+
+    #[test]
+    fn expiry_waits_while_the_clocks_disagree() {
+        let server = datetime!(2026-11-22 02:00 UTC);
+        assert_eq!(agreed_now(server + time::Duration::minutes(9), server), Ok(server));
+        assert_eq!(agreed_now(server - time::Duration::minutes(9), server), Ok(server));
+        let ahead = agreed_now(server + time::Duration::days(62), server).unwrap_err();
+        assert!(ahead.contains("no month is dropped"), "{ahead}");
+        assert!(agreed_now(server - time::Duration::minutes(11), server).is_err());
     }
 
     #[test]
