@@ -71,7 +71,8 @@ pub struct App {
     flusher: JoinHandle<u64>,
     wal: Option<Wal>,
     stop_flusher: CancellationToken,
-    replayer: Option<std::thread::JoinHandle<()>>,
+    /// Answers once the replay thread is done (an error when it panicked).
+    replayer: Option<tokio::sync::oneshot::Receiver<()>>,
     stop_replayer: CancellationToken,
     retention: JoinHandle<()>,
     stop_retention: CancellationToken,
@@ -331,13 +332,20 @@ impl App {
                 retention_months: config.raw_retention_months,
             };
             let stop = stop_replayer.clone();
-            std::thread::Builder::new().name("adbeacon-replay".into()).spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("a runtime for the replayer");
-                runtime.block_on(replayer.run(stop));
-            })
+            // Says when the thread is done: shutdown waits for that within its budget, and never
+            // joins the thread (a thread still in an INSERT would hold the process up).
+            let (done, finished) = tokio::sync::oneshot::channel::<()>();
+            std::thread::Builder::new()
+                .name("adbeacon-replay".into())
+                .spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("a runtime for the replayer");
+                    runtime.block_on(replayer.run(stop));
+                    let _ = done.send(());
+                })
+                .map(|_| finished)
         });
         let replayer = replayer.transpose().map_err(io("starting the replay thread"))?;
         let stop_retention = CancellationToken::new();
@@ -417,9 +425,10 @@ impl App {
             // INSERT and checks what it stored, as for a replayer that died.
             let left =
                 budget_ends.saturating_duration_since(std::time::Instant::now()).max(Duration::from_secs(1));
-            match tokio::time::timeout(left, tokio::task::spawn_blocking(move || replayer.join())).await {
-                Ok(Ok(Ok(()))) => {}
-                Ok(_) => tracing::error!("the replayer thread failed during shutdown"),
+            match tokio::time::timeout(left, replayer).await {
+                Ok(Ok(())) => {}
+                // The sender went away without a word: the thread panicked.
+                Ok(Err(_)) => tracing::error!("the replayer thread failed during shutdown"),
                 Err(_) => tracing::warn!(
                     "the replayer is still in an INSERT at the end of the shutdown budget; leaving it (its spill entries stay pending for another replayer)"
                 ),

@@ -449,11 +449,9 @@ impl BatchApi {
             st.hold(rows, claims).await?;
         }
         // A 2xx acknowledges the duplicates too: in `committed` mode their events must be
-        // confirmed as well. One wait per request they came from.
+        // confirmed as well (one wait, for the last of them).
         repeated.dedup_by(|a, b| Arc::ptr_eq(a, b));
-        for held in repeated {
-            st.repeat_confirmed(Some(held)).await?;
-        }
+        st.repeats_confirmed(repeated).await?;
         // Counted once the batch is answered 2xx: after a 503 the client sends them again.
         st.metrics.event_id_repeats.inc_by(repeats);
         Ok(BatchResponse::Accepted(SerdeJson(BatchResult { accepted, duplicates, rejected, retry, results })))

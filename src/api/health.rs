@@ -192,9 +192,9 @@ impl HealthApi {
     async fn metrics(&self) -> MetricsResponse {
         let metrics = &self.state.metrics;
         metrics.clickhouse_up.set(i64::from(self.state.insert_health.ok()));
-        // Off the request threads: a failing disk can make even a directory listing hang.
-        let dead = self.state.dead_letters.clone();
-        if let Ok(files) = tokio::task::spawn_blocking(move || dead.files()).await {
+        // Off the request threads and bounded: a failing disk can make even a directory listing
+        // hang (the gauge then keeps its last value).
+        if let Some(files) = self.state.dead_letters.count_files(Duration::from_secs(1)).await {
             metrics.dead_letter_files.set(i64::try_from(files).unwrap_or(i64::MAX));
         }
         MetricsResponse::Ok(PlainText(metrics.render()))

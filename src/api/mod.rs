@@ -374,10 +374,20 @@ impl State {
     /// Ok when a repeat of events held as `held` may be answered 2xx: at once, except in
     /// `committed` mode, where a 2xx means ClickHouse holds the events: the repeat waits for the
     /// first request's events as that request did (a client retrying after a 503 gets its 2xx
-    /// only once they are confirmed), else the same 503.
+    /// only once they are confirmed), else the same 503. Events that went to the spill or the
+    /// dead letters are known as such for as long as the buffer remembers it (ten minutes);
+    /// a repeat after that is answered 2xx.
     pub async fn repeat_confirmed(&self, held: HeldAs) -> Result<(), ApiError> {
-        let Some(seqs) = held else { return Ok(()) };
-        self.intake.confirmed(crate::ingest::Held::again(Some((*seqs).clone()))).await.map_err(|e| {
+        self.repeats_confirmed(held.into_iter().collect()).await
+    }
+
+    /// [`State::repeat_confirmed`] for the repeats of one request (a batch), in one wait.
+    pub async fn repeats_confirmed(&self, held: Vec<Arc<std::ops::Range<u64>>>) -> Result<(), ApiError> {
+        if held.is_empty() {
+            return Ok(());
+        }
+        let ranges: Vec<std::ops::Range<u64>> = held.iter().map(|r| (**r).clone()).collect();
+        self.intake.all_confirmed(&ranges).await.map_err(|e| {
             self.metrics.commit_timeouts.inc();
             ApiError::hold(&e, self.retry_after)
         })

@@ -143,13 +143,15 @@ pub struct Interrupted {
 pub struct DeadLetters {
     dir: PathBuf,
     spill: Option<Arc<Spill>>,
+    /// Whether a count of the files is under way ([`DeadLetters::count_files`]).
+    counting: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl DeadLetters {
     /// Dead letters in the stream next to `spill` (when Redis is configured), else or when
     /// Redis fails under `data_dir/dead-letter`.
     pub fn new(data_dir: &Path, spill: Option<Arc<Spill>>) -> Self {
-        Self { dir: data_dir.join("dead-letter"), spill }
+        Self { dir: data_dir.join("dead-letter"), spill, counting: Arc::default() }
     }
 
     /// The fallback directory.
@@ -164,16 +166,36 @@ impl DeadLetters {
         entries.filter_map(Result::ok).filter(|e| e.path().extension().is_some_and(|x| x == "jsonl")).count()
     }
 
-    /// Keeps `rows` with the reason: in Redis, or in a file when Redis fails.
+    /// [`DeadLetters::files`] off the request threads, within `within`; `None` when it takes
+    /// longer (a disk that hangs: the count goes on, and no second one starts while it does).
+    pub async fn count_files(&self, within: std::time::Duration) -> Option<usize> {
+        use std::sync::atomic::Ordering;
+        if self.counting.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        let this = self.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let n = this.files();
+            this.counting.store(false, Ordering::Release);
+            n
+        });
+        tokio::time::timeout(within, task).await.ok()?.ok()
+    }
+
+    /// Keeps `rows` with the reason: in Redis (unless `redis` is false: past the shutdown
+    /// budget, where a Redis that drops packets would cost its timeout), or in a file when Redis
+    /// fails.
     pub async fn save(
         &self,
         token: Uuid,
         rows: &[EventRow],
         reason: &str,
         source: Source,
+        redis: bool,
     ) -> std::io::Result<Kept> {
         // Never into a Redis that may evict it (nor one that is down): a file instead.
-        if let Some(spill) = &self.spill
+        if redis
+            && let Some(spill) = &self.spill
             && spill.check().await == super::spill::RedisState::Ok
         {
             let mut pipe = redis::pipe();

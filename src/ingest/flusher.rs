@@ -30,7 +30,7 @@ use super::{
     Health,
     buffer::{Batch, Buffer},
     dead_letter::{DeadLetters, Kept, Source},
-    insert::{Bad, Sender},
+    insert::{Bad, Sender, past_retention},
     spill::Spill,
     wal::Wal,
 };
@@ -139,7 +139,7 @@ impl Flusher {
         loop {
             // Past the shutdown budget Redis is not asked again: a Redis that drops packets would
             // hold each batch for REDIS_TIMEOUT, past the orchestrator's kill.
-            let out_of_time = give_up_at.is_some_and(|limit| Instant::now() >= limit);
+            let out_of_time = Self::out_of_time(*give_up_at);
             if maybe_spilled
                 && !out_of_time
                 && let Some(spill) = &self.spill
@@ -195,7 +195,7 @@ impl Flusher {
                 // No further attempt (one that landed after all would be stored twice once the
                 // file is loaded), straight to disk.
                 if self
-                    .save(&batch, &batch.rows, "ClickHouse unavailable at shutdown", Source::Shutdown)
+                    .save(&batch, &batch.rows, "ClickHouse unavailable at shutdown", Source::Shutdown, false)
                     .await
                 {
                     self.metrics.events_dead_lettered.inc_by(batch.rows.len() as u64);
@@ -294,6 +294,11 @@ impl Flusher {
         }
     }
 
+    /// Whether the shutdown budget (if shutdown began) has run out.
+    fn out_of_time(give_up_at: Option<Instant>) -> bool {
+        give_up_at.is_some_and(|limit| Instant::now() >= limit)
+    }
+
     /// Waits `backoff` before the next attempt and doubles it (up to [`MAX_BACKOFF`]). Wakes early
     /// on shutdown, so that the drain starts counting its deadline at once, and never sleeps past
     /// the shutdown budget.
@@ -318,15 +323,35 @@ impl Flusher {
         stop: &CancellationToken,
         give_up_at: &mut Option<Instant>,
     ) -> BadKept {
-        let (rows, reasons): (Vec<EventRow>, Vec<String>) = bad.into_iter().unzip();
-        let reason = reasons.first().cloned().unwrap_or_default();
-        tracing::error!(batch = %batch.id, rejected = rows.len(), stored = batch.rows.len() - rows.len(),
-            error = %reason, "ClickHouse rejected events as data; keeping them as dead letters");
+        // Rows ClickHouse rejected and rows past raw retention, each kind in a dead letter of its
+        // own with a reason that fits it.
+        let (expired, rejected): (Bad, Bad) = bad.into_iter().partition(|(_, reason)| past_retention(reason));
+        let groups: Vec<(Vec<EventRow>, String)> = [rejected, expired]
+            .into_iter()
+            .filter(|g| !g.is_empty())
+            .map(|g| {
+                let reason = g[0].1.clone();
+                (g.into_iter().map(|(row, _)| row).collect(), reason)
+            })
+            .collect();
+        let rows: usize = groups.iter().map(|(g, _)| g.len()).sum();
+        for (group, reason) in &groups {
+            tracing::error!(batch = %batch.id, rejected = group.len(), stored = batch.rows.len() - rows,
+                error = %reason, "ClickHouse rejected events as data; keeping them as dead letters");
+        }
+        let mut kept = 0;
         let mut pause = FIRST_BACKOFF;
         loop {
-            if self.save(batch, &rows, &reason, Source::Rejected).await {
-                self.metrics.events_dead_lettered.inc_by(rows.len() as u64);
-                self.metrics.events_flushed.inc_by((batch.rows.len() - rows.len()) as u64);
+            while kept < groups.len() {
+                let (group, reason) = &groups[kept];
+                if !self.save(batch, group, reason, Source::Rejected, !Self::out_of_time(*give_up_at)).await {
+                    break;
+                }
+                self.metrics.events_dead_lettered.inc_by(group.len() as u64);
+                kept += 1;
+            }
+            if kept == groups.len() {
+                self.metrics.events_flushed.inc_by((batch.rows.len() - rows) as u64);
                 return BadKept::Kept;
             }
             if stop.is_cancelled() {
@@ -335,8 +360,10 @@ impl Flusher {
                     if self.kept_by_log(batch) {
                         return BadKept::InLog;
                     }
-                    self.metrics.events_flushed.inc_by((batch.rows.len() - rows.len()) as u64);
-                    return BadKept::Lost(self.lost(batch, &rows));
+                    let left: Vec<EventRow> =
+                        groups[kept..].iter().flat_map(|(g, _)| g.iter().cloned()).collect();
+                    self.metrics.events_flushed.inc_by((batch.rows.len() - rows) as u64);
+                    return BadKept::Lost(self.lost(batch, &left));
                 }
             }
             tokio::time::sleep(pause).await;
@@ -435,10 +462,17 @@ impl Flusher {
         }
     }
 
-    /// Keeps rows of a batch as dead letters; false when even that failed (the caller keeps the
-    /// batch).
-    async fn save(&self, batch: &Batch, rows: &[EventRow], reason: &str, source: Source) -> bool {
-        match self.dead_letters.save(batch.id, rows, reason, source).await {
+    /// Keeps rows of a batch as dead letters (in a file without asking Redis when `redis` is
+    /// false: past the shutdown budget); false when even that failed (the caller keeps the batch).
+    async fn save(
+        &self,
+        batch: &Batch,
+        rows: &[EventRow],
+        reason: &str,
+        source: Source,
+        redis: bool,
+    ) -> bool {
+        match self.dead_letters.save(batch.id, rows, reason, source, redis).await {
             Ok(kept) => {
                 match kept {
                     Kept::Redis(id) => tracing::error!(batch = %batch.id, rows = rows.len(), entry = %id,

@@ -28,12 +28,22 @@ use crate::{
     metrics::Metrics,
     store::{
         ClickHouse, EventRow, StoreError,
-        retention::{first_month_kept, yyyymm},
+        retention::{MAX_CLOCK_DIFFERENCE, first_month_kept, yyyymm},
     },
 };
 
-/// Rows ClickHouse rejected, each with the error text.
+/// Rows ClickHouse rejected, each with the error text (or, for rows that cannot be checked any
+/// more, the reason that starts with [`PAST_RETENTION`]).
 pub type Bad = Vec<(EventRow, String)>;
+
+/// How the reason of a row past raw retention starts (see [`Sender::missing`]): such rows are
+/// kept apart from rows ClickHouse rejected, each kind in dead letters of its own.
+pub const PAST_RETENTION: &str = "its month (";
+
+/// Whether a [`Bad`] row's reason is that it is past raw retention, not a ClickHouse error.
+pub fn past_retention(reason: &str) -> bool {
+    reason.starts_with(PAST_RETENTION)
+}
 
 /// Inserts rows with the exactly-once rules above.
 pub struct Sender<'a> {
@@ -111,32 +121,45 @@ impl Sender<'_> {
     }
 
     /// The rows whose events are not stored under their batch tokens; those of months raw
-    /// retention may have dropped go to `bad` instead.
+    /// retention may have dropped go to `bad` instead (once: a row already there is not added
+    /// again by a later look-up of the same rows, and nothing is added when the look-up fails).
     pub async fn missing(&self, rows: &[EventRow], bad: &mut Bad) -> Result<Vec<EventRow>, StoreError> {
-        let keep_from = first_month_kept(OffsetDateTime::now_utc(), self.retention_months);
+        // Retention judges by ClickHouse's clock, and drops nothing while this instance's is
+        // further off than MAX_CLOCK_DIFFERENCE: a month it may have dropped is one that has
+        // expired by this clock that much later.
+        let keep_from =
+            first_month_kept(OffsetDateTime::now_utc() + MAX_CLOCK_DIFFERENCE, self.retention_months);
         let (rows, expired): (Vec<&EventRow>, Vec<&EventRow>) =
             rows.iter().partition(|r| yyyymm(r.event_time) >= keep_from);
+        let missing = self.look_up(&rows).await?;
         if !expired.is_empty() {
-            self.metrics.insert_unverifiable.inc_by(expired.len() as u64);
-            tracing::warn!(
-                rows = expired.len(),
-                keep_from,
-                "rows to re-send are older than raw retention keeps: whether they were stored cannot be checked; keeping them as dead letters"
-            );
-            bad.extend(expired.into_iter().map(|r| {
-                (
-                    r.clone(),
-                    format!(
-                        "its month ({}) is past raw retention (RAW_RETENTION_MONTHS={}): whether an earlier \
+            let known: HashSet<Uuid> = bad.iter().map(|(r, _)| r.event_id).collect();
+            let new: Vec<&EventRow> = expired.into_iter().filter(|r| !known.contains(&r.event_id)).collect();
+            if !new.is_empty() {
+                self.metrics.insert_unverifiable.inc_by(new.len() as u64);
+                tracing::warn!(
+                    rows = new.len(),
+                    keep_from,
+                    "rows to re-send are older than raw retention keeps: whether they were stored cannot be checked; keeping them as dead letters"
+                );
+            }
+            bad.extend(new.into_iter().map(|r| {
+                let reason = format!(
+                    "{PAST_RETENTION}{}) is past raw retention (RAW_RETENTION_MONTHS={}): whether an earlier \
                      INSERT stored it cannot be checked any more, so it was not sent again (had it been \
                      stored, the aggregates would count it twice); compare the aggregates with what you \
                      expect before loading it by hand",
-                        yyyymm(r.event_time),
-                        self.retention_months
-                    ),
-                )
+                    yyyymm(r.event_time),
+                    self.retention_months
+                );
+                (r.clone(), reason)
             }));
         }
+        Ok(missing)
+    }
+
+    /// Of `rows` (all in months raw retention keeps), those not stored under their batch tokens.
+    async fn look_up(&self, rows: &[&EventRow]) -> Result<Vec<EventRow>, StoreError> {
         let first = rows.iter().map(|r| r.event_time).min();
         let last = rows.iter().map(|r| r.event_time).max();
         let (Some(first), Some(last)) = (first, last) else { return Ok(Vec::new()) };
@@ -149,7 +172,7 @@ impl Sender<'_> {
             .into_iter()
             .collect();
         if stored.is_empty() {
-            return Ok(rows.into_iter().cloned().collect());
+            return Ok(rows.iter().map(|r| (*r).clone()).collect());
         }
         self.metrics.insert_found_stored.inc();
         let missing: Vec<EventRow> =

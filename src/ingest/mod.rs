@@ -119,11 +119,16 @@ impl Intake {
     /// passes (then the events stay held, but the answer is 503). Events that went to the Redis
     /// spill instead are held too, but not in ClickHouse: also 503. Other modes: at once.
     pub async fn confirmed(&self, held: Held) -> Result<(), HoldError> {
-        let (Some(seqs), Some(limit)) = (held.0, self.commit_timeout) else { return Ok(()) };
-        tokio::time::timeout(limit, self.buffer.confirmed(seqs.end))
-            .await
-            .map_err(|_| HoldError::Unconfirmed)?;
-        if self.buffer.went_elsewhere(&seqs) {
+        self.all_confirmed(held.0.as_slice()).await
+    }
+
+    /// [`Intake::confirmed`] for events held by several requests (repeats answered together):
+    /// one wait, for the last of them, within ACK_TIMEOUT.
+    pub async fn all_confirmed(&self, held: &[std::ops::Range<u64>]) -> Result<(), HoldError> {
+        let Some(limit) = self.commit_timeout else { return Ok(()) };
+        let Some(end) = held.iter().map(|seqs| seqs.end).max() else { return Ok(()) };
+        tokio::time::timeout(limit, self.buffer.confirmed(end)).await.map_err(|_| HoldError::Unconfirmed)?;
+        if held.iter().any(|seqs| self.buffer.went_elsewhere(seqs)) {
             return Err(HoldError::Unconfirmed);
         }
         Ok(())
@@ -138,15 +143,9 @@ pub struct Held(Option<std::ops::Range<u64>>);
 
 impl Held {
     /// The sequence numbers of the events (`committed` mode; else none): what a repeat of them
-    /// must wait for too ([`Held::again`]).
+    /// must wait for too ([`Intake::all_confirmed`]).
     pub fn seqs(&self) -> Option<std::ops::Range<u64>> {
         self.0.clone()
-    }
-
-    /// Events held before as `seqs` ([`Held::seqs`]), for a repeat of them: its 2xx waits for the
-    /// same confirmation as the first one's.
-    pub fn again(seqs: Option<std::ops::Range<u64>>) -> Held {
-        Held(seqs)
     }
 }
 

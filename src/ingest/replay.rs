@@ -37,7 +37,7 @@ use super::{
     Health,
     buffer::Buffer,
     dead_letter::{Source, corrupt_fields, rows_fields},
-    insert::{Bad, Sender},
+    insert::{Bad, Sender, past_retention},
     spill::{Acked, Entry, RedisState, Spill, Spilled},
 };
 use crate::{
@@ -398,13 +398,16 @@ impl Replayer {
             }
         }
         let rejected = bad.len();
-        let mut rows_by_batch: HashMap<usize, (Vec<_>, String)> = HashMap::new();
+        // One dead letter per batch and kind of reason: rows ClickHouse rejected, and rows past
+        // raw retention, each with a reason that fits them.
+        let mut rows_by_batch: HashMap<(usize, bool), (Vec<_>, String)> = HashMap::new();
         for (row, reason) in bad {
             let at = by_token.get(&row.batch_id).copied().unwrap_or(0);
-            let slot = rows_by_batch.entry(at).or_insert_with(|| (Vec::new(), reason));
+            let slot =
+                rows_by_batch.entry((at, past_retention(&reason))).or_insert_with(|| (Vec::new(), reason));
             slot.0.push(row);
         }
-        for (at, (rows, reason)) in rows_by_batch {
+        for ((at, _), (rows, reason)) in rows_by_batch {
             let token = batches.get(at).map_or(Uuid::nil(), |b| b.token);
             dead.push(rows_fields(token, &rows, &reason, Source::Rejected));
         }
@@ -438,7 +441,7 @@ impl Replayer {
         }
         self.metrics.spill_entries_replayed.inc_by(ids.len() as u64);
         self.metrics.spill_bytes_replayed.inc_by(bytes as u64);
-        self.metrics.events_replayed.inc_by((events - copies - rejected) as u64);
+        self.metrics.events_replayed.inc_by(events.saturating_sub(copies + rejected) as u64);
         self.metrics.replay_events_dead_lettered.inc_by(rejected as u64);
         tracing::info!(entries = ids.len(), events, rejected, "replayed spilled batches");
         true
