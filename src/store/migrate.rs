@@ -128,38 +128,45 @@ async fn recorded(ch: &ClickHouse, version: u32) -> Result<bool, StoreError> {
     Ok(n.first().copied().unwrap_or(0) > 0)
 }
 
-/// Takes the migration lock, waiting while another instance holds it (see the module's comment).
-async fn lock(ch: &ClickHouse) -> Result<(), StoreError> {
+/// The lock as `system.tables` shows it now: its age in seconds and its `CREATE` statement
+/// (which names its holder); none when nobody holds it.
+async fn lock_state(ch: &ClickHouse, table: &str) -> Result<Option<(i64, String)>, StoreError> {
+    let rows: Vec<(i64, String)> = ch
+        .fetch_all(
+            ch.client()
+                .query(
+                    "SELECT toInt64(now()) - toInt64(metadata_modification_time), create_table_query \
+                     FROM system.tables WHERE database = currentDatabase() AND name = ?",
+                )
+                .bind(table),
+        )
+        .await?;
+    Ok(rows.into_iter().next())
+}
+
+/// The holder a lock's `CREATE` statement names (its column's default).
+fn holder_of(create: &str) -> Option<&str> {
+    let rest = &create[create.find("DEFAULT '")? + 9..];
+    Some(&rest[..rest.find('\'')?])
+}
+
+/// Takes the migration lock, waiting while another instance holds it (see the module's comment);
+/// returns this holder's id, which [`unlock`] checks.
+async fn lock(ch: &ClickHouse) -> Result<String, StoreError> {
+    let me = uuid::Uuid::new_v4().simple().to_string();
     let mut said = false;
     loop {
-        match ch.execute(&format!("CREATE TABLE {LOCK_TABLE} (taken_at DateTime) ENGINE = Memory")).await {
-            Ok(()) => return Ok(()),
+        let create = format!("CREATE TABLE {LOCK_TABLE} (holder String DEFAULT '{me}') ENGINE = Memory");
+        match ch.execute(&create).await {
+            Ok(()) => return Ok(me),
             // 57: the table exists, so another instance holds the lock.
             Err(StoreError::Rejected(t) | StoreError::Retryable(t)) if error_code(&t) == Some(57) => {}
             Err(e) => return Err(e),
         }
-        let age: Vec<i64> = ch
-            .fetch_all(
-                ch.client()
-                    .query(
-                        "SELECT toInt64(now()) - toInt64(metadata_modification_time) FROM system.tables \
-                 WHERE database = currentDatabase() AND name = ?",
-                    )
-                    .bind(LOCK_TABLE),
-            )
-            .await?;
-        match age.first() {
-            // Released meanwhile: try again at once.
-            None => continue,
-            Some(&secs) if secs >= LOCK_STALE_AFTER.as_secs() as i64 => {
-                tracing::warn!(
-                    age_s = secs,
-                    "taking over a migration lock left by an instance that stopped while migrating"
-                );
-                ch.execute(&format!("DROP TABLE IF EXISTS {LOCK_TABLE}")).await?;
-                continue;
-            }
-            Some(_) => {}
+        let Some((age, query)) = lock_state(ch, LOCK_TABLE).await? else { continue };
+        if age >= LOCK_STALE_AFTER.as_secs() as i64 {
+            take_over(ch, &me, holder_of(&query).unwrap_or_default(), age).await?;
+            continue;
         }
         if !std::mem::replace(&mut said, true) {
             tracing::info!("another instance is applying migrations; waiting for it");
@@ -168,14 +175,48 @@ async fn lock(ch: &ClickHouse) -> Result<(), StoreError> {
     }
 }
 
+/// Moves aside a lock held by `stale` (an instance that stopped while migrating), so that the
+/// next `CREATE` can win. Moved under a name of this holder's own: of several instances that
+/// judged it stale at once, one `RENAME` wins. One that judged it stale before another took it
+/// over may move that one's fresh lock aside: it sees a holder other than `stale` and puts the
+/// lock back.
+async fn take_over(ch: &ClickHouse, me: &str, stale: &str, age: i64) -> Result<(), StoreError> {
+    let aside = format!("{LOCK_TABLE}_stale_{me}");
+    if ch.execute(&format!("RENAME TABLE {LOCK_TABLE} TO {aside}")).await.is_err() {
+        // Gone already: released, or moved aside by another instance.
+        return Ok(());
+    }
+    let moved = lock_state(ch, &aside).await?.map(|(_, q)| q).unwrap_or_default();
+    if holder_of(&moved) == Some(stale) {
+        tracing::warn!(
+            age_s = age,
+            "took over a migration lock left by an instance that stopped while migrating"
+        );
+    } else if ch.execute(&format!("RENAME TABLE {aside} TO {LOCK_TABLE}")).await.is_ok() {
+        return Ok(());
+    }
+    ch.execute(&format!("DROP TABLE IF EXISTS {aside}")).await
+}
+
+/// Releases the lock if this holder still holds it (after [`LOCK_STALE_AFTER`] another instance
+/// may have taken it over, and its lock is not this one's to drop).
+async fn unlock(ch: &ClickHouse, me: &str) -> Result<(), StoreError> {
+    match lock_state(ch, LOCK_TABLE).await? {
+        Some((_, query)) if holder_of(&query) == Some(me) => {
+            ch.execute(&format!("DROP TABLE IF EXISTS {LOCK_TABLE}")).await
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Applies the pending migrations up to version `last`, refusing view re-creations on a
 /// database with events when `at_startup` (see [`apply_at_startup`]). One instance at a time.
 pub async fn apply_through(ch: &ClickHouse, last: u32, at_startup: bool) -> Result<Vec<u32>, StoreError> {
-    lock(ch).await?;
+    let me = lock(ch).await?;
     let applied = apply_locked(ch, last, at_startup).await;
     // Released whatever happened (an error leaves nothing half-recorded: each migration is
     // recorded after its last statement). A release that fails leaves a lock that goes stale.
-    if let Err(e) = ch.execute(&format!("DROP TABLE IF EXISTS {LOCK_TABLE}")).await {
+    if let Err(e) = unlock(ch, &me).await {
         tracing::warn!(error = %e, "cannot release the migration lock; other instances take it over once it is stale");
     }
     applied
@@ -281,6 +322,14 @@ fn adds_existing_column(statement: &str, error: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lock_names_its_holder() {
+        let create =
+            "CREATE TABLE t_1.schema_migrations_lock (`holder` String DEFAULT 'abc123') ENGINE = Memory";
+        assert_eq!(holder_of(create), Some("abc123"));
+        assert_eq!(holder_of("CREATE TABLE x (taken_at DateTime) ENGINE = Memory"), None);
+    }
 
     #[test]
     fn the_list_matches_the_directory_in_order() {
