@@ -306,10 +306,12 @@ async fn a_dead_letter_waits_while_the_spill_holds_its_batch() {
 
     // The spill stored the batch (one of its rows: the others were rejected, say) and its entry
     // left, as a replayer's acknowledgement does it.
+    // With its own event time: the check looks a batch's rows up within their times.
     app.query(&format!(
         "INSERT INTO events (event_id, ad_id, kind, event_time, received_at, ip_hash, error_code, batch_id) \
-         VALUES ('{}', '{AD1}', 'click', now(), now(), 5, 0, '{token}')",
-        rows[0].event_id
+         VALUES ('{}', '{AD1}', 'click', toDateTime({at}), toDateTime({at}), 5, 0, '{token}')",
+        rows[0].event_id,
+        at = rows[0].event_time.unix_timestamp()
     ))
     .await;
     redis.command(&["XACK", &spill, GROUP, &entry]);
