@@ -62,6 +62,29 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
     v
 }
 
+/// `n` valid clicks on AD1 at `at` in batch `token`, from client-IP hash `ip_hash`.
+fn clicks(
+    n: usize,
+    token: uuid::Uuid,
+    at: time::OffsetDateTime,
+    ip_hash: u64,
+) -> Vec<adbeacon::store::EventRow> {
+    (0..n)
+        .map(|_| adbeacon::store::EventRow {
+            event_id: uuid::Uuid::new_v4(),
+            ad_id: AD1.parse().unwrap(),
+            kind: adbeacon::domain::EventKind::Click,
+            event_time: at,
+            received_at: at,
+            ip_hash,
+            playback_time: None,
+            error_code: 0,
+            batch_id: token,
+            traffic: adbeacon::domain::Traffic::Valid,
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn dead_letters_are_listed_then_replayed_and_stored_exactly_once() {
     let app = TestApp::spawn_with(&[("API_KEYS", &format!("admin:{ADMIN},read:{READER}"))]).await;
@@ -177,11 +200,7 @@ async fn dead_letters_are_listed_then_replayed_and_stored_exactly_once() {
 /// events are stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replays_at_once_move_each_dead_letter_once() {
-    use adbeacon::{
-        domain::{EventKind, Traffic},
-        ingest::dead_letter::{Source, rows_fields},
-        store::EventRow,
-    };
+    use adbeacon::ingest::dead_letter::{Source, rows_fields};
     let app = TestApp::spawn().await;
     let now = time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
     let mut all = Vec::new();
@@ -189,20 +208,7 @@ async fn two_replays_at_once_move_each_dead_letter_once() {
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     for _ in 0..300 {
         let token = uuid::Uuid::new_v4();
-        let rows: Vec<EventRow> = (0..2)
-            .map(|_| EventRow {
-                event_id: uuid::Uuid::new_v4(),
-                ad_id: AD1.parse().unwrap(),
-                kind: EventKind::Click,
-                event_time: now,
-                received_at: now,
-                ip_hash: 3,
-                playback_time: None,
-                error_code: 0,
-                batch_id: token,
-                traffic: Traffic::Valid,
-            })
-            .collect();
+        let rows = clicks(2, token, now, 3);
         all.extend(rows.iter().map(|r| format!("'{}'", r.event_id)));
         let mut cmd = redis::cmd("XADD");
         cmd.arg(stream(&app)).arg("*");
@@ -236,7 +242,6 @@ async fn two_replays_at_once_move_each_dead_letter_once() {
 #[tokio::test]
 async fn a_dead_letter_waits_while_the_spill_holds_its_batch() {
     use adbeacon::{
-        domain::{EventKind, Traffic},
         ingest::{
             dead_letter::{Source, rows_fields},
             spill::{GROUP, batch_fields},
@@ -246,20 +251,7 @@ async fn a_dead_letter_waits_while_the_spill_holds_its_batch() {
     let app = TestApp::spawn_with(&[("REPLAY_CLAIM_IDLE", "1h")]).await;
     let now = time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
     let token = uuid::Uuid::new_v4();
-    let rows: Vec<EventRow> = (0..3)
-        .map(|_| EventRow {
-            event_id: uuid::Uuid::new_v4(),
-            ad_id: AD1.parse().unwrap(),
-            kind: EventKind::Click,
-            event_time: now,
-            received_at: now,
-            ip_hash: 5,
-            playback_time: None,
-            error_code: 0,
-            batch_id: token,
-            traffic: Traffic::Valid,
-        })
-        .collect();
+    let rows = clicks(3, token, now, 5);
     let redis = shared_redis();
     let mut conn =
         redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
