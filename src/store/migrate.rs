@@ -165,7 +165,7 @@ async fn lock(ch: &ClickHouse) -> Result<String, StoreError> {
         }
         let Some((age, query)) = lock_state(ch, LOCK_TABLE).await? else { continue };
         if age >= LOCK_STALE_AFTER.as_secs() as i64 {
-            take_over(ch, &me, holder_of(&query).unwrap_or_default(), age).await?;
+            take_over(ch, &me, holder_of(&query), age).await?;
             continue;
         }
         if !std::mem::replace(&mut said, true) {
@@ -175,19 +175,19 @@ async fn lock(ch: &ClickHouse) -> Result<String, StoreError> {
     }
 }
 
-/// Moves aside a lock held by `stale` (an instance that stopped while migrating), so that the
-/// next `CREATE` can win. Moved under a name of this holder's own: of several instances that
-/// judged it stale at once, one `RENAME` wins. One that judged it stale before another took it
-/// over may move that one's fresh lock aside: it sees a holder other than `stale` and puts the
-/// lock back.
-async fn take_over(ch: &ClickHouse, me: &str, stale: &str, age: i64) -> Result<(), StoreError> {
+/// Moves aside a lock held by `stale` (an instance that stopped while migrating; `None` for a
+/// lock that names no holder, made by hand), so that the next `CREATE` can win. Moved under a
+/// name of this holder's own: of several instances that judged it stale at once, one `RENAME`
+/// wins. One that judged it stale before another took it over may move that one's fresh lock
+/// aside: it sees a holder other than `stale` and puts the lock back.
+async fn take_over(ch: &ClickHouse, me: &str, stale: Option<&str>, age: i64) -> Result<(), StoreError> {
     let aside = format!("{LOCK_TABLE}_stale_{me}");
     if ch.execute(&format!("RENAME TABLE {LOCK_TABLE} TO {aside}")).await.is_err() {
         // Gone already: released, or moved aside by another instance.
         return Ok(());
     }
     let moved = lock_state(ch, &aside).await?.map(|(_, q)| q).unwrap_or_default();
-    if holder_of(&moved) == Some(stale) {
+    if holder_of(&moved) == stale {
         tracing::warn!(
             age_s = age,
             "took over a migration lock left by an instance that stopped while migrating"
