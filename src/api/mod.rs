@@ -493,10 +493,10 @@ impl Settle<'_> {
     fn apply(&self, outcome: &Result<crate::ingest::Held, HoldError>, claims: &mut Claims, count: u64) {
         match outcome {
             Ok(held) => {
-                let held: HeldAs = held.seqs().map(Arc::new);
                 // Remembered as held before they leave the in-flight set (under its lock, which
                 // `State::claim` takes too), so that no repeat finds them in neither.
                 if let Some(set) = &claims.in_flight {
+                    let held: HeldAs = held.seqs().map(Arc::new);
                     let mut flying = set.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     for id in claims.ids.drain(..) {
                         self.recent_event_ids.insert(id, held.clone());

@@ -335,7 +335,8 @@ impl Flusher {
             })
             .collect();
         let rows: usize = groups.iter().map(|(g, _)| g.len()).sum();
-        for (group, reason) in &groups {
+        // Rows past retention were logged by the check that set them aside.
+        for (group, reason) in groups.iter().filter(|(_, reason)| !past_retention(reason)) {
             tracing::error!(batch = %batch.id, rejected = group.len(), stored = batch.rows.len() - rows,
                 error = %reason, "ClickHouse rejected events as data; keeping them as dead letters");
         }
