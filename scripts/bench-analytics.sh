@@ -167,6 +167,11 @@ case "$MIX" in
       "'error':1000")" ;;
 esac
 
+# Traffic that does not count (3 %, parts per million) and VAST error codes (error events only):
+# the endpoint reports both beside the net numbers, and bench.py checks them against the raw rows.
+traffic_sql="$(pick r_traffic "'valid':970000" "'duplicate':10000" "'bot':15000" "'empty_user_agent':5000")"
+code_sql="toUInt16($(pick r_code 400:300000 401:150000 402:200000 403:100000 405:150000 303:50000 900:50000))"
+
 span=$((DAYS * 86400))
 start=$((now - span))
 chunks=$(((EVENTS + CHUNK - 1) / CHUNK))
@@ -176,7 +181,7 @@ log "loading $EVENTS events ($MIX mix) over the $DAYS days before $(date -u -d "
 # Each INSERT covers its own slice of time, in order (as live traffic arrives), so that the
 # minute and hour aggregates of one chunk land in few parts; over all chunks the times are
 # uniform. Its rows: ip_hash from 2 million client addresses, playback_time NULL for one in ten,
-# received_at 0-4 s after event_time.
+# received_at 0-4 s after event_time, 3 % of them filtered traffic, error events with a code.
 load_start="$(date +%s.%N)"
 done_rows=0
 for c in $(seq 1 "$chunks"); do
@@ -186,14 +191,16 @@ for c in $(seq 1 "$chunks"); do
   [ "$t_len" -ge 1 ] || t_len=1
   chunk_start="$(date +%s.%N)"
   ch_query "INSERT INTO events
-      (event_id, ad_id, kind, event_time, received_at, ip_hash, playback_time, error_code, batch_id)
+      (event_id, ad_id, kind, event_time, received_at, ip_hash, playback_time, error_code, batch_id, traffic)
     SELECT
-      generateUUIDv4(), $ad_sql, $kind_sql, toDateTime(t), toDateTime(t + r_misc % 5),
+      generateUUIDv4(), $ad_sql, $kind_sql AS kind_v, toDateTime(t), toDateTime(t + r_misc % 5),
       intHash64(r_ip), if(r_misc % 10 = 0, NULL, toFloat32(r_misc % 30000 / 1000)),
-      toUInt16(0), toUUID('b0000000-0000-4000-8000-ffffffffffff')
+      if(kind_v = 'error', $code_sql, toUInt16(0)), toUUID('b0000000-0000-4000-8000-ffffffffffff'),
+      $traffic_sql
     FROM (
       SELECT rand(1) % 1000000 AS r_ad, rand(2) % 1000000 AS r_kind,
-             toUInt32($t_from + rand(3) % $t_len) AS t, rand(4) % 2000000 AS r_ip, rand(5) AS r_misc
+             toUInt32($t_from + rand(3) % $t_len) AS t, rand(4) % 2000000 AS r_ip, rand(5) AS r_misc,
+             rand(6) % 1000000 AS r_traffic, rand(7) % 1000000 AS r_code
       FROM numbers($rows)
     )" 1800 || die "INSERT $c/$chunks failed"
   done_rows=$((done_rows + rows))

@@ -6,6 +6,6 @@
 -- sample-params: '11111111-1111-1111-1111-111111111111', 1711919820, 1711939380
 SELECT error_code, countMerge(errors) AS errors
 FROM ad_errors_minutely
-WHERE ad_id = toUUID(?) AND minute >= toDateTime(?) AND minute < toDateTime(?)
+WHERE ad_id = ? AND minute >= ? AND minute < ?
 GROUP BY error_code
 ORDER BY errors DESC, error_code

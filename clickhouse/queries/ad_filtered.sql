@@ -6,6 +6,6 @@
 -- sample-params: '11111111-1111-1111-1111-111111111111', 1711919820, 1711939380
 SELECT reason, kind, countMerge(events) AS events
 FROM ad_filtered_minutely
-WHERE ad_id = toUUID(?) AND minute >= toDateTime(?) AND minute < toDateTime(?)
+WHERE ad_id = ? AND minute >= ? AND minute < ?
 GROUP BY reason, kind
 ORDER BY reason, kind

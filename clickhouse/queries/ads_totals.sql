@@ -45,17 +45,17 @@ ANY LEFT JOIN
     (
         SELECT ad_id, impressions, clicks, unique_clicks
         FROM ad_stats_daily
-        WHERE day >= toDateTime(?) AND day < toDateTime(?)
+        WHERE day >= ? AND day < ?
         UNION ALL
         SELECT ad_id, impressions, clicks, unique_clicks
         FROM ad_stats_hourly
-        WHERE hour >= toDateTime(?) AND hour < toDateTime(?)
-          AND (hour < toDateTime(?) OR hour >= toDateTime(?))
+        WHERE hour >= ? AND hour < ?
+          AND (hour < ? OR hour >= ?)
         UNION ALL
         SELECT ad_id, impressions, clicks, unique_clicks
         FROM ad_stats_minutely
-        WHERE minute >= toDateTime(?) AND minute < toDateTime(?)
-          AND (minute < toDateTime(?) OR minute >= toDateTime(?))
+        WHERE minute >= ? AND minute < ?
+          AND (minute < ? OR minute >= ?)
     )
     GROUP BY ad_id
 ) AS stats USING id
