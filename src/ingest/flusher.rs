@@ -132,6 +132,8 @@ impl Flusher {
         let mut maybe_spilled = batch.uncertain;
         // A push failed in the pass before (its answer may be lost while it landed).
         let mut push_failed = false;
+        // Redis did not answer whether the spill holds the batch (warned once per batch).
+        let mut holds_unknown = false;
         let query_id = batch.id.to_string();
         let check = [query_id.clone()];
         // Past the shutdown budget, an INSERT gets one last try before the batch counts as lost.
@@ -152,9 +154,25 @@ impl Flusher {
                         return 0;
                     }
                     Ok(false) => maybe_spilled = false,
-                    // Redis does not answer: the INSERT below checks ClickHouse as before.
+                    // Redis does not answer this instance. The spill may hold the batch all the
+                    // same, and a replayer elsewhere may be storing it: an INSERT now would run
+                    // alongside the replayer's, each checking ClickHouse before the other stored,
+                    // and store the events twice. The batch waits (in the log, or in memory
+                    // behind the 2xx that said so) until the spill can be asked; past the
+                    // shutdown budget it stays in the log or goes to a file, as below.
                     Err(e) => {
-                        tracing::debug!(batch = %batch.id, error = %e, "cannot ask the spill for the batch")
+                        if !std::mem::replace(&mut holds_unknown, true) {
+                            tracing::warn!(batch = %batch.id, rows = batch.rows.len(), error = %e,
+                                "cannot ask the Redis spill whether it holds the batch; it waits for Redis \
+                                 (an INSERT now could store it twice)");
+                        } else {
+                            tracing::debug!(batch = %batch.id, error = %e, "cannot ask the spill for the batch");
+                        }
+                        if stop.is_cancelled() {
+                            give_up_at.get_or_insert_with(|| Instant::now() + self.shutdown_timeout);
+                        }
+                        Self::pause(&mut backoff, *give_up_at, stop).await;
+                        continue;
                     }
                 }
             }

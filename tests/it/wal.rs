@@ -363,6 +363,29 @@ async fn a_batch_in_the_log_and_the_spill_is_stored_once() {
     app.stop().await.unwrap();
 }
 
+/// A batch that comes back from the log uncertain (its push to the spill may have landed before
+/// the crash) while Redis does not answer: the flusher cannot learn whether the spill holds it, and
+/// an INSERT next to a replayer's could store it twice, so nothing is sent until Redis answers.
+/// Then the spill turns out not to hold it, and its events are stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncertain_batch_waits_for_redis_before_it_is_sent() {
+    let (mut ch, db, data, ids) = events_left_in_the_log(10).await;
+    let mut redis = crate::support::servers::Redis::start();
+    redis.stop();
+    ch.restart();
+    let mut app = TestApp::spawn_in(&ch.url(), &db, data, &[("REDIS_URL", &redis.url())]).await;
+    // Long enough for the INSERT the flusher used to send at once (it asks the spill, gets an
+    // error, and before the fix sent the batch with the check).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(stored_ids(&ch, &db).await.is_empty(), "sent while the spill could not be asked");
+    assert_eq!(app.metric("adbeacon_events_flushed_total").await, 0);
+    redis.restart();
+    assert_eq!(app.wait_flushed(10).await, 10, "sent once Redis answers");
+    let stored = stored_ids(&ch, &db).await;
+    assert_books_balance(&ids.iter().copied().collect(), &stored);
+    app.stop().await.unwrap();
+}
+
 /// A tmpfs of a few hundred KiB mounted for the test (root, or CAP_SYS_ADMIN, is needed: the test
 /// says so and fails otherwise), unmounted when dropped.
 struct SmallDisk {
