@@ -284,6 +284,15 @@ impl App {
             );
         }
         let state = state(&config, clickhouse.clone(), hasher, metrics.clone(), intake, spill.clone());
+        // Events the log brought back are held: a client retrying one (most likely after the
+        // crash that left it there, its 2xx lost) gets the duplicate answer, as it would have from
+        // the instance before, not a second copy under another batch token. In `committed` mode
+        // the answer waits until they are in ClickHouse, as a repeat's does.
+        let (ids, seqs) = state.intake.buffer.held_event_ids();
+        let held: api::HeldAs = (config.ack_mode == AckMode::Committed).then(|| Arc::new(seqs));
+        for id in ids {
+            state.recent_event_ids.insert(id, held.clone());
+        }
         if config.api_keys.is_open() {
             tracing::warn!(
                 "API_KEYS is empty: anyone who can reach this service may create, change and retire ads and \

@@ -301,6 +301,16 @@ impl Buffer {
         self.wake.notify_one();
     }
 
+    /// The event ids of every row the buffer holds, in no particular order, and the sequence
+    /// numbers below which all of them lie. Read at start-up, after the write-ahead log put back
+    /// what it held, so that a client's retry of a recovered event is known as a repeat.
+    pub fn held_event_ids(&self) -> (Vec<Uuid>, Range<u64>) {
+        let p = self.pending.lock();
+        let batches = p.ready.iter().flat_map(|b| b.rows.iter());
+        let ids = batches.chain(p.chunks.iter().flatten()).map(|r| r.event_id).collect();
+        (ids, 0..p.next_seq)
+    }
+
     /// Takes the next batch if one is due (full or old enough, or recovered), or any rows at all
     /// with `force`.
     pub fn take(&self, now: Instant, force: bool) -> Option<Batch> {

@@ -386,6 +386,24 @@ async fn an_uncertain_batch_waits_for_redis_before_it_is_sent() {
     app.stop().await.unwrap();
 }
 
+/// A client retrying an event the log brought back (its 2xx lost in the crash that left it there)
+/// gets the duplicate answer from the next instance, and the event is stored once, not again under
+/// another batch token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_of_an_event_the_log_brought_back_is_a_duplicate() {
+    let (mut ch, db, data, ids) = events_left_in_the_log(5).await;
+    let mut app = restart(&mut ch, &db, data, 5).await;
+    let resp = app.post("/ads/click", &json!({"adId": AD1, "eventId": ids[2]})).await;
+    assert_eq!(resp.status(), 202);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["duplicate"], true, "{body}");
+    // Whatever the retry might have added is flushed before the count.
+    app.stop().await.unwrap();
+    let stored = stored_ids(&ch, &db).await;
+    assert_books_balance(&ids.iter().copied().collect(), &stored);
+    assert_eq!(stored.get(&ids[2]), Some(&1), "the retried event is stored once");
+}
+
 /// A tmpfs of a few hundred KiB mounted for the test (root, or CAP_SYS_ADMIN, is needed: the test
 /// says so and fails otherwise), unmounted when dropped.
 struct SmallDisk {
