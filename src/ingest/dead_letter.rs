@@ -7,8 +7,10 @@
 //! They go to the Redis stream `REDIS_KEY_PREFIX + "dead-letters"` (one entry per bad row or
 //! damaged entry, with the error text), which the admin endpoints list, replay and purge. When
 //! Redis cannot take them they are written as files under `DATA_DIR/dead-letter/`, in
-//! `JSONEachRow` with the `events` columns, so an operator can load one as it is:
-//! `clickhouse-client -d adbeacon -q 'INSERT INTO events FORMAT JSONEachRow' < FILE`.
+//! `JSONEachRow` with the `events` columns. Part of a file may be in ClickHouse already (an
+//! INSERT under way when shutdown's time ran out; a stream write that landed without an answer is
+//! in the stream as well), so the README has the operator load it through a staging table that
+//! skips the event ids of its batches that ClickHouse holds.
 
 use std::{
     collections::HashMap,

@@ -498,7 +498,7 @@ impl Flusher {
                         "events kept as a dead letter in Redis; list, replay or purge them with /admin/dead-letters"),
                     Kept::File(path) => {
                         tracing::error!(batch = %batch.id, rows = rows.len(), path = %path.display(),
-                        "events kept as a dead-letter file; load it with: clickhouse-client -q 'INSERT INTO events FORMAT JSONEachRow' < FILE")
+                        "events kept as a dead-letter file; load it as the README's Delivery section shows (it skips events ClickHouse already holds)")
                     }
                 }
                 true
