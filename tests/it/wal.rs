@@ -386,6 +386,28 @@ async fn an_uncertain_batch_waits_for_redis_before_it_is_sent() {
     app.stop().await.unwrap();
 }
 
+/// Shutdown while such a batch waits for Redis: it ends within its budget, the batch stays in the
+/// log, and the next start (Redis back) stores it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_while_an_uncertain_batch_waits_for_redis_keeps_it_in_the_log() {
+    let (mut ch, db, data, ids) = events_left_in_the_log(3).await;
+    let mut redis = crate::support::servers::Redis::start();
+    redis.stop();
+    ch.restart();
+    let vars = [("REDIS_URL", redis.url()), ("SHUTDOWN_TIMEOUT", "1s".to_string())];
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut app = TestApp::spawn_in(&ch.url(), &db, data, &vars).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    app.stop().await.expect("shutdown ends while the batch waits for Redis");
+    assert!(stored_ids(&ch, &db).await.is_empty());
+    redis.restart();
+    let mut app =
+        TestApp::spawn_in(&ch.url(), &db, app.take_data_dir(), &[("REDIS_URL", &redis.url())]).await;
+    assert_eq!(app.wait_flushed(3).await, 3);
+    assert_books_balance(&ids.iter().copied().collect(), &stored_ids(&ch, &db).await);
+    app.stop().await.unwrap();
+}
+
 /// A client retrying an event the log brought back (its 2xx lost in the crash that left it there)
 /// gets the duplicate answer from the next instance, and the event is stored once, not again under
 /// another batch token.
