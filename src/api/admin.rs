@@ -235,10 +235,9 @@ pub struct ReplayResult {
     /// Ids of selected damaged entries, left in place: they hold no rows to replay (purge them
     /// once looked at).
     pub skipped: Vec<String>,
-    /// Ids left in place because the spill still holds their batch (pushed by a shutdown that
-    /// could not learn whether the push had landed, so it kept a dead letter too). The spill
-    /// stores the batch; replay these again once it has drained, and only what it did not store
-    /// is stored.
+    /// Ids left in place because the spill also holds their batch (the service keeps no batch
+    /// in both places itself; a stream restored from a backup could). The spill stores the
+    /// batch; replay these again once it has drained, and only what it did not store is stored.
     pub waiting: Vec<String>,
 }
 

@@ -262,8 +262,8 @@ impl DeadLetters {
 
     /// Moves dead letters (`ids`, or every one) back to the spill, where the replayers insert
     /// them again (checked first, as any spilled batch). Damaged entries stay, and so do those
-    /// whose batch the spill still holds (a spilled batch that was also kept as a dead letter,
-    /// when shutdown could not learn whether its push had landed). Each one moves in one step
+    /// whose batch the spill also holds (the service keeps no batch in both places itself; a
+    /// stream restored from a backup could). Each one moves in one step
     /// that deletes it first, so that two replays at once move it once.
     /// When Redis fails on the way, the error carries what moved before it.
     pub async fn replay(&self, ids: Option<&[String]>) -> Result<Replayed, Interrupted> {
