@@ -325,7 +325,8 @@ class Bench:
         if (got_avg is None) != (want_avg is None) or (
                 want_avg is not None and not math.isclose(got_avg, want_avg, rel_tol=1e-9)):
             self.errors.append(f"timeframe={tf}: video.avgClickPlaybackTime is {got_avg}, the raw table says {want_avg}")
-        c["video"] = "14 counts ok" if len(self.errors) == wrong_before else "differs"
+        counted = sum(1 for key in KINDS.values() if key is not None)
+        c["video"] = f"{counted} counts and playback ok" if len(self.errors) == wrong_before else "differs"
 
         # VAST errors by code, and the traffic that does not count, by reason.
         wrong_before = len(self.errors)

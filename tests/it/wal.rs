@@ -363,17 +363,29 @@ async fn a_batch_in_the_log_and_the_spill_is_stored_once() {
     app.stop().await.unwrap();
 }
 
+/// `n` events left in the log as one uncertain batch, and an app started on that log with
+/// ClickHouse back and its Redis (returned, stopped) not answering; `vars` are added to the app's.
+async fn uncertain_batch_with_redis_down(
+    n: usize,
+    vars: &[(&str, &str)],
+) -> (ClickHouse, String, Vec<Uuid>, crate::support::servers::Redis, TestApp) {
+    let (mut ch, db, data, ids) = events_left_in_the_log(n).await;
+    let mut redis = crate::support::servers::Redis::start();
+    redis.stop();
+    ch.restart();
+    let url = redis.url();
+    let vars: Vec<(&str, &str)> = vars.iter().copied().chain([("REDIS_URL", url.as_str())]).collect();
+    let app = TestApp::spawn_in(&ch.url(), &db, data, &vars).await;
+    (ch, db, ids, redis, app)
+}
+
 /// A batch that comes back from the log uncertain (its push to the spill may have landed before
 /// the crash) while Redis does not answer: the flusher cannot learn whether the spill holds it, and
 /// an INSERT next to a replayer's could store it twice, so nothing is sent until Redis answers.
 /// Then the spill turns out not to hold it, and its events are stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_uncertain_batch_waits_for_redis_before_it_is_sent() {
-    let (mut ch, db, data, ids) = events_left_in_the_log(10).await;
-    let mut redis = crate::support::servers::Redis::start();
-    redis.stop();
-    ch.restart();
-    let mut app = TestApp::spawn_in(&ch.url(), &db, data, &[("REDIS_URL", &redis.url())]).await;
+    let (ch, db, ids, mut redis, mut app) = uncertain_batch_with_redis_down(10, &[]).await;
     // Long enough for the INSERT the flusher used to send at once (it asks the spill, gets an
     // error, and before the fix sent the batch with the check).
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -390,13 +402,8 @@ async fn an_uncertain_batch_waits_for_redis_before_it_is_sent() {
 /// log, and the next start (Redis back) stores it once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_while_an_uncertain_batch_waits_for_redis_keeps_it_in_the_log() {
-    let (mut ch, db, data, ids) = events_left_in_the_log(3).await;
-    let mut redis = crate::support::servers::Redis::start();
-    redis.stop();
-    ch.restart();
-    let vars = [("REDIS_URL", redis.url()), ("SHUTDOWN_TIMEOUT", "1s".to_string())];
-    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut app = TestApp::spawn_in(&ch.url(), &db, data, &vars).await;
+    let (ch, db, ids, mut redis, mut app) =
+        uncertain_batch_with_redis_down(3, &[("SHUTDOWN_TIMEOUT", "1s")]).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     app.stop().await.expect("shutdown ends while the batch waits for Redis");
     assert!(stored_ids(&ch, &db).await.is_empty());
