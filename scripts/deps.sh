@@ -77,6 +77,8 @@ fi
 # apt_install's policy-rc.d; without systemd as PID 1 nothing starts either).
 if [ "$mode" = test ]; then
   have promtool || missing+=(prometheus)
+  # tests/it/wal.rs makes fsync fail with an ext4 image on a loop device (FlakyDisk).
+  have mkfs.ext4 || missing+=(e2fsprogs)
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
   apt_install "${missing[@]}"

@@ -730,6 +730,9 @@ struct Written {
     appended: Vec<(u64, Reservation, Vec<EventRow>, Ack)>,
     marked: Vec<Ack>,
     sync: Option<(Instant, tokio::task::JoinHandle<io::Result<()>>)>,
+    /// Its sync first wrote the bytes of a failed sync again (`Writer::sync_failed`): when it
+    /// succeeds, those are durable too.
+    rewrote: bool,
 }
 
 impl Written {
@@ -780,7 +783,8 @@ struct Writer {
     /// or events already acknowledged would be missing from the file after a crash.
     pending: Vec<u8>,
     /// A sync failed and its bytes could not be written again yet: the log stays `failing`
-    /// (however many later writes succeed) until they are.
+    /// (however many later writes succeed) until they are, and every group, in any fsync mode,
+    /// is synced with them before it is answered.
     sync_failed: bool,
     last_sync: Instant,
     /// Groups written so far: an interval sync running in the background clears `dirty` only
@@ -838,6 +842,7 @@ impl Writer {
                         Ok(()) => {
                             self.metrics.wal_fsync_duration.observe(started.elapsed().as_secs_f64());
                             self.synced(group.end_len);
+                            self.sync_failed &= !group.rewrote;
                             self.complete(group);
                         }
                         Err(e) => {
@@ -962,7 +967,12 @@ impl Writer {
         background: &mut Option<Background>,
     ) -> Option<Written> {
         let start_seq = self.next_seq;
-        let mut must_sync = self.config.fsync == FsyncPolicy::EveryGroup;
+        // After a failed sync nothing is answered before a sync, in `WAL_FSYNC=<interval>` mode
+        // too: its earlier groups' bytes may be gone from the page cache, and answering 2xx for
+        // writes that cannot be synced would acknowledge events a power cut loses. The group's
+        // sync writes those bytes again first; while the disk keeps failing, requests get 503.
+        let rewrote = self.sync_failed;
+        let mut must_sync = self.config.fsync == FsyncPolicy::EveryGroup || rewrote;
         let mut appended = Vec::new();
         let mut marked = Vec::new();
         self.out.clear();
@@ -995,7 +1005,7 @@ impl Writer {
         }
         let start_len = self.len;
         let end_len = start_len + self.out.len() as u64;
-        let group = Written { start_len, end_len, start_seq, appended, marked, sync: None };
+        let group = Written { start_len, end_len, start_seq, appended, marked, sync: None, rewrote };
         if let Err(e) = self.file.write_all_at(&self.out, start_len) {
             self.cut(start_len, start_seq);
             self.failed(&e);
@@ -1007,6 +1017,8 @@ impl Writer {
         self.metrics.wal_bytes.add(self.out.len() as i64);
         self.dirty = true;
         self.writes += 1;
+        // `pending` starts at `synced_len` and now ends with this group.
+        let again = rewrote.then(|| (self.pending.clone(), self.synced_len));
         let sync = must_sync.then(|| {
             let file = self.file.clone();
             // Never two syncs of the file at once: the kernel reports a writeback error to one
@@ -1017,7 +1029,14 @@ impl Writer {
                 if let Some(before) = before {
                     before.await.map_err(io::Error::other)??;
                 }
-                tokio::task::spawn_blocking(move || file.sync_data()).await.map_err(io::Error::other)?
+                tokio::task::spawn_blocking(move || {
+                    if let Some((bytes, at)) = again {
+                        file.write_all_at(&bytes, at)?;
+                    }
+                    file.sync_data()
+                })
+                .await
+                .map_err(io::Error::other)?
             });
             (Instant::now(), task)
         });

@@ -532,6 +532,117 @@ async fn a_full_disk_gives_503_and_recovers_when_space_returns() {
     drop(disk);
 }
 
+/// A disk whose writes succeed but whose syncs fail: an ext4 file system without a journal on a
+/// loop device whose image lives on a small tmpfs. Once that tmpfs is full, writes into the page
+/// cache still succeed and the kernel's writeback of new blocks fails, so fdatasync reports an
+/// error: the failure `WAL_FSYNC=<interval>` has to notice. Needs root (or CAP_SYS_ADMIN), loop
+/// devices and `mkfs.ext4` (e2fsprogs); the test says so and fails without them.
+struct FlakyDisk {
+    backing: SmallDisk,
+    dir: tempfile::TempDir,
+}
+
+impl FlakyDisk {
+    fn mount() -> FlakyDisk {
+        let backing = SmallDisk::mount("8m");
+        let image = backing.dir.path().join("image");
+        std::fs::File::create(&image).unwrap().set_len(64 << 20).unwrap();
+        let run = |cmd: &mut std::process::Command| {
+            let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?} runs: {e}"));
+            assert!(
+                out.status.success(),
+                "{cmd:?} failed; this test needs root, loop devices and mkfs.ext4 (e2fsprogs): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        // No journal: a failed journal write would turn the file system read-only for good.
+        run(std::process::Command::new("mkfs.ext4").args(["-q", "-F", "-O", "^has_journal"]).arg(&image));
+        let dir = tempfile::tempdir().unwrap();
+        run(std::process::Command::new("mount")
+            .args(["-o", "loop,errors=continue"])
+            .arg(&image)
+            .arg(dir.path()));
+        FlakyDisk { backing, dir }
+    }
+}
+
+impl Drop for FlakyDisk {
+    fn drop(&mut self) {
+        // The loop mount first: the tmpfs holds its image.
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+/// One click with a fresh event id; its id goes into `acked` (202) or `refused` (503).
+async fn click(app: &TestApp, acked: &mut HashSet<Uuid>, refused: &mut HashSet<Uuid>) -> u16 {
+    let id = Uuid::new_v4();
+    let status = app.post("/ads/click", &json!({"adId": AD1, "eventId": id})).await.status().as_u16();
+    match status {
+        202 => acked.insert(id),
+        503 => refused.insert(id),
+        other => panic!("unexpected {other}"),
+    };
+    status
+}
+
+/// `WAL_FSYNC=<interval>` answers before the sync, so a failed sync is noticed after the fact.
+/// From then until the bytes are written again and synced, the log cannot keep what it
+/// acknowledges: every request must get 503, never a 2xx, and 2xx must return by itself once
+/// syncs work again. Nothing acknowledged is lost, nothing refused is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_syncs_in_interval_mode_give_503_until_they_work_again() {
+    let disk = FlakyDisk::mount();
+    let data = tempfile::TempDir::new_in(disk.dir.path()).unwrap();
+    let db = fresh_db();
+    let mut app = TestApp::spawn_in(&shared_clickhouse().url(), &db, data, &[("WAL_FSYNC", "20ms")]).await;
+    let mut acked = HashSet::new();
+    let mut refused = HashSet::new();
+    for _ in 0..5 {
+        assert_eq!(click(&app, &mut acked, &mut refused).await, 202);
+    }
+    let filler = disk.backing.fill();
+    // Clicks go on being written into the page cache; the first sync that has to write a new
+    // block fails, and readiness reports it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for _ in 0..20 {
+            click(&app, &mut acked, &mut refused).await;
+        }
+        let ready = app.get("/readyz").await;
+        if ready.status() == 503 {
+            assert_eq!(ready.json::<serde_json::Value>().await.unwrap()["log"], "failing");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no sync failed with the loop device's backing store full");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in 0..30 {
+        let status = click(&app, &mut acked, &mut refused).await;
+        assert_eq!(
+            status, 503,
+            "request {i} after a failed sync was acknowledged though nothing can be synced"
+        );
+    }
+    assert!(app.metric("adbeacon_events_rejected_total{reason=\"log_unavailable\"}").await >= 30);
+
+    std::fs::remove_file(filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.get("/readyz").await.status() != 200 {
+        assert!(Instant::now() < deadline, "readiness did not return once syncs worked again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..5 {
+        assert_eq!(click(&app, &mut acked, &mut refused).await, 202);
+    }
+    app.stop().await.unwrap();
+    let stored = stored_ids(shared_clickhouse(), &db).await;
+    assert_books_balance(&acked, &stored);
+    let stored_refused = refused.iter().filter(|id| stored.contains_key(id)).count();
+    assert_eq!(stored_refused, 0, "events answered 503 were stored");
+    drop(app);
+    drop(disk);
+}
+
 /// `committed`: the 2xx comes once ClickHouse holds the event; when it cannot confirm within
 /// ACK_TIMEOUT the answer is 503, the event stays held and is stored once ClickHouse is back. A
 /// retry with the same event id is not stored twice, and gets its 2xx only once the first
