@@ -4,7 +4,8 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use poem_openapi::{ApiResponse, Object, OpenApi, Union, param::Query, payload::Json};
+use poem_openapi::{ApiResponse, Object, OpenApi, Union, param::Query};
+use serde::Serialize;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -12,6 +13,7 @@ use super::{
     ApiTags, State,
     auth::{Credentials, Scope},
     error::ApiError,
+    serde_json_payload::SerdeJson,
 };
 use crate::{
     domain::{EventKind, Timeframe, Traffic, Window, WindowKind},
@@ -29,11 +31,13 @@ fn ratio(part: u64, whole: u64) -> f64 {
 }
 
 /// One UTC hour of the series.
-#[derive(Debug, Object)]
+#[derive(Debug, Object, Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct HourPoint {
     /// Start of the hour (UTC). The first and last hour may be partly outside the window; only
     /// their minutes inside it count.
+    #[serde(with = "time::serde::rfc3339")]
     pub start: OffsetDateTime,
     /// Impressions in the hour.
     pub impressions: u64,
@@ -46,8 +50,9 @@ pub struct HourPoint {
 }
 
 /// The video funnel over the window (VAST linear tracking events).
-#[derive(Debug, Object)]
+#[derive(Debug, Object, Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct VideoStats {
     /// Playback starts.
     pub starts: u64,
@@ -109,7 +114,7 @@ impl From<&Stats> for VideoStats {
 }
 
 /// VAST errors of one code over the window.
-#[derive(Debug, Object)]
+#[derive(Debug, Object, Serialize)]
 pub struct ErrorCode {
     /// The VAST error code (900, "undefined error", when the player sent none).
     pub code: u16,
@@ -118,7 +123,7 @@ pub struct ErrorCode {
 }
 
 /// Counts of one slice of traffic.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Object)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Object, Serialize)]
 pub struct TrafficCounts {
     /// Impressions.
     pub impressions: u64,
@@ -145,8 +150,9 @@ impl TrafficCounts {
 }
 
 /// Filtered traffic by reason.
-#[derive(Debug, Default, Object)]
+#[derive(Debug, Default, Object, Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct FilteredTraffic {
     /// Repeats of a counted event of the same ad, client IP and kind within DEDUP_WINDOW.
     pub duplicate: TrafficCounts,
@@ -159,7 +165,7 @@ pub struct FilteredTraffic {
 /// Traffic quality over the window: what was accepted (gross), what counts (net: the numbers
 /// everywhere else in this answer) and what was filtered out, by reason (general invalid
 /// traffic and repeats). gross = net + every filtered reason.
-#[derive(Debug, Object)]
+#[derive(Debug, Object, Serialize)]
 pub struct TrafficQuality {
     /// Every accepted event.
     pub gross: TrafficCounts,
@@ -193,16 +199,19 @@ impl TrafficQuality {
 }
 
 /// One ad's analytics over a window.
-#[derive(Debug, Object)]
+#[derive(Debug, Object, Serialize)]
 #[oai(rename_all = "camelCase", example)]
+#[serde(rename_all = "camelCase")]
 pub struct AdAnalytics {
     /// The ad.
     pub ad_id: Uuid,
     /// `1h`, `24h`, `7d`, `30d`, `all`, or `custom` for from/to.
     pub timeframe: String,
     /// Start of the window (UTC, whole minute, inclusive). For `all`, the first hour with events.
+    #[serde(with = "time::serde::rfc3339")]
     pub from: OffsetDateTime,
     /// End of the window (UTC, whole minute, exclusive).
+    #[serde(with = "time::serde::rfc3339")]
     pub to: OffsetDateTime,
     /// Clicks.
     pub total_clicks: u64,
@@ -226,8 +235,9 @@ pub struct AdAnalytics {
 }
 
 /// One ad in the every-ad listing.
-#[derive(Debug, Object)]
+#[derive(Debug, Object, Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct AdTotalsItem {
     /// The ad.
     pub ad_id: Uuid,
@@ -260,14 +270,17 @@ impl From<AdTotals> for AdTotalsItem {
 }
 
 /// Every ad's totals over a window, busiest first.
-#[derive(Debug, Object)]
+#[derive(Debug, Object, Serialize)]
 #[oai(rename_all = "camelCase", example)]
+#[serde(rename_all = "camelCase")]
 pub struct AdsAnalytics {
     /// `1h`, `24h`, `7d`, `30d`, `all`, or `custom` for from/to.
     pub timeframe: String,
     /// Start of the window (UTC, whole minute, inclusive). For `all`, the first day with events.
+    #[serde(with = "time::serde::rfc3339")]
     pub from: OffsetDateTime,
     /// End of the window (UTC, whole minute, exclusive).
+    #[serde(with = "time::serde::rfc3339")]
     pub to: OffsetDateTime,
     /// Ads in the catalog (all pages).
     pub total: u64,
@@ -367,8 +380,9 @@ impl poem_openapi::types::Example for AdsAnalytics {
 }
 
 /// The two answers of `GET /ads/analytics`.
-#[derive(Debug, Union)]
+#[derive(Debug, Union, Serialize)]
 #[oai(one_of)]
+#[serde(untagged)]
 pub enum AnalyticsBody {
     /// With `adId`.
     Ad(Box<AdAnalytics>),
@@ -381,7 +395,7 @@ pub enum AnalyticsBody {
 pub enum AnalyticsResponse {
     /// The numbers.
     #[oai(status = 200)]
-    Ok(Json<AnalyticsBody>),
+    Ok(SerdeJson<AnalyticsBody>),
 }
 
 /// Analytics operations.
@@ -502,7 +516,7 @@ impl AnalyticsApi {
                 AnalyticsBody::Ads(self.every_ad(window, limit, offset).await.map_err(unavailable)?)
             }
         };
-        Ok(AnalyticsResponse::Ok(Json(body)))
+        Ok(AnalyticsResponse::Ok(SerdeJson(body)))
     }
 }
 
@@ -578,6 +592,31 @@ mod tests {
     use time::macros::datetime;
 
     use super::*;
+
+    /// The answer is written by serde ([`SerdeJson`]) but documented by poem-openapi's schema:
+    /// both must give the same JSON, nulls, rates and times included.
+    #[test]
+    fn serde_writes_what_the_openapi_schema_describes() {
+        use poem_openapi::types::{Example, ToJSON};
+        let mut ad = AdAnalytics::example();
+        let mut quiet = AdAnalytics::example();
+        quiet.video = VideoStats::from(&Stats::default());
+        quiet.series.clear();
+        quiet.error_codes.clear();
+        ad.from += time::Duration::nanoseconds(1_500);
+        let answers = [
+            AnalyticsBody::Ad(Box::new(ad)),
+            AnalyticsBody::Ad(Box::new(quiet)),
+            AnalyticsBody::Ads(AdsAnalytics::example()),
+        ];
+        for answer in answers {
+            let by_serde = serde_json::to_value(&answer).unwrap();
+            assert_eq!(Some(&by_serde), answer.to_json().as_ref());
+            assert!(
+                by_serde.to_string().contains("\"avgClickPlaybackTime\"") || by_serde.get("ads").is_some()
+            );
+        }
+    }
 
     #[test]
     fn hours_without_rows_are_zeros_and_hour_of_day_sums_across_days() {
