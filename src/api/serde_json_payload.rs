@@ -1,10 +1,12 @@
 //! [`SerdeJson`]: a JSON answer that serde writes straight from the value.
 //!
 //! poem-openapi's `Json` builds a `serde_json::Value` tree of the whole answer first (a map
-//! allocated per object, every key copied) and then prints the tree. For a 30-day analytics
-//! series that is 720 objects, and the service spent more CPU on the tree than on reading
-//! ClickHouse's answer. The schema still comes from the type's poem-openapi derive, so the
-//! OpenAPI document is unchanged; a test checks that both ways give the same JSON.
+//! allocated per object, every key copied) and then prints the tree. A 30-day analytics answer
+//! holds 720 such objects: written by serde directly, the service's CPU per answer went from
+//! 1.57 to 1.47–1.50 ms (10 million events, 300 requests each). The schema still comes from the
+//! type's poem-openapi derive, so the OpenAPI document is unchanged; a test checks that both
+//! ways give the same JSON, and `make bench-analytics` compares every number of the answer with
+//! the raw table.
 
 use poem::{IntoResponse, Response, http::StatusCode};
 use poem_openapi::{
