@@ -12,8 +12,8 @@ use uuid::Uuid;
 use super::{
     ApiTags, State,
     auth::{Credentials, Scope},
+    body::SerdeJson,
     error::ApiError,
-    serde_json_payload::SerdeJson,
 };
 use crate::{
     domain::{EventKind, Timeframe, Traffic, Window, WindowKind},

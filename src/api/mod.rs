@@ -18,7 +18,6 @@ pub mod methods;
 pub mod pixel;
 pub mod ratelimit;
 pub mod recent;
-pub mod serde_json_payload;
 pub mod tracking;
 
 use std::{
