@@ -474,6 +474,15 @@ impl Drop for SmallDisk {
     }
 }
 
+/// Waits until `/readyz` answers 200, at most 10 s; `when` says what should have brought it back.
+async fn ready_within_10s(app: &TestApp, when: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.get("/readyz").await.status() != 200 {
+        assert!(Instant::now() < deadline, "readiness did not return {when}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Issue 6, test (c): a log that cannot be written gives 503 (never 2xx), readiness turns false,
 /// and both recover by themselves once space returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -516,11 +525,7 @@ async fn a_full_disk_gives_503_and_recovers_when_space_returns() {
 
     std::fs::remove_file(filler).unwrap();
     // No request is needed: the log probes itself every second.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while app.get("/readyz").await.status() != 200 {
-        assert!(Instant::now() < deadline, "readiness did not return");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    ready_within_10s(&app, "once space returned").await;
     for _ in 0..5 {
         let id = Uuid::new_v4();
         assert_eq!(app.post("/ads/click", &json!({"adId": AD1, "eventId": id})).await.status(), 202);
@@ -626,11 +631,7 @@ async fn failing_syncs_in_interval_mode_give_503_until_they_work_again() {
     assert!(app.metric("adbeacon_events_rejected_total{reason=\"log_unavailable\"}").await >= 30);
 
     std::fs::remove_file(filler).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while app.get("/readyz").await.status() != 200 {
-        assert!(Instant::now() < deadline, "readiness did not return once syncs worked again");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    ready_within_10s(&app, "once syncs worked again").await;
     for _ in 0..5 {
         assert_eq!(click(&app, &mut acked, &mut refused).await, 202);
     }
