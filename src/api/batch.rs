@@ -89,6 +89,9 @@ pub struct BatchEvent {
     pub user_agent: Option<String>,
 }
 
+/// The longest `userAgent` of an item (the schema's `max_length` says the same).
+const MAX_USER_AGENT: usize = 1024;
+
 /// One item after the first pass: ready to be stored (with its event time and viewer), or
 /// refused with the reason it is counted under and the message for its result.
 type Judged = Result<(EventReport, OffsetDateTime, Device), (RejectReason, String)>;
@@ -312,7 +315,7 @@ fn parse_item(raw: &RawValue) -> Result<(EventReport, Device), String> {
                 let inner = e.into_inner().to_string();
                 if path == "." {
                     inner
-                } else if inner.starts_with("must be") {
+                } else if inner.starts_with("must ") {
                     format!("{path} {inner}")
                 } else {
                     format!("{path}: {inner}")
@@ -320,6 +323,15 @@ fn parse_item(raw: &RawValue) -> Result<(EventReport, Device), String> {
             })?
         }
     };
+    // The schema's max_length documents the limit; parsing with serde does not apply it.
+    if let Some(ua) = &item.user_agent
+        && ua.chars().count() > MAX_USER_AGENT
+    {
+        return Err(format!(
+            "userAgent must be at most {MAX_USER_AGENT} characters, got {}",
+            ua.chars().count()
+        ));
+    }
     let device = Device { ip: item.ip_address, user_agent: item.user_agent.clone() };
     Ok((EventReport::try_from(item)?, device))
 }
@@ -484,6 +496,13 @@ mod tests {
         assert!(parse(serde_json::json!(5)).unwrap_err().contains("JSON object"));
         let err = serde_json::json!({"adId": "11111111-1111-1111-1111-111111111111", "kind": "error"});
         assert_eq!(parse(err).unwrap().0.error_code, 900);
+        let ua = |n: usize| {
+            serde_json::json!({"adId": "11111111-1111-1111-1111-111111111111", "kind": "start",
+                "userAgent": "é".repeat(n)})
+        };
+        assert_eq!(parse(ua(1024)).unwrap().1.user_agent.map(|u| u.chars().count()), Some(1024));
+        let e = parse(ua(1025)).unwrap_err();
+        assert_eq!(e, "userAgent must be at most 1024 characters, got 1025");
     }
 
     #[test]

@@ -277,9 +277,11 @@ pub fn parse_classified<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, (RejectR
             malformed(describe_malformed(bytes, &inner))
         } else if path == "." && text.starts_with("missing field") {
             (RejectReason::Invalid, text)
+        } else if path == "." && text.starts_with("duplicate field") {
+            (RejectReason::Invalid, format!("request body gives a field twice: {text}"))
         } else if path == "." {
             malformed(format!("request body must be a JSON object: {inner}"))
-        } else if text.starts_with("must be") {
+        } else if text.starts_with("must ") {
             // Our field parsers word their errors to follow the field's name.
             (RejectReason::Invalid, format!("{path} {inner}"))
         } else {

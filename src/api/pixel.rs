@@ -43,6 +43,11 @@ pub const UNDEFINED_VAST_ERROR: u16 = 900;
 
 /// The longest client event id taken as is; ids are usually UUIDs.
 const MAX_EVENT_ID_LEN: usize = 200;
+/// Why the nil UUID is no event id: it is what an SDK sends when it never filled the id in, the
+/// same on every event, and taking it as a key would store the first event and answer every
+/// later one as its repeat.
+pub(crate) const NIL_EVENT_ID: &str = "must not be the nil UUID 00000000-0000-0000-0000-000000000000 (the \
+     same on every event): send a fresh id per event, or leave it out";
 
 /// Answer of a beacon.
 #[derive(Debug, ApiResponse)]
@@ -110,8 +115,8 @@ struct Parsed {
     bad_timestamp: bool,
 }
 
-/// A beacon's `eid` as an idempotency key, or `None` when it cannot be one: blank, too long, or
-/// a macro the player left as it is (`[TRANSACTIONID]`, also percent-encoded once more) or
+/// A beacon's `eid` as an idempotency key, or `None` when it cannot be one: blank, too long, the
+/// nil UUID, or a macro the player left as it is (`[TRANSACTIONID]`, also percent-encoded once more) or
 /// filled with VAST's "unknown" (-1) or "not applicable" (-2). Such a value is the same on every
 /// viewer's beacon, so taking it as a key would store one event of each kind per ad and hour.
 fn beacon_event_id(text: &str, ad: Uuid, kind: EventKind) -> Option<Uuid> {
@@ -208,13 +213,14 @@ impl Digits<'_> {
 /// A client event id: a UUID as is (the client vouches that it names one event), any other
 /// string mapped to a stable UUID together with the ad and the kind, so that a label such as a
 /// session id reused for another ad or event kind is not taken for a repeat. An error when it is
-/// empty or too long to be an id.
+/// empty, too long to be an id, or the nil UUID ([`NIL_EVENT_ID`]).
 pub(crate) fn event_id(text: &str, ad: Uuid, kind: EventKind) -> Result<Uuid, String> {
     if let Ok(id) = Uuid::try_parse(text) {
-        return Ok(id);
+        return if id.is_nil() { Err(format!("eid {NIL_EVENT_ID}")) } else { Ok(id) };
     }
-    if text.is_empty() || text.len() > MAX_EVENT_ID_LEN {
-        return Err(format!("eid must be 1 to {MAX_EVENT_ID_LEN} characters, got {}", text.len()));
+    let chars = text.chars().count();
+    if text.is_empty() || chars > MAX_EVENT_ID_LEN {
+        return Err(format!("eid must be 1 to {MAX_EVENT_ID_LEN} characters, got {chars}"));
     }
     let mut h = SipHasher13::new_with_keys(0x6164_6265_6163_6f6e, 0x6576_656e_7420_6964);
     h.write(text.as_bytes());

@@ -17,11 +17,12 @@ use super::{
     ApiTags, State,
     body::{BodyLimit, JsonBody},
     error::ApiError,
+    pixel::NIL_EVENT_ID,
 };
 use crate::domain::{EventKind, EventReport, PlaybackTime};
 
 /// Reads a string field (borrowed from the body when it has no escapes) and parses it with
-/// `parse`, whose error reads "must be …" so that the field name can stand before it.
+/// `parse`, whose error reads "must …" so that the field name can stand before it.
 fn parsed<'de, D, T>(d: D, parse: fn(&str) -> Result<T, String>) -> Result<Option<T>, D::Error>
 where
     D: Deserializer<'de>,
@@ -61,6 +62,16 @@ pub(crate) fn uuid<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Uuid>, D::E
     })
 }
 
+/// An `eventId`: a UUID other than the nil one ([`NIL_EVENT_ID`]).
+pub(crate) fn event_uuid<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Uuid>, D::Error> {
+    parsed(d, |s| {
+        let id = Uuid::parse_str(s).map_err(|_| {
+            format!("must be a UUID such as 11111111-1111-1111-1111-111111111111, got {}", shown(s))
+        })?;
+        if id.is_nil() { Err(NIL_EVENT_ID.to_string()) } else { Ok(id) }
+    })
+}
+
 pub(crate) fn rfc3339<'de, D: Deserializer<'de>>(d: D) -> Result<Option<OffsetDateTime>, D::Error> {
     parsed(d, |s| {
         OffsetDateTime::parse(s, &Rfc3339)
@@ -88,11 +99,11 @@ pub struct ImpressionRequest {
     /// The client's id of this impression (a UUID), for idempotency: a repeat is answered
     /// `{"duplicate": true}` and stored once (per instance, within an hour).
     #[oai(rename = "eventId")]
-    #[serde(rename = "eventId", default, deserialize_with = "uuid")]
+    #[serde(rename = "eventId", default, deserialize_with = "event_uuid")]
     pub event_id_camel: Option<Uuid>,
     /// Alternative spelling of `eventId`.
     #[oai(rename = "event_id")]
-    #[serde(rename = "event_id", default, deserialize_with = "uuid")]
+    #[serde(rename = "event_id", default, deserialize_with = "event_uuid")]
     pub event_id: Option<Uuid>,
 }
 
@@ -112,11 +123,11 @@ pub struct ClickRequest {
     /// The client's id of this click (a UUID), for idempotency: a repeat is answered with
     /// `"duplicate": true` and stored once (per instance, within an hour).
     #[oai(rename = "eventId")]
-    #[serde(rename = "eventId", default, deserialize_with = "uuid")]
+    #[serde(rename = "eventId", default, deserialize_with = "event_uuid")]
     pub event_id_camel: Option<Uuid>,
     /// Alternative spelling of `eventId`.
     #[oai(rename = "event_id")]
-    #[serde(rename = "event_id", default, deserialize_with = "uuid")]
+    #[serde(rename = "event_id", default, deserialize_with = "event_uuid")]
     pub event_id: Option<Uuid>,
     /// When the click happened, RFC 3339 (e.g. `2024-05-01T12:00:00Z`). Absent: server time. A
     /// time more than MAX_CLOCK_SKEW ahead or MAX_EVENT_AGE behind is refused (400).

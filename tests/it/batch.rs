@@ -21,14 +21,17 @@ async fn each_item_gets_its_result_and_only_good_ones_are_stored() {
         {"adId": AD, "kind": "view"},
         {"adId": AD, "kind": "impression", "eventId": "imp-1"},
         {"adId": AD, "kind": "click", "playbackTime": -1},
-        "not an object"
+        "not an object",
+        {"adId": AD, "kind": "start", "eventId": "00000000-0000-0000-0000-000000000000"},
+        // 150 characters, 300 bytes: the limit is 200 characters.
+        {"adId": AD, "kind": "start", "eventId": "é".repeat(150)}
     ]);
     let resp = app.post("/ads/events", &batch).await;
     assert_eq!(resp.status(), 202);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(
         (body["accepted"].as_u64(), body["duplicates"].as_u64(), body["rejected"].as_u64()),
-        (Some(3), Some(1), Some(5))
+        (Some(4), Some(1), Some(6))
     );
     let statuses: Vec<&str> =
         body["results"].as_array().unwrap().iter().map(|r| r["status"].as_str().unwrap()).collect();
@@ -43,7 +46,9 @@ async fn each_item_gets_its_result_and_only_good_ones_are_stored() {
             "rejected",
             "duplicate",
             "rejected",
-            "rejected"
+            "rejected",
+            "rejected",
+            "accepted"
         ]
     );
     let error = |i: usize| body["results"][i]["error"].as_str().unwrap().to_string();
@@ -52,18 +57,20 @@ async fn each_item_gets_its_result_and_only_good_ones_are_stored() {
     assert!(error(5).contains("kind \"view\""), "{}", error(5));
     assert!(error(7).contains("playbackTime must be 0 or more"), "{}", error(7));
     assert!(error(8).contains("JSON object"), "{}", error(8));
+    assert!(error(9).contains("eventId must not be the nil UUID"), "{}", error(9));
     assert_eq!(
         body["results"][6]["eventId"], body["results"][0]["eventId"],
         "the duplicate names the stored id"
     );
 
-    assert_eq!(app.wait_flushed(3).await, 3);
+    assert_eq!(app.wait_flushed(4).await, 4);
     let rows = app
         .query("SELECT toString(kind), playback_time, error_code FROM events ORDER BY kind FORMAT TSV")
         .await;
-    assert_eq!(rows, "impression\t\\N\t0\nfirst_quartile\t7.5\t0\nerror\t\\N\t402\n");
+    assert_eq!(rows, "impression\t\\N\t0\nstart\t\\N\t0\nfirst_quartile\t7.5\t0\nerror\t\\N\t402\n");
     let stored_ids = app.query("SELECT toString(event_id) FROM events ORDER BY kind FORMAT TSV").await;
-    let answered: Vec<&str> = (0..3).map(|i| body["results"][i]["eventId"].as_str().unwrap()).collect();
+    // In the order of their kinds: impression, start, firstQuartile, error.
+    let answered: Vec<&str> = [0, 10, 1, 2].map(|i| body["results"][i]["eventId"].as_str().unwrap()).into();
     assert_eq!(stored_ids.lines().collect::<Vec<_>>(), answered);
 
     // The same eventId in a later batch is a duplicate too.
@@ -74,7 +81,7 @@ async fn each_item_gets_its_result_and_only_good_ones_are_stored() {
         .await
         .unwrap();
     assert_eq!(again["results"][0]["status"], "duplicate");
-    assert_eq!(app.number("SELECT count() FROM events").await, 3);
+    assert_eq!(app.number("SELECT count() FROM events").await, 4);
 }
 
 #[tokio::test]

@@ -147,16 +147,18 @@ async fn a_beacon_from_a_wrong_clock_is_stored_at_the_servers_time() {
 }
 
 /// An `eid` that cannot tell one firing from another (a macro the player left as it is, VAST's
-/// -1, an empty one) is no idempotency key: every such beacon is stored.
+/// -1, an empty one, the nil UUID an SDK sends when it never filled the id in) is no idempotency
+/// key: every such beacon is stored.
 #[tokio::test]
 async fn an_eid_that_is_no_id_is_ignored() {
     let app = TestApp::spawn().await;
-    for eid in ["[TRANSACTIONID]", "%5BTRANSACTIONID%5D", "-1", "", "[TRANSACTIONID]"] {
+    let nil = "00000000-0000-0000-0000-000000000000";
+    for eid in ["[TRANSACTIONID]", "%5BTRANSACTIONID%5D", "-1", "", "[TRANSACTIONID]", nil, nil] {
         let path = format!("/t/start?ad={AD}&eid={eid}");
         assert_eq!(app.get(&path).await.status(), 200, "{path}");
     }
-    assert_eq!(app.wait_flushed(5).await, 5);
-    assert_eq!(app.number("SELECT count() FROM events").await, 5, "no beacon was taken for a repeat");
+    assert_eq!(app.wait_flushed(7).await, 7);
+    assert_eq!(app.number("SELECT count() FROM events").await, 7, "no beacon was taken for a repeat");
 }
 
 #[tokio::test]

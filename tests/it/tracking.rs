@@ -97,10 +97,28 @@ async fn rejections_name_the_problem_and_store_nothing() {
         ),
         ("/ads/click", json!({"adId": AD1, "ipAddress": "300.1.1.1"}).to_string(), 400, "ipAddress must be"),
         ("/ads/click", json!({"adId": AD1, "ad_id": AD2}).to_string(), 400, "disagree"),
+        (
+            "/ads/click",
+            json!({"adId": AD1, "eventId": "00000000-0000-0000-0000-000000000000"}).to_string(),
+            400,
+            "eventId must not be the nil UUID",
+        ),
+        (
+            "/ads/impression",
+            json!({"adId": AD1, "event_id": "00000000-0000-0000-0000-000000000000"}).to_string(),
+            400,
+            "event_id must not be the nil UUID",
+        ),
         ("/ads/click", json!({"timestamp": "2024-01-01T00:00:00Z"}).to_string(), 400, "adId is required"),
         ("/ads/impression", "{}".to_string(), 400, "adId is required"),
         ("/ads/impression", "".to_string(), 400, "empty"),
         ("/ads/click", "[1, 2]".to_string(), 400, "must be a JSON object"),
+        (
+            "/ads/click",
+            format!(r#"{{"adId":"{AD1}","adId":"{AD2}"}}"#),
+            400,
+            "request body gives a field twice: duplicate field `adId`",
+        ),
         (
             "/ads/click",
             format!(r#"{{"adId":"{AD1}","pad":"{}"}}"#, "x".repeat(2000)),
