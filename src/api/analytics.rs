@@ -573,7 +573,9 @@ impl AnalyticsApi {
         let (ads, total, first_day) =
             tokio::try_join!(analytics.ads_totals(&cuts, offset, limit), analytics.ads_count(), first_day)?;
         if all {
-            window.from = first_day.unwrap_or(window.to);
+            // Not after `to`: the first day can be tomorrow's when its only events so far carry
+            // client times a few minutes ahead (at most MAX_CLOCK_SKEW).
+            window.from = first_day.unwrap_or(window.to).min(window.to);
         }
         Ok(AdsAnalytics {
             timeframe: window.kind.to_string(),

@@ -220,8 +220,10 @@ impl Window {
 
     /// The start of every UTC hour the window touches, in order.
     pub fn hours(&self) -> impl Iterator<Item = OffsetDateTime> + use<> {
-        let first = floor(self.from.unix_timestamp(), 3600);
         let end = self.to.unix_timestamp();
+        // An empty window (`all` before any event: from = to) touches no hour, even when `to`
+        // is inside one.
+        let first = if self.from < self.to { floor(self.from.unix_timestamp(), 3600) } else { end };
         (0..).map(move |i| first + i * 3600).take_while(move |&h| h < end).map(at)
     }
 }
@@ -412,5 +414,9 @@ mod tests {
                 datetime!(2026-11-01 00:00 UTC)
             ]
         );
+        // `all` before any event: the window is empty and so is the series.
+        let at = datetime!(2026-11-01 01:38 UTC);
+        let empty = Window { from: at, to: at, ..w };
+        assert_eq!(empty.hours().count(), 0);
     }
 }

@@ -478,6 +478,12 @@ async fn the_listing_pages_every_ad_busiest_first() {
     let (_, all) = get_json(&app, "/ads/analytics?timeframe=all").await;
     let today = OffsetDateTime::now_utc().unix_timestamp().div_euclid(86_400) * 86_400;
     assert_eq!(unix(all["from"].as_str().unwrap()), today, "all time starts at the first day with events");
+
+    // All time of an ad without events is an empty window: no hour in its series.
+    let (status, six) = get_json(&app, &format!("/ads/analytics?adId={}&timeframe=all", extra[2].0)).await;
+    assert_eq!(status, 200, "{six}");
+    assert_eq!((&six["from"], six["series"].as_array().map(Vec::len)), (&six["to"], Some(0)), "{six}");
+    assert_eq!(six["totalClicks"], 0);
 }
 
 #[tokio::test]
