@@ -457,13 +457,19 @@ impl BatchApi {
             rows.push(row);
         }
         let accepted = results.iter().filter(|r| r.status == ItemStatus::Accepted).count() as u32;
+        // A 2xx acknowledges the duplicates too: in `committed` mode their events must be
+        // confirmed as well (one wait, for the last of them). Before this batch's new items are
+        // held: a 503 for the repeats then holds none of them, and the batch sent again stores
+        // them once, with or without event ids (held first, they were stored, and stored again
+        // by each retry of a batch whose repeat went to the spill).
+        repeated.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        if let Err(e) = st.repeats_confirmed(repeated).await {
+            st.give_back(&claims);
+            return Err(e);
+        }
         if !rows.is_empty() {
             st.hold(rows, claims).await?;
         }
-        // A 2xx acknowledges the duplicates too: in `committed` mode their events must be
-        // confirmed as well (one wait, for the last of them).
-        repeated.dedup_by(|a, b| Arc::ptr_eq(a, b));
-        st.repeats_confirmed(repeated).await?;
         // Counted once the batch is answered 2xx: after a 503 the client sends them again.
         st.metrics.event_id_repeats.inc_by(repeats);
         Ok(BatchResponse::Accepted(SerdeJson(BatchResult { accepted, duplicates, rejected, retry, results })))

@@ -393,6 +393,12 @@ impl State {
         })
     }
 
+    /// Gives back what a request reserved for events it will not hold after all: the repeat
+    /// rule's marks here, its event ids when `claims` is dropped.
+    pub fn give_back(&self, claims: &Claims) {
+        release_marks(&self.dedup, claims);
+    }
+
     /// The 503 for a repeat of an event another request is storing right now.
     pub fn in_flight(&self, id: Uuid) -> ApiError {
         ApiError::Unavailable(
@@ -479,6 +485,13 @@ impl State {
     }
 }
 
+/// Takes back the repeat rule's marks of events that were not held.
+fn release_marks(dedup: &dedup::DedupWindow, claims: &Claims) {
+    for mark in &claims.marks {
+        dedup.release(*mark);
+    }
+}
+
 /// Settles a request's claims once its events are held or refused.
 struct Settle<'a> {
     recent_event_ids: &'a moka::sync::Cache<Uuid, HeldAs>,
@@ -506,9 +519,7 @@ impl Settle<'_> {
             }
             Err(e) => {
                 // Given back: dropping the claims takes the ids out of the in-flight set.
-                for mark in &claims.marks {
-                    self.dedup.release(*mark);
-                }
+                release_marks(self.dedup, claims);
                 let reason = match e {
                     HoldError::Push(PushError::Full) => RejectReason::BufferFull,
                     HoldError::Push(PushError::Closed) => RejectReason::ShuttingDown,
