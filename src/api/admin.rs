@@ -179,7 +179,7 @@ impl poem_openapi::types::Example for DeadLetterPage {
 #[serde(deny_unknown_fields)]
 pub struct DeadLetterSelection {
     /// Stream ids (such as `1700000000000-0`), at most 1000. An empty list selects none.
-    #[oai(nullable, validator(max_items = 1000, pattern = r"^(0|[1-9][0-9]{0,18})-(0|[1-9][0-9]{0,18})$"))]
+    #[oai(nullable, validator(max_items = 1000, pattern = r"^(0|[1-9][0-9]{0,19})-(0|[1-9][0-9]{0,19})$"))]
     #[serde(default)]
     pub ids: Option<Vec<String>>,
     /// `true` selects every dead letter (not together with `ids`). A purge needs `ids` or this:
@@ -376,7 +376,7 @@ impl AdminApi {
         &self,
         auth: Credentials,
         /// The id after which the page starts (exclusive): the previous page's `next`.
-        #[oai(validator(pattern = r"^(0|[1-9][0-9]{0,18})-(0|[1-9][0-9]{0,18})$"))]
+        #[oai(validator(pattern = r"^(0|[1-9][0-9]{0,19})-(0|[1-9][0-9]{0,19})$"))]
         after: Query<Option<String>>,
         /// Dead letters per page, 1 to 1000 (default 100).
         #[oai(validator(pattern = r"^([1-9][0-9]{0,2}|1000)$"))]

@@ -164,8 +164,8 @@ fn validate(input: &AdInput) -> Result<(), ApiError> {
     let name = input.name.trim();
     if name.is_empty() || name.chars().count() > 200 {
         return Err(ApiError::unprocessable(format!(
-            "name must be 1 to 200 characters, got {}",
-            input.name.chars().count()
+            "name must be 1 to 200 characters (leading and trailing spaces do not count), got {}",
+            name.chars().count()
         )));
     }
     // A NUL or other control character in a name breaks the dashboards and CSV exports that

@@ -31,8 +31,10 @@ pub struct Readiness {
     pub redis: String,
     /// Events in the Redis spill waiting for replay (all instances); null when Redis
     /// does not answer.
+    #[oai(nullable)]
     pub spill_backlog: Option<u64>,
     /// Entries in the dead-letter stream; null when Redis does not answer.
+    #[oai(nullable)]
     pub dead_letters: Option<u64>,
     /// `ok`, or `full` when new events would get 503.
     pub buffer: String,

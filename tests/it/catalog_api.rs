@@ -99,9 +99,9 @@ async fn bad_catalog_requests_get_the_right_status() {
         (
             reqwest::Method::POST,
             "/ads".to_string(),
-            json!({"name": "", "video_url": "/v.mp4", "target_url": "https://a.example"}),
+            json!({"name": "   ", "video_url": "/v.mp4", "target_url": "https://a.example"}),
             422,
-            "name must be 1 to 200 characters",
+            "name must be 1 to 200 characters (leading and trailing spaces do not count), got 0",
         ),
         (
             reqwest::Method::POST,
