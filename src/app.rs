@@ -447,7 +447,8 @@ impl App {
         if let Some(wal) = &self.wal {
             wal.close().await;
         }
-        // Between two statements it stops at once; a DROP in flight is bounded by QUERY_TIMEOUT.
+        // It stops between two DROPs (see `retention::drop_expired`); one in flight is bounded by
+        // QUERY_TIMEOUT.
         if let Err(e) = self.retention.await {
             tracing::error!(error = %e, "the raw-retention task failed");
         }

@@ -38,7 +38,12 @@ const fn s(name: &'static str, default: &'static str, form: &'static str, help: 
 pub const SETTINGS: &[Setting] = &[
     s("HOST", "0.0.0.0", "an IP address", "address the HTTP server binds"),
     s("PORT", "8080", "a port number 0-65535 (0 = any free port)", "HTTP port"),
-    s("CLICKHOUSE_URL", "http://127.0.0.1:8123", "an http:// URL", "ClickHouse HTTP endpoint"),
+    s(
+        "CLICKHOUSE_URL",
+        "http://127.0.0.1:8123",
+        "an http:// URL",
+        "ClickHouse HTTP endpoint (without a user or password: CLICKHOUSE_USER and CLICKHOUSE_PASSWORD)",
+    ),
     s(
         "CLICKHOUSE_DATABASE",
         "adbeacon",
@@ -57,7 +62,7 @@ pub const SETTINGS: &[Setting] = &[
         "DATA_DIR",
         "./.data/adbeacon",
         "a directory path",
-        "local state: the IP-hash key, the write-ahead log (wal/), dead letters when Redis cannot take them (dead-letter/); one per instance: a second process on the same directory refuses to start",
+        "local state: the IP-hash key, the write-ahead log (wal/), dead letters when Redis cannot take them (dead-letter/); one per instance (with ACK_MODE=wal a second process on the same directory refuses to start)",
     ),
     s(
         "ACK_MODE",
@@ -443,11 +448,23 @@ impl<F: Fn(&str) -> Option<String>> Reader<F> {
         let value = raw.as_deref().unwrap_or(setting.default).trim();
         parse(value).map_err(|reason| ConfigError {
             name,
-            shown: if setting.secret { String::new() } else { format!("={value:?}") },
+            shown: if setting.secret { String::new() } else { format!("={:?}", without_credentials(value)) },
             form: setting.form,
             reason,
         })
     }
+}
+
+/// `value` with a URL's user name and password (`scheme://user:password@host…`) left out: a refused
+/// value is echoed in the error.
+fn without_credentials(value: &str) -> std::borrow::Cow<'_, str> {
+    if let Some((scheme, rest)) = value.split_once("://") {
+        let authority = rest.split('/').next().unwrap_or(rest);
+        if let Some(at) = authority.rfind('@') {
+            return format!("{scheme}://…@{}", &rest[at + 1..]).into();
+        }
+    }
+    value.into()
 }
 
 fn parse_from_str<T: FromStr>(v: &str) -> Result<T, String>
@@ -521,7 +538,29 @@ fn parse_url(v: &str) -> Result<String, String> {
     if rest.trim_end_matches('/').is_empty() {
         return Err("no host".into());
     }
+    // The HTTP client would not send them (it logs in with CLICKHOUSE_USER), and the URL is
+    // logged: a password there would be ignored and printed.
+    if rest.split('/').next().is_some_and(|authority| authority.contains('@')) {
+        return Err(
+            "a user name or password in the URL is not used; set CLICKHOUSE_USER and CLICKHOUSE_PASSWORD"
+                .into(),
+        );
+    }
     Ok(v.trim_end_matches('/').to_string())
+}
+
+/// A tracing filter whose every directive names a level: `info`, `adbeacon=debug,info`. The
+/// filter's own parser takes a word that is no level (`warning`) for a target, and would then log
+/// nothing else, errors included.
+fn parse_log_level(v: &str) -> Result<String, String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    for directive in v.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, level)| level);
+        if !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level.trim())) {
+            return Err(format!("{directive:?} names no level; use trace, debug, info, warn, error or off"));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(v).map(|_| v.to_string()).map_err(|e| e.to_string())
 }
 
 fn parse_identifier(v: &str) -> Result<String, String> {
@@ -611,8 +650,10 @@ impl Config {
             buffer_max_bytes: r.get("BUFFER_MAX_BYTES", pos_size)?,
             insert_timeout: r.get("INSERT_TIMEOUT", pos_dur)?,
             query_timeout: r.get("QUERY_TIMEOUT", pos_dur)?,
-            startup_timeout: r.get("STARTUP_TIMEOUT", dur)?,
-            shutdown_timeout: r.get("SHUTDOWN_TIMEOUT", dur)?,
+            startup_timeout: r.get("STARTUP_TIMEOUT", pos_dur)?,
+            // Zero would send every buffered batch of `buffered` and `committed` mode straight to
+            // a dead-letter file at each shutdown, without trying ClickHouse or the spill.
+            shutdown_timeout: r.get("SHUTDOWN_TIMEOUT", pos_dur)?,
             max_body_bytes: r.get("MAX_BODY_BYTES", pos_size)?,
             max_batch_body_bytes: r.get("MAX_BATCH_BODY_BYTES", pos_size)?,
             header_read_timeout: r.get("HEADER_READ_TIMEOUT", pos_dur)?,
@@ -662,9 +703,7 @@ impl Config {
                 "pretty" | "text" => Ok(LogFormat::Pretty),
                 _ => Err("unknown format".into()),
             })?,
-            log_level: r.get("LOG_LEVEL", |v| {
-                tracing_subscriber::EnvFilter::try_new(v).map(|_| v.to_string()).map_err(|e| e.to_string())
-            })?,
+            log_level: r.get("LOG_LEVEL", parse_log_level)?,
         };
         if config.buffer_max_bytes < config.batch_max_bytes {
             return Err(ConfigError {
@@ -768,6 +807,24 @@ mod tests {
         assert!(e.contains("BUFFER_MAX_BYTES") && e.contains("unknown unit"), "{e}");
         let e = Config::from_vars([("CLICKHOUSE_URL", "tcp://x")]).unwrap_err().to_string();
         assert!(e.contains("CLICKHOUSE_URL"), "{e}");
+        let e = Config::from_vars([("CLICKHOUSE_URL", "http://adbeacon:s3cret@ch:8123")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("CLICKHOUSE_PASSWORD") && e.contains("http://…@ch:8123") && !e.contains("s3cret"),
+            "{e}"
+        );
+        for zero in ["SHUTDOWN_TIMEOUT", "STARTUP_TIMEOUT"] {
+            let e = Config::from_vars([(zero, "0s")]).unwrap_err().to_string();
+            assert!(e.contains(zero) && e.contains("greater than zero"), "{e}");
+        }
+        for level in ["warning", "adbeacon=verbose", "info,err"] {
+            let e = Config::from_vars([("LOG_LEVEL", level)]).unwrap_err().to_string();
+            assert!(e.contains("LOG_LEVEL") && e.contains("names no level"), "{e}");
+        }
+        for level in ["WARN", "adbeacon=debug,info", "hyper=off, info"] {
+            assert_eq!(Config::from_vars([("LOG_LEVEL", level)]).unwrap().log_level, level);
+        }
         let e = Config::from_vars([("SEED_DEMO_ADS", "maybe")]).unwrap_err().to_string();
         assert!(e.contains("SEED_DEMO_ADS") && e.contains("true or false"), "{e}");
         let e = Config::from_vars([("BATCH_MAX_ROWS", "0")]).unwrap_err().to_string();

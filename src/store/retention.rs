@@ -43,12 +43,22 @@ pub fn first_month_kept(now: OffsetDateTime, months: u32) -> u32 {
     oldest_kept_month(now - RESEND_GRACE, months)
 }
 
-/// Drops every month of raw events older than the oldest kept one; returns the months dropped.
-pub async fn drop_expired(ch: &ClickHouse, months: u32, now: OffsetDateTime) -> Result<Vec<u32>, StoreError> {
+/// Drops every month of raw events older than the oldest kept one, stopping between two DROPs
+/// once `stop` is cancelled (after RAW_RETENTION_MONTHS was lowered a lot, there are many, and
+/// shutdown must not wait for them all); returns the months dropped.
+pub async fn drop_expired(
+    ch: &ClickHouse,
+    months: u32,
+    now: OffsetDateTime,
+    stop: &CancellationToken,
+) -> Result<Vec<u32>, StoreError> {
     let keep_from = first_month_kept(now, months);
     let stored: Vec<u32> = ch.fetch_all(ch.client().query(queries::EVENTS_PARTITIONS)).await?;
     let mut dropped = Vec::new();
     for month in stored.into_iter().filter(|&m| m < keep_from) {
+        if stop.is_cancelled() {
+            break;
+        }
         ch.execute_query(ch.client().query(queries::DROP_EVENTS_PARTITION).bind(month)).await?;
         tracing::info!(month, keep_from, "raw retention: dropped a month of raw events");
         dropped.push(month);
@@ -89,7 +99,7 @@ fn agreed_now(local: OffsetDateTime, server: OffsetDateTime) -> Result<OffsetDat
 pub async fn run(ch: ClickHouse, months: u32, metrics: Arc<Metrics>, stop: CancellationToken) {
     loop {
         let dropped = match shared_now(&ch).await {
-            Ok(now) => drop_expired(&ch, months, now).await,
+            Ok(now) => drop_expired(&ch, months, now, &stop).await,
             Err(e) => Err(e),
         };
         match dropped {
