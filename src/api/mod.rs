@@ -422,7 +422,13 @@ impl State {
     ) -> EventRow {
         let traffic = match caller.agent {
             Traffic::Valid if caller.per_device => {
-                match self.dedup.judge(report.ad_id, caller.ip_hash, report.kind, at.unix_timestamp()) {
+                match self.dedup.judge(
+                    report.ad_id,
+                    caller.ip_hash,
+                    report.kind,
+                    at.unix_timestamp(),
+                    now.unix_timestamp(),
+                ) {
                     dedup::Verdict::Counts(mark) => {
                         claims.marks.extend(mark);
                         Traffic::Valid
