@@ -50,6 +50,14 @@ impl Cidr {
                 .filter(|p| *p <= max)
                 .ok_or_else(|| format!("{text:?} has a prefix length other than 0 to {max}"))?,
         };
+        // An IPv4-mapped block (`::ffff:10.0.0.0/104`) is the IPv4 block it maps: addresses are
+        // compared as IPv4 when they are mapped ([`Cidr::contains`]).
+        if let IpAddr::V6(v6) = network
+            && let Some(v4) = v6.to_ipv4_mapped()
+            && prefix >= 96
+        {
+            return Ok(Self { network: IpAddr::V4(v4), prefix: prefix - 96 });
+        }
         Ok(Self { network, prefix })
     }
 
@@ -198,6 +206,10 @@ mod tests {
         assert!(Cidr::parse("127.0.0.1").unwrap().contains(ip("::ffff:127.0.0.1")));
         assert!(Cidr::parse("2001:db8::/32").unwrap().contains(ip("2001:db8:1::5")));
         assert!(Cidr::parse("10.0.0.0/33").is_err() && Cidr::parse("proxy").is_err());
+        // An IPv4-mapped block holds the IPv4 addresses it maps, mapped or not.
+        let mapped = Cidr::parse("::ffff:10.0.0.0/104").unwrap();
+        assert!(mapped.contains(ip("10.9.8.7")) && mapped.contains(ip("::ffff:10.9.8.7")));
+        assert!(!mapped.contains(ip("11.0.0.1")));
     }
 
     #[test]
