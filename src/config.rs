@@ -553,11 +553,12 @@ fn parse_url(v: &str) -> Result<String, String> {
 /// filter's own parser takes a word that is no level (`warning`) for a target, and would then log
 /// nothing else, errors included.
 fn parse_log_level(v: &str) -> Result<String, String> {
-    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
     for directive in v.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        let level = directive.rsplit_once('=').map_or(directive, |(_, level)| level);
-        if !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level.trim())) {
-            return Err(format!("{directive:?} names no level; use trace, debug, info, warn, error or off"));
+        let level = directive.rsplit_once('=').map_or(directive, |(_, level)| level).trim();
+        if level.is_empty() || level.parse::<tracing::level_filters::LevelFilter>().is_err() {
+            return Err(format!(
+                "{directive:?} names no level; use trace, debug, info, warn, error or off (or 5 to 0)"
+            ));
         }
     }
     tracing_subscriber::EnvFilter::try_new(v).map(|_| v.to_string()).map_err(|e| e.to_string())
@@ -822,7 +823,7 @@ mod tests {
             let e = Config::from_vars([("LOG_LEVEL", level)]).unwrap_err().to_string();
             assert!(e.contains("LOG_LEVEL") && e.contains("names no level"), "{e}");
         }
-        for level in ["WARN", "adbeacon=debug,info", "hyper=off, info"] {
+        for level in ["WARN", "adbeacon=debug,info", "hyper=off, info", "3", "adbeacon=4"] {
             assert_eq!(Config::from_vars([("LOG_LEVEL", level)]).unwrap().log_level, level);
         }
         let e = Config::from_vars([("SEED_DEMO_ADS", "maybe")]).unwrap_err().to_string();

@@ -463,10 +463,9 @@ impl BatchApi {
         // them once, with or without event ids (held first, they were stored, and stored again
         // by each retry of a batch whose repeat went to the spill).
         repeated.dedup_by(|a, b| Arc::ptr_eq(a, b));
-        if let Err(e) = st.repeats_confirmed(repeated).await {
-            st.give_back(&claims);
-            return Err(e);
-        }
+        // Returning (or the client hanging up meanwhile) drops the claims, which gives the new
+        // items' event ids and repeat-rule marks back.
+        st.repeats_confirmed(repeated).await?;
         if !rows.is_empty() {
             st.hold(rows, claims).await?;
         }

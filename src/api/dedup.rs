@@ -53,6 +53,8 @@ const EMPTY: i64 = i64::MIN;
 pub struct Mark {
     key: Key,
     at: i64,
+    /// The arrival window it was counted in: only that window's budget gets it back.
+    burst_since: i64,
 }
 
 /// What the window says of an event.
@@ -69,6 +71,12 @@ pub struct DedupWindow {
     window: i64,
     kinds: [bool; EventKind::ALL.len()],
     seen: RecentMap<Key, Times>,
+}
+
+impl std::fmt::Debug for DedupWindow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DedupWindow").field("window_secs", &self.window).finish_non_exhaustive()
+    }
 }
 
 impl DedupWindow {
@@ -118,7 +126,7 @@ impl DedupWindow {
             // Keep the newest: `at` takes the oldest slot (or an empty one).
             times[REMEMBERED - 1] = at;
             times.sort_unstable_by(|a, b| b.cmp(a));
-            (Some(k), Verdict::Counts(Some(Mark { key, at })))
+            (Some(k), Verdict::Counts(Some(Mark { key, at, burst_since: k.burst_since })))
         })
     }
 
@@ -129,7 +137,9 @@ impl DedupWindow {
             if let Some(slot) = k.times.iter().position(|&t| t == mark.at) {
                 k.times[slot] = EMPTY;
                 k.times.sort_unstable_by(|a, b| b.cmp(a));
-                k.burst = k.burst.saturating_sub(1);
+                if k.burst_since == mark.burst_since {
+                    k.burst = k.burst.saturating_sub(1);
+                }
             }
             (k.times.iter().any(|&t| t != EMPTY).then_some(k), ())
         });
@@ -206,6 +216,20 @@ mod tests {
         assert_eq!(counted(NOW + 10), REMEMBERED);
         // Other addresses have budgets of their own.
         assert!(matches!(w.judge(AD, 8, EventKind::Click, 1000, NOW), Verdict::Counts(_)));
+    }
+
+    #[test]
+    fn a_release_gives_budget_back_to_its_own_window_only() {
+        let w = DedupWindow::new(Duration::from_secs(10), &[EventKind::Click]);
+        let Verdict::Counts(Some(early)) = w.judge(AD, 7, EventKind::Click, 100, NOW) else { panic!() };
+        // The next arrival window takes three of its four...
+        for at in [200, 300, 400] {
+            assert!(matches!(w.judge(AD, 7, EventKind::Click, at, NOW + 12), Verdict::Counts(_)));
+        }
+        // ...and the release of the earlier window's click does not free a place in it.
+        w.release(early);
+        assert!(matches!(w.judge(AD, 7, EventKind::Click, 500, NOW + 13), Verdict::Counts(_)));
+        assert_eq!(w.judge(AD, 7, EventKind::Click, 600, NOW + 13), Verdict::Repeat);
     }
 
     #[test]

@@ -142,11 +142,14 @@ pub type InFlightIds = Arc<std::sync::Mutex<hashbrown::HashSet<Uuid>>>;
 pub struct Claims {
     /// Client event ids claimed by this request ([`State::claim`]), in flight until settled.
     ids: Vec<Uuid>,
-    /// Events the repeat rule counted.
-    pub marks: Vec<dedup::Mark>,
+    /// Events the repeat rule counted, until they are held.
+    marks: Vec<dedup::Mark>,
     /// Where `ids` are in flight: a request that ends without settling them (an error on the
-    /// way, a task that failed) gives them back when its claims are dropped.
+    /// way, a task that failed, a client that hung up while the request waited) gives them back
+    /// when its claims are dropped.
     in_flight: Option<InFlightIds>,
+    /// The repeat rule that `marks` are counted in, given back to it the same way.
+    dedup: Option<Arc<dedup::DedupWindow>>,
 }
 
 impl Claims {
@@ -158,6 +161,11 @@ impl Claims {
 
 impl Drop for Claims {
     fn drop(&mut self) {
+        if let Some(dedup) = &self.dedup {
+            for mark in self.marks.drain(..) {
+                dedup.release(mark);
+            }
+        }
         if let Some(set) = &self.in_flight
             && !self.ids.is_empty()
         {
@@ -393,12 +401,6 @@ impl State {
         })
     }
 
-    /// Gives back what a request reserved for events it will not hold after all: the repeat
-    /// rule's marks here, its event ids when `claims` is dropped.
-    pub fn give_back(&self, claims: &Claims) {
-        release_marks(&self.dedup, claims);
-    }
-
     /// The 503 for a repeat of an event another request is storing right now.
     pub fn in_flight(&self, id: Uuid) -> ApiError {
         ApiError::Unavailable(
@@ -430,7 +432,10 @@ impl State {
                     now.unix_timestamp(),
                 ) {
                     dedup::Verdict::Counts(mark) => {
-                        claims.marks.extend(mark);
+                        if let Some(mark) = mark {
+                            claims.marks.push(mark);
+                            claims.dedup.get_or_insert_with(|| self.dedup.clone());
+                        }
                         Traffic::Valid
                     }
                     dedup::Verdict::Repeat => Traffic::Duplicate,
@@ -462,16 +467,11 @@ impl State {
             // same event id would be told "in flight" until the id is forgotten: so the wait and
             // the settling run in a task of their own, which a dropped request does not cancel.
             let intake = self.intake.clone();
-            let (ids, dedup, metrics) =
-                (self.recent_event_ids.clone(), self.dedup.clone(), self.metrics.clone());
+            let (ids, metrics) = (self.recent_event_ids.clone(), self.metrics.clone());
             let mut claims = claims;
             tokio::spawn(async move {
                 let outcome = intake.hold(rows).await;
-                Settle { recent_event_ids: &ids, dedup: &dedup, metrics: &metrics }.apply(
-                    &outcome,
-                    &mut claims,
-                    count,
-                );
+                Settle { recent_event_ids: &ids, metrics: &metrics }.apply(&outcome, &mut claims, count);
                 outcome
             })
             .await
@@ -479,8 +479,11 @@ impl State {
         } else {
             let mut claims = claims;
             let outcome = self.intake.hold(rows).await;
-            Settle { recent_event_ids: &self.recent_event_ids, dedup: &self.dedup, metrics: &self.metrics }
-                .apply(&outcome, &mut claims, count);
+            Settle { recent_event_ids: &self.recent_event_ids, metrics: &self.metrics }.apply(
+                &outcome,
+                &mut claims,
+                count,
+            );
             outcome
         };
         let held = outcome.map_err(|e| ApiError::hold(&e, self.retry_after))?;
@@ -491,17 +494,9 @@ impl State {
     }
 }
 
-/// Takes back the repeat rule's marks of events that were not held.
-fn release_marks(dedup: &dedup::DedupWindow, claims: &Claims) {
-    for mark in &claims.marks {
-        dedup.release(*mark);
-    }
-}
-
 /// Settles a request's claims once its events are held or refused.
 struct Settle<'a> {
     recent_event_ids: &'a moka::sync::Cache<Uuid, HeldAs>,
-    dedup: &'a dedup::DedupWindow,
     metrics: &'a Metrics,
 }
 
@@ -512,6 +507,8 @@ impl Settle<'_> {
     fn apply(&self, outcome: &Result<crate::ingest::Held, HoldError>, claims: &mut Claims, count: u64) {
         match outcome {
             Ok(held) => {
+                // Counted for good: dropping the claims no longer gives the marks back.
+                claims.marks.clear();
                 // Remembered as held before they leave the in-flight set (under its lock, which
                 // `State::claim` takes too), so that no repeat finds them in neither.
                 if let Some(set) = &claims.in_flight {
@@ -524,8 +521,8 @@ impl Settle<'_> {
                 }
             }
             Err(e) => {
-                // Given back: dropping the claims takes the ids out of the in-flight set.
-                release_marks(self.dedup, claims);
+                // Given back when the claims are dropped: the ids leave the in-flight set and
+                // the repeat rule forgets the marks.
                 let reason = match e {
                     HoldError::Push(PushError::Full) => RejectReason::BufferFull,
                     HoldError::Push(PushError::Closed) => RejectReason::ShuttingDown,
@@ -969,6 +966,29 @@ impl<A: Endpoint, O: Endpoint> Front<A, O> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request that ends before its events are held (an error, a client hanging up while a
+    /// batch waits) gives its repeat-rule marks back with its claims; held ones stay counted.
+    #[test]
+    fn unsettled_marks_go_back_when_the_claims_are_dropped() {
+        use crate::domain::EventKind;
+        let dedup = Arc::new(dedup::DedupWindow::new(Duration::from_secs(10), &[EventKind::Click]));
+        let ad = Uuid::from_u128(1);
+        let judge = || dedup.judge(ad, 7, EventKind::Click, 1000, 1000);
+        let claims_of = |verdict| {
+            let dedup::Verdict::Counts(Some(mark)) = verdict else { panic!("{verdict:?}") };
+            let mut claims = Claims::default();
+            claims.marks.push(mark);
+            claims.dedup = Some(dedup.clone());
+            claims
+        };
+        drop(claims_of(judge()));
+        let mut held = claims_of(judge());
+        // What `Settle` does for held events.
+        held.marks.clear();
+        drop(held);
+        assert_eq!(judge(), dedup::Verdict::Repeat);
+    }
 
     /// The id is set for log lines while the request's future is polled, on every poll, and only
     /// then; the answer carries it.

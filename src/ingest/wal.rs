@@ -1211,7 +1211,11 @@ impl Writer {
 
     /// At shutdown: sync, and delete the whole log when every event in it is confirmed.
     async fn finish(&mut self) {
-        if self.dirty
+        if self.sync_failed {
+            // A plain sync could succeed with a failed one's pages gone from the page cache: the
+            // bytes owed are written again first.
+            self.rewrite().await;
+        } else if self.dirty
             && let Err(e) = self.sync().await
         {
             self.failed(&e);
