@@ -35,8 +35,9 @@ pub const MAX_BATCH_EVENTS: usize = 1000;
 #[derive(Debug, Object, Deserialize)]
 #[oai(rename_all = "camelCase", example, skip_serializing_if_is_none)]
 pub struct BatchEvent {
-    /// Your id of the event (a UUID, or any string up to 200 characters): a repeat is reported
-    /// as `duplicate` and stored once (on the same instance, within an hour).
+    /// Your id of the event (a UUID other than the nil one, or any string up to 200
+    /// characters): a repeat is reported as `duplicate` and stored once (on the same instance,
+    /// within an hour).
     #[serde(rename = "eventId", default)]
     #[oai(nullable)]
     pub event_id: Option<String>,
