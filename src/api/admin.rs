@@ -179,7 +179,7 @@ impl poem_openapi::types::Example for DeadLetterPage {
 #[serde(deny_unknown_fields)]
 pub struct DeadLetterSelection {
     /// Stream ids (such as `1700000000000-0`), at most 1000. An empty list selects none.
-    #[oai(nullable, validator(max_items = 1000, pattern = r"^(0|[1-9][0-9]{0,19})-(0|[1-9][0-9]{0,19})$"))]
+    #[oai(nullable, validator(max_items = 1000, pattern = r"^(0|[1-9][0-9]{0,18})-(0|[1-9][0-9]{0,18})$"))]
     #[serde(default)]
     pub ids: Option<Vec<String>>,
     /// `true` selects every dead letter (not together with `ids`). A purge needs `ids` or this:
@@ -287,7 +287,9 @@ pub enum PurgeResponse {
 }
 
 /// Whether `text` is a stream id as Redis writes them: `<milliseconds>-<sequence>`, decimal,
-/// without leading zeros (an id written another way would not match its entry).
+/// without leading zeros (an id written another way would not match its entry). The schema's
+/// pattern allows 19 digits a part, every one of them a u64; this also takes the 20-digit ones up
+/// to u64::MAX, which no real id reaches (milliseconds since 1970 have 13 digits).
 fn is_stream_id(text: &str) -> bool {
     let Some((ms, seq)) = text.split_once('-') else { return false };
     let canonical = |part: &str| part.parse::<u64>().is_ok_and(|n| n.to_string() == part);
@@ -376,7 +378,7 @@ impl AdminApi {
         &self,
         auth: Credentials,
         /// The id after which the page starts (exclusive): the previous page's `next`.
-        #[oai(validator(pattern = r"^(0|[1-9][0-9]{0,19})-(0|[1-9][0-9]{0,19})$"))]
+        #[oai(validator(pattern = r"^(0|[1-9][0-9]{0,18})-(0|[1-9][0-9]{0,18})$"))]
         after: Query<Option<String>>,
         /// Dead letters per page, 1 to 1000 (default 100).
         #[oai(validator(pattern = r"^([1-9][0-9]{0,2}|1000)$"))]
