@@ -611,13 +611,18 @@ mod tests {
             AnalyticsBody::Ad(Box::new(quiet)),
             AnalyticsBody::Ads(AdsAnalytics::example()),
         ];
-        for answer in answers {
-            let by_serde = serde_json::to_value(&answer).unwrap();
-            assert_eq!(Some(&by_serde), answer.to_json().as_ref());
-            assert!(
-                by_serde.to_string().contains("\"avgClickPlaybackTime\"") || by_serde.get("ads").is_some()
-            );
-        }
+        let written: Vec<serde_json::Value> = answers
+            .iter()
+            .map(|answer| {
+                let by_serde = serde_json::to_value(answer).unwrap();
+                assert_eq!(Some(&by_serde), answer.to_json().as_ref());
+                by_serde
+            })
+            .collect();
+        // The cases the comparison must cover: a null, a number, sub-second times.
+        assert_eq!(written[1]["video"]["avgClickPlaybackTime"], serde_json::Value::Null);
+        assert!(written[0]["video"]["avgClickPlaybackTime"].is_f64());
+        assert!(written[0]["from"].as_str().unwrap().contains(".0000015"), "{}", written[0]["from"]);
     }
 
     #[test]

@@ -464,8 +464,8 @@ mod tests {
 /// on hot paths (a batch's result per item), where `Json<T>`'s detour through
 /// `serde_json::Value` showed in profiles, and for large ones: a 30-day analytics answer holds
 /// 720 hour objects, and writing it this way took the service's CPU per answer from 1.57 to
-/// 1.47–1.50 ms (10 million events, 300 requests each). `T`'s serde names must match its OpenAPI names; the
-/// type's tests check that both give the same document.
+/// 1.47–1.50 ms (10 million events, 300 requests each). `T`'s serde names must match its
+/// OpenAPI names; the type's tests check that both give the same document.
 #[derive(Debug)]
 pub struct SerdeJson<T>(pub T);
 

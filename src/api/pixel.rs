@@ -116,9 +116,10 @@ struct Parsed {
 }
 
 /// A beacon's `eid` as an idempotency key, or `None` when it cannot be one: blank, too long, the
-/// nil UUID, or a macro the player left as it is (`[TRANSACTIONID]`, also percent-encoded once more) or
-/// filled with VAST's "unknown" (-1) or "not applicable" (-2). Such a value is the same on every
-/// viewer's beacon, so taking it as a key would store one event of each kind per ad and hour.
+/// nil UUID, or a macro the player left as it is (`[TRANSACTIONID]`, also percent-encoded once
+/// more) or filled with VAST's "unknown" (-1) or "not applicable" (-2). Such a value is the same
+/// on every viewer's beacon, so taking it as a key would store one event of each kind per ad and
+/// hour.
 fn beacon_event_id(text: &str, ad: Uuid, kind: EventKind) -> Option<Uuid> {
     let t = text.trim().as_bytes();
     let macro_left = (t.starts_with(b"[") && t.ends_with(b"]"))
