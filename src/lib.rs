@@ -8,7 +8,7 @@
 //!    buffer alone, or until ClickHouse confirms it.
 //! 3. `ingest::Flusher` inserts due batches into ClickHouse `events` as RowBinary, retrying.
 //! 4. Materialized views roll the valid `events` up into `ad_stats_*` aggregates (filtered ones
-//!    into `ad_filtered_minutely`).
+//!    into `ad_filtered_minutely`), and all of them into `ad_counts`, which one ad's answer reads.
 //! 5. Analytics read only the aggregates.
 //!
 //! Modules: [`config`] (environment), [`app`] (wiring and shutdown), [`server`] (the HTTP/1.1

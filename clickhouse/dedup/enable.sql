@@ -16,3 +16,4 @@ ALTER TABLE ad_stats_hourly MODIFY SETTING non_replicated_deduplication_window =
 ALTER TABLE ad_stats_daily MODIFY SETTING non_replicated_deduplication_window = 10000;
 ALTER TABLE ad_errors_minutely MODIFY SETTING non_replicated_deduplication_window = 10000;
 ALTER TABLE ad_filtered_minutely MODIFY SETTING non_replicated_deduplication_window = 10000;
+ALTER TABLE ad_counts MODIFY SETTING non_replicated_deduplication_window = 10000;

@@ -524,14 +524,11 @@ impl AnalyticsApi {
     async fn one_ad(&self, ad: Uuid, mut window: Window) -> Result<AdAnalytics, crate::store::StoreError> {
         let cuts = window.cuts();
         let analytics = &self.state.analytics;
-        // Series and totals come from one query (see ad_series.sql); the two small tables from
-        // two more, concurrently.
-        let (found, errors, filtered) = tokio::try_join!(
-            analytics.ad_window(ad, &cuts),
-            analytics.ad_errors(ad, &cuts),
-            analytics.ad_filtered(ad, &cuts)
-        )?;
-        let (rows, totals) = (found.hours, found.totals);
+        // Series, totals and filtered traffic come from one query (see ad_series.sql); the
+        // errors by code from a second, concurrently.
+        let (found, errors) =
+            tokio::try_join!(analytics.ad_window(ad, &cuts), analytics.ad_errors(ad, &cuts))?;
+        let (rows, totals, filtered) = (found.hours, found.totals, found.filtered);
         if window.kind == WindowKind::Timeframe(Timeframe::All) {
             // All time starts at the first hour with events (or is empty without any).
             window.from = rows

@@ -13,8 +13,8 @@ use super::{
 };
 use crate::domain::{Cuts, EventKind, Traffic};
 
-/// Every count of one ad (or one hour of it), merged from the aggregate states. Field order is
-/// the column order of `ad_series.sql` after its `hour`.
+/// Every count of one ad (or one hour of it), merged from the aggregate states: the valid
+/// (counted) events, from `ad_series.sql`'s counts array.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Stats {
     /// Impressions.
@@ -74,6 +74,70 @@ impl Stats {
             + self.closes
             + self.errors
     }
+
+    /// The valid counts of a merged `ad_counts.counts` array (see [`Counts`]).
+    fn of(counts: &Counts, unique_clicks: u64, click_playback_sum: f64) -> Stats {
+        let valid = |kind| counts.of(Traffic::Valid, kind);
+        Stats {
+            impressions: valid(EventKind::Impression),
+            clicks: valid(EventKind::Click),
+            unique_clicks,
+            creative_views: valid(EventKind::CreativeView),
+            starts: valid(EventKind::Start),
+            first_quartiles: valid(EventKind::FirstQuartile),
+            midpoints: valid(EventKind::Midpoint),
+            third_quartiles: valid(EventKind::ThirdQuartile),
+            completes: valid(EventKind::Complete),
+            skips: valid(EventKind::Skip),
+            pauses: valid(EventKind::Pause),
+            resumes: valid(EventKind::Resume),
+            mutes: valid(EventKind::Mute),
+            unmutes: valid(EventKind::Unmute),
+            closes: valid(EventKind::Close),
+            errors: valid(EventKind::Error),
+            click_playback_sum,
+            click_playback_count: counts.at(0),
+        }
+    }
+}
+
+/// A merged `ad_counts.counts` array, as `0008_ad_counts.sql` lays it out: element 0 (1 in SQL)
+/// is the valid clicks that reported a playback position, element `15 * traffic + kind` the
+/// events of that traffic and kind (their `Enum8` numbers). Elements past its end are zeros
+/// (each row's array stops at its last non-zero element).
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Counts(Vec<u64>);
+
+impl Counts {
+    /// Kinds per traffic class: the stride of the layout.
+    const KINDS: usize = EventKind::ALL.len();
+
+    fn at(&self, index: usize) -> u64 {
+        self.0.get(index).copied().unwrap_or(0)
+    }
+
+    fn of(&self, traffic: Traffic, kind: EventKind) -> u64 {
+        // Both discriminants are small and non-negative (Valid = 0, kinds from 1).
+        self.at(Self::KINDS * traffic as usize + kind as usize)
+    }
+
+    /// `[1,0,3]`, ClickHouse's text form of an `Array(UInt64)`.
+    fn parse(text: &str) -> Option<Counts> {
+        let inner = text.strip_prefix('[')?.strip_suffix(']')?;
+        if inner.is_empty() {
+            return Some(Counts::default());
+        }
+        inner.split(',').map(|n| n.parse().ok()).collect::<Option<_>>().map(Counts)
+    }
+
+    /// The filtered events, by reason and kind, that are not zero.
+    fn filtered(&self) -> Vec<FilteredCount> {
+        let pairs = Traffic::FILTERED.iter().flat_map(|&r| EventKind::ALL.iter().map(move |&k| (r, k)));
+        pairs
+            .map(|(reason, kind)| FilteredCount { reason, kind, events: self.of(reason, kind) })
+            .filter(|f| f.events > 0)
+            .collect()
+    }
 }
 
 /// One UTC hour of an ad's series.
@@ -92,44 +156,18 @@ pub struct AdWindow {
     pub hours: Vec<HourStats>,
     /// The whole window.
     pub totals: Stats,
+    /// The whole window's filtered events by reason and kind (those that are not zero).
+    pub filtered: Vec<FilteredCount>,
 }
 
-/// The fields of one TabSeparated line of `ad_series.sql`, read in column order.
-struct Fields<'a>(std::str::Split<'a, char>);
-
-impl Fields<'_> {
-    fn text(&mut self) -> Option<&str> {
-        self.0.next()
-    }
-
-    fn count(&mut self) -> Option<u64> {
-        self.0.next()?.parse().ok()
-    }
-
-    /// The counts after the hour, in [`Stats`] order; nothing may follow them.
-    fn stats(&mut self) -> Option<Stats> {
-        let stats = Stats {
-            impressions: self.count()?,
-            clicks: self.count()?,
-            unique_clicks: self.count()?,
-            creative_views: self.count()?,
-            starts: self.count()?,
-            first_quartiles: self.count()?,
-            midpoints: self.count()?,
-            third_quartiles: self.count()?,
-            completes: self.count()?,
-            skips: self.count()?,
-            pauses: self.count()?,
-            resumes: self.count()?,
-            mutes: self.count()?,
-            unmutes: self.count()?,
-            closes: self.count()?,
-            errors: self.count()?,
-            click_playback_sum: self.0.next()?.parse().ok()?,
-            click_playback_count: self.count()?,
-        };
-        self.0.next().is_none().then_some(stats)
-    }
+/// One TabSeparated line of `ad_series.sql` after its hour: the counts array, unique clicks and
+/// the clicks' playback sum, and nothing after them.
+fn parse_counts<'a>(mut fields: impl Iterator<Item = &'a str>) -> Option<(Counts, Stats)> {
+    let counts = Counts::parse(fields.next()?)?;
+    let unique_clicks = fields.next()?.parse().ok()?;
+    let click_playback_sum = fields.next()?.parse().ok()?;
+    let stats = Stats::of(&counts, unique_clicks, click_playback_sum);
+    fields.next().is_none().then_some((counts, stats))
 }
 
 /// `2024-03-31 22:00:00` (the text of a `DateTime('UTC')` column) as unix seconds.
@@ -151,18 +189,19 @@ fn parse_series(body: &str) -> Result<AdWindow, String> {
     let hours = rows
         .lines()
         .map(|line| {
-            let mut f = Fields(line.split('\t'));
-            let hour = f.text().and_then(parse_hour);
-            hour.zip(f.stats()).map(|(hour, stats)| HourStats { hour, stats }).ok_or(line)
+            let mut fields = line.split('\t');
+            let hour = fields.next().and_then(parse_hour);
+            let stats = parse_counts(fields).map(|(_, stats)| stats);
+            hour.zip(stats).map(|(hour, stats)| HourStats { hour, stats }).ok_or(line)
         })
         .collect::<Result<_, _>>()
         .map_err(|line| format!("unreadable hour line {line:?}"))?;
     let totals_line = totals.trim_end_matches('\n');
-    let mut f = Fields(totals_line.split('\t'));
+    let mut fields = totals_line.split('\t');
     // The totals' hour is a zero time, different on every server version: skipped.
-    let totals = f.text().is_some().then(|| f.stats()).flatten();
-    let totals = totals.ok_or_else(|| format!("unreadable totals line {totals_line:?}"))?;
-    Ok(AdWindow { hours, totals })
+    let totals = fields.next().and_then(|_| parse_counts(fields));
+    let (counts, totals) = totals.ok_or_else(|| format!("unreadable totals line {totals_line:?}"))?;
+    Ok(AdWindow { hours, totals, filtered: counts.filtered() })
 }
 
 /// VAST errors of one code.
@@ -175,7 +214,7 @@ pub struct ErrorCount {
 }
 
 /// Filtered events of one reason and kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Row, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FilteredCount {
     /// Why they do not count.
     pub reason: Traffic,
@@ -232,13 +271,13 @@ impl Analytics {
         self.query(sql).with_setting("max_threads", "1")
     }
 
-    /// One ad's hours that have events, ascending, and its totals; parameters as `ad_series.sql`
-    /// documents.
+    /// One ad's hours that have events, ascending, its totals and its filtered traffic;
+    /// parameters as `ad_series.sql` documents.
     pub async fn ad_window(&self, ad: Uuid, c: &Cuts) -> Result<AdWindow, StoreError> {
         let ad = ad.to_string();
         let q = self.query(queries::AD_SERIES);
         let q = q.bind(&ad).bind(c.h_from).bind(c.h_to);
-        let q = q.bind(&ad).bind(c.from).bind(c.to).bind(c.h_from).bind(c.h_to);
+        let q = q.bind(c.from).bind(c.to).bind(c.h_from).bind(c.h_to);
         let body = self.ch.fetch_text(q, "TabSeparated").await?;
         let body = std::str::from_utf8(&body).map_err(|e| e.to_string());
         body.and_then(parse_series)
@@ -248,12 +287,6 @@ impl Analytics {
     /// One ad's VAST errors by code, most frequent first; parameters as `ad_errors.sql` documents.
     pub async fn ad_errors(&self, ad: Uuid, c: &Cuts) -> Result<Vec<ErrorCount>, StoreError> {
         let q = self.small_query(queries::AD_ERRORS).bind(ad.to_string()).bind(c.from).bind(c.to);
-        self.ch.fetch_all(q).await
-    }
-
-    /// One ad's filtered events by reason and kind; parameters as `ad_filtered.sql` documents.
-    pub async fn ad_filtered(&self, ad: Uuid, c: &Cuts) -> Result<Vec<FilteredCount>, StoreError> {
-        let q = self.small_query(queries::AD_FILTERED).bind(ad.to_string()).bind(c.from).bind(c.to);
         self.ch.fetch_all(q).await
     }
 
@@ -290,21 +323,48 @@ impl Analytics {
 mod tests {
     use super::*;
 
-    const COUNTS: &str = "3\t2\t2\t0\t1\t1\t1\t1\t1\t0\t0\t0\t0\t0\t0\t0\t12.5\t1";
+    /// 3 valid impressions, 2 valid clicks (1 with a playback position),
+    /// one of each quartile and a start, and 4 bot impressions and 1 empty-user-agent error.
+    fn counts() -> String {
+        let mut c = vec![0u64; 61];
+        c[0] = 1;
+        c[1] = 3;
+        c[2] = 2;
+        c[4..=8].fill(1);
+        c[15 * 2 + 1] = 4;
+        c[15 * 3 + 15] = 1;
+        let text: Vec<String> = c.iter().map(u64::to_string).collect();
+        format!("[{}]\t2\t12.5", text.join(","))
+    }
 
     #[test]
     fn series_lines_and_totals_are_read() {
+        let counts = counts();
         let body = format!(
-            "2024-03-31 22:00:00\t{COUNTS}\n2024-03-31 23:00:00\t{COUNTS}\n\n0000-00-00 00:00:00\t{COUNTS}\n"
+            "2024-03-31 22:00:00\t{counts}\n2024-03-31 23:00:00\t{counts}\n\n0000-00-00 00:00:00\t{counts}\n"
         );
         let w = parse_series(&body).unwrap();
         assert_eq!(w.hours.iter().map(|h| h.hour).collect::<Vec<_>>(), [1711922400, 1711926000]);
-        assert_eq!((w.totals.impressions, w.totals.unique_clicks, w.totals.click_playback_sum), (3, 2, 12.5));
+        let t = w.totals;
+        assert_eq!((t.impressions, t.clicks, t.unique_clicks, t.click_playback_sum), (3, 2, 2, 12.5));
+        assert_eq!((t.creative_views, t.starts, t.completes, t.skips, t.errors), (0, 1, 1, 0, 0));
+        assert_eq!((t.click_playback_count, t.events()), (1, 10));
         assert_eq!(w.hours[1].stats, w.totals);
-        // No hour with events: only the blank line and zero totals (current servers print 1970).
-        let empty = parse_series(&format!("\n1970-01-01 00:00:00\t{}\n", ["0"; 18].join("\t"))).unwrap();
+        assert_eq!(
+            w.filtered,
+            [
+                FilteredCount { reason: Traffic::Bot, kind: EventKind::Impression, events: 4 },
+                FilteredCount { reason: Traffic::EmptyUserAgent, kind: EventKind::Error, events: 1 },
+            ]
+        );
+        // Arrays stop at their last non-zero element: the rest are zeros.
+        let short = parse_series("\n0000-00-00 00:00:00\t[0,5]\t0\t0\n").unwrap();
+        assert_eq!((short.totals.impressions, short.totals.clicks, short.filtered.len()), (5, 0, 0));
+        // No hour with events: only the blank line and empty totals (current servers print 1970).
+        let empty = parse_series("\n1970-01-01 00:00:00\t[]\t0\t0\n").unwrap();
         assert_eq!(empty, AdWindow::default());
-        assert!(parse_series(&format!("2024-03-31 22:00:00\t{COUNTS}\n")).is_err());
-        assert!(parse_series(&format!("\n0000-00-00 00:00:00\t{COUNTS}\t7\n")).is_err());
+        assert!(parse_series(&format!("2024-03-31 22:00:00\t{counts}\n")).is_err());
+        assert!(parse_series(&format!("\n0000-00-00 00:00:00\t{counts}\t7\n")).is_err());
+        assert!(parse_series("\n0000-00-00 00:00:00\t[1,x]\t0\t0\n").is_err());
     }
 }

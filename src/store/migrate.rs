@@ -43,18 +43,19 @@ pub struct Migration {
     /// revised in place only when the change matters to new databases alone (such as a table
     /// setting), never to what an existing database holds; see the file's header.
     pub superseded: &'static [u64],
-    /// It drops and re-creates materialized views: an insert by another running instance
-    /// between the two would be missing from the aggregates. [`apply_at_startup`] leaves such a
-    /// migration of a database that holds events to an explicit `adbeacon migrate`.
-    pub recreates_views: bool,
+    /// Why an insert by another running instance between its steps would be missing from the
+    /// aggregates (it re-creates views, or copies existing aggregates into a new table before
+    /// creating its views), if it would. [`apply_at_startup`] leaves such a migration of a
+    /// database that holds events to an explicit `adbeacon migrate`.
+    pub needs_quiet: Option<&'static str>,
 }
 
 macro_rules! migration {
     ($version:expr, $name:literal) => {
         migration!($version, $name, [])
     };
-    ($version:expr, $name:literal, recreates_views) => {
-        Migration { recreates_views: true, ..migration!($version, $name, []) }
+    ($version:expr, $name:literal, needs_quiet = $why:literal) => {
+        Migration { needs_quiet: Some($why), ..migration!($version, $name, []) }
     };
     ($version:expr, $name:literal, [$($old:expr),*]) => {
         Migration {
@@ -62,7 +63,7 @@ macro_rules! migration {
             name: $name,
             sql: include_str!(concat!("../../clickhouse/migrations/", $name)),
             superseded: &[$($old),*],
-            recreates_views: false,
+            needs_quiet: None,
         }
     };
 }
@@ -76,7 +77,12 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(4, "0004_ad_stats_minutely.sql"),
     migration!(5, "0005_ad_stats_daily.sql"),
     migration!(6, "0006_ad_errors_minutely.sql"),
-    migration!(7, "0007_traffic_quality.sql", recreates_views),
+    migration!(7, "0007_traffic_quality.sql", needs_quiet = "it re-creates the aggregate views"),
+    migration!(
+        8,
+        "0008_ad_counts.sql",
+        needs_quiet = "it copies the aggregates into a new table before creating that table's views"
+    ),
 ];
 
 const CREATE_LEDGER: &str = "CREATE TABLE IF NOT EXISTS schema_migrations \
@@ -258,9 +264,11 @@ async fn apply_locked(ch: &ClickHouse, last: u32, at_startup: bool) -> Result<Ve
             );
             continue;
         }
-        if at_startup && m.recreates_views && holds_events(ch).await? {
+        if let Some(why) = m.needs_quiet.filter(|_| at_startup)
+            && holds_events(ch).await?
+        {
             return Err(StoreError::Rejected(format!(
-                "migration {} re-creates the aggregate views, and this database already holds events: \
+                "migration {}: {why}, and this database already holds events: \
                  an insert by another running instance between its steps would be missing from analytics. \
                  Run `adbeacon migrate` once while no instance inserts (or accept that risk), then start again",
                 m.name
@@ -286,17 +294,15 @@ async fn apply_locked(ch: &ClickHouse, last: u32, at_startup: bool) -> Result<Ve
     Ok(done)
 }
 
-/// Whether `events` has any row (false while the table does not exist yet).
+/// Whether `events` or the hourly aggregates have any row (false while neither table exists):
+/// the aggregates too, since they outlive the raw events that retention drops.
 async fn holds_events(ch: &ClickHouse) -> Result<bool, StoreError> {
-    let tables: Vec<u64> = ch
+    let rows: Vec<u64> = ch
         .fetch_all(ch.client().query(
-            "SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = 'events'",
+            "SELECT toUInt64(sum(rows)) FROM system.parts \
+             WHERE active AND database = currentDatabase() AND table IN ('events', 'ad_stats_hourly')",
         ))
         .await?;
-    if tables.first().copied().unwrap_or(0) == 0 {
-        return Ok(false);
-    }
-    let rows: Vec<u64> = ch.fetch_all(ch.client().query("SELECT count() FROM events")).await?;
     Ok(rows.first().copied().unwrap_or(0) > 0)
 }
 

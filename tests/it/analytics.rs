@@ -249,6 +249,62 @@ async fn click_from(app: &TestApp, ip: u8, body: Value) {
     assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap_or_default());
 }
 
+/// An event time in `[base, base + span)` that often sits on a minute edge, the last second of a
+/// minute, or an hour/day edge.
+fn edgy_time(rng: &mut Rng, base: i64, span: i64) -> i64 {
+    let t = base + rng.below(span as u64) as i64;
+    match rng.below(6) {
+        0 => t - t % 60,
+        1 => t - t % 60 + 59,
+        2 => t - t % 3600,
+        3 => t - t % 86_400 + rng.below(2) as i64 * 86_400 - 1,
+        _ => t,
+    }
+}
+
+/// One INSERT of random events straight into `events`.
+struct RandomInsert {
+    sql: String,
+    rows: usize,
+}
+
+/// `inserts` INSERTs of 400 events each (several parts for the views to merge): every kind, the
+/// three ads, playback positions or none, one in five filtered, received now but timed by `time`
+/// (late events: days before they arrive).
+fn random_inserts(rng: &mut Rng, time: impl Fn(&mut Rng) -> i64, inserts: usize) -> Vec<RandomInsert> {
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    (0..inserts)
+        .map(|_| {
+            let batch = Uuid::new_v4();
+            let rows: Vec<String> = (0..400)
+                .map(|_| {
+                    let kind = KINDS[rng.below(KINDS.len() as u64) as usize];
+                    let ad = ADS[rng.below(3) as usize];
+                    let playback = if rng.below(5) == 0 {
+                        "NULL".to_string()
+                    } else {
+                        format!("{}", rng.below(480) as f64 / 4.0)
+                    };
+                    // One row in five is filtered traffic, which must stay out of the net numbers.
+                    let traffic = match rng.below(10) {
+                        0 => "duplicate",
+                        1 => "bot",
+                        _ if rng.below(8) == 0 => "empty_user_agent",
+                        _ => "valid",
+                    };
+                    format!(
+                        "('{}', '{ad}', '{kind}', {}, {now}, {}, {playback}, 0, '{batch}', '{traffic}')",
+                        Uuid::new_v4(),
+                        time(rng),
+                        1 + rng.below(150)
+                    )
+                })
+                .collect();
+            RandomInsert { sql: format!("INSERT INTO events VALUES {}", rows.join(", ")), rows: rows.len() }
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn randomized_windows_equal_a_recount_of_raw_events() {
     let app = TestApp::spawn_with(&[("MAX_EVENT_AGE", "60d")]).await;
@@ -259,17 +315,7 @@ async fn randomized_windows_equal_a_recount_of_raw_events() {
     let base = datetime!(2026-10-29 00:00 UTC).unix_timestamp();
     let span = 5 * 86_400;
     let mut rng = Rng(0xADBE_AC0F);
-    // An event time that often sits on a minute edge, the last second of a minute, or an hour/day edge.
-    let time = |rng: &mut Rng| -> i64 {
-        let t = base + rng.below(span as u64) as i64;
-        match rng.below(6) {
-            0 => t - t % 60,
-            1 => t - t % 60 + 59,
-            2 => t - t % 3600,
-            3 => t - t % 86_400 + rng.below(2) as i64 * 86_400 - 1,
-            _ => t,
-        }
-    };
+    let time = |rng: &mut Rng| edgy_time(rng, base, span);
 
     // Clicks through the API, with client timestamps (late events: days before they arrive).
     let mut api_clicks = 0;
@@ -282,36 +328,10 @@ async fn randomized_windows_equal_a_recount_of_raw_events() {
     }
     // Every other kind straight into `events`, in several INSERTs (several parts for the views to
     // merge), received now but happened days ago.
-    let now = OffsetDateTime::now_utc().unix_timestamp();
     let mut direct = 0;
-    for _ in 0..6 {
-        let batch = Uuid::new_v4();
-        let rows: Vec<String> = (0..400)
-            .map(|_| {
-                let kind = KINDS[rng.below(KINDS.len() as u64) as usize];
-                let ad = ADS[rng.below(3) as usize];
-                let playback = if rng.below(5) == 0 {
-                    "NULL".to_string()
-                } else {
-                    format!("{}", rng.below(480) as f64 / 4.0)
-                };
-                // One row in five is filtered traffic, which must stay out of the net numbers.
-                let traffic = match rng.below(10) {
-                    0 => "duplicate",
-                    1 => "bot",
-                    _ if rng.below(8) == 0 => "empty_user_agent",
-                    _ => "valid",
-                };
-                format!(
-                    "('{}', '{ad}', '{kind}', {}, {now}, {}, {playback}, 0, '{batch}', '{traffic}')",
-                    Uuid::new_v4(),
-                    time(&mut rng),
-                    1 + rng.below(150)
-                )
-            })
-            .collect();
-        direct += rows.len();
-        app.query(&format!("INSERT INTO events VALUES {}", rows.join(", "))).await;
+    for insert in random_inserts(&mut rng, time, 6) {
+        app.query(&insert.sql).await;
+        direct += insert.rows;
     }
     assert_eq!(app.wait_flushed(api_clicks).await, api_clicks);
     assert_eq!(app.number("SELECT count() FROM events").await, (api_clicks + direct as u64));
@@ -350,7 +370,9 @@ async fn randomized_windows_equal_a_recount_of_raw_events() {
     }
 
     // The same after ClickHouse merged every part: states merge to the same numbers.
-    for table in ["ad_stats_minutely", "ad_stats_hourly", "ad_stats_daily", "ad_filtered_minutely"] {
+    for table in
+        ["ad_stats_minutely", "ad_stats_hourly", "ad_stats_daily", "ad_filtered_minutely", "ad_counts"]
+    {
         app.query(&format!("OPTIMIZE TABLE {table} FINAL")).await;
     }
     for &(from, to) in windows.iter().take(12) {
@@ -374,6 +396,67 @@ async fn randomized_windows_equal_a_recount_of_raw_events() {
         ))
         .await;
     assert_eq!(all["totalClicks"], json!(total));
+}
+
+/// A database that held events before `0008_ad_counts.sql`: the migration copies the named
+/// aggregate tables into `ad_counts` (which the one-ad answer reads), so its answers, over events
+/// from before and after the migration, still equal a recount of raw events. Copying the
+/// aggregates (not re-reading raw events) keeps what retention has already dropped from `events`.
+#[tokio::test]
+async fn a_database_from_before_ad_counts_keeps_its_numbers() {
+    use adbeacon::store::migrate;
+
+    use crate::support::{fresh_db, servers::shared_clickhouse};
+
+    let db = fresh_db();
+    let ch = shared_clickhouse();
+    ch.query(&format!("CREATE DATABASE {db}")).await;
+    let config = adbeacon::config::Config::from_vars([
+        ("CLICKHOUSE_URL", ch.url()),
+        ("CLICKHOUSE_DATABASE", db.clone()),
+    ])
+    .unwrap();
+    let timeouts =
+        adbeacon::store::Timeouts { insert: Duration::from_secs(5), query: Duration::from_secs(5) };
+    let client = adbeacon::store::ClickHouse::connect(&config.clickhouse, Duration::from_secs(10), timeouts)
+        .await
+        .unwrap();
+    let before: Vec<u32> = migrate::MIGRATIONS.iter().map(|m| m.version).filter(|&v| v < 8).collect();
+    assert_eq!(migrate::apply_through(&client, 7, false).await.unwrap(), before);
+
+    let base = datetime!(2026-10-30 00:00 UTC).unix_timestamp();
+    let span = 3 * 86_400;
+    let mut rng = Rng(0x0008_C0DE);
+    let time = |rng: &mut Rng| edgy_time(rng, base, span);
+    let inserts = random_inserts(&mut rng, time, 4);
+    let (old, new) = inserts.split_at(3);
+    for insert in old {
+        ch.query_in(&db, &insert.sql).await;
+    }
+    assert_eq!(migrate::apply(&client).await.unwrap(), vec![8]);
+    let app = TestApp::spawn_on(&ch.url(), &db, &[("MAX_EVENT_AGE", "60d")]).await;
+    let copied = app.number("SELECT count() FROM ad_counts").await;
+    assert!(copied > 0, "the migration copied nothing");
+    for insert in new {
+        app.query(&insert.sql).await;
+    }
+    // A second run of its statements (an interrupted migration run again) copies nothing twice.
+    for statement in migrate::MIGRATIONS.iter().find(|m| m.version == 8).unwrap().statements() {
+        migrate::run(&client, &statement).await.unwrap();
+    }
+
+    let m = |d: i64, h: i64, min: i64| {
+        datetime!(2026-10-31 00:00 UTC).unix_timestamp() + d * 86_400 + h * 3600 + min * 60
+    };
+    let mut windows =
+        vec![(m(-1, 0, 0), m(2, 0, 0)), (m(0, 23, 59), m(1, 0, 1)), (m(0, 22, 30), m(1, 1, 30))];
+    for _ in 0..12 {
+        let from = base + rng.below(span as u64 / 60) as i64 * 60;
+        windows.push((from, from + (1 + rng.below(2 * 1440)) as i64 * 60));
+    }
+    for (i, &(from, to)) in windows.iter().enumerate() {
+        check_ad(&app, ADS[i % 3], from, to).await;
+    }
 }
 
 #[tokio::test]

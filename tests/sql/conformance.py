@@ -11,18 +11,32 @@ chDB embeds the current engine in-process, so this script proves the other half 
   * sample events fed through the materialized views land in every aggregate table
     (ad_stats_minutely, ad_stats_hourly, ad_stats_daily) with exactly the numbers a recount from
     raw `events` gives, while the inserts' parts are still apart and again after OPTIMIZE FINAL;
+    likewise ad_counts (migration 0008), in both its grains ('minute' and 'hour'): its counts
+    array decoded (counts[1] valid clicks with a playback position, counts[1 + 15 * traffic + kind]
+    the events of that traffic and kind), unique clicks and the playback sum, valid and filtered
+    traffic alike;
+  * 0008's own INSERTs, run where ad_stats_hourly, ad_stats_minutely and ad_filtered_minutely
+    already hold events and ad_counts did not exist yet, fill ad_counts with exactly a recount
+    (both grains); 0008 applied a second time changes nothing; later events count once;
   * the window queries (ad_series.sql with its totals row, ads_totals.sql) give, for hand-picked and
     deterministic-random windows [from, to), exactly what a recount of raw `events` in the window
-    gives; their parameters are computed by window_params() like the service computes them and
-    bound in the order each file's header documents;
+    gives (ad_series.sql: every hour row and the totals, its counts array decoded, so every valid
+    count and every filtered reason and kind); their parameters are computed by window_params()
+    like the service computes them and bound in the order each file's header documents;
   * every clickhouse/queries/*.sql runs on the sample data (parameters come from the file's
-    `-- sample-params: ...` line) and, for the queries the service depends on, answers sensibly;
+    `-- sample-params: ...` line) and, for the queries the service depends on, answers sensibly.
+    clickhouse/queries/ad_filtered.sql is gone: filtered traffic by reason and kind now comes from
+    ad_series.sql's counts (positions 17..61), whose sample run must equal the raw filtered events;
   * every ```sql block of docs/analysts.md runs and returns rows; a block whose first line reads
     `-- The same rows from raw events ...` must return what the block before it (same section)
     returned. ```sql backfill blocks are run where they are meant for (a database whose newer
-    aggregate tables were created after its events were stored) and the tables they fill must then
-    equal a recount; the ```sql retention block is run on that database too and must leave the
-    aggregates untouched.
+    aggregate tables, ad_counts included, were created after its events were stored), a block
+    `TRUNCATE TABLE ad_counts` followed by the `INSERT INTO ad_counts` statements of 0008 as the
+    doc tells the reader; every ad_stats_* table and ad_counts (both grains) must then equal a
+    recount; the ```sql retention block is run on that database too and must leave the
+    aggregates (ad_counts included) untouched.
+  * clickhouse/dedup/enable.sql (current engine only): an INSERT repeated with its deduplication
+    token is stored once in events and counted once in every aggregate table, ad_counts included.
 
   * the ClickHouse SQL of the Grafana dashboards (deploy/grafana/dashboards/*.json, `rawSql`)
     runs with the plugin's macros expanded; "Top ads by CTR" equals a recount of valid raw events.
@@ -601,6 +615,21 @@ def check_stats_tables_listed(ch: Engine, db: str) -> str | None:
     return None
 
 
+def compare_groups(table: dict, raw: dict, key: str, names) -> str | None:
+    """Why a table's rows by group differ from the recount's (same groups, same `names`), if they do."""
+    if table.keys() != raw.keys():
+        return (
+            f"{key} groups differ: only in the table {sorted(table.keys() - raw.keys())[:3]}, "
+            f"only in events {sorted(raw.keys() - table.keys())[:3]}"
+        )
+    diffs = []
+    for k, r in raw.items():
+        diffs += column_diffs(table[k], r, names, f"{k} ")
+    if diffs:
+        return f"{len(diffs)} mismatch(es), e.g. " + "; ".join(diffs[:3])
+    return None
+
+
 def check_stats(ch: Engine, table: str, bucket: str, bucket_expr: str, several_rows_per_key: bool) -> str | None:
     """The table, read with -Merge, equals a recount of `events` grouped by ad and bucket."""
     columns = ch.rows(f"DESCRIBE TABLE {table}")
@@ -633,17 +662,117 @@ def check_stats(ch: Engine, table: str, bucket: str, bucket_expr: str, several_r
         return "no events to compare with"
     mv_by = {(r["ad_id"], r[bucket]): r for r in mv}
     raw_by = {(r["ad_id"], r[bucket]): r for r in raw}
-    if mv_by.keys() != raw_by.keys():
-        return (
-            f"(ad_id, {bucket}) groups differ: only in the table {sorted(mv_by.keys() - raw_by.keys())[:3]}, "
-            f"only in events {sorted(raw_by.keys() - mv_by.keys())[:3]}"
-        )
-    diffs = []
-    for k, r in raw_by.items():
-        diffs += column_diffs(mv_by[k], r, names, f"{k} ")
-    if diffs:
-        return f"{len(diffs)} mismatch(es), e.g. " + "; ".join(diffs[:3])
+    failure = compare_groups(mv_by, raw_by, f"(ad_id, {bucket})", names)
+    if failure:
+        return failure
     empty = [c for c in names if sum(float(r[c]) for r in raw) == 0]
+    if empty:
+        return f"sample data never exercises {empty}"
+    return None
+
+
+# --- ad_counts (migration 0008) --------------------------------------------------------------
+
+# The `traffic` values of `events` in the order of their Enum8 numbers (valid 0, duplicate 1, bot 2,
+# empty_user_agent 3); kinds are numbered from 1 in the order of KINDS.
+TRAFFIC = ["valid", *FILTERED_REASONS]
+# ad_counts' counts array as 0008_ad_counts.sql documents it: counts[1] is valid clicks with a
+# playback position, counts[1 + 15 * traffic + kind] the events of that traffic and kind. The
+# valid positions are named like RECOUNT's columns, the filtered ones "<reason> <kind>".
+FILTERED_COLUMNS = [f"{reason} {kind}" for reason in FILTERED_REASONS for kind in KINDS]
+COUNT_POSITIONS = (
+    {"click_playback_count": 1}
+    | {f"{kind}s": 1 + k for k, kind in enumerate(KINDS, 1)}  # impressions, clicks, …, errors
+    | {
+        f"{TRAFFIC[t]} {kind}": 1 + len(KINDS) * t + k
+        for t in range(1, len(TRAFFIC))
+        for k, kind in enumerate(KINDS, 1)
+    }
+)
+COUNTS_LENGTH = 1 + len(KINDS) * len(TRAFFIC)  # 61
+# Every number a decoded ad_counts (or ad_series.sql) row holds: RECOUNT's, then the filtered ones.
+COUNTED = [*RECOUNT, *FILTERED_COLUMNS]
+# ad_counts' columns, in order; a column added by a migration fails check_ad_counts until it is
+# recounted here.
+AD_COUNTS_COLUMNS = ["ad_id", "grain", "t", "counts", "unique_clicks", "click_playback_sum"]
+# Each grain of ad_counts with the bucket of an event's event_time.
+AD_COUNTS_GRAINS = [("minute", "toStartOfMinute(event_time)"), ("hour", "toStartOfHour(event_time)")]
+
+
+def decode_counts(row: dict[str, str]) -> dict[str, str]:
+    """A row of merged ad_counts columns (counts, unique_clicks, click_playback_sum) as numbers named
+    like COUNTED: the counts array decoded by COUNT_POSITIONS, positions past the end of a shorter
+    array 0."""
+    counts = json.loads(row["counts"])
+    if (
+        not isinstance(counts, list)
+        or len(counts) > COUNTS_LENGTH
+        or any(not isinstance(c, int) or c < 0 for c in counts)
+    ):
+        raise AssertionError(f"counts {row['counts'][:120]} is not an array of at most {COUNTS_LENGTH} counts")
+    counts += [0] * (COUNTS_LENGTH - len(counts))
+    decoded = {name: str(counts[p - 1]) for name, p in COUNT_POSITIONS.items()}
+    return decoded | {"unique_clicks": row["unique_clicks"], "click_playback_sum": row["click_playback_sum"]}
+
+
+def recount_all_traffic(ch: Engine, group: list[tuple[str, str]], where: str = "1") -> dict[tuple, dict[str, str]]:
+    """A recount of raw `events` matching `where`, grouped by `group` ((alias, expression) pairs),
+    of everything ad_counts counts: RECOUNT over the valid events, and every FILTERED_COLUMNS count.
+    Keyed by the group's values; a group with only filtered (only valid) events gets zeros for
+    RECOUNT (FILTERED_COLUMNS)."""
+    select = ", ".join(f"{expr} AS {alias}" for alias, expr in group)
+    by = ", ".join(alias for alias, _ in group)
+    recount = ", ".join(f"{RECOUNT[c]} AS {c}" for c in RECOUNT)
+    out: dict[tuple, dict[str, str]] = {}
+    for r in ch.rows(f"SELECT {select}, {recount} FROM events WHERE ({where}) AND traffic = 'valid' GROUP BY {by}"):
+        out[tuple(r[a] for a, _ in group)] = {c: "0" for c in COUNTED} | {c: r[c] for c in RECOUNT}
+    for r in ch.rows(
+        f"SELECT {select}, traffic, kind, count() AS events FROM events WHERE ({where}) AND traffic != 'valid' "
+        f"GROUP BY {by}, traffic, kind"
+    ):
+        numbers = out.setdefault(tuple(r[a] for a, _ in group), {c: "0" for c in COUNTED})
+        numbers[f"{r['traffic']} {r['kind']}"] = r["events"]
+    return out
+
+
+def read_ad_counts(ch: Engine) -> list[dict[str, str]]:
+    """ad_counts read with -Merge per (ad_id, grain, t), in key order, the counts array as it is."""
+    types = {c["name"]: c["type"] for c in ch.rows("DESCRIBE TABLE ad_counts")}
+    merged = ", ".join(f"{merge_function(types[c])}({c}) AS {c}" for c in AD_COUNTS_COLUMNS[3:])
+    return ch.rows(f"SELECT ad_id, grain, t, {merged} FROM ad_counts GROUP BY ad_id, grain, t ORDER BY ad_id, grain, t")
+
+
+def check_ad_counts(ch: Engine, several_rows_per_key: bool, filtered: bool = True) -> str | None:
+    """ad_counts, read with -Merge and its counts array decoded, equals a recount of `events` (valid
+    and filtered traffic) grouped by ad and bucket, in both grains. With `filtered` False the events
+    need not include filtered traffic (a database whose events predate migration 0007's `traffic`
+    column holds valid events only); the filtered counts are still compared."""
+    columns = [c["name"] for c in ch.rows("DESCRIBE TABLE ad_counts")]
+    if columns != AD_COUNTS_COLUMNS:
+        return f"ad_counts has columns {columns}, this check recounts {AD_COUNTS_COLUMNS}; teach it the new ones"
+    placed = set(COUNT_POSITIONS) | {"unique_clicks", "click_playback_sum"}
+    if placed != set(COUNTED):
+        return f"RECOUNT column(s) {sorted(set(COUNTED) - placed)} have no place in ad_counts (COUNT_POSITIONS)"
+    if several_rows_per_key:
+        rows, keys = ch.rows("SELECT count() AS rows, uniqExact(ad_id, grain, t) AS keys FROM ad_counts")[0].values()
+        if int(rows) <= int(keys):
+            return f"ad_counts holds {rows} rows for {keys} keys: the parts were merged, so GROUP BY goes untested"
+    table = {(r["ad_id"], r["grain"], r["t"]): decode_counts(r) for r in read_ad_counts(ch)}
+    raw = {}
+    for grain, expr in AD_COUNTS_GRAINS:
+        for (ad, t), numbers in recount_all_traffic(ch, [("ad_id", "ad_id"), ("t", expr)]).items():
+            raw[(ad, grain, t)] = numbers
+    if not raw:
+        return "no events to compare with"
+    failure = compare_groups(table, raw, "(ad_id, grain, t)", COUNTED)
+    if failure:
+        return failure
+    empty = [c for c in RECOUNT if sum(float(r[c]) for r in raw.values()) == 0]
+    empty += [
+        f"{reason} events"
+        for reason in (FILTERED_REASONS if filtered else [])
+        if sum(int(r[f"{reason} {kind}"]) for r in raw.values() for kind in KINDS) == 0
+    ]
     if empty:
         return f"sample data never exercises {empty}"
     return None
@@ -729,11 +858,13 @@ def expect_ad_errors(ch: Engine, rows) -> str | None:
     return None if got == expected else f"by code {got}, raw events say {expected}"
 
 
-def expect_ad_filtered(ch: Engine, rows) -> str | None:
-    """ad_filtered.sql over its sample window equals the flagged events of raw `events`, by reason
-    and kind."""
-    _, sample = read_query(QUERIES_DIR / "ad_filtered.sql")
-    ad, from_ts, to_ts = sample[0], int(sample[1]), int(sample[2])
+def expect_ad_series(ch: Engine, rows) -> str | None:
+    """ad_series.sql over its sample window: the totals row's filtered positions (17..61 of the
+    counts array) equal the flagged events of raw `events`, by reason and kind."""
+    path = QUERIES_DIR / "ad_series.sql"
+    sql, sample = read_query(path)
+    named = dict(zip(documented_params(path), sample))  # h_from and h_to appear twice, alike
+    ad, from_ts, to_ts = named["ad"], int(named["from"]), int(named["to"])
     want = ch.rows(
         f"SELECT traffic AS reason, kind, count() AS events FROM events WHERE ad_id = toUUID({ad}) "
         f"AND traffic != 'valid' AND event_time >= toDateTime({from_ts}) AND event_time < toDateTime({to_ts}) "
@@ -741,14 +872,24 @@ def expect_ad_filtered(ch: Engine, rows) -> str | None:
     )
     if len({r["reason"] for r in want}) < len(FILTERED_REASONS):
         return f"the sample window lacks some filtered reasons ({want}); the check would prove little"
-    got = [(r["reason"], r["kind"], r["events"]) for r in rows]
+    if not rows:
+        return "no rows for the sample window"
+    # `rows` came with a header, which misplaces the totals; read them as the service does.
+    _, totals = ch.rows_and_totals(bind(sql, sample), SERIES_COLUMNS)
+    decoded = decode_counts(totals)
+    got = [
+        (reason, kind, decoded[f"{reason} {kind}"])
+        for reason in FILTERED_REASONS
+        for kind in KINDS
+        if decoded[f"{reason} {kind}"] != "0"
+    ]
     expected = [(r["reason"], r["kind"], r["events"]) for r in want]
-    return None if got == expected else f"by reason and kind {got}, raw events say {expected}"
+    return None if got == expected else f"totals by reason and kind {got}, raw events say {expected}"
 
 
 EXPECTATIONS = {
     "ad_errors.sql": expect_ad_errors,
-    "ad_filtered.sql": expect_ad_filtered,
+    "ad_series.sql": expect_ad_series,
     "ads_active.sql": expect_ads_active,
     "ad_by_id.sql": expect_ad_by_id,
     "ads_count.sql": expect_ads_count,
@@ -881,31 +1022,31 @@ def random_windows(n: int = 48) -> list[tuple[str, int, int]]:
 
 
 WINDOW_ADS = [AD1, AD2, AD3, AD4, AD5, UNKNOWN_AD]
-ZERO = {c: "0" for c in RECOUNT}
+ZERO = {c: "0" for c in COUNTED}
 
 
 class Recount:
-    """Raw-event recounts of one window [from, to): per ad, and per ad and hour."""
+    """Raw-event recounts of one window [from, to): per ad, and per ad and hour, every number of
+    COUNTED (RECOUNT over the valid events, FILTERED_COLUMNS over the filtered ones). An hour (ad)
+    with only filtered events is present, with zeros for RECOUNT."""
 
     def __init__(self, ch: Engine, from_ts: int, to_ts: int) -> None:
-        recount = ", ".join(f"{RECOUNT[c]} AS {c}" for c in RECOUNT)
-        where = f"event_time >= toDateTime({from_ts}) AND event_time < toDateTime({to_ts}) AND traffic = 'valid'"
-        self.totals = {
-            r["ad_id"]: r for r in ch.rows(f"SELECT ad_id, {recount} FROM events WHERE {where} GROUP BY ad_id")
-        }
+        where = f"event_time >= toDateTime({from_ts}) AND event_time < toDateTime({to_ts})"
+        self.totals = {ad: r for (ad,), r in recount_all_traffic(ch, [("ad_id", "ad_id")], where).items()}
         self.hours: dict[str, dict[str, dict]] = {}
-        for r in ch.rows(
-            f"SELECT ad_id, toStartOfHour(event_time) AS hour, {recount} FROM events WHERE {where} "
-            "GROUP BY ad_id, hour ORDER BY ad_id, hour"
-        ):
-            self.hours.setdefault(r["ad_id"], {})[r["hour"]] = r
+        hours = recount_all_traffic(ch, [("ad_id", "ad_id"), ("hour", "toStartOfHour(event_time)")], where)
+        for (ad, hour), r in sorted(hours.items()):
+            self.hours.setdefault(ad, {})[hour] = r
 
 
-# ad_series.sql's columns: the hour, then every recounted column.
-SERIES_COLUMNS = ["hour", *RECOUNT]
+# ad_series.sql's columns: the hour, ad_counts' counts array (decode_counts), unique clicks and the
+# sum of click playback positions.
+SERIES_COLUMNS = ["hour", "counts", "unique_clicks", "click_playback_sum"]
 
 
 def check_ad_series(ch: Engine, sql: str, order: list[str], w: dict, rc: Recount, ads) -> list[str]:
+    """Every hour row and the totals row, decoded: every valid count, unique clicks, the playback
+    sum and count, and every filtered reason and kind, against the recount."""
     problems = []
     for ad in ads:
         rows, totals = ch.rows_and_totals(bind(sql, params_for(order, w, ad)), SERIES_COLUMNS)
@@ -920,8 +1061,8 @@ def check_ad_series(ch: Engine, sql: str, order: list[str], w: dict, rc: Recount
             )
         for r in rows:
             if r.get("hour") in want:
-                problems += column_diffs(r, want[r["hour"]], list(RECOUNT), f"{ad} {r['hour']} ")
-        problems += column_diffs(totals, rc.totals.get(ad, ZERO), list(RECOUNT), f"{ad} totals ")
+                problems += column_diffs(decode_counts(r), want[r["hour"]], COUNTED, f"{ad} {r['hour']} ")
+        problems += column_diffs(decode_counts(totals), rc.totals.get(ad, ZERO), COUNTED, f"{ad} totals ")
     return problems
 
 
@@ -1106,7 +1247,8 @@ def run_doc_checks(checks: Checks, ch: Engine, make_db) -> None:
         if backfills:
             heading = backfills[0][0]
             checks.run(f"docs/analysts.md: {heading} ({len(backfills)} ```sql backfill blocks on a database "
-                       "whose events predate the new tables, then new events): every table equals a recount",
+                       "whose events predate the new tables, then new events): every table, ad_counts included, "
+                       "equals a recount",
                        check_backfill, ch, [b[2] for b in backfills])  # fmt: skip
         else:
             setup_backfill(ch, set())
@@ -1124,9 +1266,10 @@ def snapshot(ch: Engine, table: str, bucket: str) -> list[dict]:
     return ch.rows(f"SELECT ad_id, {bucket}, {merged} FROM {table} GROUP BY ad_id, {bucket} ORDER BY ad_id, {bucket}")
 
 
-def setup_backfill(ch: Engine, targets: set[str]) -> str | None:
+def setup_backfill(ch: Engine, targets: set[str], before=None) -> str | None:
     """The schema without the tables in `targets`, the sample events, then the rest of the schema:
-    the tables in `targets` (and their views) are created after the events were stored."""
+    the tables in `targets` (and their views) are created after the events were stored. `before`,
+    if given, runs between the events and the rest of the schema; a string it returns is a failure."""
     files = [p for _, p in migration_files()]
     first = next(
         (i for i, p in enumerate(files) if any(re.search(rf"CREATE TABLE IF NOT EXISTS {t}\b", p.read_text()) for t in targets)),
@@ -1141,39 +1284,84 @@ def setup_backfill(ch: Engine, targets: set[str]) -> str | None:
             return f"{p.name}: {problem}"
     for rows in all_sample_events()[:2]:
         insert_events(ch, rows)
+    if before and (problem := before()):
+        return problem
     for p in later:
         if problem := apply_migration(ch, p):
             return f"{p.name}: {problem}"
     return None
 
 
+# A ```sql backfill block that empties ad_counts, so that its migration's copies run again.
+TRUNCATE_AD_COUNTS = re.compile(r"TRUNCATE\s+TABLE\s+ad_counts", re.I)
+
+
+def ad_counts_copies() -> list[str]:
+    """The `INSERT INTO ad_counts` statements of the migration creating ad_counts (split like every
+    migration), in file order: the copies docs/analysts.md has the reader run after emptying it."""
+    migration = ad_counts_migration()
+    found = [st for st in statements(migration.read_text()) if re.match(r"INSERT\s+INTO\s+ad_counts\b", st, re.I)]
+    if len(found) != len(AD_COUNTS_GRAINS):
+        raise AssertionError(
+            f"expected one INSERT INTO ad_counts per grain ({len(AD_COUNTS_GRAINS)}) in {migration.name}, "
+            f"found {len(found)}"
+        )
+    return found
+
+
 def check_backfill(ch: Engine, backfills: list[str]) -> str | None:
     """The doc's backfill blocks, in document order, on a database whose newer aggregate tables
-    were created after its events were stored; then more events arrive through the views. Every
-    aggregate table must then equal a recount of `events`."""
-    targets = set()
+    (those the blocks fill and every one a later migration creates, ad_counts included) were
+    created after its events were stored; then more events arrive through the views. Every
+    aggregate table must then equal a recount of `events`, ad_counts in both grains. A block
+    `TRUNCATE TABLE ad_counts` is followed, as the doc tells the reader, by the `INSERT INTO
+    ad_counts` statements of ad_counts' migration."""
+    targets, truncated = set(), set()
     for sql in backfills:
-        m = re.match(r"(?:INSERT\s+INTO|ALTER\s+TABLE)\s+(ad_stats_\w+)\b", doc_sql(sql), re.I)
+        body = doc_sql(sql)
+        if re.fullmatch(TRUNCATE_AD_COUNTS, body):
+            truncated.add("ad_counts")
+            continue
+        m = re.match(r"(?:INSERT\s+INTO|ALTER\s+TABLE)\s+(ad_stats_\w+)\b", body, re.I)
         if not m:
-            return f"a ```sql backfill block is neither INSERT INTO nor ALTER TABLE an ad_stats_* table: {sql[:60]!r}"
+            return (
+                "a ```sql backfill block is neither INSERT INTO nor ALTER TABLE an ad_stats_* table "
+                f"nor TRUNCATE TABLE ad_counts: {sql[:60]!r}"
+            )
         targets.add(m.group(1))
-    if problem := setup_backfill(ch, targets):
+    copies = ad_counts_copies() if truncated else []
+    # ad_counts too is created after the events (its migration comes after the targets' own).
+    if problem := setup_backfill(ch, targets | truncated):
         return problem
     for t in sorted(targets):
         if ch.scalar(f"SELECT count() FROM {t}") != "0":
             return f"{t} is not empty before the backfill, so the scenario tests nothing"
     for sql in backfills:
-        ch.execute(doc_sql(sql))
+        body = doc_sql(sql)
+        if re.fullmatch(TRUNCATE_AD_COUNTS, body):
+            # ad_counts' migration copied the named tables while those created after the events
+            # (ad_stats_minutely among them) were still empty, so its minute grain lacks the
+            # events; were it already right, the re-copy would go untested.
+            if check_ad_counts(ch, several_rows_per_key=False, filtered=False) is None:
+                return "ad_counts equals a recount before TRUNCATE TABLE ad_counts already: the re-copy goes untested"
+            ch.execute(body)
+            for st in copies:
+                ch.execute(st)
+        else:
+            ch.execute(body)
     for rows in all_sample_events()[2:]:  # events that arrive after the views exist
         insert_events(ch, rows, per_insert=len(rows))
     for table, bucket, expr in STATS_TABLES:
         if problem := check_stats(ch, table, bucket, expr, several_rows_per_key=False):
             return f"after the backfill: {problem}"
+    # The events stored before migration 0007 are all valid: no filtered traffic to demand.
+    if problem := check_ad_counts(ch, several_rows_per_key=False, filtered=False):
+        return f"after the backfill: {problem}"
     return None
 
 
 def check_retention(ch: Engine, retention: list[str]) -> str | None:
-    before = {t: snapshot(ch, t, b) for t, b, _ in STATS_TABLES}
+    before = {t: snapshot(ch, t, b) for t, b, _ in STATS_TABLES} | {"ad_counts": read_ad_counts(ch)}
     months = ch.scalar("SELECT uniqExact(toYYYYMM(event_time)) FROM events")
     for sql in retention:
         ch.execute(doc_sql(sql))
@@ -1181,7 +1369,71 @@ def check_retention(ch: Engine, retention: list[str]) -> str | None:
     if left != str(int(months) - 1):
         return f"raw events span {left} month(s) after the retention block, {months} before: expected one fewer"
     changed = [t for t, b, _ in STATS_TABLES if snapshot(ch, t, b) != before[t]]
+    if read_ad_counts(ch) != before["ad_counts"]:
+        changed.append("ad_counts")
     return f"the retention block changed {changed}" if changed else None
+
+
+def ad_counts_migration() -> Path:
+    """The migration that creates ad_counts."""
+    found = [p for _, p in migration_files() if re.search(r"CREATE TABLE IF NOT EXISTS ad_counts\b", p.read_text())]
+    if len(found) != 1:
+        raise AssertionError(f"expected one migration creating ad_counts, found {[p.name for p in found]}")
+    return found[0]
+
+
+# The aggregate tables ad_counts' migration copies from.
+AD_COUNTS_SOURCES = ["ad_stats_hourly", "ad_stats_minutely", "ad_filtered_minutely"]
+
+
+def check_ad_counts_backfill(ch: Engine) -> str | None:
+    """The migration creating ad_counts, applied to a database whose ad_stats_hourly,
+    ad_stats_minutely and ad_filtered_minutely already hold the sample events (valid and
+    filtered) while ad_counts does not exist: its INSERTs fill both grains with exactly a recount
+    of `events`; the migration applied again changes nothing (each copy runs only while its grain
+    is empty); events that arrive afterwards are counted once, through the views."""
+    migration = ad_counts_migration()
+
+    def before() -> str | None:
+        tables = {r["name"] for r in ch.rows("SELECT name FROM system.tables WHERE database = currentDatabase()")}
+        if "ad_counts" in tables:
+            return "ad_counts exists before its migration runs, so the scenario tests nothing"
+        for table in AD_COUNTS_SOURCES:
+            if table not in tables or ch.scalar(f"SELECT count() FROM {table}") == "0":
+                return f"{table} holds nothing before {migration.name}, so the copy from it goes untested"
+        return None
+
+    if problem := setup_backfill(ch, {"ad_counts"}, before):
+        return problem
+    grains = {r["grain"]: r["n"] for r in ch.rows("SELECT grain, count() AS n FROM ad_counts GROUP BY grain")}
+    if set(grains) != {g for g, _ in AD_COUNTS_GRAINS}:
+        return f"after {migration.name} ad_counts holds rows of grains {grains}, expected both"
+    if problem := check_ad_counts(ch, several_rows_per_key=False):
+        return f"after {migration.name}: {problem}"
+    stored, state = ch.scalar("SELECT count() FROM ad_counts"), read_ad_counts(ch)
+    if problem := apply_migration(ch, migration):
+        return f"{migration.name} applied again: {problem}"
+    again = ch.scalar("SELECT count() FROM ad_counts")
+    if again != stored or read_ad_counts(ch) != state:
+        return f"{migration.name} applied again changed ad_counts ({stored} rows before, {again} after): copied twice"
+    for rows in all_sample_events()[2:]:  # events that arrive after the views exist
+        insert_events(ch, rows, per_insert=len(rows))
+    if problem := check_ad_counts(ch, several_rows_per_key=False):
+        return f"after new events: {problem}"
+    return None
+
+
+def run_ad_counts_backfill(checks: Checks, ch: Engine, make_db) -> None:
+    make_db(DB + "_counts")
+    try:
+        checks.run(
+            "ad_counts: its migration's INSERTs copy ad_stats_hourly, ad_stats_minutely and ad_filtered_minutely "
+            "(both grains equal a recount), a second run changes nothing, new events count once",
+            check_ad_counts_backfill, ch,
+        )  # fmt: skip
+    finally:
+        ch.use(DB)
+        ch.execute(f"DROP DATABASE IF EXISTS {DB}_counts")
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -1250,6 +1502,8 @@ def run_all(checks: Checks, ch: Engine) -> None:
             check_stats, ch, table, bucket, expr, True,
         )  # fmt: skip
 
+    checks.run("ad_counts matches a recount of events, both grains (unmerged parts)", check_ad_counts, ch, True)
+
     # The window queries run on the unmerged parts: their GROUP BY must merge several states per key.
     run_window_checks(checks, ch)
 
@@ -1262,6 +1516,13 @@ def run_all(checks: Checks, ch: Engine) -> None:
 
         checks.run(f"{table} matches a recount of events (after OPTIMIZE FINAL)", merge_stats)
 
+    def merge_counts() -> str | None:
+        ch.execute("SYSTEM START MERGES ad_counts")
+        ch.execute("OPTIMIZE TABLE ad_counts FINAL")
+        return check_ad_counts(ch, False)
+
+    checks.run("ad_counts matches a recount of events, both grains (after OPTIMIZE FINAL)", merge_counts)
+
     queries = sorted(QUERIES_DIR.glob("*.sql"))
     if not queries:
         checks.fail("queries discovered", f"no queries in {QUERIES_DIR}")
@@ -1272,6 +1533,7 @@ def run_all(checks: Checks, ch: Engine) -> None:
 
     run_dashboard_checks(checks, ch)
     run_doc_checks(checks, ch, make_db)
+    run_ad_counts_backfill(checks, ch, make_db)
     if SERVER is None:  # the current engine only: 18.16 has no such settings
         run_dedup_checks(checks, ch, make_db)
 
@@ -1328,6 +1590,7 @@ def run_dedup_checks(checks: Checks, ch: Engine, make_db) -> None:
     checks.run("dedup: two INSERTs with identical view rows both count", identical_view_rows)
     for table, bucket, expr in STATS_TABLES:
         checks.run(f"dedup: {table} matches a recount of events", check_stats, ch, table, bucket, expr, False)
+    checks.run("dedup: ad_counts matches a recount of events", check_ad_counts, ch, False)
 
 
 # --- Grafana dashboards ----------------------------------------------------------------------
