@@ -1,10 +1,11 @@
 -- One ad's numbers over the window [from, to), both on whole minutes, per UTC hour and in total:
--- GET /ads/analytics for one ad (its series, totals, video funnel and filtered traffic; errors by
--- code come from ad_errors.sql). One row per hour that has events, in order, with the counts
--- array of ad_counts (see 0008_ad_counts.sql: counts[1] is valid clicks with a playback position,
--- counts[1 + 15 * traffic + kind] the events of that traffic and kind), unique clicks and the
--- sum of click playback positions; WITH TOTALS adds the window's totals (ClickHouse's text and
--- JSON formats print them after the rows, TSV after a blank line; RowBinary does not print them).
+-- GET /ads/analytics for one ad: its series, totals, video funnel, filtered traffic and VAST
+-- errors by code. One row per hour that has events, in order, with the counts array of ad_counts
+-- (see 0008_ad_counts.sql: counts[1] is valid clicks with a playback position,
+-- counts[1 + 15 * traffic + kind] the events of that traffic and kind), unique clicks, the sum of
+-- click playback positions and the errors as (codes, counts); WITH TOTALS adds the window's
+-- totals (ClickHouse's text and JSON formats print them after the rows, TSV after a blank line;
+-- RowBinary does not print them).
 -- Hours without events are absent; the service fills them with zeros.
 --
 -- Exact to the minute without reading raw events: the whole hours of the window come from the
@@ -18,8 +19,8 @@
 -- both: decoding aggregate states is what such a query spends its time on, and a separate totals
 -- query (even one reading whole days) decoded as many states again.
 --
--- Analysts get the same numbers with named columns from ad_stats_hourly, ad_stats_minutely and
--- ad_filtered_minutely (docs/analysts.md); this query reads ad_counts because on ClickHouse 18.16
+-- Analysts get the same numbers with named columns from ad_stats_hourly, ad_stats_minutely,
+-- ad_filtered_minutely and ad_errors_minutely (docs/analysts.md); this query reads ad_counts because on ClickHouse 18.16
 -- the fixed cost per table and per column read outweighs the rows (see the migration).
 --
 -- Parameters (times as unix seconds): ad id, h_from, h_to, from, to, h_from, h_to. They are bare
@@ -32,7 +33,8 @@ SELECT
     toStartOfHour(t) AS hour,
     sumForEachMerge(counts) AS counts,
     uniqIfMerge(unique_clicks) AS unique_clicks,
-    sumIfMerge(click_playback_sum) AS click_playback_sum
+    sumIfMerge(click_playback_sum) AS click_playback_sum,
+    sumMapIfMerge(error_codes) AS error_codes
 FROM ad_counts
 WHERE ad_id = ?
   AND ((grain = 'hour' AND t >= ? AND t < ?)

@@ -524,11 +524,9 @@ impl AnalyticsApi {
     async fn one_ad(&self, ad: Uuid, mut window: Window) -> Result<AdAnalytics, crate::store::StoreError> {
         let cuts = window.cuts();
         let analytics = &self.state.analytics;
-        // Series, totals and filtered traffic come from one query (see ad_series.sql); the
-        // errors by code from a second, concurrently.
-        let (found, errors) =
-            tokio::try_join!(analytics.ad_window(ad, &cuts), analytics.ad_errors(ad, &cuts))?;
-        let (rows, totals, filtered) = (found.hours, found.totals, found.filtered);
+        // Series, totals, filtered traffic and errors come from one query (see ad_series.sql).
+        let found = analytics.ad_window(ad, &cuts).await?;
+        let (rows, totals, filtered, errors) = (found.hours, found.totals, found.filtered, found.errors);
         if window.kind == WindowKind::Timeframe(Timeframe::All) {
             // All time starts at the first hour with events (or is empty without any).
             window.from = rows

@@ -123,11 +123,7 @@ impl Counts {
 
     /// `[1,0,3]`, ClickHouse's text form of an `Array(UInt64)`.
     fn parse(text: &str) -> Option<Counts> {
-        let inner = text.strip_prefix('[')?.strip_suffix(']')?;
-        if inner.is_empty() {
-            return Some(Counts::default());
-        }
-        inner.split(',').map(|n| n.parse().ok()).collect::<Option<_>>().map(Counts)
+        parse_array(text).map(Counts)
     }
 
     /// The filtered events, by reason and kind, that are not zero.
@@ -158,16 +154,51 @@ pub struct AdWindow {
     pub totals: Stats,
     /// The whole window's filtered events by reason and kind (those that are not zero).
     pub filtered: Vec<FilteredCount>,
+    /// The whole window's valid VAST errors by code, most frequent first.
+    pub errors: Vec<ErrorCount>,
 }
 
-/// One TabSeparated line of `ad_series.sql` after its hour: the counts array, unique clicks and
-/// the clicks' playback sum, and nothing after them.
-fn parse_counts<'a>(mut fields: impl Iterator<Item = &'a str>) -> Option<(Counts, Stats)> {
+/// `[1,0,3]`, ClickHouse's text form of an array of unsigned integers.
+fn parse_array<T: std::str::FromStr>(text: &str) -> Option<Vec<T>> {
+    let inner = text.strip_prefix('[')?.strip_suffix(']')?;
+    if inner.is_empty() {
+        return Some(Vec::new());
+    }
+    inner.split(',').map(|n| n.parse().ok()).collect()
+}
+
+/// `([303,400],[2,7])`, the text form of `sumMapIfMerge(error_codes)`: the codes ascending and
+/// their counts; returned most frequent first (then by code), as the answer lists them.
+fn parse_errors(text: &str) -> Option<Vec<ErrorCount>> {
+    let (codes, counts) = text.strip_prefix('(')?.strip_suffix(')')?.split_once("],[")?;
+    let codes: Vec<u16> = parse_array(&format!("{codes}]"))?;
+    let counts: Vec<u64> = parse_array(&format!("[{counts}"))?;
+    if codes.len() != counts.len() {
+        return None;
+    }
+    let mut errors: Vec<ErrorCount> =
+        codes.into_iter().zip(counts).map(|(error_code, errors)| ErrorCount { error_code, errors }).collect();
+    errors.sort_by(|a, b| b.errors.cmp(&a.errors).then(a.error_code.cmp(&b.error_code)));
+    Some(errors)
+}
+
+/// One TabSeparated line of `ad_series.sql` after its hour, read: its counts, the valid numbers
+/// they make and the errors by code.
+struct Line {
+    counts: Counts,
+    stats: Stats,
+    errors: Vec<ErrorCount>,
+}
+
+/// The fields of one TabSeparated line of `ad_series.sql` after its hour: the counts array, unique
+/// clicks, the clicks' playback sum and the errors by code, and nothing after them.
+fn parse_line<'a>(mut fields: impl Iterator<Item = &'a str>) -> Option<Line> {
     let counts = Counts::parse(fields.next()?)?;
     let unique_clicks = fields.next()?.parse().ok()?;
     let click_playback_sum = fields.next()?.parse().ok()?;
+    let errors = parse_errors(fields.next()?)?;
     let stats = Stats::of(&counts, unique_clicks, click_playback_sum);
-    fields.next().is_none().then_some((counts, stats))
+    fields.next().is_none().then_some(Line { counts, stats, errors })
 }
 
 /// `2024-03-31 22:00:00` (the text of a `DateTime('UTC')` column) as unix seconds.
@@ -191,7 +222,7 @@ fn parse_series(body: &str) -> Result<AdWindow, String> {
         .map(|line| {
             let mut fields = line.split('\t');
             let hour = fields.next().and_then(parse_hour);
-            let stats = parse_counts(fields).map(|(_, stats)| stats);
+            let stats = parse_line(fields).map(|line| line.stats);
             hour.zip(stats).map(|(hour, stats)| HourStats { hour, stats }).ok_or(line)
         })
         .collect::<Result<_, _>>()
@@ -199,13 +230,13 @@ fn parse_series(body: &str) -> Result<AdWindow, String> {
     let totals_line = totals.trim_end_matches('\n');
     let mut fields = totals_line.split('\t');
     // The totals' hour is a zero time, different on every server version: skipped.
-    let totals = fields.next().and_then(|_| parse_counts(fields));
-    let (counts, totals) = totals.ok_or_else(|| format!("unreadable totals line {totals_line:?}"))?;
-    Ok(AdWindow { hours, totals, filtered: counts.filtered() })
+    let totals = fields.next().and_then(|_| parse_line(fields));
+    let totals = totals.ok_or_else(|| format!("unreadable totals line {totals_line:?}"))?;
+    Ok(AdWindow { hours, totals: totals.stats, filtered: totals.counts.filtered(), errors: totals.errors })
 }
 
 /// VAST errors of one code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Row, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ErrorCount {
     /// The VAST error code (900 when the player sent none).
     pub error_code: u16,
@@ -261,18 +292,18 @@ impl Analytics {
         self.ch.client().query(sql).with_setting("use_uncompressed_cache", "1")
     }
 
-    /// A query that reads few rows, in one ClickHouse thread. It runs beside the series query (or
-    /// the listing), and a second thread (started per query on 18.16) and the merge of the two
-    /// threads' results cost more than they save: with both small queries of a one-ad answer in one
-    /// thread, ClickHouse spent 17 to 18 ms of CPU per answer instead of 23 to 26, and the three
+    /// A query in one ClickHouse thread. The listing's small queries run beside its main one, and
+    /// a second thread (started per query on 18.16) and the merge of the two threads' results cost
+    /// more than they save: with the small queries of a one-ad answer (as it was then) in one
+    /// thread, ClickHouse spent 17 to 18 ms of CPU per answer instead of 23 to 26, and its three
     /// queries together answered in 11.6 to 13.1 ms instead of 14.8 to 16.2 (p50; 30 days, 10
     /// million events, 200 alternating runs).
     fn small_query(&self, sql: &str) -> clickhouse::query::Query {
         self.query(sql).with_setting("max_threads", "1")
     }
 
-    /// One ad's hours that have events, ascending, its totals and its filtered traffic;
-    /// parameters as `ad_series.sql` documents.
+    /// One ad's hours that have events, ascending, its totals, its filtered traffic and its
+    /// errors by code; parameters as `ad_series.sql` documents.
     pub async fn ad_window(&self, ad: Uuid, c: &Cuts) -> Result<AdWindow, StoreError> {
         let ad = ad.to_string();
         let q = self.query(queries::AD_SERIES);
@@ -282,12 +313,6 @@ impl Analytics {
         let body = std::str::from_utf8(&body).map_err(|e| e.to_string());
         body.and_then(parse_series)
             .map_err(|e| StoreError::Rejected(format!("unexpected answer to ad_series.sql: {e}")))
-    }
-
-    /// One ad's VAST errors by code, most frequent first; parameters as `ad_errors.sql` documents.
-    pub async fn ad_errors(&self, ad: Uuid, c: &Cuts) -> Result<Vec<ErrorCount>, StoreError> {
-        let q = self.small_query(queries::AD_ERRORS).bind(ad.to_string()).bind(c.from).bind(c.to);
-        self.ch.fetch_all(q).await
     }
 
     /// A page of every ad with its totals, busiest first; parameters as `ads_totals.sql` documents.
@@ -324,7 +349,8 @@ mod tests {
     use super::*;
 
     /// 3 valid impressions, 2 valid clicks (1 with a playback position),
-    /// one of each quartile and a start, and 4 bot impressions and 1 empty-user-agent error.
+    /// one of each quartile and a start, 4 bot impressions and 1 empty-user-agent error; valid
+    /// errors by code as `sumMapIfMerge` prints them (codes ascending).
     fn counts() -> String {
         let mut c = vec![0u64; 61];
         c[0] = 1;
@@ -334,7 +360,7 @@ mod tests {
         c[15 * 2 + 1] = 4;
         c[15 * 3 + 15] = 1;
         let text: Vec<String> = c.iter().map(u64::to_string).collect();
-        format!("[{}]\t2\t12.5", text.join(","))
+        format!("[{}]\t2\t12.5\t([303,400,901],[2,7,2])", text.join(","))
     }
 
     #[test]
@@ -350,6 +376,9 @@ mod tests {
         assert_eq!((t.creative_views, t.starts, t.completes, t.skips, t.errors), (0, 1, 1, 0, 0));
         assert_eq!((t.click_playback_count, t.events()), (1, 10));
         assert_eq!(w.hours[1].stats, w.totals);
+        // Most frequent first, ties by code.
+        let codes: Vec<(u16, u64)> = w.errors.iter().map(|e| (e.error_code, e.errors)).collect();
+        assert_eq!(codes, [(400, 7), (303, 2), (901, 2)]);
         assert_eq!(
             w.filtered,
             [
@@ -358,13 +387,18 @@ mod tests {
             ]
         );
         // Arrays stop at their last non-zero element: the rest are zeros.
-        let short = parse_series("\n0000-00-00 00:00:00\t[0,5]\t0\t0\n").unwrap();
+        let short = parse_series("\n0000-00-00 00:00:00\t[0,5]\t0\t0\t([],[])\n").unwrap();
         assert_eq!((short.totals.impressions, short.totals.clicks, short.filtered.len()), (5, 0, 0));
         // No hour with events: only the blank line and empty totals (current servers print 1970).
-        let empty = parse_series("\n1970-01-01 00:00:00\t[]\t0\t0\n").unwrap();
+        let empty = parse_series("\n1970-01-01 00:00:00\t[]\t0\t0\t([],[])\n").unwrap();
         assert_eq!(empty, AdWindow::default());
         assert!(parse_series(&format!("2024-03-31 22:00:00\t{counts}\n")).is_err());
         assert!(parse_series(&format!("\n0000-00-00 00:00:00\t{counts}\t7\n")).is_err());
-        assert!(parse_series("\n0000-00-00 00:00:00\t[1,x]\t0\t0\n").is_err());
+        assert!(parse_series("\n0000-00-00 00:00:00\t[1,x]\t0\t0\t([],[])\n").is_err());
+        // The errors are part of the line: missing, unpaired or out of range, it is unreadable.
+        assert!(parse_series("\n0000-00-00 00:00:00\t[0,5]\t0\t0\n").is_err());
+        assert!(parse_series("\n0000-00-00 00:00:00\t[0,5]\t0\t0\t([303],[1,2])\n").is_err());
+        assert!(parse_series("\n0000-00-00 00:00:00\t[0,5]\t0\t0\t([70000],[1])\n").is_err());
+        assert!(parse_series("\n0000-00-00 00:00:00\t[0,5]\t0\t0\t[303],[1]\n").is_err());
     }
 }

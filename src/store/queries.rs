@@ -8,11 +8,9 @@ pub const ADS_ACTIVE: &str = include_str!("../../clickhouse/queries/ads_active.s
 /// Number of distinct ads.
 pub const ADS_COUNT: &str = include_str!("../../clickhouse/queries/ads_count.sql");
 
-/// One ad's per-hour series, totals and filtered traffic over a window; parameters in the file's
-/// header.
+/// One ad's per-hour series, totals, filtered traffic and errors by code over a window;
+/// parameters in the file's header.
 pub const AD_SERIES: &str = include_str!("../../clickhouse/queries/ad_series.sql");
-/// One ad's VAST errors over a window by code; `?` = ad id, from, to (unix seconds).
-pub const AD_ERRORS: &str = include_str!("../../clickhouse/queries/ad_errors.sql");
 /// Every ad's totals over a window, busiest first, paged; parameters in the file's header.
 pub const ADS_TOTALS: &str = include_str!("../../clickhouse/queries/ads_totals.sql");
 /// The first UTC day with any event.
@@ -37,7 +35,6 @@ pub const RUNNING_REPLAY_INSERTS: &str = include_str!("../../clickhouse/queries/
 /// Every query file with its name, for the test that the list is complete.
 pub const ALL: &[(&str, &str)] = &[
     ("ad_by_id.sql", AD_BY_ID),
-    ("ad_errors.sql", AD_ERRORS),
     ("ad_series.sql", AD_SERIES),
     ("ads_totals.sql", ADS_TOTALS),
     ("first_event_day.sql", FIRST_EVENT_DAY),

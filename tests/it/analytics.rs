@@ -195,6 +195,23 @@ async fn check_ad(app: &TestApp, ad: &str, from: i64, to: i64) {
     }
     assert_eq!(counts(&traffic["gross"]), gross, "{ctx}: gross");
 
+    // VAST errors by code: the valid error events, most frequent first, ties by code.
+    let sql = format!(
+        "SELECT error_code, count() AS n FROM events WHERE ad_id = toUUID('{ad}') AND kind = 'error' \
+         AND traffic = 'valid' AND event_time >= toDateTime({from}) AND event_time < toDateTime({to}) \
+         GROUP BY error_code ORDER BY n DESC, error_code FORMAT TSV"
+    );
+    let want: Vec<Value> = app
+        .query(&sql)
+        .await
+        .lines()
+        .map(|line| {
+            let (code, n) = line.split_once('\t').unwrap();
+            json!({"code": code.parse::<u16>().unwrap(), "count": n.parse::<u64>().unwrap()})
+        })
+        .collect();
+    assert_eq!(got["errorCodes"], json!(want), "{ctx}: errorCodes");
+
     // The series: every hour the window touches, in order, each equal to its recount.
     let hours = recount_hours(app, ad, from, to).await;
     let series = got["series"].as_array().unwrap();
@@ -292,8 +309,10 @@ fn random_inserts(rng: &mut Rng, time: impl Fn(&mut Rng) -> i64, inserts: usize)
                         _ if rng.below(8) == 0 => "empty_user_agent",
                         _ => "valid",
                     };
+                    // Errors carry one of a few VAST codes, so that the answer sorts several.
+                    let code = if kind == "error" { [100, 303, 400, 901][rng.below(4) as usize] } else { 0 };
                     format!(
-                        "('{}', '{ad}', '{kind}', {}, {now}, {}, {playback}, 0, '{batch}', '{traffic}')",
+                        "('{}', '{ad}', '{kind}', {}, {now}, {}, {playback}, {code}, '{batch}', '{traffic}')",
                         Uuid::new_v4(),
                         time(rng),
                         1 + rng.below(150)

@@ -597,8 +597,9 @@ def insert_sample_data(ch: Engine) -> str | None:
 
 
 def merge_function(col_type: str) -> str:
-    """AggregateFunction(uniqIf, UInt64, UInt8) -> uniqIfMerge"""
-    m = re.fullmatch(r"AggregateFunction\((\w+)(?:,.*)?\)", col_type)
+    """AggregateFunction(uniqIf, UInt64, UInt8) -> uniqIfMerge. Current servers print the state's
+    version first for functions that have several (AggregateFunction(1, sumMapIf, ...))."""
+    m = re.fullmatch(r"AggregateFunction\((?:\d+, *)?(\w+)(?:,.*)?\)", col_type)
     if not m:
         raise ValueError(f"not an AggregateFunction column: {col_type}")
     return m.group(1) + "Merge"
@@ -692,17 +693,31 @@ COUNT_POSITIONS = (
 COUNTS_LENGTH = 1 + len(KINDS) * len(TRAFFIC)  # 61
 # Every number a decoded ad_counts (or ad_series.sql) row holds: RECOUNT's, then the filtered ones.
 COUNTED = [*RECOUNT, *FILTERED_COLUMNS]
+# A group without events: every COUNTED number 0, no errors by code.
+ZERO = {c: "0" for c in COUNTED} | {"error_codes": ""}
 # ad_counts' columns, in order; a column added by a migration fails check_ad_counts until it is
 # recounted here.
-AD_COUNTS_COLUMNS = ["ad_id", "grain", "t", "counts", "unique_clicks", "click_playback_sum"]
+AD_COUNTS_COLUMNS = ["ad_id", "grain", "t", "counts", "unique_clicks", "click_playback_sum", "error_codes"]
 # Each grain of ad_counts with the bucket of an event's event_time.
 AD_COUNTS_GRAINS = [("minute", "toStartOfMinute(event_time)"), ("hour", "toStartOfHour(event_time)")]
 
 
+def canonical_error_codes(text: str) -> str:
+    """A merged `error_codes` ((codes, counts), as sumMapIfMerge prints it) as `code:count` pairs by
+    code, like recount_all_traffic's; raises on a malformed or unpaired tuple or a zero count."""
+    m = re.fullmatch(r"\(\[([0-9,]*)\],\[([0-9,]*)\]\)", text)
+    if not m:
+        raise AssertionError(f"error_codes {text[:120]!r} is not a (codes, counts) tuple")
+    codes, counts = ([int(x) for x in g.split(",")] if g else [] for g in m.groups())
+    if len(codes) != len(counts) or codes != sorted(set(codes)) or 0 in counts:
+        raise AssertionError(f"error_codes {text[:120]!r}: codes not ascending and paired with non-zero counts")
+    return " ".join(f"{c}:{n}" for c, n in zip(codes, counts))
+
+
 def decode_counts(row: dict[str, str]) -> dict[str, str]:
-    """A row of merged ad_counts columns (counts, unique_clicks, click_playback_sum) as numbers named
-    like COUNTED: the counts array decoded by COUNT_POSITIONS, positions past the end of a shorter
-    array 0."""
+    """A row of merged ad_counts columns (counts, unique_clicks, click_playback_sum, error_codes) as
+    numbers named like COUNTED: the counts array decoded by COUNT_POSITIONS, positions past the end
+    of a shorter array 0; and `error_codes` by canonical_error_codes."""
     counts = json.loads(row["counts"])
     if (
         not isinstance(counts, list)
@@ -712,12 +727,14 @@ def decode_counts(row: dict[str, str]) -> dict[str, str]:
         raise AssertionError(f"counts {row['counts'][:120]} is not an array of at most {COUNTS_LENGTH} counts")
     counts += [0] * (COUNTS_LENGTH - len(counts))
     decoded = {name: str(counts[p - 1]) for name, p in COUNT_POSITIONS.items()}
-    return decoded | {"unique_clicks": row["unique_clicks"], "click_playback_sum": row["click_playback_sum"]}
+    decoded |= {"unique_clicks": row["unique_clicks"], "click_playback_sum": row["click_playback_sum"]}
+    return decoded | {"error_codes": canonical_error_codes(row["error_codes"])}
 
 
 def recount_all_traffic(ch: Engine, group: list[tuple[str, str]], where: str = "1") -> dict[tuple, dict[str, str]]:
     """A recount of raw `events` matching `where`, grouped by `group` ((alias, expression) pairs),
-    of everything ad_counts counts: RECOUNT over the valid events, and every FILTERED_COLUMNS count.
+    of everything ad_counts counts: RECOUNT over the valid events, every FILTERED_COLUMNS count, and
+    the valid errors by code as `error_codes` (canonical_error_codes' form, "" without errors).
     Keyed by the group's values; a group with only filtered (only valid) events gets zeros for
     RECOUNT (FILTERED_COLUMNS)."""
     select = ", ".join(f"{expr} AS {alias}" for alias, expr in group)
@@ -725,14 +742,27 @@ def recount_all_traffic(ch: Engine, group: list[tuple[str, str]], where: str = "
     recount = ", ".join(f"{RECOUNT[c]} AS {c}" for c in RECOUNT)
     out: dict[tuple, dict[str, str]] = {}
     for r in ch.rows(f"SELECT {select}, {recount} FROM events WHERE ({where}) AND traffic = 'valid' GROUP BY {by}"):
-        out[tuple(r[a] for a, _ in group)] = {c: "0" for c in COUNTED} | {c: r[c] for c in RECOUNT}
+        out[tuple(r[a] for a, _ in group)] = ZERO | {c: r[c] for c in RECOUNT}
     for r in ch.rows(
         f"SELECT {select}, traffic, kind, count() AS events FROM events WHERE ({where}) AND traffic != 'valid' "
         f"GROUP BY {by}, traffic, kind"
     ):
-        numbers = out.setdefault(tuple(r[a] for a, _ in group), {c: "0" for c in COUNTED})
+        numbers = out.setdefault(tuple(r[a] for a, _ in group), dict(ZERO))
         numbers[f"{r['traffic']} {r['kind']}"] = r["events"]
+    for r in ch.rows(
+        f"SELECT {select}, error_code, count() AS errors FROM events WHERE ({where}) AND traffic = 'valid' "
+        f"AND kind = 'error' GROUP BY {by}, error_code ORDER BY error_code"
+    ):
+        numbers = out[tuple(r[a] for a, _ in group)]  # the valid errors made the group above
+        numbers["error_codes"] = " ".join(filter(None, [numbers["error_codes"], f"{r['error_code']}:{r['errors']}"]))
     return out
+
+
+def error_code_diffs(got: dict, want: dict, label: str = "") -> list[str]:
+    """`got`'s errors by code against `want`'s (both canonical_error_codes' form)."""
+    if got.get("error_codes") == want["error_codes"]:
+        return []
+    return [f"{label}error_codes: query {got.get('error_codes')!r} != recount {want['error_codes']!r}"]
 
 
 def read_ad_counts(ch: Engine) -> list[dict[str, str]]:
@@ -767,7 +797,12 @@ def check_ad_counts(ch: Engine, several_rows_per_key: bool, filtered: bool = Tru
     failure = compare_groups(table, raw, "(ad_id, grain, t)", COUNTED)
     if failure:
         return failure
+    diffs = [d for k, r in raw.items() for d in error_code_diffs(table[k], r, f"{k} ")]
+    if diffs:
+        return f"{len(diffs)} mismatch(es), e.g. " + "; ".join(diffs[:3])
     empty = [c for c in RECOUNT if sum(float(r[c]) for r in raw.values()) == 0]
+    if all(r["error_codes"].count(":") < 2 for r in raw.values()):
+        empty.append("a bucket with errors of two codes")
     empty += [
         f"{reason} events"
         for reason in (FILTERED_REASONS if filtered else [])
@@ -840,27 +875,10 @@ def expect_first_event_day(ch: Engine, rows) -> str | None:
     return None
 
 
-def expect_ad_errors(ch: Engine, rows) -> str | None:
-    """ad_errors.sql over its sample window equals the error events of raw `events`, by code."""
-    path = QUERIES_DIR / "ad_errors.sql"
-    _, sample = read_query(path)
-    ad, from_ts, to_ts = sample[0], int(sample[1]), int(sample[2])
-    want = ch.rows(
-        f"SELECT error_code, count() AS errors FROM events WHERE ad_id = toUUID({ad}) AND kind = 'error' "
-        "AND traffic = 'valid' "
-        f"AND event_time >= toDateTime({from_ts}) AND event_time < toDateTime({to_ts}) "
-        "GROUP BY error_code ORDER BY errors DESC, error_code"
-    )
-    if not want:
-        return "the sample window holds no error events of the ad; the check would prove nothing"
-    got = [(r["error_code"], r["errors"]) for r in rows]
-    expected = [(r["error_code"], r["errors"]) for r in want]
-    return None if got == expected else f"by code {got}, raw events say {expected}"
-
-
 def expect_ad_series(ch: Engine, rows) -> str | None:
     """ad_series.sql over its sample window: the totals row's filtered positions (17..61 of the
-    counts array) equal the flagged events of raw `events`, by reason and kind."""
+    counts array) equal the flagged events of raw `events`, by reason and kind, and its errors by
+    code equal the valid error events'."""
     path = QUERIES_DIR / "ad_series.sql"
     sql, sample = read_query(path)
     named = dict(zip(documented_params(path), sample))  # h_from and h_to appear twice, alike
@@ -884,11 +902,22 @@ def expect_ad_series(ch: Engine, rows) -> str | None:
         if decoded[f"{reason} {kind}"] != "0"
     ]
     expected = [(r["reason"], r["kind"], r["events"]) for r in want]
-    return None if got == expected else f"totals by reason and kind {got}, raw events say {expected}"
+    if got != expected:
+        return f"totals by reason and kind {got}, raw events say {expected}"
+    errors = ch.rows(
+        f"SELECT error_code, count() AS errors FROM events WHERE ad_id = toUUID({ad}) AND kind = 'error' "
+        f"AND traffic = 'valid' AND event_time >= toDateTime({from_ts}) AND event_time < toDateTime({to_ts}) "
+        "GROUP BY error_code ORDER BY error_code"
+    )
+    if len(errors) < 2:
+        return f"the sample window holds errors of {len(errors)} code(s); the check would prove little"
+    expected = " ".join(f"{r['error_code']}:{r['errors']}" for r in errors)
+    if decoded["error_codes"] != expected:
+        return f"totals' errors by code {decoded['error_codes']!r}, raw events say {expected!r}"
+    return None
 
 
 EXPECTATIONS = {
-    "ad_errors.sql": expect_ad_errors,
     "ad_series.sql": expect_ad_series,
     "ads_active.sql": expect_ads_active,
     "ad_by_id.sql": expect_ad_by_id,
@@ -1022,7 +1051,6 @@ def random_windows(n: int = 48) -> list[tuple[str, int, int]]:
 
 
 WINDOW_ADS = [AD1, AD2, AD3, AD4, AD5, UNKNOWN_AD]
-ZERO = {c: "0" for c in COUNTED}
 
 
 class Recount:
@@ -1039,14 +1067,14 @@ class Recount:
             self.hours.setdefault(ad, {})[hour] = r
 
 
-# ad_series.sql's columns: the hour, ad_counts' counts array (decode_counts), unique clicks and the
-# sum of click playback positions.
-SERIES_COLUMNS = ["hour", "counts", "unique_clicks", "click_playback_sum"]
+# ad_series.sql's columns: the hour, ad_counts' counts array (decode_counts), unique clicks, the
+# sum of click playback positions and the errors by code.
+SERIES_COLUMNS = ["hour", "counts", "unique_clicks", "click_playback_sum", "error_codes"]
 
 
 def check_ad_series(ch: Engine, sql: str, order: list[str], w: dict, rc: Recount, ads) -> list[str]:
     """Every hour row and the totals row, decoded: every valid count, unique clicks, the playback
-    sum and count, and every filtered reason and kind, against the recount."""
+    sum and count, every filtered reason and kind, and the errors by code, against the recount."""
     problems = []
     for ad in ads:
         rows, totals = ch.rows_and_totals(bind(sql, params_for(order, w, ad)), SERIES_COLUMNS)
@@ -1061,8 +1089,11 @@ def check_ad_series(ch: Engine, sql: str, order: list[str], w: dict, rc: Recount
             )
         for r in rows:
             if r.get("hour") in want:
-                problems += column_diffs(decode_counts(r), want[r["hour"]], COUNTED, f"{ad} {r['hour']} ")
-        problems += column_diffs(decode_counts(totals), rc.totals.get(ad, ZERO), COUNTED, f"{ad} totals ")
+                got, label = decode_counts(r), f"{ad} {r['hour']} "
+                problems += column_diffs(got, want[r["hour"]], COUNTED, label) + error_code_diffs(got, want[r["hour"]], label)
+        got, label = decode_counts(totals), f"{ad} totals "
+        problems += column_diffs(got, rc.totals.get(ad, ZERO), COUNTED, label)
+        problems += error_code_diffs(got, rc.totals.get(ad, ZERO), label)
     return problems
 
 
@@ -1322,10 +1353,11 @@ def check_backfill(ch: Engine, backfills: list[str]) -> str | None:
         if re.fullmatch(TRUNCATE_AD_COUNTS, body):
             truncated.add("ad_counts")
             continue
-        m = re.match(r"(?:INSERT\s+INTO|ALTER\s+TABLE)\s+(ad_stats_\w+)\b", body, re.I)
+        m = re.match(r"(?:INSERT\s+INTO|ALTER\s+TABLE)\s+(ad_stats_\w+|ad_errors_minutely)\b", body, re.I)
         if not m:
             return (
-                "a ```sql backfill block is neither INSERT INTO nor ALTER TABLE an ad_stats_* table "
+                "a ```sql backfill block is neither INSERT INTO nor ALTER TABLE an ad_stats_* table or "
+                "ad_errors_minutely "
                 f"nor TRUNCATE TABLE ad_counts: {sql[:60]!r}"
             )
         targets.add(m.group(1))
@@ -1383,13 +1415,12 @@ def ad_counts_migration() -> Path:
 
 
 # The aggregate tables ad_counts' migration copies from.
-AD_COUNTS_SOURCES = ["ad_stats_hourly", "ad_stats_minutely", "ad_filtered_minutely"]
+AD_COUNTS_SOURCES = ["ad_stats_hourly", "ad_stats_minutely", "ad_filtered_minutely", "ad_errors_minutely"]
 
 
 def check_ad_counts_backfill(ch: Engine) -> str | None:
-    """The migration creating ad_counts, applied to a database whose ad_stats_hourly,
-    ad_stats_minutely and ad_filtered_minutely already hold the sample events (valid and
-    filtered) while ad_counts does not exist: its INSERTs fill both grains with exactly a recount
+    """The migration creating ad_counts, applied to a database whose AD_COUNTS_SOURCES already
+    hold the sample events (valid and filtered) while ad_counts does not exist: its INSERTs fill both grains with exactly a recount
     of `events`; the migration applied again changes nothing (each copy runs only while its grain
     is empty); events that arrive afterwards are counted once, through the views."""
     migration = ad_counts_migration()
@@ -1427,7 +1458,7 @@ def run_ad_counts_backfill(checks: Checks, ch: Engine, make_db) -> None:
     make_db(DB + "_counts")
     try:
         checks.run(
-            "ad_counts: its migration's INSERTs copy ad_stats_hourly, ad_stats_minutely and ad_filtered_minutely "
+            f"ad_counts: its migration's INSERTs copy {', '.join(AD_COUNTS_SOURCES)} "
             "(both grains equal a recount), a second run changes nothing, new events count once",
             check_ad_counts_backfill, ch,
         )  # fmt: skip
