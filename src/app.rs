@@ -202,7 +202,7 @@ fn state(
         batch_body_limit: config.max_batch_body_bytes,
         body_read_timeout: config.body_read_timeout,
         cors: config.cors_allowed_origins.clone(),
-        api_keys: config.api_keys.clone(),
+        api_keys: Arc::new(config.api_keys.clone()),
         trusted_proxies: config.trusted_proxies.clone(),
         recent_event_ids: moka::sync::Cache::builder()
             .max_capacity(api::RECENT_EVENT_IDS.0)

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::{
     ApiTags, State,
-    auth::{Credentials, Scope},
+    auth::{Credentials, Scope, admin_first},
     body::OptionalJsonBody,
     error::{ApiError, ErrorBody},
 };
@@ -373,7 +373,12 @@ impl AdminApi {
     /// page's `next` as `after` for the next page. Needs the admin scope when API keys are
     /// configured. 409 when REDIS_URL is none (dead letters are then files under
     /// DATA_DIR/dead-letter/); 503 when Redis does not answer.
-    #[oai(path = "/admin/dead-letters", method = "get", operation_id = "listDeadLetters")]
+    #[oai(
+        path = "/admin/dead-letters",
+        method = "get",
+        operation_id = "listDeadLetters",
+        transform = "admin_first"
+    )]
     async fn list(
         &self,
         auth: Credentials,
@@ -416,7 +421,12 @@ impl AdminApi {
     /// when API keys are configured. 422 naming a malformed id; 409 when REDIS_URL is none; 503
     /// when Redis does not answer (saying how many moved, when it failed part way: those are in
     /// the spill, and a retry moves the rest).
-    #[oai(path = "/admin/dead-letters/replay", method = "post", operation_id = "replayDeadLetters")]
+    #[oai(
+        path = "/admin/dead-letters/replay",
+        method = "post",
+        operation_id = "replayDeadLetters",
+        transform = "admin_first"
+    )]
     async fn replay(
         &self,
         auth: Credentials,
@@ -474,7 +484,12 @@ impl AdminApi {
     /// cannot be undone. Ids that name no dead letter are ignored. Needs the admin scope when API
     /// keys are configured. 422 naming a malformed id, or when nothing is named; 409 when
     /// REDIS_URL is none; 503 when Redis does not answer.
-    #[oai(path = "/admin/dead-letters", method = "delete", operation_id = "purgeDeadLetters")]
+    #[oai(
+        path = "/admin/dead-letters",
+        method = "delete",
+        operation_id = "purgeDeadLetters",
+        transform = "admin_first"
+    )]
     async fn purge(
         &self,
         auth: Credentials,

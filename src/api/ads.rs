@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::{
     ApiTags, State,
-    auth::{Credentials, Scope},
+    auth::{Credentials, Scope, admin_first, read_first},
     body::JsonBody,
     error::ApiError,
 };
@@ -302,7 +302,7 @@ impl AdsApi {
     ///
     /// Needs the admin scope when API keys are configured. 201 with the ad and its Location; 409
     /// when the id is taken; 422 naming the field that is wrong.
-    #[oai(path = "/ads", method = "post", operation_id = "createAd")]
+    #[oai(path = "/ads", method = "post", operation_id = "createAd", transform = "admin_first")]
     async fn create(&self, auth: Credentials, body: JsonBody<AdInput>) -> Result<CreatedResponse, ApiError> {
         self.state.api_keys.require(&auth, Scope::Admin)?;
         validate(&body.0)?;
@@ -330,7 +330,7 @@ impl AdsApi {
     /// Get an ad.
     ///
     /// Any ad, active or retired. Needs the read scope when API keys are configured.
-    #[oai(path = "/ads/:id", method = "get", operation_id = "getAd")]
+    #[oai(path = "/ads/:id", method = "get", operation_id = "getAd", transform = "read_first")]
     async fn get(&self, auth: Credentials, id: Path<UuidText>) -> Result<AdResponse, ApiError> {
         self.state.api_keys.require(&auth, Scope::Read)?;
         let id = parse_id(&id.0.0)?;
@@ -346,7 +346,7 @@ impl AdsApi {
     /// Replaces name, video_url, target_url and active (unchanged when absent: a retired ad stays
     /// retired unless `active` is true). Needs the admin scope
     /// when API keys are configured. 404 for an unknown id; 422 naming the field that is wrong.
-    #[oai(path = "/ads/:id", method = "put", operation_id = "updateAd")]
+    #[oai(path = "/ads/:id", method = "put", operation_id = "updateAd", transform = "admin_first")]
     async fn update(
         &self,
         auth: Credentials,
@@ -383,7 +383,7 @@ impl AdsApi {
     /// Soft: the ad becomes inactive and leaves `GET /ads`; its events and analytics stay, and
     /// PUT can bring it back. Needs the admin scope when API keys are configured. 404 for an
     /// unknown id.
-    #[oai(path = "/ads/:id", method = "delete", operation_id = "retireAd")]
+    #[oai(path = "/ads/:id", method = "delete", operation_id = "retireAd", transform = "admin_first")]
     async fn retire(&self, auth: Credentials, id: Path<UuidText>) -> Result<RetiredResponse, ApiError> {
         self.state.api_keys.require(&auth, Scope::Admin)?;
         let id = parse_id(&id.0.0)?;

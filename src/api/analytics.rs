@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::{
     ApiTags, State,
-    auth::{Credentials, Scope},
+    auth::{Credentials, Scope, read_first},
     body::SerdeJson,
     error::ApiError,
 };
@@ -462,7 +462,7 @@ impl AnalyticsApi {
     /// busiest first, paged with `limit` and `offset`. Needs the read scope when API keys are
     /// configured. Answered from pre-aggregated tables,
     /// typically in milliseconds; an event shows here within FLUSH_INTERVAL + 1 s.
-    #[oai(path = "/ads/analytics", method = "get", operation_id = "getAnalytics")]
+    #[oai(path = "/ads/analytics", method = "get", operation_id = "getAnalytics", transform = "read_first")]
     #[allow(clippy::too_many_arguments)]
     async fn analytics(
         &self,

@@ -7,9 +7,10 @@
 //! (reserved for server-to-server event callers; it grants nothing beyond the open tracking
 //! endpoints yet).
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
-use poem_openapi::{SecurityScheme, auth};
+use poem::{Endpoint, EndpointExt, Request, web::RequestBody};
+use poem_openapi::{ApiExtractor, ExtractParamOptions, SecurityScheme, auth};
 use siphasher::sip128::{Hasher128, SipHasher13};
 use std::hash::Hasher;
 
@@ -137,6 +138,36 @@ impl ApiKeys {
             Err(ApiError::forbidden(format!("this API key lacks the {} scope", scope.as_str())))
         }
     }
+}
+
+/// An operation transform (`#[oai(transform = "admin_first")]`): the admin scope is checked
+/// before the operation reads its parameters and body.
+pub fn admin_first<E: Endpoint>(ep: E) -> impl Endpoint<Output = E::Output> {
+    key_first(ep, Scope::Admin)
+}
+
+/// An operation transform (`#[oai(transform = "read_first")]`): the read scope is checked
+/// before the operation reads its parameters and body.
+pub fn read_first<E: Endpoint>(ep: E) -> impl Endpoint<Output = E::Output> {
+    key_first(ep, Scope::Read)
+}
+
+/// Checks the request's key for `scope` before `ep` runs, so that a caller without a valid key
+/// gets 401 or 403 and learns nothing about the request it may not make (no 400, 413 or 415 about
+/// its body first). The keys come from the request's data (the front endpoint puts them there);
+/// the credentials are read by the operation's own extractor, so both checks agree. The handler
+/// checks again ([`ApiKeys::require`]): an operation without the transform stays protected.
+fn key_first<E: Endpoint>(ep: E, scope: Scope) -> impl Endpoint<Output = E::Output> {
+    ep.before(move |req: Request| async move {
+        let keys = req.data::<Arc<ApiKeys>>().filter(|keys| !keys.is_open()).cloned();
+        if let Some(keys) = keys {
+            let mut no_body = RequestBody::default();
+            let credentials =
+                Credentials::from_request(&req, &mut no_body, ExtractParamOptions::default()).await?;
+            keys.require(&credentials, scope)?;
+        }
+        Ok(req)
+    })
 }
 
 /// `Authorization: Bearer <key>`.

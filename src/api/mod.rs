@@ -90,8 +90,9 @@ pub struct State {
     pub body_read_timeout: Duration,
     /// Origins whose pages may call the tracking endpoints.
     pub cors: cors::AllowedOrigins,
-    /// API keys; empty means open.
-    pub api_keys: auth::ApiKeys,
+    /// API keys; empty means open. Shared: the front endpoint hands them to the operations'
+    /// [`auth::admin_first`] and [`auth::read_first`] as request data.
+    pub api_keys: Arc<auth::ApiKeys>,
     /// Proxies whose forwarding headers name the client.
     pub trusted_proxies: client_ip::TrustedProxies,
     /// Client event ids whose events this instance held recently, so that a repeated one is
@@ -867,8 +868,10 @@ impl<A: Endpoint, O: Endpoint> Front<A, O> {
             let rules = BodyLimit { bytes: limit, timeout: self.body_timeout };
             if hot.is_none() {
                 // The hot routes take it as an argument: an insert here allocates the request's
-                // extension map, which they do not need otherwise.
+                // extension map, which they do not need otherwise. The keys are for the
+                // operations that check them before reading their parameters and body.
                 req.set_data(rules);
+                req.set_data(self.limits.api_keys.clone());
             }
             let result = if docs {
                 // Boxed: the documentation's router future is the largest of these, and

@@ -210,6 +210,63 @@ async fn api_keys_guard_the_catalog_and_analytics_but_not_tracking() {
     assert!(schemes.values().any(|s| s["name"] == "X-API-Key"), "{schemes:?}");
 }
 
+/// With API keys configured, a request without a valid key is answered 401 (or 403 for a key
+/// without the scope) before its parameters and body are looked at: a malformed, oversized or
+/// invalid request tells a caller who may not make it nothing about what would be accepted.
+/// With the right key, the same requests get the answers about their bodies.
+#[tokio::test]
+async fn the_key_is_checked_before_the_request_is_read() {
+    let keys = format!("admin:{ADMIN},read:{READER}");
+    let app = TestApp::spawn_with(&[("API_KEYS", &keys), ("MAX_BODY_BYTES", "1KiB")]).await;
+    let ad = "/ads/00000000-0000-4000-8000-00000000abcd";
+    let big = format!(r#"{{"name": "{}"}}"#, "x".repeat(4096));
+    let cases: [(reqwest::Method, &str, &str, String, u16); 6] = [
+        (reqwest::Method::POST, "/ads", "application/json", "{not json".into(), 400),
+        (reqwest::Method::POST, "/ads", "application/json", big, 413),
+        (
+            reqwest::Method::POST,
+            "/ads",
+            "application/json",
+            r#"{"name": "", "video_url": "/v.mp4", "target_url": "https://a.example"}"#.into(),
+            422,
+        ),
+        (reqwest::Method::PUT, ad, "application/json", "[1, 2".into(), 400),
+        (reqwest::Method::POST, "/admin/dead-letters/replay", "application/json", "{\"ids\": 7".into(), 400),
+        (reqwest::Method::GET, "/admin/dead-letters?limit=lots", "application/json", String::new(), 400),
+    ];
+    for (method, path, content_type, body, with_admin) in cases {
+        let send = |key: Option<&str>| {
+            let mut req = app.http.request(method.clone(), format!("{}{path}", app.base));
+            req = req.header("content-type", content_type).body(body.clone());
+            if let Some(key) = key {
+                req = req.bearer_auth(key);
+            }
+            async move {
+                let resp = req.send().await.unwrap();
+                let status = resp.status().as_u16();
+                (status, resp.json::<Value>().await.unwrap_or_default())
+            }
+        };
+        let (status, answer) = send(None).await;
+        assert_eq!(status, 401, "{method} {path} without a key: {answer}");
+        assert!(answer["error"].as_str().unwrap_or_default().contains("API key"), "{answer}");
+        let (status, answer) = send(Some("wrong-key-0123456789")).await;
+        assert_eq!((status, answer["error"].as_str()), (401, Some("this API key is not valid")), "{path}");
+        let (status, answer) = send(Some(READER)).await;
+        assert_eq!(status, 403, "{method} {path} with the read key: {answer}");
+        let (status, answer) = send(Some(ADMIN)).await;
+        assert_eq!(status, with_admin, "{method} {path} with the admin key: {answer}");
+        assert!(answer["error"].is_string(), "{method} {path}: a JSON error: {answer}");
+    }
+    // Analytics needs the read scope: a bad timeframe is a 400 only for a caller who may read.
+    let analytics = "/ads/analytics?timeframe=fortnight";
+    assert_eq!(app.send(reqwest::Method::GET, analytics, None, None).await.0, 401);
+    assert_eq!(app.send(reqwest::Method::GET, analytics, Some(READER), None).await.0, 400);
+    // The tracking endpoints stay open: their bad input is a 400 for anyone.
+    let (status, _) = app.send(reqwest::Method::POST, "/ads/click", None, Some(json!({"adId": 7}))).await;
+    assert_eq!(status, 400);
+}
+
 /// A change and a retirement of one ad at the same moment (two ad-ops people, a script and a
 /// person): both are answered 2xx and neither undoes the other. The change's name stays, whichever
 /// write came last; before, the retirement could write back the name it had read before the change.
