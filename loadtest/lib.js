@@ -61,7 +61,8 @@ const eventsUnexplained = new Counter('events_stored_unacked'); // stored, yet r
 const booksOff = new Counter('books_off'); // |adbeacon_books_balance| + events still held, at rest
 /** 1 when the stored rows' keys do not sum to the acknowledged events' (see events_acked_keys). */
 const keysOff = new Counter('events_keys_off');
-/** 1 when the run's ads' aggregates (ad_stats_hourly) differ from a recount of their raw rows. */
+/** 1 per aggregate table (ad_stats_hourly, ad_stats_minutely, ad_counts' two grains) whose numbers
+ * for the run's ads differ from a recount of their raw rows. */
 const aggregatesOff = new Counter('aggregates_off');
 /** Seconds from the end of setup to the start of teardown: the load's length, for req/s. */
 const loadSeconds = new Counter('load_seconds');
@@ -606,9 +607,20 @@ export function checkStored(data) {
         `SELECT toString(ad_id) AS ad, ${columns.map((c) => `countIfMerge(${c})`).join(', ')},` +
           ` uniqIfMerge(unique_clicks) FROM ${table} WHERE ad_id IN (${created}) GROUP BY ad ORDER BY ad FORMAT TSV`,
       );
+    // ad_counts (what one ad's answer reads): counts[1 + kind], kind's Enum8 number in `events`.
+    const positions = [2, 3, 5, 6, 7, 8, 9];
+    const counted = (grain) =>
+      clickhouse(
+        `SELECT ad, ${positions.map((p) => `c[${p}]`).join(', ')}, u FROM (SELECT toString(ad_id) AS ad,` +
+          ` sumForEachMerge(counts) AS c, uniqIfMerge(unique_clicks) AS u FROM ad_counts` +
+          ` WHERE ad_id IN (${created}) AND grain = '${grain}' GROUP BY ad) ORDER BY ad FORMAT TSV`,
+      );
     const differing = ['ad_stats_hourly', 'ad_stats_minutely'].filter((t) => merged(t) !== raw);
+    differing.push(...['hour', 'minute'].filter((g) => counted(g) !== raw).map((g) => `ad_counts (${g} rows)`));
     aggregatesOff.add(differing.length);
-    aggregates = differing.length ? `${differing.join(' and ')} differ from the recount` : 'hourly and minute tables equal the recount';
+    aggregates = differing.length
+      ? `${differing.join(' and ')} differ from the recount`
+      : 'hourly and minute tables and ad_counts equal the recount';
   }
 
   const accepted = metric(text, /^adbeacon_events_accepted_total/);

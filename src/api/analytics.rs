@@ -528,9 +528,11 @@ impl AnalyticsApi {
         let found = analytics.ad_window(ad, &cuts).await?;
         let (rows, totals, filtered, errors) = (found.hours, found.totals, found.filtered, found.errors);
         if window.kind == WindowKind::Timeframe(Timeframe::All) {
-            // All time starts at the first hour with events (or is empty without any).
+            // All time starts at the first hour with counted (valid) events (or is empty without
+            // any); ad_counts also has hours with filtered traffic only.
             window.from = rows
-                .first()
+                .iter()
+                .find(|r| r.stats.events() > 0)
                 .and_then(|r| OffsetDateTime::from_unix_timestamp(i64::from(r.hour)).ok())
                 .unwrap_or(window.to);
         }

@@ -287,6 +287,18 @@ impl ClickHouse {
         self.execute_query(self.client.query(sql)).await
     }
 
+    /// Runs one statement that may take long (a migration copying existing aggregates) under
+    /// `query_id`, waiting up to `bound` for it instead of QUERY_TIMEOUT.
+    pub async fn execute_long(&self, sql: &str, query_id: &str, bound: Duration) -> Result<(), StoreError> {
+        let call = self.client.query(sql).with_setting("query_id", query_id).execute();
+        match tokio::time::timeout(bound, call).await {
+            Ok(result) => result.map_err(classify),
+            Err(_) => Err(StoreError::Retryable(format!(
+                "no answer within {bound:?}; the statement may still run on the server (query id {query_id})"
+            ))),
+        }
+    }
+
     /// Runs one built query (with bound parameters) that returns nothing.
     pub async fn execute_query(&self, query: clickhouse::query::Query) -> Result<(), StoreError> {
         self.bounded(query.execute()).await
@@ -342,7 +354,7 @@ impl ClickHouse {
         let pattern = format!("{}%", prefix.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
         let q = self.client.query(super::queries::KILL_REPLAY_INSERTS).bind(&pattern);
         self.bounded(q.execute()).await?;
-        self.until_ended(|| self.client.query(super::queries::RUNNING_REPLAY_INSERTS).bind(&pattern)).await
+        self.until_ended(|| self.client.query(super::queries::RUNNING_QUERIES).bind(&pattern)).await
     }
 
     /// Waits until `running` (a count of INSERTs in `system.processes`) is 0. `KILL QUERY …

@@ -11,6 +11,12 @@
 //! only one of them wins (`CREATE TABLE` without `IF NOT EXISTS` is atomic in every ClickHouse);
 //! the others wait, then find the migrations recorded. A lock left by an instance that died
 //! while migrating is taken over once it is [`LOCK_STALE_AFTER`] old.
+//!
+//! A statement may outlast its caller: ClickHouse goes on with an `INSERT … SELECT` whose client
+//! stopped waiting (a timeout, a killed process). A copy run again while the first still runs
+//! would find its target empty and count everything twice, so every statement runs under a query
+//! id starting with [`STATEMENT_ID_PREFIX`], and a run waits until no such statement of an
+//! earlier one runs any more before it runs its own.
 
 use std::{hash::Hasher, time::Duration};
 
@@ -24,11 +30,20 @@ use super::clickhouse::{ClickHouse, StoreError, error_code};
 const LOCK_TABLE: &str = "schema_migrations_lock";
 
 /// Age (by the table's creation time, as ClickHouse records it) past which a lock is taken for
-/// that of an instance that died while migrating. Migrations take seconds (DDL only).
+/// that of an instance that died while migrating. Most migrations take seconds (DDL); one that
+/// copies existing aggregates (0008) can take minutes on a large database, and a taker then
+/// waits for its statement to end (see the module's comment).
 pub const LOCK_STALE_AFTER: Duration = Duration::from_secs(300);
 
 /// How often a waiting instance looks at the lock again.
 const LOCK_POLL: Duration = Duration::from_millis(500);
+
+/// The start of every migration statement's query id (see the module's comment).
+pub const STATEMENT_ID_PREFIX: &str = "adbeacon-migration-";
+
+/// How long a run waits for one statement: the copies of migration 0008 read every aggregate
+/// the database holds, far longer than QUERY_TIMEOUT allows on a large one.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// One migration file.
 #[derive(Debug, Clone, Copy)]
@@ -274,6 +289,7 @@ async fn apply_locked(ch: &ClickHouse, last: u32, at_startup: bool) -> Result<Ve
                 m.name
             )));
         }
+        wait_for_earlier_statements(ch).await?;
         for statement in m.statements() {
             run(ch, &statement).await.map_err(|e| match e {
                 StoreError::Rejected(t) => StoreError::Rejected(format!("migration {}: {t}", m.name)),
@@ -308,13 +324,46 @@ async fn holds_events(ch: &ClickHouse) -> Result<bool, StoreError> {
 
 /// Runs one statement of a migration; an `ADD COLUMN` of a column that exists is done already.
 pub async fn run(ch: &ClickHouse, statement: &str) -> Result<(), StoreError> {
-    match ch.execute(statement).await {
+    let query_id = format!("{}{}", statement_prefix(ch).await?, uuid::Uuid::new_v4().simple());
+    match ch.execute_long(statement, &query_id, STATEMENT_TIMEOUT).await {
         Err(StoreError::Rejected(text) | StoreError::Retryable(text))
             if adds_existing_column(statement, &text) =>
         {
             Ok(())
         }
         other => other,
+    }
+}
+
+/// The start of the query ids of this database's migration statements: per database, so that a
+/// run does not wait for the migrations of other databases on the same server (other
+/// deployments; the tests, each with a database of its own).
+async fn statement_prefix(ch: &ClickHouse) -> Result<String, StoreError> {
+    let db: Vec<String> = ch.fetch_all(ch.client().query("SELECT currentDatabase()")).await?;
+    Ok(format!("{STATEMENT_ID_PREFIX}{}-", db.into_iter().next().unwrap_or_default()))
+}
+
+/// Waits while a migration statement of an earlier run still runs on the server (its caller
+/// stopped waiting for it, or died): running this run's statements beside it could copy the same
+/// aggregates twice, and once it ends, this run finds what it did (a copy runs only into an empty
+/// grain).
+async fn wait_for_earlier_statements(ch: &ClickHouse) -> Result<(), StoreError> {
+    let pattern = format!("{}%", statement_prefix(ch).await?);
+    let mut said = false;
+    loop {
+        let running: Vec<u64> =
+            ch.fetch_all(ch.client().query(super::queries::RUNNING_QUERIES).bind(&pattern)).await?;
+        let running = running.into_iter().next().unwrap_or(0);
+        if running == 0 {
+            return Ok(());
+        }
+        if !std::mem::replace(&mut said, true) {
+            tracing::warn!(
+                running,
+                "a migration statement of an earlier run still runs on ClickHouse; waiting for it to end"
+            );
+        }
+        tokio::time::sleep(LOCK_POLL).await;
     }
 }
 

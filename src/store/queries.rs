@@ -29,8 +29,9 @@ pub const KILL_BATCH_INSERT: &str = include_str!("../../clickhouse/queries/kill_
 pub const KILL_REPLAY_INSERTS: &str = include_str!("../../clickhouse/queries/kill_replay_inserts.sql");
 /// How many of these INSERTs still run; `?` = their query ids.
 pub const RUNNING_BATCH_INSERTS: &str = include_str!("../../clickhouse/queries/running_batch_inserts.sql");
-/// How many of a replayer's INSERTs still run; `?` = a LIKE pattern of their query ids.
-pub const RUNNING_REPLAY_INSERTS: &str = include_str!("../../clickhouse/queries/running_replay_inserts.sql");
+/// How many queries (a replayer's INSERTs, earlier migration statements) still run; `?` = a LIKE
+/// pattern of their query ids.
+pub const RUNNING_QUERIES: &str = include_str!("../../clickhouse/queries/running_queries.sql");
 
 /// Every query file with its name, for the test that the list is complete.
 pub const ALL: &[(&str, &str)] = &[
@@ -46,7 +47,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("kill_batch_insert.sql", KILL_BATCH_INSERT),
     ("kill_replay_inserts.sql", KILL_REPLAY_INSERTS),
     ("running_batch_inserts.sql", RUNNING_BATCH_INSERTS),
-    ("running_replay_inserts.sql", RUNNING_REPLAY_INSERTS),
+    ("running_queries.sql", RUNNING_QUERIES),
 ];
 
 #[cfg(test)]

@@ -105,6 +105,48 @@ async fn instances_starting_together_migrate_one_at_a_time() {
     assert!(applied.is_empty(), "{applied:?}");
 }
 
+/// A migration statement of an earlier run that still runs on the server (its `adbeacon migrate`
+/// stopped waiting, or died): a new run waits for it to end before it runs its own statements, so
+/// that a copy of migration 0008 never runs twice at once. One of another database does not hold
+/// it up.
+#[tokio::test]
+async fn a_run_waits_for_the_statements_of_an_earlier_one() {
+    let db = fresh_db();
+    let server = shared_clickhouse();
+    server.query(&format!("CREATE DATABASE {db}")).await;
+    // Three seconds of work under the query id an earlier run's statement had (18.16's sleep()
+    // stops at 3 s), and twelve (four blocks of one row) under another database's.
+    let earlier = format!("{}{db}-earlier", migrate::STATEMENT_ID_PREFIX);
+    let elsewhere = format!("{}other_db-earlier", migrate::STATEMENT_ID_PREFIX);
+    let running = |query_id: String, blocks: u32| {
+        let url = server.url();
+        tokio::spawn(async move {
+            let url = format!("{url}?query_id={query_id}&max_block_size=1");
+            let sql = format!("SELECT sleep(3) FROM system.numbers LIMIT {blocks}");
+            let resp = reqwest::Client::new().post(url).body(sql).send().await.unwrap();
+            assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+        })
+    };
+    let (earlier_task, elsewhere_task) = (running(earlier.clone(), 1), running(elsewhere.clone(), 4));
+    let listed = |id: &str| format!("SELECT count() FROM system.processes WHERE query_id = '{id}'");
+    while server.query(&listed(&earlier)).await.trim() == "0"
+        || server.query(&listed(&elsewhere)).await.trim() == "0"
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let config =
+        Config::from_vars([("CLICKHOUSE_URL", server.url()), ("CLICKHOUSE_DATABASE", db.clone())]).unwrap();
+    let (_, applied) = adbeacon::app::connect_and_migrate(&config).await.unwrap();
+    assert_eq!(applied, MIGRATIONS.iter().map(|m| m.version).collect::<Vec<_>>());
+    // Applying takes well under the three seconds: had it not waited, the earlier statement
+    // would still be running now.
+    assert!(earlier_task.is_finished(), "migrations ran beside an earlier run's statement");
+    assert_eq!(server.query(&listed(&earlier)).await.trim(), "0");
+    earlier_task.await.unwrap();
+    assert!(!elsewhere_task.is_finished(), "the run waited for another database's statement");
+    elsewhere_task.abort();
+}
+
 #[tokio::test]
 async fn migrations_apply_once_and_are_safe_to_run_again() {
     let db = fresh_db();
