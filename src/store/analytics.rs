@@ -104,7 +104,7 @@ impl Stats {
 /// A merged `ad_counts.counts` array, as `0008_ad_counts.sql` lays it out: element 0 (1 in SQL)
 /// is the valid clicks that reported a playback position, element `15 * traffic + kind` the
 /// events of that traffic and kind (their `Enum8` numbers). Elements past its end are zeros
-/// (each row's array stops at its last non-zero element).
+/// (rows' arrays differ in length, and `sumForEachMerge` stops at the longest).
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Counts(Vec<u64>);
 

@@ -190,6 +190,11 @@ pub struct Timeouts {
     pub query: Duration,
 }
 
+/// A LIKE pattern for the strings starting with `prefix`, its `%`, `_` and `\` taken literally.
+pub fn starting_with(prefix: &str) -> String {
+    format!("{}%", prefix.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"))
+}
+
 fn base_client(cfg: &ClickHouseConfig) -> clickhouse::Client {
     let mut client = clickhouse::Client::default().with_url(&cfg.url).with_user(&cfg.user);
     if !cfg.password.is_empty() {
@@ -351,7 +356,7 @@ impl ClickHouse {
 
     /// Ends every replay INSERT of a replayer (query ids starting `prefix`), and waits.
     pub async fn kill_inserts_starting(&self, prefix: &str) -> Result<(), StoreError> {
-        let pattern = format!("{}%", prefix.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
+        let pattern = starting_with(prefix);
         let q = self.client.query(super::queries::KILL_REPLAY_INSERTS).bind(&pattern);
         self.bounded(q.execute()).await?;
         self.until_ended(|| self.client.query(super::queries::RUNNING_QUERIES).bind(&pattern)).await

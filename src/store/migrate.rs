@@ -348,7 +348,7 @@ async fn statement_prefix(ch: &ClickHouse) -> Result<String, StoreError> {
 /// aggregates twice, and once it ends, this run finds what it did (a copy runs only into an empty
 /// grain).
 async fn wait_for_earlier_statements(ch: &ClickHouse) -> Result<(), StoreError> {
-    let pattern = format!("{}%", statement_prefix(ch).await?);
+    let pattern = super::clickhouse::starting_with(&statement_prefix(ch).await?);
     let mut said = false;
     loop {
         let running: Vec<u64> =
