@@ -31,8 +31,8 @@ const LOCK_TABLE: &str = "schema_migrations_lock";
 
 /// Age (by the table's creation time, as ClickHouse records it) past which a lock is taken for
 /// that of an instance that died while migrating. Most migrations take seconds (DDL); one that
-/// copies existing aggregates (0008) can take minutes on a large database, and a taker then
-/// waits for its statement to end (see the module's comment).
+/// copies existing aggregates (0008) can take minutes on a large database, so a lock is not
+/// taken over while one of its database's migration statements runs.
 pub const LOCK_STALE_AFTER: Duration = Duration::from_secs(300);
 
 /// How often a waiting instance looks at the lock again.
@@ -185,7 +185,9 @@ async fn lock(ch: &ClickHouse) -> Result<String, StoreError> {
             Err(e) => return Err(e),
         }
         let Some((age, query)) = lock_state(ch, LOCK_TABLE).await? else { continue };
-        if age >= LOCK_STALE_AFTER.as_secs() as i64 {
+        // Old, but not stale while one of its migration statements runs (a long copy): its holder
+        // is at work, and running the same migration beside it could copy twice.
+        if age >= LOCK_STALE_AFTER.as_secs() as i64 && running_statements(ch).await? == 0 {
             take_over(ch, &me, holder_of(&query), age).await?;
             continue;
         }
@@ -343,17 +345,22 @@ async fn statement_prefix(ch: &ClickHouse) -> Result<String, StoreError> {
     Ok(format!("{STATEMENT_ID_PREFIX}{}-", db.into_iter().next().unwrap_or_default()))
 }
 
+/// How many of this database's migration statements run on the server.
+async fn running_statements(ch: &ClickHouse) -> Result<u64, StoreError> {
+    let pattern = super::clickhouse::starting_with(&statement_prefix(ch).await?);
+    let running: Vec<u64> =
+        ch.fetch_all(ch.client().query(super::queries::RUNNING_QUERIES).bind(&pattern)).await?;
+    Ok(running.into_iter().next().unwrap_or(0))
+}
+
 /// Waits while a migration statement of an earlier run still runs on the server (its caller
 /// stopped waiting for it, or died): running this run's statements beside it could copy the same
 /// aggregates twice, and once it ends, this run finds what it did (a copy runs only into an empty
 /// grain).
 async fn wait_for_earlier_statements(ch: &ClickHouse) -> Result<(), StoreError> {
-    let pattern = super::clickhouse::starting_with(&statement_prefix(ch).await?);
     let mut said = false;
     loop {
-        let running: Vec<u64> =
-            ch.fetch_all(ch.client().query(super::queries::RUNNING_QUERIES).bind(&pattern)).await?;
-        let running = running.into_iter().next().unwrap_or(0);
+        let running = running_statements(ch).await?;
         if running == 0 {
             return Ok(());
         }
