@@ -159,8 +159,8 @@ pub fn read_first<E: Endpoint>(ep: E) -> impl Endpoint<Output = E::Output> {
 /// checks again ([`ApiKeys::require`]): an operation without the transform stays protected.
 fn key_first<E: Endpoint>(ep: E, scope: Scope) -> impl Endpoint<Output = E::Output> {
     ep.before(move |req: Request| async move {
-        let keys = req.data::<Arc<ApiKeys>>().filter(|keys| !keys.is_open()).cloned();
-        if let Some(keys) = keys {
+        // Absent while the service is open (the front endpoint hands them over only when set).
+        if let Some(keys) = req.data::<Arc<ApiKeys>>().cloned() {
             let mut no_body = RequestBody::default();
             let credentials =
                 Credentials::from_request(&req, &mut no_body, ExtractParamOptions::default()).await?;

@@ -869,9 +869,12 @@ impl<A: Endpoint, O: Endpoint> Front<A, O> {
             if hot.is_none() {
                 // The hot routes take it as an argument: an insert here allocates the request's
                 // extension map, which they do not need otherwise. The keys are for the
-                // operations that check them before reading their parameters and body.
+                // operations that check them before reading their parameters and body (an open
+                // service has none to check).
                 req.set_data(rules);
-                req.set_data(self.limits.api_keys.clone());
+                if !self.limits.api_keys.is_open() {
+                    req.set_data(self.limits.api_keys.clone());
+                }
             }
             let result = if docs {
                 // Boxed: the documentation's router future is the largest of these, and

@@ -160,7 +160,11 @@ pub struct AdWindow {
 
 /// `[1,0,3]`, ClickHouse's text form of an array of unsigned integers.
 fn parse_array<T: std::str::FromStr>(text: &str) -> Option<Vec<T>> {
-    let inner = text.strip_prefix('[')?.strip_suffix(']')?;
+    parse_list(text.strip_prefix('[')?.strip_suffix(']')?)
+}
+
+/// `1,0,3`: the elements of an array without its brackets.
+fn parse_list<T: std::str::FromStr>(inner: &str) -> Option<Vec<T>> {
     if inner.is_empty() {
         return Some(Vec::new());
     }
@@ -170,9 +174,10 @@ fn parse_array<T: std::str::FromStr>(text: &str) -> Option<Vec<T>> {
 /// `([303,400],[2,7])`, the text form of `sumMapIfMerge(error_codes)`: the codes ascending and
 /// their counts; returned most frequent first (then by code), as the answer lists them.
 fn parse_errors(text: &str) -> Option<Vec<ErrorCount>> {
-    let (codes, counts) = text.strip_prefix('(')?.strip_suffix(')')?.split_once("],[")?;
-    let codes: Vec<u16> = parse_array(&format!("{codes}]"))?;
-    let counts: Vec<u64> = parse_array(&format!("[{counts}"))?;
+    // Read in place: every hour line carries such a tuple.
+    let (codes, counts) = text.strip_prefix("([")?.strip_suffix("])")?.split_once("],[")?;
+    let codes: Vec<u16> = parse_list(codes)?;
+    let counts: Vec<u64> = parse_list(counts)?;
     if codes.len() != counts.len() {
         return None;
     }
