@@ -10,8 +10,12 @@ library only. For each timeframe (1h, 24h, 7d, 30d, all):
   total it answers with: each kind's count, unique clicks, the playback position of clicks, VAST
   errors by code and the filtered traffic by reason), sent concurrently to ClickHouse's HTTP
   interface (the endpoint sends one query, which reads all of it from `ad_counts`), a request
-  counting as done when both answered; after a warm-up the two sides take turns, request by
-  request, so that both see the same machine (it is shared, and its speed drifts within a run);
+  counting as done when both answered; after a warm-up the two sides take turns in runs of
+  `--block` requests, so that both see the same machine (it is shared, and its speed drifts
+  within a run) without each endpoint request following a raw query: a raw query reads a
+  hundred megabytes or more and leaves ClickHouse's caches cold for whatever runs next, which
+  cost the endpoint about 2 ms at p50 when the sides took turns request by request (`--block 1`,
+  the method before 2026-11-23's evening);
 - every ad: `GET /ads/analytics?timeframe=…` against one raw query (per ad impressions, clicks and
   unique clicks over the window, busiest first, top 100).
 
@@ -200,26 +204,30 @@ class Bench:
         return time.perf_counter() - t0, answers
 
     def time_both(self, path: str | None, queries: list[str]) -> tuple[list[float] | None, list[float], list]:
-        """Warm-up, then the timed requests, the endpoint's and the raw SQL's taking turns, so that
-        both sides see the same machine (it is shared, and its speed drifts within a run). Returns
-        the endpoint's seconds per request (None without an endpoint), the raw SQL's, and the raw
-        SQL's last answers."""
+        """Warm-up, then the timed requests, the endpoint's and the raw SQL's taking turns in runs
+        of --block requests, so that both sides see the same machine (it is shared, and its speed
+        drifts within a run). Returns the endpoint's seconds per request (None without an
+        endpoint), the raw SQL's, and the raw SQL's last answers."""
         answers: list = []
         ep: list[float] | None = [] if path is not None else None
         raw: list[float] = []
-        for i in range(self.args.warmup + self.args.requests):
-            timed = i >= self.args.warmup
-            if path is not None:
+        total, block = self.args.warmup + self.args.requests, self.args.block
+        for first in range(0, total, block):
+            run = range(first, min(first + block, total))
+            for i in run:
+                if path is None:
+                    break
                 t0 = time.perf_counter()
                 status, body = self.get(path)
-                if timed:
+                if i >= self.args.warmup:
                     ep.append(time.perf_counter() - t0)
                 if status != 200:
                     self.errors.append(f"GET {path} answered {status}: {body[:300].decode(errors='replace')}")
                     path, ep = None, None
-            took, answers = self.raw_once(queries)
-            if timed:
-                raw.append(took)
+            for i in run:
+                took, answers = self.raw_once(queries)
+                if i >= self.args.warmup:
+                    raw.append(took)
         return ep, raw, answers
 
     # ------------------------------------------------------------ windows
@@ -446,16 +454,18 @@ def main() -> int:
     p.add_argument("--clickhouse", required=True, help="ClickHouse's HTTP URL")
     p.add_argument("--database", required=True)
     p.add_argument("--ad", required=True, help="the ad to time (the hottest)")
-    p.add_argument("--requests", type=int, default=200, help="timed requests per timeframe and side")
+    p.add_argument("--requests", type=int, default=500, help="timed requests per timeframe and side")
     p.add_argument("--warmup", type=int, default=20, help="untimed requests before those")
+    p.add_argument("--block", type=int, default=10, help="requests per side before the other side's turn")
     p.add_argument("--out", required=True, help="markdown report")
     p.add_argument("--note", default="", help="a line about the data, for the report")
     args = p.parse_args()
-    if args.requests < 1 or args.warmup < 0:
-        p.error("--requests must be >= 1 and --warmup >= 0")
+    if args.requests < 1 or args.warmup < 0 or args.block < 1:
+        p.error("--requests and --block must be >= 1 and --warmup >= 0")
 
     bench = Bench(args)
-    log(f"{args.requests} timed requests per timeframe and side, after {args.warmup} warm-up requests")
+    log(f"{args.requests} timed requests per timeframe and side in turns of {args.block}, "
+        f"after {args.warmup} warm-up requests")
     log(f"one ad ({args.ad}):")
     ad_rows = bench.run_ad()
     log("every ad:")
@@ -465,8 +475,9 @@ def main() -> int:
     md = [f"<!-- scripts/bench-analytics.sh, {when} -->", ""]
     if args.note:
         md += [f"Data: {args.note}.", ""]
-    md += [f"Timing: {args.requests} requests per timeframe and side, the two sides taking turns request by "
-          f"request, after {args.warmup} warm-up requests; the endpoint on one keep-alive connection. Raw SQL: the same numbers computed from `events` for the "
+    turns = "request by request" if args.block == 1 else f"in runs of {args.block} requests"
+    md += [f"Timing: {args.requests} requests per timeframe and side, the two sides taking turns {turns}, "
+          f"after {args.warmup} warm-up requests; the endpoint on one keep-alive connection. Raw SQL: the same numbers computed from `events` for the "
           "endpoint's own [from, to), through ClickHouse's HTTP interface.", ""]
     if bench.endpoint_missing:
         md += ["**GET /ads/analytics does not exist yet (404): only the raw SQL was timed, over windows "
