@@ -234,9 +234,9 @@ while :; do
   sleep 1
 done
 log "merges settled after $(($(date +%s) - settle_start)) s"
-# The load writes 35 days in well under a minute, so the previous month ends up in one part per INSERT
-# that touched it, of similar sizes, and 18.16's merge selector leaves such parts alone for hours
-# (it merges similar parts only once they are old). On a server that has run for a while, a month
+# The load writes 35 days in well under a minute, so the previous month ends up in one part per
+# INSERT that touched it, of similar sizes, and 18.16's merge selector leaves such parts alone for
+# hours (it merges similar parts only once they are old). On a server that has run for a while, a month
 # that no longer takes inserts has been merged: its parts were written over weeks, merged as they
 # came, and merged again as they aged. Every query reads every part of its partitions (an index
 # look-up and at least one granule each), so the two states time differently: 30 days of one ad
