@@ -240,8 +240,8 @@ log "merges settled after $(($(date +%s) - settle_start)) s"
 # that no longer takes inserts has been merged: its parts were written over weeks, merged as they
 # came, and merged again as they aged. Every query reads every part of its partitions (an index
 # look-up and at least one granule each), so the two states time differently: 30 days of one ad
-# from ad_counts took 6.5 ms (p50, sent directly) with the previous month in 4 parts and 5.4 ms
-# with it in one. The current month is left as the load left it, as it would be live. Raw
+# from ad_counts took 6.5 ms (p50, sent directly) as the load left it (6 parts, the previous month
+# in 4) and 5.4 ms with each month merged into one part. The current month is left as the load left it, as it would be live. Raw
 # `events` gets the same treatment, so both sides of the comparison read merged months.
 at_rest=no
 if [ "$AT_REST" = 1 ]; then
