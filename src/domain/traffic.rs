@@ -147,7 +147,7 @@ const SEEN_SLOTS: usize = 1024;
 /// Why: a player sends the same agent with every beacon of a view, and the agents of one
 /// campaign's audience are a few hundred browser and device versions. The search over the
 /// agent was the largest single item of a click's own work (callgrind: about 1,200 of some
-/// 28,800 instructions, with a 108-byte agent); a slot's look-up is one hash of the agent and one
+/// 30,000 instructions, with a 108-byte agent); a slot's look-up is one hash of the agent and one
 /// comparison. The whole agent is compared, so a hash collision costs a search, never a wrong
 /// class; agents longer than `PREFILTER_MAX` are not kept.
 #[derive(Debug)]
