@@ -164,15 +164,8 @@ struct Fields<'a> {
 }
 
 impl<'a> Fields<'a> {
-    /// Takes `byte` if the line goes on with it.
-    fn eat(&mut self, byte: u8) -> Option<()> {
-        let rest = self.rest.strip_prefix(char::from(byte))?;
-        self.rest = rest;
-        Some(())
-    }
-
     /// Takes `text` if the line goes on with it.
-    fn eat_str(&mut self, text: &str) -> Option<()> {
+    fn eat(&mut self, text: &str) -> Option<()> {
         self.rest = self.rest.strip_prefix(text)?;
         Some(())
     }
@@ -216,7 +209,7 @@ impl<'a> Fields<'a> {
 
     /// A tab between two fields.
     fn tab(&mut self) -> Option<()> {
-        self.eat(b'\t')
+        self.eat("\t")
     }
 
     /// A `DateTime('UTC')` column's text, `2024-03-31 22:00:00`, as unix seconds.
@@ -251,7 +244,7 @@ impl<'a> Fields<'a> {
     /// The fields after the hour: the counts array, unique clicks, the clicks' playback sum and the
     /// errors by code, and nothing after them.
     fn line(mut self) -> Option<Line> {
-        self.eat(b'[')?;
+        self.eat("[")?;
         // ad_counts' arrays have up to 61 elements (see Counts).
         let counts = Counts(self.uints(b']', 64)?);
         self.tab()?;
@@ -266,11 +259,11 @@ impl<'a> Fields<'a> {
     /// `([303,400],[2,7])`, the text form of `sumMapIfMerge(error_codes)`: the codes ascending and
     /// their counts; returned most frequent first (then by code), as the answer lists them.
     fn errors(&mut self) -> Option<Vec<ErrorCount>> {
-        self.eat_str("([")?;
+        self.eat("([")?;
         let codes: Vec<u16> = self.uints(b']', 0)?;
-        self.eat_str(",[")?;
+        self.eat(",[")?;
         let counts: Vec<u64> = self.uints(b']', codes.len())?;
-        self.eat(b')')?;
+        self.eat(")")?;
         if codes.len() != counts.len() {
             return None;
         }
