@@ -34,7 +34,8 @@ pub enum RejectReason {
     HeaderTimeout,
     /// A request HTTP itself refused before any endpoint saw it: a malformed request line or
     /// header, a bad or conflicting Content-Length, a head too large (400, 431, 414: hyper's
-    /// own answer, without a JSON body; counted in `adbeacon_requests_rejected_total`).
+    /// own refusal, which the server gives the JSON body of every other refusal; counted in
+    /// `adbeacon_requests_rejected_total`).
     MalformedHttp,
     /// A method the endpoint does not serve (405).
     MethodNotAllowed,

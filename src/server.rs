@@ -6,7 +6,8 @@
 //! same poem endpoint (routing, extractors, OpenAPI stay poem's). Shutdown costs one atomic load
 //! per poll: each connection registers its task's waker once, and shutdown wakes them all.
 //! The header read timeout costs one timer per connection (`HeadWatch`), not hyper's one per
-//! request.
+//! request. hyper answers a head it cannot parse itself, with no body; the socket wrapper
+//! (`Watched`) writes the `{"error": …}` answer every other refusal gets in its place.
 //!
 //! HTTP/2 is not served: players, ad servers and browsers reach adbeacon through a load balancer
 //! or directly over HTTP/1.1, and HTTP/2 to the origin brings nothing to one-request beacons.
@@ -22,7 +23,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    task::{Context, Poll, Waker},
+    task::{Context, Poll, Waker, ready},
     time::Duration,
 };
 
@@ -233,7 +234,7 @@ async fn connection<E>(
     let conn = http1::Builder::new()
         .keep_alive(true)
         .max_buf_size(MAX_CONNECTION_BUFFER)
-        .serve_connection(TokioIo::new(Watched { stream, clock: clock.clone() }), service);
+        .serve_connection(TokioIo::new(Watched { stream, clock: clock.clone(), refusal: None }), service);
     let id = signal.next_id.fetch_add(1, Ordering::Relaxed);
     let graceful = Graceful {
         conn: Box::pin(conn),
@@ -248,6 +249,9 @@ async fn connection<E>(
         Some(Ok(())) => {}
         Some(Err(e)) if e.is_parse() || e.is_parse_too_large() => {
             (limits.on_malformed)();
+            // With the id its answer carries, so a caller's report can be matched to this line.
+            let mut id = clock.refused.get().cloned();
+            let _scope = crate::telemetry::RequestScope::enter(&mut id);
             tracing::debug!(error = %e, "refused a malformed request");
         }
         // Clients closing mid-request are ordinary; nothing the operator must act on.
@@ -278,11 +282,18 @@ struct HeadClock {
     /// a slow client, not an idle keep-alive connection.
     partial: AtomicBool,
     start: tokio::time::Instant,
+    /// The request id of the JSON answer put on hyper's refusal of a head, for the log line.
+    refused: std::sync::OnceLock<poem::http::HeaderValue>,
 }
 
 impl HeadClock {
     fn new() -> Self {
-        Self { since: AtomicU64::new(0), partial: AtomicBool::new(false), start: tokio::time::Instant::now() }
+        Self {
+            since: AtomicU64::new(0),
+            partial: AtomicBool::new(false),
+            start: tokio::time::Instant::now(),
+            refused: std::sync::OnceLock::new(),
+        }
     }
 
     /// Milliseconds since the connection opened (u64 holds 584 million years of them).
@@ -377,10 +388,12 @@ impl HeadWatch {
 }
 
 /// A connection's socket that tells its `HeadClock` when request bytes arrive and when an
-/// answer is written.
+/// answer is written, and that puts a JSON body on hyper's own refusals of a head.
 struct Watched {
     stream: TcpStream,
     clock: Arc<HeadClock>,
+    /// The answer written in place of hyper's bodiless refusal, and how much of it is written.
+    refusal: Option<(Vec<u8>, usize)>,
 }
 
 impl tokio::io::AsyncRead for Watched {
@@ -400,6 +413,9 @@ impl tokio::io::AsyncRead for Watched {
 
 impl tokio::io::AsyncWrite for Watched {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if let Some(refused) = self.refuse(cx, &[io::IoSlice::new(buf)]) {
+            return refused;
+        }
         let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
         self.written(&polled);
         polled
@@ -411,6 +427,9 @@ impl tokio::io::AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if let Some(refused) = self.refuse(cx, bufs) {
+            return refused;
+        }
         let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
         self.written(&polled);
         polled
@@ -421,15 +440,61 @@ impl tokio::io::AsyncWrite for Watched {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.write_refusal(cx))?;
         Pin::new(&mut self.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.write_refusal(cx))?;
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
 impl Watched {
+    /// Writes adbeacon's JSON answer in place of `bufs` when they are hyper's own refusal of a
+    /// head it could not parse (see [`refusal_answer`]). hyper's bytes then count as written;
+    /// whatever of the replacement the socket does not take at once goes out with the flush or
+    /// the shutdown that follow a refusal.
+    fn refuse(&mut self, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Option<Poll<io::Result<usize>>> {
+        // The cheap test first: every answer's first write passes through here.
+        let first = bufs.iter().find(|b| !b.is_empty())?;
+        if !first.starts_with(b"HTTP/1.1 4") || self.refusal.is_some() {
+            return None;
+        }
+        // hyper refuses a head only between answers: never while a request is served, nor
+        // before an answer handed over has been written (then this is that answer).
+        let state = self.clock.since.load(Ordering::Relaxed);
+        if state == SERVING || state == ANSWERED {
+            return None;
+        }
+        let head: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+        let id = crate::api::new_request_id();
+        let answer = refusal_answer(&head, &id)?;
+        let _ = self.clock.refused.set(id);
+        self.refusal = Some((answer, 0));
+        if let Poll::Ready(Err(e)) = self.write_refusal(cx) {
+            return Some(Poll::Ready(Err(e)));
+        }
+        let consumed = Poll::Ready(Ok(head.len()));
+        self.written(&consumed);
+        Some(consumed)
+    }
+
+    /// Writes what is left of the refusal's answer, if any.
+    fn write_refusal(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Self { stream, refusal, .. } = self;
+        if let Some((answer, done)) = refusal {
+            while *done < answer.len() {
+                match ready!(tokio::io::AsyncWrite::poll_write(Pin::new(&mut *stream), cx, &answer[*done..]))?
+                {
+                    0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    n => *done += n,
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
     fn written(&self, polled: &Poll<io::Result<usize>>) {
         if matches!(polled, Poll::Ready(Ok(n)) if *n > 0) {
             self.clock.partial.store(false, Ordering::Relaxed);
@@ -439,6 +504,115 @@ impl Watched {
             if self.clock.since.load(Ordering::Relaxed) != SERVING {
                 self.clock.since.store(self.clock.now_ms(), Ordering::Relaxed);
             }
+        }
+    }
+}
+
+/// adbeacon's answer for hyper's own refusal `head`, or None if `head` is not one. hyper answers
+/// a request line, header or `Content-Length` it cannot parse (400), a URI over 65,534 bytes
+/// (414) or a head larger than the connection's buffer (431) itself, before any endpoint sees
+/// the request, with a head alone (`content-length: 0`). The answer keeps its status, its `date`
+/// and its `connection: close`, and adds the `{"error": …}` body and a request id (`id`), as
+/// every other answer has.
+fn refusal_answer(head: &[u8], id: &poem::http::HeaderValue) -> Option<Vec<u8>> {
+    let head = std::str::from_utf8(head).ok()?;
+    let lines: Vec<&str> = head.strip_suffix("\r\n\r\n")?.split("\r\n").collect();
+    let header = |name: &str| {
+        lines[1..].iter().find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    };
+    if header("content-length") != Some("0") {
+        return None;
+    }
+    let (status, error) = match lines[0].strip_prefix("HTTP/1.1 ")?.get(..3)? {
+        "400" => (
+            "400 Bad Request",
+            "the request is not valid HTTP/1.1: its request line, a header or its Content-Length \
+             could not be parsed"
+                .to_string(),
+        ),
+        "414" => ("414 URI Too Long", "the request's URI is too long: at most 65,534 bytes".to_string()),
+        "431" => (
+            "431 Request Header Fields Too Large",
+            format!(
+                "the request's line and headers are too large: keep them under {} KiB",
+                MAX_CONNECTION_BUFFER / 1024
+            ),
+        ),
+        _ => return None,
+    };
+    let body = serde_json::to_vec(&crate::api::error::ErrorBody { error }).ok()?;
+    let mut answer = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json; charset=utf-8\r\ncontent-length: {}\r\n\
+         connection: close\r\nx-request-id: {}\r\n",
+        body.len(),
+        id.to_str().unwrap_or_default(),
+    );
+    if let Some(date) = header("date") {
+        answer.push_str(&format!("date: {date}\r\n"));
+    }
+    answer.push_str("\r\n");
+    let mut answer = answer.into_bytes();
+    answer.extend_from_slice(&body);
+    Some(answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(head: &str) -> Option<String> {
+        let id = poem::http::HeaderValue::from_static("id-1");
+        refusal_answer(head.as_bytes(), &id).map(|a| String::from_utf8(a).unwrap())
+    }
+
+    /// hyper's three refusals, byte for byte as hyper 1.x writes them.
+    #[test]
+    fn hypers_refusals_get_a_json_body() {
+        let date = "date: Tue, 24 Nov 2026 00:33:26 GMT";
+        for (status, reason, needle) in [
+            (400, "Bad Request", "not valid HTTP/1.1"),
+            (414, "URI Too Long", "URI is too long"),
+            (431, "Request Header Fields Too Large", "under 64 KiB"),
+        ] {
+            let head = format!(
+                "HTTP/1.1 {status} {reason}\r\nconnection: close\r\ncontent-length: 0\r\n{date}\r\n\r\n"
+            );
+            let answer = answer(&head).unwrap_or_else(|| panic!("{status} not recognised"));
+            let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+            assert!(head.starts_with(&format!("HTTP/1.1 {status} {reason}\r\n")), "{head}");
+            for line in [
+                "content-type: application/json; charset=utf-8",
+                "connection: close",
+                "x-request-id: id-1",
+                date,
+            ] {
+                assert!(head.split("\r\n").any(|l| l == line), "{line:?} missing from {head}");
+            }
+            let length: usize =
+                head.split("\r\n").find_map(|l| l.strip_prefix("content-length: ")).unwrap().parse().unwrap();
+            assert_eq!(length, body.len());
+            let error: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert!(error["error"].as_str().unwrap().contains(needle), "{error}");
+        }
+    }
+
+    /// Only a bodiless 400, 414 or 431 head is replaced: never an answer with a body, another
+    /// status, or bytes that are not a whole head.
+    #[test]
+    fn other_bytes_are_not_refusals() {
+        for head in [
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 12\r\n\r\n",
+            "HTTP/1.1 404 Not Found\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n",
+            "HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\r\n",
+            "HTTP/1.0 400 Bad Request\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n{\"a\":1}",
+            "{\"error\":\"HTTP/1.1 400 \"}",
+        ] {
+            assert_eq!(answer(head), None, "{head:?}");
         }
     }
 }

@@ -715,30 +715,33 @@ fn refusal_reason(resp: &mut Response) -> Option<RejectReason> {
 pub const REQUEST_ID: poem::http::HeaderName = poem::http::HeaderName::from_static("x-request-id");
 
 /// The request's own id if it is 1 to 128 characters of letters, digits and `-_.:/+=` (nothing a
-/// JSON string or a log line would have to escape), else a new one: this process's random prefix
-/// and a counter (16 hex digits each), unique without a random draw per request.
+/// JSON string or a log line would have to escape), else a new one ([`new_request_id`]).
 fn request_id(headers: &poem::http::HeaderMap) -> poem::http::HeaderValue {
-    static PREFIX: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| Uuid::new_v4().as_u64_pair().0);
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let sane = |v: &&poem::http::HeaderValue| {
         let b = v.as_bytes();
         (1..=128).contains(&b.len()) && b.iter().all(|c| c.is_ascii_alphanumeric() || b"-_.:/+=".contains(c))
     };
     match headers.get(REQUEST_ID).filter(sane) {
         Some(v) => v.clone(),
-        None => {
-            // Hex digits written by hand: `format!` was a third of this function's cost.
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let mut text = [b'-'; 33];
-            for (i, word) in [*PREFIX, n].into_iter().enumerate() {
-                for j in 0..16 {
-                    text[i * 17 + j] = HEX[((word >> (60 - 4 * j)) & 0xf) as usize];
-                }
-            }
-            poem::http::HeaderValue::from_bytes(&text).expect("hex digits are a valid header value")
+        None => new_request_id(),
+    }
+}
+
+/// A new request id: this process's random prefix and a counter (16 hex digits each), unique
+/// without a random draw per request.
+pub(crate) fn new_request_id() -> poem::http::HeaderValue {
+    static PREFIX: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| Uuid::new_v4().as_u64_pair().0);
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    // Hex digits written by hand: `format!` was a third of the request id's cost.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut text = [b'-'; 33];
+    for (i, word) in [*PREFIX, n].into_iter().enumerate() {
+        for j in 0..16 {
+            text[i * 17 + j] = HEX[((word >> (60 - 4 * j)) & 0xf) as usize];
         }
     }
+    poem::http::HeaderValue::from_bytes(&text).expect("hex digits are a valid header value")
 }
 
 impl<A: Endpoint, O: Endpoint> Endpoint for Front<A, O> {

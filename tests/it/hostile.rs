@@ -1022,22 +1022,54 @@ async fn connections_past_the_limit_wait_for_one_to_close() {
     assert_eq!(served.unwrap().status(), 200);
 }
 
-/// Requests the HTTP layer refuses itself (a malformed head, conflicting Content-Lengths, a
-/// head over the connection's buffer) never reach an endpoint; they are counted all the same.
+/// Requests the HTTP layer refuses itself (a malformed head, conflicting Content-Lengths, a URI
+/// or a head over the limits) never reach an endpoint. They get the same `{"error": …}` answer
+/// as every other refusal, and are counted all the same; one after a valid request on the same
+/// connection too, after that request's own answer.
 #[tokio::test]
-async fn requests_hyper_refuses_are_counted() {
+async fn requests_hyper_refuses_are_answered_in_json_and_counted() {
     let app = TestApp::spawn().await;
     let sample = r#"adbeacon_requests_rejected_total{reason="malformed_http"}"#;
-    let heads = [
-        "GARBAGE\r\n\r\n".to_string(),
-        "POST /ads/click HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n".to_string(),
-        format!("GET /healthz HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "x".repeat(256 * 1024)),
+    // hyper reads a head in growing steps up to the connection's 64 KiB buffer, so an
+    // oversized URI is refused as too long or, where the buffer fills first, as too large.
+    let cases: [(String, &[u16], &str); 5] = [
+        ("GARBAGE\r\n\r\n".to_string(), &[400], "not valid HTTP/1.1"),
+        (
+            "POST /ads/click HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"
+                .to_string(),
+            &[400],
+            "Content-Length",
+        ),
+        (
+            format!("GET /healthz HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "x".repeat(256 * 1024)),
+            &[431],
+            "too large",
+        ),
+        (format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(70_000)), &[414, 431], "too l"),
+        (
+            "GET /healthz HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/9.9\r\n\r\n".to_string(),
+            &[400],
+            "not valid HTTP/1.1",
+        ),
     ];
-    for (i, head) in heads.iter().enumerate() {
+    for (i, (head, statuses, needle)) in cases.iter().enumerate() {
         let mut s = TcpStream::connect(addr(&app)).await.unwrap();
         let _ = s.write_all(head.as_bytes()).await;
-        let raw = read_response(&mut s).await;
-        assert!((400..500).contains(&raw.status), "{i}: {}", raw.status);
+        // Everything up to the close: the connection must end after the refusal.
+        let mut all = Vec::new();
+        let read = tokio::time::timeout(PATIENCE, s.read_to_end(&mut all)).await.expect("closed within 10 s");
+        assert!(read.is_ok() || !all.is_empty(), "{i}: {read:?}");
+        let mut answers = &all[..];
+        if i == 4 {
+            let second = all.windows(9).skip(1).position(|w| w == b"HTTP/1.1 ").expect("two answers") + 1;
+            let first = read_response(&mut &all[..second]).await;
+            assert_eq!(first.status, 200, "the valid request first: {} {}", first.headers, first.body);
+            answers = &all[second..];
+        }
+        let raw = read_response(&mut answers).await;
+        assert!(statuses.contains(&raw.status), "{i}: {} {}", raw.headers, raw.body);
+        assert_refused(&raw, raw.status, needle);
+        assert!(raw.headers.contains("x-request-id: "), "{i}: {}", raw.headers);
     }
-    assert_eq!(app.metric(sample).await, 3);
+    assert_eq!(app.metric(sample).await, cases.len() as u64);
 }
