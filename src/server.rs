@@ -7,7 +7,9 @@
 //! per poll: each connection registers its task's waker once, and shutdown wakes them all.
 //! The header read timeout costs one timer per connection (`HeadWatch`), not hyper's one per
 //! request. hyper answers a head it cannot parse itself, with no body; the socket wrapper
-//! (`Watched`) writes the `{"error": …}` answer every other refusal gets in its place.
+//! (`Watched`) writes the `{"error": …}` answer every other refusal gets in its place, and
+//! lingers on a connection hyper closes, so that an answer sent before the body was read is not
+//! lost to a reset.
 //!
 //! HTTP/2 is not served: players, ad servers and browsers reach adbeacon through a load balancer
 //! or directly over HTTP/1.1, and HTTP/2 to the origin brings nothing to one-request beacons.
@@ -231,10 +233,10 @@ async fn connection<E>(
     // No hyper timer: its header read timeout arms and drops a timer for every request, about
     // 1,300 instructions of a click's 31,700 (callgrind). The watch below keeps one timer per
     // connection and looks at the clock only when it fires.
-    let conn = http1::Builder::new()
-        .keep_alive(true)
-        .max_buf_size(MAX_CONNECTION_BUFFER)
-        .serve_connection(TokioIo::new(Watched { stream, clock: clock.clone(), refusal: None }), service);
+    let conn = http1::Builder::new().keep_alive(true).max_buf_size(MAX_CONNECTION_BUFFER).serve_connection(
+        TokioIo::new(Watched { stream, clock: clock.clone(), refusal: None, linger: None }),
+        service,
+    );
     let id = signal.next_id.fetch_add(1, Ordering::Relaxed);
     let graceful = Graceful {
         conn: Box::pin(conn),
@@ -394,6 +396,22 @@ struct Watched {
     clock: Arc<HeadClock>,
     /// The answer written in place of hyper's bodiless refusal, and how much of it is written.
     refusal: Option<(Vec<u8>, usize)>,
+    /// Set when hyper shuts the connection down, while what the client still sends is drained.
+    linger: Option<Linger>,
+}
+
+/// How long a closing connection keeps reading what its client still sends (a body the answer
+/// came before, such as a 401's or a 413's), so that closing it does not reset the connection
+/// before the client has sent it all and read the answer: a reset makes a client that sends its
+/// whole body before reading (Python's `http.client`, for one) fail with a broken pipe instead.
+const LINGER: Duration = Duration::from_secs(2);
+/// At most this much is read and thrown away while lingering.
+const LINGER_BYTES: usize = 16 * 1024 * 1024;
+
+/// A closing connection's lingering: its deadline and how much it has thrown away.
+struct Linger {
+    until: Pin<Box<tokio::time::Sleep>>,
+    discarded: usize,
 }
 
 impl tokio::io::AsyncRead for Watched {
@@ -444,9 +462,15 @@ impl tokio::io::AsyncWrite for Watched {
         Pin::new(&mut self.stream).poll_flush(cx)
     }
 
+    // hyper shuts down a connection it will not keep: the answer sent, this closes the sending
+    // side and lingers (see `LINGER`) before the socket is closed.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.write_refusal(cx))?;
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        if self.linger.is_none() {
+            ready!(Pin::new(&mut self.stream).poll_shutdown(cx))?;
+            self.linger = Some(Linger { until: Box::pin(tokio::time::sleep(LINGER)), discarded: 0 });
+        }
+        self.poll_linger(cx)
     }
 }
 
@@ -478,6 +502,28 @@ impl Watched {
         let consumed = Poll::Ready(Ok(head.len()));
         self.written(&consumed);
         Some(consumed)
+    }
+
+    /// Reads and throws away what the client still sends, until it closes its side or resets the
+    /// connection, `LINGER` has passed or `LINGER_BYTES` are read.
+    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Self { stream, linger, .. } = self;
+        let Some(linger) = linger else { return Poll::Ready(Ok(())) };
+        let mut scratch = [0u8; 8192];
+        loop {
+            let mut buf = tokio::io::ReadBuf::new(&mut scratch);
+            match tokio::io::AsyncRead::poll_read(Pin::new(&mut *stream), cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                    linger.discarded += buf.filled().len();
+                    if linger.discarded >= LINGER_BYTES {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                // The client's end, or its reset: nothing is left to protect.
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => return linger.until.as_mut().poll(cx).map(Ok),
+            }
+        }
     }
 
     /// Writes what is left of the refusal's answer, if any.

@@ -831,6 +831,40 @@ async fn hostile_oversized_streams_are_cut_at_the_limit() {
     only_valid_traffic_is_stored(&app, 0).await;
 }
 
+/// An answer that comes before the body (a 401 for an unknown key, a 413 for a declared length
+/// over the limit) reaches a client that sends its whole body before it reads, as Python's
+/// `http.client` does: the server reads and throws away the rest of the body before it closes,
+/// where closing with it unread would reset the connection and fail the client's sending.
+#[tokio::test]
+async fn early_answers_reach_clients_that_send_the_whole_body_first() {
+    let admin = "a".repeat(24);
+    let app = TestApp::spawn_with(&[("API_KEYS", &format!("admin:{admin}"))]).await;
+    // Far more than the two sockets' buffers hold, so that the client is still sending when
+    // the answer is written.
+    let body = vec![b' '; 12 * 1024 * 1024];
+    let cases = [
+        ("/ads", format!("X-API-Key: {}\r\n", "w".repeat(24)), 401, "not valid"),
+        ("/ads", format!("X-API-Key: {admin}\r\n"), 413, "larger than the 65536-byte limit"),
+        ("/ads/click", String::new(), 413, "larger than the 65536-byte limit"),
+    ];
+    for (path, key, status, needle) in cases {
+        let mut s = TcpStream::connect(addr(&app)).await.unwrap();
+        let head = head("POST", path, &format!("{key}Content-Length: {}\r\n", body.len()));
+        let sent = tokio::time::timeout(PATIENCE, async {
+            s.write_all(head.as_bytes()).await?;
+            s.write_all(&body).await
+        })
+        .await
+        .expect("the body taken within 10 s");
+        sent.unwrap_or_else(|e| panic!("{path}: sending the whole body failed: {e}"));
+        let raw = read_response(&mut s).await;
+        assert_eq!(raw.status, status, "{path}: {} {}", raw.headers, raw.body);
+        let error: Value = serde_json::from_str(&raw.body).unwrap();
+        assert!(error["error"].as_str().unwrap().contains(needle), "{path}: {error}");
+        assert_closed(&mut s).await;
+    }
+}
+
 /// Slow clients: headers that never end are cut off after HEADER_READ_TIMEOUT (by the HTTP
 /// layer, which closes the connection: no request exists yet to answer, so it is counted, not
 /// answered); a body that does not
