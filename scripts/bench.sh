@@ -169,8 +169,16 @@ declare -A got_2xx=([adbeacon]=0 [noop]=0) unread_max=([adbeacon]=0 [noop]=0)
 bad=() # runs with non-2xx answers or socket errors where none may be
 # measure TARGET ENDPOINT LABEL [ALLOW_503]: one wrk run of DURATION; books its counts.
 measure() {
-  local target="$1" endpoint="$2" label="$3" n
+  local target="$1" endpoint="$2" label="$3" n idle0 total0 idle1 total1
+  # How much of the run the servers' core spent idle: a server short of 100 % of its core
+  # was waiting for wrk (see docs/PERFORMANCE.md, "At saturation").
+  r_idle=""
+  [ -n "$srv_cpus" ] && read -r idle0 total0 < <(cpu_idle "$srv_cpus")
   wrk_script="$endpoint" run_wrk "$target-$endpoint-$label" "${url[$target]}" "${run_duration:-$DURATION}"
+  if [ -n "$srv_cpus" ]; then
+    read -r idle1 total1 < <(cpu_idle "$srv_cpus")
+    r_idle="$(pct $((idle1 - idle0)) $((total1 - total0)))"
+  fi
   [ "$target" = bare ] && return 0
   n="$(events_per_request "$endpoint")"
   got_2xx[$target]=$((got_2xx[$target] + (r_requests - r_non2xx) * n))
@@ -190,7 +198,7 @@ ms() { awk -v us="$1" 'BEGIN { printf "%.2f ms", us / 1000 }'; }
 num() { awk -v r="$1" 'BEGIN { printf "%.0f", r }'; }
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f MiB", k / 1024 }'; }
 
-declare -A rps p50 p99 cpu_m cpu_req requests rows_per_insert inserts_per_s non2xx_sum
+declare -A rps p50 p99 idle cpu_m cpu_req requests rows_per_insert inserts_per_s non2xx_sum
 steady_rss=0 peak_rss=0
 max_of() { awk -v a="$1" -v b="$2" 'BEGIN { print (b > a ? b : a) }'; }
 
@@ -226,6 +234,7 @@ for endpoint in $ENDPOINTS; do
       ok_rps="$(awk -v r="$r_rps" -v n="$r_requests" -v bad="$r_non2xx" 'BEGIN { printf "%.1f", (n > 0 ? r * (n - bad) / n : 0) }')"
       if better "$ok_rps" "${rps[$target:$endpoint]}"; then
         rps[$target:$endpoint]="$ok_rps" p50[$target:$endpoint]="$r_p50" p99[$target:$endpoint]="$r_p99"
+        idle[$target:$endpoint]="$r_idle"
       fi
     done
   done
@@ -328,13 +337,14 @@ rows_md=() targets_md=()
   echo "load:    wrk -t$THREADS -c$CONNECTIONS -d$DURATION, best of $ROUNDS rounds (warm-up $WARMUP)"
   echo "pinning: $pinning"
   echo
-  printf '%-28s %-9s %12s %12s %10s %10s %12s %14s\n' endpoint target "2xx/s" "events/s" p50 p99 "CPU s/M ev" "CPU us/req u+s"
+  printf '%-28s %-9s %12s %12s %10s %10s %12s %14s %10s\n' endpoint target "2xx/s" "events/s" p50 p99 "CPU s/M ev" "CPU us/req u+s" "core idle"
   for endpoint in $ENDPOINTS; do
     for target in bare adbeacon noop; do
       k="$target:$endpoint"
-      printf '%-28s %-9s %12s %12s %10s %10s %12s %14s\n' "${name[$endpoint]}" "$target" "$(num "${rps[$k]}")" \
-        "$(events_s "${rps[$k]}" "$endpoint")" "$(ms "${p50[$k]}")" "$(ms "${p99[$k]}")" "${cpu_m[$k]:-}" "${cpu_req[$k]:-}"
-      rows_md+=("| ${name[$endpoint]} | $target | $(num "${rps[$k]}") | $(events_s "${rps[$k]}" "$endpoint") | $(ms "${p50[$k]}") | $(ms "${p99[$k]}") | ${cpu_m[$k]:-} | ${cpu_req[$k]:-} |")
+      printf '%-28s %-9s %12s %12s %10s %10s %12s %14s %10s\n' "${name[$endpoint]}" "$target" "$(num "${rps[$k]}")" \
+        "$(events_s "${rps[$k]}" "$endpoint")" "$(ms "${p50[$k]}")" "$(ms "${p99[$k]}")" "${cpu_m[$k]:-}" "${cpu_req[$k]:-}" \
+        "${idle[$k]:+${idle[$k]} %}"
+      rows_md+=("| ${name[$endpoint]} | $target | $(num "${rps[$k]}") | $(events_s "${rps[$k]}" "$endpoint") | $(ms "${p50[$k]}") | $(ms "${p99[$k]}") | ${cpu_m[$k]:-} | ${cpu_req[$k]:-} | ${idle[$k]:+${idle[$k]} %} |")
     done
     printf '%-28s adbeacon/bare %s %%, adbeacon/no-op %s %%; %s rows per INSERT, %s INSERTs/s\n' "" \
       "$(pct "${rps[adbeacon:$endpoint]}" "${rps[bare:$endpoint]}")" "$(pct "${rps[adbeacon:$endpoint]}" "${rps[noop:$endpoint]}")" \
@@ -344,11 +354,11 @@ rows_md=() targets_md=()
     for target in bare adbeacon noop; do
       printf '%-28s %-9s %12s %12s %10s %10s\n' "click at half saturation" "$target" "$(num "${rps[$target:half]}")" \
         "$(num "${rps[$target:half]}")" "$(ms "${p50[$target:half]}")" "$(ms "${p99[$target:half]}")"
-      rows_md+=("| click at half of saturation ($half_note) | $target | $(num "${rps[$target:half]}") | $(num "${rps[$target:half]}") | $(ms "${p50[$target:half]}") | $(ms "${p99[$target:half]}") | | |")
+      rows_md+=("| click at half of saturation ($half_note) | $target | $(num "${rps[$target:half]}") | $(num "${rps[$target:half]}") | $(ms "${p50[$target:half]}") | $(ms "${p99[$target:half]}") | | | |")
     done
   fi
   printf '%-28s %-9s %12s %12s %10s %10s\n' "click, ${OVERLOAD}x connections" adbeacon "$(num "$overload_rps")" "" "" "$(ms "$overload_p99")"
-  rows_md+=("| click, ${OVERLOAD}× the connections ($overload_connections) | adbeacon | $(num "$overload_rps") | $(num "$overload_rps") | | $(ms "$overload_p99") | | |")
+  rows_md+=("| click, ${OVERLOAD}× the connections ($overload_connections) | adbeacon | $(num "$overload_rps") | $(num "$overload_rps") | | $(ms "$overload_p99") | | | |")
   echo
   echo "targets:"
   target_line() { # TEXT VALUE VERDICT
@@ -400,6 +410,11 @@ rows_md=() targets_md=()
     "ClickHouse holds $stored rows, $distinct distinct: lost=$lost twice=$twice"
   echo "          the no-op sink acknowledged ${accepted[noop]} and confirmed ${flushed[noop]}"
   echo "          ClickHouse's CPU is not in the CPU s/M ev column (pinned, it runs on wrk's core)"
+  if [ -n "$srv_cpus" ]; then
+    echo "          core idle: the servers' core (cpu $srv_cpus) idle in the best round; a server that saturates"
+    echo "          keeps it near 0 %, so idle time there is time it waited for wrk (ClickHouse on wrk's core"
+    echo "          holds wrk up; see docs/PERFORMANCE.md, \"At saturation\")"
+  fi
   if [ "$dead_lettered" != 0 ] || [ "$insert_failures" != 0 ]; then
     echo "flusher:  $insert_failures failed INSERTs, $dead_lettered events dead-lettered"
   fi
@@ -408,8 +423,8 @@ cat "$tmp/report.txt"
 
 {
   echo "<!-- scripts/bench.sh, $when, rev $rev -->"
-  echo "| endpoint | target | 2xx answers/s | events/s | p50 | p99 | CPU s per million events | CPU µs per request (user + kernel) |"
-  echo "|---|---|---:|---:|---:|---:|---:|---:|"
+  echo "| endpoint | target | 2xx answers/s | events/s | p50 | p99 | CPU s per million events | CPU µs per request (user + kernel) | server core idle |"
+  echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
   printf '%s\n' "${rows_md[@]}"
   echo
   echo "| target | figure | verdict |"

@@ -339,6 +339,15 @@ cpu_split() { # PID
   echo "${12} ${13}"
 }
 
+# cpu_idle CPUS: idle (with iowait) and total clock ticks, space-separated, summed over the CPUs
+# of a taskset list such as 0 or 0-2 (from /proc/stat).
+cpu_idle() { # CPUS
+  awk -v spec="$1" '
+    BEGIN { n = split(spec, parts, ","); for (i = 1; i <= n; i++) { m = split(parts[i], r, "-"); for (c = r[1]; c <= (m > 1 ? r[2] : r[1]); c++) want["cpu" c] = 1 } }
+    $1 in want { for (f = 2; f <= 9; f++) total += $f; idle += $5 + $6 }
+    END { print idle + 0, total + 0 }' /proc/stat
+}
+
 # Waits until adbeacon holds no event (all confirmed by ClickHouse), up to 30 s.
 await_flush() {
   local i=0 held
