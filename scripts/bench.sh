@@ -319,6 +319,14 @@ dead_lettered="$(metric '^adbeacon_events_dead_lettered_total$')"
 insert_failures="$(metric '^adbeacon_insert_failures_total')"
 read -r stored distinct < <(ch_query 'SELECT count(), uniqExact(event_id) FROM bench.events FORMAT TSV') ||
   die "ClickHouse did not answer SELECT count()"
+# ClickHouse's own throttling: with too many parts in a partition it delays INSERTs
+# (parts_to_delay_insert, 150 on 18.16) and past parts_to_throw_insert refuses them; this is
+# what slows a batch run into ClickHouse after others have left it merging.
+read -r ch_delayed ch_delayed_ms ch_refused < <(ch_query "SELECT sumIf(value, event = 'DelayedInserts'),
+  sumIf(value, event = 'DelayedInsertsMilliseconds'), sumIf(value, event = 'RejectedInserts') FROM system.events FORMAT TSV") ||
+  ch_delayed="n/a" ch_delayed_ms="n/a" ch_refused="n/a"
+ch_parts="$(ch_query "SELECT count() FROM system.parts WHERE active AND database = 'bench' AND table = 'events' FORMAT TSV")" ||
+  ch_parts="n/a"
 lost=$((accepted[adbeacon] - distinct))
 twice=$((stored - distinct))
 noop_short=$((accepted[noop] - flushed[noop]))
@@ -410,6 +418,8 @@ rows_md=() targets_md=()
     "ClickHouse holds $stored rows, $distinct distinct: lost=$lost twice=$twice"
   echo "          the no-op sink acknowledged ${accepted[noop]} and confirmed ${flushed[noop]}"
   echo "          ClickHouse's CPU is not in the CPU s/M ev column (pinned, it runs on wrk's core)"
+  echo "clickhouse: $ch_delayed INSERTs delayed for too many parts ($ch_delayed_ms ms in all), $ch_refused refused;" \
+    "$ch_parts active parts in bench.events at the end"
   if [ -n "$srv_cpus" ]; then
     echo "          core idle: the servers' core (cpu $srv_cpus) idle in the best round; a server that saturates"
     echo "          keeps it near 0 %, so idle time there is time it waited for wrk (ClickHouse on wrk's core"
@@ -433,6 +443,7 @@ cat "$tmp/report.txt"
   echo
   echo "Load: wrk -t$THREADS -c$CONNECTIONS -d$DURATION, best of $ROUNDS rounds; $ncpu CPUs; pinning: $pinning."
   echo "Events: ${accepted[adbeacon]} acknowledged, $distinct in ClickHouse ($stored rows), lost=$lost, twice=$twice."
+  echo "ClickHouse: $ch_delayed INSERTs delayed for too many parts ($ch_delayed_ms ms in all), $ch_refused refused; $ch_parts active parts in bench.events at the end."
 } >"$out_dir/last-$pin_mode.md"
 log "wrote $out_dir/last-$pin_mode.md; logs and raw wrk output in $out_dir/last-logs/"
 
