@@ -418,13 +418,13 @@ rows_md=() targets_md=()
     "ClickHouse holds $stored rows, $distinct distinct: lost=$lost twice=$twice"
   echo "          the no-op sink acknowledged ${accepted[noop]} and confirmed ${flushed[noop]}"
   echo "          ClickHouse's CPU is not in the CPU s/M ev column (pinned, it runs on wrk's core)"
-  echo "clickhouse: $ch_delayed INSERTs delayed for too many parts ($ch_delayed_ms ms in all), $ch_refused refused;" \
-    "$ch_parts active parts in bench.events at the end"
   if [ -n "$srv_cpus" ]; then
     echo "          core idle: the servers' core (cpu $srv_cpus) idle in the best round; a server that saturates"
     echo "          keeps it near 0 %, so idle time there is time it waited for wrk (ClickHouse on wrk's core"
     echo "          holds wrk up; see docs/PERFORMANCE.md, \"At saturation\")"
   fi
+  echo "clickhouse: $ch_delayed INSERTs delayed for too many parts ($ch_delayed_ms ms in all), $ch_refused refused;" \
+    "$ch_parts active parts in bench.events at the end"
   if [ "$dead_lettered" != 0 ] || [ "$insert_failures" != 0 ]; then
     echo "flusher:  $insert_failures failed INSERTs, $dead_lettered events dead-lettered"
   fi
