@@ -3,7 +3,11 @@
 
 use std::sync::Arc;
 
-use poem_openapi::{ApiResponse, Object, OpenApi, param::Path, payload::Json};
+use poem_openapi::{
+    ApiResponse, Object, OpenApi,
+    param::{Header, Path},
+    payload::Json,
+};
 use serde::Deserialize;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -12,7 +16,7 @@ use super::{
     ApiTags, State,
     auth::{Credentials, Scope, admin_first, read_first},
     body::JsonBody,
-    error::ApiError,
+    error::{ApiError, ErrorBody},
 };
 use crate::{
     domain::{Ad, MAX_URL_LEN, is_http_url},
@@ -217,17 +221,29 @@ fn next_version_at(previous: u64, now: OffsetDateTime) -> u64 {
 /// Answer of `POST /ads`.
 #[derive(Debug, ApiResponse)]
 pub enum CreatedResponse {
-    /// Created.
+    /// Created, with its version as `ETag`.
     #[oai(status = 201)]
-    Created(Json<AdDetail>, #[oai(header = "Location")] String),
+    Created(Json<AdDetail>, #[oai(header = "Location")] String, #[oai(header = "ETag")] String),
 }
 
-/// Answer of `GET` and `PUT /ads/{id}`.
+/// Answer of `GET /ads/{id}`.
 #[derive(Debug, ApiResponse)]
 pub enum AdResponse {
-    /// The ad.
+    /// The ad, with its version as `ETag` (send it back in `If-Match` to change it safely).
     #[oai(status = 200)]
-    Ok(Json<AdDetail>),
+    Ok(Json<AdDetail>, #[oai(header = "ETag")] String),
+}
+
+/// Answer of `PUT /ads/{id}`.
+#[derive(Debug, ApiResponse)]
+pub enum UpdatedResponse {
+    /// The ad as changed, with its new version as `ETag`.
+    #[oai(status = 200)]
+    Ok(Json<AdDetail>, #[oai(header = "ETag")] String),
+    /// `If-Match` does not name the ad's current version: it changed since it was read, and
+    /// nothing was changed now.
+    #[oai(status = 412)]
+    PreconditionFailed(Json<ErrorBody>),
 }
 
 /// Answer of `DELETE /ads/{id}`.
@@ -236,6 +252,34 @@ pub enum RetiredResponse {
     /// Retired (or already inactive).
     #[oai(status = 204)]
     Retired,
+    /// `If-Match` does not name the ad's current version: it changed since it was read, and
+    /// nothing was changed now.
+    #[oai(status = 412)]
+    PreconditionFailed(Json<ErrorBody>),
+}
+
+/// An ad's version as an entity tag: `"1763769600000000"`.
+fn etag(version: u64) -> String {
+    format!("\"{version}\"")
+}
+
+/// Whether `If-Match` lets a change of an ad at `version` go ahead: when absent, or when it is
+/// `*` or lists the ad's entity tag (compared strongly: a weak `W/` tag never matches).
+fn if_match_allows(if_match: Option<&str>, version: u64) -> bool {
+    let Some(if_match) = if_match else { return true };
+    let current = etag(version);
+    if_match.split(',').map(str::trim).any(|tag| tag == "*" || tag == current)
+}
+
+/// The 412 body for a change whose `If-Match` names another version than the ad's.
+fn changed_since(id: Uuid, version: u64) -> Json<ErrorBody> {
+    Json(ErrorBody {
+        error: format!(
+            "If-Match does not name the current version of ad {id}, which is at ETag {} now: it \
+             changed since it was read; GET it again and apply the change to that",
+            etag(version)
+        ),
+    })
 }
 
 /// A path segment documented as a UUID (`format: uuid`, so that clients and generated tests know
@@ -324,7 +368,7 @@ impl AdsApi {
             version: next_version(0),
         };
         self.save(&ad).await?;
-        Ok(CreatedResponse::Created(Json(AdDetail::from(&ad)), format!("/ads/{id}")))
+        Ok(CreatedResponse::Created(Json(AdDetail::from(&ad)), format!("/ads/{id}"), etag(ad.version)))
     }
 
     /// Get an ad.
@@ -338,7 +382,7 @@ impl AdsApi {
         // progress is answered once written.
         let (_, ad) = self.find(id).await?;
         let ad = ad.ok_or_else(|| ApiError::not_found(format!("ad {id} not found")))?;
-        Ok(AdResponse::Ok(Json(AdDetail::from(ad.as_ref()))))
+        Ok(AdResponse::Ok(Json(AdDetail::from(ad.as_ref())), etag(ad.version)))
     }
 
     /// Change an ad.
@@ -346,13 +390,18 @@ impl AdsApi {
     /// Replaces name, video_url, target_url and active (unchanged when absent: a retired ad stays
     /// retired unless `active` is true). Needs the admin scope
     /// when API keys are configured. 404 for an unknown id; 422 naming the field that is wrong.
+    /// With `If-Match` (the `ETag` that `GET` gave), the change is made only if nobody changed
+    /// the ad since: else 412, and nothing changes.
     #[oai(path = "/ads/:id", method = "put", operation_id = "updateAd", transform = "admin_first")]
     async fn update(
         &self,
         auth: Credentials,
         id: Path<UuidText>,
+        /// The ad's `ETag` as read (or `*`): change it only if it is still at that version.
+        #[oai(name = "If-Match")]
+        if_match: Header<Option<String>>,
         body: JsonBody<AdInput>,
-    ) -> Result<AdResponse, ApiError> {
+    ) -> Result<UpdatedResponse, ApiError> {
         self.state.api_keys.require(&auth, Scope::Admin)?;
         let id = parse_id(&id.0.0)?;
         if body.0.id.is_some_and(|b| b != id) {
@@ -361,6 +410,9 @@ impl AdsApi {
         validate(&body.0)?;
         let (_lock, old) = self.find(id).await?;
         let old = old.ok_or_else(|| ApiError::not_found(format!("ad {id} not found")))?;
+        if !if_match_allows(if_match.0.as_deref(), old.version) {
+            return Ok(UpdatedResponse::PreconditionFailed(changed_since(id, old.version)));
+        }
         let now =
             OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or_else(|_| OffsetDateTime::now_utc());
         let ad = Ad {
@@ -375,20 +427,30 @@ impl AdsApi {
             version: next_version(old.version),
         };
         self.save(&ad).await?;
-        Ok(AdResponse::Ok(Json(AdDetail::from(&ad))))
+        Ok(UpdatedResponse::Ok(Json(AdDetail::from(&ad)), etag(ad.version)))
     }
 
     /// Retire an ad.
     ///
     /// Soft: the ad becomes inactive and leaves `GET /ads`; its events and analytics stay, and
     /// PUT can bring it back. Needs the admin scope when API keys are configured. 404 for an
-    /// unknown id.
+    /// unknown id. With `If-Match`, as for `PUT`: 412 when the ad changed since it was read.
     #[oai(path = "/ads/:id", method = "delete", operation_id = "retireAd", transform = "admin_first")]
-    async fn retire(&self, auth: Credentials, id: Path<UuidText>) -> Result<RetiredResponse, ApiError> {
+    async fn retire(
+        &self,
+        auth: Credentials,
+        id: Path<UuidText>,
+        /// The ad's `ETag` as read (or `*`): retire it only if it is still at that version.
+        #[oai(name = "If-Match")]
+        if_match: Header<Option<String>>,
+    ) -> Result<RetiredResponse, ApiError> {
         self.state.api_keys.require(&auth, Scope::Admin)?;
         let id = parse_id(&id.0.0)?;
         let (_lock, old) = self.find(id).await?;
         let old = old.ok_or_else(|| ApiError::not_found(format!("ad {id} not found")))?;
+        if !if_match_allows(if_match.0.as_deref(), old.version) {
+            return Ok(RetiredResponse::PreconditionFailed(changed_since(id, old.version)));
+        }
         if old.active {
             let now =
                 OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or_else(|_| OffsetDateTime::now_utc());

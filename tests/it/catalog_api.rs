@@ -288,3 +288,67 @@ async fn a_change_and_a_retirement_at_once_both_hold() {
         assert_eq!(now["name"], "After", "round {round}: the change was undone: {now}");
     }
 }
+
+/// Optimistic locking for ad-ops: every answer with an ad carries its version as `ETag`; a change
+/// or a retirement sent with `If-Match` goes ahead only if the ad is still at that version, else
+/// 412 and nothing changes (two people editing from the same read: the second learns of the
+/// first instead of undoing it). Without `If-Match` a change is unconditional, as before.
+#[tokio::test]
+async fn if_match_guards_changes_with_the_etag_read() {
+    let app = TestApp::spawn().await;
+    let url = |path: &str| format!("{}{path}", app.base);
+    let ad =
+        |name: &str| json!({"name": name, "video_url": "/v.mp4", "target_url": "https://shop.example/a"});
+    let etag_of = |resp: &reqwest::Response| resp.headers()["etag"].to_str().unwrap().to_string();
+
+    let created = app.http.post(url("/ads")).json(&ad("First")).send().await.unwrap();
+    assert_eq!(created.status(), 201);
+    let first = etag_of(&created);
+    let body: Value = created.json().await.unwrap();
+    assert_eq!(first, format!("\"{}\"", body["version"]), "the ETag is the version, quoted");
+    let path = format!("/ads/{}", body["id"].as_str().unwrap());
+    let read = app.http.get(url(&path)).send().await.unwrap();
+    assert_eq!(etag_of(&read), first);
+
+    // Two people read version `first`; one changes the ad with it.
+    let put = |name: &str, if_match: Option<&str>| {
+        let mut req = app.http.put(url(&path)).json(&ad(name));
+        if let Some(tag) = if_match {
+            req = req.header("If-Match", tag);
+        }
+        req.send()
+    };
+    let changed = put("Second", Some(&first)).await.unwrap();
+    assert_eq!(changed.status(), 200);
+    let second = etag_of(&changed);
+    assert_ne!(second, first);
+
+    // The other's change and retirement, from the same read, are refused and change nothing.
+    let stale = put("Lost update", Some(&first)).await.unwrap();
+    assert_eq!(stale.status(), 412);
+    let error: Value = stale.json().await.unwrap();
+    assert!(error["error"].as_str().unwrap().contains(&second), "names the current ETag: {error}");
+    let retire = app.http.delete(url(&path)).header("If-Match", &first).send().await.unwrap();
+    assert_eq!(retire.status(), 412);
+    for junk in
+        ["W/".to_string() + &second, "garbage".into(), format!("\"{}0\"", &second[1..second.len() - 1])]
+    {
+        assert_eq!(put("Junk", Some(&junk)).await.unwrap().status(), 412, "If-Match: {junk}");
+    }
+    let (_, now) = app.send(reqwest::Method::GET, &path, None, None).await;
+    assert_eq!((now["name"].as_str(), now["active"].as_bool()), (Some("Second"), Some(true)));
+
+    // A list that holds the current tag, and `*`, let the change through; no If-Match too.
+    let listed = put("Third", Some(&format!("\"1\", {second}"))).await.unwrap();
+    assert_eq!(listed.status(), 200);
+    let third = etag_of(&listed);
+    assert_eq!(put("Fourth", Some("*")).await.unwrap().status(), 200);
+    assert_eq!(put("Fifth", None).await.unwrap().status(), 200);
+    let retire = app.http.delete(url(&path)).header("If-Match", &third).send().await.unwrap();
+    assert_eq!(retire.status(), 412, "Fourth and Fifth came after {third}");
+    let current = etag_of(&app.http.get(url(&path)).send().await.unwrap());
+    let retire = app.http.delete(url(&path)).header("If-Match", &current).send().await.unwrap();
+    assert_eq!(retire.status(), 204);
+    let (_, now) = app.send(reqwest::Method::GET, &path, None, None).await;
+    assert_eq!((now["name"].as_str(), now["active"].as_bool()), (Some("Fifth"), Some(false)));
+}
