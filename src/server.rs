@@ -234,7 +234,13 @@ async fn connection<E>(
     // 1,300 instructions of a click's 31,700 (callgrind). The watch below keeps one timer per
     // connection and looks at the clock only when it fires.
     let conn = http1::Builder::new().keep_alive(true).max_buf_size(MAX_CONNECTION_BUFFER).serve_connection(
-        TokioIo::new(Watched { stream, clock: clock.clone(), refusal: None, linger: None }),
+        TokioIo::new(Watched {
+            stream,
+            clock: clock.clone(),
+            refusal: None,
+            linger: None,
+            shutdown: signal.clone(),
+        }),
         service,
     );
     let id = signal.next_id.fetch_add(1, Ordering::Relaxed);
@@ -398,6 +404,9 @@ struct Watched {
     refusal: Option<(Vec<u8>, usize)>,
     /// Set when hyper shuts the connection down, while what the client still sends is drained.
     linger: Option<Linger>,
+    /// The server's shutdown: connections it closes do not linger, so that stopping never waits
+    /// on them.
+    shutdown: Arc<ShutdownSignal>,
 }
 
 /// How long a closing connection keeps reading what its client still sends (a body the answer
@@ -469,6 +478,10 @@ impl tokio::io::AsyncWrite for Watched {
         if self.linger.is_none() {
             ready!(Pin::new(&mut self.stream).poll_shutdown(cx))?;
             self.linger = Some(Linger { until: Box::pin(tokio::time::sleep(LINGER)), discarded: 0 });
+        }
+        // The shutdown signal wakes this connection's task, so a linger under way ends too.
+        if self.shutdown.triggered.load(Ordering::Acquire) {
+            return Poll::Ready(Ok(()));
         }
         self.poll_linger(cx)
     }
