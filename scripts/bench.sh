@@ -320,8 +320,9 @@ insert_failures="$(metric '^adbeacon_insert_failures_total')"
 read -r stored distinct < <(ch_query 'SELECT count(), uniqExact(event_id) FROM bench.events FORMAT TSV') ||
   die "ClickHouse did not answer SELECT count()"
 # ClickHouse's own throttling: with too many parts in a partition it delays INSERTs
-# (parts_to_delay_insert, 150 on 18.16) and past parts_to_throw_insert refuses them; this is
-# what slows a batch run into ClickHouse after others have left it merging.
+# (parts_to_delay_insert, 150 on 18.16) and past parts_to_throw_insert refuses them. That would
+# slow a batch run into ClickHouse that follows others still being merged; the report says
+# whether it happened.
 read -r ch_delayed ch_delayed_ms ch_refused < <(ch_query "SELECT sumIf(value, event = 'DelayedInserts'),
   sumIf(value, event = 'DelayedInsertsMilliseconds'), sumIf(value, event = 'RejectedInserts') FROM system.events FORMAT TSV") ||
   ch_delayed="n/a" ch_delayed_ms="n/a" ch_refused="n/a"
