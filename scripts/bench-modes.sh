@@ -60,7 +60,7 @@ build_release
 
 pin_cores
 pinning="none (BENCH_PIN=0 or nproc=$ncpu)"
-if [ -n "$wrk_cpu" ]; then pinning="wrk on cpu $wrk_cpu; adbeacon on cpu $srv_cpus; ClickHouse unpinned"; fi
+if [ -n "$wrk_cpu" ]; then pinning="wrk ($wrk_rt_note) on cpu $wrk_cpu; adbeacon on cpu $srv_cpus; ClickHouse unpinned"; fi
 log "pinning: $pinning"
 
 read -r ch_http ch_tcp app_port < <(free_ports 3)

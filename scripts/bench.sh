@@ -24,6 +24,7 @@
 #   BENCH_THREADS (1)  BENCH_CONNECTIONS (64)  BENCH_DURATION (10s)  BENCH_WARMUP (3s)
 #   BENCH_ROUNDS (2)   measured runs per target and endpoint; the best one counts
 #   BENCH_ENDPOINTS ("click pixel batch")  BENCH_BATCH_EVENTS (100)  BENCH_OVERLOAD (5)
+#   BENCH_WRK_RT (1)   pinned, wrk at SCHED_FIFO 50 in the paced runs where allowed (0: never; see pin_cores)
 # adbeacon's own tuning variables (FLUSH_INTERVAL, BATCH_MAX_ROWS, ...; see `adbeacon --help`)
 # pass through, e.g. `BATCH_MAX_ROWS=5000 scripts/bench.sh`.
 #
@@ -115,7 +116,7 @@ pin_cores
 if [ -n "$wrk_cpu" ]; then
   pin_mode=pinned
   target_pct=([click]=80 [pixel]=85)
-  pinning="adbeacon, its no-op twin and bare on cpu $srv_cpus; wrk, and ClickHouse at nice 19 (SCHED_IDLE during the half-load runs), on cpu $wrk_cpu (nproc=$ncpu)"
+  pinning="adbeacon, its no-op twin and bare on cpu $srv_cpus; wrk ($wrk_rt_note), and ClickHouse at nice 19 (SCHED_IDLE during the half-load runs), on cpu $wrk_cpu (nproc=$ncpu)"
 else
   pin_mode=unpinned
   target_pct=([click]=70 [pixel]=70)

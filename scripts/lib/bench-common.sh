@@ -227,15 +227,30 @@ app_ready() { [ "$(http_code "${app_url:?}/readyz")" = 200 ]; }
 
 # pin_cores: where BENCH_PIN is not 0, the machine has two or more cores and taskset exists, wrk
 # goes on the last core (wrk_pin, wrk_cpu) and the server on the others (srv_pin, srv_cpus);
-# otherwise all of them are empty. Sets ncpu either way.
+# otherwise all of them are empty. Sets ncpu, and wrk_rt and wrk_rt_note, either way.
+#
+# Pinned, the paced runs (WRK_DELAY_MS, where latency is timed) run wrk at a real-time priority
+# (wrk_rt: SCHED_FIFO 50) where the system allows it. The servers timed share nothing with wrk,
+# but ClickHouse (and Redis) do, on its core, and even at SCHED_IDLE a ClickHouse INSERT kept
+# wrk from running for up to 5 ms after it was woken (docs/PERFORMANCE.md, "At saturation").
+# Measured on an ad-hoc rig at half load: adbeacon's p99 3.5 ms with wrk at SCHED_OTHER, 2.1
+# and 1.2 ms at SCHED_FIFO; bare's 0.50 and 0.42 to 0.50 ms. Every server is timed by the same
+# wrk, so this favours none. Not at saturation: there wrk is busy all the time against bare, and
+# the kernel's real-time throttling (it keeps 5 % of each second from real-time tasks) would stall
+# it for 50 ms a second, against bare alone (measured: bare 132,382 and 133,044 against 136,389 and
+# 136,827 requests/s, its p99 30 ms).
 pin_cores() {
   ncpu="$(nproc)"
-  wrk_pin=() srv_pin=() wrk_cpu="" srv_cpus=""
+  wrk_pin=() srv_pin=() wrk_cpu="" srv_cpus="" wrk_rt=() wrk_rt_note="wrk at SCHED_OTHER"
   if [ "${BENCH_PIN:-1}" != 0 ] && [ "$ncpu" -ge 2 ] && command -v taskset >/dev/null 2>&1; then
     srv_cpus=0
     if [ "$ncpu" -gt 2 ]; then srv_cpus="0-$((ncpu - 2))"; fi
     wrk_cpu=$((ncpu - 1))
     wrk_pin=(taskset -c "$wrk_cpu")
+    if [ "${BENCH_WRK_RT:-1}" != 0 ] && chrt -f 50 true 2>/dev/null; then
+      wrk_rt=(chrt -f 50)
+      wrk_rt_note="wrk at SCHED_FIFO 50 in the paced runs"
+    fi
     # shellcheck disable=SC2034  # read by the scripts
     srv_pin=(taskset -c "$srv_cpus")
   fi
@@ -373,7 +388,9 @@ run_wrk() { # LABEL URL DURATION
   file="$tmp/wrk-$(printf '%02d' "$run_no")-$label.txt"
   # In the background with `wait`, so a signal runs the trap at once instead of after the run,
   # and the trap (or the watchdog) can stop wrk too.
-  "${wrk_pin[@]}" wrk --latency -t "$THREADS" -c "$CONNECTIONS" -d "$duration" \
+  local rt=()
+  if [ -n "${WRK_DELAY_MS:-}" ]; then rt=("${wrk_rt[@]}"); fi
+  "${rt[@]}" "${wrk_pin[@]}" wrk --latency -t "$THREADS" -c "$CONNECTIONS" -d "$duration" \
     -s "loadtest/wrk/${wrk_script:-click}.lua" "$url" </dev/null >"$file" 2>&1 &
   wrk_pid=$!
   watch_pid "$wrk_pid" wrk
