@@ -237,7 +237,7 @@ app_ready() { [ "$(http_code "${app_url:?}/readyz")" = 200 ]; }
 # and 1.2 ms at SCHED_FIFO; bare's 0.50 and 0.42 to 0.50 ms. Every server is timed by the same
 # wrk, so this favours none. Not at saturation: there wrk is busy all the time against bare, and
 # the kernel's real-time throttling (it keeps 5 % of each second from real-time tasks) would stall
-# it for 50 ms a second, against bare alone (measured: bare 132,382 and 133,044 against 136,389 and
+# it for 50 ms a second, against bare alone (measured: bare 132,383 and 133,044 against 136,390 and
 # 136,827 requests/s, its p99 30 ms).
 pin_cores() {
   ncpu="$(nproc)"
