@@ -4,7 +4,7 @@
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -68,11 +68,13 @@ pub struct App {
     listener: TcpListener,
     local_addr: SocketAddr,
     state: Arc<State>,
-    flusher: JoinHandle<u64>,
+    /// Answers with the events lost once the flusher's thread is done (an error when it
+    /// panicked).
+    flusher: oneshot::Receiver<u64>,
     wal: Option<Wal>,
     stop_flusher: CancellationToken,
     /// Answers once the replay thread is done (an error when it panicked).
-    replayer: Option<tokio::sync::oneshot::Receiver<()>>,
+    replayer: Option<oneshot::Receiver<()>>,
     stop_replayer: CancellationToken,
     retention: JoinHandle<()>,
     stop_retention: CancellationToken,
@@ -174,6 +176,25 @@ fn spill(config: &Config) -> Option<Arc<Spill>> {
     let url = config.redis_url.as_ref()?;
     let redis = Redis::new(url, REDIS_TIMEOUT).expect("REDIS_URL was checked with the configuration");
     Some(Arc::new(Spill::new(Arc::new(redis), Keys::new(&config.redis_key_prefix))))
+}
+
+/// Runs `work` to its end on a new thread named `name`, with a runtime of its own; the receiver
+/// answers with its output (an error when the thread panicked). The thread is never joined: a
+/// shutdown waits on the receiver within its budget, and a thread still in an INSERT past it
+/// does not hold the process up.
+fn on_own_thread<T: Send + 'static>(
+    name: &str,
+    work: impl Future<Output = T> + Send + 'static,
+) -> std::io::Result<oneshot::Receiver<T>> {
+    let (done, finished) = oneshot::channel();
+    std::thread::Builder::new().name(name.into()).spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for a pipeline thread");
+        let _ = done.send(runtime.block_on(work));
+    })?;
+    Ok(finished)
 }
 
 /// Builds the shared state from parts that need no I/O beyond what the caller already did.
@@ -307,24 +328,30 @@ impl App {
             Err(e) => tracing::warn!(error = %e, "cannot cache the active ads; they are read on first use"),
         }
         let stop_flusher = CancellationToken::new();
+        // The flusher runs on a thread and runtime of its own, with its own ClickHouse pool and
+        // Redis connection (a connection's driver lives on the runtime that opened it, and this
+        // one ends before the process does). Encoding and compressing an INSERT, a chunk of
+        // about 2,500 rows at a time, then never holds up a worker that serves requests: the OS
+        // interleaves the threads (the click's p99 at half of saturation: docs/PERFORMANCE.md).
+        let flusher_spill =
+            spill.as_ref().map(|_| self::spill(&config).expect("configured: the spill above exists"));
         let flusher = Flusher {
             buffer: state.intake.buffer.clone(),
-            clickhouse: clickhouse.clone(),
+            clickhouse: clickhouse.separate(&config.clickhouse),
             metrics: metrics.clone(),
-            dead_letters: state.dead_letters.clone(),
+            dead_letters: DeadLetters::new(&config.data_dir, flusher_spill.clone()),
             shutdown_timeout: config.shutdown_timeout,
             wal: wal.clone(),
-            spill: spill.clone(),
+            spill: flusher_spill,
             spill_after: config.spill_after,
             health: state.insert_health.clone(),
             unsafe_skip_check: config.unsafe_skip_insert_check,
             retention_months: config.raw_retention_months,
         };
-        let flusher = tokio::spawn(flusher.run(stop_flusher.clone()));
+        let flusher = on_own_thread("adbeacon-flush", flusher.run(stop_flusher.clone()))
+            .map_err(io("starting the flusher thread"))?;
         let stop_replayer = CancellationToken::new();
-        // The replayer runs on a thread and runtime of its own, with its own ClickHouse pool and
-        // Redis connection: its INSERTs' encoding and compression then never hold up a worker
-        // that serves requests (the OS interleaves the threads; measured in make bench-replay).
+        // The replayer likewise, for its INSERTs (measured in make bench-replay).
         let replayer = spill.map(|_| {
             let replayer = Replayer {
                 spill: self::spill(&config).expect("configured: the spill above exists"),
@@ -340,21 +367,7 @@ impl App {
                 unsafe_skip_check: config.unsafe_skip_insert_check,
                 retention_months: config.raw_retention_months,
             };
-            let stop = stop_replayer.clone();
-            // Says when the thread is done: shutdown waits for that within its budget, and never
-            // joins the thread (a thread still in an INSERT would hold the process up).
-            let (done, finished) = tokio::sync::oneshot::channel::<()>();
-            std::thread::Builder::new()
-                .name("adbeacon-replay".into())
-                .spawn(move || {
-                    let runtime = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .expect("a runtime for the replayer");
-                    runtime.block_on(replayer.run(stop));
-                    let _ = done.send(());
-                })
-                .map(|_| finished)
+            on_own_thread("adbeacon-replay", replayer.run(stop_replayer.clone()))
         });
         let replayer = replayer.transpose().map_err(io("starting the replay thread"))?;
         let stop_retention = CancellationToken::new();
@@ -423,9 +436,10 @@ impl App {
             Ok(lost) => Err(AppError::Shutdown(format!(
                 "{lost} acknowledged events could be kept nowhere before SHUTDOWN_TIMEOUT ran out"
             ))),
-            Err(e) => {
-                tracing::error!(error = %e, "the flusher task failed during shutdown");
-                Err(AppError::Shutdown(format!("the flusher failed: {e}")))
+            // The sender went away without a word: the thread panicked (and said why on stderr).
+            Err(_) => {
+                tracing::error!("the flusher thread failed during shutdown");
+                Err(AppError::Shutdown("the flusher thread failed".into()))
             }
         };
         if let Some(replayer) = self.replayer {
