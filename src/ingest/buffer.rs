@@ -31,10 +31,6 @@ use crate::{
     store::EventRow,
 };
 
-/// Rows a new chunk of the buffer has room for at first (unless a batch is smaller); it grows
-/// up to a batch.
-const CHUNK_START_ROWS: usize = 1024;
-
 /// How long [`Buffer::release_elsewhere`] remembers a range.
 const ELSEWHERE_KEPT: Duration = Duration::from_secs(600);
 
@@ -231,17 +227,17 @@ impl Buffer {
         let per_batch = self.rows_per_batch();
         let mut rows = rows.into_iter();
         while rows.len() > 0 {
+            // A new chunk has room for a whole batch at once. Growing it by doubling copied
+            // each batch's rows again and again, on the request that happened to fill it: at half
+            // of saturation a copy of megabytes, with the page faults of the new block, now and
+            // then in the middle of a request (the click's p99 and the process's RSS both went
+            // down without it, docs/PERFORMANCE.md). The room is only address space until rows
+            // fill it, and only the last chunk, or a batch taken by age, is partly empty.
             if p.chunks.back().is_none_or(|last| last.len() >= per_batch) {
-                p.chunks.push_back(Vec::new());
+                p.chunks.push_back(Vec::with_capacity(per_batch));
             }
             let chunk = p.chunks.back_mut().expect("just ensured");
             let take = (per_batch - chunk.len()).min(rows.len());
-            // Grows by doubling, as a Vec does, but never past one batch: no chunk holds more
-            // than a batch of slack room.
-            if chunk.capacity() - chunk.len() < take {
-                let target = (chunk.len() * 2).max(chunk.len() + take).max(CHUNK_START_ROWS).min(per_batch);
-                chunk.reserve_exact(target - chunk.len());
-            }
             chunk.extend(rows.by_ref().take(take));
         }
         p.len += count;
@@ -517,7 +513,9 @@ mod tests {
         }
         let mut seen = 0;
         while let Some(batch) = b.take(Instant::now(), true) {
-            assert!(batch.rows.len() <= 5000 && batch.rows.capacity() <= 5000, "{}", batch.rows.capacity());
+            // Room for a whole batch from the start, and no more: never grown, so never copied.
+            assert!(batch.rows.len() <= 5000);
+            assert_eq!(batch.rows.capacity(), 5000);
             let runs: Vec<_> = batch.seqs.clone();
             assert_eq!(runs, vec![seen..seen + batch.rows.len() as u64]);
             seen += batch.rows.len() as u64;
