@@ -230,9 +230,10 @@ impl Buffer {
             // A new chunk has room for a whole batch at once. Growing it by doubling copied
             // each batch's rows again and again, on the request that happened to fill it: at half
             // of saturation a copy of megabytes, with the page faults of the new block, now and
-            // then in the middle of a request (on an A/B rig the click's p99 at half load and the
-            // process's RSS both went down without it, docs/PERFORMANCE.md). The room is only address space until rows
-            // fill it, and only the last chunk, or a batch taken by age, is partly empty.
+            // then in the middle of a request (on an A/B rig the click's p99 at half load and
+            // the process's RSS both went down without it, docs/PERFORMANCE.md). The room is only
+            // address space until rows fill it, and only the last chunk, or a batch taken by age,
+            // is partly empty.
             if p.chunks.back().is_none_or(|last| last.len() >= per_batch) {
                 p.chunks.push_back(Vec::with_capacity(per_batch));
             }
