@@ -1459,19 +1459,14 @@ mod tests {
         // pool has deleted them.
         assert!(segments(&tmp.path().join("wal")).unwrap().is_empty());
         assert_eq!(metrics.wal_bytes.get(), 0);
-        let left = || {
-            fs::read_dir(tmp.path().join("wal"))
-                .unwrap()
-                .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == CONFIRMED))
-                .count()
-        };
+        let dir = tmp.path().join("wal");
         for _ in 0..200 {
-            if left() == 0 {
+            if renamed_files(&dir) == 0 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(left(), 0);
+        assert_eq!(renamed_files(&dir), 0);
         assert!(wal.append(b.reserve(1).unwrap(), vec![row(1)]).await.is_err(), "closed");
     }
 
@@ -1487,13 +1482,8 @@ mod tests {
         // A second process on the same directory is refused: it would replay this one's events.
         let refused = Wal::open(config(tmp.path()), buffer(), Arc::new(Metrics::new())).await;
         assert_eq!(refused.err().map(|e| e.kind()), Some(io::ErrorKind::ResourceBusy));
-        // A crash: no close, nothing confirmed. The files as they are now, in a directory of
-        // their own (the writer task lives on, and holds this one).
-        let after = tempfile::tempdir().unwrap();
-        fs::create_dir(after.path().join("wal")).unwrap();
-        for (_, path) in segments(&tmp.path().join("wal")).unwrap() {
-            fs::copy(&path, after.path().join("wal").join(path.file_name().unwrap())).unwrap();
-        }
+        // A crash: no close, nothing confirmed.
+        let after = copy_segments(tmp.path(), "wal");
         let b2 = buffer();
         let (_wal2, report) =
             Wal::open(config(after.path()), b2.clone(), Arc::new(Metrics::new())).await.unwrap();
@@ -1510,22 +1500,34 @@ mod tests {
         wal.append(b.reserve(2).unwrap(), vec![row(1), row(2)]).await.unwrap();
         // A crash between the rename of a confirmed segment and its deletion: its events are in
         // ClickHouse, and must not be sent again.
-        let after = tempfile::tempdir().unwrap();
-        fs::create_dir(after.path().join("wal")).unwrap();
-        for (_, path) in segments(&tmp.path().join("wal")).unwrap() {
-            let renamed = path.with_extension(CONFIRMED);
-            fs::copy(&path, after.path().join("wal").join(renamed.file_name().unwrap())).unwrap();
-        }
+        let after = copy_segments(tmp.path(), CONFIRMED);
+        assert!(renamed_files(&after.path().join("wal")) > 0);
         let b2 = buffer();
         let (_wal2, report) =
             Wal::open(config(after.path()), b2.clone(), Arc::new(Metrics::new())).await.unwrap();
         assert_eq!(report.fresh_events, 0);
         assert!(b2.take(Instant::now(), true).is_none());
-        let names: Vec<_> = fs::read_dir(after.path().join("wal"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        assert!(names.iter().all(|n| !n.ends_with(CONFIRMED)), "{names:?}");
+        assert_eq!(renamed_files(&after.path().join("wal")), 0);
         drop(wal);
+    }
+
+    /// The segments under `data_dir` as a crash leaves them, copied into a new data directory
+    /// (the writer task lives on and holds the first), each under its number and `extension`.
+    fn copy_segments(data_dir: &Path, extension: &str) -> tempfile::TempDir {
+        let after = tempfile::tempdir().unwrap();
+        fs::create_dir(after.path().join("wal")).unwrap();
+        for (_, path) in segments(&data_dir.join("wal")).unwrap() {
+            let name = path.with_extension(extension);
+            fs::copy(&path, after.path().join("wal").join(name.file_name().unwrap())).unwrap();
+        }
+        after
+    }
+
+    /// Confirmed segments renamed and not deleted yet, in the log directory `dir`.
+    fn renamed_files(dir: &Path) -> usize {
+        fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == CONFIRMED))
+            .count()
     }
 }
