@@ -333,8 +333,7 @@ impl App {
         // one ends before the process does). Encoding and compressing an INSERT, a chunk of
         // about 2,500 rows at a time, then never holds up a worker that serves requests: the OS
         // interleaves the threads (the click's p99 at half of saturation: docs/PERFORMANCE.md).
-        let flusher_spill =
-            spill.as_ref().map(|_| self::spill(&config).expect("configured: the spill above exists"));
+        let flusher_spill = spill.as_ref().map(|spill| Arc::new(spill.separate()));
         let flusher = Flusher {
             buffer: state.intake.buffer.clone(),
             clickhouse: clickhouse.separate(&config.clickhouse),
@@ -352,9 +351,9 @@ impl App {
             .map_err(io("starting the flusher thread"))?;
         let stop_replayer = CancellationToken::new();
         // The replayer likewise, for its INSERTs (measured in make bench-replay).
-        let replayer = spill.map(|_| {
+        let replayer = spill.map(|spill| {
             let replayer = Replayer {
-                spill: self::spill(&config).expect("configured: the spill above exists"),
+                spill: Arc::new(spill.separate()),
                 clickhouse: clickhouse.separate(&config.clickhouse),
                 metrics,
                 health: state.insert_health.clone(),

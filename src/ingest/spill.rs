@@ -433,13 +433,21 @@ pub struct Spill {
     pub redis: Arc<Redis>,
     /// Its keys.
     pub keys: Keys,
-    state: Mutex<(RedisState, Option<Instant>)>,
+    /// What the last check found and when; shared by [`Spill::separate`] handles, so a change
+    /// is logged once, not once per handle.
+    state: Arc<Mutex<(RedisState, Option<Instant>)>>,
 }
 
 impl Spill {
     /// The spill under `keys` in `redis`.
     pub fn new(redis: Arc<Redis>, keys: Keys) -> Spill {
-        Spill { redis, keys, state: Mutex::new((RedisState::Unavailable, None)) }
+        Spill { redis, keys, state: Arc::new(Mutex::new((RedisState::Unavailable, None))) }
+    }
+
+    /// The same spill through a Redis connection of its own (for the flusher's and the
+    /// replayer's threads), sharing this handle's last check.
+    pub fn separate(&self) -> Spill {
+        Spill { redis: Arc::new(self.redis.separate()), keys: self.keys.clone(), state: self.state.clone() }
     }
 
     /// Checks (at most every few seconds) that Redis answers and never evicts; logs a change.
@@ -784,5 +792,43 @@ mod tests {
         let mut miscounted = map(fields);
         miscounted.insert("events".into(), b"3".to_vec());
         assert!(parse_batch(&miscounted).unwrap_err().contains("says 3"));
+    }
+
+    /// Collects what a test logs.
+    #[derive(Clone, Default)]
+    struct Logged(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logged {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn separate_handles_share_the_check_and_log_a_change_once() {
+        let logged = Logged::default();
+        let writer = logged.clone();
+        let subscriber =
+            tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        // Nothing listens on port 1: every connection is refused at once.
+        let redis = Redis::new("redis://127.0.0.1:1", Duration::from_millis(500)).unwrap();
+        let spill = Spill::new(Arc::new(redis), Keys::new("t"));
+        let flusher = spill.separate();
+        let replayer = spill.separate();
+        for handle in [&spill, &flusher, &replayer] {
+            assert_eq!(handle.check().await, RedisState::Unavailable);
+        }
+        let text = String::from_utf8(logged.0.lock().clone()).unwrap();
+        assert_eq!(text.matches("Redis does not answer").count(), 1, "{text}");
+        // A failure seen through one handle makes the next check of any handle ask again.
+        let checked = spill.state.lock().1.expect("checked");
+        flusher.recheck();
+        assert_eq!(replayer.check().await, RedisState::Unavailable);
+        assert!(spill.state.lock().1.expect("checked") > checked, "not asked again");
     }
 }

@@ -36,6 +36,12 @@ impl Redis {
         Ok(Redis { client, conn: tokio::sync::Mutex::new(None), timeout })
     }
 
+    /// The same server through a connection of its own, opened on first use: for a thread with
+    /// a runtime of its own (a connection's driver lives on the runtime that opened it).
+    pub fn separate(&self) -> Redis {
+        Redis { client: self.client.clone(), conn: tokio::sync::Mutex::new(None), timeout: self.timeout }
+    }
+
     /// The open connection, or a new one.
     async fn connection(&self) -> Result<MultiplexedConnection, RedisError> {
         let mut slot = self.conn.lock().await;
