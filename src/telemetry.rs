@@ -131,17 +131,53 @@ pub fn init(format: LogFormat, level: &str) {
     };
 }
 
+/// Test support: log lines captured in memory.
+#[cfg(test)]
+pub(crate) mod captured {
+    use std::{
+        io::{self, Write},
+        sync::{Arc, Mutex},
+    };
+
+    /// Everything written to it, shared by its clones.
+    #[derive(Clone, Default)]
+    pub struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Captured {
+        /// What was written so far.
+        pub fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+
+        /// Sends the current thread's log lines here (plain text) until the guard is dropped.
+        pub fn install(&self) -> tracing::subscriber::DefaultGuard {
+            let sink = self.clone();
+            let subscriber =
+                tracing_subscriber::fmt().with_writer(move || sink.clone()).with_ansi(false).finish();
+            tracing::subscriber::set_default(subscriber)
+        }
+    }
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
-    use super::*;
+    use super::{captured::Captured, *};
 
     /// Formats one `info!` with the given format, inside a request when `id` is given.
     fn line(json: bool, id: Option<&'static str>) -> String {
-        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let out = Captured::default();
         let sink = out.clone();
-        let writer = move || Sink(sink.clone());
+        let writer = move || sink.clone();
         let subscriber: Box<dyn Subscriber + Send + Sync> = if json {
             let inner = fmt::format().json().flatten_event(true).with_current_span(false);
             Box::new(fmt().with_writer(writer).event_format(WithRequestId { inner, json }).finish())
@@ -163,19 +199,7 @@ mod tests {
             }
             None => tracing::info!(ad = 7, "stored"),
         });
-        String::from_utf8(out.lock().unwrap().clone()).unwrap()
-    }
-
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
+        out.text()
     }
 
     #[test]

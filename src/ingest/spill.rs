@@ -794,27 +794,10 @@ mod tests {
         assert!(parse_batch(&miscounted).unwrap_err().contains("says 3"));
     }
 
-    /// Collects what a test logs.
-    #[derive(Clone, Default)]
-    struct Logged(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Logged {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[tokio::test]
     async fn separate_handles_share_the_check_and_log_a_change_once() {
-        let logged = Logged::default();
-        let writer = logged.clone();
-        let subscriber =
-            tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let logged = crate::telemetry::captured::Captured::default();
+        let _guard = logged.install();
         // Nothing listens on port 1: every connection is refused at once.
         let redis = Redis::new("redis://127.0.0.1:1", Duration::from_millis(500)).unwrap();
         let spill = Spill::new(Arc::new(redis), Keys::new("t"));
@@ -823,7 +806,7 @@ mod tests {
         for handle in [&spill, &flusher, &replayer] {
             assert_eq!(handle.check().await, RedisState::Unavailable);
         }
-        let text = String::from_utf8(logged.0.lock().clone()).unwrap();
+        let text = logged.text();
         assert_eq!(text.matches("Redis does not answer").count(), 1, "{text}");
         // A failure seen through one handle makes the next check of any handle ask again.
         let checked = spill.state.lock().1.expect("checked");

@@ -88,6 +88,10 @@ const MAX_PENDING: usize = 64 << 20;
 /// How often a failing log is probed.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How long the writer waits before it tries again to delete a confirmed segment it could not
+/// rename: the writer runs once per group, and a warning per group would flood the log.
+const COLLECT_RETRY: Duration = Duration::from_secs(10);
+
 const EVENTS: u8 = 1;
 const BATCH: u8 = 2;
 const DONE: u8 = 3;
@@ -733,6 +737,7 @@ fn recover(config: WalConfig, buffer: Arc<Buffer>, metrics: Arc<Metrics>) -> io:
         metrics,
         health: Arc::new(Health::default()),
         out: Vec::with_capacity(1 << 20),
+        collect_after: None,
     };
     Ok((writer, report))
 }
@@ -815,6 +820,8 @@ struct Writer {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     out: Vec<u8>,
+    /// A confirmed segment could not be renamed: no new try before then.
+    collect_after: Option<Instant>,
 }
 
 impl Writer {
@@ -1173,6 +1180,10 @@ impl Writer {
 
     /// Deletes the oldest closed segments whose every event is confirmed.
     fn collect(&mut self) {
+        if self.collect_after.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        self.collect_after = None;
         let below = self.buffer.confirmed_below();
         while let Some(oldest) = self.sealed.front()
             && oldest.end_seq <= below
@@ -1183,15 +1194,30 @@ impl Writer {
             // a segment: recovery never reads it, and deletes what a crash left of it.
             let path = segment_path(&self.dir, oldest.no);
             let gone = path.with_extension(CONFIRMED);
-            if let Err(e) = fs::rename(&path, &gone) {
-                tracing::warn!(error = %e, segment = %path.display(), "cannot delete a confirmed log segment");
-                break;
-            }
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = fs::remove_file(&gone) {
-                    tracing::warn!(error = %e, file = %gone.display(), "cannot delete a confirmed log segment");
+            match fs::rename(&path, &gone) {
+                Ok(()) => {
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = fs::remove_file(&gone) {
+                            tracing::warn!(error = %e, file = %gone.display(), "cannot delete a confirmed log segment");
+                        }
+                    });
                 }
-            });
+                // Deleted by someone else: gone, as it was to be. Its events are in ClickHouse.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => tracing::warn!(
+                    segment = %path.display(),
+                    "a confirmed log segment was gone already: files under DATA_DIR were deleted while the service ran"
+                ),
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        segment = %path.display(),
+                        retry_in_secs = COLLECT_RETRY.as_secs(),
+                        "cannot delete a confirmed log segment"
+                    );
+                    self.collect_after = Some(Instant::now() + COLLECT_RETRY);
+                    break;
+                }
+            }
             self.metrics.wal_bytes.sub(oldest.bytes as i64);
             self.metrics.wal_segments.dec();
             self.sealed.pop_front();
@@ -1508,6 +1534,63 @@ mod tests {
         assert_eq!(report.fresh_events, 0);
         assert!(b2.take(Instant::now(), true).is_none());
         assert_eq!(renamed_files(&after.path().join("wal")), 0);
+        drop(wal);
+    }
+
+    #[tokio::test]
+    async fn confirmed_segments_deleted_by_hand_are_counted_gone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = config(tmp.path());
+        cfg.segment_bytes = 64;
+        let b = buffer();
+        let metrics = Arc::new(Metrics::new());
+        let (wal, _) = Wal::open(cfg, b.clone(), metrics.clone()).await.unwrap();
+        for n in 0..3 {
+            wal.append(b.reserve(1).unwrap(), vec![row(n)]).await.unwrap();
+        }
+        // Someone deletes the closed segments while the service runs.
+        let dir = tmp.path().join("wal");
+        let closed = segments(&dir).unwrap();
+        for (_, path) in &closed[..closed.len() - 1] {
+            fs::remove_file(path).unwrap();
+        }
+        let batch = b.take(Instant::now(), true).unwrap();
+        wal.mark_batch(&batch).await.unwrap();
+        b.release(&batch);
+        wal.confirmed(batch.id);
+        wal.close().await;
+        assert!(segments(&dir).unwrap().is_empty());
+        assert_eq!(metrics.wal_bytes.get(), 0, "the deleted segments still counted");
+    }
+
+    #[tokio::test]
+    async fn a_segment_that_cannot_be_deleted_is_tried_again_later_not_at_every_group() {
+        let logged = crate::telemetry::captured::Captured::default();
+        let _guard = logged.install();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = config(tmp.path());
+        cfg.segment_bytes = 64;
+        let b = buffer();
+        let (wal, _) = Wal::open(cfg, b.clone(), Arc::new(Metrics::new())).await.unwrap();
+        wal.append(b.reserve(1).unwrap(), vec![row(1)]).await.unwrap();
+        // A directory where the first segment is to be renamed: the rename fails.
+        let dir = tmp.path().join("wal");
+        let (first, path) = segments(&dir).unwrap()[0].clone();
+        fs::create_dir(path.with_extension(CONFIRMED)).unwrap();
+        let batch = b.take(Instant::now(), true).unwrap();
+        wal.mark_batch(&batch).await.unwrap();
+        b.release(&batch);
+        wal.confirmed(batch.id);
+        for n in 0..30 {
+            wal.append(b.reserve(1).unwrap(), vec![row(n)]).await.unwrap();
+        }
+        assert!(segment_path(&dir, first).exists(), "kept until it can be deleted");
+        assert_eq!(
+            logged.text().matches("cannot delete a confirmed log segment").count(),
+            1,
+            "{}",
+            logged.text()
+        );
         drop(wal);
     }
 
