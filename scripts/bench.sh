@@ -203,6 +203,25 @@ declare -A rps p50 p99 idle cpu_m cpu_req requests rows_per_insert inserts_per_s
 steady_rss=0 peak_rss=0
 max_of() { awk -v a="$1" -v b="$2" 'BEGIN { print (b > a ? b : a) }'; }
 
+# Before each measured phase: what the runs before it left behind is finished first, so it does
+# not land in the next phase's rounds. ClickHouse's parts are written into the page cache and the
+# kernel writes them back only once they are 30 s old (vm.dirty_expire_centisecs; the batch runs
+# leave 600 to 800 MB): without a sync, that writeback, kernel work that is not preempted here,
+# fell into the first half-load rounds of adbeacon and its twin (measured 2026-11-24: 644 MB dirty
+# when they began, 20 MB a round later). That alone did not explain why adbeacon's first
+# half-load round is its worse one (docs/PERFORMANCE.md). Merges under way are waited for too
+# (at most 60 s).
+settle() {
+  local t0=$SECONDS dirty i=0
+  dirty="$(awk '$1 == "Dirty:" { printf "%.0f MB", $2 / 1024 }' /proc/meminfo)"
+  sync
+  while [ "$(ch_query 'SELECT count() FROM system.merges' 2>/dev/null || echo 0)" != 0 ] && [ "$i" -lt 600 ]; do
+    sleep 0.1
+    i=$((i + 1))
+  done
+  log "settled: $dirty of dirty pages written back, merges done, in $((SECONDS - t0)) s"
+}
+
 # ---------------------------------------------------------------- 1. saturation, per endpoint
 log "load: wrk -t$THREADS -c$CONNECTIONS, warm-up $WARMUP, then $ROUNDS x $DURATION per target and endpoint; load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 for endpoint in $ENDPOINTS; do
@@ -212,6 +231,7 @@ for endpoint in $ENDPOINTS; do
     run_duration="$WARMUP" measure "$target" "$endpoint" warm-up
   done
   await_flush
+  settle
   declare -A cpu0=([adbeacon]="$(cpu_ticks "$app_pid")" [noop]="$(cpu_ticks "$noop_pid")")
   declare -A split0=([bare]="$(cpu_split "$bare_pid")" [adbeacon]="$(cpu_split "$app_pid")" [noop]="$(cpu_split "$noop_pid")")
   declare -A acc0=([adbeacon]="$(metric_at "$app_url" '^adbeacon_events_accepted_total')" [noop]="$(metric_at "$noop_url" '^adbeacon_events_accepted_total')")
@@ -268,6 +288,7 @@ if [[ " $ENDPOINTS " == *" click "* ]]; then
   export WRK_DELAY_MS="$half_delay"
   # ClickHouse (taking adbeacon's INSERTs, or merging what the saturation runs stored) must not
   # hold wrk's core when wrk wakes up: SCHED_IDLE for these paced runs (see yield_others).
+  settle
   yield_others "$ch_pid"
   # Alternating rounds as at saturation; each target keeps its round with the lowest p99 (the
   # same rule for bare as for adbeacon: one stall of the shared machine in one 10 s run decides a
