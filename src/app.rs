@@ -181,10 +181,11 @@ fn spill(config: &Config) -> Option<Arc<Spill>> {
 /// The flusher thread's nice value. Its INSERTs come in bursts (encoding and compressing a
 /// second's rows, in pieces of about half a millisecond); at the workers' nice value, a worker
 /// woken by a request while such a piece runs could wait for the piece to end, which put the
-/// click's p99 at half of saturation up (pinned to one core, 8 alternating rounds: median 0.91
-/// against 1.10 ms at 5, 0.76 against 1.12 ms at 10). At 5 it still gets a quarter of a busy
-/// core, several times what it needs (the batch endpoint into ClickHouse stored as much); at 10
-/// it fell behind at that saturation (13 % fewer events stored).
+/// click's p99 at half of saturation up (pinned to one core as in `make bench`, 10 alternating
+/// rounds against the same build at nice 0: median 0.94 against 1.15 ms, ahead in 7). At 5 it
+/// still gets a quarter of a busy core, several times what it needs: the batch endpoint into
+/// ClickHouse stored as much. At 10 the p99 gained more (0.76 against 1.12 ms, set from
+/// outside), but the flusher fell behind at that saturation (13 % fewer events stored).
 const FLUSH_NICE: i32 = 5;
 
 /// The replayer's nice value: replaying a backlog can wait for live requests, and the replay
