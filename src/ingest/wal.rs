@@ -88,9 +88,10 @@ const MAX_PENDING: usize = 64 << 20;
 /// How often a failing log is probed.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// How long the writer waits before it tries again to delete a confirmed segment it could not
-/// rename: the writer runs once per group, and a warning per group would flood the log.
-const COLLECT_RETRY: Duration = Duration::from_secs(10);
+/// How long the writer waits before it tries again to begin a segment, or to delete a confirmed
+/// one, after it could not: the writer runs once per group, and a try and a warning per group
+/// would flood the log (about 500 lines a second at the batch endpoint's saturation).
+const FILE_RETRY: Duration = Duration::from_secs(10);
 
 const EVENTS: u8 = 1;
 const BATCH: u8 = 2;
@@ -738,6 +739,7 @@ fn recover(config: WalConfig, buffer: Arc<Buffer>, metrics: Arc<Metrics>) -> io:
         health: Arc::new(Health::default()),
         out: Vec::with_capacity(1 << 20),
         collect_after: None,
+        rotate_after: None,
     };
     Ok((writer, report))
 }
@@ -822,6 +824,8 @@ struct Writer {
     out: Vec<u8>,
     /// A confirmed segment could not be renamed: no new try before then.
     collect_after: Option<Instant>,
+    /// A new segment could not be begun: no new try before then.
+    rotate_after: Option<Instant>,
 }
 
 impl Writer {
@@ -1211,10 +1215,10 @@ impl Writer {
                     tracing::warn!(
                         error = %e,
                         segment = %path.display(),
-                        retry_in_secs = COLLECT_RETRY.as_secs(),
+                        retry_in_secs = FILE_RETRY.as_secs(),
                         "cannot delete a confirmed log segment"
                     );
-                    self.collect_after = Some(Instant::now() + COLLECT_RETRY);
+                    self.collect_after = Some(Instant::now() + FILE_RETRY);
                     break;
                 }
             }
@@ -1226,7 +1230,10 @@ impl Writer {
 
     /// Begins a new segment once the active one is full.
     async fn rotate_if_full(&mut self) {
-        if self.len < self.config.segment_bytes || self.health.failing.load(Ordering::Acquire) {
+        if self.len < self.config.segment_bytes
+            || self.health.failing.load(Ordering::Acquire)
+            || self.rotate_after.is_some_and(|at| Instant::now() < at)
+        {
             return;
         }
         if self.dirty
@@ -1249,6 +1256,7 @@ impl Writer {
         .unwrap_or_else(|e| Err(io::Error::other(e)));
         match opened {
             Ok(file) => {
+                self.rotate_after = None;
                 self.sealed.push_back(Sealed { no: self.no, end_seq: self.next_seq, bytes: self.len });
                 self.file = Arc::new(file);
                 self.no += 1;
@@ -1259,9 +1267,14 @@ impl Writer {
                 self.metrics.wal_segments.inc();
             }
             Err(e) => {
-                // Keep writing to the full one; the next group tries again.
+                // Keep writing to the full one, and try again later.
                 let _ = fs::remove_file(segment_path(&self.dir, self.no + 1));
-                tracing::warn!(error = %e, "cannot begin a new log segment; the current one grows");
+                tracing::warn!(
+                    error = %e,
+                    retry_in_secs = FILE_RETRY.as_secs(),
+                    "cannot begin a new log segment; the current one grows"
+                );
+                self.rotate_after = Some(Instant::now() + FILE_RETRY);
             }
         }
     }
@@ -1591,6 +1604,27 @@ mod tests {
             "{}",
             logged.text()
         );
+        drop(wal);
+    }
+
+    #[tokio::test]
+    async fn a_segment_that_cannot_be_begun_is_tried_again_later_not_at_every_group() {
+        let logged = crate::telemetry::captured::Captured::default();
+        let _guard = logged.install();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = config(tmp.path());
+        cfg.segment_bytes = 64;
+        let b = buffer();
+        let (wal, _) = Wal::open(cfg, b.clone(), Arc::new(Metrics::new())).await.unwrap();
+        // A directory where the next segment is to be created: it cannot be.
+        let dir = tmp.path().join("wal");
+        let (active, _) = segments(&dir).unwrap()[0];
+        fs::create_dir(segment_path(&dir, active + 1)).unwrap();
+        for n in 0..30 {
+            wal.append(b.reserve(1).unwrap(), vec![row(n)]).await.unwrap();
+        }
+        let text = logged.text();
+        assert_eq!(text.matches("cannot begin a new log segment").count(), 1, "{text}");
         drop(wal);
     }
 
