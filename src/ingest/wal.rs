@@ -90,7 +90,8 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long the writer waits before it tries again to begin a segment, or to delete a confirmed
 /// one, after it could not: the writer runs once per group, and a try and a warning per group
-/// would flood the log (about 500 lines a second at the batch endpoint's saturation).
+/// would flood the log (hundreds of lines a second under load: measured 465 a second with the
+/// log directory deleted under the batch load).
 const FILE_RETRY: Duration = Duration::from_secs(10);
 
 const EVENTS: u8 = 1;
