@@ -1477,23 +1477,14 @@ mod tests {
 
     #[tokio::test]
     async fn appends_reach_the_buffer_and_confirmed_segments_are_deleted() {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut cfg = config(tmp.path());
-        // Tiny segments: every group rotates.
-        cfg.segment_bytes = 64;
-        let b = buffer();
-        let metrics = Arc::new(Metrics::new());
-        let (wal, _) = Wal::open(cfg, b.clone(), metrics.clone()).await.unwrap();
+        let (tmp, b, metrics, wal) = tiny_segments().await;
         for n in 0..3 {
             let room = b.reserve(2).unwrap();
             wal.append(room, vec![row(n), row(n + 10)]).await.unwrap();
         }
         assert!(segments(&tmp.path().join("wal")).unwrap().len() >= 3);
-        let batch = b.take(Instant::now(), true).unwrap();
+        let batch = store(&wal, &b).await;
         assert_eq!(batch.seqs, vec![0..6]);
-        wal.mark_batch(&batch).await.unwrap();
-        b.release(&batch);
-        wal.confirmed(batch.id);
         wal.close().await;
         // Everything was confirmed: the log is gone, the renamed files too once the blocking
         // pool has deleted them.
@@ -1553,12 +1544,7 @@ mod tests {
 
     #[tokio::test]
     async fn confirmed_segments_deleted_by_hand_are_counted_gone() {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut cfg = config(tmp.path());
-        cfg.segment_bytes = 64;
-        let b = buffer();
-        let metrics = Arc::new(Metrics::new());
-        let (wal, _) = Wal::open(cfg, b.clone(), metrics.clone()).await.unwrap();
+        let (tmp, b, metrics, wal) = tiny_segments().await;
         for n in 0..3 {
             wal.append(b.reserve(1).unwrap(), vec![row(n)]).await.unwrap();
         }
@@ -1568,10 +1554,7 @@ mod tests {
         for (_, path) in &closed[..closed.len() - 1] {
             fs::remove_file(path).unwrap();
         }
-        let batch = b.take(Instant::now(), true).unwrap();
-        wal.mark_batch(&batch).await.unwrap();
-        b.release(&batch);
-        wal.confirmed(batch.id);
+        store(&wal, &b).await;
         wal.close().await;
         assert!(segments(&dir).unwrap().is_empty());
         assert_eq!(metrics.wal_bytes.get(), 0, "the deleted segments still counted");
@@ -1581,20 +1564,13 @@ mod tests {
     async fn a_segment_that_cannot_be_deleted_is_tried_again_later_not_at_every_group() {
         let logged = crate::telemetry::captured::Captured::default();
         let _guard = logged.install();
-        let tmp = tempfile::tempdir().unwrap();
-        let mut cfg = config(tmp.path());
-        cfg.segment_bytes = 64;
-        let b = buffer();
-        let (wal, _) = Wal::open(cfg, b.clone(), Arc::new(Metrics::new())).await.unwrap();
+        let (tmp, b, _, wal) = tiny_segments().await;
         wal.append(b.reserve(1).unwrap(), vec![row(1)]).await.unwrap();
         // A directory where the first segment is to be renamed: the rename fails.
         let dir = tmp.path().join("wal");
         let (first, path) = segments(&dir).unwrap()[0].clone();
         fs::create_dir(path.with_extension(CONFIRMED)).unwrap();
-        let batch = b.take(Instant::now(), true).unwrap();
-        wal.mark_batch(&batch).await.unwrap();
-        b.release(&batch);
-        wal.confirmed(batch.id);
+        store(&wal, &b).await;
         for n in 0..30 {
             wal.append(b.reserve(1).unwrap(), vec![row(n)]).await.unwrap();
         }
@@ -1612,11 +1588,7 @@ mod tests {
     async fn a_segment_that_cannot_be_begun_is_tried_again_later_not_at_every_group() {
         let logged = crate::telemetry::captured::Captured::default();
         let _guard = logged.install();
-        let tmp = tempfile::tempdir().unwrap();
-        let mut cfg = config(tmp.path());
-        cfg.segment_bytes = 64;
-        let b = buffer();
-        let (wal, _) = Wal::open(cfg, b.clone(), Arc::new(Metrics::new())).await.unwrap();
+        let (tmp, b, _, wal) = tiny_segments().await;
         // A directory where the next segment is to be created: it cannot be.
         let dir = tmp.path().join("wal");
         let (active, _) = segments(&dir).unwrap()[0];
@@ -1627,6 +1599,28 @@ mod tests {
         let text = logged.text();
         assert_eq!(text.matches("cannot begin a new log segment").count(), 1, "{text}");
         drop(wal);
+    }
+
+    /// A log of tiny segments (every group rotates) in a new data directory, with its buffer and
+    /// metrics.
+    async fn tiny_segments() -> (tempfile::TempDir, Arc<Buffer>, Arc<Metrics>, Wal) {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = config(tmp.path());
+        cfg.segment_bytes = 64;
+        let b = buffer();
+        let metrics = Arc::new(Metrics::new());
+        let (wal, _) = Wal::open(cfg, b.clone(), metrics.clone()).await.unwrap();
+        (tmp, b, metrics, wal)
+    }
+
+    /// Takes everything the buffer holds as one batch and goes through its INSERT as the flusher
+    /// does: marked in the log, released, confirmed.
+    async fn store(wal: &Wal, b: &Buffer) -> Batch {
+        let batch = b.take(Instant::now(), true).unwrap();
+        wal.mark_batch(&batch).await.unwrap();
+        b.release(&batch);
+        wal.confirmed(batch.id);
+        batch
     }
 
     /// The segments under `data_dir` as a crash leaves them, copied into a new data directory
