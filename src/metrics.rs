@@ -213,6 +213,8 @@ pub struct Metrics {
     pub wal_appends: IntCounter,
     /// Bytes after a torn or corrupt record, moved aside at start-up.
     pub wal_corrupt_bytes: IntCounter,
+    /// Times the log's files were found deleted while the service ran and written again.
+    pub wal_restores: IntCounter,
     wal_recovered: IntCounterVec,
 }
 
@@ -493,6 +495,10 @@ impl Metrics {
             wal_corrupt_bytes: counter(
                 "adbeacon_wal_corrupt_bytes_total",
                 "Bytes after a torn or corrupt write-ahead log record, moved to DATA_DIR/wal/corrupt at start-up",
+            ),
+            wal_restores: counter(
+                "adbeacon_wal_restores_total",
+                "Times the write-ahead log's files were found deleted while the service ran and were written again from the open files",
             ),
             wal_recovered,
             registry,

@@ -36,6 +36,13 @@
 //! If a write or sync fails (a full or broken disk), the group is cut off the file again, its
 //! requests get 503, readiness turns false, and a probe every second notices when the disk
 //! works again.
+//!
+//! If the log's files are deleted while the service runs (`rm -rf` of `DATA_DIR`, a cleaner of
+//! old files), the writer still holds them open and would go on writing into files that no
+//! longer have a name: events acknowledged as durable that a crash would lose. At most once a
+//! second the writer checks that its files still have a name; when one has not, it writes the
+//! directory, the lock and every unconfirmed segment again from the open files before its next
+//! group. Until it can, requests get 503 as for a broken disk.
 
 use std::{
     collections::{BTreeMap, HashSet, VecDeque},
@@ -93,6 +100,11 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// would flood the log (hundreds of lines a second under load: measured 465 a second with the
 /// log directory deleted under the batch load).
 const FILE_RETRY: Duration = Duration::from_secs(10);
+
+/// How often the writer checks that its files are still in the log's directory (an `fstat` per
+/// open segment): events written in between into a deleted file are written again with it, so
+/// this bounds how long acknowledged events sit in a file without a name.
+const LINK_CHECK: Duration = Duration::from_secs(1);
 
 const EVENTS: u8 = 1;
 const BATCH: u8 = 2;
@@ -741,6 +753,8 @@ fn recover(config: WalConfig, buffer: Arc<Buffer>, metrics: Arc<Metrics>) -> io:
         out: Vec::with_capacity(1 << 20),
         collect_after: None,
         rotate_after: None,
+        checked_links: Instant::now(),
+        relink: false,
     };
     Ok((writer, report))
 }
@@ -777,12 +791,44 @@ impl Written {
     }
 }
 
+/// Answers a group's requests with an error (503) without writing it: the log's files are gone
+/// and not written again yet. Its room is given back; a batch's *done* is lost, which only
+/// costs a check in ClickHouse after a crash.
+fn refuse(jobs: Vec<Job>, stop: &mut Option<oneshot::Sender<()>>) {
+    let err = WalError("its files were deleted and cannot be written again yet".into());
+    for job in jobs {
+        match job {
+            Job::Events { room, ack, .. } => {
+                drop(room);
+                let _ = ack.send(Err(err.clone()));
+            }
+            Job::Batch { ack, .. } => {
+                let _ = ack.send(Err(err.clone()));
+            }
+            Job::Done { .. } => {}
+            Job::Stop { ack } => *stop = Some(ack),
+        }
+    }
+}
+
+/// Whether the writer's files are in the log's directory (as far as its last check knows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Linked {
+    Yes,
+    /// Deleted, and not written again yet.
+    No,
+}
+
 /// A closed segment, waiting for the watermark to pass its last event.
 struct Sealed {
     no: u64,
     /// One past the last sequence number it holds.
     end_seq: u64,
     bytes: u64,
+    /// Kept open until it is deleted, so that it can be written again if someone else deletes it
+    /// first ([`Writer::keep_linked`]). As many as `BUFFER_MAX_BYTES` of unconfirmed events
+    /// span, plus one.
+    file: Arc<File>,
 }
 
 /// An interval sync running in the background: when it began, `Writer::writes` and the
@@ -827,6 +873,10 @@ struct Writer {
     collect_after: Option<Instant>,
     /// A new segment could not be begun: no new try before then.
     rotate_after: Option<Instant>,
+    /// When the files were last checked to still be in the directory ([`LINK_CHECK`]).
+    checked_links: Instant,
+    /// The files were found deleted and are not written again yet: groups are refused (503).
+    relink: bool,
 }
 
 impl Writer {
@@ -912,7 +962,7 @@ impl Writer {
                 _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {
                     if self.health.failing.load(Ordering::Acquire) {
                         self.probe().await;
-                    } else if self.dirty {
+                    } else if self.keep_linked().await == Linked::Yes && self.interval_sync_due() {
                         let file = self.file.clone();
                         let sync = tokio::task::spawn_blocking(move || file.sync_data());
                         background = Some((Instant::now(), (self.writes, self.len), sync));
@@ -932,7 +982,11 @@ impl Writer {
                                 Err(_) => break,
                             }
                         }
-                        if let Some(written) = self.write_group(jobs, &mut stop, &mut background) {
+                        // Before the write, so that no group is answered from a file without a
+                        // name after an idle spell.
+                        if self.keep_linked().await == Linked::No {
+                            refuse(jobs, &mut stop);
+                        } else if let Some(written) = self.write_group(jobs, &mut stop, &mut background) {
                             in_flight.push_back(written);
                         }
                         closed |= stop.is_some();
@@ -952,21 +1006,36 @@ impl Writer {
         }
     }
 
-    /// How long to wait for work before a probe or an interval sync is due; `None`: forever.
+    /// How long to wait for work before a probe, an interval sync or the check of the files is
+    /// due. (Checked while idle too: the events of the last requests before an idle spell sit in
+    /// the files until ClickHouse confirms them.)
     fn wait(&self) -> Option<Duration> {
         if self.health.failing.load(Ordering::Acquire) {
             return Some(PROBE_INTERVAL);
         }
+        let check = LINK_CHECK.saturating_sub(self.checked_links.elapsed());
         match self.config.fsync {
             FsyncPolicy::Interval(every) if self.dirty => {
-                Some(every.saturating_sub(self.last_sync.elapsed()))
+                Some(every.saturating_sub(self.last_sync.elapsed()).min(check))
             }
-            _ => None,
+            _ => Some(check),
         }
+    }
+
+    /// An interval sync is owed (`WAL_FSYNC=<interval>`, written since the last one, and the
+    /// interval is over).
+    fn interval_sync_due(&self) -> bool {
+        matches!(self.config.fsync, FsyncPolicy::Interval(every)
+            if self.dirty && self.last_sync.elapsed() >= every)
     }
 
     /// Nothing in flight and the probe of a failing disk is due: writes and syncs a probe record.
     async fn probe(&mut self) {
+        if self.relink {
+            // The probe record would go into a file without a name.
+            self.keep_linked().await;
+            return;
+        }
         if self.sync_failed && !self.rewrite().await {
             return;
         }
@@ -1178,6 +1247,10 @@ impl Writer {
     }
 
     fn recovered(&self) {
+        if self.relink {
+            // Writes into the old files succeed, but those files are gone.
+            return;
+        }
         if self.health.failing.swap(false, Ordering::AcqRel) {
             tracing::info!(dir = %self.dir.display(), "the local log can be written again");
         }
@@ -1258,8 +1331,13 @@ impl Writer {
         match opened {
             Ok(file) => {
                 self.rotate_after = None;
-                self.sealed.push_back(Sealed { no: self.no, end_seq: self.next_seq, bytes: self.len });
-                self.file = Arc::new(file);
+                let full = std::mem::replace(&mut self.file, Arc::new(file));
+                self.sealed.push_back(Sealed {
+                    no: self.no,
+                    end_seq: self.next_seq,
+                    bytes: self.len,
+                    file: full,
+                });
                 self.no += 1;
                 self.len = MAGIC.len() as u64;
                 self.synced_len = self.len;
@@ -1278,6 +1356,110 @@ impl Writer {
                 self.rotate_after = Some(Instant::now() + FILE_RETRY);
             }
         }
+    }
+
+    /// Checks (at most once per [`LINK_CHECK`], or at once while they are owed) that the log's
+    /// files are still in its directory, and writes them again from the open files when they
+    /// are not. Until that works the log is failing and groups are refused.
+    async fn keep_linked(&mut self) -> Linked {
+        if !self.relink {
+            if self.checked_links.elapsed() < LINK_CHECK {
+                return Linked::Yes;
+            }
+            self.checked_links = Instant::now();
+            let unlinked =
+                |f: &File| f.metadata().is_ok_and(|m| std::os::unix::fs::MetadataExt::nlink(&m) == 0);
+            if !unlinked(&self.file) && !self.sealed.iter().any(|s| unlinked(&s.file)) {
+                return Linked::Yes;
+            }
+            tracing::error!(dir = %self.dir.display(),
+                "the local log's files were deleted while the service ran (by hand, or by a cleaner of DATA_DIR); writing them again from the files still open");
+            self.relink = true;
+        } else if self.checked_links.elapsed() < PROBE_INTERVAL {
+            return Linked::No;
+        }
+        self.checked_links = Instant::now();
+        match self.restore().await {
+            Ok(segments) => {
+                self.relink = false;
+                self.metrics.wal_restores.inc();
+                tracing::warn!(dir = %self.dir.display(), segments,
+                    "wrote the local log's deleted files again; every acknowledged event in them is on disk again");
+                self.recovered();
+                Linked::Yes
+            }
+            Err(e) => {
+                self.failed(&e);
+                Linked::No
+            }
+        }
+    }
+
+    /// Writes the directory, the lock and every segment without a name again, each under its
+    /// own number, from the open files; after a failed sync the active segment's bytes not yet
+    /// known durable are written over its copy from `pending` (their pages may be gone). All of
+    /// it synced. Returns how many segments were written.
+    async fn restore(&mut self) -> io::Result<usize> {
+        let dir = self.dir.clone();
+        let relock = self._lock.metadata().map_or(true, |m| std::os::unix::fs::MetadataExt::nlink(&m) == 0);
+        let mut files: Vec<(u64, u64, Arc<File>)> =
+            self.sealed.iter().map(|s| (s.no, s.bytes, s.file.clone())).collect();
+        files.push((self.no, self.len, self.file.clone()));
+        // Only after a failed sync can the file's pages differ from what was written.
+        let owed = self.sync_failed.then(|| (self.pending.clone(), self.synced_len as usize));
+        let active = self.no;
+        let (lock, copies) = tokio::task::spawn_blocking(move || -> io::Result<_> {
+            fs::create_dir_all(&dir)?;
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
+            // Another process may have taken the directory since: then this one must not write
+            // into it (see `lock_dir`), and stays failing.
+            let lock = if relock { Some(lock_dir(&dir)?) } else { None };
+            let mut copies = Vec::new();
+            for (no, len, file) in files {
+                if std::os::unix::fs::MetadataExt::nlink(&file.metadata()?) > 0 {
+                    continue;
+                }
+                let mut bytes = vec![0; len as usize];
+                file.read_exact_at(&mut bytes, 0)?;
+                if no == active
+                    && let Some((pending, at)) = &owed
+                    && let Some(stretch) = bytes.get_mut(*at..*at + pending.len())
+                {
+                    stretch.copy_from_slice(pending);
+                }
+                let path = segment_path(&dir, no);
+                let tmp = path.with_extension("tmp");
+                let mut copy =
+                    OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp)?;
+                copy.write_all(&bytes)?;
+                copy.sync_all()?;
+                fs::rename(&tmp, &path)?;
+                copies.push((no, copy));
+            }
+            sync_dir(&dir)?;
+            Ok((lock, copies))
+        })
+        .await
+        .map_err(io::Error::other)??;
+        if let Some(lock) = lock {
+            self._lock = lock;
+        }
+        let restored = copies.len();
+        for (no, copy) in copies {
+            let copy = Arc::new(copy);
+            if no == self.no {
+                self.file = copy;
+                self.synced_len = self.len;
+                self.pending.clear();
+                self.dirty = false;
+                self.sync_failed = false;
+            } else if let Some(sealed) = self.sealed.iter_mut().find(|s| s.no == no) {
+                sealed.file = copy;
+            }
+        }
+        Ok(restored)
     }
 
     /// At shutdown: sync, and delete the whole log when every event in it is confirmed.
@@ -1598,6 +1780,64 @@ mod tests {
         }
         let text = logged.text();
         assert_eq!(text.matches("cannot begin a new log segment").count(), 1, "{text}");
+        drop(wal);
+    }
+
+    #[tokio::test]
+    async fn a_log_deleted_under_the_service_is_written_again_from_its_open_files() {
+        let (tmp, b, metrics, wal) = tiny_segments().await;
+        for n in 0..3 {
+            wal.append(b.reserve(1).unwrap(), vec![row(n)]).await.unwrap();
+        }
+        // `rm -rf DATA_DIR/wal` while the service runs, with nothing confirmed yet.
+        let dir = tmp.path().join("wal");
+        fs::remove_dir_all(&dir).unwrap();
+        // Noticed while idle, too: the three events wait in the files for ClickHouse.
+        tokio::time::sleep(LINK_CHECK + Duration::from_millis(300)).await;
+        assert_eq!(metrics.wal_restores.get(), 1);
+        assert!(dir.join("LOCK").exists());
+        wal.append(b.reserve(1).unwrap(), vec![row(3)]).await.unwrap();
+        assert_eq!(wal.failure(), None);
+        // The lock is taken again: a second process on the directory still refuses to start.
+        let second = Wal::open(config(tmp.path()), buffer(), Arc::new(Metrics::new())).await;
+        assert_eq!(second.err().map(|e| e.kind()), Some(io::ErrorKind::ResourceBusy));
+        // A crash now loses nothing: the directory as it stands gives back all four events.
+        let after = copy_segments(tmp.path(), "wal");
+        let (_, recovery) =
+            Wal::open(config(after.path()), buffer(), Arc::new(Metrics::new())).await.unwrap();
+        assert_eq!(recovery.fresh_events, 4, "{recovery:?}");
+        drop(wal);
+    }
+
+    #[tokio::test]
+    async fn a_deleted_log_that_cannot_be_written_again_refuses_requests_until_it_can() {
+        let (tmp, b, metrics, wal) = tiny_segments().await;
+        wal.append(b.reserve(1).unwrap(), vec![row(0)]).await.unwrap();
+        // Deleted, and a file where the directory is to be made again.
+        let dir = tmp.path().join("wal");
+        fs::remove_dir_all(&dir).unwrap();
+        fs::write(&dir, b"in the way").unwrap();
+        tokio::time::sleep(LINK_CHECK + Duration::from_millis(100)).await;
+        let held = b.held_bytes();
+        assert!(
+            wal.append(b.reserve(1).unwrap(), vec![row(1)]).await.is_err(),
+            "acknowledged into a deleted file"
+        );
+        assert!(wal.failure().is_some());
+        assert_eq!(b.held_bytes(), held, "the refused event's room was not given back");
+        // Out of the way: the probe writes the log again, and requests are taken again.
+        fs::remove_file(&dir).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while wal.failure().is_some() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(wal.failure(), None);
+        wal.append(b.reserve(1).unwrap(), vec![row(2)]).await.unwrap();
+        assert_eq!(metrics.wal_restores.get(), 1);
+        let after = copy_segments(tmp.path(), "wal");
+        let (_, recovery) =
+            Wal::open(config(after.path()), buffer(), Arc::new(Metrics::new())).await.unwrap();
+        assert_eq!(recovery.fresh_events, 2, "{recovery:?}");
         drop(wal);
     }
 
