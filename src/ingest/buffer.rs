@@ -12,7 +12,7 @@
 //! segments it has passed.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, HashSet, VecDeque},
     ops::Range,
     sync::{
         Arc,
@@ -357,31 +357,59 @@ impl Buffer {
     /// Releases a batch that went to the spill or the dead letters: safe, but not in
     /// ClickHouse, which is what a `committed` request waits for ([`Buffer::went_elsewhere`]).
     pub fn release_elsewhere(&self, batch: &Batch) {
-        {
-            let mut elsewhere = self.elsewhere.lock();
-            // A committed request waits ACK_TIMEOUT at most; ten minutes covers any setting
-            // anyone would use.
-            while elsewhere.front().is_some_and(|(_, at)| at.elapsed() > ELSEWHERE_KEPT) {
-                elsewhere.pop_front();
-            }
-            let now = Instant::now();
-            for r in batch.seqs.iter().filter(|r| !r.is_empty()) {
-                // During an outage every batch goes elsewhere, one after the other: their ranges
-                // join into one entry (kept from the last), so that the look-ups of committed
-                // requests, and of their repeats, scan a handful of entries, not one per batch.
-                match elsewhere.back_mut() {
-                    Some((last, at)) if last.end == r.start => {
-                        last.end = r.end;
-                        *at = now;
-                    }
-                    _ => elsewhere.push_back((r.clone(), now)),
-                }
-            }
-        }
+        self.went(&batch.seqs);
         self.release(batch);
     }
 
-    /// Whether any of `seqs` was released by [`Buffer::release_elsewhere`].
+    /// As [`Buffer::release_elsewhere`], for a batch ClickHouse stored but for the rows whose
+    /// event ids are in `elsewhere` (kept as dead letters): only their sequence numbers count as
+    /// gone elsewhere, so that `committed` requests for the other rows get their 2xx (a 503 for
+    /// events already stored would have their clients send them again).
+    pub fn release_partly(&self, batch: &Batch, elsewhere: &HashSet<Uuid>) {
+        let numbered: u64 = batch.seqs.iter().map(|r| r.end - r.start).sum();
+        if numbered != batch.rows.len() as u64 {
+            // Rows and numbers do not pair up (a recovered batch missing events): all of it.
+            return self.release_elsewhere(batch);
+        }
+        let mut gone: Vec<Range<u64>> = Vec::new();
+        let seqs = batch.seqs.iter().flat_map(|r| r.clone());
+        for (row, seq) in batch.rows.iter().zip(seqs) {
+            if elsewhere.contains(&row.event_id) {
+                match gone.last_mut() {
+                    Some(last) if last.end == seq => last.end += 1,
+                    _ => gone.push(seq..seq + 1),
+                }
+            }
+        }
+        self.went(&gone);
+        self.release(batch);
+    }
+
+    /// Notes `seqs` as gone elsewhere, for [`Buffer::went_elsewhere`].
+    fn went(&self, seqs: &[Range<u64>]) {
+        let mut elsewhere = self.elsewhere.lock();
+        // A committed request waits ACK_TIMEOUT at most; ten minutes covers any setting
+        // anyone would use.
+        while elsewhere.front().is_some_and(|(_, at)| at.elapsed() > ELSEWHERE_KEPT) {
+            elsewhere.pop_front();
+        }
+        let now = Instant::now();
+        for r in seqs.iter().filter(|r| !r.is_empty()) {
+            // During an outage every batch goes elsewhere, one after the other: their ranges
+            // join into one entry (kept from the last), so that the look-ups of committed
+            // requests, and of their repeats, scan a handful of entries, not one per batch.
+            match elsewhere.back_mut() {
+                Some((last, at)) if last.end == r.start => {
+                    last.end = r.end;
+                    *at = now;
+                }
+                _ => elsewhere.push_back((r.clone(), now)),
+            }
+        }
+    }
+
+    /// Whether any of `seqs` went elsewhere ([`Buffer::release_elsewhere`],
+    /// [`Buffer::release_partly`]).
     pub fn went_elsewhere(&self, seqs: &Range<u64>) -> bool {
         self.elsewhere.lock().iter().any(|(r, _)| r.start < seqs.end && seqs.start < r.end)
     }
@@ -572,6 +600,29 @@ mod tests {
         assert!(b.went_elsewhere(&(25..26)));
         assert!(b.went_elsewhere(&(44..45)));
         assert!(!b.went_elsewhere(&(45..50)));
+    }
+
+    #[test]
+    fn a_batch_stored_but_for_some_rows_marks_only_those_gone_elsewhere() {
+        let b = buffer(1_000, 100);
+        // Three requests: 0..2, 2..5 and 5..6.
+        let firsts: Vec<Range<u64>> = [2, 3, 1].into_iter().map(|n| b.push(rows(n)).unwrap()).collect();
+        let batch = b.take(Instant::now(), true).unwrap();
+        // ClickHouse rejected the second request's middle row and the third's only one.
+        let dead: HashSet<Uuid> = [batch.rows[3].event_id, batch.rows[5].event_id].into();
+        b.release_partly(&batch, &dead);
+        assert_eq!(b.confirmed_below(), 6, "released all the same");
+        let gone: Vec<bool> = firsts.iter().map(|seqs| b.went_elsewhere(seqs)).collect();
+        assert_eq!(gone, [false, true, true]);
+        assert_eq!(*b.elsewhere.lock().iter().map(|(r, _)| r.clone()).collect::<Vec<_>>(), [3..4, 5..6]);
+
+        // A batch whose rows and numbers do not pair up counts as gone elsewhere whole.
+        let seqs = b.push(rows(2)).unwrap();
+        let mut odd = b.take(Instant::now(), true).unwrap();
+        odd.rows.pop();
+        let dead: HashSet<Uuid> = [odd.rows[0].event_id].into();
+        b.release_partly(&odd, &dead);
+        assert!(b.went_elsewhere(&(seqs.end - 1..seqs.end)));
     }
 
     #[test]

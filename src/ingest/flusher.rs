@@ -20,11 +20,13 @@
 //! file rather than lost (other modes).
 
 use std::{
+    collections::HashSet,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use super::{
     Health,
@@ -273,8 +275,8 @@ impl Flusher {
             match outcome {
                 Ok(bad) => {
                     let rows = batch.rows.len();
-                    let clean = bad.is_empty();
-                    if clean {
+                    let dead: HashSet<Uuid> = bad.iter().map(|(row, _)| row.event_id).collect();
+                    if dead.is_empty() {
                         self.metrics.events_flushed.inc_by(rows as u64);
                     } else {
                         match self.keep_bad(&batch, bad, stop, give_up_at).await {
@@ -286,10 +288,10 @@ impl Flusher {
                     self.metrics.insert_duration.observe(started.elapsed().as_secs_f64());
                     self.metrics.batch_rows.observe(rows as f64);
                     self.metrics.batches_flushed.inc();
-                    if clean {
+                    if dead.is_empty() {
                         self.confirm(&batch)
                     } else {
-                        self.confirm_elsewhere(&batch)
+                        self.confirm_partly(&batch, &dead)
                     }
                     tracing::debug!(batch = %batch.id, rows, failures, "batch inserted");
                     return 0;
@@ -452,10 +454,17 @@ impl Flusher {
         self.forget(batch);
     }
 
-    /// As [`Flusher::confirm`], for a batch that is safe but not (all) in ClickHouse: a
-    /// `committed` request for its events gets no 2xx.
+    /// As [`Flusher::confirm`], for a batch that is safe but not in ClickHouse: a `committed`
+    /// request for its events gets no 2xx.
     fn confirm_elsewhere(&self, batch: &Batch) {
         self.buffer.release_elsewhere(batch);
+        self.forget(batch);
+    }
+
+    /// As [`Flusher::confirm`], for a batch in ClickHouse but for the rows of `dead` (kept as
+    /// dead letters): only a `committed` request for those gets no 2xx.
+    fn confirm_partly(&self, batch: &Batch, dead: &HashSet<Uuid>) {
+        self.buffer.release_partly(batch, dead);
         self.forget(batch);
     }
 
