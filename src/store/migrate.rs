@@ -10,7 +10,7 @@
 //! another had just created while that one already inserts. The lock is a table whose `CREATE`
 //! only one of them wins (`CREATE TABLE` without `IF NOT EXISTS` is atomic in every ClickHouse);
 //! the others wait, then find the migrations recorded. A lock left by an instance that died
-//! while migrating is taken over once it is [`LOCK_STALE_AFTER`] old.
+//! while migrating is taken over once it is [`LOCK_STALE_AFTER`] old, by one instance only.
 //!
 //! A statement may outlast its caller: ClickHouse goes on with an `INSERT … SELECT` whose client
 //! stopped waiting (a timeout, a killed process). A copy run again while the first still runs
@@ -149,20 +149,28 @@ async fn recorded(ch: &ClickHouse, version: u32) -> Result<bool, StoreError> {
     Ok(n.first().copied().unwrap_or(0) > 0)
 }
 
-/// The lock as `system.tables` shows it now: its age in seconds and its `CREATE` statement
-/// (which names its holder); none when nobody holds it.
-async fn lock_state(ch: &ClickHouse, table: &str) -> Result<Option<(i64, String)>, StoreError> {
-    let rows: Vec<(i64, String)> = ch
+/// A lock as `system.tables` shows it: its age in seconds, when it was made (unix seconds) and
+/// its `CREATE` statement (which names its holder).
+struct LockState {
+    age: i64,
+    made_at: i64,
+    create: String,
+}
+
+/// The lock as `system.tables` shows it now; none when nobody holds it.
+async fn lock_state(ch: &ClickHouse, table: &str) -> Result<Option<LockState>, StoreError> {
+    let rows: Vec<(i64, i64, String)> = ch
         .fetch_all(
             ch.client()
                 .query(
-                    "SELECT toInt64(now()) - toInt64(metadata_modification_time), create_table_query \
+                    "SELECT toInt64(now()) - toInt64(metadata_modification_time), \
+                     toInt64(metadata_modification_time), create_table_query \
                      FROM system.tables WHERE database = currentDatabase() AND name = ?",
                 )
                 .bind(table),
         )
         .await?;
-    Ok(rows.into_iter().next())
+    Ok(rows.into_iter().next().map(|(age, made_at, create)| LockState { age, made_at, create }))
 }
 
 /// The holder a lock's `CREATE` statement names (its column's default).
@@ -180,16 +188,19 @@ async fn lock(ch: &ClickHouse) -> Result<String, StoreError> {
         let create = format!("CREATE TABLE {LOCK_TABLE} (holder String DEFAULT '{me}') ENGINE = Memory");
         match ch.execute(&create).await {
             Ok(()) => return Ok(me),
-            // 57: the table exists, so another instance holds the lock.
-            Err(StoreError::Rejected(t) | StoreError::Retryable(t)) if error_code(&t) == Some(57) => {}
+            Err(e) if exists_already(&e) => {}
             Err(e) => return Err(e),
         }
-        let Some((age, query)) = lock_state(ch, LOCK_TABLE).await? else { continue };
+        let Some(held) = lock_state(ch, LOCK_TABLE).await? else { continue };
         // Old, but not stale while one of its migration statements runs (a long copy): its holder
         // is at work, and running the same migration beside it could copy twice.
-        if age >= LOCK_STALE_AFTER.as_secs() as i64 && running_statements(ch).await? == 0 {
-            take_over(ch, &me, holder_of(&query), age).await?;
-            continue;
+        if held.age >= LOCK_STALE_AFTER.as_secs() as i64 && running_statements(ch).await? == 0 {
+            // A marker that old belongs to an instance that took over a lock and then stopped
+            // before removing it: without this, that lock would never be taken over again.
+            drop_old_markers(ch).await?;
+            if take_over(ch, &me, &held).await? {
+                continue;
+            }
         }
         if !std::mem::replace(&mut said, true) {
             tracing::info!("another instance is applying migrations; waiting for it");
@@ -198,38 +209,69 @@ async fn lock(ch: &ClickHouse) -> Result<String, StoreError> {
     }
 }
 
-/// Moves aside a lock held by `stale` (an instance that stopped while migrating; `None` for a
-/// lock that names no holder, made by hand), so that the next `CREATE` can win. Moved under a
-/// name of this holder's own: of several instances that judged it stale at once, one `RENAME`
-/// wins. One that judged it stale before another took it over may move that one's fresh lock
-/// aside: it sees a holder other than `stale` and puts the lock back.
-async fn take_over(ch: &ClickHouse, me: &str, stale: Option<&str>, age: i64) -> Result<(), StoreError> {
-    let aside = format!("{LOCK_TABLE}_stale_{me}");
-    if ch.execute(&format!("RENAME TABLE {LOCK_TABLE} TO {aside}")).await.is_err() {
-        // Gone already: released, or moved aside by another instance.
-        return Ok(());
+/// Whether a `CREATE TABLE` failed because the table exists (code 57).
+fn exists_already(e: &StoreError) -> bool {
+    matches!(e, StoreError::Rejected(t) | StoreError::Retryable(t) if error_code(t) == Some(57))
+}
+
+/// The start of the names of the tables that mark a stale lock as taken over ([`take_over`]).
+const TAKEN_OVER: &str = "schema_migrations_lock_taken_over_";
+
+/// Removes `held`, a lock left by an instance that stopped while migrating, so that the next
+/// `CREATE` of the lock can win; true when this instance removed it. Of several instances that
+/// judged it stale at once, only the one whose `CREATE` of a marker table named after that lock
+/// (its statement and the time it was made) wins removes it. The marker outlives the lock, so
+/// no instance that judged it stale later can remove a lock taken since. (Moving the lock aside
+/// and putting back what was not the dead instance's let a third instance create a lock while
+/// a second had the first's moved aside: two instances migrated at once.)
+async fn take_over(ch: &ClickHouse, me: &str, held: &LockState) -> Result<bool, StoreError> {
+    let mut h = SipHasher13::new_with_keys(0, 0);
+    h.write(held.create.as_bytes());
+    h.write(&held.made_at.to_le_bytes());
+    let marker = format!("{TAKEN_OVER}{:016x}", h.finish());
+    match ch.execute(&format!("CREATE TABLE {marker} (by String DEFAULT '{me}') ENGINE = Memory")).await {
+        Ok(()) => {}
+        Err(e) if exists_already(&e) => return Ok(false),
+        Err(e) => return Err(e),
     }
-    let moved = lock_state(ch, &aside).await?.map(|(_, q)| q).unwrap_or_default();
-    if holder_of(&moved) == stale {
-        tracing::warn!(
-            age_s = age,
-            "took over a migration lock left by an instance that stopped while migrating"
-        );
-    } else if ch.execute(&format!("RENAME TABLE {aside} TO {LOCK_TABLE}")).await.is_ok() {
-        return Ok(());
-    }
-    ch.execute(&format!("DROP TABLE IF EXISTS {aside}")).await
+    tracing::warn!(
+        age_s = held.age,
+        holder = holder_of(&held.create).unwrap_or("(none named)"),
+        "took over a migration lock left by an instance that stopped while migrating"
+    );
+    ch.execute(&format!("DROP TABLE IF EXISTS {LOCK_TABLE}")).await?;
+    Ok(true)
 }
 
 /// Releases the lock if this holder still holds it (after [`LOCK_STALE_AFTER`] another instance
-/// may have taken it over, and its lock is not this one's to drop).
+/// may have taken it over, and its lock is not this one's to drop), and drops old markers.
 async fn unlock(ch: &ClickHouse, me: &str) -> Result<(), StoreError> {
-    match lock_state(ch, LOCK_TABLE).await? {
-        Some((_, query)) if holder_of(&query) == Some(me) => {
-            ch.execute(&format!("DROP TABLE IF EXISTS {LOCK_TABLE}")).await
-        }
-        _ => Ok(()),
+    if let Some(held) = lock_state(ch, LOCK_TABLE).await?
+        && holder_of(&held.create) == Some(me)
+    {
+        ch.execute(&format!("DROP TABLE IF EXISTS {LOCK_TABLE}")).await?;
     }
+    drop_old_markers(ch).await
+}
+
+/// Drops the markers ([`take_over`]) made [`LOCK_STALE_AFTER`] ago or earlier: no instance
+/// still acts on what it saw of the locks they name.
+async fn drop_old_markers(ch: &ClickHouse) -> Result<(), StoreError> {
+    let markers: Vec<String> = ch
+        .fetch_all(
+            ch.client()
+                .query(
+                    "SELECT name FROM system.tables WHERE database = currentDatabase() \
+                     AND startsWith(name, ?) AND metadata_modification_time < now() - ?",
+                )
+                .bind(TAKEN_OVER)
+                .bind(LOCK_STALE_AFTER.as_secs()),
+        )
+        .await?;
+    for marker in markers {
+        ch.execute(&format!("DROP TABLE IF EXISTS {marker}")).await?;
+    }
+    Ok(())
 }
 
 /// Applies the pending migrations up to version `last`, refusing view re-creations on a

@@ -105,6 +105,58 @@ async fn instances_starting_together_migrate_one_at_a_time() {
     assert!(applied.is_empty(), "{applied:?}");
 }
 
+/// A lock left by an instance that died while migrating, found by three instances starting
+/// together once it is stale: one of them takes it over, and they still migrate one at a time.
+/// (When each moved the lock aside and put back what was not the dead one's, a third could
+/// create a lock while a second had the first's moved aside: two instances migrated at once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_finding_a_stale_lock_migrate_one_at_a_time() {
+    for _ in 0..3 {
+        let db = fresh_db();
+        let server = shared_clickhouse();
+        server.query(&format!("CREATE DATABASE {db}")).await;
+        server
+            .query_in(
+                &db,
+                "CREATE TABLE schema_migrations_lock (holder String DEFAULT 'died') ENGINE = Memory",
+            )
+            .await;
+        server.backdate_table(&db, "schema_migrations_lock", migrate::LOCK_STALE_AFTER * 2);
+        let config =
+            Config::from_vars([("CLICKHOUSE_URL", server.url()), ("CLICKHOUSE_DATABASE", db.clone())])
+                .unwrap();
+        let (a, b, c) = tokio::join!(
+            adbeacon::app::connect_and_migrate(&config),
+            adbeacon::app::connect_and_migrate(&config),
+            adbeacon::app::connect_and_migrate(&config)
+        );
+        let mut applied: Vec<u32> = [a, b, c].into_iter().flat_map(|r| r.unwrap().1).collect();
+        applied.sort();
+        assert_eq!(applied, MIGRATIONS.iter().map(|m| m.version).collect::<Vec<_>>(), "each applied once");
+        let locks = "SELECT count() FROM system.tables WHERE database = currentDatabase() \
+                     AND name = 'schema_migrations_lock'";
+        assert_eq!(server.query_in(&db, locks).await.trim(), "0", "the lock is released");
+        // One took it over, and its marker stays until it is as old as a stale lock.
+        let markers = "SELECT name FROM system.tables WHERE database = currentDatabase() \
+                       AND name LIKE 'schema_migrations_lock_taken_over_%'";
+        let marker = server.query_in(&db, markers).await.trim().to_string();
+        assert_eq!(marker.lines().count(), 1, "{marker}");
+        // Then the next run drops it, here one that takes over another stale lock itself.
+        server.backdate_table(&db, &marker, migrate::LOCK_STALE_AFTER * 2);
+        server
+            .query_in(
+                &db,
+                "CREATE TABLE schema_migrations_lock (holder String DEFAULT 'died too') ENGINE = Memory",
+            )
+            .await;
+        server.backdate_table(&db, "schema_migrations_lock", migrate::LOCK_STALE_AFTER * 2);
+        assert!(adbeacon::app::connect_and_migrate(&config).await.unwrap().1.is_empty());
+        let now = server.query_in(&db, markers).await.trim().to_string();
+        assert!(now.lines().count() == 1 && now != marker, "{marker} then {now}");
+        assert_eq!(server.query_in(&db, locks).await.trim(), "0", "the lock is released");
+    }
+}
+
 /// A migration statement of an earlier run that still runs on the server (its `adbeacon migrate`
 /// stopped waiting, or died): a new run waits for it to end before it runs its own statements, so
 /// that a copy of migration 0008 never runs twice at once. One of another database does not hold

@@ -167,6 +167,18 @@ impl ClickHouse {
         format!("http://127.0.0.1:{}", self.http_port)
     }
 
+    /// Makes table `db.table` look created `by` ago in `system.tables` (its
+    /// `metadata_modification_time` is its metadata file's mtime): a lock left that long ago.
+    pub fn backdate_table(&self, db: &str, table: &str, by: Duration) {
+        let file = self.dir.path().join("data/metadata").join(db).join(format!("{table}.sql"));
+        let then = std::time::SystemTime::now() - by;
+        File::options()
+            .write(true)
+            .open(&file)
+            .and_then(|f| f.set_modified(then))
+            .unwrap_or_else(|e| panic!("backdate {}: {e}", file.display()));
+    }
+
     /// Whether the server answers `GET /ping` right now.
     pub fn ping(&self) -> bool {
         matches!(http_get(self.http_port, "/ping"), Ok((200, _, body)) if body.trim() == "Ok.")
