@@ -39,10 +39,10 @@
 //!
 //! If the log's files are deleted while the service runs (`rm -rf` of `DATA_DIR`, a cleaner of
 //! old files), the writer still holds them open and would go on writing into files that no
-//! longer have a name: events acknowledged as durable that a crash would lose. At most once a
-//! second the writer checks that its files still have a name; when one has not, it writes the
-//! directory, the lock and every unconfirmed segment again from the open files before its next
-//! group. Until it can, requests get 503 as for a broken disk.
+//! longer have a name: events acknowledged as durable that a crash would lose. Once a second,
+//! busy or idle, and at shutdown, the writer checks that its files still have a name; when one
+//! has not, it writes the directory, the lock and every unconfirmed segment again from the open
+//! files. Until it can, requests get 503 as for a broken disk.
 
 use std::{
     collections::{BTreeMap, HashSet, VecDeque},
@@ -1358,27 +1358,39 @@ impl Writer {
         }
     }
 
-    /// Checks (at most once per [`LINK_CHECK`], or at once while they are owed) that the log's
-    /// files are still in its directory, and writes them again from the open files when they
-    /// are not. Until that works the log is failing and groups are refused.
+    /// Checks (once per [`LINK_CHECK`]) that the log's files are still in its directory, and
+    /// writes them again from the open files when they are not. Until that works the log is
+    /// failing, groups are refused, and it is tried again once per [`PROBE_INTERVAL`].
     async fn keep_linked(&mut self) -> Linked {
         if !self.relink {
             if self.checked_links.elapsed() < LINK_CHECK {
                 return Linked::Yes;
             }
             self.checked_links = Instant::now();
-            let unlinked =
-                |f: &File| f.metadata().is_ok_and(|m| std::os::unix::fs::MetadataExt::nlink(&m) == 0);
-            if !unlinked(&self.file) && !self.sealed.iter().any(|s| unlinked(&s.file)) {
+            if !self.notice_deleted() {
                 return Linked::Yes;
             }
-            tracing::error!(dir = %self.dir.display(),
-                "the local log's files were deleted while the service ran (by hand, or by a cleaner of DATA_DIR); writing them again from the files still open");
-            self.relink = true;
         } else if self.checked_links.elapsed() < PROBE_INTERVAL {
             return Linked::No;
         }
         self.checked_links = Instant::now();
+        self.relink_now().await
+    }
+
+    /// Whether a file of the log lost its name since the last check; sets `relink` and says so.
+    fn notice_deleted(&mut self) -> bool {
+        let unlinked = |f: &File| f.metadata().is_ok_and(|m| std::os::unix::fs::MetadataExt::nlink(&m) == 0);
+        if !unlinked(&self.file) && !self.sealed.iter().any(|s| unlinked(&s.file)) {
+            return false;
+        }
+        tracing::error!(dir = %self.dir.display(),
+            "the local log's files were deleted while the service ran (by hand, or by a cleaner of DATA_DIR); writing them again from the files still open");
+        self.relink = true;
+        true
+    }
+
+    /// Writes the deleted files again ([`Writer::restore`]); on failure the log is failing.
+    async fn relink_now(&mut self) -> Linked {
         match self.restore().await {
             Ok(segments) => {
                 self.relink = false;
@@ -1464,6 +1476,12 @@ impl Writer {
 
     /// At shutdown: sync, and delete the whole log when every event in it is confirmed.
     async fn finish(&mut self) {
+        // Deleted since the last check (`rm -rf DATA_DIR`, then a restart): what is owed is
+        // written again first, or the next start would not find it.
+        let owed = self.next_seq.saturating_sub(self.buffer.confirmed_below());
+        if owed > 0 && (self.relink || self.notice_deleted()) {
+            self.relink_now().await;
+        }
         if self.sync_failed {
             // A plain sync could succeed with a failed one's pages gone from the page cache: the
             // bytes owed are written again first.
@@ -1482,8 +1500,16 @@ impl Writer {
                     self.metrics.wal_bytes.set(0);
                     self.metrics.wal_segments.set(0);
                 }
+                // Deleted by someone else: gone, as it was to be.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    self.metrics.wal_bytes.set(0);
+                    self.metrics.wal_segments.set(0);
+                }
                 Err(e) => tracing::warn!(error = %e, "cannot delete the confirmed local log"),
             }
+        } else if self.relink {
+            tracing::error!(events = owed, dir = %self.dir.display(),
+                "the local log's files were deleted and cannot be written again: events not yet confirmed by ClickHouse are lost");
         } else {
             tracing::warn!(events = owed, dir = %self.dir.display(),
                 "events not yet confirmed by ClickHouse stay in the local log; they are sent at the next start");
@@ -1807,6 +1833,19 @@ mod tests {
             Wal::open(config(after.path()), buffer(), Arc::new(Metrics::new())).await.unwrap();
         assert_eq!(recovery.fresh_events, 4, "{recovery:?}");
         drop(wal);
+    }
+
+    #[tokio::test]
+    async fn a_log_deleted_just_before_shutdown_is_written_again_for_the_next_start() {
+        let (tmp, b, _, wal) = tiny_segments().await;
+        for n in 0..2 {
+            wal.append(b.reserve(1).unwrap(), vec![row(n)]).await.unwrap();
+        }
+        // `rm -rf DATA_DIR`, then a restart, within the second between two checks.
+        fs::remove_dir_all(tmp.path().join("wal")).unwrap();
+        wal.close().await;
+        let (_, recovery) = Wal::open(config(tmp.path()), buffer(), Arc::new(Metrics::new())).await.unwrap();
+        assert_eq!(recovery.fresh_events, 2, "{recovery:?}");
     }
 
     #[tokio::test]
