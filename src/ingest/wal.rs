@@ -1401,7 +1401,8 @@ impl Writer {
                 Linked::Yes
             }
             Err(e) => {
-                self.failed(&e);
+                let why = format!("its deleted files cannot be written again ({e})");
+                self.failed(&io::Error::new(e.kind(), why));
                 Linked::No
             }
         }
