@@ -1380,7 +1380,9 @@ impl Writer {
     /// Whether a file of the log lost its name since the last check; sets `relink` and says so.
     fn notice_deleted(&mut self) -> bool {
         let unlinked = |f: &File| f.metadata().is_ok_and(|m| std::os::unix::fs::MetadataExt::nlink(&m) == 0);
-        if !unlinked(&self.file) && !self.sealed.iter().any(|s| unlinked(&s.file)) {
+        // The lock too: a cleaner of old files deletes it first (it is never written), and a
+        // second process could then take the directory.
+        if !unlinked(&self.file) && !unlinked(&self._lock) && !self.sealed.iter().any(|s| unlinked(&s.file)) {
             return false;
         }
         tracing::error!(dir = %self.dir.display(),
@@ -1397,7 +1399,10 @@ impl Writer {
                 self.metrics.wal_restores.inc();
                 tracing::warn!(dir = %self.dir.display(), segments,
                     "wrote the local log's deleted files again; every acknowledged event in them is on disk again");
-                self.recovered();
+                // Still failing if a failed sync's bytes are owed to a file that kept its name.
+                if !self.sync_failed {
+                    self.recovered();
+                }
                 Linked::Yes
             }
             Err(e) => {
@@ -1409,56 +1414,63 @@ impl Writer {
     }
 
     /// Writes the directory, the lock and every segment without a name again, each under its
-    /// own number, from the open files; after a failed sync the active segment's bytes not yet
-    /// known durable are written over its copy from `pending` (their pages may be gone). All of
-    /// it synced. Returns how many segments were written.
+    /// own number, from the open files; the active segment's bytes not yet known durable are
+    /// written over its copy from `pending`. All of it synced. Returns how many segments were
+    /// written.
     async fn restore(&mut self) -> io::Result<usize> {
         let dir = self.dir.clone();
         let relock = self._lock.metadata().map_or(true, |m| std::os::unix::fs::MetadataExt::nlink(&m) == 0);
         let mut files: Vec<(u64, u64, Arc<File>)> =
             self.sealed.iter().map(|s| (s.no, s.bytes, s.file.clone())).collect();
         files.push((self.no, self.len, self.file.clone()));
-        // Only after a failed sync can the file's pages differ from what was written.
-        let owed = self.sync_failed.then(|| (self.pending.clone(), self.synced_len as usize));
-        let active = self.no;
-        let (lock, copies) = tokio::task::spawn_blocking(move || -> io::Result<_> {
-            fs::create_dir_all(&dir)?;
-            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-                sync_dir(parent)?;
-            }
-            // Another process may have taken the directory since: then this one must not write
-            // into it (see `lock_dir`), and stays failing.
-            let lock = if relock { Some(lock_dir(&dir)?) } else { None };
-            let mut copies = Vec::new();
-            for (no, len, file) in files {
-                if std::os::unix::fs::MetadataExt::nlink(&file.metadata()?) > 0 {
-                    continue;
+        // The bytes not yet known durable, from memory: the page cache may have lost them to a
+        // writeback error that no sync has reported yet.
+        let (pending, synced_len, active) = (self.pending.clone(), self.synced_len as usize, self.no);
+        let (lock, copied) = tokio::task::spawn_blocking(move || {
+            let mut lock = None;
+            let copied = (|| -> io::Result<Vec<(u64, File)>> {
+                fs::create_dir_all(&dir)?;
+                if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    sync_dir(parent)?;
                 }
-                let mut bytes = vec![0; len as usize];
-                file.read_exact_at(&mut bytes, 0)?;
-                if no == active
-                    && let Some((pending, at)) = &owed
-                    && let Some(stretch) = bytes.get_mut(*at..*at + pending.len())
-                {
-                    stretch.copy_from_slice(pending);
+                // Another process may have taken the directory since: then this one must not
+                // write into it (see `lock_dir`), and stays failing.
+                if relock {
+                    lock = Some(lock_dir(&dir)?);
                 }
-                let path = segment_path(&dir, no);
-                let tmp = path.with_extension("tmp");
-                let mut copy =
-                    OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp)?;
-                copy.write_all(&bytes)?;
-                copy.sync_all()?;
-                fs::rename(&tmp, &path)?;
-                copies.push((no, copy));
-            }
-            sync_dir(&dir)?;
-            Ok((lock, copies))
+                let mut copies = Vec::new();
+                for (no, len, file) in files {
+                    if std::os::unix::fs::MetadataExt::nlink(&file.metadata()?) > 0 {
+                        continue;
+                    }
+                    let mut bytes = vec![0; len as usize];
+                    file.read_exact_at(&mut bytes, 0)?;
+                    if no == active
+                        && let Some(stretch) = bytes.get_mut(synced_len..synced_len + pending.len())
+                    {
+                        stretch.copy_from_slice(&pending);
+                    }
+                    let path = segment_path(&dir, no);
+                    let tmp = path.with_extension("tmp");
+                    let mut copy =
+                        OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp)?;
+                    copy.write_all(&bytes)?;
+                    copy.sync_all()?;
+                    fs::rename(&tmp, &path)?;
+                    copies.push((no, copy));
+                }
+                sync_dir(&dir)?;
+                Ok(copies)
+            })();
+            // Kept even when a copy failed: the directory stays this process's meanwhile.
+            (lock, copied)
         })
         .await
-        .map_err(io::Error::other)??;
+        .map_err(io::Error::other)?;
         if let Some(lock) = lock {
             self._lock = lock;
         }
+        let copies = copied?;
         let restored = copies.len();
         for (no, copy) in copies {
             let copy = Arc::new(copy);
@@ -1833,6 +1845,19 @@ mod tests {
         let (_, recovery) =
             Wal::open(config(after.path()), buffer(), Arc::new(Metrics::new())).await.unwrap();
         assert_eq!(recovery.fresh_events, 4, "{recovery:?}");
+        drop(wal);
+    }
+
+    #[tokio::test]
+    async fn a_deleted_lock_is_taken_again_so_a_second_process_still_cannot_start() {
+        let (tmp, b, metrics, wal) = tiny_segments().await;
+        wal.append(b.reserve(1).unwrap(), vec![row(0)]).await.unwrap();
+        // A cleaner of old files deletes the lock first: it is never written.
+        fs::remove_file(tmp.path().join("wal/LOCK")).unwrap();
+        tokio::time::sleep(LINK_CHECK + Duration::from_millis(300)).await;
+        assert_eq!(metrics.wal_restores.get(), 1);
+        let second = Wal::open(config(tmp.path()), buffer(), Arc::new(Metrics::new())).await;
+        assert_eq!(second.err().map(|e| e.kind()), Some(io::ErrorKind::ResourceBusy));
         drop(wal);
     }
 

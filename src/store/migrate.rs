@@ -159,18 +159,41 @@ struct LockState {
 
 /// The lock as `system.tables` shows it now; none when nobody holds it.
 async fn lock_state(ch: &ClickHouse, table: &str) -> Result<Option<LockState>, StoreError> {
-    let rows: Vec<(i64, i64, String)> = ch
-        .fetch_all(
-            ch.client()
-                .query(
-                    "SELECT toInt64(now()) - toInt64(metadata_modification_time), \
-                     toInt64(metadata_modification_time), create_table_query \
-                     FROM system.tables WHERE database = currentDatabase() AND name = ?",
-                )
-                .bind(table),
-        )
-        .await?;
+    let rows: Vec<(i64, i64, String)> = system_tables(ch, || {
+        ch.client()
+            .query(
+                "SELECT toInt64(now()) - toInt64(metadata_modification_time), \
+                 toInt64(metadata_modification_time), create_table_query \
+                 FROM system.tables WHERE database = currentDatabase() AND name = ?",
+            )
+            .bind(table)
+    })
+    .await?;
     Ok(rows.into_iter().next().map(|(age, made_at, create)| LockState { age, made_at, create }))
+}
+
+/// Runs a query of `system.tables`, again when it fails because a table of the database was
+/// dropped while it read them (ClickHouse 18.16 then answers code 60, "doesn't exist"): the lock
+/// and the markers come and go while instances wait.
+async fn system_tables<T>(
+    ch: &ClickHouse,
+    query: impl Fn() -> clickhouse::query::Query,
+) -> Result<Vec<T>, StoreError>
+where
+    T: clickhouse::RowOwned + clickhouse::RowRead,
+{
+    let mut tries = 0;
+    loop {
+        match ch.fetch_all(query()).await {
+            Err(StoreError::Rejected(t) | StoreError::Retryable(t))
+                if error_code(&t) == Some(60) && tries < 20 =>
+            {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            done => return done,
+        }
+    }
 }
 
 /// The holder a lock's `CREATE` statement names (its column's default).
@@ -220,8 +243,9 @@ const TAKEN_OVER: &str = "schema_migrations_lock_taken_over_";
 /// Removes `held`, a lock left by an instance that stopped while migrating, so that the next
 /// `CREATE` of the lock can win; true when this instance removed it. Of several instances that
 /// judged it stale at once, only the one whose `CREATE` of a marker table named after that lock
-/// (its statement and the time it was made) wins removes it. The marker outlives the lock, so
-/// no instance that judged it stale later can remove a lock taken since. (Moving the lock aside
+/// (its statement and the time it was made) wins removes it, and only if it still finds that
+/// lock. The marker outlives the lock, so no instance that judged it stale later can remove a
+/// lock taken since. (Moving the lock aside
 /// and putting back what was not the dead instance's let a third instance create a lock while
 /// a second had the first's moved aside: two instances migrated at once.)
 async fn take_over(ch: &ClickHouse, me: &str, held: &LockState) -> Result<bool, StoreError> {
@@ -233,6 +257,12 @@ async fn take_over(ch: &ClickHouse, me: &str, held: &LockState) -> Result<bool, 
         Ok(()) => {}
         Err(e) if exists_already(&e) => return Ok(false),
         Err(e) => return Err(e),
+    }
+    // Still that lock? Its holder may have released it meanwhile (it was slow, not dead) and
+    // another instance taken a fresh one, which is not this one's to drop.
+    match lock_state(ch, LOCK_TABLE).await? {
+        Some(now) if now.create == held.create && now.made_at == held.made_at => {}
+        _ => return Ok(false),
     }
     tracing::warn!(
         age_s = held.age,
@@ -257,17 +287,16 @@ async fn unlock(ch: &ClickHouse, me: &str) -> Result<(), StoreError> {
 /// Drops the markers ([`take_over`]) made [`LOCK_STALE_AFTER`] ago or earlier: no instance
 /// still acts on what it saw of the locks they name.
 async fn drop_old_markers(ch: &ClickHouse) -> Result<(), StoreError> {
-    let markers: Vec<String> = ch
-        .fetch_all(
-            ch.client()
-                .query(
-                    "SELECT name FROM system.tables WHERE database = currentDatabase() \
-                     AND startsWith(name, ?) AND metadata_modification_time < now() - ?",
-                )
-                .bind(TAKEN_OVER)
-                .bind(LOCK_STALE_AFTER.as_secs()),
-        )
-        .await?;
+    let markers: Vec<String> = system_tables(ch, || {
+        ch.client()
+            .query(
+                "SELECT name FROM system.tables WHERE database = currentDatabase() \
+                 AND startsWith(name, ?) AND metadata_modification_time < now() - ?",
+            )
+            .bind(TAKEN_OVER)
+            .bind(LOCK_STALE_AFTER.as_secs())
+    })
+    .await?;
     for marker in markers {
         ch.execute(&format!("DROP TABLE IF EXISTS {marker}")).await?;
     }
