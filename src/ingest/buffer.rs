@@ -124,7 +124,7 @@ pub struct Buffer {
     watermark: watch::Sender<u64>,
     /// Ranges released to the spill or the dead letters rather than ClickHouse, recently: a
     /// `committed` request whose events are among them gets no 2xx.
-    elsewhere: Mutex<VecDeque<(Range<u64>, Instant)>>,
+    elsewhere: Mutex<BTreeMap<u64, (u64, Instant)>>,
     limits: Limits,
     metrics: Arc<Metrics>,
 }
@@ -147,7 +147,7 @@ impl Buffer {
             closed: AtomicBool::new(false),
             confirmed: Mutex::new(Confirmed { below: 0, ahead: BTreeMap::new() }),
             watermark: watch::Sender::new(0),
-            elsewhere: Mutex::new(VecDeque::new()),
+            elsewhere: Mutex::new(BTreeMap::new()),
             limits,
             metrics,
         }
@@ -385,25 +385,26 @@ impl Buffer {
         self.release(batch);
     }
 
-    /// Notes `seqs` as gone elsewhere, for [`Buffer::went_elsewhere`].
+    /// Notes `seqs` as gone elsewhere, for [`Buffer::went_elsewhere`]. The ranges are kept by
+    /// where they start (they never overlap), so that a look-up is one step however many there
+    /// are: rows ClickHouse rejected here and there in a batch make one range each.
     fn went(&self, seqs: &[Range<u64>]) {
         let mut elsewhere = self.elsewhere.lock();
         // A committed request waits ACK_TIMEOUT at most; ten minutes covers any setting
         // anyone would use.
-        while elsewhere.front().is_some_and(|(_, at)| at.elapsed() > ELSEWHERE_KEPT) {
-            elsewhere.pop_front();
-        }
+        elsewhere.retain(|_, (_, at)| at.elapsed() <= ELSEWHERE_KEPT);
         let now = Instant::now();
         for r in seqs.iter().filter(|r| !r.is_empty()) {
             // During an outage every batch goes elsewhere, one after the other: their ranges
-            // join into one entry (kept from the last), so that the look-ups of committed
-            // requests, and of their repeats, scan a handful of entries, not one per batch.
-            match elsewhere.back_mut() {
-                Some((last, at)) if last.end == r.start => {
-                    last.end = r.end;
+            // join into one entry (kept from the last).
+            match elsewhere.range_mut(..r.start).next_back() {
+                Some((_, (end, at))) if *end == r.start => {
+                    *end = r.end;
                     *at = now;
                 }
-                _ => elsewhere.push_back((r.clone(), now)),
+                _ => {
+                    elsewhere.insert(r.start, (r.end, now));
+                }
             }
         }
     }
@@ -411,7 +412,8 @@ impl Buffer {
     /// Whether any of `seqs` went elsewhere ([`Buffer::release_elsewhere`],
     /// [`Buffer::release_partly`]).
     pub fn went_elsewhere(&self, seqs: &Range<u64>) -> bool {
-        self.elsewhere.lock().iter().any(|(r, _)| r.start < seqs.end && seqs.start < r.end)
+        // The last range starting before `seqs` ends is the only one that can reach into it.
+        self.elsewhere.lock().range(..seqs.end).next_back().is_some_and(|(_, (end, _))| *end > seqs.start)
     }
 
     /// Releases a batch ClickHouse confirmed (or that is otherwise safe): its room goes back
@@ -614,7 +616,9 @@ mod tests {
         assert_eq!(b.confirmed_below(), 6, "released all the same");
         let gone: Vec<bool> = firsts.iter().map(|seqs| b.went_elsewhere(seqs)).collect();
         assert_eq!(gone, [false, true, true]);
-        assert_eq!(*b.elsewhere.lock().iter().map(|(r, _)| r.clone()).collect::<Vec<_>>(), [3..4, 5..6]);
+        let ranges: Vec<Range<u64>> =
+            b.elsewhere.lock().iter().map(|(start, (end, _))| *start..*end).collect();
+        assert_eq!(ranges, [3..4, 5..6]);
 
         // A batch whose rows and numbers do not pair up counts as gone elsewhere whole.
         let seqs = b.push(rows(2)).unwrap();
@@ -623,6 +627,23 @@ mod tests {
         let dead: HashSet<Uuid> = [odd.rows[0].event_id].into();
         b.release_partly(&odd, &dead);
         assert!(b.went_elsewhere(&(seqs.end - 1..seqs.end)));
+    }
+
+    #[test]
+    fn scattered_ranges_gone_elsewhere_are_found_as_a_scan_finds_them() {
+        let b = buffer(10, 10);
+        // Every third number of 0..3000 gone elsewhere, some of them joined in runs of two.
+        let gone: Vec<Range<u64>> =
+            (0..1000u64).map(|i| if i % 7 == 0 { i * 3..i * 3 + 2 } else { i * 3..i * 3 + 1 }).collect();
+        b.went(&gone);
+        let mut x = 12345u64;
+        for _ in 0..5000 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let start = (x >> 33) % 3100;
+            let seqs = start..start + 1 + (x >> 20) % 5;
+            let scanned = gone.iter().any(|r| r.start < seqs.end && seqs.start < r.end);
+            assert_eq!(b.went_elsewhere(&seqs), scanned, "{seqs:?}");
+        }
     }
 
     #[test]
