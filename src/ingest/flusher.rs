@@ -128,12 +128,18 @@ impl Flusher {
         let mut sent = batch.uncertain;
         let mut marked = !self.wal.as_ref().is_some_and(|w| w.holds(&batch));
         // Whether the spill may hold the batch: recovered from the log after a crash that
-        // followed its spill, or pushed by an attempt whose answer was lost. The replayer then
-        // stores it, and an INSERT here could run alongside the replayer's (each checking before
-        // the other stored), so the spill is asked first.
+        // followed its spill. The replayer then stores it, and an INSERT here could run
+        // alongside the replayer's (each checking before the other stored), so the spill is
+        // asked first.
         let mut maybe_spilled = batch.uncertain;
         // A push failed in the pass before (its answer may be lost while it landed).
         let mut push_failed = false;
+        // A push of this batch was sent and its answer lost: it may still be on its way into
+        // Redis (a command on a connection given up for its timeout can still run). Asking the
+        // spill could then answer "no" before it lands, and an INSERT here would race the
+        // replayer's. The push is idempotent by token, so it is sent again instead: its answer
+        // (pushed, or held already) settles it.
+        let mut push_in_doubt = false;
         // Redis did not answer whether the spill holds the batch (warned once per batch).
         let mut holds_unknown = false;
         let query_id = batch.id.to_string();
@@ -144,6 +150,16 @@ impl Flusher {
             // Past the shutdown budget Redis is not asked again: a Redis that drops packets would
             // hold each batch for REDIS_TIMEOUT, past the orchestrator's kill.
             let out_of_time = Self::out_of_time(*give_up_at);
+            if push_in_doubt && !out_of_time && self.spill.is_some() {
+                if self.spill(&batch, failures, &mut marked, &mut push_in_doubt).await {
+                    return 0;
+                }
+                if stop.is_cancelled() {
+                    give_up_at.get_or_insert_with(|| Instant::now() + self.shutdown_timeout);
+                }
+                Self::pause(&mut backoff, *give_up_at, stop).await;
+                continue;
+            }
             if maybe_spilled
                 && !out_of_time
                 && let Some(spill) = &self.spill
@@ -188,14 +204,14 @@ impl Flusher {
                 && !std::mem::take(&mut push_failed)
                 && !out_of_time;
             if spill_now {
-                if self.spill(&batch, failures, &mut marked, &mut maybe_spilled).await {
+                if self.spill(&batch, failures, &mut marked, &mut push_in_doubt).await {
                     return 0;
                 }
-                if maybe_spilled && self.spill.is_some() {
+                if push_in_doubt {
                     // The push failed, and may have landed all the same: a replayer may be
-                    // storing the batch already. No INSERT in this pass (it would race the
-                    // replayer's, each checking before the other stored); the next pass asks
-                    // the spill first, and an INSERT from now on checks ClickHouse first.
+                    // storing the batch already. No INSERT (it would race the replayer's, each
+                    // checking before the other stored) until a push is answered; an INSERT
+                    // after that checks ClickHouse first.
                     push_failed = true;
                     sent = true;
                     Self::pause(&mut backoff, *give_up_at, stop).await;
@@ -399,8 +415,9 @@ impl Flusher {
     /// [`Flusher::deliver`] finds the token in the spill and leaves the batch to the replayer.
     /// The spill takes a token once ([`Spill::push`]), and the entry is spilled as uncertain, so
     /// that a copy stored by other means is checked against. A push that failed may have landed
-    /// all the same (its answer lost): then `maybe_spilled` is set.
-    async fn spill(&self, batch: &Batch, failures: u32, marked: &mut bool, maybe_spilled: &mut bool) -> bool {
+    /// all the same, or still land (its answer lost): then `in_doubt` is set, and the caller
+    /// pushes again rather than ask the spill.
+    async fn spill(&self, batch: &Batch, failures: u32, marked: &mut bool, in_doubt: &mut bool) -> bool {
         let Some(spill) = &self.spill else { return false };
         if !*marked {
             let wal = self.wal.as_ref().expect("unmarked only with a log");
@@ -426,9 +443,9 @@ impl Flusher {
                 true
             }
             Err(e) => {
-                // Sent and failed: it may have landed. Refused before sending (Redis known to be
-                // down, or evicting): it did not.
-                *maybe_spilled |= e.sent();
+                // Sent and failed: it may have landed, or still land. Refused before sending
+                // (Redis known to be down, or evicting): it did not.
+                *in_doubt |= e.sent();
                 self.metrics.spill_failures.inc();
                 tracing::warn!(batch = %batch.id, rows = batch.rows.len(), error = %e,
                     "cannot spill the batch; keeping it and retrying ClickHouse");
