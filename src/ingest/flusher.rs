@@ -443,12 +443,18 @@ impl Flusher {
                 true
             }
             Err(e) => {
+                self.metrics.spill_failures.inc();
+                if *in_doubt {
+                    tracing::warn!(batch = %batch.id, rows = batch.rows.len(), error = %e,
+                        "cannot push the batch again; it waits until Redis answers a push of it \
+                         (an earlier push whose answer was lost may still land)");
+                } else {
+                    tracing::warn!(batch = %batch.id, rows = batch.rows.len(), error = %e,
+                        "cannot spill the batch; keeping it and retrying ClickHouse");
+                }
                 // Sent and failed: it may have landed, or still land. Refused before sending
                 // (Redis known to be down, or evicting): it did not.
                 *in_doubt |= e.sent();
-                self.metrics.spill_failures.inc();
-                tracing::warn!(batch = %batch.id, rows = batch.rows.len(), error = %e,
-                    "cannot spill the batch; keeping it and retrying ClickHouse");
                 false
             }
         }
