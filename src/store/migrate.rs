@@ -16,7 +16,8 @@
 //! stopped waiting (a timeout, a killed process). A copy run again while the first still runs
 //! would find its target empty and count everything twice, so every statement runs under a query
 //! id starting with [`STATEMENT_ID_PREFIX`], and a run waits until no such statement of an
-//! earlier one runs any more before it runs its own.
+//! earlier one runs any more before it runs its own. A copy that stopped in the middle is
+//! dropped and made again ([`Migration::copies_into`]).
 
 use std::{hash::Hasher, time::Duration};
 
@@ -63,6 +64,12 @@ pub struct Migration {
     /// creating its views), if it would. [`apply_at_startup`] leaves such a migration of a
     /// database that holds events to an explicit `adbeacon migrate`.
     pub needs_quiet: Option<&'static str>,
+    /// For a migration that copies existing data into a new table before creating the view that
+    /// feeds it: that table and that view. A run that stopped in the middle of a copy left part
+    /// of it behind, and each copy runs only into an empty grain, so a second run would skip it
+    /// and leave the table short: while the view does not exist yet (it comes last), nothing
+    /// but the copy wrote into the table, and a new run drops it and copies again.
+    pub copies_into: Option<(&'static str, &'static str)>,
 }
 
 macro_rules! migration {
@@ -72,6 +79,9 @@ macro_rules! migration {
     ($version:expr, $name:literal, needs_quiet = $why:literal) => {
         Migration { needs_quiet: Some($why), ..migration!($version, $name, []) }
     };
+    ($version:expr, $name:literal, needs_quiet = $why:literal, copies_into = ($table:literal, $view:literal)) => {
+        Migration { copies_into: Some(($table, $view)), ..migration!($version, $name, needs_quiet = $why) }
+    };
     ($version:expr, $name:literal, [$($old:expr),*]) => {
         Migration {
             version: $version,
@@ -79,6 +89,7 @@ macro_rules! migration {
             sql: include_str!(concat!("../../clickhouse/migrations/", $name)),
             superseded: &[$($old),*],
             needs_quiet: None,
+            copies_into: None,
         }
     };
 }
@@ -93,10 +104,13 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(5, "0005_ad_stats_daily.sql"),
     migration!(6, "0006_ad_errors_minutely.sql"),
     migration!(7, "0007_traffic_quality.sql", needs_quiet = "it re-creates the aggregate views"),
+    // Its header says that a copy interrupted in the middle leaves a grain short: the runner
+    // now drops such a partial copy and copies again (`copies_into`).
     migration!(
         8,
         "0008_ad_counts.sql",
-        needs_quiet = "it copies the aggregates into a new table before creating that table's views"
+        needs_quiet = "it copies the aggregates into a new table before creating that table's views",
+        copies_into = ("ad_counts", "ad_counts_mv")
     ),
 ];
 
@@ -363,6 +377,9 @@ async fn apply_locked(ch: &ClickHouse, last: u32, at_startup: bool) -> Result<Ve
             )));
         }
         wait_for_earlier_statements(ch).await?;
+        if let Some((table, view)) = m.copies_into {
+            drop_partial_copy(ch, m, table, view).await?;
+        }
         for statement in m.statements() {
             run(ch, &statement).await.map_err(|e| match e {
                 StoreError::Rejected(t) => StoreError::Rejected(format!("migration {}: {t}", m.name)),
@@ -385,6 +402,32 @@ async fn apply_locked(ch: &ClickHouse, last: u32, at_startup: bool) -> Result<Ve
 
 /// Whether `events` or the hourly aggregates have any row (false while neither table exists):
 /// the aggregates too, since they outlive the raw events that retention drops.
+/// Drops `table` when it exists without `view`: an earlier run of `m` stopped during its copy
+/// (see [`Migration::copies_into`]).
+async fn drop_partial_copy(
+    ch: &ClickHouse,
+    m: &Migration,
+    table: &str,
+    view: &str,
+) -> Result<(), StoreError> {
+    let found: Vec<String> = system_tables(ch, || {
+        ch.client()
+            .query("SELECT name FROM system.tables WHERE database = currentDatabase() AND name IN (?, ?)")
+            .bind(table)
+            .bind(view)
+    })
+    .await?;
+    if found.iter().any(|n| n == table) && !found.iter().any(|n| n == view) {
+        tracing::warn!(
+            migration = m.name,
+            table,
+            "an earlier run of this migration stopped before it finished copying; dropping its partial copy to copy again"
+        );
+        ch.execute(&format!("DROP TABLE IF EXISTS {table}")).await?;
+    }
+    Ok(())
+}
+
 async fn holds_events(ch: &ClickHouse) -> Result<bool, StoreError> {
     let rows: Vec<u64> = ch
         .fetch_all(ch.client().query(

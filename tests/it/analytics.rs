@@ -432,6 +432,18 @@ async fn randomized_windows_equal_a_recount_of_raw_events() {
 /// aggregates (not re-reading raw events) keeps what retention has already dropped from `events`.
 #[tokio::test]
 async fn a_database_from_before_ad_counts_keeps_its_numbers() {
+    migrate_to_ad_counts(false).await;
+}
+
+/// The same, after a run of the migration that stopped in the middle of its hour copy (one ad's
+/// hours copied): the next run drops the partial copy and copies again. Each copy runs only into
+/// an empty grain, so without that the other ads' hours stayed missing.
+#[tokio::test]
+async fn an_interrupted_ad_counts_copy_is_made_again() {
+    migrate_to_ad_counts(true).await;
+}
+
+async fn migrate_to_ad_counts(interrupted: bool) {
     use adbeacon::store::migrate;
 
     use crate::support::{fresh_db, servers::shared_clickhouse};
@@ -460,6 +472,15 @@ async fn a_database_from_before_ad_counts_keeps_its_numbers() {
     let (old, new) = inserts.split_at(3);
     for insert in old {
         ch.query_in(&db, &insert.sql).await;
+    }
+    if interrupted {
+        let statements = migrate::MIGRATIONS.iter().find(|m| m.version == 8).unwrap().statements();
+        let (create, hours) = (&statements[0], &statements[1]);
+        let guard = "WHERE (SELECT count() FROM ad_counts WHERE grain = 'hour') = 0";
+        assert!(hours.contains(guard), "{hours}");
+        migrate::run(&client, create).await.unwrap();
+        migrate::run(&client, &hours.replace(guard, &format!("WHERE ad_id = '{}'", ADS[0]))).await.unwrap();
+        assert!(ch.query_in(&db, "SELECT count() FROM ad_counts").await.trim() != "0");
     }
     assert_eq!(migrate::apply(&client).await.unwrap(), vec![8]);
     let app = TestApp::spawn_on(&ch.url(), &db, &[("MAX_EVENT_AGE", "60d")]).await;
