@@ -259,9 +259,9 @@ const TAKEN_OVER: &str = "schema_migrations_lock_taken_over_";
 /// judged it stale at once, only the one whose `CREATE` of a marker table named after that lock
 /// (its statement and the time it was made) wins removes it, and only if it still finds that
 /// lock. The marker outlives the lock, so no instance that judged it stale later can remove a
-/// lock taken since. (Moving the lock aside
-/// and putting back what was not the dead instance's let a third instance create a lock while
-/// a second had the first's moved aside: two instances migrated at once.)
+/// lock taken since. (Moving the lock aside and putting back what was not the dead instance's
+/// let a third instance create a lock while a second had the first's moved aside: two instances
+/// migrated at once.)
 async fn take_over(ch: &ClickHouse, me: &str, held: &LockState) -> Result<bool, StoreError> {
     let mut h = SipHasher13::new_with_keys(0, 0);
     h.write(held.create.as_bytes());
@@ -400,8 +400,6 @@ async fn apply_locked(ch: &ClickHouse, last: u32, at_startup: bool) -> Result<Ve
     Ok(done)
 }
 
-/// Whether `events` or the hourly aggregates have any row (false while neither table exists):
-/// the aggregates too, since they outlive the raw events that retention drops.
 /// Drops `table` when it exists without `view`: an earlier run of `m` stopped during its copy
 /// (see [`Migration::copies_into`]).
 async fn drop_partial_copy(
@@ -428,6 +426,8 @@ async fn drop_partial_copy(
     Ok(())
 }
 
+/// Whether `events` or the hourly aggregates have any row (false while neither table exists):
+/// the aggregates too, since they outlive the raw events that retention drops.
 async fn holds_events(ch: &ClickHouse) -> Result<bool, StoreError> {
     let rows: Vec<u64> = ch
         .fetch_all(ch.client().query(
