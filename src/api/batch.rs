@@ -37,7 +37,7 @@ pub const MAX_BATCH_EVENTS: usize = 1000;
 pub struct BatchEvent {
     /// Your id of the event (a UUID other than the nil one, or any string up to 200
     /// characters): a repeat is reported as `duplicate` and stored once (on the same instance,
-    /// within an hour).
+    /// within an hour and among the last million ids it took).
     #[serde(rename = "eventId", default)]
     #[oai(nullable)]
     pub event_id: Option<String>,

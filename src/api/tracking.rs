@@ -97,7 +97,8 @@ pub struct ImpressionRequest {
     #[serde(rename = "ad_id", default, deserialize_with = "uuid")]
     pub ad_id: Option<Uuid>,
     /// The client's id of this impression (a UUID), for idempotency: a repeat is answered
-    /// `{"duplicate": true}` and stored once (per instance, within an hour). Not the nil UUID.
+    /// `{"duplicate": true}` and stored once (per instance, within an hour and among the last
+    /// million ids it took). Not the nil UUID.
     #[oai(rename = "eventId")]
     #[serde(rename = "eventId", default, deserialize_with = "event_uuid")]
     pub event_id_camel: Option<Uuid>,
@@ -121,7 +122,8 @@ pub struct ClickRequest {
     #[serde(rename = "ad_id", default, deserialize_with = "uuid")]
     pub ad_id: Option<Uuid>,
     /// The client's id of this click (a UUID), for idempotency: a repeat is answered with
-    /// `"duplicate": true` and stored once (per instance, within an hour). Not the nil UUID.
+    /// `"duplicate": true` and stored once (per instance, within an hour and among the last
+    /// million ids it took). Not the nil UUID.
     #[oai(rename = "eventId")]
     #[serde(rename = "eventId", default, deserialize_with = "event_uuid")]
     pub event_id_camel: Option<Uuid>,
