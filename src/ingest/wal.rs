@@ -1841,9 +1841,7 @@ mod tests {
         let second = Wal::open(config(tmp.path()), buffer(), Arc::new(Metrics::new())).await;
         assert_eq!(second.err().map(|e| e.kind()), Some(io::ErrorKind::ResourceBusy));
         // A crash now loses nothing: the directory as it stands gives back all four events.
-        let after = copy_segments(tmp.path(), "wal");
-        let (_, recovery) =
-            Wal::open(config(after.path()), buffer(), Arc::new(Metrics::new())).await.unwrap();
+        let recovery = recovered_after_a_crash(tmp.path()).await;
         assert_eq!(recovery.fresh_events, 4, "{recovery:?}");
         drop(wal);
     }
@@ -1899,9 +1897,7 @@ mod tests {
         assert_eq!(wal.failure(), None);
         wal.append(b.reserve(1).unwrap(), vec![row(2)]).await.unwrap();
         assert_eq!(metrics.wal_restores.get(), 1);
-        let after = copy_segments(tmp.path(), "wal");
-        let (_, recovery) =
-            Wal::open(config(after.path()), buffer(), Arc::new(Metrics::new())).await.unwrap();
+        let recovery = recovered_after_a_crash(tmp.path()).await;
         assert_eq!(recovery.fresh_events, 2, "{recovery:?}");
         drop(wal);
     }
@@ -1916,6 +1912,16 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let (wal, _) = Wal::open(cfg, b.clone(), metrics.clone()).await.unwrap();
         (tmp, b, metrics, wal)
+    }
+
+    /// What a crash now would give back: the segments under `data_dir` as they stand, recovered
+    /// in a new data directory.
+    async fn recovered_after_a_crash(data_dir: &Path) -> Recovery {
+        let after = copy_segments(data_dir, "wal");
+        let (wal, recovery) =
+            Wal::open(config(after.path()), buffer(), Arc::new(Metrics::new())).await.unwrap();
+        wal.close().await;
+        recovery
     }
 
     /// Takes everything the buffer holds as one batch and goes through its INSERT as the flusher

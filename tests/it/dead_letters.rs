@@ -475,56 +475,16 @@ async fn without_redis_the_endpoints_answer_409_and_with_redis_down_503() {
 /// DateTime cannot hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_stored_but_for_a_rejected_row_commits_the_other_requests() {
-    use std::sync::Arc;
-
-    use adbeacon::{
-        ingest::{
-            Health,
-            buffer::{Buffer, Limits},
-            dead_letter::DeadLetters,
-            flusher::Flusher,
-        },
-        metrics::Metrics,
-        store::{ClickHouse, Timeouts},
-    };
-
     // The app made the database; its own flusher has nothing to send.
     let app = TestApp::spawn().await;
-    let config = adbeacon::Config::from_vars([
-        ("CLICKHOUSE_URL", crate::support::shared_clickhouse().url()),
-        ("CLICKHOUSE_DATABASE", app.db.clone()),
-    ])
-    .unwrap();
-    let timeouts = Timeouts { insert: Duration::from_secs(5), query: Duration::from_secs(5) };
-    let clickhouse =
-        ClickHouse::connect(&config.clickhouse, Duration::from_secs(10), timeouts).await.unwrap();
-    let metrics = Arc::new(Metrics::new());
-    let limits = Limits {
-        max_bytes: 1 << 20,
-        batch_rows: 100,
-        batch_bytes: 1 << 20,
-        max_age: Duration::from_millis(50),
-    };
-    let buffer = Arc::new(Buffer::new(limits, metrics.clone()));
+    let dead = tempfile::tempdir().unwrap();
+    let flusher = app.flusher(None, Duration::from_millis(50), dead.path()).await;
+    let (buffer, metrics) = (flusher.buffer.clone(), flusher.metrics.clone());
     let now = time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
     let stored = buffer.push(clicks(2, uuid::Uuid::nil(), now, 1)).unwrap();
     let mut poisoned = clicks(2, uuid::Uuid::nil(), now, 2);
     poisoned[1].event_time = time::OffsetDateTime::from_unix_timestamp(7_258_118_400).unwrap(); // year 2200
     let rejected = buffer.push(poisoned).unwrap();
-    let dead = tempfile::tempdir().unwrap();
-    let flusher = Flusher {
-        buffer: buffer.clone(),
-        clickhouse,
-        metrics: metrics.clone(),
-        dead_letters: DeadLetters::new(dead.path(), None),
-        shutdown_timeout: Duration::from_secs(5),
-        wal: None,
-        spill: None,
-        spill_after: 3,
-        health: Arc::new(Health::default()),
-        unsafe_skip_check: false,
-        retention_months: 13,
-    };
     let stop = tokio_util::sync::CancellationToken::new();
     let run = tokio::spawn(flusher.run(stop.clone()));
     tokio::time::timeout(Duration::from_secs(20), buffer.confirmed(rejected.end)).await.expect("confirmed");

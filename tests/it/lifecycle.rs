@@ -115,13 +115,7 @@ async fn three_instances_finding_a_stale_lock_migrate_one_at_a_time() {
         let db = fresh_db();
         let server = shared_clickhouse();
         server.query(&format!("CREATE DATABASE {db}")).await;
-        server
-            .query_in(
-                &db,
-                "CREATE TABLE schema_migrations_lock (holder String DEFAULT 'died') ENGINE = Memory",
-            )
-            .await;
-        server.backdate_table(&db, "schema_migrations_lock", migrate::LOCK_STALE_AFTER * 2);
+        stale_lock(&db, "died").await;
         let config =
             Config::from_vars([("CLICKHOUSE_URL", server.url()), ("CLICKHOUSE_DATABASE", db.clone())])
                 .unwrap();
@@ -143,18 +137,21 @@ async fn three_instances_finding_a_stale_lock_migrate_one_at_a_time() {
         assert_eq!(marker.lines().count(), 1, "{marker}");
         // Then the next run drops it, here one that takes over another stale lock itself.
         server.backdate_table(&db, &marker, migrate::LOCK_STALE_AFTER * 2);
-        server
-            .query_in(
-                &db,
-                "CREATE TABLE schema_migrations_lock (holder String DEFAULT 'died too') ENGINE = Memory",
-            )
-            .await;
-        server.backdate_table(&db, "schema_migrations_lock", migrate::LOCK_STALE_AFTER * 2);
+        stale_lock(&db, "died too").await;
         assert!(adbeacon::app::connect_and_migrate(&config).await.unwrap().1.is_empty());
         let now = server.query_in(&db, markers).await.trim().to_string();
         assert!(now.lines().count() == 1 && now != marker, "{marker} then {now}");
         assert_eq!(server.query_in(&db, locks).await.trim(), "0", "the lock is released");
     }
+}
+
+/// A migration lock in `db` held by `holder`, made twice as long ago as a lock goes stale: the
+/// lock of an instance that died while migrating.
+async fn stale_lock(db: &str, holder: &str) {
+    let create =
+        format!("CREATE TABLE schema_migrations_lock (holder String DEFAULT '{holder}') ENGINE = Memory");
+    shared_clickhouse().query_in(db, &create).await;
+    shared_clickhouse().backdate_table(db, "schema_migrations_lock", migrate::LOCK_STALE_AFTER * 2);
 }
 
 /// A migration statement of an earlier run that still runs on the server (its `adbeacon migrate`

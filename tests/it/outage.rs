@@ -1041,63 +1041,23 @@ async fn events_for_active_ads_are_taken_when_clickhouse_is_down_from_the_start(
 /// pushes again (the spill takes a token once), and the batch is in the spill once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_whose_answer_was_lost_is_sent_again_not_asked_about() {
-    use adbeacon::{
-        ingest::{
-            Health,
-            buffer::{Buffer, Limits},
-            dead_letter::DeadLetters,
-            flusher::Flusher,
-            spill::{Keys, Spill},
-        },
-        metrics::Metrics,
-        store::Timeouts,
-    };
+    use adbeacon::ingest::spill::{Keys, RedisState, Spill};
 
     let redis = Redis::start();
     let app = TestApp::spawn_with(&vars(&[])).await;
-    let config = adbeacon::Config::from_vars([
-        ("CLICKHOUSE_URL", shared_clickhouse().url()),
-        ("CLICKHOUSE_DATABASE", app.db.clone()),
-    ])
-    .unwrap();
-    let timeouts = Timeouts { insert: Duration::from_secs(5), query: Duration::from_secs(5) };
-    let clickhouse =
-        adbeacon::store::ClickHouse::connect(&config.clickhouse, Duration::from_secs(10), timeouts)
-            .await
-            .unwrap();
     let client = adbeacon::store::redis::Redis::new(&redis.url(), Duration::from_millis(500)).unwrap();
     let spill = Arc::new(Spill::new(Arc::new(client), Keys::new("lost:")));
     // The connection is up and the spill's check of Redis fresh before Redis freezes, so that
     // the push is sent, not refused.
     spill.ensure_group().await.unwrap();
-    assert_eq!(spill.check().await, adbeacon::ingest::spill::RedisState::Ok);
-    let metrics = Arc::new(Metrics::new());
-    let limits = Limits {
-        max_bytes: 1 << 20,
-        batch_rows: 100,
-        batch_bytes: 1 << 20,
-        max_age: Duration::from_millis(10),
-    };
-    let buffer = Arc::new(Buffer::new(limits, metrics.clone()));
+    assert_eq!(spill.check().await, RedisState::Ok);
+    let dead = tempfile::tempdir().unwrap();
+    let flusher = app.flusher(Some(spill), Duration::from_millis(10), dead.path()).await;
+    let (buffer, metrics) = (flusher.buffer.clone(), flusher.metrics.clone());
     let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
     let seqs = buffer.push((0..5).map(|_| row(now)).collect()).unwrap();
     // ClickHouse is known to be down: the batch goes to the spill at once.
-    let health = Arc::new(Health::default());
-    health.failed();
-    let dead = tempfile::tempdir().unwrap();
-    let flusher = Flusher {
-        buffer: buffer.clone(),
-        clickhouse,
-        metrics: metrics.clone(),
-        dead_letters: DeadLetters::new(dead.path(), Some(spill.clone())),
-        shutdown_timeout: Duration::from_secs(5),
-        wal: None,
-        spill: Some(spill.clone()),
-        spill_after: 3,
-        health,
-        unsafe_skip_check: false,
-        retention_months: 13,
-    };
+    flusher.health.failed();
     redis.freeze();
     let stop = CancellationToken::new();
     let run = tokio::spawn(flusher.run(stop.clone()));

@@ -113,6 +113,46 @@ impl TestApp {
         }
     }
 
+    /// A flusher of its own into this app's database, as the service builds one (no log), with
+    /// an empty buffer of small batches taken after `max_age`, and dead letters in `dead_dir`
+    /// (and in `spill`, if any). The app's own flusher has nothing to send meanwhile.
+    pub async fn flusher(
+        &self,
+        spill: Option<std::sync::Arc<adbeacon::ingest::spill::Spill>>,
+        max_age: Duration,
+        dead_dir: &std::path::Path,
+    ) -> adbeacon::ingest::flusher::Flusher {
+        use std::sync::Arc;
+
+        use adbeacon::ingest::buffer::{Buffer, Limits};
+        let config = Config::from_vars([
+            ("CLICKHOUSE_URL", self.clickhouse_url.clone()),
+            ("CLICKHOUSE_DATABASE", self.db.clone()),
+        ])
+        .unwrap();
+        let timeouts =
+            adbeacon::store::Timeouts { insert: Duration::from_secs(5), query: Duration::from_secs(5) };
+        let clickhouse =
+            adbeacon::store::ClickHouse::connect(&config.clickhouse, Duration::from_secs(10), timeouts)
+                .await
+                .unwrap();
+        let metrics = Arc::new(adbeacon::metrics::Metrics::new());
+        let limits = Limits { max_bytes: 1 << 20, batch_rows: 100, batch_bytes: 1 << 20, max_age };
+        adbeacon::ingest::flusher::Flusher {
+            buffer: Arc::new(Buffer::new(limits, metrics.clone())),
+            clickhouse,
+            metrics,
+            dead_letters: adbeacon::ingest::dead_letter::DeadLetters::new(dead_dir, spill.clone()),
+            shutdown_timeout: Duration::from_secs(5),
+            wal: None,
+            spill,
+            spill_after: 3,
+            health: Default::default(),
+            unsafe_skip_check: false,
+            retention_months: 13,
+        }
+    }
+
     /// POSTs a JSON body.
     pub async fn post(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
         self.http.post(format!("{}{path}", self.base)).json(body).send().await.expect("request sent")
