@@ -230,6 +230,13 @@ fn state(
 ) -> Arc<State> {
     let catalog =
         Catalog::new(clickhouse.clone(), metrics.clone(), config.catalog_ttl, config.catalog_negative_ttl);
+    let buffer = intake.buffer.clone();
+    let event_ids = Arc::new(api::event_ids::EventIds::new(
+        config.event_ids_max,
+        config.event_id_ttl,
+        move || buffer.confirmed_below(),
+        metrics.event_ids(),
+    ));
     Arc::new(State {
         intake,
         catalog,
@@ -247,13 +254,7 @@ fn state(
         cors: config.cors_allowed_origins.clone(),
         api_keys: Arc::new(config.api_keys.clone()),
         trusted_proxies: config.trusted_proxies.clone(),
-        recent_event_ids: moka::sync::Cache::builder()
-            .max_capacity(api::RECENT_EVENT_IDS.0)
-            // LRU, not moka's default TinyLFU admission, which may refuse a new id when full.
-            .eviction_policy(moka::policy::EvictionPolicy::lru())
-            .time_to_live(api::RECENT_EVENT_IDS.1)
-            .build(),
-        in_flight_ids: Default::default(),
+        event_ids,
         user_agents: crate::domain::UserAgentFilter::new(&config.bot_user_agents),
         dedup: Arc::new(api::dedup::DedupWindow::new(config.dedup_window, &config.dedup_kinds)),
         rate_limiter: api::ratelimit::RateLimiter::new(config.rate_limit, config.rate_limit_burst),
@@ -332,10 +333,7 @@ impl App {
         // the instance before, not a second copy under another batch token. In `committed` mode
         // the answer waits until they are in ClickHouse, as a repeat's does.
         let (ids, seqs) = state.intake.buffer.held_event_ids();
-        let held: api::HeldAs = (config.ack_mode == AckMode::Committed).then(|| Arc::new(seqs));
-        for id in ids {
-            state.recent_event_ids.insert(id, held.clone());
-        }
+        state.event_ids.remember(ids, &seqs);
         if config.api_keys.is_open() {
             tracing::warn!(
                 "API_KEYS is empty: anyone who can reach this service may create, change and retire ads and \

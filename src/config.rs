@@ -258,6 +258,18 @@ pub const SETTINGS: &[Setting] = &[
         "the kinds DEDUP_WINDOW applies to",
     ),
     s(
+        "EVENT_IDS_MAX",
+        "1000000",
+        "a whole number from 1 to 100000000",
+        "client event ids remembered at most, so that a retry is answered but stored once (about 100 bytes each; ids whose events still wait to be stored are kept beyond it)",
+    ),
+    s(
+        "EVENT_ID_TTL",
+        "1h",
+        "a duration from 1m to 1d",
+        "how long a client event id is remembered after it was taken (or last found still waiting to be stored)",
+    ),
+    s(
         "BOT_USER_AGENTS",
         "",
         "user-agent fragments separated by commas, matched ignoring case",
@@ -373,6 +385,11 @@ pub struct Config {
     pub dedup_window: Duration,
     /// Kinds the repeat rule applies to.
     pub dedup_kinds: Vec<crate::domain::EventKind>,
+    /// EVENT_IDS_MAX: client event ids remembered at most (beyond it only ids whose events
+    /// wait to be stored).
+    pub event_ids_max: usize,
+    /// EVENT_ID_TTL: how long a client event id is remembered.
+    pub event_id_ttl: Duration,
     /// User-agent fragments flagged as bots besides the built-in ones.
     pub bot_user_agents: Vec<String>,
     /// Months raw events are kept; the longest custom analytics window.
@@ -683,6 +700,19 @@ impl Config {
                         crate::domain::EventKind::from_name(k).ok_or_else(|| format!("unknown kind {k:?}"))
                     })
                     .collect()
+            })?,
+            event_ids_max: r.get("EVENT_IDS_MAX", |v| {
+                parse_from_str(v).and_then(positive).and_then(|n: usize| {
+                    if n <= 100_000_000 { Ok(n) } else { Err("more than 100000000".into()) }
+                })
+            })?,
+            event_id_ttl: r.get("EVENT_ID_TTL", |v| {
+                let d = dur(v)?;
+                if (Duration::from_secs(60)..=Duration::from_secs(86_400)).contains(&d) {
+                    Ok(d)
+                } else {
+                    Err("must be from 1m to 1d".into())
+                }
             })?,
             bot_user_agents: r.get("BOT_USER_AGENTS", |v| Ok(list(v).map(String::from).collect()))?,
             raw_retention_months: r.get("RAW_RETENTION_MONTHS", |v| {

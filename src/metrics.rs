@@ -215,6 +215,10 @@ pub struct Metrics {
     pub wal_corrupt_bytes: IntCounter,
     /// Times the log's files were found deleted while the service ran and written again.
     pub wal_restores: IntCounter,
+    /// Client event ids remembered (for repeats).
+    event_ids_remembered: IntGauge,
+    /// Client event ids forgotten for `EVENT_IDS_MAX` before `EVENT_ID_TTL` was up.
+    event_ids_forgotten_early: IntCounter,
     wal_recovered: IntCounterVec,
 }
 
@@ -496,6 +500,14 @@ impl Metrics {
                 "adbeacon_wal_corrupt_bytes_total",
                 "Bytes after a torn or corrupt write-ahead log record, moved to DATA_DIR/wal/corrupt at start-up",
             ),
+            event_ids_remembered: gauge(
+                "adbeacon_event_ids_remembered",
+                "Client event ids remembered so that a retry is answered but stored once",
+            ),
+            event_ids_forgotten_early: counter(
+                "adbeacon_event_ids_forgotten_early_total",
+                "Client event ids forgotten before EVENT_ID_TTL was up because EVENT_IDS_MAX were remembered: a retry of one is stored again",
+            ),
             wal_restores: counter(
                 "adbeacon_wal_restores_total",
                 "Times the write-ahead log's files were found deleted while the service ran and were written again from the open files",
@@ -508,6 +520,14 @@ impl Metrics {
     /// Counts events found in the write-ahead log at start-up in `state`.
     pub fn wal_recovered(&self, state: &str, n: u64) {
         self.wal_recovered.with_label_values(&[state]).inc_by(n);
+    }
+
+    /// The metrics the client event ids keep up to date.
+    pub fn event_ids(&self) -> crate::api::event_ids::IdMetrics {
+        crate::api::event_ids::IdMetrics {
+            remembered: self.event_ids_remembered.clone(),
+            forgotten_early: self.event_ids_forgotten_early.clone(),
+        }
     }
 
     /// Counts accepted events of one kind.

@@ -37,7 +37,8 @@ pub const MAX_BATCH_EVENTS: usize = 1000;
 pub struct BatchEvent {
     /// Your id of the event (a UUID other than the nil one, or any string up to 200
     /// characters): a repeat is reported as `duplicate` and stored once (on the same instance,
-    /// within an hour and among the last million ids it took).
+    /// within an hour and among the last million ids it took, and for as long as the first
+    /// still waits to be stored).
     #[serde(rename = "eventId", default)]
     #[oai(nullable)]
     pub event_id: Option<String>,
@@ -421,7 +422,9 @@ impl BatchApi {
                 match st.claim(id, &mut claims) {
                     Claim::Fresh => {}
                     Claim::Held(held) => {
-                        repeated.extend(held);
+                        if !held.is_empty() {
+                            repeated.push(held);
+                        }
                         repeats += 1;
                         duplicates += 1;
                         results.push(ItemResult {
@@ -463,10 +466,10 @@ impl BatchApi {
         // held: a 503 for the repeats then holds none of them, and the batch sent again stores
         // them once, with or without event ids (held first, they were stored, and stored again
         // by each retry of a batch whose repeat went to the spill).
-        repeated.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        repeated.dedup();
         // Returning (or the client hanging up meanwhile) drops the claims, which gives the new
         // items' event ids and repeat-rule marks back.
-        st.repeats_confirmed(repeated).await?;
+        st.repeats_confirmed(&repeated).await?;
         if !rows.is_empty() {
             st.hold(rows, claims).await?;
         }

@@ -13,6 +13,7 @@ pub mod client_ip;
 pub mod cors;
 pub mod dedup;
 pub mod error;
+pub mod event_ids;
 pub mod health;
 pub mod methods;
 pub mod pixel;
@@ -95,15 +96,10 @@ pub struct State {
     pub api_keys: Arc<auth::ApiKeys>,
     /// Proxies whose forwarding headers name the client.
     pub trusted_proxies: client_ip::TrustedProxies,
-    /// Client event ids whose events this instance held recently, so that a repeated one is
-    /// answered but not stored twice (see [`RECENT_EVENT_IDS`]), each with what its repeats wait
-    /// for in `committed` mode.
-    pub recent_event_ids: moka::sync::Cache<Uuid, HeldAs>,
-    /// Client event ids claimed by requests whose events are not held yet. Apart from
-    /// `recent_event_ids`, whose least recently used entries go when it is full: an id must stay
-    /// claimed until its request settles however many ids come meanwhile (a log that stalls),
-    /// or a repeat would be stored too.
-    pub in_flight_ids: InFlightIds,
+    /// Client event ids claimed by requests storing them, and those whose events this instance
+    /// held, so that a repeated one is answered but not stored twice, each with what its repeats
+    /// wait for in `committed` mode (`EVENT_IDS_MAX`, `EVENT_ID_TTL`).
+    pub event_ids: Arc<event_ids::EventIds>,
     /// Bot and empty user agents.
     pub user_agents: UserAgentFilter,
     /// The repeat rule (same ad, client and kind within DEDUP_WINDOW).
@@ -134,9 +130,6 @@ pub struct Caller {
     pub ingest: bool,
 }
 
-/// Client event ids in flight (see [`State::in_flight_ids`]).
-pub type InFlightIds = Arc<std::sync::Mutex<hashbrown::HashSet<Uuid>>>;
-
 /// What a request has reserved while it stores events, to be given back if they are not held:
 /// claimed client event ids and the repeat rule's marks.
 #[derive(Debug, Default)]
@@ -148,7 +141,7 @@ pub struct Claims {
     /// Where `ids` are in flight: a request that ends without settling them (an error on the
     /// way, a task that failed, a client that hung up while the request waited) gives them back
     /// when its claims are dropped.
-    in_flight: Option<InFlightIds>,
+    in_flight: Option<Arc<event_ids::EventIds>>,
     /// The repeat rule that `marks` are counted in, given back to it the same way.
     dedup: Option<Arc<dedup::DedupWindow>>,
 }
@@ -167,13 +160,11 @@ impl Drop for Claims {
                 dedup.release(mark);
             }
         }
-        if let Some(set) = &self.in_flight
+        if let Some(ids) = &self.in_flight
             && !self.ids.is_empty()
         {
-            let mut flying = set.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            for id in self.ids.drain(..) {
-                flying.remove(&id);
-            }
+            ids.give_back(&self.ids);
+            self.ids.clear();
         }
     }
 }
@@ -190,11 +181,6 @@ pub fn tracking_route(path: &str) -> Option<&'static str> {
     }
 }
 
-/// How many client event ids, and for how long, an instance remembers. A player that re-fires a
-/// beacon does so within seconds; the bound keeps a flood of fresh ids from growing memory (past
-/// it the oldest ids go first: least-recently-used, so a new id is always remembered).
-pub const RECENT_EVENT_IDS: (u64, Duration) = (1_000_000, Duration::from_secs(3600));
-
 /// The outcome of claiming a client event id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
@@ -207,10 +193,10 @@ pub enum Claim {
     InFlight,
 }
 
-/// How a held client event id was held: in `committed` mode the sequence numbers of its
-/// request's events, which a repeat's 2xx waits for as the first request's did (shared: an `Arc`
-/// keeps the other modes' entries small); `None` in the other modes.
-pub type HeldAs = Option<Arc<std::ops::Range<u64>>>;
+/// How a held client event id was held: the sequence numbers of its request's events, which in
+/// `committed` mode a repeat's 2xx waits for as the first request's did (empty: nothing to
+/// wait for).
+pub type HeldAs = std::ops::Range<u64>;
 
 /// What became of an accepted event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -360,24 +346,21 @@ impl State {
 
     /// Claims a client event id for this instance: [`Claim::Fresh`] (then it is in `claims`,
     /// in flight until the request settles it) for exactly one of any number of concurrent
-    /// requests, under one lock. (A look-up and then an insert in the cache, as moka's
-    /// `or_default` does, let two requests both store the event.)
+    /// requests, under one lock ([`event_ids::EventIds::claim`]).
     pub fn claim(&self, id: Uuid, claims: &mut Claims) -> Claim {
         if claims.ids.contains(&id) {
             // A repeat within the request: the request's own answer covers it.
-            return Claim::Held(None);
+            return Claim::Held(0..0);
         }
-        let mut flying = self.in_flight_ids.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if flying.contains(&id) {
-            return Claim::InFlight;
+        match self.event_ids.claim(id) {
+            event_ids::Claimed::Fresh => {
+                claims.ids.push(id);
+                claims.in_flight.get_or_insert_with(|| self.event_ids.clone());
+                Claim::Fresh
+            }
+            event_ids::Claimed::Held(seqs) => Claim::Held(seqs),
+            event_ids::Claimed::InFlight => Claim::InFlight,
         }
-        if let Some(held) = self.recent_event_ids.get(&id) {
-            return Claim::Held(held);
-        }
-        flying.insert(id);
-        claims.ids.push(id);
-        claims.in_flight.get_or_insert_with(|| self.in_flight_ids.clone());
-        Claim::Fresh
     }
 
     /// Ok when a repeat of events held as `held` may be answered 2xx: at once, except in
@@ -387,16 +370,12 @@ impl State {
     /// dead letters are known as such for as long as the buffer remembers it (ten minutes);
     /// a repeat after that is answered 2xx.
     pub async fn repeat_confirmed(&self, held: HeldAs) -> Result<(), ApiError> {
-        self.repeats_confirmed(held.into_iter().collect()).await
+        self.repeats_confirmed(&[held]).await
     }
 
     /// [`State::repeat_confirmed`] for the repeats of one request (a batch), in one wait.
-    pub async fn repeats_confirmed(&self, held: Vec<Arc<std::ops::Range<u64>>>) -> Result<(), ApiError> {
-        if held.is_empty() {
-            return Ok(());
-        }
-        let ranges: Vec<std::ops::Range<u64>> = held.iter().map(|r| (**r).clone()).collect();
-        self.intake.all_confirmed(&ranges).await.map_err(|e| {
+    pub async fn repeats_confirmed(&self, held: &[HeldAs]) -> Result<(), ApiError> {
+        self.intake.all_confirmed(held).await.map_err(|e| {
             self.metrics.commit_timeouts.inc();
             ApiError::hold(&e, self.retry_after)
         })
@@ -468,11 +447,11 @@ impl State {
             // same event id would be told "in flight" until the id is forgotten: so the wait and
             // the settling run in a task of their own, which a dropped request does not cancel.
             let intake = self.intake.clone();
-            let (ids, metrics) = (self.recent_event_ids.clone(), self.metrics.clone());
+            let metrics = self.metrics.clone();
             let mut claims = claims;
             tokio::spawn(async move {
                 let outcome = intake.hold(rows).await;
-                Settle { recent_event_ids: &ids, metrics: &metrics }.apply(&outcome, &mut claims, count);
+                Settle { metrics: &metrics }.apply(&outcome, &mut claims, count);
                 outcome
             })
             .await
@@ -480,11 +459,7 @@ impl State {
         } else {
             let mut claims = claims;
             let outcome = self.intake.hold(rows).await;
-            Settle { recent_event_ids: &self.recent_event_ids, metrics: &self.metrics }.apply(
-                &outcome,
-                &mut claims,
-                count,
-            );
+            Settle { metrics: &self.metrics }.apply(&outcome, &mut claims, count);
             outcome
         };
         let held = outcome.map_err(|e| ApiError::hold(&e, self.retry_after))?;
@@ -497,7 +472,6 @@ impl State {
 
 /// Settles a request's claims once its events are held or refused.
 struct Settle<'a> {
-    recent_event_ids: &'a moka::sync::Cache<Uuid, HeldAs>,
     metrics: &'a Metrics,
 }
 
@@ -510,15 +484,10 @@ impl Settle<'_> {
             Ok(held) => {
                 // Counted for good: dropping the claims no longer gives the marks back.
                 claims.marks.clear();
-                // Remembered as held before they leave the in-flight set (under its lock, which
+                // Remembered as held as they leave the in-flight set (under the lock that
                 // `State::claim` takes too), so that no repeat finds them in neither.
-                if let Some(set) = &claims.in_flight {
-                    let held: HeldAs = held.seqs().map(Arc::new);
-                    let mut flying = set.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    for id in claims.ids.drain(..) {
-                        self.recent_event_ids.insert(id, held.clone());
-                        flying.remove(&id);
-                    }
+                if let Some(ids) = &claims.in_flight {
+                    ids.remember(claims.ids.drain(..), &held.seqs());
                 }
             }
             Err(e) => {

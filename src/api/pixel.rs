@@ -352,7 +352,8 @@ impl PixelApi {
     /// replaced by the server's time, a bad `pt` is left out, an `eid` that cannot be an id
     /// (empty, over 200 characters, an unexpanded macro, -1 or -2) is ignored: none of them loses
     /// the event. With `eid`, a repeated beacon is answered but stored once (per instance, within
-    /// an hour). 5xx only when the service cannot hold the event.
+    /// an hour and among the last million ids, and for as long as the first still waits to be
+    /// stored). 5xx only when the service cannot hold the event.
     #[oai(path = "/t/:event", method = "get", operation_id = "trackBeacon")]
     #[allow(clippy::too_many_arguments)]
     async fn beacon(

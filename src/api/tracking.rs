@@ -98,7 +98,8 @@ pub struct ImpressionRequest {
     pub ad_id: Option<Uuid>,
     /// The client's id of this impression (a UUID), for idempotency: a repeat is answered
     /// `{"duplicate": true}` and stored once (per instance, within an hour and among the last
-    /// million ids it took). Not the nil UUID.
+    /// million ids it took, and for as long as the first still waits to be stored). Not the
+    /// nil UUID.
     #[oai(rename = "eventId")]
     #[serde(rename = "eventId", default, deserialize_with = "event_uuid")]
     pub event_id_camel: Option<Uuid>,
@@ -123,7 +124,8 @@ pub struct ClickRequest {
     pub ad_id: Option<Uuid>,
     /// The client's id of this click (a UUID), for idempotency: a repeat is answered with
     /// `"duplicate": true` and stored once (per instance, within an hour and among the last
-    /// million ids it took). Not the nil UUID.
+    /// million ids it took, and for as long as the first still waits to be stored). Not the
+    /// nil UUID.
     #[oai(rename = "eventId")]
     #[serde(rename = "eventId", default, deserialize_with = "event_uuid")]
     pub event_id_camel: Option<Uuid>,

@@ -104,47 +104,48 @@ impl Intake {
     /// with what this returns.
     pub async fn hold(&self, rows: Vec<EventRow>) -> Result<Held, HoldError> {
         if rows.is_empty() {
-            return Ok(Held(None));
+            return Ok(Held(0..0));
         }
         if let Some(wal) = &self.wal {
             let room = self.buffer.reserve(rows.len())?;
-            wal.append(room, rows).await?;
-            return Ok(Held(None));
+            return Ok(Held(wal.append(room, rows).await?));
         }
-        let seqs = self.buffer.push(rows)?;
-        Ok(Held(self.commit_timeout.map(|_| seqs)))
+        Ok(Held(self.buffer.push(rows)?))
     }
 
     /// `committed` mode: waits until ClickHouse holds the events `held` names, or ACK_TIMEOUT
     /// passes (then the events stay held, but the answer is 503). Events that went to the Redis
     /// spill instead are held too, but not in ClickHouse: also 503. Other modes: at once.
     pub async fn confirmed(&self, held: Held) -> Result<(), HoldError> {
-        self.all_confirmed(held.0.as_slice()).await
+        self.all_confirmed(std::slice::from_ref(&held.0)).await
     }
 
     /// [`Intake::confirmed`] for events held by several requests (repeats answered together):
-    /// one wait, for the last of them, within ACK_TIMEOUT.
+    /// one wait, for the last of them, within ACK_TIMEOUT. Empty ranges name nothing to wait for.
     pub async fn all_confirmed(&self, held: &[std::ops::Range<u64>]) -> Result<(), HoldError> {
         let Some(limit) = self.commit_timeout else { return Ok(()) };
-        let Some(end) = held.iter().map(|seqs| seqs.end).max() else { return Ok(()) };
+        let Some(end) = held.iter().filter(|seqs| !seqs.is_empty()).map(|seqs| seqs.end).max() else {
+            return Ok(());
+        };
         tokio::time::timeout(limit, self.buffer.confirmed(end)).await.map_err(|_| HoldError::Unconfirmed)?;
-        if held.iter().any(|seqs| self.buffer.went_elsewhere(seqs)) {
+        if held.iter().any(|seqs| !seqs.is_empty() && self.buffer.went_elsewhere(seqs)) {
             return Err(HoldError::Unconfirmed);
         }
         Ok(())
     }
 }
 
-/// Events just held; in `committed` mode, their sequence numbers, which the confirmation must
-/// pass.
+/// Events just held, by their sequence numbers: in `committed` mode the confirmation must pass
+/// them; in every mode they say until when the events wait unconfirmed.
 #[derive(Debug, Clone)]
 #[must_use = "committed mode must wait for the confirmation"]
-pub struct Held(Option<std::ops::Range<u64>>);
+pub struct Held(std::ops::Range<u64>);
 
 impl Held {
-    /// The sequence numbers of the events (`committed` mode; else none): what a repeat of them
-    /// must wait for too ([`Intake::all_confirmed`]).
-    pub fn seqs(&self) -> Option<std::ops::Range<u64>> {
+    /// The sequence numbers of the events: what a repeat of them must wait for too in
+    /// `committed` mode ([`Intake::all_confirmed`]), and what keeps their event ids remembered
+    /// while they wait.
+    pub fn seqs(&self) -> std::ops::Range<u64> {
         self.0.clone()
     }
 }

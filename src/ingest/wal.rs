@@ -161,7 +161,7 @@ pub struct Recovery {
 }
 
 enum Job {
-    Events { room: Reservation, rows: Vec<EventRow>, ack: Ack },
+    Events { room: Reservation, rows: Vec<EventRow>, ack: Logged },
     Batch { id: Uuid, seqs: Vec<Range<u64>>, ack: Ack },
     Done { id: Uuid },
     Stop { ack: oneshot::Sender<()> },
@@ -222,8 +222,9 @@ impl Wal {
     }
 
     /// Logs `rows` (room for them already reserved) and, once they are durable as `WAL_FSYNC`
-    /// says, puts them in the buffer. Ok means the 2xx may be sent.
-    pub async fn append(&self, room: Reservation, rows: Vec<EventRow>) -> Result<(), WalError> {
+    /// says, puts them in the buffer. Ok means the 2xx may be sent; it carries the events'
+    /// sequence numbers.
+    pub async fn append(&self, room: Reservation, rows: Vec<EventRow>) -> Result<Range<u64>, WalError> {
         let (ack, done) = oneshot::channel();
         // A failed send hands the job back, and dropping it gives the room back.
         self.tx.send(Job::Events { room, rows, ack }).map_err(|_| WalError::closed())?;
@@ -764,13 +765,16 @@ fn recover(config: WalConfig, buffer: Arc<Buffer>, metrics: Arc<Metrics>) -> io:
 /// A request waiting for the log.
 type Ack = oneshot::Sender<Result<(), WalError>>;
 
+/// Answers a request whose events were logged with their sequence numbers.
+type Logged = oneshot::Sender<Result<Range<u64>, WalError>>;
+
 /// A group written to the log, waiting for its sync (if it needs one) before it is answered.
 struct Written {
     start_len: u64,
     /// The segment's length after the group: its sync covers everything before.
     end_len: u64,
     start_seq: u64,
-    appended: Vec<(u64, Reservation, Vec<EventRow>, Ack)>,
+    appended: Vec<(u64, Reservation, Vec<EventRow>, Logged)>,
     marked: Vec<Ack>,
     sync: Option<(Instant, tokio::task::JoinHandle<io::Result<()>>)>,
     /// Its sync first wrote the bytes of a failed sync again (`Writer::sync_failed`): when it
@@ -1082,7 +1086,7 @@ impl Writer {
             match job {
                 Job::Events { room, rows, ack } => {
                     if rows.is_empty() {
-                        let _ = ack.send(Ok(()));
+                        let _ = ack.send(Ok(0..0));
                         continue;
                     }
                     let first = self.next_seq;
@@ -1155,8 +1159,9 @@ impl Writer {
         for (first, room, rows, ack) in group.appended {
             // Refused only during shutdown; the rows are in the log, so they are acknowledged all
             // the same and sent at the next start.
+            let seqs = first..first + rows.len() as u64;
             let _ = self.buffer.fill(room, Some(first), rows);
-            let _ = ack.send(Ok(()));
+            let _ = ack.send(Ok(seqs));
         }
         for ack in group.marked {
             let _ = ack.send(Ok(()));

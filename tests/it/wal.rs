@@ -644,6 +644,19 @@ async fn failing_syncs_in_interval_mode_give_503_until_they_work_again() {
     drop(disk);
 }
 
+/// An app in `committed` mode on `ch`, flushing every 50 ms, without a spill (held events wait
+/// in memory for ClickHouse), with `vars` besides.
+async fn committed(ch: &ClickHouse, vars: &[(&str, &str)]) -> TestApp {
+    let mut all = vec![
+        ("ACK_MODE", "committed"),
+        ("FLUSH_INTERVAL", "50ms"),
+        ("INSERT_TIMEOUT", "1s"),
+        ("REDIS_URL", "none"),
+    ];
+    all.extend_from_slice(vars);
+    TestApp::spawn_on(&ch.url(), &fresh_db(), &all).await
+}
+
 /// `committed`: the 2xx comes once ClickHouse holds the event; when it cannot confirm within
 /// ACK_TIMEOUT the answer is 503, the event stays held and is stored once ClickHouse is back. A
 /// retry with the same event id is not stored twice, and gets its 2xx only once the first
@@ -651,20 +664,7 @@ async fn failing_syncs_in_interval_mode_give_503_until_they_work_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_answers_after_clickhouse_confirms() {
     let mut ch = ClickHouse::start();
-    let db = fresh_db();
-    let app = TestApp::spawn_on(
-        &ch.url(),
-        &db,
-        &[
-            ("ACK_MODE", "committed"),
-            ("ACK_TIMEOUT", "1s"),
-            ("FLUSH_INTERVAL", "50ms"),
-            ("INSERT_TIMEOUT", "1s"),
-            // Without a spill, held events wait in memory for ClickHouse.
-            ("REDIS_URL", "none"),
-        ],
-    )
-    .await;
+    let app = committed(&ch, &[("ACK_TIMEOUT", "1s")]).await;
     for sent in 1..=3 {
         assert_eq!(app.post("/ads/click", &json!({"adId": AD1})).await.status(), 202);
         // No waiting: the answer came after the INSERT.
@@ -701,4 +701,52 @@ async fn committed_answers_after_clickhouse_confirms() {
     assert_eq!((answer["duplicates"].as_u64(), answer["accepted"].as_u64()), (Some(1), Some(1)), "{answer}");
     assert_eq!(app.number(&format!("SELECT count() FROM events WHERE event_id = '{id}'")).await, 1);
     assert_eq!(app.number("SELECT count() FROM events WHERE kind = 'impression'").await, 1, "stored once");
+}
+
+/// `committed` during an outage with more events held than `EVENT_IDS_MAX`: every client that
+/// got a 503 and retries is told "repeat", then or after ClickHouse is back, however many ids came
+/// since (an id whose events wait is never forgotten). Each event is stored once; afterwards the
+/// bound holds again, and the ids forgotten for it are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_of_events_held_through_an_outage_stay_repeats_beyond_the_id_bound() {
+    let mut ch = ClickHouse::start();
+    let app = committed(&ch, &[("ACK_TIMEOUT", "500ms"), ("EVENT_IDS_MAX", "5")]).await;
+    ch.kill();
+    // Four requests of five events each: four times the bound, none confirmed.
+    let batches: Vec<serde_json::Value> = (0..4)
+        .map(|_| (0..5).map(|_| json!({"adId": AD1, "kind": "click", "eventId": Uuid::new_v4()})).collect())
+        .collect();
+    for batch in &batches {
+        assert_eq!(app.post("/ads/events", batch).await.status(), 503);
+    }
+    assert_eq!(app.metric("adbeacon_event_ids_remembered").await, 20);
+    // Retried during the outage: repeats, waiting for the first requests' events (503 again).
+    for batch in &batches {
+        let answer = app.post("/ads/events", batch).await;
+        assert_eq!(answer.status(), 503);
+    }
+    ch.restart();
+    assert_eq!(app.wait_for("SELECT count() FROM events", 20).await, 20);
+    // Retried once they are stored: each a duplicate, with its 2xx.
+    for batch in &batches {
+        let answer = app.post("/ads/events", batch).await;
+        assert_eq!(answer.status(), 202);
+        let answer = answer.json::<serde_json::Value>().await.unwrap();
+        assert_eq!(
+            (answer["duplicates"].as_u64(), answer["accepted"].as_u64()),
+            (Some(5), Some(0)),
+            "{answer}"
+        );
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(app.number("SELECT uniqExact(event_id) FROM events").await, 20);
+    assert_eq!(app.number("SELECT count() FROM events").await, 20, "each stored once");
+    assert_eq!(app.metric("adbeacon_event_ids_forgotten_early_total").await, 0);
+    // New traffic brings the number back to the bound, and says that ids went early.
+    for _ in 0..20 {
+        let click = json!({"adId": AD1, "eventId": Uuid::new_v4()});
+        assert_eq!(app.post("/ads/click", &click).await.status(), 202);
+    }
+    assert_eq!(app.metric("adbeacon_event_ids_remembered").await, 5);
+    assert!(app.metric("adbeacon_event_ids_forgotten_early_total").await >= 20);
 }

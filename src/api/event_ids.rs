@@ -1,0 +1,314 @@
+//! The client event ids this instance took: those a request is storing right now (*in flight*)
+//! and those whose events it held (*remembered*), so that a repeat is answered but not stored
+//! twice.
+//!
+//! An id is remembered for `EVENT_ID_TTL` after it was taken, and among the last
+//! `EVENT_IDS_MAX` ids (the oldest go first), but never forgotten while this instance still
+//! holds its events unconfirmed: those are the events whose clients retry (a 503 in `committed`
+//! mode while ClickHouse is down, a 2xx lost on the way), and during a long outage more of them
+//! can wait than the bound counts. Such an id goes to the back of the line instead, to be
+//! looked at again after another `EVENT_ID_TTL` or `EVENT_IDS_MAX` ids: so a retry that arrives
+//! soon after its events were stored is still a repeat. Their number is bounded by the buffer
+//! (`BUFFER_MAX_BYTES`).
+//!
+//! Everything sits under one lock, which every claim and every settlement takes once: an id
+//! must be in flight or remembered at every moment in between, or two concurrent repeats could
+//! both be stored. A least-recently-used cache (moka) was here before; it could neither keep
+//! unconfirmed ids nor say which ids it dropped early, and it cost more per insert.
+
+use std::{
+    collections::VecDeque,
+    ops::Range,
+    sync::{Mutex, MutexGuard, PoisonError},
+    time::{Duration, Instant},
+};
+
+use hashbrown::{HashMap, HashSet};
+use prometheus::{IntCounter, IntGauge};
+use uuid::Uuid;
+
+/// How many ids beyond the line's front one settlement looks at, at most: each new id frees
+/// about one, so the work per id stays constant, and a bound that was exceeded (while ids could
+/// not be forgotten) comes back down over the next ids.
+const STEPS_PER_ID: usize = 2;
+
+/// The outcome of [`EventIds::claim`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claimed {
+    /// Neither in flight nor remembered: now in flight, for the caller to store.
+    Fresh,
+    /// Remembered: the sequence numbers of the events of the request that took it.
+    Held(Range<u64>),
+    /// Another request is storing it right now.
+    InFlight,
+}
+
+/// The metrics this store keeps up to date.
+#[derive(Debug, Clone)]
+pub struct IdMetrics {
+    /// `adbeacon_event_ids_remembered`: ids remembered now.
+    pub remembered: IntGauge,
+    /// `adbeacon_event_ids_forgotten_early_total`: ids forgotten for the count bound before
+    /// their time was up.
+    pub forgotten_early: IntCounter,
+}
+
+/// A remembered id: its events' sequence numbers, and when it joined the line.
+#[derive(Debug)]
+struct Remembered {
+    seqs: Range<u64>,
+    since: u32,
+}
+
+#[derive(Debug, Default)]
+struct Ids {
+    in_flight: HashSet<Uuid>,
+    remembered: HashMap<Uuid, Remembered>,
+    /// Remembered ids in the order they joined the line, each with the second it joined. An
+    /// entry whose id is gone, or joined again later, is passed over.
+    line: VecDeque<(Uuid, u32)>,
+}
+
+/// Client event ids in flight and remembered (see the module docs).
+pub struct EventIds {
+    ids: Mutex<Ids>,
+    max: usize,
+    ttl: u32,
+    epoch: Instant,
+    /// Every sequence number below this one is confirmed (in ClickHouse or the spill).
+    confirmed_below: Box<dyn Fn() -> u64 + Send + Sync>,
+    metrics: IdMetrics,
+}
+
+impl std::fmt::Debug for EventIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventIds").field("max", &self.max).field("ttl", &self.ttl).finish_non_exhaustive()
+    }
+}
+
+impl EventIds {
+    /// Ids remembered for `ttl` and `max` at most while their events are confirmed, as
+    /// `confirmed_below` tells (every sequence number below what it returns is).
+    pub fn new(
+        max: usize,
+        ttl: Duration,
+        confirmed_below: impl Fn() -> u64 + Send + Sync + 'static,
+        metrics: IdMetrics,
+    ) -> Self {
+        EventIds {
+            ids: Mutex::new(Ids::default()),
+            max,
+            ttl: u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX),
+            epoch: Instant::now(),
+            confirmed_below: Box::new(confirmed_below),
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Ids> {
+        self.ids.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Seconds since this store began.
+    fn now(&self) -> u32 {
+        u32::try_from(self.epoch.elapsed().as_secs()).unwrap_or(u32::MAX)
+    }
+
+    /// Whether events numbered `seqs` are still held unconfirmed by this instance.
+    fn waiting(&self, seqs: &Range<u64>) -> bool {
+        !seqs.is_empty() && seqs.end > (self.confirmed_below)()
+    }
+
+    /// Claims `id`: [`Claimed::Fresh`] (and in flight, until [`EventIds::remember`] or
+    /// [`EventIds::give_back`]) for exactly one of any number of concurrent callers.
+    pub fn claim(&self, id: Uuid) -> Claimed {
+        let mut ids = self.lock();
+        if ids.in_flight.contains(&id) {
+            return Claimed::InFlight;
+        }
+        if let Some(r) = ids.remembered.get(&id) {
+            if self.now().saturating_sub(r.since) <= self.ttl || self.waiting(&r.seqs) {
+                return Claimed::Held(r.seqs.clone());
+            }
+            // Its time is up; its place in the line is passed over when reached.
+            ids.remembered.remove(&id);
+            self.metrics.remembered.set(ids.remembered.len() as i64);
+        }
+        ids.in_flight.insert(id);
+        Claimed::Fresh
+    }
+
+    /// Claimed ids whose events were not held: no longer in flight, so a retry stores them.
+    pub fn give_back(&self, claimed: &[Uuid]) {
+        let mut ids = self.lock();
+        for id in claimed {
+            ids.in_flight.remove(id);
+        }
+    }
+
+    /// Claimed ids whose events are held as `seqs`: remembered from now on, and no longer in
+    /// flight (both under one lock, so that no repeat finds them in neither).
+    pub fn remember(&self, claimed: impl IntoIterator<Item = Uuid>, seqs: &Range<u64>) {
+        let now = self.now();
+        let mut ids = self.lock();
+        let mut added = 0;
+        for id in claimed {
+            ids.in_flight.remove(&id);
+            ids.remembered.insert(id, Remembered { seqs: seqs.clone(), since: now });
+            ids.line.push_back((id, now));
+            added += 1;
+        }
+        self.forget(&mut ids, now, added * STEPS_PER_ID);
+        self.metrics.remembered.set(ids.remembered.len() as i64);
+    }
+
+    /// Takes up to `steps` ids from the front of the line while there are too many or the
+    /// front one's time is up: forgotten, or put at the back if its events still wait.
+    fn forget(&self, ids: &mut Ids, now: u32, steps: usize) {
+        for _ in 0..steps {
+            let Some(&(id, since)) = ids.line.front() else { return };
+            let full = ids.remembered.len() > self.max;
+            let expired = now.saturating_sub(since) > self.ttl;
+            if !full && !expired {
+                return;
+            }
+            ids.line.pop_front();
+            let Some(r) = ids.remembered.get_mut(&id) else { continue };
+            if r.since != since {
+                continue;
+            }
+            if self.waiting(&r.seqs) {
+                r.since = now;
+                ids.line.push_back((id, now));
+                continue;
+            }
+            ids.remembered.remove(&id);
+            if !expired {
+                self.metrics.forgotten_early.inc();
+            }
+        }
+    }
+
+    /// Ids remembered now.
+    pub fn len(&self) -> usize {
+        self.lock().remembered.len()
+    }
+
+    /// True when no id is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    };
+
+    use super::*;
+
+    fn metrics() -> IdMetrics {
+        IdMetrics {
+            remembered: IntGauge::new("r", "r").unwrap(),
+            forgotten_early: IntCounter::new("f", "f").unwrap(),
+        }
+    }
+
+    /// A store whose confirmed watermark the test moves.
+    fn store(max: usize, ttl: Duration) -> (EventIds, Arc<AtomicU64>) {
+        let below = Arc::new(AtomicU64::new(0));
+        let b = below.clone();
+        (EventIds::new(max, ttl, move || b.load(Ordering::Relaxed), metrics()), below)
+    }
+
+    fn id(n: u128) -> Uuid {
+        Uuid::from_u128(n + 1)
+    }
+
+    /// Takes ids `ns` as one request holding events `seqs`.
+    fn take(ids: &EventIds, ns: Range<u128>, seqs: Range<u64>) {
+        for n in ns.clone() {
+            assert_eq!(ids.claim(id(n)), Claimed::Fresh, "id {n}");
+        }
+        ids.remember(ns.map(id), &seqs);
+    }
+
+    #[test]
+    fn a_claimed_id_is_in_flight_until_remembered_or_given_back() {
+        let (ids, _) = store(10, Duration::from_secs(3600));
+        assert_eq!(ids.claim(id(1)), Claimed::Fresh);
+        assert_eq!(ids.claim(id(1)), Claimed::InFlight);
+        ids.give_back(&[id(1)]);
+        assert_eq!(ids.claim(id(1)), Claimed::Fresh);
+        ids.remember([id(1)], &(5..6));
+        assert_eq!(ids.claim(id(1)), Claimed::Held(5..6));
+        assert_eq!(ids.len(), 1);
+    }
+
+    #[test]
+    fn past_the_bound_the_oldest_confirmed_ids_go_first_and_are_counted() {
+        let (ids, below) = store(3, Duration::from_secs(3600));
+        below.store(100, Ordering::Relaxed);
+        for n in 0..5 {
+            take(&ids, n..n + 1, n as u64..n as u64 + 1);
+        }
+        assert_eq!(ids.len(), 3);
+        assert_eq!(ids.claim(id(0)), Claimed::Fresh, "the oldest went first");
+        assert_eq!(ids.claim(id(1)), Claimed::Fresh);
+        assert_eq!(ids.claim(id(2)), Claimed::Held(2..3));
+        assert_eq!(ids.claim(id(4)), Claimed::Held(4..5));
+        assert_eq!(ids.metrics.forgotten_early.get(), 2);
+    }
+
+    #[test]
+    fn ids_whose_events_wait_unconfirmed_are_kept_past_the_bound() {
+        let (ids, below) = store(3, Duration::from_secs(3600));
+        // An outage: 10 requests held, none confirmed.
+        for n in 0..10 {
+            take(&ids, n..n + 1, n as u64..n as u64 + 1);
+        }
+        for n in 0..10 {
+            assert_eq!(ids.claim(id(n)), Claimed::Held(n as u64..n as u64 + 1), "id {n} kept");
+        }
+        assert_eq!(ids.metrics.forgotten_early.get(), 0);
+        // Stored at last. A retry now is still a repeat: the kept ids went to the back of the
+        // line and are forgotten only as new ids come.
+        below.store(10, Ordering::Relaxed);
+        assert_eq!(ids.claim(id(0)), Claimed::Held(0..1));
+        for n in 10..40 {
+            take(&ids, n..n + 1, n as u64..n as u64 + 1);
+            below.store(n as u64 + 1, Ordering::Relaxed);
+        }
+        assert_eq!(ids.len(), 3, "back within the bound once the events are stored");
+        assert_eq!(ids.claim(id(39)), Claimed::Held(39..40));
+        assert_eq!(ids.claim(id(0)), Claimed::Fresh);
+    }
+
+    #[test]
+    fn an_id_is_forgotten_once_its_time_is_up_unless_its_events_wait() {
+        let (ids, below) = store(100, Duration::ZERO);
+        take(&ids, 0..1, 0..1);
+        take(&ids, 1..2, 1..2);
+        below.store(1, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(ids.claim(id(0)), Claimed::Fresh, "confirmed and its time up");
+        assert_eq!(ids.claim(id(1)), Claimed::Held(1..2), "still waits to be stored");
+        // Passed over in the line, not counted as forgotten early.
+        take(&ids, 2..4, 2..3);
+        assert_eq!(ids.metrics.forgotten_early.get(), 0);
+    }
+
+    #[test]
+    fn remembering_many_ids_keeps_the_bound_with_constant_work() {
+        let (ids, below) = store(1000, Duration::from_secs(3600));
+        below.store(u64::MAX, Ordering::Relaxed);
+        for n in 0..100u128 {
+            take(&ids, n * 100..(n + 1) * 100, 0..100);
+        }
+        assert_eq!(ids.len(), 1000);
+        assert_eq!(ids.lock().line.len(), 1000);
+        assert_eq!(ids.metrics.forgotten_early.get(), 9000);
+    }
+}
