@@ -4,12 +4,12 @@
 //!
 //! An id is remembered for `EVENT_ID_TTL` after it was taken, and among the last
 //! `EVENT_IDS_MAX` ids (the oldest go first), but never forgotten while this instance still
-//! holds its events unconfirmed: those are the events whose clients retry (a 503 in `committed`
-//! mode while ClickHouse is down, a 2xx lost on the way), and during a long outage more of them
-//! can wait than the bound counts. Such an id goes to the back of the line instead, to be
-//! looked at again after another `EVENT_ID_TTL` or `EVENT_IDS_MAX` ids: so a retry that arrives
-//! soon after its events were stored is still a repeat. Their number is bounded by the buffer
-//! (`BUFFER_MAX_BYTES`).
+//! holds its events, in neither ClickHouse nor the Redis spill yet. Those are the events whose
+//! clients retry (a 503 in `committed` mode while ClickHouse is down, a 2xx lost on the way),
+//! and during a long outage more of them can wait than the bound counts. Such an id goes to the
+//! back of the line instead, to be looked at again after another `EVENT_ID_TTL` or
+//! `EVENT_IDS_MAX` ids: so a retry that arrives soon after its events were stored is still a
+//! repeat. Their number is bounded by the buffer (`BUFFER_MAX_BYTES`).
 //!
 //! Everything sits under one lock, which every claim and every settlement takes once: an id
 //! must be in flight or remembered at every moment in between, or two concurrent repeats could
