@@ -222,19 +222,40 @@ impl Replayer {
             by_consumer.entry(consumer).or_default().push(id);
         }
         let mut claimed = Vec::new();
+        let mut failed = None;
         for (consumer, ids) in by_consumer {
-            self.clickhouse
-                .kill_inserts_starting(&format!("{QUERY_PREFIX}{consumer}-"))
-                .await
-                .map_err(|e| e.to_string())?;
-            let entries =
-                self.spill.claim(&self.consumer, self.claim_idle, &ids).await.map_err(|e| e.to_string())?;
+            // A failure leaves this consumer's entries where they are, for the next pass; the
+            // entries already claimed from others are replayed now. (Returning the error dropped
+            // them, and they waited in this replayer's name for another REPLAY_CLAIM_IDLE.)
+            let entries = match self.claim_from(&consumer, &ids).await {
+                Ok(entries) => entries,
+                Err(e) => {
+                    failed.get_or_insert((consumer, e));
+                    continue;
+                }
+            };
             tracing::warn!(from = %consumer, entries = entries.len(),
                 "claimed spill entries a replayer left unacknowledged; replaying them with the check");
             self.metrics.spill_entries_claimed.inc_by(entries.len() as u64);
             claimed.extend(entries);
         }
-        Ok(claimed)
+        match failed {
+            Some((_, e)) if claimed.is_empty() => Err(e),
+            Some((from, e)) => {
+                tracing::warn!(%from, error = %e, "cannot claim the entries of a quiet replayer yet; next pass");
+                Ok(claimed)
+            }
+            None => Ok(claimed),
+        }
+    }
+
+    /// Ends the replay INSERTs `consumer` may have left running, then claims `ids` from it.
+    async fn claim_from(&self, consumer: &str, ids: &[String]) -> Result<Vec<Entry>, String> {
+        self.clickhouse
+            .kill_inserts_starting(&format!("{QUERY_PREFIX}{consumer}-"))
+            .await
+            .map_err(|e| e.to_string())?;
+        self.spill.claim(&self.consumer, self.claim_idle, ids).await.map_err(|e| e.to_string())
     }
 
     /// Replays one group of entries (read or claimed at `read_at`) until ClickHouse confirmed it
