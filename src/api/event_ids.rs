@@ -23,7 +23,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hashbrown::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hashbrown::HashMap;
 use prometheus::{IntCounter, IntGauge};
 use uuid::Uuid;
 
@@ -41,6 +43,8 @@ pub enum Claimed {
     Held(Range<u64>),
     /// Another request is storing it right now.
     InFlight,
+    /// The same request claimed it before (an id twice in one batch).
+    Mine,
 }
 
 /// The metrics this store keeps up to date.
@@ -62,7 +66,8 @@ struct Remembered {
 
 #[derive(Debug, Default)]
 struct Ids {
-    in_flight: HashSet<Uuid>,
+    /// Each with the request that claimed it ([`EventIds::owner`]).
+    in_flight: HashMap<Uuid, u64>,
     remembered: HashMap<Uuid, Remembered>,
     /// Remembered ids in the order they joined the line, each with the second it joined. An
     /// entry whose id is gone, or joined again later, is passed over.
@@ -78,6 +83,8 @@ pub struct EventIds {
     /// Every sequence number below this one is confirmed (in ClickHouse or the spill).
     confirmed_below: Box<dyn Fn() -> u64 + Send + Sync>,
     metrics: IdMetrics,
+    /// The last number handed out by [`EventIds::owner`].
+    owners: AtomicU64,
 }
 
 impl std::fmt::Debug for EventIds {
@@ -102,6 +109,7 @@ impl EventIds {
             epoch: Instant::now(),
             confirmed_below: Box::new(confirmed_below),
             metrics,
+            owners: AtomicU64::new(0),
         }
     }
 
@@ -119,12 +127,19 @@ impl EventIds {
         !seqs.is_empty() && seqs.end > (self.confirmed_below)()
     }
 
-    /// Claims `id`: [`Claimed::Fresh`] (and in flight, until [`EventIds::remember`] or
-    /// [`EventIds::give_back`]) for exactly one of any number of concurrent callers.
-    pub fn claim(&self, id: Uuid) -> Claimed {
+    /// A number for a request that claims ids, unique in this store and never 0.
+    pub fn owner(&self) -> u64 {
+        self.owners.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Claims `id` for request `owner`: [`Claimed::Fresh`] (and in flight, until
+    /// [`EventIds::remember`] or [`EventIds::give_back`]) for exactly one of any number of
+    /// concurrent callers. (A request's own earlier claim is found here too, in one look-up:
+    /// a batch of a thousand items searched its own list once per item.)
+    pub fn claim(&self, id: Uuid, owner: u64) -> Claimed {
         let mut ids = self.lock();
-        if ids.in_flight.contains(&id) {
-            return Claimed::InFlight;
+        if let Some(&by) = ids.in_flight.get(&id) {
+            return if by == owner { Claimed::Mine } else { Claimed::InFlight };
         }
         if let Some(r) = ids.remembered.get(&id) {
             if self.now().saturating_sub(r.since) <= self.ttl || self.waiting(&r.seqs) {
@@ -134,7 +149,7 @@ impl EventIds {
             ids.remembered.remove(&id);
             self.metrics.remembered.set(ids.remembered.len() as i64);
         }
-        ids.in_flight.insert(id);
+        ids.in_flight.insert(id, owner);
         Claimed::Fresh
     }
 
@@ -229,8 +244,9 @@ mod tests {
 
     /// Takes ids `ns` as one request holding events `seqs`.
     fn take(ids: &EventIds, ns: Range<u128>, seqs: Range<u64>) {
+        let owner = ids.owner();
         for n in ns.clone() {
-            assert_eq!(ids.claim(id(n)), Claimed::Fresh, "id {n}");
+            assert_eq!(ids.claim(id(n), owner), Claimed::Fresh, "id {n}");
         }
         ids.remember(ns.map(id), &seqs);
     }
@@ -238,12 +254,16 @@ mod tests {
     #[test]
     fn a_claimed_id_is_in_flight_until_remembered_or_given_back() {
         let (ids, _) = store(10, Duration::from_secs(3600));
-        assert_eq!(ids.claim(id(1)), Claimed::Fresh);
-        assert_eq!(ids.claim(id(1)), Claimed::InFlight);
+        let (a, b) = (ids.owner(), ids.owner());
+        assert_eq!(ids.claim(id(1), a), Claimed::Fresh);
+        assert_eq!(ids.claim(id(1), b), Claimed::InFlight);
+        assert_eq!(ids.claim(id(1), a), Claimed::Mine);
         ids.give_back(&[id(1)]);
-        assert_eq!(ids.claim(id(1)), Claimed::Fresh);
+        assert_eq!(ids.claim(id(1), b), Claimed::Fresh);
+        ids.give_back(&[id(1)]);
+        assert_eq!(ids.claim(id(1), 0), Claimed::Fresh);
         ids.remember([id(1)], &(5..6));
-        assert_eq!(ids.claim(id(1)), Claimed::Held(5..6));
+        assert_eq!(ids.claim(id(1), 0), Claimed::Held(5..6));
         assert_eq!(ids.len(), 1);
     }
 
@@ -255,10 +275,10 @@ mod tests {
             take(&ids, n..n + 1, n as u64..n as u64 + 1);
         }
         assert_eq!(ids.len(), 3);
-        assert_eq!(ids.claim(id(0)), Claimed::Fresh, "the oldest went first");
-        assert_eq!(ids.claim(id(1)), Claimed::Fresh);
-        assert_eq!(ids.claim(id(2)), Claimed::Held(2..3));
-        assert_eq!(ids.claim(id(4)), Claimed::Held(4..5));
+        assert_eq!(ids.claim(id(0), 0), Claimed::Fresh, "the oldest went first");
+        assert_eq!(ids.claim(id(1), 0), Claimed::Fresh);
+        assert_eq!(ids.claim(id(2), 0), Claimed::Held(2..3));
+        assert_eq!(ids.claim(id(4), 0), Claimed::Held(4..5));
         assert_eq!(ids.metrics.forgotten_early.get(), 2);
     }
 
@@ -270,20 +290,20 @@ mod tests {
             take(&ids, n..n + 1, n as u64..n as u64 + 1);
         }
         for n in 0..10 {
-            assert_eq!(ids.claim(id(n)), Claimed::Held(n as u64..n as u64 + 1), "id {n} kept");
+            assert_eq!(ids.claim(id(n), 0), Claimed::Held(n as u64..n as u64 + 1), "id {n} kept");
         }
         assert_eq!(ids.metrics.forgotten_early.get(), 0);
         // Stored at last. A retry now is still a repeat: the kept ids went to the back of the
         // line and are forgotten only as new ids come.
         below.store(10, Ordering::Relaxed);
-        assert_eq!(ids.claim(id(0)), Claimed::Held(0..1));
+        assert_eq!(ids.claim(id(0), 0), Claimed::Held(0..1));
         for n in 10..40 {
             take(&ids, n..n + 1, n as u64..n as u64 + 1);
             below.store(n as u64 + 1, Ordering::Relaxed);
         }
         assert_eq!(ids.len(), 3, "back within the bound once the events are stored");
-        assert_eq!(ids.claim(id(39)), Claimed::Held(39..40));
-        assert_eq!(ids.claim(id(0)), Claimed::Fresh);
+        assert_eq!(ids.claim(id(39), 0), Claimed::Held(39..40));
+        assert_eq!(ids.claim(id(0), 0), Claimed::Fresh);
     }
 
     #[test]
@@ -293,8 +313,8 @@ mod tests {
         take(&ids, 1..2, 1..2);
         below.store(1, Ordering::Relaxed);
         std::thread::sleep(Duration::from_millis(1100));
-        assert_eq!(ids.claim(id(0)), Claimed::Fresh, "confirmed and its time up");
-        assert_eq!(ids.claim(id(1)), Claimed::Held(1..2), "still waits to be stored");
+        assert_eq!(ids.claim(id(0), 0), Claimed::Fresh, "confirmed and its time up");
+        assert_eq!(ids.claim(id(1), 0), Claimed::Held(1..2), "still waits to be stored");
         // Passed over in the line, not counted as forgotten early.
         take(&ids, 2..4, 2..3);
         assert_eq!(ids.metrics.forgotten_early.get(), 0);

@@ -136,6 +136,8 @@ pub struct Caller {
 pub struct Claims {
     /// Client event ids claimed by this request ([`State::claim`]), in flight until settled.
     ids: Vec<Uuid>,
+    /// This request's number in [`State::event_ids`] once it claimed an id (0 before).
+    owner: u64,
     /// Events the repeat rule counted, until they are held.
     marks: Vec<dedup::Mark>,
     /// Where `ids` are in flight: a request that ends without settling them (an error on the
@@ -348,11 +350,10 @@ impl State {
     /// in flight until the request settles it) for exactly one of any number of concurrent
     /// requests, under one lock ([`event_ids::EventIds::claim`]).
     pub fn claim(&self, id: Uuid, claims: &mut Claims) -> Claim {
-        if claims.ids.contains(&id) {
-            // A repeat within the request: the request's own answer covers it.
-            return Claim::Held(0..0);
+        if claims.owner == 0 {
+            claims.owner = self.event_ids.owner();
         }
-        match self.event_ids.claim(id) {
+        match self.event_ids.claim(id, claims.owner) {
             event_ids::Claimed::Fresh => {
                 claims.ids.push(id);
                 claims.in_flight.get_or_insert_with(|| self.event_ids.clone());
@@ -360,6 +361,8 @@ impl State {
             }
             event_ids::Claimed::Held(seqs) => Claim::Held(seqs),
             event_ids::Claimed::InFlight => Claim::InFlight,
+            // A repeat within the request: the request's own answer covers it.
+            event_ids::Claimed::Mine => Claim::Held(0..0),
         }
     }
 
