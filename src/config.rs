@@ -267,7 +267,7 @@ pub const SETTINGS: &[Setting] = &[
         "EVENT_ID_TTL",
         "1h",
         "a duration from 1m to 1d",
-        "how long a client event id is remembered after it was taken (or last found still waiting to be stored)",
+        "how long a client event id is remembered after it was taken (kept longer while its event waits to be stored)",
     ),
     s(
         "BOT_USER_AGENTS",

@@ -399,8 +399,8 @@ impl BatchApi {
         let mut results = Vec::with_capacity(n);
         let mut rows = Vec::with_capacity(n);
         let mut claims = Claims::default();
-        // What the repeated ids' first requests wait for (`committed` mode).
-        let mut repeated = Vec::new();
+        // The repeated ids, and what their first requests wait for (`committed` mode).
+        let (mut repeated_ids, mut repeated) = (Vec::new(), Vec::new());
         let (mut duplicates, mut rejected, mut retry, mut repeats) = (0, 0, 0, 0);
         for (index, item) in judged.into_iter().enumerate() {
             let index = index as u32;
@@ -423,6 +423,7 @@ impl BatchApi {
                     Claim::Fresh => {}
                     Claim::Held(held) => {
                         if !held.is_empty() {
+                            repeated_ids.push(id);
                             repeated.push(held);
                         }
                         repeats += 1;
@@ -469,7 +470,7 @@ impl BatchApi {
         repeated.dedup();
         // Returning (or the client hanging up meanwhile) drops the claims, which gives the new
         // items' event ids and repeat-rule marks back.
-        st.repeats_confirmed(&repeated).await?;
+        st.repeats_confirmed(&repeated_ids, &repeated).await?;
         if !rows.is_empty() {
             st.hold(rows, claims).await?;
         }

@@ -3,13 +3,18 @@
 //! twice.
 //!
 //! An id is remembered for `EVENT_ID_TTL` after it was taken, and among the last
-//! `EVENT_IDS_MAX` ids (the oldest go first), but never forgotten while this instance still
-//! holds its events, in neither ClickHouse nor the Redis spill yet. Those are the events whose
-//! clients retry (a 503 in `committed` mode while ClickHouse is down, a 2xx lost on the way),
-//! and during a long outage more of them can wait than the bound counts. Such an id goes to the
-//! back of the line instead, to be looked at again after another `EVENT_ID_TTL` or
-//! `EVENT_IDS_MAX` ids: so a retry that arrives soon after its events were stored is still a
-//! repeat. Their number is bounded by the buffer (`BUFFER_MAX_BYTES`).
+//! `EVENT_IDS_MAX` ids (the oldest go first). When its turn comes (its time is up, or too many
+//! are remembered) it stays instead, going to the back of the line:
+//! - while this instance still holds its events, in neither ClickHouse, the Redis spill nor the
+//!   dead letters yet: during a long outage more of them can wait than the bound counts, and
+//!   their clients are the ones that retry (a 2xx lost on the way);
+//! - once more after its events are found stored, if a request for it was answered 503 while
+//!   they waited (`committed` mode): that client retries until it gets a 2xx, however long the
+//!   outage lasted, so the id is kept for another `EVENT_ID_TTL` (or `EVENT_IDS_MAX` ids) from
+//!   a moment after the events were stored.
+//!
+//! The ids kept beyond the bound are those of events held at once, so the buffer
+//! (`BUFFER_MAX_BYTES`) bounds their number.
 //!
 //! Everything sits under one lock, which every claim and every settlement takes once: an id
 //! must be in flight or remembered at every moment in between, or two concurrent repeats could
@@ -62,6 +67,9 @@ pub struct IdMetrics {
 struct Remembered {
     seqs: Range<u64>,
     since: u32,
+    /// A request for it was answered 503 while its events waited ([`EventIds::answered_503`]),
+    /// and they have not been found stored since.
+    answered_503: bool,
 }
 
 #[derive(Debug, Default)]
@@ -102,8 +110,17 @@ impl EventIds {
         confirmed_below: impl Fn() -> u64 + Send + Sync + 'static,
         metrics: IdMetrics,
     ) -> Self {
+        // Room for the bound (up to a million) from the start: growing a table of that size
+        // copies tens of megabytes under the lock that every request with an id waits for. The
+        // room costs little until ids fill it.
+        let room = max.min(1 << 20);
+        let ids = Ids {
+            remembered: HashMap::with_capacity(room),
+            line: VecDeque::with_capacity(room),
+            ..Ids::default()
+        };
         EventIds {
-            ids: Mutex::new(Ids::default()),
+            ids: Mutex::new(ids),
             max,
             ttl: u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX),
             epoch: Instant::now(),
@@ -141,11 +158,19 @@ impl EventIds {
         if let Some(&by) = ids.in_flight.get(&id) {
             return if by == owner { Claimed::Mine } else { Claimed::InFlight };
         }
-        if let Some(r) = ids.remembered.get(&id) {
-            if self.now().saturating_sub(r.since) <= self.ttl || self.waiting(&r.seqs) {
+        let ids = &mut *ids;
+        if let Some(r) = ids.remembered.get_mut(&id) {
+            let now = self.now();
+            if now.saturating_sub(r.since) <= self.ttl {
                 return Claimed::Held(r.seqs.clone());
             }
-            // Its time is up; its place in the line is passed over when reached.
+            // Its time is up: its turn has come here rather than in the line (whose entry for
+            // it is passed over once it joins again or goes).
+            if self.stays(r) {
+                r.since = now;
+                ids.line.push_back((id, now));
+                return Claimed::Held(r.seqs.clone());
+            }
             ids.remembered.remove(&id);
             self.metrics.remembered.set(ids.remembered.len() as i64);
         }
@@ -169,7 +194,7 @@ impl EventIds {
         let mut added = 0;
         for id in claimed {
             ids.in_flight.remove(&id);
-            ids.remembered.insert(id, Remembered { seqs: seqs.clone(), since: now });
+            ids.remembered.insert(id, Remembered { seqs: seqs.clone(), since: now, answered_503: false });
             ids.line.push_back((id, now));
             added += 1;
         }
@@ -177,10 +202,30 @@ impl EventIds {
         self.metrics.remembered.set(ids.remembered.len() as i64);
     }
 
+    /// Whether an id whose turn came (its time up, or too many remembered) stays, to join the
+    /// line again: while its events wait, and once more when they are found stored after a
+    /// request for it was answered 503 (see the module docs).
+    fn stays(&self, r: &mut Remembered) -> bool {
+        self.waiting(&r.seqs) || std::mem::take(&mut r.answered_503)
+    }
+
+    /// Requests for these ids were answered 503 while their events waited (`committed` mode,
+    /// ClickHouse did not confirm them in time): their clients retry, so the ids stay after
+    /// the events are stored ([`EventIds::stays`]).
+    pub fn answered_503(&self, answered: &[Uuid]) {
+        let mut ids = self.lock();
+        for id in answered {
+            if let Some(r) = ids.remembered.get_mut(id) {
+                r.answered_503 = true;
+            }
+        }
+    }
+
     /// Takes up to `steps` ids from the front of the line while there are too many or the
-    /// front one's time is up: forgotten, or put at the back if its events still wait.
+    /// front one's time is up: forgotten, or put at the back if it stays ([`EventIds::stays`]).
     fn forget(&self, ids: &mut Ids, now: u32, steps: usize) {
-        for _ in 0..steps {
+        // At most once round the line: an id that stays must not get its next turn at once.
+        for _ in 0..steps.min(ids.line.len()) {
             let Some(&(id, since)) = ids.line.front() else { return };
             let full = ids.remembered.len() > self.max;
             let expired = now.saturating_sub(since) > self.ttl;
@@ -192,7 +237,7 @@ impl EventIds {
             if r.since != since {
                 continue;
             }
-            if self.waiting(&r.seqs) {
+            if self.stays(r) {
                 r.since = now;
                 ids.line.push_back((id, now));
                 continue;
@@ -318,6 +363,60 @@ mod tests {
         // Passed over in the line, not counted as forgotten early.
         take(&ids, 2..4, 2..3);
         assert_eq!(ids.metrics.forgotten_early.get(), 0);
+    }
+
+    /// One second: with a time to live of zero, time is up for an id taken a second ago.
+    fn tick() {
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+
+    #[test]
+    fn an_id_answered_503_stays_a_turn_after_its_events_are_stored_when_new_ids_come() {
+        let (ids, below) = store(100, Duration::ZERO);
+        take(&ids, 0..1, 0..1);
+        ids.answered_503(&[id(0)]);
+        take(&ids, 1..2, 1..2);
+        // The outage outlasts the time to live, and no turn comes meanwhile.
+        tick();
+        below.store(2, Ordering::Relaxed);
+        // New ids bring both turns: the id answered 503 stays, the other goes.
+        take(&ids, 2..4, 2..4);
+        assert_eq!(ids.claim(id(0), 0), Claimed::Held(0..1), "a retry just after the store");
+        assert_eq!(ids.claim(id(1), 0), Claimed::Fresh);
+        // A turn later it goes too.
+        tick();
+        assert_eq!(ids.claim(id(0), 0), Claimed::Fresh);
+        assert_eq!(ids.metrics.forgotten_early.get(), 0);
+    }
+
+    #[test]
+    fn an_id_answered_503_stays_a_turn_after_its_events_are_stored_when_retried() {
+        let (ids, below) = store(100, Duration::ZERO);
+        take(&ids, 0..1, 0..1);
+        ids.answered_503(&[id(0)]);
+        tick();
+        assert_eq!(ids.claim(id(0), 0), Claimed::Held(0..1), "still waiting");
+        below.store(1, Ordering::Relaxed);
+        tick();
+        assert_eq!(ids.claim(id(0), 0), Claimed::Held(0..1), "a retry after the store");
+        tick();
+        assert_eq!(ids.claim(id(0), 0), Claimed::Fresh);
+    }
+
+    #[test]
+    fn an_id_answered_503_stays_past_the_bound_for_a_turn_after_the_store() {
+        let (ids, below) = store(2, Duration::from_secs(3600));
+        take(&ids, 0..1, 0..1);
+        ids.answered_503(&[id(0)]);
+        below.store(1, Ordering::Relaxed);
+        // Two more ids: the first answered 503 is at the front when the bound is passed.
+        take(&ids, 1..3, 1..3);
+        below.store(3, Ordering::Relaxed);
+        assert_eq!(ids.claim(id(0), 0), Claimed::Held(0..1));
+        take(&ids, 3..5, 3..5);
+        below.store(5, Ordering::Relaxed);
+        take(&ids, 5..7, 5..7);
+        assert_eq!(ids.claim(id(0), 0), Claimed::Fresh, "gone once its second turn came");
     }
 
     #[test]

@@ -138,6 +138,8 @@ pub struct Claims {
     ids: Vec<Uuid>,
     /// This request's number in [`State::event_ids`] once it claimed an id (0 before).
     owner: u64,
+    /// Its ids once remembered as held (no longer in flight).
+    held: Vec<Uuid>,
     /// Events the repeat rule counted, until they are held.
     marks: Vec<dedup::Mark>,
     /// Where `ids` are in flight: a request that ends without settling them (an error on the
@@ -251,7 +253,7 @@ impl State {
             match self.claim(id, &mut claims) {
                 Claim::Fresh => {}
                 Claim::Held(held) => {
-                    self.repeat_confirmed(held).await?;
+                    self.repeats_confirmed(&[id], &[held]).await?;
                     self.metrics.event_id_repeats.inc();
                     return Ok(Accepted::Repeat);
                 }
@@ -366,20 +368,17 @@ impl State {
         }
     }
 
-    /// Ok when a repeat of events held as `held` may be answered 2xx: at once, except in
-    /// `committed` mode, where a 2xx means ClickHouse holds the events: the repeat waits for the
-    /// first request's events as that request did (a client retrying after a 503 gets its 2xx
-    /// only once they are confirmed), else the same 503. Events that went to the spill or the
-    /// dead letters are known as such for as long as the buffer remembers it (ten minutes);
-    /// a repeat after that is answered 2xx.
-    pub async fn repeat_confirmed(&self, held: HeldAs) -> Result<(), ApiError> {
-        self.repeats_confirmed(&[held]).await
-    }
-
-    /// [`State::repeat_confirmed`] for the repeats of one request (a batch), in one wait.
-    pub async fn repeats_confirmed(&self, held: &[HeldAs]) -> Result<(), ApiError> {
+    /// Ok when repeats (of `ids`, events held as `held`) may be answered 2xx, in one wait: at
+    /// once, except in `committed` mode, where a 2xx means ClickHouse holds the events: the
+    /// repeat waits for the first request's events as that request did (a client retrying
+    /// after a 503 gets its 2xx only once they are confirmed), else the same 503, and the ids
+    /// stay remembered after their events are stored ([`event_ids::EventIds::answered_503`]).
+    /// Events that went to the spill or the dead letters are known as such for as long as the
+    /// buffer remembers it (ten minutes); a repeat after that is answered 2xx.
+    pub async fn repeats_confirmed(&self, ids: &[Uuid], held: &[HeldAs]) -> Result<(), ApiError> {
         self.intake.all_confirmed(held).await.map_err(|e| {
             self.metrics.commit_timeouts.inc();
+            self.event_ids.answered_503(ids);
             ApiError::hold(&e, self.retry_after)
         })
     }
@@ -444,6 +443,8 @@ impl State {
     /// ids counts as it would have.
     pub async fn hold(&self, rows: Vec<EventRow>, claims: Claims) -> Result<(), ApiError> {
         let count = rows.len() as u64;
+        // The ids this request holds events for: a 503 below keeps them remembered.
+        let mut held_ids = Vec::new();
         let outcome = if self.intake.wal.is_some() && !claims.is_empty() {
             // The request waits for the log. If it goes away meanwhile (the client hangs up),
             // its claims must still be settled by what became of the events, or a retry with the
@@ -463,11 +464,13 @@ impl State {
             let mut claims = claims;
             let outcome = self.intake.hold(rows).await;
             Settle { metrics: &self.metrics }.apply(&outcome, &mut claims, count);
+            held_ids = std::mem::take(&mut claims.held);
             outcome
         };
         let held = outcome.map_err(|e| ApiError::hold(&e, self.retry_after))?;
         self.intake.confirmed(held).await.map_err(|e| {
             self.metrics.commit_timeouts.inc();
+            self.event_ids.answered_503(&held_ids);
             ApiError::hold(&e, self.retry_after)
         })
     }
@@ -490,7 +493,8 @@ impl Settle<'_> {
                 // Remembered as held as they leave the in-flight set (under the lock that
                 // `State::claim` takes too), so that no repeat finds them in neither.
                 if let Some(ids) = &claims.in_flight {
-                    ids.remember(claims.ids.drain(..), &held.seqs());
+                    ids.remember(claims.ids.iter().copied(), &held.seqs());
+                    claims.held = std::mem::take(&mut claims.ids);
                 }
             }
             Err(e) => {
