@@ -469,11 +469,15 @@ impl BatchApi {
         // by each retry of a batch whose repeat went to the spill).
         repeated.dedup();
         // Returning (or the client hanging up meanwhile) drops the claims, which gives the new
-        // items' event ids and repeat-rule marks back.
-        st.repeats_confirmed(&repeated_ids, &repeated).await?;
+        // items' event ids and repeat-rule marks back. Until the batch's 2xx the repeated ids
+        // count as unanswered: a 503 for its new items, or a client that hangs up, leaves them
+        // to be retried as well.
+        let unanswered = st.event_ids.until_answered(repeated_ids);
+        st.repeats_confirmed(&repeated).await?;
         if !rows.is_empty() {
             st.hold(rows, claims).await?;
         }
+        unanswered.answered();
         // Counted once the batch is answered 2xx: after a 503 the client sends them again.
         st.metrics.event_id_repeats.inc_by(repeats);
         Ok(BatchResponse::Accepted(SerdeJson(BatchResult { accepted, duplicates, rejected, retry, results })))

@@ -8,10 +8,11 @@
 //! - while this instance still holds its events, in neither ClickHouse, the Redis spill nor the
 //!   dead letters yet: during a long outage more of them can wait than the bound counts, and
 //!   their clients are the ones that retry (a 2xx lost on the way);
-//! - once more after its events are found stored, if a request for it was answered 503 while
-//!   they waited (`committed` mode): that client retries until it gets a 2xx, however long the
-//!   outage lasted, so the id is kept for another `EVENT_ID_TTL` (or `EVENT_IDS_MAX` ids) from
-//!   a moment after the events were stored.
+//! - once more after its events are found stored, if they were found waiting at an earlier
+//!   turn, or a request for it ended without a 2xx while they waited (a 503 in `committed` mode,
+//!   a client that hung up): that client retries until it gets a 2xx, however long the outage
+//!   lasted, so the id is kept for another `EVENT_ID_TTL` (or `EVENT_IDS_MAX` ids) from a
+//!   moment after the events were stored.
 //!
 //! The ids kept beyond the bound are those of events held at once, so the buffer
 //! (`BUFFER_MAX_BYTES`) bounds their number.
@@ -24,7 +25,7 @@
 use std::{
     collections::VecDeque,
     ops::Range,
-    sync::{Mutex, MutexGuard, PoisonError},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
 };
 
@@ -67,9 +68,10 @@ pub struct IdMetrics {
 struct Remembered {
     seqs: Range<u64>,
     since: u32,
-    /// A request for it was answered 503 while its events waited ([`EventIds::answered_503`]),
-    /// and they have not been found stored since.
-    answered_503: bool,
+    /// Its client may retry once its events are stored: they were found waiting at a turn, or a
+    /// request for it ended without a 2xx ([`Unanswered`]); cleared at the turn that finds them
+    /// stored.
+    retried: bool,
 }
 
 #[derive(Debug, Default)]
@@ -169,7 +171,12 @@ impl EventIds {
             if self.stays(r) {
                 r.since = now;
                 ids.line.push_back((id, now));
-                return Claimed::Held(r.seqs.clone());
+                let seqs = r.seqs.clone();
+                // The line grew by one: its front pays for it, as for a new id (retries during an
+                // outage with no new ids would grow it with stale entries).
+                self.forget(ids, now, STEPS_PER_ID);
+                self.metrics.remembered.set(ids.remembered.len() as i64);
+                return Claimed::Held(seqs);
             }
             ids.remembered.remove(&id);
             self.metrics.remembered.set(ids.remembered.len() as i64);
@@ -194,7 +201,7 @@ impl EventIds {
         let mut added = 0;
         for id in claimed {
             ids.in_flight.remove(&id);
-            ids.remembered.insert(id, Remembered { seqs: seqs.clone(), since: now, answered_503: false });
+            ids.remembered.insert(id, Remembered { seqs: seqs.clone(), since: now, retried: false });
             ids.line.push_back((id, now));
             added += 1;
         }
@@ -203,22 +210,33 @@ impl EventIds {
     }
 
     /// Whether an id whose turn came (its time up, or too many remembered) stays, to join the
-    /// line again: while its events wait, and once more when they are found stored after a
-    /// request for it was answered 503 (see the module docs).
+    /// line again: while its events wait, and once more when they are found stored if its
+    /// client may retry (see the module docs).
     fn stays(&self, r: &mut Remembered) -> bool {
-        self.waiting(&r.seqs) || std::mem::take(&mut r.answered_503)
+        if self.waiting(&r.seqs) {
+            r.retried = true;
+            return true;
+        }
+        std::mem::take(&mut r.retried)
     }
 
-    /// Requests for these ids were answered 503 while their events waited (`committed` mode,
-    /// ClickHouse did not confirm them in time): their clients retry, so the ids stay after
-    /// the events are stored ([`EventIds::stays`]).
-    pub fn answered_503(&self, answered: &[Uuid]) {
+    /// Requests for these ids ended without a 2xx while their events may still wait: their
+    /// clients retry, so the ids stay a turn after the events are stored.
+    fn unanswered(&self, unanswered: &[Uuid]) {
         let mut ids = self.lock();
-        for id in answered {
+        for id in unanswered {
             if let Some(r) = ids.remembered.get_mut(id) {
-                r.answered_503 = true;
+                r.retried = true;
             }
         }
+    }
+
+    /// A guard over the ids of a request that waits before its answer (`committed` mode: for
+    /// its events, or its repeats' first events, to be confirmed): unless [`Unanswered::answered`]
+    /// says the request got its 2xx, dropping it marks them as unanswered. So a 503, an error,
+    /// and a client that hung up while the request waited (its future dropped) all count.
+    pub fn until_answered(self: &Arc<Self>, ids: Vec<Uuid>) -> Unanswered {
+        Unanswered { store: self.clone(), ids }
     }
 
     /// Takes up to `steps` ids from the front of the line while there are too many or the
@@ -257,6 +275,28 @@ impl EventIds {
     /// True when no id is remembered.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The ids of a request that has not been answered 2xx yet ([`EventIds::until_answered`]).
+#[must_use = "dropping it marks the ids as unanswered at once"]
+pub struct Unanswered {
+    store: Arc<EventIds>,
+    ids: Vec<Uuid>,
+}
+
+impl Unanswered {
+    /// The request got its 2xx.
+    pub fn answered(mut self) {
+        self.ids.clear();
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if !self.ids.is_empty() {
+            self.store.unanswered(&self.ids);
+        }
     }
 }
 
@@ -371,15 +411,15 @@ mod tests {
     }
 
     #[test]
-    fn an_id_answered_503_stays_a_turn_after_its_events_are_stored_when_new_ids_come() {
+    fn an_id_left_unanswered_stays_a_turn_after_its_events_are_stored_when_new_ids_come() {
         let (ids, below) = store(100, Duration::ZERO);
         take(&ids, 0..1, 0..1);
-        ids.answered_503(&[id(0)]);
+        ids.unanswered(&[id(0)]);
         take(&ids, 1..2, 1..2);
         // The outage outlasts the time to live, and no turn comes meanwhile.
         tick();
         below.store(2, Ordering::Relaxed);
-        // New ids bring both turns: the id answered 503 stays, the other goes.
+        // New ids bring both turns: the id left unanswered stays, the other goes.
         take(&ids, 2..4, 2..4);
         assert_eq!(ids.claim(id(0), 0), Claimed::Held(0..1), "a retry just after the store");
         assert_eq!(ids.claim(id(1), 0), Claimed::Fresh);
@@ -390,10 +430,10 @@ mod tests {
     }
 
     #[test]
-    fn an_id_answered_503_stays_a_turn_after_its_events_are_stored_when_retried() {
+    fn an_id_left_unanswered_stays_a_turn_after_its_events_are_stored_when_retried() {
         let (ids, below) = store(100, Duration::ZERO);
         take(&ids, 0..1, 0..1);
-        ids.answered_503(&[id(0)]);
+        ids.unanswered(&[id(0)]);
         tick();
         assert_eq!(ids.claim(id(0), 0), Claimed::Held(0..1), "still waiting");
         below.store(1, Ordering::Relaxed);
@@ -404,12 +444,12 @@ mod tests {
     }
 
     #[test]
-    fn an_id_answered_503_stays_past_the_bound_for_a_turn_after_the_store() {
+    fn an_id_left_unanswered_stays_past_the_bound_for_a_turn_after_the_store() {
         let (ids, below) = store(2, Duration::from_secs(3600));
         take(&ids, 0..1, 0..1);
-        ids.answered_503(&[id(0)]);
+        ids.unanswered(&[id(0)]);
         below.store(1, Ordering::Relaxed);
-        // Two more ids: the first answered 503 is at the front when the bound is passed.
+        // Two more ids: the one left unanswered is at the front when the bound is passed.
         take(&ids, 1..3, 1..3);
         below.store(3, Ordering::Relaxed);
         assert_eq!(ids.claim(id(0), 0), Claimed::Held(0..1));
@@ -417,6 +457,50 @@ mod tests {
         below.store(5, Ordering::Relaxed);
         take(&ids, 5..7, 5..7);
         assert_eq!(ids.claim(id(0), 0), Claimed::Fresh, "gone once its second turn came");
+    }
+
+    #[test]
+    fn an_id_found_waiting_at_a_turn_stays_a_turn_after_its_events_are_stored() {
+        let (ids, below) = store(100, Duration::ZERO);
+        take(&ids, 0..1, 0..1);
+        tick();
+        // Its turn comes while its events wait.
+        take(&ids, 1..2, 1..2);
+        below.store(2, Ordering::Relaxed);
+        tick();
+        take(&ids, 2..3, 2..3);
+        assert_eq!(ids.claim(id(0), 0), Claimed::Held(0..1), "found waiting before: stays once");
+        assert_eq!(ids.claim(id(1), 0), Claimed::Fresh, "never found waiting: goes");
+    }
+
+    #[test]
+    fn a_request_that_ends_without_its_2xx_leaves_its_ids_unanswered() {
+        let (ids, below) = store(100, Duration::ZERO);
+        let ids = Arc::new(ids);
+        take(&ids, 0..3, 0..3);
+        // A 503 or a client that hung up: the guard is dropped. A 2xx: answered.
+        drop(ids.until_answered(vec![id(0)]));
+        ids.until_answered(vec![id(1)]).answered();
+        below.store(3, Ordering::Relaxed);
+        tick();
+        take(&ids, 3..4, 3..4);
+        take(&ids, 4..5, 4..5);
+        assert_eq!(ids.claim(id(0), 0), Claimed::Held(0..3));
+        assert_eq!(ids.claim(id(1), 0), Claimed::Fresh);
+        assert_eq!(ids.claim(id(2), 0), Claimed::Fresh);
+    }
+
+    #[test]
+    fn retries_during_an_outage_without_new_ids_do_not_grow_the_line() {
+        let (ids, _) = store(100, Duration::ZERO);
+        take(&ids, 0..50, 0..50);
+        for _ in 0..3 {
+            tick();
+            for n in 0..50 {
+                assert_eq!(ids.claim(id(n), 0), Claimed::Held(0..50));
+            }
+        }
+        assert!(ids.lock().line.len() <= 60, "{}", ids.lock().line.len());
     }
 
     #[test]

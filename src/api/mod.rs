@@ -253,7 +253,9 @@ impl State {
             match self.claim(id, &mut claims) {
                 Claim::Fresh => {}
                 Claim::Held(held) => {
-                    self.repeats_confirmed(&[id], &[held]).await?;
+                    let unanswered = self.event_ids.until_answered(vec![id]);
+                    self.repeats_confirmed(&[held]).await?;
+                    unanswered.answered();
                     self.metrics.event_id_repeats.inc();
                     return Ok(Accepted::Repeat);
                 }
@@ -368,17 +370,16 @@ impl State {
         }
     }
 
-    /// Ok when repeats (of `ids`, events held as `held`) may be answered 2xx, in one wait: at
-    /// once, except in `committed` mode, where a 2xx means ClickHouse holds the events: the
-    /// repeat waits for the first request's events as that request did (a client retrying
-    /// after a 503 gets its 2xx only once they are confirmed), else the same 503, and the ids
-    /// stay remembered after their events are stored ([`event_ids::EventIds::answered_503`]).
-    /// Events that went to the spill or the dead letters are known as such for as long as the
-    /// buffer remembers it (ten minutes); a repeat after that is answered 2xx.
-    pub async fn repeats_confirmed(&self, ids: &[Uuid], held: &[HeldAs]) -> Result<(), ApiError> {
+    /// Ok when repeats (of events held as `held`) may be answered 2xx, in one wait: at once,
+    /// except in `committed` mode, where a 2xx means ClickHouse holds the events: the repeat
+    /// waits for the first request's events as that request did (a client retrying after a 503
+    /// gets its 2xx only once they are confirmed), else the same 503 (the caller's
+    /// [`event_ids::Unanswered`] keeps the ids remembered after the events are stored). Events
+    /// that went to the spill or the dead letters are known as such for as long as the buffer
+    /// remembers it (ten minutes); a repeat after that is answered 2xx.
+    pub async fn repeats_confirmed(&self, held: &[HeldAs]) -> Result<(), ApiError> {
         self.intake.all_confirmed(held).await.map_err(|e| {
             self.metrics.commit_timeouts.inc();
-            self.event_ids.answered_503(ids);
             ApiError::hold(&e, self.retry_after)
         })
     }
@@ -443,7 +444,7 @@ impl State {
     /// ids counts as it would have.
     pub async fn hold(&self, rows: Vec<EventRow>, claims: Claims) -> Result<(), ApiError> {
         let count = rows.len() as u64;
-        // The ids this request holds events for: a 503 below keeps them remembered.
+        // The ids this request holds events for, until its 2xx (see `Unanswered`).
         let mut held_ids = Vec::new();
         let outcome = if self.intake.wal.is_some() && !claims.is_empty() {
             // The request waits for the log. If it goes away meanwhile (the client hangs up),
@@ -468,11 +469,13 @@ impl State {
             outcome
         };
         let held = outcome.map_err(|e| ApiError::hold(&e, self.retry_after))?;
+        let unanswered = self.event_ids.until_answered(held_ids);
         self.intake.confirmed(held).await.map_err(|e| {
             self.metrics.commit_timeouts.inc();
-            self.event_ids.answered_503(&held_ids);
             ApiError::hold(&e, self.retry_after)
-        })
+        })?;
+        unanswered.answered();
+        Ok(())
     }
 }
 

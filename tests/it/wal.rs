@@ -755,3 +755,29 @@ async fn retries_of_events_held_through_an_outage_stay_repeats_beyond_the_id_bou
     assert_eq!(app.metric("adbeacon_event_ids_remembered").await, 5);
     assert!(app.metric("adbeacon_event_ids_forgotten_early_total").await >= 40);
 }
+
+/// A batch answered 503 in `committed` mode, whose ids never had a turn while their events
+/// waited (fewer than `EVENT_IDS_MAX`, a short outage): once the events are stored and new ids
+/// take the turns, the batch sent again is still a repeat, because its client was never told 2xx.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_answered_503_is_a_repeat_when_sent_again_after_new_ids() {
+    let mut ch = ClickHouse::start();
+    let app = committed(&ch, &[("ACK_TIMEOUT", "500ms"), ("EVENT_IDS_MAX", "5")]).await;
+    ch.kill();
+    let batch: serde_json::Value =
+        (0..5).map(|_| json!({"adId": AD1, "kind": "start", "eventId": Uuid::new_v4()})).collect();
+    assert_eq!(app.post("/ads/events", &batch).await.status(), 503);
+    ch.restart();
+    assert_eq!(app.wait_for("SELECT count() FROM events", 5).await, 5);
+    // Three new ids: past the bound, they give each of the batch's five ids its turn.
+    for _ in 0..3 {
+        let click = json!({"adId": AD1, "eventId": Uuid::new_v4()});
+        assert_eq!(app.post("/ads/click", &click).await.status(), 202);
+    }
+    let answer = app.post("/ads/events", &batch).await;
+    assert_eq!(answer.status(), 202);
+    let answer = answer.json::<serde_json::Value>().await.unwrap();
+    assert_eq!((answer["duplicates"].as_u64(), answer["accepted"].as_u64()), (Some(5), Some(0)), "{answer}");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(app.number("SELECT count() FROM events").await, 8, "each stored once");
+}
