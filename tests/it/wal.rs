@@ -644,6 +644,18 @@ async fn failing_syncs_in_interval_mode_give_503_until_they_work_again() {
     drop(disk);
 }
 
+/// A click with a new event id, sent as a client does until it gets its 2xx (a ClickHouse just
+/// restarted may take longer than a short ACK_TIMEOUT: a 503, and the retry is a repeat).
+async fn new_click(app: &TestApp) {
+    let click = json!({"adId": AD1, "eventId": Uuid::new_v4()});
+    for _ in 0..20 {
+        if app.post("/ads/click", &click).await.status() == 202 {
+            return;
+        }
+    }
+    panic!("no 2xx for {click} in 20 tries");
+}
+
 /// An app in `committed` mode on `ch`, flushing every 50 ms, without a spill (held events wait
 /// in memory for ClickHouse), with `vars` besides.
 async fn committed(ch: &ClickHouse, vars: &[(&str, &str)]) -> TestApp {
@@ -729,9 +741,8 @@ async fn retries_of_events_held_through_an_outage_stay_repeats_beyond_the_id_bou
     assert_eq!(app.wait_for("SELECT count() FROM events", 20).await, 20);
     // New ids come first, twice as many as the bound needs to give every held id its turn:
     // the ids answered 503 stay a turn after their events were stored.
-    let click = || json!({"adId": AD1, "eventId": Uuid::new_v4()});
     for _ in 0..10 {
-        assert_eq!(app.post("/ads/click", &click()).await.status(), 202);
+        new_click(&app).await;
     }
     // Retried once they are stored: each a duplicate, with its 2xx.
     for batch in &batches {
@@ -750,7 +761,7 @@ async fn retries_of_events_held_through_an_outage_stay_repeats_beyond_the_id_bou
     assert_eq!(app.metric("adbeacon_event_ids_forgotten_early_total").await, 0);
     // More new ids bring the number back to the bound, and say that ids went early.
     for _ in 0..40 {
-        assert_eq!(app.post("/ads/click", &click()).await.status(), 202);
+        new_click(&app).await;
     }
     assert_eq!(app.metric("adbeacon_event_ids_remembered").await, 5);
     assert!(app.metric("adbeacon_event_ids_forgotten_early_total").await >= 40);
@@ -771,8 +782,7 @@ async fn a_batch_answered_503_is_a_repeat_when_sent_again_after_new_ids() {
     assert_eq!(app.wait_for("SELECT count() FROM events", 5).await, 5);
     // Three new ids: past the bound, they give each of the batch's five ids its turn.
     for _ in 0..3 {
-        let click = json!({"adId": AD1, "eventId": Uuid::new_v4()});
-        assert_eq!(app.post("/ads/click", &click).await.status(), 202);
+        new_click(&app).await;
     }
     let answer = app.post("/ads/events", &batch).await;
     assert_eq!(answer.status(), 202);
