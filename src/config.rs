@@ -261,13 +261,13 @@ pub const SETTINGS: &[Setting] = &[
         "EVENT_IDS_MAX",
         "1000000",
         "a whole number from 1 to 100000000",
-        "client event ids remembered at most, so that a retry is answered but stored once (about 100 bytes each; ids whose events still wait to be stored are kept beyond it)",
+        "client event ids remembered at most, so that a retry is answered but stored once (about 100 bytes each; the ids of an outage's events are kept beyond it, for EVENT_ID_TTL after they are stored)",
     ),
     s(
         "EVENT_ID_TTL",
         "1h",
         "a duration from 1m to 1d",
-        "how long a client event id is remembered after it was taken (kept longer while its event waits to be stored)",
+        "how long a client event id is remembered after it was taken (an outage's: after its event is stored)",
     ),
     s(
         "BOT_USER_AGENTS",

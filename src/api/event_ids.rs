@@ -3,19 +3,20 @@
 //! twice.
 //!
 //! An id is remembered for `EVENT_ID_TTL` after it was taken, and among the last
-//! `EVENT_IDS_MAX` ids (the oldest go first). When its turn comes (its time is up, or too many
-//! are remembered) it stays instead, going to the back of the line:
+//! `EVENT_IDS_MAX` ids (the oldest go first). Some ids are *kept* instead when their turn
+//! comes (their time is up, or too many are remembered): they leave the line for a second one,
+//! where only time brings their next turn, and the count bound no longer applies to them:
 //! - while this instance still holds its events, in neither ClickHouse, the Redis spill nor the
 //!   dead letters yet: during a long outage more of them can wait than the bound counts, and
 //!   their clients are the ones that retry (a 2xx lost on the way);
-//! - once more after its events are found stored, if they were found waiting at an earlier
-//!   turn, or a request for it ended without a 2xx while they waited (a 503 in `committed` mode,
-//!   a client that hung up): that client retries until it gets a 2xx, however long the outage
-//!   lasted, so the id is kept for another `EVENT_ID_TTL` (or `EVENT_IDS_MAX` ids) from a
-//!   moment after the events were stored.
+//! - for another `EVENT_ID_TTL` once its events are found stored, if they were found waiting at
+//!   an earlier turn, or a request for it ended without a 2xx while they waited (a 503 in
+//!   `committed` mode, a client that hung up): that client retries until it gets a 2xx,
+//!   however long the outage lasted, and its retry must still be a repeat however many new
+//!   ids came meanwhile.
 //!
-//! The ids kept beyond the bound are those of events held at once, so the buffer
-//! (`BUFFER_MAX_BYTES`) bounds their number.
+//! The kept ids are those of events held during an outage, so the buffer (`BUFFER_MAX_BYTES`)
+//! bounds their number, and they go an `EVENT_ID_TTL` after their events are stored.
 //!
 //! Everything sits under one lock, which every claim and every settlement takes once: an id
 //! must be in flight or remembered at every moment in between, or two concurrent repeats could
@@ -72,6 +73,8 @@ struct Remembered {
     /// request for it ended without a 2xx ([`Unanswered`]); cleared at the turn that finds them
     /// stored.
     retried: bool,
+    /// In the second line (kept), not the first.
+    kept: bool,
 }
 
 #[derive(Debug, Default)]
@@ -79,9 +82,14 @@ struct Ids {
     /// Each with the request that claimed it ([`EventIds::owner`]).
     in_flight: HashMap<Uuid, u64>,
     remembered: HashMap<Uuid, Remembered>,
-    /// Remembered ids in the order they joined the line, each with the second it joined. An
-    /// entry whose id is gone, or joined again later, is passed over.
+    /// Remembered ids in the order they were taken, each with the second it was. An entry
+    /// whose id is gone, kept, or taken again later, is passed over.
     line: VecDeque<(Uuid, u32)>,
+    /// Kept ids, in the order they were last looked at, each with that second; entries passed
+    /// over as in `line`.
+    kept: VecDeque<(Uuid, u32)>,
+    /// How many remembered ids are kept: the others count against the bound.
+    kept_len: usize,
 }
 
 /// Client event ids in flight and remembered (see the module docs).
@@ -166,19 +174,18 @@ impl EventIds {
             if now.saturating_sub(r.since) <= self.ttl {
                 return Claimed::Held(r.seqs.clone());
             }
-            // Its time is up: its turn has come here rather than in the line (whose entry for
-            // it is passed over once it joins again or goes).
+            // Its time is up: its turn has come here rather than in a line (whose entry for it is
+            // passed over).
             if self.stays(r) {
-                r.since = now;
-                ids.line.push_back((id, now));
                 let seqs = r.seqs.clone();
-                // The line grew by one: its front pays for it, as for a new id (retries during an
-                // outage with no new ids would grow it with stale entries).
+                Self::keep(ids, id, now);
+                // A line grew by one: the fronts pay for it, as for a new id (retries during an
+                // outage with no new ids would grow it with entries passed over).
                 self.forget(ids, now, STEPS_PER_ID);
                 self.metrics.remembered.set(ids.remembered.len() as i64);
                 return Claimed::Held(seqs);
             }
-            ids.remembered.remove(&id);
+            Self::remove(ids, &id);
             self.metrics.remembered.set(ids.remembered.len() as i64);
         }
         ids.in_flight.insert(id, owner);
@@ -201,7 +208,10 @@ impl EventIds {
         let mut added = 0;
         for id in claimed {
             ids.in_flight.remove(&id);
-            ids.remembered.insert(id, Remembered { seqs: seqs.clone(), since: now, retried: false });
+            let new = Remembered { seqs: seqs.clone(), since: now, retried: false, kept: false };
+            if ids.remembered.insert(id, new).is_some_and(|old| old.kept) {
+                ids.kept_len -= 1;
+            }
             ids.line.push_back((id, now));
             added += 1;
         }
@@ -209,9 +219,9 @@ impl EventIds {
         self.metrics.remembered.set(ids.remembered.len() as i64);
     }
 
-    /// Whether an id whose turn came (its time up, or too many remembered) stays, to join the
-    /// line again: while its events wait, and once more when they are found stored if its
-    /// client may retry (see the module docs).
+    /// Whether an id whose turn came (its time up, or too many remembered) is kept: while its
+    /// events wait, and for one more turn once they are found stored if its client may retry
+    /// (see the module docs).
     fn stays(&self, r: &mut Remembered) -> bool {
         if self.waiting(&r.seqs) {
             r.retried = true;
@@ -239,31 +249,65 @@ impl EventIds {
         Unanswered { store: self.clone(), ids }
     }
 
-    /// Takes up to `steps` ids from the front of the line while there are too many or the
-    /// front one's time is up: forgotten, or put at the back if it stays ([`EventIds::stays`]).
+    /// Puts a remembered id at the back of the kept line, as looked at `now`.
+    fn keep(ids: &mut Ids, id: Uuid, now: u32) {
+        let r = ids.remembered.get_mut(&id).expect("a remembered id");
+        r.since = now;
+        if !r.kept {
+            r.kept = true;
+            ids.kept_len += 1;
+        }
+        ids.kept.push_back((id, now));
+    }
+
+    /// Forgets a remembered id.
+    fn remove(ids: &mut Ids, id: &Uuid) {
+        if ids.remembered.remove(id).is_some_and(|r| r.kept) {
+            ids.kept_len -= 1;
+        }
+    }
+
+    /// Takes up to `steps` ids from the front of each line (at most once round it): from the
+    /// first while there are too many or the front one's time is up, from the kept line while
+    /// the front one's time is up. Each is forgotten, or kept if it stays
+    /// ([`EventIds::stays`]).
     fn forget(&self, ids: &mut Ids, now: u32, steps: usize) {
-        // At most once round the line: an id that stays must not get its next turn at once.
         for _ in 0..steps.min(ids.line.len()) {
-            let Some(&(id, since)) = ids.line.front() else { return };
-            let full = ids.remembered.len() > self.max;
+            let Some(&(id, since)) = ids.line.front() else { break };
+            let full = ids.remembered.len().saturating_sub(ids.kept_len) > self.max;
             let expired = now.saturating_sub(since) > self.ttl;
             if !full && !expired {
-                return;
+                break;
             }
             ids.line.pop_front();
             let Some(r) = ids.remembered.get_mut(&id) else { continue };
-            if r.since != since {
+            if r.since != since || r.kept {
                 continue;
             }
             if self.stays(r) {
-                r.since = now;
-                ids.line.push_back((id, now));
+                Self::keep(ids, id, now);
                 continue;
             }
-            ids.remembered.remove(&id);
+            Self::remove(ids, &id);
             if !expired {
                 self.metrics.forgotten_early.inc();
             }
+        }
+        for _ in 0..steps.min(ids.kept.len()) {
+            let Some(&(id, since)) = ids.kept.front() else { break };
+            if now.saturating_sub(since) <= self.ttl {
+                break;
+            }
+            ids.kept.pop_front();
+            let Some(r) = ids.remembered.get_mut(&id) else { continue };
+            if r.since != since || !r.kept {
+                continue;
+            }
+            if self.stays(r) {
+                Self::keep(ids, id, now);
+                continue;
+            }
+            Self::remove(ids, &id);
         }
     }
 
@@ -378,17 +422,23 @@ mod tests {
             assert_eq!(ids.claim(id(n), 0), Claimed::Held(n as u64..n as u64 + 1), "id {n} kept");
         }
         assert_eq!(ids.metrics.forgotten_early.get(), 0);
-        // Stored at last. A retry now is still a repeat: the kept ids went to the back of the
-        // line and are forgotten only as new ids come.
+        // Stored at last. A retry now is still a repeat, however many new ids come.
         below.store(10, Ordering::Relaxed);
         assert_eq!(ids.claim(id(0), 0), Claimed::Held(0..1));
         for n in 10..40 {
             take(&ids, n..n + 1, n as u64..n as u64 + 1);
             below.store(n as u64 + 1, Ordering::Relaxed);
         }
-        assert_eq!(ids.len(), 3, "back within the bound once the events are stored");
+        // The bound holds for the new ids. The seven whose turn came while they waited are
+        // kept for their time after the store; the last three had no turn then (nor a 503), and
+        // go as any other id.
+        assert_eq!(ids.len(), 10);
+        assert_eq!(ids.lock().kept_len, 7);
         assert_eq!(ids.claim(id(39), 0), Claimed::Held(39..40));
-        assert_eq!(ids.claim(id(0), 0), Claimed::Fresh);
+        assert_eq!(ids.claim(id(36), 0), Claimed::Fresh);
+        assert_eq!(ids.claim(id(0), 0), Claimed::Held(0..1));
+        assert_eq!(ids.claim(id(6), 0), Claimed::Held(6..7));
+        assert_eq!(ids.claim(id(7), 0), Claimed::Fresh);
     }
 
     #[test]
@@ -444,7 +494,7 @@ mod tests {
     }
 
     #[test]
-    fn an_id_left_unanswered_stays_past_the_bound_for_a_turn_after_the_store() {
+    fn an_id_left_unanswered_is_kept_past_the_bound_for_its_time_after_the_store() {
         let (ids, below) = store(2, Duration::from_secs(3600));
         take(&ids, 0..1, 0..1);
         ids.unanswered(&[id(0)]);
@@ -456,7 +506,8 @@ mod tests {
         take(&ids, 3..5, 3..5);
         below.store(5, Ordering::Relaxed);
         take(&ids, 5..7, 5..7);
-        assert_eq!(ids.claim(id(0), 0), Claimed::Fresh, "gone once its second turn came");
+        assert_eq!(ids.claim(id(0), 0), Claimed::Held(0..1), "kept however many ids came");
+        assert_eq!(ids.len(), 3, "the bound's two, and the one kept");
     }
 
     #[test]
@@ -500,7 +551,11 @@ mod tests {
                 assert_eq!(ids.claim(id(n), 0), Claimed::Held(0..50));
             }
         }
-        assert!(ids.lock().line.len() <= 60, "{}", ids.lock().line.len());
+        let (line, kept) = {
+            let ids = ids.lock();
+            (ids.line.len(), ids.kept.len())
+        };
+        assert!(line <= 60 && kept <= 60, "{line} {kept}");
     }
 
     #[test]

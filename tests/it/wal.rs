@@ -645,12 +645,13 @@ async fn failing_syncs_in_interval_mode_give_503_until_they_work_again() {
 }
 
 /// A click with a new event id, sent as a client does until it gets its 2xx (a ClickHouse just
-/// restarted may take longer than a short ACK_TIMEOUT: a 503, and the retry is a repeat).
-async fn new_click(app: &TestApp) {
+/// restarted may take longer than a short ACK_TIMEOUT: a 503, and the retry is a repeat). True
+/// when it took more than one try (its id is then kept as any id answered 503 is).
+async fn new_click(app: &TestApp) -> bool {
     let click = json!({"adId": AD1, "eventId": Uuid::new_v4()});
-    for _ in 0..20 {
+    for attempt in 0..20 {
         if app.post("/ads/click", &click).await.status() == 202 {
-            return;
+            return attempt > 0;
         }
     }
     panic!("no 2xx for {click} in 20 tries");
@@ -739,10 +740,11 @@ async fn retries_of_events_held_through_an_outage_stay_repeats_beyond_the_id_bou
     }
     ch.restart();
     assert_eq!(app.wait_for("SELECT count() FROM events", 20).await, 20);
-    // New ids come first, twice as many as the bound needs to give every held id its turn:
-    // the ids answered 503 stay a turn after their events were stored.
+    // New ids come first, twice the bound: the ids answered 503 are kept for their time after
+    // their events were stored, however many come.
+    let mut kept = 20;
     for _ in 0..10 {
-        new_click(&app).await;
+        kept += u64::from(new_click(&app).await);
     }
     // Retried once they are stored: each a duplicate, with its 2xx.
     for batch in &batches {
@@ -758,13 +760,13 @@ async fn retries_of_events_held_through_an_outage_stay_repeats_beyond_the_id_bou
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(app.number("SELECT uniqExact(event_id) FROM events").await, 30);
     assert_eq!(app.number("SELECT count() FROM events").await, 30, "each stored once");
-    assert_eq!(app.metric("adbeacon_event_ids_forgotten_early_total").await, 0);
-    // More new ids bring the number back to the bound, and say that ids went early.
+    // The bound holds for the new ids (the oldest went, counted), besides the twenty kept (and
+    // any new click that was answered 503 first).
     for _ in 0..40 {
-        new_click(&app).await;
+        kept += u64::from(new_click(&app).await);
     }
-    assert_eq!(app.metric("adbeacon_event_ids_remembered").await, 5);
-    assert!(app.metric("adbeacon_event_ids_forgotten_early_total").await >= 40);
+    assert_eq!(app.metric("adbeacon_event_ids_remembered").await, 5 + kept);
+    assert_eq!(app.metric("adbeacon_event_ids_forgotten_early_total").await, 50 - 5 - (kept - 20));
 }
 
 /// A batch answered 503 in `committed` mode, whose ids never had a turn while their events
