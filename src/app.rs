@@ -231,12 +231,15 @@ fn state(
     let catalog =
         Catalog::new(clickhouse.clone(), metrics.clone(), config.catalog_ttl, config.catalog_negative_ttl);
     let buffer = intake.buffer.clone();
-    let event_ids = Arc::new(api::event_ids::EventIds::new(
-        config.event_ids_max,
-        config.event_id_ttl,
-        move || buffer.confirmed_below(),
-        metrics.event_ids(),
-    ));
+    let event_ids = Arc::new(
+        api::event_ids::EventIds::new(
+            config.event_ids_max,
+            config.event_id_ttl,
+            move || buffer.confirmed_below(),
+            metrics.event_ids(),
+        )
+        .keeping(config.buffer_max_bytes / crate::store::EventRow::SIZE),
+    );
     Arc::new(State {
         intake,
         catalog,

@@ -261,13 +261,13 @@ pub const SETTINGS: &[Setting] = &[
         "EVENT_IDS_MAX",
         "1000000",
         "a whole number from 1 to 100000000",
-        "client event ids remembered at most, so that a retry is answered but stored once (about 100 bytes each; the ids of an outage's events are kept beyond it, for EVENT_ID_TTL after they are stored)",
+        "client event ids remembered at most, so that a retry is answered but stored once (about 100 bytes each); as many again, or as many as BUFFER_MAX_BYTES holds events, are kept for the retries of requests answered without a 2xx, and ids whose events wait to be stored are kept beyond both",
     ),
     s(
         "EVENT_ID_TTL",
         "1h",
         "a duration from 1m to 1d",
-        "how long a client event id is remembered after it was taken (an outage's: after its event is stored)",
+        "how long a client event id is remembered after it was taken (one whose request got no 2xx: after its event is stored)",
     ),
     s(
         "BOT_USER_AGENTS",
@@ -385,8 +385,8 @@ pub struct Config {
     pub dedup_window: Duration,
     /// Kinds the repeat rule applies to.
     pub dedup_kinds: Vec<crate::domain::EventKind>,
-    /// EVENT_IDS_MAX: client event ids remembered at most (beyond it only ids whose events
-    /// wait to be stored).
+    /// EVENT_IDS_MAX: client event ids remembered at most, and as many again (or a buffer's
+    /// worth) kept for retries; beyond both only ids whose events wait to be stored.
     pub event_ids_max: usize,
     /// EVENT_ID_TTL: how long a client event id is remembered.
     pub event_id_ttl: Duration,

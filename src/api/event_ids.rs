@@ -5,18 +5,17 @@
 //! An id is remembered for `EVENT_ID_TTL` after it was taken, and among the last
 //! `EVENT_IDS_MAX` ids (the oldest go first). Some ids are *kept* instead when their turn
 //! comes (their time is up, or too many are remembered): they leave the line for a second one,
-//! where only time brings their next turn, and the count bound no longer applies to them:
+//! where their time brings their next turn:
 //! - while this instance still holds its events, in neither ClickHouse, the Redis spill nor the
-//!   dead letters yet: during a long outage more of them can wait than the bound counts, and
-//!   their clients are the ones that retry (a 2xx lost on the way);
-//! - for another `EVENT_ID_TTL` once its events are found stored, if they were found waiting at
-//!   an earlier turn, or a request for it ended without a 2xx while they waited (a 503 in
-//!   `committed` mode, a client that hung up): that client retries until it gets a 2xx,
-//!   however long the outage lasted, and its retry must still be a repeat however many new
-//!   ids came meanwhile.
-//!
-//! The kept ids are those of events held during an outage, so the buffer (`BUFFER_MAX_BYTES`)
-//! bounds their number, and they go an `EVENT_ID_TTL` after their events are stored.
+//!   dead letters yet, whatever the bounds say: during a long outage more of them can wait
+//!   than the bound counts, and their clients are the ones that retry (a 2xx lost on the way).
+//!   The buffer (`BUFFER_MAX_BYTES`) bounds their number;
+//! - for another `EVENT_ID_TTL` once its events are found stored, if a request for it ended
+//!   without a 2xx while they waited (a 503 in `committed` mode, a client that hung up): that
+//!   client retries until it gets a 2xx, however long the outage lasted and however many new
+//!   ids came meanwhile. Past a bound of their own (`EVENT_IDS_MAX`, or as many events as the
+//!   buffer holds if that is more) the oldest of these go first, after that one more turn,
+//!   counted as forgotten early.
 //!
 //! Everything sits under one lock, which every claim and every settlement takes once: an id
 //! must be in flight or remembered at every moment in between, or two concurrent repeats could
@@ -96,6 +95,8 @@ struct Ids {
 pub struct EventIds {
     ids: Mutex<Ids>,
     max: usize,
+    /// Kept ids at most, besides those whose events wait ([`EventIds::keeping`]).
+    kept_max: usize,
     ttl: u32,
     epoch: Instant,
     /// Every sequence number below this one is confirmed (in ClickHouse or the spill).
@@ -132,12 +133,21 @@ impl EventIds {
         EventIds {
             ids: Mutex::new(ids),
             max,
+            kept_max: max,
             ttl: u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX),
             epoch: Instant::now(),
             confirmed_below: Box::new(confirmed_below),
             metrics,
             owners: AtomicU64::new(0),
         }
+    }
+
+    /// Keeps up to `kept_max` ids for retries once their events are stored (never fewer than
+    /// the bound of the others): the app passes as many events as the buffer holds, so that
+    /// every request answered 503 during an outage without a spill is covered.
+    pub fn keeping(mut self, kept_max: usize) -> Self {
+        self.kept_max = kept_max.max(self.max);
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, Ids> {
@@ -219,15 +229,10 @@ impl EventIds {
         self.metrics.remembered.set(ids.remembered.len() as i64);
     }
 
-    /// Whether an id whose turn came (its time up, or too many remembered) is kept: while its
-    /// events wait, and for one more turn once they are found stored if its client may retry
-    /// (see the module docs).
+    /// Whether an id whose turn came is kept: while its events wait, and for one more turn once
+    /// they are found stored if a request for it ended without a 2xx (see the module docs).
     fn stays(&self, r: &mut Remembered) -> bool {
-        if self.waiting(&r.seqs) {
-            r.retried = true;
-            return true;
-        }
-        std::mem::take(&mut r.retried)
+        self.waiting(&r.seqs) || std::mem::take(&mut r.retried)
     }
 
     /// Requests for these ids ended without a 2xx while their events may still wait: their
@@ -295,7 +300,9 @@ impl EventIds {
         }
         for _ in 0..steps.min(ids.kept.len()) {
             let Some(&(id, since)) = ids.kept.front() else { break };
-            if now.saturating_sub(since) <= self.ttl {
+            let full = ids.kept_len > self.kept_max;
+            let expired = now.saturating_sub(since) > self.ttl;
+            if !full && !expired {
                 break;
             }
             ids.kept.pop_front();
@@ -308,6 +315,9 @@ impl EventIds {
                 continue;
             }
             Self::remove(ids, &id);
+            if !expired {
+                self.metrics.forgotten_early.inc();
+            }
         }
     }
 
@@ -421,22 +431,21 @@ mod tests {
         for n in 0..10 {
             assert_eq!(ids.claim(id(n), 0), Claimed::Held(n as u64..n as u64 + 1), "id {n} kept");
         }
+        // Seven kept while they wait, past the kept ids' own bound too.
+        assert_eq!(ids.lock().kept_len, 7);
         assert_eq!(ids.metrics.forgotten_early.get(), 0);
-        // Stored at last. A retry now is still a repeat, however many new ids come.
+        // Stored at last (their requests answered 2xx): the bounds apply again.
         below.store(10, Ordering::Relaxed);
         assert_eq!(ids.claim(id(0), 0), Claimed::Held(0..1));
         for n in 10..40 {
             take(&ids, n..n + 1, n as u64..n as u64 + 1);
             below.store(n as u64 + 1, Ordering::Relaxed);
         }
-        // The bound holds for the new ids. The seven whose turn came while they waited are
-        // kept for their time after the store; the last three had no turn then (nor a 503), and
-        // go as any other id.
-        assert_eq!(ids.len(), 10);
-        assert_eq!(ids.lock().kept_len, 7);
+        assert_eq!(ids.len(), 6);
+        assert_eq!(ids.lock().kept_len, 3);
         assert_eq!(ids.claim(id(39), 0), Claimed::Held(39..40));
         assert_eq!(ids.claim(id(36), 0), Claimed::Fresh);
-        assert_eq!(ids.claim(id(0), 0), Claimed::Held(0..1));
+        assert_eq!(ids.claim(id(0), 0), Claimed::Fresh);
         assert_eq!(ids.claim(id(6), 0), Claimed::Held(6..7));
         assert_eq!(ids.claim(id(7), 0), Claimed::Fresh);
     }
@@ -511,17 +520,19 @@ mod tests {
     }
 
     #[test]
-    fn an_id_found_waiting_at_a_turn_stays_a_turn_after_its_events_are_stored() {
+    fn an_id_kept_while_it_waits_goes_at_its_next_turn_once_stored_unless_unanswered() {
         let (ids, below) = store(100, Duration::ZERO);
-        take(&ids, 0..1, 0..1);
+        take(&ids, 0..2, 0..2);
+        ids.unanswered(&[id(1)]);
         tick();
-        // Its turn comes while its events wait.
-        take(&ids, 1..2, 1..2);
-        below.store(2, Ordering::Relaxed);
-        tick();
+        // Their turn comes while their events wait: both kept.
         take(&ids, 2..3, 2..3);
-        assert_eq!(ids.claim(id(0), 0), Claimed::Held(0..1), "found waiting before: stays once");
-        assert_eq!(ids.claim(id(1), 0), Claimed::Fresh, "never found waiting: goes");
+        assert_eq!(ids.lock().kept_len, 2);
+        below.store(3, Ordering::Relaxed);
+        tick();
+        take(&ids, 3..4, 3..4);
+        assert_eq!(ids.claim(id(0), 0), Claimed::Fresh, "stored, and answered 2xx: goes");
+        assert_eq!(ids.claim(id(1), 0), Claimed::Held(0..2), "left unanswered: kept a turn more");
     }
 
     #[test]
@@ -556,6 +567,41 @@ mod tests {
             (ids.line.len(), ids.kept.len())
         };
         assert!(line <= 60 && kept <= 60, "{line} {kept}");
+    }
+
+    #[test]
+    fn without_an_outage_the_kept_ids_stay_within_their_bound() {
+        // A bound smaller than the ids waiting for a flush: each id's turn finds it waiting.
+        let (ids, below) = store(3, Duration::from_secs(3600));
+        for n in 0..1000u128 {
+            take(&ids, n..n + 1, n as u64..n as u64 + 1);
+            below.store((n as u64 + 1).saturating_sub(5), Ordering::Relaxed);
+        }
+        assert!(ids.len() <= 3 + 3 + 5, "{}", ids.len());
+        // Every request answered 503 (a ClickHouse slower than ACK_TIMEOUT), none waiting long.
+        let (ids, below) = store(3, Duration::from_secs(3600));
+        let ids = Arc::new(ids);
+        for n in 0..1000u128 {
+            take(&ids, n..n + 1, n as u64..n as u64 + 1);
+            drop(ids.until_answered(vec![id(n)]));
+            below.store(n as u64 + 1, Ordering::Relaxed);
+        }
+        assert!(ids.len() <= 3 + 3 + 1, "{}", ids.len());
+        assert!(ids.metrics.forgotten_early.get() >= 990);
+    }
+
+    #[test]
+    fn the_kept_ids_may_have_a_larger_bound_than_the_others() {
+        let (ids, below) = store(3, Duration::from_secs(3600));
+        let ids = Arc::new(ids.keeping(10));
+        for n in 0..30u128 {
+            take(&ids, n..n + 1, n as u64..n as u64 + 1);
+            drop(ids.until_answered(vec![id(n)]));
+            below.store(n as u64 + 1, Ordering::Relaxed);
+        }
+        assert!((12..=14).contains(&ids.len()), "{}", ids.len());
+        assert_eq!(ids.claim(id(20), 0), Claimed::Held(20..21));
+        assert_eq!(ids.claim(id(0), 0), Claimed::Fresh);
     }
 
     #[test]

@@ -138,8 +138,6 @@ pub struct Claims {
     ids: Vec<Uuid>,
     /// This request's number in [`State::event_ids`] once it claimed an id (0 before).
     owner: u64,
-    /// Its ids once remembered as held (no longer in flight).
-    held: Vec<Uuid>,
     /// Events the repeat rule counted, until they are held.
     marks: Vec<dedup::Mark>,
     /// Where `ids` are in flight: a request that ends without settling them (an error on the
@@ -444,37 +442,39 @@ impl State {
     /// ids counts as it would have.
     pub async fn hold(&self, rows: Vec<EventRow>, claims: Claims) -> Result<(), ApiError> {
         let count = rows.len() as u64;
-        // The ids this request holds events for, until its 2xx (see `Unanswered`).
-        let mut held_ids = Vec::new();
-        let outcome = if self.intake.wal.is_some() && !claims.is_empty() {
+        // Besides the outcome, the request's ids until its 2xx (see `Unanswered`).
+        let (outcome, unanswered) = if self.intake.wal.is_some() && !claims.is_empty() {
             // The request waits for the log. If it goes away meanwhile (the client hangs up),
             // its claims must still be settled by what became of the events, or a retry with the
             // same event id would be told "in flight" until the id is forgotten: so the wait and
             // the settling run in a task of their own, which a dropped request does not cancel.
+            // Its output is then dropped when it ends, and the ids count as unanswered.
             let intake = self.intake.clone();
             let metrics = self.metrics.clone();
             let mut claims = claims;
             tokio::spawn(async move {
                 let outcome = intake.hold(rows).await;
-                Settle { metrics: &metrics }.apply(&outcome, &mut claims, count);
-                outcome
+                let unanswered = Settle { metrics: &metrics }.apply(&outcome, &mut claims, count);
+                (outcome, unanswered)
             })
             .await
-            .unwrap_or_else(|e| Err(HoldError::Log(crate::ingest::WalError(format!("the hold failed: {e}")))))
+            .unwrap_or_else(|e| {
+                (Err(HoldError::Log(crate::ingest::WalError(format!("the hold failed: {e}")))), None)
+            })
         } else {
             let mut claims = claims;
             let outcome = self.intake.hold(rows).await;
-            Settle { metrics: &self.metrics }.apply(&outcome, &mut claims, count);
-            held_ids = std::mem::take(&mut claims.held);
-            outcome
+            let unanswered = Settle { metrics: &self.metrics }.apply(&outcome, &mut claims, count);
+            (outcome, unanswered)
         };
         let held = outcome.map_err(|e| ApiError::hold(&e, self.retry_after))?;
-        let unanswered = self.event_ids.until_answered(held_ids);
         self.intake.confirmed(held).await.map_err(|e| {
             self.metrics.commit_timeouts.inc();
             ApiError::hold(&e, self.retry_after)
         })?;
-        unanswered.answered();
+        if let Some(unanswered) = unanswered {
+            unanswered.answered();
+        }
         Ok(())
     }
 }
@@ -486,19 +486,24 @@ struct Settle<'a> {
 
 impl Settle<'_> {
     /// Held: a repeat of the claimed ids is a duplicate from now on, never stored again (in
-    /// `committed` mode answered 2xx once these events are confirmed). Refused: the ids and the
-    /// repeat rule's marks are given back, and each event is counted as rejected.
-    fn apply(&self, outcome: &Result<crate::ingest::Held, HoldError>, claims: &mut Claims, count: u64) {
+    /// `committed` mode answered 2xx once these events are confirmed); returned, the guard that
+    /// counts them as unanswered until the request's 2xx. Refused: the ids and the repeat rule's
+    /// marks are given back, and each event is counted as rejected.
+    fn apply(
+        &self,
+        outcome: &Result<crate::ingest::Held, HoldError>,
+        claims: &mut Claims,
+        count: u64,
+    ) -> Option<event_ids::Unanswered> {
         match outcome {
             Ok(held) => {
                 // Counted for good: dropping the claims no longer gives the marks back.
                 claims.marks.clear();
                 // Remembered as held as they leave the in-flight set (under the lock that
                 // `State::claim` takes too), so that no repeat finds them in neither.
-                if let Some(ids) = &claims.in_flight {
-                    ids.remember(claims.ids.iter().copied(), &held.seqs());
-                    claims.held = std::mem::take(&mut claims.ids);
-                }
+                let ids = claims.in_flight.as_ref()?;
+                ids.remember(claims.ids.iter().copied(), &held.seqs());
+                Some(ids.until_answered(std::mem::take(&mut claims.ids)))
             }
             Err(e) => {
                 // Given back when the claims are dropped: the ids leave the in-flight set and
@@ -511,6 +516,7 @@ impl Settle<'_> {
                 for _ in 0..count {
                     self.metrics.rejected(reason);
                 }
+                None
             }
         }
     }
