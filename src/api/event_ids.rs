@@ -25,19 +25,20 @@
 use std::{
     collections::VecDeque,
     ops::Range,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
-
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use hashbrown::HashMap;
 use prometheus::{IntCounter, IntGauge};
 use uuid::Uuid;
 
-/// How many ids beyond the line's front one settlement looks at, at most: each new id frees
-/// about one, so the work per id stays constant, and a bound that was exceeded (while ids could
-/// not be forgotten) comes back down over the next ids.
+/// How many ids from the front of each line a new id lets [`EventIds::forget`] look at: each
+/// new id frees about one, so the work per id stays constant, and a bound that was exceeded
+/// comes back down over the next ids.
 const STEPS_PER_ID: usize = 2;
 
 /// The outcome of [`EventIds::claim`].
@@ -63,14 +64,14 @@ pub struct IdMetrics {
     pub forgotten_early: IntCounter,
 }
 
-/// A remembered id: its events' sequence numbers, and when it joined the line.
+/// A remembered id: its events' sequence numbers, and the second it was taken or last looked
+/// at in the kept line.
 #[derive(Debug)]
 struct Remembered {
     seqs: Range<u64>,
     since: u32,
-    /// Its client may retry once its events are stored: they were found waiting at a turn, or a
-    /// request for it ended without a 2xx ([`Unanswered`]); cleared at the turn that finds them
-    /// stored.
+    /// Its client may retry once its events are stored: a request for it ended without a 2xx
+    /// ([`Unanswered`]). Cleared at the turn that finds them stored.
     retried: bool,
     /// In the second line (kept), not the first.
     kept: bool,
@@ -99,7 +100,8 @@ pub struct EventIds {
     kept_max: usize,
     ttl: u32,
     epoch: Instant,
-    /// Every sequence number below this one is confirmed (in ClickHouse or the spill).
+    /// Every sequence number below this one is confirmed (in ClickHouse, the spill or the dead
+    /// letters).
     confirmed_below: Box<dyn Fn() -> u64 + Send + Sync>,
     metrics: IdMetrics,
     /// The last number handed out by [`EventIds::owner`].
@@ -246,10 +248,11 @@ impl EventIds {
         }
     }
 
-    /// A guard over the ids of a request that waits before its answer (`committed` mode: for
-    /// its events, or its repeats' first events, to be confirmed): unless [`Unanswered::answered`]
-    /// says the request got its 2xx, dropping it marks them as unanswered. So a 503, an error,
-    /// and a client that hung up while the request waited (its future dropped) all count.
+    /// A guard over the ids of a request until its answer (it may wait for the log, or in
+    /// `committed` mode for its events or its repeats' first events to be confirmed): unless
+    /// [`Unanswered::answered`] says the request got its 2xx, dropping it marks them as
+    /// unanswered. So a 503, an error, and a client that hung up while the request waited (its
+    /// future dropped) all count.
     pub fn until_answered(self: &Arc<Self>, ids: Vec<Uuid>) -> Unanswered {
         Unanswered { store: self.clone(), ids }
     }
