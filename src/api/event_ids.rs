@@ -608,6 +608,19 @@ mod tests {
     }
 
     #[test]
+    fn a_kept_id_gets_at_most_one_turn_in_one_pass() {
+        let (ids, below) = store(1, Duration::from_secs(3600));
+        let ids = Arc::new(ids);
+        take(&ids, 0..2, 0..2);
+        assert_eq!(ids.lock().kept_len, 1, "id 0 kept while it waits");
+        drop(ids.until_answered(vec![id(0)]));
+        below.store(2, Ordering::Relaxed);
+        // Four ids at once: eight steps, over a kept line of four, too many for its bound.
+        take(&ids, 2..6, 2..6);
+        assert_eq!(ids.claim(id(0), 0), Claimed::Held(0..2), "its one more turn, not two at once");
+    }
+
+    #[test]
     fn remembering_many_ids_keeps_the_bound_with_constant_work() {
         let (ids, below) = store(1000, Duration::from_secs(3600));
         below.store(u64::MAX, Ordering::Relaxed);
