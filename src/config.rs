@@ -897,11 +897,17 @@ mod tests {
             ("DEDUP_WINDOW", "2d"),
             ("RATE_LIMIT", "2000000000"),
             ("RATE_LIMIT_BURST", "0"),
+            ("EVENT_IDS_MAX", "0"),
+            ("EVENT_IDS_MAX", "200000000"),
+            ("EVENT_ID_TTL", "30s"),
+            ("EVENT_ID_TTL", "2d"),
         ] {
             let e = Config::from_vars([(name, value)]).unwrap_err().to_string();
             assert!(e.contains(name), "{e}");
         }
         assert!(Config::from_vars([("DEDUP_WINDOW", "0")]).unwrap().dedup_window.is_zero());
+        let c = Config::from_vars([("EVENT_IDS_MAX", "5000"), ("EVENT_ID_TTL", "10m")]).unwrap();
+        assert_eq!((c.event_ids_max, c.event_id_ttl), (5000, Duration::from_secs(600)));
     }
 
     #[test]
