@@ -280,16 +280,27 @@ impl EventIds {
     /// the front one's time is up. Each is forgotten, or kept if it stays
     /// ([`EventIds::stays`]).
     fn forget(&self, ids: &mut Ids, now: u32, steps: usize) {
-        for _ in 0..steps.min(ids.line.len()) {
-            let Some(&(id, since)) = ids.line.front() else { break };
-            let full = ids.remembered.len().saturating_sub(ids.kept_len) > self.max;
+        self.turns(ids, now, steps, false);
+        self.turns(ids, now, steps, true);
+    }
+
+    /// [`EventIds::forget`] on one line: the first (`kept` false), bounded by `max`, or the
+    /// kept line, bounded by `kept_max`.
+    fn turns(&self, ids: &mut Ids, now: u32, steps: usize, kept: bool) {
+        for _ in 0..steps.min(Self::line(ids, kept).len()) {
+            let Some(&(id, since)) = Self::line(ids, kept).front() else { break };
+            let full = if kept {
+                ids.kept_len > self.kept_max
+            } else {
+                ids.remembered.len().saturating_sub(ids.kept_len) > self.max
+            };
             let expired = now.saturating_sub(since) > self.ttl;
             if !full && !expired {
                 break;
             }
-            ids.line.pop_front();
+            Self::line(ids, kept).pop_front();
             let Some(r) = ids.remembered.get_mut(&id) else { continue };
-            if r.since != since || r.kept {
+            if r.since != since || r.kept != kept {
                 continue;
             }
             if self.stays(r) {
@@ -301,27 +312,11 @@ impl EventIds {
                 self.metrics.forgotten_early.inc();
             }
         }
-        for _ in 0..steps.min(ids.kept.len()) {
-            let Some(&(id, since)) = ids.kept.front() else { break };
-            let full = ids.kept_len > self.kept_max;
-            let expired = now.saturating_sub(since) > self.ttl;
-            if !full && !expired {
-                break;
-            }
-            ids.kept.pop_front();
-            let Some(r) = ids.remembered.get_mut(&id) else { continue };
-            if r.since != since || !r.kept {
-                continue;
-            }
-            if self.stays(r) {
-                Self::keep(ids, id, now);
-                continue;
-            }
-            Self::remove(ids, &id);
-            if !expired {
-                self.metrics.forgotten_early.inc();
-            }
-        }
+    }
+
+    /// The first line, or the kept one.
+    fn line(ids: &mut Ids, kept: bool) -> &mut VecDeque<(Uuid, u32)> {
+        if kept { &mut ids.kept } else { &mut ids.line }
     }
 
     /// Ids remembered now.
