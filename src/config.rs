@@ -47,7 +47,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "CLICKHOUSE_DATABASE",
         "adbeacon",
-        "a name of letters, digits and _",
+        "a name of letters, digits and _, not starting with a digit",
         "database holding adbeacon's tables (created if missing)",
     ),
     s("CLICKHOUSE_USER", "default", "a user name", "ClickHouse user"),
@@ -142,7 +142,7 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "BUFFER_MAX_BYTES",
         "256MiB",
-        "a size such as 64MiB, 1GiB",
+        "a size such as 64MiB, 1GiB, at least BATCH_MAX_BYTES",
         "events held in memory until ClickHouse confirms them; beyond it requests get 503",
     ),
     s(
@@ -205,7 +205,7 @@ pub const SETTINGS: &[Setting] = &[
         "RAW_RETENTION_MONTHS",
         "13",
         "a whole number of months from 1 to 96",
-        "raw events are kept this many months (and a week of grace), then dropped a month at a time (aggregates stay); also the longest analytics window (from/to)",
+        "raw events are kept this many months (and a week of grace), then dropped a month at a time (aggregates stay); also the longest analytics window (from/to) of one ad",
     ),
     s(
         "CATALOG_TTL",
@@ -254,8 +254,8 @@ pub const SETTINGS: &[Setting] = &[
     s(
         "DEDUP_KINDS",
         "click",
-        "event kinds separated by commas, such as click,impression (empty = none)",
-        "the kinds DEDUP_WINDOW applies to",
+        "event kinds separated by commas, such as click,impression",
+        "the kinds DEDUP_WINDOW applies to (to apply it to none, set DEDUP_WINDOW=0)",
     ),
     s(
         "EVENT_IDS_MAX",

@@ -495,7 +495,7 @@ impl AnalyticsApi {
             from.0.as_deref(),
             to.0.as_deref(),
             OffsetDateTime::now_utc(),
-            st.raw_retention_months,
+            ad.is_some().then_some(st.raw_retention_months),
         )
         .map_err(ApiError::bad_request)?;
         let unavailable = |e| ApiError::storage(e, st.retry_after);

@@ -161,15 +161,17 @@ fn parse_bound(name: &str, text: &str) -> Result<OffsetDateTime, String> {
 
 impl Window {
     /// Resolves the query parameters at `now`. Without a timeframe or `from`, the last 24 hours;
-    /// `from` without `to` runs to the end of the current minute. A custom window may not be
-    /// longer than `retention_months` (raw events older than that are dropped, so the numbers
-    /// could not be checked against them).
+    /// `from` without `to` runs to the end of the current minute. With `max_months` (one ad's
+    /// analytics, whose series has an entry per hour), a custom window may not be longer than
+    /// that many months (`RAW_RETENTION_MONTHS`); without it (the listing of every ad, a page of
+    /// totals whatever the window), any window goes, so that the `from` and `to` of `all`,
+    /// which the aggregates keep past the raw retention, can page one ranking.
     pub fn resolve(
         timeframe: Option<&str>,
         from: Option<&str>,
         to: Option<&str>,
         now: OffsetDateTime,
-        retention_months: u32,
+        max_months: Option<u32>,
     ) -> Result<Window, String> {
         let end = end_of_minute(now);
         if timeframe.is_some() && (from.is_some() || to.is_some()) {
@@ -188,10 +190,13 @@ impl Window {
         if from >= to {
             return Err(format!("from ({}) must be before to ({})", rfc3339(from), rfc3339(to)));
         }
-        if from < months_before(to, retention_months) {
+        if let Some(months) = max_months
+            && from < months_before(to, months)
+        {
             return Err(format!(
-                "the window from {} to {} is longer than the raw-event retention of {retention_months} \
-                 months; ask for a shorter window, or timeframe=all for totals since the first event",
+                "the window from {} to {} is longer than the raw-event retention of {months} months, \
+                 the longest of one ad's hourly series; ask for a shorter window, or timeframe=all \
+                 for the ad's whole life",
                 rfc3339(from),
                 rfc3339(to)
             ));
@@ -304,7 +309,7 @@ mod tests {
     const NOW: OffsetDateTime = datetime!(2026-11-22 01:37:12.5 UTC);
 
     fn resolve(tf: Option<&str>, from: Option<&str>, to: Option<&str>) -> Result<Window, String> {
-        Window::resolve(tf, from, to, NOW, 13)
+        Window::resolve(tf, from, to, NOW, Some(13))
     }
 
     #[test]
@@ -350,6 +355,10 @@ mod tests {
         // 13 calendar months is the longest.
         assert!(resolve(None, Some("2025-10-22T00:00:00Z"), Some("2026-11-22T00:00:00Z")).is_ok());
         assert!(err(None, Some("2025-10-21T23:59:00Z"), Some("2026-11-22T00:00:00Z")).contains("retention"));
+        // No bound for the listing of every ad.
+        let long =
+            Window::resolve(None, Some("1970-01-01T00:00:00Z"), Some("2026-11-22T00:00:00Z"), NOW, None);
+        assert_eq!(long.map(|w| w.from), Ok(OffsetDateTime::UNIX_EPOCH));
     }
 
     #[test]

@@ -619,6 +619,48 @@ async fn the_listing_pages_every_ad_busiest_first() {
 }
 
 #[tokio::test]
+async fn an_all_time_ranking_longer_than_the_raw_retention_pages_by_its_from_and_to() {
+    let app = TestApp::spawn().await;
+    // Two years of history: the aggregates keep every month, so `all` starts two years back,
+    // longer than RAW_RETENTION_MONTHS (13). Inserted directly, at the time it happened.
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let old = now - 2 * 365 * 86_400;
+    app.query(&format!(
+        "INSERT INTO events VALUES ('{}', '{}', 'impression', {old}, {old}, 1, NULL, 0, '{}', 'valid')",
+        Uuid::new_v4(),
+        ADS[2],
+        Uuid::nil()
+    ))
+    .await;
+    for (ad, clicks) in [(ADS[0], 2), (ADS[1], 1)] {
+        for ip in 0..clicks {
+            click_from(&app, 2 + ip, json!({"adId": ad})).await;
+        }
+    }
+    assert_eq!(app.wait_flushed(3).await, 3);
+
+    let (status, first) = get_json(&app, "/ads/analytics?timeframe=all&limit=1").await;
+    assert_eq!(status, 200, "{first}");
+    let (from, to) = (first["from"].as_str().unwrap(), first["to"].as_str().unwrap());
+    assert_eq!(unix(from), old.div_euclid(86_400) * 86_400, "all time starts at the first day with events");
+    let mut names = vec![first["ads"][0]["adId"].clone()];
+    for offset in [1, 2] {
+        let (status, page) =
+            get_json(&app, &format!("/ads/analytics?from={from}&to={to}&limit=1&offset={offset}")).await;
+        assert_eq!(status, 200, "page {offset}: {page}");
+        assert_eq!(page["total"], 3);
+        names.push(page["ads"][0]["adId"].clone());
+    }
+    assert_eq!(names, [json!(ADS[0]), json!(ADS[1]), json!(ADS[2])], "one ranking, page by page");
+    // One ad's window keeps the bound: its series has an entry per hour.
+    let (status, one) = get_json(&app, &format!("/ads/analytics?adId={}&from={from}&to={to}", ADS[2])).await;
+    assert_eq!(status, 400, "{one}");
+    assert!(one["error"].as_str().unwrap().contains("longer than the raw-event retention"), "{one}");
+    let (status, all) = get_json(&app, &format!("/ads/analytics?adId={}&timeframe=all", ADS[2])).await;
+    assert_eq!((status, &all["impressions"]), (200, &json!(1)), "{all}");
+}
+
+#[tokio::test]
 async fn an_accepted_click_shows_within_the_flush_interval_plus_a_second() {
     let flush = Duration::from_millis(500);
     let app = TestApp::spawn_with(&[("FLUSH_INTERVAL", "500ms")]).await;
