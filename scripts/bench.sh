@@ -8,8 +8,10 @@
 # confirmed and dropped) and bare. Then, with one wrk and the same connections for all:
 #   1. saturation, per endpoint (BENCH_ENDPOINTS): POST /ads/click (loadtest/wrk/click.lua, the
 #      old service's body), GET /t/impression and the other beacons (pixel.lua), POST /ads/events
-#      with BENCH_BATCH_EVENTS events each (batch.lua); rounds alternate bare, adbeacon, no-op;
-#      the best round of each counts. adbeacon's rows per INSERT and INSERTs per second and its
+#      with BENCH_BATCH_EVENTS events each (batch.lua), then the pixel and the batch again with a
+#      fresh client event id on every event (pixel-ids, batch-ids: WRK_EVENT_IDS=1, as players and
+#      SDKs send them; the service claims and remembers each); rounds alternate bare, adbeacon,
+#      no-op; the best round of each counts. adbeacon's rows per INSERT and INSERTs per second and its
 #      resident memory are read meanwhile;
 #   2. half of adbeacon's click saturation, paced (WRK_DELAY_MS), against bare and adbeacon: p99 (the
 #      lowest of BENCH_ROUNDS alternating rounds per target, the same rule for all);
@@ -23,7 +25,7 @@
 # Settings (environment):
 #   BENCH_THREADS (1)  BENCH_CONNECTIONS (64)  BENCH_DURATION (10s)  BENCH_WARMUP (3s)
 #   BENCH_ROUNDS (2)   measured runs per target and endpoint; the best one counts
-#   BENCH_ENDPOINTS ("click pixel batch")  BENCH_BATCH_EVENTS (100)  BENCH_OVERLOAD (5)
+#   BENCH_ENDPOINTS ("click pixel batch pixel-ids batch-ids")  BENCH_BATCH_EVENTS (100)  BENCH_OVERLOAD (5)
 #   BENCH_WRK_RT (1)   pinned, wrk at SCHED_FIFO 50 in the paced runs where allowed (0: never; see pin_cores)
 # adbeacon's own tuning variables (FLUSH_INTERVAL, BATCH_MAX_ROWS, ...; see `adbeacon --help`)
 # pass through, e.g. `BATCH_MAX_ROWS=5000 scripts/bench.sh`.
@@ -46,7 +48,7 @@ CONNECTIONS="${BENCH_CONNECTIONS:-64}"
 DURATION="${BENCH_DURATION:-10s}"
 WARMUP="${BENCH_WARMUP:-3s}"
 ROUNDS="${BENCH_ROUNDS:-2}"
-ENDPOINTS="${BENCH_ENDPOINTS:-click pixel batch}"
+ENDPOINTS="${BENCH_ENDPOINTS:-click pixel batch pixel-ids batch-ids}"
 BATCH_EVENTS="${BENCH_BATCH_EVENTS:-100}"
 OVERLOAD="${BENCH_OVERLOAD:-5}"
 export WRK_BATCH_EVENTS="$BATCH_EVENTS"
@@ -54,8 +56,8 @@ export WRK_BATCH_EVENTS="$BATCH_EVENTS"
 check_counts THREADS CONNECTIONS ROUNDS BATCH_EVENTS OVERLOAD
 for e in $ENDPOINTS; do
   case "$e" in
-    click | pixel | batch) ;;
-    *) die "BENCH_ENDPOINTS names click, pixel and batch; got '$e'" ;;
+    click | pixel | batch | pixel-ids | batch-ids) ;;
+    *) die "BENCH_ENDPOINTS names click, pixel, batch, pixel-ids and batch-ids; got '$e'" ;;
   esac
 done
 [[ "$DURATION" =~ ^[1-9][0-9]*s$ ]] || die "BENCH_DURATION must be whole seconds such as 10s, got '$DURATION'"
@@ -162,7 +164,7 @@ wait_ready bare "$bare_pid" bare_ready "$tmp/bare.log"
 # ---------------------------------------------------------------- the runs' helpers
 # metric, cpu_ticks, await_flush, watch_rss and run_wrk come from bench-common.sh.
 
-events_per_request() { if [ "$1" = batch ]; then echo "$BATCH_EVENTS"; else echo 1; fi; }
+events_per_request() { case "$1" in batch*) echo "$BATCH_EVENTS" ;; *) echo 1 ;; esac; }
 
 # Per adbeacon instance: events in 2xx answers wrk read, and how many more the server may have
 # answered after wrk stopped reading (at most the connections' last requests of each run).
@@ -175,7 +177,10 @@ measure() {
   # was waiting for wrk (see docs/PERFORMANCE.md, "At saturation").
   r_idle=""
   [ -n "$srv_cpus" ] && read -r idle0 total0 < <(cpu_idle "$srv_cpus")
-  wrk_script="$endpoint" run_wrk "$target-$endpoint-$label" "${url[$target]}" "${run_duration:-$DURATION}"
+  # pixel-ids and batch-ids: pixel.lua and batch.lua with an id on every event.
+  WRK_EVENT_IDS="$([[ "$endpoint" == *-ids ]] && echo 1 || echo 0)"
+  export WRK_EVENT_IDS
+  wrk_script="${endpoint%-ids}" run_wrk "$target-$endpoint-$label" "${url[$target]}" "${run_duration:-$DURATION}"
   if [ -n "$srv_cpus" ]; then
     read -r idle1 total1 < <(cpu_idle "$srv_cpus")
     r_idle="$(pct $((idle1 - idle0)) $((total1 - total0)))"
@@ -243,7 +248,7 @@ for endpoint in $ENDPOINTS; do
       [ "$target" = adbeacon ] && watch_rss "$app_pid" "$tmp/rss-steady"
       # The batch endpoint offers more events than ClickHouse takes on this machine's spare
       # core: the buffer fills and adbeacon sheds load with 503 (counted and reported).
-      measure "$target" "$endpoint" "round$round" "$([ "$endpoint" = batch ] && echo allow-503)"
+      measure "$target" "$endpoint" "round$round" "$([[ "$endpoint" == batch* ]] && echo allow-503)"
       non2xx_sum[$target:$endpoint]=$((${non2xx_sum[$target:$endpoint]:-0} + r_non2xx))
       requests[$target:$endpoint]=$((${requests[$target:$endpoint]} + r_requests))
       if [ "$target" = adbeacon ]; then
@@ -358,7 +363,8 @@ noop_short=$((accepted[noop] - flushed[noop]))
 rev="$(git_rev)"
 when="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 verdict() { awk -v v="$1" -v t="$2" -v dir="${3:-ge}" 'BEGIN { if (v == "n/a") print "n/a"; else if (dir == "ge") print (v + 0 >= t ? "PASS" : "BELOW"); else print (v + 0 <= t ? "PASS" : "ABOVE") }'; }
-declare -A name=([click]="POST /ads/click" [pixel]="GET /t/{event}" [batch]="POST /ads/events x$BATCH_EVENTS")
+declare -A name=([click]="POST /ads/click" [pixel]="GET /t/{event}" [batch]="POST /ads/events x$BATCH_EVENTS"
+  [pixel-ids]="GET /t/{event}, eid" [batch-ids]="POST /ads/events x$BATCH_EVENTS, ids")
 events_s() { awk -v r="$1" -v n="$(events_per_request "$2")" 'BEGIN { printf "%.0f", r * n }'; }
 
 rows_md=() targets_md=()
@@ -396,17 +402,20 @@ rows_md=() targets_md=()
     printf '  %-62s %-22s %s\n' "$1" "$2" "$3"
     targets_md+=("| $1 | $2 | $3 |")
   }
-  for endpoint in click pixel; do
+  for endpoint in click pixel pixel-ids; do
     [[ " $ENDPOINTS " == *" $endpoint "* ]] || continue
     v="$(pct "${rps[adbeacon:$endpoint]}" "${rps[bare:$endpoint]}")"
-    target_line "${name[$endpoint]} >= ${target_pct[$endpoint]} % of bare ($pin_mode)" "$v %" "$(verdict "$v" "${target_pct[$endpoint]}")"
+    t="${target_pct[${endpoint%-ids}]}"
+    target_line "${name[$endpoint]} >= $t % of bare ($pin_mode)" "$v %" "$(verdict "$v" "$t")"
   done
-  if [[ " $ENDPOINTS " == *" batch "* ]]; then
-    v="$(events_s "${rps[adbeacon:batch]}" batch)"
-    target_line "batch endpoint >= 1,000,000 events/s (into ClickHouse)" "$v" "$(verdict "$v" 1000000)"
-    v="$(events_s "${rps[noop:batch]}" batch)"
-    target_line "batch endpoint >= 1,000,000 events/s (no-op sink)" "$v" "$(verdict "$v" 1000000)"
-  fi
+  for endpoint in batch batch-ids; do
+    [[ " $ENDPOINTS " == *" $endpoint "* ]] || continue
+    with="${endpoint#batch}"
+    v="$(events_s "${rps[adbeacon:$endpoint]}" "$endpoint")"
+    target_line "batch endpoint${with:+ with ids} >= 1,000,000 events/s (into ClickHouse)" "$v" "$(verdict "$v" 1000000)"
+    v="$(events_s "${rps[noop:$endpoint]}" "$endpoint")"
+    target_line "batch endpoint${with:+ with ids} >= 1,000,000 events/s (no-op sink)" "$v" "$(verdict "$v" 1000000)"
+  done
   for endpoint in $ENDPOINTS; do
     v="$(pct "${rps[adbeacon:$endpoint]}" "${rps[noop:$endpoint]}")"
     target_line "pipeline into ClickHouse >= 90 % of the no-op sink, $endpoint" "$v %" "$(verdict "$v" 90)"
@@ -434,9 +443,10 @@ rows_md=() targets_md=()
     echo "kernel:   no kernel preemption (Dynamic Preempt: none): ClickHouse's INSERTs and merges, working inside the kernel," \
       "hold wrk's core for milliseconds at a time, SCHED_IDLE or not: this shows in the p99s wrk reads, most for adbeacon, whose INSERTs it takes"
   fi
-  if [[ " $ENDPOINTS " == *" batch "* ]]; then
-    echo "batch:    adbeacon answered ${non2xx_sum[adbeacon:batch]} batches 503 (ClickHouse behind, buffer full), the no-op sink ${non2xx_sum[noop:batch]}"
-  fi
+  for endpoint in batch batch-ids; do
+    [[ " $ENDPOINTS " == *" $endpoint "* ]] || continue
+    echo "$endpoint: adbeacon answered ${non2xx_sum[adbeacon:$endpoint]} batches 503 (ClickHouse behind, buffer full), the no-op sink ${non2xx_sum[noop:$endpoint]}"
+  done
   echo "events:   adbeacon acknowledged ${accepted[adbeacon]} (wrk read ${got_2xx[adbeacon]} in 2xx answers);" \
     "ClickHouse holds $stored rows, $distinct distinct: lost=$lost twice=$twice"
   echo "          the no-op sink acknowledged ${accepted[noop]} and confirmed ${flushed[noop]}"

@@ -4,8 +4,9 @@
 --
 -- Each body holds whole views (impression, start, quartiles, complete; now and then a click) over
 -- the three demo ads. No eventId: every item is a new event (a repeated id would be answered as a
--- duplicate and stored once, which would flatter the figure). Events per second = requests per
--- second times WRK_BATCH_EVENTS. Pacing (WRK_DELAY_MS) and the RESULT line: see common.lua.
+-- duplicate and stored once, which would flatter the figure). With WRK_EVENT_IDS=1 every item
+-- carries a fresh UUID as its eventId, as an SDK sends them. Events per second = requests per
+-- second times WRK_BATCH_EVENTS. Pacing (WRK_DELAY_MS), the ids and the RESULT line: see common.lua.
 
 local common = dofile("loadtest/wrk/common.lua")
 
@@ -32,6 +33,9 @@ common.install(function()
       local item = string.format('{"adId":"%s","kind":"%s","timestamp":"%s"', ad, kind, common.timestamp)
       if pt then
         item = item .. ',"playbackTime":' .. tostring(pt)
+      end
+      if common.event_ids then
+        item = item .. ',"eventId":"' .. common.event_id(i) .. '"'
       end
       items[i] = item .. "}"
     end

@@ -11,6 +11,11 @@
 -- its next request, so C connections offer about C * 1000 / (N + latency in ms) requests per
 -- second (the runs at half of saturation use it).
 --
+-- WRK_EVENT_IDS=1 (environment) gives every event a fresh client event id (`eid`, `eventId`), as
+-- players and SDKs send them: the service then also claims and remembers each id. The scripts
+-- build their requests once with common.event_id() marks; request() fills in one formatted prefix
+-- per request, so the ids cost wrk little.
+--
 -- done() prints one machine-readable line:
 --   RESULT rps=… p50_us=… p99_us=… requests=… non2xx=… errors=…
 -- non2xx is wrk's errors.status (responses with status >= 400); errors sums the socket errors
@@ -32,7 +37,39 @@ common.user_agent = "Mozilla/5.0 (SMART-TV; Linux; Tizen 7.0) AppleWebKit/537.36
 -- os.date("!…") is UTC, so a trailing Z is correct RFC 3339.
 common.timestamp = os.date("!%Y-%m-%dT%H:%M:%SZ")
 
+common.event_ids = os.getenv("WRK_EVENT_IDS") == "1"
+-- Where a request's id prefix goes: as long as the prefix (`%08x-%04x`, a counter and the thread),
+-- so that the Content-Length wrk.format computed stays right. No request holds these bytes.
+local ID = string.rep("\1", 13)
+-- The start-up second in the id's middle groups: each run sends new ids (the service remembers
+-- ids for an hour, and the bench runs one script several times against the same instance).
+local run = os.time() % 16777216
+local middle = string.format("-4%03x-8%03x-", math.floor(run / 4096), run % 4096)
+
+-- A fresh UUID per request: `n` (0 to 2^48-1) tells the ids of one request apart.
+function common.event_id(n)
+  return ID .. middle .. string.format("%012x", n)
+end
+
 local thread_count = 0
+
+-- Splits each request at the id marks: a list of parts, the slots for the prefix at even places.
+local function templates(requests)
+  local out = {}
+  for i, r in ipairs(requests) do
+    local parts, at = {}, 1
+    while true do
+      local s, e = string.find(r, ID, at, true)
+      if not s then break end
+      parts[#parts + 1] = string.sub(r, at, s - 1)
+      parts[#parts + 1] = ""
+      at = e + 1
+    end
+    parts[#parts + 1] = string.sub(r, at)
+    out[i] = parts
+  end
+  return out
+end
 
 -- Installs setup/init/request/delay/done in the calling script's globals. build() runs in each
 -- thread's own Lua state and returns that thread's list of formatted requests.
@@ -55,6 +92,21 @@ function common.install(build)
     local r = requests[next_index]
     next_index = next_index % #requests + 1
     return r
+  end
+
+  if common.event_ids then
+    local parts, sent = nil, 0
+    function request()
+      if not parts then parts = templates(requests) end
+      local p = parts[next_index]
+      next_index = next_index % #parts + 1
+      sent = sent + 1
+      local prefix = string.format("%08x-%04x", sent % 0x100000000, (thread_id or 1) % 0x10000)
+      for i = 2, #p - 1, 2 do
+        p[i] = prefix
+      end
+      return table.concat(p)
+    end
   end
 
   local delay_ms = tonumber(os.getenv("WRK_DELAY_MS") or "")

@@ -4,7 +4,8 @@
 --
 -- Requests cycle through the three demo ads and the beacons of one view (impression, start, the
 -- quartiles, complete). No eid: every beacon is a new event, as a player that fires each URL once
--- makes it. Pacing (WRK_DELAY_MS) and the RESULT line: see common.lua.
+-- makes it; with WRK_EVENT_IDS=1 each beacon carries a fresh UUID as its eid. Pacing
+-- (WRK_DELAY_MS), the ids and the RESULT line: see common.lua.
 
 local common = dofile("loadtest/wrk/common.lua")
 
@@ -28,6 +29,9 @@ common.install(function()
       local path = string.format("/t/%s?ad=%s&ts=%s", b[1], ad, ts)
       if b[2] then
         path = path .. "&pt=" .. playhead(b[2])
+      end
+      if common.event_ids then
+        path = path .. "&eid=" .. common.event_id(0)
       end
       requests[#requests + 1] = wrk.format("GET", path, headers)
     end
