@@ -9,7 +9,8 @@
 //   CLICKHOUSE_USER, CLICKHOUSE_PASSWORD   for that ClickHouse (default, empty)
 //   ADMIN_KEY            an admin API key, when adbeacon runs with API_KEYS (for POST /ads)
 //   ADS                  ads created through POST /ads at setup, besides the active ones (the
-//                        3 demo ads on a fresh stack): 20 for clicks.js and outage.js, else 40
+//                        3 demo ads on a fresh stack): 20 for clicks.js and outage.js, else 40;
+//                        at least 1 (the books find pixels and old-style clicks by them)
 //   CLIENTS              distinct client addresses sent in X-Forwarded-For (20000)
 //   K6_API               k6's own REST API, host:port, as given to `k6 run --address`
 //                        (localhost:6565, k6's default); teardown reads the 2xx count from it
@@ -187,10 +188,11 @@ let adIndex = null;
 /** SQL for the sum of eventKey over the distinct stored rows matched by `where`. */
 function keysSql(data, where) {
   const ads = data.ads.map((a) => `'${a}'`).join(',');
+  // A pixel's row has an id of adbeacon's making (see pixel()): keyed without one.
   const base = data.idless
     ? '0'
-    : '(toUInt64(reinterpretAsUInt16(reverse(unhex(substring(id, 10, 4))))) * 65599' +
-      ' + reinterpretAsUInt64(reverse(unhex(substring(id, 25, 12))))) % 65521';
+    : `if(substring(id, 1, 8) = '${data.tag}', (toUInt64(reinterpretAsUInt16(reverse(unhex(substring(id, 10, 4))))) * 65599` +
+      ' + reinterpretAsUInt64(reverse(unhex(substring(id, 25, 12))))) % 65521, 0)';
   return (
     `SELECT sum(((${base}) * 16 + toUInt64(toInt8(kind))) * 256 + indexOf([${ads}], toString(ad_id)))` +
     ` FROM (SELECT DISTINCT toString(event_id) AS id, kind, ad_id FROM events WHERE ${where}) FORMAT TSV`
@@ -284,9 +286,14 @@ export function impression(data, ad, v, opts) {
   return book(res, [eventKey(data, id, 'impression', ad)], opts && opts.allow503);
 }
 
-/** GET /t/{event}?ad=…&eid=…&ts=…&pt=… as a VAST player fires it (GIF or, with f=204, empty). */
-export function pixel(data, event, ad, v, playhead, opts) {
-  const id = eventId(data.tag);
+/**
+ * GET /t/{event}?ad=…&eid=…&ts=…&pt=… as a VAST player fires it (GIF or, with f=204, empty).
+ * `eid`: the play's transaction id (VAST 4.1's [TRANSACTIONID], the same on each of its beacons),
+ * else a fresh one. adbeacon stores a beacon's eid per ad and kind, as an id of its own, so the
+ * books find pixels by their ad, which must be one the run created, and key them without an id.
+ */
+export function pixel(data, event, ad, v, playhead, opts, eid) {
+  const id = eid || eventId(data.tag);
   let url = `${BASE_URL}/t/${event}?ad=${ad}&eid=${id}&ts=${encodeURIComponent(nowIso())}`;
   if (playhead !== undefined) url += `&pt=${playheadText(playhead)}`;
   url += `&cb=${Math.floor(Math.random() * 1e8)}`;
@@ -295,7 +302,7 @@ export function pixel(data, event, ad, v, playhead, opts) {
     headers: headers(v, false),
     tags: tags('pixel', `GET /t/${event}`),
   });
-  return book(res, [eventKey(data, id, event, ad)], opts && opts.allow503);
+  return book(res, [eventKey(data, null, event, ad)], opts && opts.allow503);
 }
 
 /** VAST's [ADPLAYHEAD]: HH:MM:SS.mmm. */
@@ -352,12 +359,14 @@ const SDK_SHARE = 0.3;
  * so that a few VUs make the traffic of many viewers. `opts.allow503` for overload and outage.
  */
 export function adView(data, opts) {
-  const ad = pick(data.ads);
+  const sdk = Math.random() < SDK_SHARE;
+  // A player's pixels go to the run's own ads (see pixel()).
+  const ad = pick(sdk ? data.ads : data.created);
   const v = viewer();
   const length = pick([15, 20, 30]);
   const reached = Math.random();
   const clickAt = Math.random() < CLICK_SHARE ? Math.random() : -1;
-  if (Math.random() < SDK_SHARE) {
+  if (sdk) {
     impression(data, ad, v, opts);
     const items = [];
     for (const [, kind, share, at] of PROGRESS) {
@@ -365,9 +374,11 @@ export function adView(data, opts) {
     }
     if (items.length > 0) batch(data, items, v, opts);
   } else {
-    pixel(data, 'impression', ad, v, undefined, opts);
+    // One transaction id on every beacon of the play, as a VAST 4.1 player expands it.
+    const transaction = eventId(data.tag);
+    pixel(data, 'impression', ad, v, undefined, opts, transaction);
     for (const [event, , share, at] of PROGRESS) {
-      if (reached < share) pixel(data, event, ad, v, at * length, opts);
+      if (reached < share) pixel(data, event, ad, v, at * length, opts, transaction);
     }
   }
   if (clickAt >= 0) click(data, ad, v, opts);
@@ -476,7 +487,9 @@ export function setupRun(count) {
     created.push(res.json().id);
   }
   const all = ads.concat(created);
-  if (all.length === 0) exec.test.abort('no ads: GET /ads is empty and ADS=0');
+  if (created.length === 0) {
+    exec.test.abort("ADS=0: the books find a run's pixels and old-style clicks by the ads it creates; ADS must be at least 1");
+  }
   console.log(`run ${tag}: ${all.length} ads (${created.length} created), ${CLIENTS} client addresses, ${BASE_URL}`);
   return { tag, ads: all, created, started: Date.now() };
 }
@@ -567,7 +580,10 @@ export function checkStored(data) {
   booksOff.add(Math.abs(balance === null ? 1 : balance) + Math.abs(held === null ? 1 : held) + (backlog || 0));
 
   const created = data.created.map((a) => `'${a}'`).join(',');
-  const where = data.idless ? `ad_id IN (${created})` : `substring(toString(event_id), 1, 8) = '${data.tag}'`;
+  // The run's events: by their ids, and on the run's own ads (pixels, whose ids adbeacon makes).
+  const where = data.idless
+    ? `ad_id IN (${created})`
+    : `(substring(toString(event_id), 1, 8) = '${data.tag}' OR ad_id IN (${created}))`;
   // Without ids a row cannot be told from its twin: rows stand for events (a second copy shows
   // as stored unacknowledged).
   const distinctSql = data.idless ? 'count()' : 'uniqExact(event_id)';

@@ -81,7 +81,8 @@ export default function (data) {
   const v = lib.viewer();
   const r = Math.random();
   if (r < 0.75) {
-    lib.pixel(data, lib.pick(['impression'].concat(KINDS)), ad, v, Math.random() * 30, opts);
+    // A pixel goes to one of the run's own ads (see lib.pixel).
+    lib.pixel(data, lib.pick(['impression'].concat(KINDS)), lib.pick(data.created), v, Math.random() * 30, opts);
   } else if (r < 0.83) {
     lib.impression(data, ad, v, opts);
   } else if (r < 0.98) {

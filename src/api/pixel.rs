@@ -120,6 +120,10 @@ struct Parsed {
 /// more) or filled with VAST's "unknown" (-1) or "not applicable" (-2). Such a value is the same
 /// on every viewer's beacon, so taking it as a key would store one event of each kind per ad and
 /// hour.
+///
+/// Every value is taken per ad and event kind, a UUID too (on the JSON endpoints a UUID is the
+/// event's own id): VAST 4.1's `[TRANSACTIONID]`, the macro a VAST URL gets its id from, is one
+/// UUID for the whole ad play, the same on its impression, start, quartiles and complete.
 fn beacon_event_id(text: &str, ad: Uuid, kind: EventKind) -> Option<Uuid> {
     let t = text.trim().as_bytes();
     let macro_left = (t.starts_with(b"[") && t.ends_with(b"]"))
@@ -129,7 +133,11 @@ fn beacon_event_id(text: &str, ad: Uuid, kind: EventKind) -> Option<Uuid> {
     if t.is_empty() || macro_left || t == b"-1" || t == b"-2" {
         return None;
     }
-    event_id(text, ad, kind).ok()
+    match Uuid::try_parse(text) {
+        // By its value, so that its spelling (upper or lower case, braces) does not matter.
+        Ok(id) if !id.is_nil() => Some(scoped_id(b"uuid", id.as_bytes(), ad, kind)),
+        _ => event_id(text, ad, kind).ok(),
+    }
 }
 
 /// A beacon's `ts`: RFC 3339, or the looser ISO 8601 that VAST 4 describes for `[TIMESTAMP]`
@@ -223,11 +231,17 @@ pub(crate) fn event_id(text: &str, ad: Uuid, kind: EventKind) -> Result<Uuid, St
     if text.is_empty() || chars > MAX_EVENT_ID_LEN {
         return Err(format!("eid must be 1 to {MAX_EVENT_ID_LEN} characters, got {chars}"));
     }
+    Ok(scoped_id(b"", text.as_bytes(), ad, kind))
+}
+
+/// A stable UUID for `value` (of the sort `tag` names: b"" for a label) with the ad and kind.
+fn scoped_id(tag: &[u8], value: &[u8], ad: Uuid, kind: EventKind) -> Uuid {
     let mut h = SipHasher13::new_with_keys(0x6164_6265_6163_6f6e, 0x6576_656e_7420_6964);
-    h.write(text.as_bytes());
+    h.write(tag);
+    h.write(value);
     h.write(ad.as_bytes());
     h.write(kind.as_str().as_bytes());
-    Ok(Uuid::from_u128(h.finish128().as_u128()))
+    Uuid::from_u128(h.finish128().as_u128())
 }
 
 fn parse(b: &Beacon<'_>) -> Result<Parsed, ApiError> {
@@ -369,7 +383,8 @@ impl PixelApi {
         pt: Query<Option<String>>,
         /// `[CACHEBUSTING]`: ignored; it only defeats caches on the way.
         cb: Query<Option<String>>,
-        /// The client's event id, for idempotency.
+        /// The client's event id, for idempotency: unique to the ad play (`[TRANSACTIONID]`),
+        /// taken per ad and event kind.
         eid: Query<Option<String>>,
         /// VAST error code for `error`: `[ERRORCODE]` (900, undefined, when missing or unreadable).
         code: Query<Option<String>>,
@@ -603,6 +618,25 @@ mod tests {
         assert!(matches!(parse(&beacon("firstquartile", Some(AD))), Err(ApiError::NotFound(_))));
         assert!(matches!(parse(&beacon("start", None)), Err(ApiError::BadRequest(_))));
         assert!(matches!(parse(&beacon("start", Some("x"))), Err(ApiError::BadRequest(_))));
+    }
+
+    #[test]
+    fn a_uuid_eid_on_a_beacon_is_taken_per_ad_and_kind() {
+        // VAST 4.1's [TRANSACTIONID]: one UUID on every beacon of an ad play.
+        let tx = "5b0c1a52-8a35-4c8b-9a4d-2f0e6b3c9d11";
+        let id = |event, ad, eid| {
+            let mut b = beacon(event, Some(ad));
+            b.eid = Some(eid);
+            parse(&b).unwrap().report.event_id.unwrap()
+        };
+        let start = id("start", AD, tx);
+        assert_ne!(start, Uuid::parse_str(tx).unwrap(), "not the event's own id, as in JSON");
+        assert_ne!(start, id("impression", AD, tx));
+        assert_ne!(start, id("start", "22222222-2222-2222-2222-222222222222", tx));
+        assert_eq!(start, id("start", AD, tx), "the same beacon again is a repeat");
+        let upper = tx.to_uppercase();
+        assert_eq!(start, id("start", AD, &upper), "whatever its spelling");
+        assert_ne!(start, id("start", AD, "sess-42-7"));
     }
 
     #[test]

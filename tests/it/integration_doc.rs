@@ -40,10 +40,13 @@ async fn the_integration_guide_works_as_written() {
         .format(&Rfc3339)
         .unwrap();
     let no_redirects = crate::support::browser().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    // One ad play: its transaction id (VAST 4.1) on every beacon that carries one.
+    let transaction = uuid::Uuid::new_v4().to_string();
     for (i, url) in urls.iter().enumerate() {
         // What a VAST player does with the macros.
         let fired = url
             .replace(DOC_HOST, &app.base)
+            .replace("[TRANSACTIONID]", &transaction)
             .replace("[TIMESTAMP]", &ts)
             .replace("[ADPLAYHEAD]", "00:00:07.500")
             .replace("[ERRORCODE]", "405")
@@ -57,6 +60,13 @@ async fn the_integration_guide_works_as_written() {
             assert_eq!(resp.headers()["content-type"], "image/gif");
         }
     }
+
+    // A retry layer fires the start again, with the play's transaction id: a repeat, answered
+    // and not stored (each beacon of the play, under the same id, was stored above).
+    let start = urls.iter().find(|u| u.contains("/t/start?")).unwrap();
+    let again = start.replace(DOC_HOST, &app.base).replace("[TRANSACTIONID]", &transaction);
+    assert_eq!(no_redirects.get(&again).send().await.unwrap().status(), 200);
+    assert_eq!(app.metric("adbeacon_events_repeated_total").await, 1, "{again}");
 
     // The sendBeacon line: its URL and its JSON, sent as the browser sends them (text/plain).
     let js = block("js");

@@ -173,7 +173,28 @@ async fn a_repeated_event_id_is_answered_but_stored_once() {
     }
     assert_eq!(app.wait_flushed(2).await, 2);
     assert_eq!(app.number("SELECT count() FROM events").await, 2);
-    assert_eq!(app.number(&format!("SELECT count() FROM events WHERE event_id = '{uuid}'")).await, 1);
+    assert_eq!(app.metric("adbeacon_events_repeated_total").await, 3);
+}
+
+/// A VAST URL gets its `eid` from `[TRANSACTIONID]` (VAST 4.1), one UUID for the whole ad play:
+/// the same value on the impression, the start, the quartiles and the complete. Each beacon is
+/// its own event; only the same beacon fired again is a repeat.
+#[tokio::test]
+async fn one_transaction_id_on_every_beacon_of_a_play_stores_each_beacon() {
+    let app = TestApp::spawn().await;
+    let tx = uuid::Uuid::new_v4();
+    let beacons =
+        ["impression", "creativeView", "start", "firstQuartile", "midpoint", "thirdQuartile", "complete"];
+    for event in beacons {
+        assert_eq!(app.get(&format!("/t/{event}?ad={AD}&eid={tx}")).await.status(), 200, "{event}");
+    }
+    // A retry layer fires the start again: a repeat.
+    assert_eq!(app.get(&format!("/t/start?ad={AD}&eid={tx}")).await.status(), 200);
+    let n = beacons.len() as u64;
+    assert_eq!(app.wait_flushed(n).await, n);
+    assert_eq!(app.number("SELECT count() FROM events").await, n);
+    assert_eq!(app.number("SELECT uniqExact(kind) FROM events").await, n);
+    assert_eq!(app.metric("adbeacon_events_repeated_total").await, 1);
 }
 
 #[tokio::test]
