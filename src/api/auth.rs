@@ -76,6 +76,14 @@ pub fn carries_key(headers: &poem::http::HeaderMap) -> bool {
     headers.keys().any(|name| name == poem::http::header::AUTHORIZATION || name == X_API_KEY)
 }
 
+/// The key of an `Authorization: Bearer <key>` value. The scheme's name is case-insensitive
+/// (RFC 9110, 11.1), as poem's extractor takes it on the catalog's and admin's endpoints: an
+/// ingest key sent as `bearer <key>` was taken there and ignored here, on the tracking routes.
+fn bearer_key(value: &str) -> Option<&str> {
+    let (scheme, key) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(key)
+}
+
 impl ApiKeys {
     /// Parses `scope:key,scope:key`; empty means none (open). Errors never show a key.
     pub fn parse(text: &str) -> Result<Self, String> {
@@ -105,10 +113,8 @@ impl ApiKeys {
         if self.is_open() {
             return false;
         }
-        let bearer = headers
-            .get(poem::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+        let bearer =
+            headers.get(poem::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer_key);
         let key = bearer.or_else(|| headers.get(X_API_KEY).and_then(|v| v.to_str().ok()));
         key.and_then(|k| self.by_hash.get(&fingerprint(k.trim())))
             .is_some_and(|scopes| scopes.iter().any(|s| *s == scope || *s == Scope::Admin))
@@ -211,6 +217,24 @@ mod tests {
         assert!(!carries_key(&with(poem::http::HeaderName::from_static("x-api-keys"))));
         assert!(!carries_key(&with(header::PROXY_AUTHORIZATION)));
         assert!(!carries_key(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn a_bearer_key_is_granted_whatever_the_case_of_the_scheme() {
+        use poem::http::{HeaderMap, HeaderValue, header};
+        let keys = ApiKeys::parse("ingest:iiiiiiiiiiiiiiii").unwrap();
+        let grants = |value: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, HeaderValue::from_static(value));
+            keys.grants(&h, Scope::Ingest)
+        };
+        for value in ["Bearer iiiiiiiiiiiiiiii", "bearer iiiiiiiiiiiiiiii", "BEARER  iiiiiiiiiiiiiiii"] {
+            assert!(grants(value), "{value}");
+        }
+        for value in ["Basic iiiiiiiiiiiiiiii", "Bearer", "Beareriiiiiiiiiiiiiiii", "bearer wrongwrongwrong1"]
+        {
+            assert!(!grants(value), "{value}");
+        }
     }
 
     fn bearer(key: &str) -> Credentials {
