@@ -390,7 +390,7 @@ impl BatchApi {
             judged.push(if exists {
                 Ok((report, at, device))
             } else {
-                Err((RejectReason::UnknownAd, format!("ad {} not found", report.ad_id)))
+                Err((RejectReason::UnknownAd, format!("events[{index}]: ad {} not found", report.ad_id)))
             });
         }
         // Then, without waiting, claim the event ids and hold the rows: a claim never outlives a

@@ -801,6 +801,11 @@ impl<A: Endpoint, O: Endpoint> Front<A, O> {
             if cors::is_preflight(&req) {
                 let resp = cors::preflight(&self.cors, &req);
                 let status = resp.status();
+                // A refused preflight is a refused event: the browser never sends the request
+                // (and does not keep a refusal), so this is the one place it can be counted.
+                if status == StatusCode::FORBIDDEN {
+                    self.metrics.rejected(RejectReason::ForbiddenOrigin);
+                }
                 self.metrics
                     .http_requests
                     .with_label_values(&[method_label, "preflight", status.as_str()])

@@ -92,5 +92,6 @@ async fn a_configured_list_admits_only_its_origins() {
     assert_eq!(app.wait_flushed(2).await, 2);
     assert_eq!(app.number("SELECT count() FROM events").await, 2);
     let metrics = app.get("/metrics").await.text().await.unwrap();
-    assert!(metrics.contains("adbeacon_events_rejected_total{reason=\"forbidden_origin\"} 1"), "{metrics}");
+    // The refused preflight and the refused simple request: one event refused each.
+    assert!(metrics.contains("adbeacon_events_rejected_total{reason=\"forbidden_origin\"} 2"), "{metrics}");
 }
