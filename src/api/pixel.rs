@@ -123,7 +123,8 @@ struct Parsed {
 ///
 /// Every value is taken per ad and event kind, a UUID too (on the JSON endpoints a UUID is the
 /// event's own id): VAST 4.1's `[TRANSACTIONID]`, the macro a VAST URL gets its id from, is one
-/// UUID for the whole ad play, the same on its impression, start, quartiles and complete.
+/// value per ad request, the same on the impression, start, quartiles and complete of each ad
+/// it plays.
 fn beacon_event_id(text: &str, ad: Uuid, kind: EventKind) -> Option<Uuid> {
     let t = text.trim().as_bytes();
     let macro_left = (t.starts_with(b"[") && t.ends_with(b"]"))
@@ -622,7 +623,7 @@ mod tests {
 
     #[test]
     fn a_uuid_eid_on_a_beacon_is_taken_per_ad_and_kind() {
-        // VAST 4.1's [TRANSACTIONID]: one UUID on every beacon of an ad play.
+        // VAST 4.1's [TRANSACTIONID]: one value on every beacon of an ad request.
         let tx = "5b0c1a52-8a35-4c8b-9a4d-2f0e6b3c9d11";
         let id = |event, ad, eid| {
             let mut b = beacon(event, Some(ad));

@@ -176,7 +176,7 @@ async fn a_repeated_event_id_is_answered_but_stored_once() {
     assert_eq!(app.metric("adbeacon_events_repeated_total").await, 3);
 }
 
-/// A VAST URL gets its `eid` from `[TRANSACTIONID]` (VAST 4.1), one UUID for the whole ad play:
+/// A VAST URL gets its `eid` from `[TRANSACTIONID]` (VAST 4.1), one UUID for the ad request:
 /// the same value on the impression, the start, the quartiles and the complete. Each beacon is
 /// its own event; only the same beacon fired again is a repeat.
 #[tokio::test]
