@@ -359,6 +359,9 @@ fn selection(body: Option<DeadLetterSelection>, unnamed: Unnamed) -> Result<Sele
     Ok(Selected::Ids(unique))
 }
 
+/// Rows a page of dead letters holds before it ends (see [`crate::ingest::dead_letter::DeadLetters::list`]).
+pub const PAGE_ROWS: usize = 10_000;
+
 /// Dead-letter operations.
 pub struct AdminApi {
     /// Shared service state.
@@ -370,7 +373,8 @@ impl AdminApi {
     /// List dead letters.
     ///
     /// Oldest first, `limit` per page (1 to 1000, default 100) with every row they hold; pass a
-    /// page's `next` as `after` for the next page. Needs the admin scope when API keys are
+    /// page's `next` as `after` for the next page. A page ends early once it holds 10,000 rows
+    /// (a dead letter holds up to a whole batch's rows; every page has at least one). Needs the admin scope when API keys are
     /// configured. 409 when REDIS_URL is none (dead letters are then files under
     /// DATA_DIR/dead-letter/); 503 when Redis does not answer.
     #[oai(
@@ -394,15 +398,9 @@ impl AdminApi {
         let after = parse_after(after.0.as_deref())?;
         self.redis()?;
         let dead = &self.state.dead_letters;
-        // One more than the page, to tell whether another page follows.
-        let (mut page, count) = tokio::try_join!(dead.list(after, limit + 1), dead.count())
+        let ((page, more), count) = tokio::try_join!(dead.list(after, limit, PAGE_ROWS), dead.count())
             .map_err(|e| ApiError::redis(&e, self.state.retry_after))?;
-        let next = if page.len() > limit {
-            page.truncate(limit);
-            page.last().map(|d| d.id.clone())
-        } else {
-            None
-        };
+        let next = if more { page.last().map(|d| d.id.clone()) } else { None };
         self.state.metrics.dead_letters.set(count as i64);
         Ok(DeadLettersResponse::Ok(Json(DeadLetterPage {
             count,
@@ -420,7 +418,8 @@ impl AdminApi {
     /// listed in `waiting`. Ids that name no dead letter are ignored. Needs the admin scope
     /// when API keys are configured. 422 naming a malformed id; 409 when REDIS_URL is none; 503
     /// when Redis does not answer (saying how many moved, when it failed part way: those are in
-    /// the spill, and a retry moves the rest).
+    /// the spill, and a retry moves the rest; the one being moved when it failed may have moved
+    /// too).
     #[oai(
         path = "/admin/dead-letters/replay",
         method = "post",
@@ -438,7 +437,7 @@ impl AdminApi {
         let done = match self.state.dead_letters.replay(selected.ids()).await {
             Ok(done) => done,
             Err(Interrupted { done, error }) if done.entries == 0 => {
-                return Err(ApiError::redis(&error, self.state.retry_after));
+                return Err(ApiError::redis_change(&error, self.state.retry_after));
             }
             // Some moved before Redis failed: they are in the spill, counted, and the answer
             // says so (retrying moves the rest; the moved ones are no dead letters any more).
@@ -451,7 +450,8 @@ impl AdminApi {
                     Json(ErrorBody {
                         error: format!(
                             "Redis stopped answering after {} dead letters ({} events) were moved back \
-                             to the spill, where they will be replayed; retry to move the rest",
+                             to the spill, where they will be replayed (the one it was moving when it \
+                             stopped may have moved too); retry to move the rest",
                             done.entries, done.events
                         ),
                     }),
@@ -483,7 +483,8 @@ impl AdminApi {
     /// there is) for good. A request that names none (no body, no `ids`) is refused: a purge
     /// cannot be undone. Ids that name no dead letter are ignored. Needs the admin scope when API
     /// keys are configured. 422 naming a malformed id, or when nothing is named; 409 when
-    /// REDIS_URL is none; 503 when Redis does not answer.
+    /// REDIS_URL is none; 503 when Redis does not answer (it may have purged them all the same:
+    /// a command whose answer was lost is carried out; list them to see, a retry is safe).
     #[oai(
         path = "/admin/dead-letters",
         method = "delete",
@@ -503,7 +504,7 @@ impl AdminApi {
             .dead_letters
             .purge(selected.ids())
             .await
-            .map_err(|e| ApiError::redis(&e, self.state.retry_after))?;
+            .map_err(|e| ApiError::redis_change(&e, self.state.retry_after))?;
         self.state.metrics.dead_letters_purged.inc_by(purged);
         self.refresh_gauge().await;
         tracing::info!(purged, "dead letters purged");

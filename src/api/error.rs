@@ -164,10 +164,26 @@ impl ApiError {
         Self::Unavailable(body("storage is unavailable; retry later"), retry_after)
     }
 
-    /// 503 for a Redis failure (the dead-letter endpoints); the cause is logged, not sent.
+    /// 503 for a Redis failure while reading (the dead-letter list); the cause is logged, not
+    /// sent.
     pub fn redis(err: &RedisError, retry_after: u64) -> Self {
         tracing::warn!(error = %err, "Redis unavailable while answering a request");
-        Self::Unavailable(body("Redis is unavailable; nothing was changed, retry later"), retry_after)
+        Self::Unavailable(body("Redis is unavailable; retry later"), retry_after)
+    }
+
+    /// 503 for a Redis failure during a change (a purge or replay of dead letters). Whether Redis
+    /// made it is not known: a command sent before Redis stalled is carried out once it answers
+    /// again, its answer lost. A retry is safe (ids no longer there are ignored).
+    pub fn redis_change(err: &RedisError, retry_after: u64) -> Self {
+        tracing::warn!(error = %err, "Redis unavailable while changing dead letters");
+        Self::Unavailable(
+            body(
+                "Redis did not answer; the change may have been made all the same (Redis carries out a \
+                 command whose answer was lost): list the dead letters to see, or retry (ids no longer \
+                 there are ignored)",
+            ),
+            retry_after,
+        )
     }
 
     /// 409 for an operation on the dead letters of an instance without Redis (REDIS_URL=none),

@@ -245,13 +245,34 @@ impl DeadLetters {
         self.spill.as_ref().ok_or_else(|| RedisError("no Redis configured".into()))
     }
 
-    /// Dead letters after `after` (exclusive; None = from the first), oldest first, at most
-    /// `limit`.
-    pub async fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, RedisError> {
+    /// Dead letters after `after` (exclusive; None = from the first), oldest first: at most
+    /// `limit`, and no more once they hold `max_rows` rows (at least one dead letter); with
+    /// whether more follow. A dead letter holds a whole batch's rejected rows (up to
+    /// BATCH_MAX_ROWS: a schema change rejects every row), so a page of a hundred could hold
+    /// millions of rows; read one at a time, a page holds at most one dead letter beyond the
+    /// budget.
+    pub async fn list(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        max_rows: usize,
+    ) -> Result<(Vec<DeadLetter>, bool), RedisError> {
         let spill = self.stream()?;
-        let start = after.map_or_else(|| "-".to_string(), |id| format!("({id}"));
-        let entries = spill.range(&spill.keys.dead_letters, &start, limit).await?;
-        Ok(entries.into_iter().map(|(id, fields)| read(id, fields)).collect())
+        let mut start = after.map_or_else(|| "-".to_string(), |id| format!("({id}"));
+        let (mut page, mut rows) = (Vec::new(), 0);
+        loop {
+            let full = page.len() >= limit || rows >= max_rows;
+            let Some((id, fields)) = spill.range(&spill.keys.dead_letters, &start, 1).await?.pop() else {
+                return Ok((page, false));
+            };
+            if full {
+                return Ok((page, true));
+            }
+            start = format!("({id}");
+            let dead = read(id, fields);
+            rows += dead.rows.len();
+            page.push(dead);
+        }
     }
 
     /// Dead letters in the stream.
@@ -301,10 +322,11 @@ impl DeadLetters {
                     }
                     found
                 }
+                // One at a time: a dead letter can hold a whole batch (see `list`).
                 None => {
                     let start = after.as_ref().map_or_else(|| "-".to_string(), |id| format!("({id}"));
                     let end = newest.as_deref().unwrap_or("+");
-                    spill.range_to(&spill.keys.dead_letters, &start, end, 100).await?
+                    spill.range_to(&spill.keys.dead_letters, &start, end, 1).await?
                 }
             };
             let Some((last, _)) = page.last() else { break };
