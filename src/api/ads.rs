@@ -182,7 +182,8 @@ fn validate(input: &AdInput) -> Result<(), ApiError> {
     }
     if !is_http_url(&input.target_url) {
         return Err(ApiError::unprocessable(format!(
-            "target_url must be an absolute http(s) URL with a host and no user name, at most \
+            "target_url must be an absolute http(s) URL with a host and no user name (the host in \
+             ASCII, punycode for other letters; a port from 1 to 65535 if any), at most \
              {MAX_URL_LEN} characters, such as https://www.example.com/landing; got {:?}",
             shorten(&input.target_url)
         )));

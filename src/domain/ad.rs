@@ -38,11 +38,15 @@ pub fn is_http_url(url: &str) -> bool {
         return false;
     };
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let host = match authority.rsplit_once(':') {
-        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
-        _ => authority,
+    // The host and port as HTTP reads them (an IPv6 address in brackets, no quote or other
+    // character a host cannot hold), and a port, when given, a port number: the browser follows
+    // the redirect to exactly this.
+    let Ok(parsed) = authority.parse::<poem::http::uri::Authority>() else {
+        return false;
     };
-    !host.is_empty()
+    let port = authority.strip_prefix(parsed.host()).and_then(|rest| rest.strip_prefix(':'));
+    !parsed.host().is_empty()
+        && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0))
         && !authority.contains('@')
         && url.len() <= MAX_URL_LEN
         && !url.chars().any(|c| c.is_whitespace() || c.is_control())
@@ -79,6 +83,8 @@ mod tests {
             "https://example.com:8443/x",
             "https://[2001:db8::1]:8080/x",
             "https://example.com/a@b?c=d@e",
+            "https://example.com:65535",
+            "https://example.com/søg?q=ü",
         ] {
             assert!(is_http_url(good), "{good}");
         }
@@ -96,6 +102,14 @@ mod tests {
             "https://@",
             "https://:",
             "https://:443/x",
+            "https://[::1",
+            "https://[::1/x",
+            "https://ex\"ample/",
+            "https://x:99999999999999999999",
+            "https://x:65536/",
+            "https://x:0/",
+            "https://x:/",
+            "https://ex<ample>/",
             &long,
         ] {
             assert!(!is_http_url(bad), "{bad}");
