@@ -32,7 +32,7 @@ use super::{
     Health,
     buffer::{Batch, Buffer},
     dead_letter::{DeadLetters, Kept, Source},
-    insert::{Bad, Sender, past_retention},
+    insert::{Bad, Sender, dead_letter_reason, past_retention},
     spill::Spill,
     wal::Wal,
 };
@@ -366,7 +366,7 @@ impl Flusher {
             .into_iter()
             .filter(|g| !g.is_empty())
             .map(|g| {
-                let reason = g[0].1.clone();
+                let reason = dead_letter_reason(&g);
                 (g.into_iter().map(|(row, _)| row).collect(), reason)
             })
             .collect();

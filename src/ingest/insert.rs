@@ -32,6 +32,12 @@ use crate::{
     },
 };
 
+/// Rejected INSERTs one send may split further (see [`Sender::isolate`]): enough to isolate a
+/// few bad rows among a hundred thousand exactly (one costs a split per halving, 17), and a
+/// bound on a batch that ClickHouse rejects whole (a changed table): split down to single rows,
+/// 100,000 rows cost two INSERTs and a look-up each, minutes with the flusher stalled.
+pub const MAX_SPLITS: u32 = 128;
+
 /// Rows ClickHouse rejected, each with the error text (or, for rows that cannot be checked any
 /// more, the reason that starts with [`PAST_RETENTION`]).
 pub type Bad = Vec<(EventRow, String)>;
@@ -43,6 +49,22 @@ pub const PAST_RETENTION: &str = "its month (";
 /// Whether a [`Bad`] row's reason is that it is past raw retention, not a ClickHouse error.
 pub fn past_retention(reason: &str) -> bool {
     reason.starts_with(PAST_RETENTION)
+}
+
+/// How the reason of rows kept together, not split further, starts (see [`MAX_SPLITS`]).
+pub const NOT_SPLIT: &str = "not split further";
+
+/// The reason a dead letter of `rows` gives: a rejected INSERT's rows kept together unsplit
+/// ([`NOT_SPLIT`]) say so, since good rows may be among them, else the first row's.
+pub fn dead_letter_reason<'r>(rows: impl IntoIterator<Item = &'r (EventRow, String)>) -> String {
+    let mut first = None;
+    for (_, reason) in rows {
+        if reason.starts_with(NOT_SPLIT) {
+            return reason.clone();
+        }
+        first.get_or_insert(reason);
+    }
+    first.cloned().unwrap_or_default()
 }
 
 /// Inserts rows with the exactly-once rules above.
@@ -91,12 +113,13 @@ impl Sender<'_> {
         check: Option<&[String]>,
         bad: &mut Bad,
     ) -> Result<(), StoreError> {
+        let mut splits = MAX_SPLITS;
         let result = match check {
             Some(kill) => match self.unsent(kill, rows, bad).await {
-                Ok(rest) => self.isolate(query_id, &rest, bad).await,
+                Ok(rest) => self.isolate(query_id, &rest, bad, &mut splits).await,
                 Err(e) => Err(e),
             },
-            None => self.isolate(query_id, rows, bad).await,
+            None => self.isolate(query_id, rows, bad, &mut splits).await,
         };
         if result.is_ok() {
             self.health.succeeded();
@@ -187,12 +210,15 @@ impl Sender<'_> {
     }
 
     /// Inserts rows; on a data error splits them until the rejected rows are isolated, adding
-    /// them to `bad`. Borrows the rows: the hot path sends a batch without copying it.
+    /// them to `bad`, as long as `splits` lasts: past it, a rejected INSERT's rows go to `bad`
+    /// together, good ones included (kept as a dead letter, replayed once the cause is fixed).
+    /// Borrows the rows: the hot path sends a batch without copying it.
     fn isolate<'s>(
         &'s self,
         query_id: &'s str,
         rows: &'s [EventRow],
         bad: &'s mut Bad,
+        splits: &'s mut u32,
     ) -> Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 's>> {
         Box::pin(async move {
             if rows.is_empty() {
@@ -227,10 +253,23 @@ impl Sender<'_> {
                     bad.push((row, reason));
                     Ok(())
                 }
+                n if *splits == 0 => {
+                    tracing::warn!(rows = n, error = %reason,
+                        "ClickHouse rejects more rows of this batch than can be isolated one by one; keeping these together as a dead letter");
+                    let reason = format!(
+                        "{NOT_SPLIT}: kept with the other rows of a rejected INSERT of {n}, as the batch had \
+                         had {MAX_SPLITS} rejected INSERTs already (as when a changed table rejects every \
+                         row); rows ClickHouse takes may be among them: replay the dead letter once the \
+                         cause is fixed. ClickHouse said: {reason}"
+                    );
+                    bad.extend(rest.into_iter().map(|row| (row, reason.clone())));
+                    Ok(())
+                }
                 n => {
+                    *splits -= 1;
                     let (left, right) = rest.split_at(n / 2);
-                    self.isolate(query_id, left, bad).await?;
-                    self.isolate(query_id, right, bad).await
+                    self.isolate(query_id, left, bad, splits).await?;
+                    self.isolate(query_id, right, bad, splits).await
                 }
             }
         })

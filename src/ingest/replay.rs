@@ -37,7 +37,7 @@ use super::{
     Health,
     buffer::Buffer,
     dead_letter::{Source, corrupt_fields, rows_fields},
-    insert::{Bad, Sender, past_retention},
+    insert::{Bad, Sender, dead_letter_reason, past_retention},
     spill::{Acked, Entry, RedisState, Spill, Spilled},
 };
 use crate::{
@@ -421,15 +421,15 @@ impl Replayer {
         let rejected = bad.len();
         // One dead letter per batch and kind of reason: rows ClickHouse rejected, and rows past
         // raw retention, each with a reason that fits them.
-        let mut rows_by_batch: HashMap<(usize, bool), (Vec<_>, String)> = HashMap::new();
+        let mut rows_by_batch: HashMap<(usize, bool), Bad> = HashMap::new();
         for (row, reason) in bad {
             let at = by_token.get(&row.batch_id).copied().unwrap_or(0);
-            let slot =
-                rows_by_batch.entry((at, past_retention(&reason))).or_insert_with(|| (Vec::new(), reason));
-            slot.0.push(row);
+            rows_by_batch.entry((at, past_retention(&reason))).or_default().push((row, reason));
         }
-        for ((at, _), (rows, reason)) in rows_by_batch {
+        for ((at, _), group) in rows_by_batch {
             let token = batches.get(at).map_or(Uuid::nil(), |b| b.token);
+            let reason = dead_letter_reason(&group);
+            let rows: Vec<EventRow> = group.into_iter().map(|(row, _)| row).collect();
             dead.push(rows_fields(token, &rows, &reason, Source::Rejected));
         }
         // Acknowledged only now, with the dead letters in the same transaction. Until Redis takes

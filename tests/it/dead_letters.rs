@@ -36,7 +36,9 @@ async fn rejected_batch(app: &TestApp, n: usize) -> Vec<String> {
         ids.iter().map(|id| json!({"adId": AD1, "kind": "click", "eventId": id})).collect();
     assert_eq!(app.post("/ads/events", &json!(batch)).await.status(), 202);
     let want = before + n as u64;
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // Each row of a batch that a changed table rejects whole costs INSERTs until MAX_SPLITS runs
+    // out: seconds for a thousand rows in a debug build on a busy machine.
+    let deadline = Instant::now() + Duration::from_secs(30);
     while app.metric("adbeacon_events_dead_lettered_total").await < want && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -383,6 +385,58 @@ async fn purge_deletes_the_selected_dead_letters_or_all() {
     assert_eq!(purge(json!({"all": true})).await, (200, json!({"purged": 1})));
     assert_eq!(shared_redis().command(&["XLEN", &stream(&app)]), "0");
     assert_eq!(app.metric("adbeacon_dead_letters_purged_total").await, 3);
+}
+
+/// ClickHouse rejects every row of a batch (each an event time its DateTime cannot hold): the
+/// batch is kept as dead letters after a bounded number of rejected INSERTs (split down to
+/// single rows, 100,000 rows stalled the flusher for minutes while the buffer filled), and the
+/// dead letter's reason says that rows were kept together unsplit.
+#[tokio::test]
+async fn a_batch_rejected_whole_costs_a_bounded_number_of_inserts() {
+    use adbeacon::ingest::{
+        buffer::{Buffer, Limits},
+        insert::MAX_SPLITS,
+    };
+    // The app made the database; its own flusher has nothing to send.
+    let app = TestApp::spawn().await;
+    let dead = tempfile::tempdir().unwrap();
+    let mut flusher = app.flusher(None, Duration::from_millis(50), dead.path()).await;
+    // One batch of all thousand rows (the helper's batches hold 100, too few to run out).
+    let limits = Limits {
+        max_bytes: 1 << 20,
+        batch_rows: 1000,
+        batch_bytes: 1 << 20,
+        max_age: Duration::from_millis(50),
+    };
+    flusher.buffer = std::sync::Arc::new(Buffer::new(limits, flusher.metrics.clone()));
+    let (buffer, metrics) = (flusher.buffer.clone(), flusher.metrics.clone());
+    let now = time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let mut rows = clicks(1000, uuid::Uuid::nil(), now, 1);
+    for row in &mut rows {
+        row.event_time = time::OffsetDateTime::from_unix_timestamp(7_258_118_400).unwrap(); // year 2200
+    }
+    let held = buffer.push(rows).unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(flusher.run(stop.clone()));
+    tokio::time::timeout(Duration::from_secs(60), buffer.confirmed(held.end)).await.expect("confirmed");
+    assert_eq!(metrics.events_dead_lettered.get(), 1000);
+    assert_eq!(app.number("SELECT count() FROM events").await, 0);
+    let text = metrics.render();
+    let sample = "adbeacon_insert_failures_total{class=\"rejected\"} ";
+    let line = text.lines().find(|l| l.starts_with(sample)).expect("the rejected INSERTs' counter");
+    let inserts: u64 = line[sample.len()..].trim().parse().unwrap();
+    // MAX_SPLITS splits, each after a rejected INSERT, and the INSERTs of the halves not split.
+    assert!(inserts <= 2 * u64::from(MAX_SPLITS) + 1, "{inserts} rejected INSERTs for one batch");
+    let reasons: Vec<String> = std::fs::read_dir(dead.path().join("dead-letter"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "reason"))
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    assert_eq!(reasons.len(), 1, "one dead letter for the batch");
+    assert!(reasons[0].starts_with("not split further"), "{}", reasons[0]);
+    stop.cancel();
+    assert_eq!(run.await.unwrap(), 0);
 }
 
 /// A dead letter holds a whole batch's rejected rows (a schema change rejects every one): a page
