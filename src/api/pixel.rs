@@ -26,7 +26,7 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use uuid::Uuid;
 
 use super::{Accepted, ApiTags, State, error::ApiError};
-use crate::domain::{EventKind, EventReport, PlaybackTime, is_http_url};
+use crate::domain::{EventKind, EventReport, PlaybackTime, is_sent_url};
 
 /// A transparent 1×1 GIF, the smallest image every browser and player accepts.
 pub const PIXEL_GIF: &[u8] = &[
@@ -512,7 +512,7 @@ impl PixelApi {
             Ok(None) => return Err(ApiError::not_found(format!("ad {id} not found"))),
             Err(e) => return Err(ApiError::storage(e, self.state.retry_after)),
         };
-        if !is_http_url(&ad.target_url) {
+        if !is_sent_url(&ad.target_url) {
             return Err(ApiError::not_found(format!("ad {id} has no http(s) target_url to send clicks to")));
         }
         Ok((id, ad.target_url.clone()))

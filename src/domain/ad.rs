@@ -32,24 +32,63 @@ pub const MAX_URL_LEN: usize = 2048;
 /// An absolute http(s) URL with a host, no user name or password, at most [`MAX_URL_LEN`]
 /// characters and no spaces or control characters: what an ad's `target_url` must be, since the
 /// click-through redirects there (`https://www.shop.com@evil.example/` names the host
-/// evil.example: a viewer reading the ad's URL would be misled).
+/// evil.example: a viewer reading the ad's URL would be misled). Its host and port as HTTP reads
+/// them, checked when an ad is written; the click-through checks the stored URL with
+/// [`is_sent_url`], the check before this one, so that an ad stored then keeps redirecting.
 pub fn is_http_url(url: &str) -> bool {
-    let Some(rest) = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://")) else {
+    is_sent_url(url) && authority(url).is_some_and(authority_ok)
+}
+
+/// The check of a stored `target_url` before the click-through redirects to it: an absolute
+/// http(s) URL with a host, no user name, at most [`MAX_URL_LEN`] characters, no spaces or
+/// control characters.
+pub fn is_sent_url(url: &str) -> bool {
+    let Some(authority) = authority(url) else {
         return false;
     };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    // The host and port as HTTP reads them (an IPv6 address in brackets, no quote or other
-    // character a host cannot hold), and a port, when given, a port number: the browser follows
-    // the redirect to exactly this.
-    let Ok(parsed) = authority.parse::<poem::http::uri::Authority>() else {
-        return false;
+    let host = match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
     };
-    let port = authority.strip_prefix(parsed.host()).and_then(|rest| rest.strip_prefix(':'));
-    !parsed.host().is_empty()
-        && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0))
+    !host.is_empty()
         && !authority.contains('@')
         && url.len() <= MAX_URL_LEN
         && !url.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// The authority of an http(s) URL: what lies between the scheme and the path.
+fn authority(url: &str) -> Option<&str> {
+    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"))?;
+    rest.split(['/', '?', '#']).next()
+}
+
+/// A host as HTTP reads it (a name of the characters a URI allows, or an IPv6 address in
+/// brackets and nothing else in brackets), then nothing or a port: `:` and at most five ASCII
+/// digits, 1 to 65535 (or none: an empty port means the scheme's).
+fn authority_ok(authority: &str) -> bool {
+    let (host, rest) = match authority.strip_prefix('[') {
+        Some(inner) => match inner.split_once(']') {
+            Some((address, rest)) if address.parse::<std::net::Ipv6Addr>().is_ok() => (address, rest),
+            _ => return false,
+        },
+        None => match authority.find(':') {
+            Some(at) => authority.split_at(at),
+            None => (authority, ""),
+        },
+    };
+    let port_ok = match rest.strip_prefix(':') {
+        Some("") => true,
+        Some(port) => {
+            port.len() <= 5
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && port.parse::<u16>().is_ok_and(|p| p > 0)
+        }
+        None => rest.is_empty(),
+    };
+    !host.is_empty()
+        && !host.contains(['[', ']'])
+        && port_ok
+        && authority.parse::<poem::http::uri::Authority>().is_ok()
 }
 
 /// The three demo ads of the service adbeacon replaces, seeded into an empty catalog.
@@ -85,8 +124,16 @@ mod tests {
             "https://example.com/a@b?c=d@e",
             "https://example.com:65535",
             "https://example.com/søg?q=ü",
+            "https://x:/",
+            "https://[::1]/",
+            "https://example.com:080/x",
         ] {
             assert!(is_http_url(good), "{good}");
+        }
+        // Stored before the host and port were checked as HTTP reads them: refused now, and still
+        // redirected to.
+        for stored in ["https://www.müller.de/x", "https://[::1", "https://x:99999999999999999999"] {
+            assert!(!is_http_url(stored) && is_sent_url(stored), "{stored}");
         }
         let long = format!("https://example.com/{}", "x".repeat(MAX_URL_LEN));
         for bad in [
@@ -108,8 +155,15 @@ mod tests {
             "https://x:99999999999999999999",
             "https://x:65536/",
             "https://x:0/",
-            "https://x:/",
             "https://ex<ample>/",
+            "https://[]/",
+            "https://[evil]/",
+            "https://[::1]junk/",
+            "https://[::1]x:99999/",
+            "https://a[b]c/",
+            "https://x:+80/",
+            "https://[fe80::1%25eth0]/",
+            "https://www.müller.de/x",
             &long,
         ] {
             assert!(!is_http_url(bad), "{bad}");
