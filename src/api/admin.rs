@@ -359,7 +359,8 @@ fn selection(body: Option<DeadLetterSelection>, unnamed: Unnamed) -> Result<Sele
     Ok(Selected::Ids(unique))
 }
 
-/// Rows a page of dead letters holds before it ends (see [`crate::ingest::dead_letter::DeadLetters::list`]).
+/// Rows a page of dead letters holds before it ends (see
+/// [`crate::ingest::dead_letter::DeadLetters::list`]).
 pub const PAGE_ROWS: usize = 10_000;
 
 /// Dead-letter operations.
@@ -373,10 +374,10 @@ impl AdminApi {
     /// List dead letters.
     ///
     /// Oldest first, `limit` per page (1 to 1000, default 100) with every row they hold; pass a
-    /// page's `next` as `after` for the next page. A page ends early once it holds 10,000 rows
-    /// (a dead letter holds up to a whole batch's rows, BATCH_MAX_ROWS; every page has at least
-    /// one, so a page holds at most 9,999 rows and one dead letter's). Needs the admin scope when API keys are
-    /// configured. 409 when REDIS_URL is none (dead letters are then files under
+    /// page's `next` as `after` for the next page. A page ends early once it holds 10,000 rows (a
+    /// dead letter holds up to a whole batch's rows, BATCH_MAX_ROWS; every page has at least one,
+    /// so a page holds at most 9,999 rows and one dead letter's). Needs the admin scope when API
+    /// keys are configured. 409 when REDIS_URL is none (dead letters are then files under
     /// DATA_DIR/dead-letter/); 503 when Redis does not answer.
     #[oai(
         path = "/admin/dead-letters",

@@ -5,8 +5,9 @@
 //! until the bad rows are isolated, within `insert::MAX_SPLITS`; the good ones are stored), spill
 //! entries that cannot be read back, and (in `buffered` and `committed` modes) batches shutdown
 //! could neither insert nor spill. They go to the Redis stream `REDIS_KEY_PREFIX + "dead-letters"`
-//! (one entry per batch's bad rows, or per damaged entry, with the error text), which the admin endpoints list, replay and purge. When
-//! Redis cannot take them they are written as files under `DATA_DIR/dead-letter/`, in
+//! (one entry per batch's bad rows, or per damaged entry, with the error text), which the admin
+//! endpoints list, replay and purge. When Redis cannot take them they are written as files under
+//! `DATA_DIR/dead-letter/`, in
 //! `JSONEachRow` with the `events` columns. Part of a file may be in ClickHouse already (an
 //! INSERT under way when shutdown's time ran out; a stream write that landed without an answer is
 //! in the stream as well), so the README has the operator load it through a staging table that

@@ -257,10 +257,10 @@ impl Sender<'_> {
                     tracing::warn!(rows = n, error = %reason,
                         "ClickHouse rejects more rows of this batch than can be isolated one by one; keeping these together as a dead letter");
                     let reason = format!(
-                        "{NOT_SPLIT}: kept with the other rows of a rejected INSERT of {n}, as the batch had \
-                         had {MAX_SPLITS} rejected INSERTs already (as when a changed table rejects every \
-                         row); rows ClickHouse takes may be among them: replay the dead letter once the \
-                         cause is fixed. ClickHouse said: {reason}"
+                        "{NOT_SPLIT}: kept with the other rows of a rejected INSERT of {n}, its batch's \
+                         {MAX_SPLITS} splits into smaller INSERTs used up (as when a changed table rejects \
+                         every row); rows ClickHouse takes may be among them: replay the dead letter once \
+                         the cause is fixed. ClickHouse said: {reason}"
                     );
                     bad.extend(rest.into_iter().map(|row| (row, reason.clone())));
                     Ok(())
