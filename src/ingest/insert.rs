@@ -27,7 +27,7 @@ use super::Health;
 use crate::{
     metrics::Metrics,
     store::{
-        ClickHouse, EventRow, StoreError,
+        ClickHouse, EventRow, LAYOUT_CHANGED, StoreError,
         retention::{MAX_CLOCK_DIFFERENCE, first_month_kept, yyyymm},
     },
 };
@@ -237,6 +237,15 @@ impl Sender<'_> {
                 Err(e @ StoreError::Retryable(_)) => {
                     self.metrics.insert_failed(true);
                     return Err(e);
+                }
+                // Refused before it was sent: the table no longer lays out its columns as the
+                // rows are written. Every row of any part would be refused alike (and a part
+                // sent anyway could be read as shifted bytes): all of them, unsplit.
+                Err(StoreError::Rejected(reason)) if reason.starts_with(LAYOUT_CHANGED) => {
+                    self.metrics.insert_failed(false);
+                    tracing::warn!(rows = rows.len(), error = %reason, "not sending rows the events table would misread");
+                    bad.extend(rows.iter().map(|row| (row.clone(), reason.clone())));
+                    return Ok(());
                 }
                 Err(StoreError::Rejected(reason)) => reason,
             };

@@ -12,6 +12,6 @@ pub mod retention;
 pub use self::{
     analytics::Analytics,
     catalog::Catalog,
-    clickhouse::{ClickHouse, EventRow, ServerVersion, StoreError, Timeouts},
+    clickhouse::{ClickHouse, EventRow, LAYOUT_CHANGED, ServerVersion, StoreError, Timeouts},
     redis::{PolicyError, Redis, RedisError},
 };

@@ -16,6 +16,8 @@ pub const ADS_TOTALS: &str = include_str!("../../clickhouse/queries/ads_totals.s
 /// The first UTC day with any event.
 pub const FIRST_EVENT_DAY: &str = include_str!("../../clickhouse/queries/first_event_day.sql");
 
+/// The columns of `events` and their types (checked before INSERTs).
+pub const EVENTS_COLUMNS: &str = include_str!("../../clickhouse/queries/events_columns.sql");
 /// The months (YYYYMM partitions) of raw events that hold data.
 pub const EVENTS_PARTITIONS: &str = include_str!("../../clickhouse/queries/events_partitions.sql");
 /// Drops one month of raw events; `?` = the month as YYYYMM.
@@ -43,6 +45,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("ads_count.sql", ADS_COUNT),
     ("batch_event_ids.sql", BATCH_EVENT_IDS),
     ("drop_events_partition.sql", DROP_EVENTS_PARTITION),
+    ("events_columns.sql", EVENTS_COLUMNS),
     ("events_partitions.sql", EVENTS_PARTITIONS),
     ("kill_batch_insert.sql", KILL_BATCH_INSERT),
     ("kill_replay_inserts.sql", KILL_REPLAY_INSERTS),

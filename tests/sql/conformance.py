@@ -868,6 +868,32 @@ def expect_ads_count(ch: Engine, rows) -> str | None:
     return None
 
 
+# What src/store/clickhouse.rs (EVENTS_LAYOUT) checks `events` for before every INSERT: each column
+# adbeacon writes, with its type as RowBinary lays it out (layout_of: an Enum's values and a
+# DateTime's zone left out). On the migrated schema every one must match, or no INSERT is sent.
+EVENTS_LAYOUT = {
+    "event_id": "UUID", "ad_id": "UUID", "kind": "Enum8", "event_time": "DateTime",
+    "received_at": "DateTime", "ip_hash": "UInt64", "playback_time": "Nullable(Float32)",
+    "error_code": "UInt16", "batch_id": "UUID", "traffic": "Enum8",
+}
+
+
+def layout_of(column_type: str) -> str:
+    t = "".join(column_type.split())
+    if t.startswith("Nullable(") and t.endswith(")"):
+        return f"Nullable({layout_of(t[len('Nullable('):-1])})"
+    for family in ("Enum8(", "Enum16(", "DateTime("):
+        if t.startswith(family):
+            return family[:-1]
+    return t
+
+
+def expect_events_columns(ch: Engine, rows) -> str | None:
+    found = {r["name"]: layout_of(r["type"]) for r in rows}
+    wrong = {n: found.get(n) for n, t in EVENTS_LAYOUT.items() if found.get(n) != t}
+    return f"columns whose layout differs from what adbeacon writes: {wrong}" if wrong else None
+
+
 def expect_first_event_day(ch: Engine, rows) -> str | None:
     want = ch.scalar("SELECT toUInt32(toStartOfDay(min(event_time))) FROM events WHERE traffic = 'valid'")
     if len(rows) != 1 or list(rows[0].values()) != [want]:
@@ -923,6 +949,7 @@ EXPECTATIONS = {
     "ad_by_id.sql": expect_ad_by_id,
     "ads_count.sql": expect_ads_count,
     "first_event_day.sql": expect_first_event_day,
+    "events_columns.sql": expect_events_columns,
 }
 
 
