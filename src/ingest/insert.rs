@@ -34,8 +34,9 @@ use crate::{
 
 /// Rejected INSERTs one send may split further (see [`Sender::isolate`]): enough to isolate a
 /// few bad rows among a hundred thousand exactly (one costs a split per halving, 17), and a
-/// bound on a batch that ClickHouse rejects whole (a changed table): split down to single rows,
-/// 100,000 rows cost two INSERTs and a look-up each, minutes with the flusher stalled.
+/// bound on a batch that ClickHouse rejects whole (every row's time out of its range, say):
+/// split down to single rows, 100,000 rows cost two INSERTs and a look-up each, minutes with
+/// the flusher stalled.
 pub const MAX_SPLITS: u32 = 128;
 
 /// Rows ClickHouse rejected, each with the error text (or, for rows that cannot be checked any
@@ -267,8 +268,8 @@ impl Sender<'_> {
                         "ClickHouse rejects more rows of this batch than can be isolated one by one; keeping these together as a dead letter");
                     let reason = format!(
                         "{NOT_SPLIT}: kept with the other rows of a rejected INSERT of {n}, its batch's \
-                         {MAX_SPLITS} splits into smaller INSERTs used up (as when a changed table rejects \
-                         every row); rows ClickHouse takes may be among them: replay the dead letter once \
+                         {MAX_SPLITS} splits into smaller INSERTs used up (as when every row is \
+                         rejected); rows ClickHouse takes may be among them: replay the dead letter once \
                          the cause is fixed. ClickHouse said: {reason}"
                     );
                     bad.extend(rest.into_iter().map(|row| (row, reason.clone())));
