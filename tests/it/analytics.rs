@@ -258,6 +258,17 @@ async fn check_listing(app: &TestApp, from: i64, to: i64) {
     assert!(keys.windows(2).all(|w| w[0] >= w[1]), "{path}: not busiest first: {keys:?}");
 }
 
+/// Inserts one impression of `ad` straight into `events`, at unix second `at` (received then
+/// too), with the `traffic` class given: history the service's clock would not take.
+async fn insert_impression(app: &TestApp, ad: &str, at: i64, traffic: &str) {
+    app.query(&format!(
+        "INSERT INTO events VALUES ('{}', '{ad}', 'impression', {at}, {at}, 7, NULL, 0, '{}', '{traffic}')",
+        Uuid::new_v4(),
+        Uuid::new_v4()
+    ))
+    .await;
+}
+
 /// POSTs clicks from distinct loopback addresses (127.0.0.2, …): uniques come from the TCP peer.
 async fn click_from(app: &TestApp, ip: u8, body: Value) {
     let client =
@@ -407,13 +418,7 @@ async fn randomized_windows_equal_a_recount_of_raw_events() {
         ))
         .await as i64;
     let early = first - 2 * 86_400;
-    app.query(&format!(
-        "INSERT INTO events VALUES ('{}', '{}', 'impression', {early}, {early}, 7, NULL, 0, '{}', 'bot')",
-        Uuid::new_v4(),
-        ADS[1],
-        Uuid::new_v4()
-    ))
-    .await;
+    insert_impression(&app, ADS[1], early, "bot").await;
     let (status, all) = get_json(&app, &format!("/ads/analytics?adId={}&timeframe=all", ADS[1])).await;
     assert_eq!(status, 200);
     assert_eq!(unix(all["from"].as_str().unwrap()), first);
@@ -625,13 +630,7 @@ async fn an_all_time_ranking_longer_than_the_raw_retention_pages_by_its_from_and
     // longer than RAW_RETENTION_MONTHS (13). Inserted directly, at the time it happened.
     let now = OffsetDateTime::now_utc().unix_timestamp();
     let old = now - 2 * 365 * 86_400;
-    app.query(&format!(
-        "INSERT INTO events VALUES ('{}', '{}', 'impression', {old}, {old}, 1, NULL, 0, '{}', 'valid')",
-        Uuid::new_v4(),
-        ADS[2],
-        Uuid::nil()
-    ))
-    .await;
+    insert_impression(&app, ADS[2], old, "valid").await;
     for (ad, clicks) in [(ADS[0], 2), (ADS[1], 1)] {
         for ip in 0..clicks {
             click_from(&app, 2 + ip, json!({"adId": ad})).await;
