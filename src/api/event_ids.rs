@@ -21,9 +21,19 @@
 //! must be in flight or remembered at every moment in between, or two concurrent repeats could
 //! both be stored. A least-recently-used cache (moka) was here before; it could neither keep
 //! unconfirmed ids nor say which ids it dropped early, and it cost more per insert.
+//!
+//! Memory: a full buffer of events with ids means millions of waiting ids, so an id costs as
+//! little as it can. Each remembered id is one 40-byte slot in a slab that grows a chunk at a
+//! time (never copying what it holds), found through a table of slot numbers (about 5 bytes
+//! an id) and linked into its line, which it leaves in place: 2.4 million ids take 115 MB,
+//! at the peak too. A hash map of ids and two queues of (id, second) were here before: with
+//! entries passed over in the queues and every table doubling by copy, the same ids took 235
+//! MB, 310 MB at the peak, and with them the service's peak RSS reached 2.9 times
+//! `BUFFER_MAX_BYTES`. Like those tables, the slab keeps what it grew to (freed slots are
+//! reused, not given back).
 
 use std::{
-    collections::VecDeque,
+    hash::BuildHasher,
     ops::Range,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
@@ -32,7 +42,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hashbrown::HashMap;
+use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
 use prometheus::{IntCounter, IntGauge};
 use uuid::Uuid;
 
@@ -40,6 +50,20 @@ use uuid::Uuid;
 /// new id frees about one, so the work per id stays constant, and a bound that was exceeded
 /// comes back down over the next ids.
 const STEPS_PER_ID: usize = 2;
+
+/// No slot: the end of a line, or of the free list.
+const NIL: u32 = u32::MAX;
+/// log2 of the slots in one chunk of the slab (65,536 slots, 2.5 MiB).
+const CHUNK_BITS: u32 = 16;
+/// Slots in one chunk of the slab.
+const CHUNK: usize = 1 << CHUNK_BITS;
+/// [`Slot::len`]'s flag: a request for the id ended without a 2xx ([`Unanswered`]), so its
+/// client may retry once its events are stored. Cleared at the turn that finds them stored.
+const RETRIED: u32 = 1 << 31;
+/// [`Slot::len`]'s flag: in the kept line, not the first.
+const KEPT: u32 = 1 << 30;
+/// [`Slot::len`]'s bits that count events (a request holds far fewer than 2^30).
+const LEN: u32 = KEPT - 1;
 
 /// The outcome of [`EventIds::claim`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,32 +88,181 @@ pub struct IdMetrics {
     pub forgotten_early: IntCounter,
 }
 
-/// A remembered id: its events' sequence numbers, and the second it was taken or last looked
-/// at in the kept line.
-#[derive(Debug)]
-struct Remembered {
-    seqs: Range<u64>,
+/// A remembered id (40 bytes; or a free slot, linked through `next`).
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    id: Uuid,
+    /// The first sequence number of the events of the request that took it.
+    start: u64,
+    /// How many events that request held (the bits of [`LEN`]), with [`KEPT`] and [`RETRIED`].
+    len: u32,
+    /// The second it was taken, or last kept.
     since: u32,
-    /// Its client may retry once its events are stored: a request for it ended without a 2xx
-    /// ([`Unanswered`]). Cleared at the turn that finds them stored.
-    retried: bool,
-    /// In the second line (kept), not the first.
-    kept: bool,
+    /// The slot before it in its line.
+    prev: u32,
+    /// The slot after it in its line, or the next free slot.
+    next: u32,
 }
 
-#[derive(Debug, Default)]
+impl Slot {
+    fn seqs(&self) -> Range<u64> {
+        self.start..self.start + u64::from(self.len & LEN)
+    }
+
+    fn kept(&self) -> bool {
+        self.len & KEPT != 0
+    }
+
+    /// Which of [`Ids::lines`] it is in.
+    fn line(&self) -> usize {
+        usize::from(self.kept())
+    }
+
+    /// Whether [`RETRIED`] was set, clearing it.
+    fn take_retried(&mut self) -> bool {
+        let retried = self.len & RETRIED != 0;
+        self.len &= !RETRIED;
+        retried
+    }
+}
+
+/// A line of slots, oldest first.
+#[derive(Debug, Clone, Copy)]
+struct Line {
+    head: u32,
+    tail: u32,
+    len: usize,
+}
+
+impl Line {
+    const EMPTY: Line = Line { head: NIL, tail: NIL, len: 0 };
+}
+
+/// The slot numbered `i` of the slab `chunks`.
+fn slot_in(chunks: &[Vec<Slot>], i: u32) -> &Slot {
+    &chunks[(i >> CHUNK_BITS) as usize][i as usize & (CHUNK - 1)]
+}
+
 struct Ids {
     /// Each with the request that claimed it ([`EventIds::owner`]).
     in_flight: HashMap<Uuid, u64>,
-    remembered: HashMap<Uuid, Remembered>,
-    /// Remembered ids in the order they were taken, each with the second it was. An entry
-    /// whose id is gone, kept, or taken again later, is passed over.
-    line: VecDeque<(Uuid, u32)>,
-    /// Kept ids, in the order they were last looked at, each with that second; entries passed
-    /// over as in `line`.
-    kept: VecDeque<(Uuid, u32)>,
-    /// How many remembered ids are kept: the others count against the bound.
-    kept_len: usize,
+    /// The slot number of every remembered id, found by the id's hash.
+    index: HashTable<u32>,
+    hasher: DefaultHashBuilder,
+    /// The slab: chunks of [`CHUNK`] slots (every chunk but the last is full).
+    chunks: Vec<Vec<Slot>>,
+    /// The first free slot.
+    free: u32,
+    /// The first line (remembered ids in the order they were taken) and the kept one (in the
+    /// order they were last kept).
+    lines: [Line; 2],
+}
+
+impl Ids {
+    fn new(room: usize) -> Self {
+        Ids {
+            in_flight: HashMap::new(),
+            index: HashTable::with_capacity(room),
+            hasher: DefaultHashBuilder::default(),
+            chunks: Vec::new(),
+            free: NIL,
+            lines: [Line::EMPTY; 2],
+        }
+    }
+
+    fn slot(&self, i: u32) -> &Slot {
+        slot_in(&self.chunks, i)
+    }
+
+    fn slot_mut(&mut self, i: u32) -> &mut Slot {
+        &mut self.chunks[(i >> CHUNK_BITS) as usize][i as usize & (CHUNK - 1)]
+    }
+
+    /// The slot of a remembered id.
+    fn find(&self, id: &Uuid) -> Option<u32> {
+        let hash = self.hasher.hash_one(id);
+        self.index.find(hash, |&i| self.slot(i).id == *id).copied()
+    }
+
+    /// Remembers a new id in a free slot, at the back of the line its flags name.
+    fn insert(&mut self, slot: Slot) {
+        let i = if self.free == NIL {
+            if self.chunks.last().is_none_or(|c| c.len() == CHUNK) {
+                self.chunks.push(Vec::with_capacity(CHUNK));
+            }
+            let full = (self.chunks.len() - 1) * CHUNK;
+            let chunk = self.chunks.last_mut().expect("a chunk with room");
+            let i = u32::try_from(full + chunk.len()).ok().filter(|&i| i != NIL);
+            chunk.push(slot);
+            // Four billion ids would take 160 GB first.
+            i.expect("fewer than 2^32 - 1 ids remembered")
+        } else {
+            let i = self.free;
+            self.free = self.slot(i).next;
+            *self.slot_mut(i) = slot;
+            i
+        };
+        let hash = self.hasher.hash_one(slot.id);
+        let Ids { index, chunks, hasher, .. } = self;
+        index.insert_unique(hash, i, |&j| hasher.hash_one(slot_in(chunks, j).id));
+        self.push_back(i);
+    }
+
+    /// Forgets the id of slot `i`.
+    fn remove(&mut self, i: u32) {
+        let hash = self.hasher.hash_one(self.slot(i).id);
+        if let Ok(entry) = self.index.find_entry(hash, |&j| j == i) {
+            entry.remove();
+        }
+        self.unlink(i);
+        let free = self.free;
+        self.slot_mut(i).next = free;
+        self.free = i;
+    }
+
+    /// Puts slot `i` at the back of the line its flags name.
+    fn push_back(&mut self, i: u32) {
+        let l = self.slot(i).line();
+        let tail = self.lines[l].tail;
+        let slot = self.slot_mut(i);
+        slot.prev = tail;
+        slot.next = NIL;
+        if tail == NIL {
+            self.lines[l].head = i;
+        } else {
+            self.slot_mut(tail).next = i;
+        }
+        self.lines[l].tail = i;
+        self.lines[l].len += 1;
+    }
+
+    /// Takes slot `i` out of its line.
+    fn unlink(&mut self, i: u32) {
+        let slot = *self.slot(i);
+        let l = slot.line();
+        if slot.prev == NIL {
+            self.lines[l].head = slot.next;
+        } else {
+            self.slot_mut(slot.prev).next = slot.next;
+        }
+        if slot.next == NIL {
+            self.lines[l].tail = slot.prev;
+        } else {
+            self.slot_mut(slot.next).prev = slot.prev;
+        }
+        self.lines[l].len -= 1;
+    }
+
+    /// Ids remembered.
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Ids in the kept line.
+    #[cfg(test)]
+    fn kept_len(&self) -> usize {
+        self.lines[1].len
+    }
 }
 
 /// Client event ids in flight and remembered (see the module docs).
@@ -123,17 +296,11 @@ impl EventIds {
         confirmed_below: impl Fn() -> u64 + Send + Sync + 'static,
         metrics: IdMetrics,
     ) -> Self {
-        // Room for the bound (up to a million) from the start: growing a table of that size
-        // copies tens of megabytes under the lock that every request with an id waits for. The
-        // room costs little until ids fill it.
-        let room = max.min(1 << 20);
-        let ids = Ids {
-            remembered: HashMap::with_capacity(room),
-            line: VecDeque::with_capacity(room),
-            ..Ids::default()
-        };
+        // Room in the index for the bound (up to a million) from the start: growing a table of
+        // that size rehashes it under the lock that every request with an id waits for. The
+        // room costs 5 bytes an id.
         EventIds {
-            ids: Mutex::new(ids),
+            ids: Mutex::new(Ids::new(max.min(1 << 20))),
             max,
             kept_max: max,
             ttl: u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX),
@@ -181,24 +348,19 @@ impl EventIds {
             return if by == owner { Claimed::Mine } else { Claimed::InFlight };
         }
         let ids = &mut *ids;
-        if let Some(r) = ids.remembered.get_mut(&id) {
+        if let Some(i) = ids.find(&id) {
             let now = self.now();
-            if now.saturating_sub(r.since) <= self.ttl {
-                return Claimed::Held(r.seqs.clone());
-            }
-            // Its time is up: its turn has come here rather than in a line (whose entry for it is
-            // passed over).
-            if self.stays(r) {
-                let seqs = r.seqs.clone();
-                Self::keep(ids, id, now);
-                // A line grew by one: the fronts pay for it, as for a new id (retries during an
-                // outage with no new ids would grow it with entries passed over).
-                self.forget(ids, now, STEPS_PER_ID);
-                self.metrics.remembered.set(ids.remembered.len() as i64);
+            let seqs = ids.slot(i).seqs();
+            if now.saturating_sub(ids.slot(i).since) <= self.ttl {
                 return Claimed::Held(seqs);
             }
-            Self::remove(ids, &id);
-            self.metrics.remembered.set(ids.remembered.len() as i64);
+            // Its time is up: its turn has come here rather than in its line.
+            if self.stays(ids.slot_mut(i)) {
+                Self::keep(ids, i, now);
+                return Claimed::Held(seqs);
+            }
+            ids.remove(i);
+            self.metrics.remembered.set(ids.len() as i64);
         }
         ids.in_flight.insert(id, owner);
         Claimed::Fresh
@@ -216,25 +378,31 @@ impl EventIds {
     /// flight (both under one lock, so that no repeat finds them in neither).
     pub fn remember(&self, claimed: impl IntoIterator<Item = Uuid>, seqs: &Range<u64>) {
         let now = self.now();
+        let len = u32::try_from(seqs.end - seqs.start).unwrap_or(LEN).min(LEN);
         let mut ids = self.lock();
         let mut added = 0;
         for id in claimed {
             ids.in_flight.remove(&id);
-            let new = Remembered { seqs: seqs.clone(), since: now, retried: false, kept: false };
-            if ids.remembered.insert(id, new).is_some_and(|old| old.kept) {
-                ids.kept_len -= 1;
+            match ids.find(&id) {
+                // Remembered already (not in flight then; kept for safety): taken anew.
+                Some(i) => {
+                    ids.unlink(i);
+                    let slot = ids.slot_mut(i);
+                    (slot.start, slot.len, slot.since) = (seqs.start, len, now);
+                    ids.push_back(i);
+                }
+                None => ids.insert(Slot { id, start: seqs.start, len, since: now, prev: NIL, next: NIL }),
             }
-            ids.line.push_back((id, now));
             added += 1;
         }
         self.forget(&mut ids, now, added * STEPS_PER_ID);
-        self.metrics.remembered.set(ids.remembered.len() as i64);
+        self.metrics.remembered.set(ids.len() as i64);
     }
 
     /// Whether an id whose turn came is kept: while its events wait, and for one more turn once
     /// they are found stored if a request for it ended without a 2xx (see the module docs).
-    fn stays(&self, r: &mut Remembered) -> bool {
-        self.waiting(&r.seqs) || std::mem::take(&mut r.retried)
+    fn stays(&self, slot: &mut Slot) -> bool {
+        self.waiting(&slot.seqs()) || slot.take_retried()
     }
 
     /// Requests for these ids ended without a 2xx while their events may still wait: their
@@ -242,8 +410,8 @@ impl EventIds {
     fn unanswered(&self, unanswered: &[Uuid]) {
         let mut ids = self.lock();
         for id in unanswered {
-            if let Some(r) = ids.remembered.get_mut(id) {
-                r.retried = true;
+            if let Some(i) = ids.find(id) {
+                ids.slot_mut(i).len |= RETRIED;
             }
         }
     }
@@ -257,22 +425,13 @@ impl EventIds {
         Unanswered { store: self.clone(), ids }
     }
 
-    /// Puts a remembered id at the back of the kept line, as looked at `now`.
-    fn keep(ids: &mut Ids, id: Uuid, now: u32) {
-        let r = ids.remembered.get_mut(&id).expect("a remembered id");
-        r.since = now;
-        if !r.kept {
-            r.kept = true;
-            ids.kept_len += 1;
-        }
-        ids.kept.push_back((id, now));
-    }
-
-    /// Forgets a remembered id.
-    fn remove(ids: &mut Ids, id: &Uuid) {
-        if ids.remembered.remove(id).is_some_and(|r| r.kept) {
-            ids.kept_len -= 1;
-        }
+    /// Moves slot `i` to the back of the kept line, as looked at `now`.
+    fn keep(ids: &mut Ids, i: u32, now: u32) {
+        ids.unlink(i);
+        let slot = ids.slot_mut(i);
+        slot.since = now;
+        slot.len |= KEPT;
+        ids.push_back(i);
     }
 
     /// Takes up to `steps` ids from the front of each line (at most once round it): from the
@@ -287,41 +446,28 @@ impl EventIds {
     /// [`EventIds::forget`] on one line: the first (`kept` false), bounded by `max`, or the
     /// kept line, bounded by `kept_max`.
     fn turns(&self, ids: &mut Ids, now: u32, steps: usize, kept: bool) {
-        for _ in 0..steps.min(Self::line(ids, kept).len()) {
-            let Some(&(id, since)) = Self::line(ids, kept).front() else { break };
-            let full = if kept {
-                ids.kept_len > self.kept_max
-            } else {
-                ids.remembered.len().saturating_sub(ids.kept_len) > self.max
-            };
-            let expired = now.saturating_sub(since) > self.ttl;
+        let (l, bound) = if kept { (1, self.kept_max) } else { (0, self.max) };
+        for _ in 0..steps.min(ids.lines[l].len) {
+            let i = ids.lines[l].head;
+            let full = ids.lines[l].len > bound;
+            let expired = now.saturating_sub(ids.slot(i).since) > self.ttl;
             if !full && !expired {
                 break;
             }
-            Self::line(ids, kept).pop_front();
-            let Some(r) = ids.remembered.get_mut(&id) else { continue };
-            if r.since != since || r.kept != kept {
+            if self.stays(ids.slot_mut(i)) {
+                Self::keep(ids, i, now);
                 continue;
             }
-            if self.stays(r) {
-                Self::keep(ids, id, now);
-                continue;
-            }
-            Self::remove(ids, &id);
+            ids.remove(i);
             if !expired {
                 self.metrics.forgotten_early.inc();
             }
         }
     }
 
-    /// The first line, or the kept one.
-    fn line(ids: &mut Ids, kept: bool) -> &mut VecDeque<(Uuid, u32)> {
-        if kept { &mut ids.kept } else { &mut ids.line }
-    }
-
     /// Ids remembered now.
     pub fn len(&self) -> usize {
-        self.lock().remembered.len()
+        self.lock().len()
     }
 
     /// True when no id is remembered.
@@ -430,7 +576,7 @@ mod tests {
             assert_eq!(ids.claim(id(n), 0), Claimed::Held(n as u64..n as u64 + 1), "id {n} kept");
         }
         // Seven kept while they wait, past the kept ids' own bound too.
-        assert_eq!(ids.lock().kept_len, 7);
+        assert_eq!(ids.lock().kept_len(), 7);
         assert_eq!(ids.metrics.forgotten_early.get(), 0);
         // Stored at last (their requests answered 2xx): the bounds apply again.
         below.store(10, Ordering::Relaxed);
@@ -440,7 +586,7 @@ mod tests {
             below.store(n as u64 + 1, Ordering::Relaxed);
         }
         assert_eq!(ids.len(), 6);
-        assert_eq!(ids.lock().kept_len, 3);
+        assert_eq!(ids.lock().kept_len(), 3);
         assert_eq!(ids.claim(id(39), 0), Claimed::Held(39..40));
         assert_eq!(ids.claim(id(36), 0), Claimed::Fresh);
         assert_eq!(ids.claim(id(0), 0), Claimed::Fresh);
@@ -525,7 +671,7 @@ mod tests {
         tick();
         // Their turn comes while their events wait: both kept.
         take(&ids, 2..3, 2..3);
-        assert_eq!(ids.lock().kept_len, 2);
+        assert_eq!(ids.lock().kept_len(), 2);
         below.store(3, Ordering::Relaxed);
         tick();
         take(&ids, 3..4, 3..4);
@@ -562,7 +708,7 @@ mod tests {
         }
         let (line, kept) = {
             let ids = ids.lock();
-            (ids.line.len(), ids.kept.len())
+            (ids.lines[0].len, ids.lines[1].len)
         };
         assert!(line <= 60 && kept <= 60, "{line} {kept}");
     }
@@ -607,7 +753,7 @@ mod tests {
         let (ids, below) = store(1, Duration::from_secs(3600));
         let ids = Arc::new(ids);
         take(&ids, 0..2, 0..2);
-        assert_eq!(ids.lock().kept_len, 1, "id 0 kept while it waits");
+        assert_eq!(ids.lock().kept_len(), 1, "id 0 kept while it waits");
         drop(ids.until_answered(vec![id(0)]));
         below.store(2, Ordering::Relaxed);
         // Four ids at once: eight steps, over a kept line of four, too many for its bound.
@@ -623,7 +769,79 @@ mod tests {
             take(&ids, n * 100..(n + 1) * 100, 0..100);
         }
         assert_eq!(ids.len(), 1000);
-        assert_eq!(ids.lock().line.len(), 1000);
+        assert_eq!(ids.lock().lines[0].len, 1000);
         assert_eq!(ids.metrics.forgotten_early.get(), 9000);
+    }
+
+    #[test]
+    fn a_remembered_id_takes_a_40_byte_slot() {
+        assert_eq!(std::mem::size_of::<Slot>(), 40);
+    }
+
+    /// Every remembered id is in exactly one line, in the one its flag names, the lines are
+    /// linked both ways, and their lengths add up to the index's.
+    fn check_lines(ids: &Ids) {
+        let mut seen = std::collections::HashSet::new();
+        for (l, line) in ids.lines.iter().enumerate() {
+            let (mut i, mut prev, mut n) = (line.head, NIL, 0);
+            while i != NIL {
+                let slot = ids.slot(i);
+                assert_eq!((slot.prev, slot.line()), (prev, l), "slot {i}");
+                assert_eq!(ids.find(&slot.id), Some(i));
+                assert!(seen.insert(slot.id), "{} twice", slot.id);
+                (prev, i, n) = (i, slot.next, n + 1);
+            }
+            assert_eq!((line.tail, line.len), (prev, n), "line {l}");
+        }
+        assert_eq!(seen.len(), ids.len());
+    }
+
+    #[test]
+    fn the_lines_stay_linked_through_any_mix_of_takes_retries_and_stores() {
+        // Small bounds and a time to live of zero, so that ids are kept, forgotten and their
+        // slots reused all the time; a model of the ids left unforgotten checks every answer.
+        let (ids, below) = store(40, Duration::ZERO);
+        let ids = Arc::new(ids.keeping(60));
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut seq = 0u64;
+        let mut taken: HashMap<u128, Range<u64>> = HashMap::new();
+        for round in 0..20_000 {
+            let n = u128::from(next(500));
+            match next(50) {
+                // The watermark only rises, and leaves about a hundred ids waiting behind it.
+                0 => _ = below.fetch_max(seq.saturating_sub(200), Ordering::Relaxed),
+                1..10 => drop(ids.until_answered(vec![id(n)])),
+                _ => {
+                    let owner = ids.owner();
+                    match ids.claim(id(n), owner) {
+                        Claimed::Fresh => {
+                            let k = next(3) + 1;
+                            ids.remember([id(n)], &(seq..seq + k));
+                            taken.insert(n, seq..seq + k);
+                            seq += k;
+                        }
+                        Claimed::Held(seqs) => assert_eq!(Some(&seqs), taken.get(&n), "id {n}"),
+                        other => panic!("{other:?} for id {n} with no request in flight"),
+                    }
+                }
+            }
+            if round % 5_000 == 4_999 {
+                tick();
+            }
+            check_lines(&ids.lock());
+        }
+        // Ids whose events wait are never forgotten.
+        let lowest = below.load(Ordering::Relaxed);
+        for (n, seqs) in &taken {
+            if seqs.end > lowest && ids.lock().find(&id(*n)).is_none() {
+                panic!("id {n} forgotten while its events {seqs:?} wait");
+            }
+        }
     }
 }
