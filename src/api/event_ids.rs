@@ -25,10 +25,10 @@
 //! Memory: a full buffer of events with ids means millions of waiting ids, so an id costs as
 //! little as it can. Each remembered id is one 40-byte slot in a slab that grows a chunk at a
 //! time (never copying what it holds), found through a table of slot numbers (about 5 bytes
-//! an id) and linked into its line, which it leaves in place: 2.4 million ids take 115 MB,
+//! an id) and linked into its line, which it leaves in place: 2.4 million ids take 117 MiB,
 //! at the peak too. A hash map of ids and two queues of (id, second) were here before: with
-//! entries passed over in the queues and every table doubling by copy, the same ids took 235
-//! MB, 310 MB at the peak, and with them the service's peak RSS reached 2.9 times
+//! entries passed over in the queues and every table doubling by copy, the same ids took 234
+//! MiB, 305 MiB at the peak, and with them the service's peak RSS reached 2.9 times
 //! `BUFFER_MAX_BYTES`. Like those tables, the slab keeps what it grew to (freed slots are
 //! reused, not given back).
 
