@@ -24,9 +24,9 @@
 //!
 //! Memory: a full buffer of events with ids means millions of waiting ids, so an id costs as
 //! little as it can. Each remembered id is one 40-byte slot in a slab that grows a chunk at a
-//! time (never copying what it holds), found through a table of slot numbers (about 5 bytes
-//! an id) and linked into its line, which it leaves in place: 2.4 million ids take 117 MiB,
-//! at the peak too. A hash map of ids and two queues of (id, second) were here before: with
+//! time (never copying what it holds), found through a table of slot numbers (5 bytes a
+//! bucket, 6 to 12 an id) and linked into its line, which it leaves in place: 2.4 million
+//! ids take 117 MiB (and the index's old table, 10 MiB, while it doubles). A hash map of ids and two queues of (id, second) were here before: with
 //! entries passed over in the queues and every table doubling by copy, the same ids took 234
 //! MiB, 305 MiB at the peak, and with them the service's peak RSS reached 2.9 times
 //! `BUFFER_MAX_BYTES`. Like those tables, the slab keeps what it grew to (freed slots are
@@ -357,6 +357,11 @@ impl EventIds {
             // Its time is up: its turn has come here rather than in its line.
             if self.stays(ids.slot_mut(i)) {
                 Self::keep(ids, i, now);
+                // The fronts get their turns from this look too, as from a new id: during an
+                // outage with retries only, an id at the front that still waits is kept for
+                // another time, so that its client's retry after the store is still a repeat.
+                self.forget(ids, now, STEPS_PER_ID);
+                self.metrics.remembered.set(ids.len() as i64);
                 return Claimed::Held(seqs);
             }
             ids.remove(i);
@@ -378,7 +383,10 @@ impl EventIds {
     /// flight (both under one lock, so that no repeat finds them in neither).
     pub fn remember(&self, claimed: impl IntoIterator<Item = Uuid>, seqs: &Range<u64>) {
         let now = self.now();
-        let len = u32::try_from(seqs.end - seqs.start).unwrap_or(LEN).min(LEN);
+        // A request holds far fewer than 2^30 events; were it more, the range keeps its end,
+        // which tells whether they wait.
+        let len = u32::try_from(seqs.end.saturating_sub(seqs.start)).unwrap_or(LEN).min(LEN);
+        let start = seqs.end - u64::from(len);
         let mut ids = self.lock();
         let mut added = 0;
         for id in claimed {
@@ -388,10 +396,10 @@ impl EventIds {
                 Some(i) => {
                     ids.unlink(i);
                     let slot = ids.slot_mut(i);
-                    (slot.start, slot.len, slot.since) = (seqs.start, len, now);
+                    (slot.start, slot.len, slot.since) = (start, len, now);
                     ids.push_back(i);
                 }
-                None => ids.insert(Slot { id, start: seqs.start, len, since: now, prev: NIL, next: NIL }),
+                None => ids.insert(Slot { id, start, len, since: now, prev: NIL, next: NIL }),
             }
             added += 1;
         }
@@ -841,6 +849,169 @@ mod tests {
         for (n, seqs) in &taken {
             if seqs.end > lowest && ids.lock().find(&id(*n)).is_none() {
                 panic!("id {n} forgotten while its events {seqs:?} wait");
+            }
+        }
+    }
+
+    /// The free list holds exactly the slots no line holds, each once, none of them indexed,
+    /// and every chunk but the last is full.
+    fn check_slab(ids: &Ids) {
+        let total: usize = ids.chunks.iter().map(Vec::len).sum();
+        for (k, c) in ids.chunks.iter().enumerate() {
+            assert_eq!(c.capacity(), CHUNK, "chunk {k} reallocated");
+            if k + 1 < ids.chunks.len() {
+                assert_eq!(c.len(), CHUNK, "chunk {k}");
+            }
+        }
+        let mut free = std::collections::HashSet::new();
+        let mut i = ids.free;
+        while i != NIL {
+            assert!((i as usize) < total, "free slot {i} past the slab");
+            assert!(free.insert(i), "slot {i} twice in the free list");
+            assert_ne!(ids.find(&ids.slot(i).id), Some(i), "free slot {i} indexed");
+            i = ids.slot(i).next;
+        }
+        assert_eq!(free.len() + ids.len(), total);
+    }
+
+    #[test]
+    fn slots_are_taken_freed_and_reused_across_chunk_boundaries() {
+        const C: u128 = CHUNK as u128;
+        // The slab takes two chunks: slots 65,535 | 65,536 are both in use.
+        const N: u128 = C + C / 2 + 7;
+        let (ids, below) = store(10, Duration::from_secs(3600));
+        let ids = Arc::new(ids);
+        // An outage: every id waits, so every one is kept past both bounds.
+        for n in 0..N {
+            take(&ids, n..n + 1, n as u64..n as u64 + 1);
+        }
+        {
+            let g = ids.lock();
+            assert_eq!((g.len(), g.chunks.len()), (N as usize, 2));
+            check_lines(&g);
+            check_slab(&g);
+        }
+        for n in [0, C - 2, C - 1, C, C + 1, N - 1] {
+            assert_eq!(ids.claim(id(n), 0), Claimed::Held(n as u64..n as u64 + 1), "id {n}");
+        }
+        drop(ids.until_answered(vec![id(C - 1), id(C)]));
+        // Stored: each new id frees old slots (two steps over the kept line) and takes one
+        // (the most recently freed), so slots on both sides of the boundary are reused.
+        below.store(N as u64, Ordering::Relaxed);
+        for n in N..3 * N {
+            take(&ids, n..n + 1, n as u64..n as u64 + 1);
+            below.store(n as u64 + 1, Ordering::Relaxed);
+            if n % 20_000 == 0 {
+                let g = ids.lock();
+                check_lines(&g);
+                check_slab(&g);
+            }
+        }
+        {
+            let g = ids.lock();
+            check_lines(&g);
+            check_slab(&g);
+            assert_eq!(g.chunks.len(), 2, "freed slots reused, the slab did not grow");
+            assert!(g.len() <= 10 + 10, "{}", g.len());
+        }
+        // Every answer names the id's own events.
+        for n in 0..3 * N {
+            match ids.claim(id(n), 0) {
+                Claimed::Held(seqs) => assert_eq!(seqs, n as u64..n as u64 + 1, "id {n}"),
+                Claimed::Fresh => {
+                    assert!(n < 3 * N - 10, "id {n} among the last ten");
+                    ids.give_back(&[id(n)]);
+                }
+                other => panic!("{other:?} for id {n}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_request_of_more_than_2_30_events_keeps_its_ids_while_the_last_waits() {
+        let (ids, below) = store(100, Duration::ZERO);
+        let big = 0..(1u64 << 31);
+        take(&ids, 0..1, big.clone());
+        tick();
+        below.store(1 << 30, Ordering::Relaxed);
+        // The range's end is what tells whether its events wait.
+        let held = ids.claim(id(0), 0);
+        assert!(matches!(&held, Claimed::Held(seqs) if seqs.end == big.end), "{held:?}");
+    }
+
+    #[test]
+    fn an_id_waiting_past_its_time_gets_its_turn_from_retries_of_other_ids() {
+        let (ids, below) = store(100, Duration::ZERO);
+        take(&ids, 0..1, 0..1);
+        take(&ids, 1..2, 1..2);
+        tick();
+        // An outage with retries only: id 1 is retried while its events wait, and its retry
+        // gives id 0 (at the front, waiting) its turn too: kept for a time more.
+        assert_eq!(ids.claim(id(1), 0), Claimed::Held(1..2));
+        below.store(2, Ordering::Relaxed);
+        // Stored; id 0's client (its 2xx lost) retries within that time.
+        assert_eq!(ids.claim(id(0), 0), Claimed::Held(0..1));
+    }
+
+    #[test]
+    fn no_id_is_forgotten_while_its_events_wait_through_batches_with_repeats() {
+        // As the randomized test above, with requests of several ids (an id twice in one, and
+        // ids already remembered), and every Fresh answer checked against the model.
+        let (ids, below) = store(30, Duration::ZERO);
+        let ids = Arc::new(ids.keeping(50));
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut seq = 0u64;
+        let mut taken: HashMap<u128, Range<u64>> = HashMap::new();
+        for round in 0..30_000 {
+            match next(40) {
+                0 => _ = below.fetch_max(seq.saturating_sub(next(300)), Ordering::Relaxed),
+                1..6 => drop(ids.until_answered(vec![id(u128::from(next(800)))])),
+                _ => {
+                    let owner = ids.owner();
+                    let mut fresh = Vec::new();
+                    for _ in 0..=next(4) {
+                        let n = u128::from(next(800));
+                        match ids.claim(id(n), owner) {
+                            Claimed::Fresh => {
+                                if let Some(s) = taken.get(&n) {
+                                    let b = below.load(Ordering::Relaxed);
+                                    assert!(s.end <= b, "id {n} forgotten while {s:?} wait (below {b})");
+                                }
+                                fresh.push(n);
+                            }
+                            Claimed::Mine => assert!(fresh.contains(&n)),
+                            Claimed::Held(seqs) => assert_eq!(Some(&seqs), taken.get(&n), "id {n}"),
+                            Claimed::InFlight => panic!("id {n} in flight"),
+                        }
+                    }
+                    let k = next(4);
+                    if k == 0 {
+                        ids.give_back(&fresh.iter().map(|&n| id(n)).collect::<Vec<_>>());
+                    } else {
+                        // Duplicates passed on as the batch has them.
+                        let mut all = fresh.clone();
+                        all.extend(fresh.first().copied());
+                        ids.remember(all.iter().map(|&n| id(n)), &(seq..seq + k));
+                        for &n in &fresh {
+                            taken.insert(n, seq..seq + k);
+                        }
+                        seq += k;
+                    }
+                }
+            }
+            if round % 6_000 == 5_999 {
+                tick();
+            }
+            if round % 16 == 0 {
+                let g = ids.lock();
+                check_lines(&g);
+                check_slab(&g);
             }
         }
     }
