@@ -181,12 +181,17 @@ impl Ids {
 
     /// The slot of a remembered id.
     fn find(&self, id: &Uuid) -> Option<u32> {
-        let hash = self.hasher.hash_one(id);
+        self.find_hashed(self.hasher.hash_one(id), id)
+    }
+
+    /// The slot of a remembered id whose hash is `hash`.
+    fn find_hashed(&self, hash: u64, id: &Uuid) -> Option<u32> {
         self.index.find(hash, |&i| self.slot(i).id == *id).copied()
     }
 
-    /// Remembers a new id in a free slot, at the back of the line its flags name.
-    fn insert(&mut self, slot: Slot) {
+    /// Remembers a new id, whose hash is `hash`, in a free slot, at the back of the line its
+    /// flags name.
+    fn insert(&mut self, hash: u64, slot: Slot) {
         let i = if self.free == NIL {
             if self.chunks.last().is_none_or(|c| c.len() == CHUNK) {
                 self.chunks.push(Vec::with_capacity(CHUNK));
@@ -203,7 +208,6 @@ impl Ids {
             *self.slot_mut(i) = slot;
             i
         };
-        let hash = self.hasher.hash_one(slot.id);
         let Ids { index, chunks, hasher, .. } = self;
         index.insert_unique(hash, i, |&j| hasher.hash_one(slot_in(chunks, j).id));
         self.push_back(i);
@@ -392,7 +396,8 @@ impl EventIds {
         let mut added = 0;
         for id in claimed {
             ids.in_flight.remove(&id);
-            match ids.find(&id) {
+            let hash = ids.hasher.hash_one(id);
+            match ids.find_hashed(hash, &id) {
                 // Remembered already (not in flight then; kept for safety): taken anew.
                 Some(i) => {
                     ids.unlink(i);
@@ -400,7 +405,7 @@ impl EventIds {
                     (slot.start, slot.len, slot.since) = (start, len, now);
                     ids.push_back(i);
                 }
-                None => ids.insert(Slot { id, start, len, since: now, prev: NIL, next: NIL }),
+                None => ids.insert(hash, Slot { id, start, len, since: now, prev: NIL, next: NIL }),
             }
             added += 1;
         }
@@ -805,19 +810,24 @@ mod tests {
         assert_eq!(seen.len(), ids.len());
     }
 
+    /// A repeatable stream of numbers below the one asked for (xorshift), from `seed`.
+    fn below_n(seed: u64) -> impl FnMut(u64) -> u64 {
+        let mut x = seed;
+        move |n| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        }
+    }
+
     #[test]
     fn the_lines_stay_linked_through_any_mix_of_takes_retries_and_stores() {
         // Small bounds and a time to live of zero, so that ids are kept, forgotten and their
         // slots reused all the time; a model of the ids left unforgotten checks every answer.
         let (ids, below) = store(40, Duration::ZERO);
         let ids = Arc::new(ids.keeping(60));
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = move |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut next = below_n(0x2545_f491_4f6c_dd1d);
         let mut seq = 0u64;
         let mut taken: HashMap<u128, Range<u64>> = HashMap::new();
         for round in 0..20_000 {
@@ -960,13 +970,7 @@ mod tests {
         // ids already remembered), and every Fresh answer checked against the model.
         let (ids, below) = store(30, Duration::ZERO);
         let ids = Arc::new(ids.keeping(50));
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut next = below_n(0x9e37_79b9_7f4a_7c15);
         let mut seq = 0u64;
         let mut taken: HashMap<u128, Range<u64>> = HashMap::new();
         for round in 0..30_000 {
