@@ -261,7 +261,7 @@ pub const SETTINGS: &[Setting] = &[
         "EVENT_IDS_MAX",
         "1000000",
         "a whole number from 1 to 100000000",
-        "client event ids remembered at most, so that a retry is answered but stored once (about 50 bytes each); as many again, or as many as BUFFER_MAX_BYTES holds events, are kept for the retries of requests answered without a 2xx, and ids whose events wait to be stored are kept beyond both",
+        "client event ids remembered at most, so that a retry is answered but stored once (about 55 bytes each); as many again, or as many as BUFFER_MAX_BYTES holds events, are kept for the retries of requests answered without a 2xx, and ids whose events wait to be stored are kept beyond both",
     ),
     s(
         "EVENT_ID_TTL",

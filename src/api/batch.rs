@@ -399,6 +399,8 @@ impl BatchApi {
         let mut results = Vec::with_capacity(n);
         let mut rows = Vec::with_capacity(n);
         let mut claims = Claims::default();
+        let ids: Vec<Uuid> = judged.iter().filter_map(|j| j.as_ref().ok()?.0.event_id).collect();
+        let mut claimed = st.claim_all(&ids, &mut claims).into_iter();
         // The repeated ids, and what their first requests wait for (`committed` mode).
         let (mut repeated_ids, mut repeated) = (Vec::new(), Vec::new());
         let (mut duplicates, mut rejected, mut retry, mut repeats) = (0, 0, 0, 0);
@@ -419,7 +421,7 @@ impl BatchApi {
                 }
             };
             if let Some(id) = report.event_id {
-                match st.claim(id, &mut claims) {
+                match claimed.next().expect("a claim per id") {
                     Claim::Fresh => {}
                     Claim::Held(held) => {
                         if !held.is_empty() {

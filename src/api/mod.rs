@@ -355,7 +355,21 @@ impl State {
         if claims.owner == 0 {
             claims.owner = self.event_ids.owner();
         }
-        match self.event_ids.claim(id, claims.owner) {
+        let claimed = self.event_ids.claim(id, claims.owner);
+        self.claimed(id, claimed, claims)
+    }
+
+    /// [`State::claim`] for each of `ids` in turn, under one lock of the store.
+    pub fn claim_all(&self, ids: &[Uuid], claims: &mut Claims) -> Vec<Claim> {
+        if claims.owner == 0 {
+            claims.owner = self.event_ids.owner();
+        }
+        let all = self.event_ids.claim_all(ids, claims.owner);
+        ids.iter().zip(all).map(|(&id, claimed)| self.claimed(id, claimed, claims)).collect()
+    }
+
+    fn claimed(&self, id: Uuid, claimed: event_ids::Claimed, claims: &mut Claims) -> Claim {
+        match claimed {
             event_ids::Claimed::Fresh => {
                 claims.ids.push(id);
                 claims.in_flight.get_or_insert_with(|| self.event_ids.clone());
