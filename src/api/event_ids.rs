@@ -25,8 +25,8 @@
 //!
 //! Memory: a full buffer of events with ids means millions of waiting ids, so an id costs as
 //! little as it can. Each remembered id is one 40-byte slot in a slab that grows a chunk at a
-//! time (never copying what it holds), found through an index of its own ([`Index`]: 8 bytes
-//! a place, 10.7 to 16 an id) and linked into its line, which it leaves in place: 2.4 million
+//! time (never copying what it holds), found through an index of its own (`Index`: 8 bytes
+//! a place, 10.7 to 21.3 an id) and linked into its line, which it leaves in place: 2.4 million
 //! ids take 127 MiB (and the index's old table, 16 MiB, while it doubles; the doubling past
 //! 1.57 million ids holds the lock about 30 ms). A hash map of ids and two queues of (id,
 //! second) were here before: with entries passed over in the queues and every table doubling
@@ -157,11 +157,11 @@ fn slot_in(chunks: &[Vec<Slot>], i: u32) -> &Slot {
 /// numbers in two arrays, so a look-up reads two places, and it does not tell where an id's
 /// place is, so those reads cannot be issued ahead of the work ([`Index::touch`]). Here an
 /// entry is 8 bytes, its hash bits and slot number together. Measured in the service (the
-/// no-op sink, batches of 100 events with fresh ids, alternating 8-second runs): 10,570 batches
-/// a second against 9,920 with hashbrown's table read ahead by look-ups, and 9,300 before
-/// either. The hash bits also spare reading a slot for any entry but the id's own, and tell
-/// each entry's home: a deletion shifts the entries after it back instead of leaving
-/// tombstones, and a doubling never reads the slab (30 ms at 1.57 million ids, where
+/// no-op sink, batches of 100 events with fresh ids, alternating 8-second runs; medians):
+/// 10,565 batches a second against 9,970 with hashbrown's table read ahead by look-ups, and
+/// 8,853 before either. The hash bits also spare reading a slot for any entry but the id's
+/// own, and tell each entry's home: a deletion shifts the entries after it back instead of
+/// leaving tombstones, and a doubling never reads the slab (30 ms at 1.57 million ids, where
 /// hashbrown's took 90 ms at 1.8 million). It costs more room: at most 3/4 full, against 7/8.
 struct Index {
     /// `(hash bits << 32) | (slot + 1)`; 0 is empty, so that a new table is zeroed memory,
@@ -176,9 +176,9 @@ impl Index {
         Index { entries: vec![0; Self::size_for(room)], len: 0 }
     }
 
-    /// The size (a power of two, at least 16) whose load stays at most 3/4 with `n` ids.
+    /// The smallest size (a power of two, at least 16) that holds `n` ids at most 3/4 full.
     fn size_for(n: usize) -> usize {
-        (n.saturating_mul(4) / 3 + 1).next_power_of_two().max(16)
+        n.saturating_mul(4).div_ceil(3).next_power_of_two().max(16)
     }
 
     fn mask(&self) -> usize {
@@ -430,8 +430,8 @@ impl EventIds {
         metrics: IdMetrics,
     ) -> Self {
         // Room in the index for the bound (up to a million) from the start: growing a table of
-        // that size rehashes it under the lock that every request with an id waits for. The
-        // room costs 5 bytes a bucket.
+        // that size moves it under the lock that every request with an id waits for. The room
+        // costs 8 bytes a place (16 MiB for a million), mapped only as ids fill it.
         EventIds {
             ids: Mutex::new(Ids::new(max.min(1 << 20))),
             max,
@@ -608,7 +608,8 @@ impl EventIds {
         let (l, bound) = if kept { (1, self.kept_max) } else { (0, self.max) };
         let steps = steps.min(ids.lines[l].len);
         // The index places of the ids whose turn comes, read first, together (see
-        // `Index::touch`); in the kept line one may stay unread or be read for nothing.
+        // `Index::touch`). Only a guess in the kept line, where an id kept stays in the line:
+        // some may stay unread; and an id kept rather than forgotten was read for nothing.
         let mut i = ids.lines[l].head;
         for k in 0..steps {
             let slot = ids.slot(i);
@@ -1032,6 +1033,172 @@ mod tests {
         check_index(&index);
         assert!(doubled >= 6, "the table doubled {doubled} times");
         assert!(index.entries.len() * 3 >= index.len() * 4, "load above 3/4");
+    }
+
+    #[test]
+    fn a_small_table_stays_consistent_after_every_change_with_homes_at_its_end() {
+        // 16 places, never more than 12 entries (so it never doubles): homes among the last
+        // two and first two places, so clusters wrap around the end; every change checked.
+        let mut index = Index::with_room(0);
+        assert_eq!(index.entries.len(), 16);
+        let mut next = below_n(0x2545_f491_4f6c_dd1d);
+        let mut model: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
+        let mut gone: Vec<(u32, u64)> = Vec::new();
+        for step in 0..200_000u64 {
+            if next(2) == 0 && model.len() < 12 {
+                let slot = next(64) as u32;
+                if model.contains_key(&slot) {
+                    continue;
+                }
+                // Low halves 14, 15, 16 (home 0), 17 (home 1), or a few wider ones; equal low
+                // halves for different slots; the high half anything.
+                let low = [14, 15, 16, 17, 14 + 16, 15 + 64, 0xffff_fff0, 0xffff_ffff][next(8) as usize];
+                let hash = (next(1 << 32) << 32) | low;
+                index.insert(hash, slot);
+                model.insert(slot, hash);
+            } else if !model.is_empty() {
+                let slots: Vec<u32> = model.keys().copied().collect();
+                let slot = slots[next(slots.len() as u64) as usize];
+                let hash = model.remove(&slot).unwrap();
+                index.remove(hash, slot);
+                gone.push((slot, hash));
+            }
+            // A slot it does not hold, with the bits of one it holds: no change.
+            if let Some(&(slot, hash)) = gone.last()
+                && !model.contains_key(&slot)
+            {
+                let before = index.entries.clone();
+                index.remove(hash, slot);
+                assert_eq!(index.entries, before, "step {step}");
+            }
+            assert_eq!(index.entries.len(), 16, "step {step}");
+            check_index(&index);
+            for (&slot, &hash) in &model {
+                // `is` sees only slots whose hash bits are equal.
+                let is = |s: u32| {
+                    assert_eq!(Index::bits(model[&s]), Index::bits(hash), "step {step}");
+                    s == slot
+                };
+                assert_eq!(index.find(hash, is), Some(slot), "step {step}");
+            }
+            for &(slot, hash) in gone.iter().rev().take(4) {
+                if !model.contains_key(&slot) {
+                    assert_eq!(index.find(hash, |s| s == slot), None, "step {step}");
+                }
+            }
+            if gone.len() > 64 {
+                gone.drain(..32);
+            }
+        }
+    }
+
+    #[test]
+    fn a_table_made_with_room_for_n_takes_n_before_it_doubles_and_stays_at_most_3_4_full() {
+        for n in (0..5_000).chain([786_431, 786_432, 786_433, 1 << 20]) {
+            let size = Index::size_for(n);
+            assert!(size.is_power_of_two() && size >= 16, "{n}");
+            assert!(n * 4 <= size * 3, "{n}: {size}");
+        }
+        for n in [0usize, 1, 11, 12, 13, 100, 767, 768, 769, 3000] {
+            let mut index = Index::with_room(n);
+            let size = index.entries.len();
+            for k in 0..n as u32 {
+                index.insert(u64::from(k.wrapping_mul(0x9e37_79b9)), k);
+            }
+            assert_eq!(index.entries.len(), size, "{n}: doubled before its room was used");
+            for k in n as u32..n as u32 + 2000 {
+                index.insert(u64::from(k.wrapping_mul(0x9e37_79b9)), k);
+                assert!(index.len() * 4 <= index.entries.len() * 3, "{n}: load above 3/4");
+            }
+            check_index(&index);
+        }
+    }
+
+    /// The remembered ids of each line in order, as (id, start, len, since).
+    fn lines_of(ids: &Ids) -> [Vec<(Uuid, u64, u32, u32)>; 2] {
+        [0, 1].map(|l| {
+            let mut out = Vec::new();
+            let mut i = ids.lines[l].head;
+            while i != NIL {
+                let s = ids.slot(i);
+                out.push((s.id, s.start, s.len, s.since));
+                i = s.next;
+            }
+            out
+        })
+    }
+
+    #[test]
+    fn claims_of_a_whole_batch_match_claims_one_by_one_through_turns_and_expiry() {
+        // Two stores on the same clock, fed the same requests: one claims each batch with
+        // `claim_all`, the other one id at a time. Small bounds and a time to live of zero, so
+        // that claims of expired ids keep them and give the fronts their turns mid-batch.
+        let (a, below_a) = store(25, Duration::ZERO);
+        let (mut b, below_b) = store(25, Duration::ZERO);
+        b.epoch = a.epoch;
+        let (a, b) = (a.keeping(40), b.keeping(40));
+        let mut next = below_n(0x1234_5678_9abc_def1);
+        let mut seq = 0u64;
+        for round in 0..6_000 {
+            // Never across a second's boundary between the two stores.
+            if a.epoch.elapsed().subsec_millis() > 900 {
+                std::thread::sleep(Duration::from_millis(150));
+            }
+            match next(20) {
+                0 => {
+                    let to = seq.saturating_sub(next(150));
+                    below_a.fetch_max(to, Ordering::Relaxed);
+                    below_b.fetch_max(to, Ordering::Relaxed);
+                }
+                1..3 => {
+                    let n = id(u128::from(next(300)));
+                    a.unanswered(&[n]);
+                    b.unanswered(&[n]);
+                }
+                _ => {
+                    let batch: Vec<Uuid> = (0..=next(12)).map(|_| id(u128::from(next(300)))).collect();
+                    // Another request holding one id in flight now and then.
+                    let other = (next(4) == 0).then(|| (a.owner(), b.owner(), batch[0]));
+                    if let Some((oa, ob, n)) = other {
+                        assert_eq!(a.claim(n, oa), b.claim(n, ob));
+                    }
+                    let (oa, ob) = (a.owner(), b.owner());
+                    let all = a.claim_all(&batch, oa);
+                    let one_by_one: Vec<Claimed> = batch.iter().map(|&n| b.claim(n, ob)).collect();
+                    assert_eq!(all, one_by_one, "round {round}");
+                    let fresh: Vec<Uuid> = batch
+                        .iter()
+                        .zip(&all)
+                        .filter(|(_, c)| **c == Claimed::Fresh)
+                        .map(|(n, _)| *n)
+                        .collect();
+                    let k = next(3);
+                    if k == 0 {
+                        a.give_back(&fresh);
+                        b.give_back(&fresh);
+                    } else {
+                        a.remember(fresh.iter().copied(), &(seq..seq + k));
+                        b.remember(fresh.iter().copied(), &(seq..seq + k));
+                        seq += k;
+                    }
+                    if let Some((_, _, n)) = other {
+                        a.give_back(&[n]);
+                        b.give_back(&[n]);
+                    }
+                }
+            }
+            if round % 1_500 == 1_499 {
+                tick();
+            }
+            let (ga, gb) = (a.lock(), b.lock());
+            assert_eq!(lines_of(&ga), lines_of(&gb), "round {round}");
+            let flying = |g: &Ids| g.in_flight.keys().copied().collect::<std::collections::BTreeSet<Uuid>>();
+            assert_eq!(flying(&ga), flying(&gb), "round {round}");
+            check_lines(&ga);
+            check_index(&ga.index);
+        }
+        assert_eq!(a.metrics.forgotten_early.get(), b.metrics.forgotten_early.get());
+        assert!(a.metrics.forgotten_early.get() > 0);
     }
 
     #[test]
