@@ -230,7 +230,7 @@ fn state(
 ) -> Arc<State> {
     let catalog =
         Catalog::new(clickhouse.clone(), metrics.clone(), config.catalog_ttl, config.catalog_negative_ttl);
-    let buffer = intake.buffer.clone();
+    let (buffer, charged) = (intake.buffer.clone(), intake.buffer.clone());
     let event_ids = Arc::new(
         api::event_ids::EventIds::new(
             config.event_ids_max,
@@ -238,7 +238,10 @@ fn state(
             move || buffer.confirmed_below(),
             metrics.event_ids(),
         )
-        .keeping(config.buffer_max_bytes / crate::store::EventRow::SIZE),
+        .keeping(config.buffer_max_bytes / crate::store::EventRow::SIZE)
+        // The ids kept past EVENT_IDS_MAX are there for the buffer's events: their memory
+        // counts against BUFFER_MAX_BYTES.
+        .charging(move |bytes| charged.set_ids_bytes(bytes)),
     );
     Arc::new(State {
         intake,
@@ -399,6 +402,8 @@ impl App {
             state.metrics.clone(),
             stop_retention.clone(),
         ));
+        // Ends with the retention task (the same token): it holds nothing to finish.
+        tokio::spawn(state.event_ids.clone().tidy_every(stop_retention.child_token()));
         let addr = SocketAddr::new(config.host, config.port);
         let listener = listen(addr).map_err(io(format!("cannot listen on {addr} (set HOST/PORT)")))?;
         let local_addr = listener.local_addr().map_err(io("listening socket"))?;

@@ -143,7 +143,7 @@ pub const SETTINGS: &[Setting] = &[
         "BUFFER_MAX_BYTES",
         "256MiB",
         "a size such as 64MiB, 1GiB, at least BATCH_MAX_BYTES",
-        "events held in memory until ClickHouse confirms them; beyond it requests get 503",
+        "events held in memory until ClickHouse confirms them, with the client event ids kept past EVENT_IDS_MAX for them; beyond it requests get 503",
     ),
     s(
         "INSERT_TIMEOUT",

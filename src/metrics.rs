@@ -178,6 +178,9 @@ pub struct Metrics {
     pub buffer_bytes: IntGauge,
     /// BUFFER_MAX_BYTES: beyond it tracking requests get 503 (set once at start-up).
     pub buffer_max_bytes: IntGauge,
+    /// Bytes of the client event ids remembered past EVENT_IDS_MAX, counted against
+    /// BUFFER_MAX_BYTES with the buffer's events.
+    pub buffer_ids_bytes: IntGauge,
     /// Batches confirmed by ClickHouse.
     pub batches_flushed: IntCounter,
     /// Rows per confirmed batch.
@@ -450,7 +453,11 @@ impl Metrics {
             buffer_bytes: gauge("adbeacon_buffer_bytes", "Bytes of events held in memory"),
             buffer_max_bytes: gauge(
                 "adbeacon_buffer_max_bytes",
-                "BUFFER_MAX_BYTES: once adbeacon_buffer_bytes reaches it, tracking requests get 503",
+                "BUFFER_MAX_BYTES: once adbeacon_buffer_bytes plus adbeacon_buffer_ids_bytes reach it, tracking requests get 503",
+            ),
+            buffer_ids_bytes: gauge(
+                "adbeacon_buffer_ids_bytes",
+                "Bytes of the client event ids remembered past EVENT_IDS_MAX for the buffer's events (about 56 each), counted against BUFFER_MAX_BYTES",
             ),
             books_balance: gauge(
                 "adbeacon_books_balance",

@@ -119,6 +119,9 @@ pub struct Buffer {
     pending: Mutex<Pending>,
     wake: Notify,
     held_bytes: AtomicUsize,
+    /// Memory held outside the buffer because of the events it holds: the client event ids
+    /// remembered past their bound while their events wait ([`Buffer::set_ids_bytes`]).
+    ids_bytes: AtomicUsize,
     closed: AtomicBool,
     confirmed: Mutex<Confirmed>,
     watermark: watch::Sender<u64>,
@@ -144,6 +147,7 @@ impl Buffer {
             }),
             wake: Notify::new(),
             held_bytes: AtomicUsize::new(0),
+            ids_bytes: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             confirmed: Mutex::new(Confirmed { below: 0, ahead: BTreeMap::new() }),
             watermark: watch::Sender::new(0),
@@ -172,7 +176,7 @@ impl Buffer {
         let bytes = rows * EventRow::SIZE;
         // Reserve first, so that concurrent pushes can never overshoot the cap together.
         let before = self.held_bytes.fetch_add(bytes, Ordering::AcqRel);
-        if before + bytes > self.limits.max_bytes {
+        if before + bytes + self.ids_bytes() > self.limits.max_bytes {
             self.held_bytes.fetch_sub(bytes, Ordering::AcqRel);
             return Err(PushError::Full);
         }
@@ -474,7 +478,20 @@ impl Buffer {
 
     /// True when a push of one event would be refused for lack of room.
     pub fn is_full(&self) -> bool {
-        self.held_bytes() + EventRow::SIZE > self.limits.max_bytes
+        self.held_bytes() + self.ids_bytes() + EventRow::SIZE > self.limits.max_bytes
+    }
+
+    /// Counts `bytes` of memory held for the buffered events elsewhere against
+    /// `BUFFER_MAX_BYTES`: the client event ids kept past `EVENT_IDS_MAX` because their events
+    /// wait (the id store reports them). Without it, a buffer full of events with ids took
+    /// twice its cap and more (docs/PERFORMANCE.md, "Ids kept for a full buffer").
+    pub fn set_ids_bytes(&self, bytes: usize) {
+        self.ids_bytes.store(bytes, Ordering::Release);
+        self.metrics.buffer_ids_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    fn ids_bytes(&self) -> usize {
+        self.ids_bytes.load(Ordering::Acquire)
     }
 }
 
@@ -565,6 +582,22 @@ mod tests {
         assert_eq!(b.push(rows(1)), Err(PushError::Full));
         b.release(&batch);
         b.push(rows(1)).unwrap();
+    }
+
+    #[test]
+    fn the_ids_kept_for_the_events_count_against_the_cap() {
+        let b = buffer(10, 10);
+        b.push(rows(4)).unwrap();
+        // Ids taking four rows' worth: room for two more rows, not three.
+        b.set_ids_bytes(4 * EventRow::SIZE);
+        assert_eq!(b.push(rows(3)), Err(PushError::Full));
+        b.push(rows(2)).unwrap();
+        assert!(b.is_full());
+        // Forgotten: the room comes back.
+        b.set_ids_bytes(0);
+        assert!(!b.is_full());
+        b.push(rows(4)).unwrap();
+        assert_eq!(b.push(rows(1)), Err(PushError::Full));
     }
 
     #[test]

@@ -1,10 +1,10 @@
 //! `POST /ads/events`: a result per item, good items held together, bad ones named, repeats of an
 //! eventId stored once, and the limits.
 
-use adbeacon::store::EventRow;
+use adbeacon::{api::event_ids::ID_BYTES, store::EventRow};
 use serde_json::{Value, json};
 
-use crate::support::TestApp;
+use crate::support::{ClickHouse, TestApp, fresh_db};
 
 const AD: &str = "11111111-1111-1111-1111-111111111111";
 const AD2: &str = "22222222-2222-2222-2222-222222222222";
@@ -118,6 +118,59 @@ async fn the_limits_are_413_and_a_batch_that_cannot_be_held_is_503_with_nothing_
     assert_eq!(fits.status(), 202);
     assert_eq!(app.wait_flushed(4).await, 4);
     assert_eq!(app.number("SELECT count() FROM events").await, 4);
+}
+
+/// With ClickHouse frozen, a buffer filling with events that carry client ids: the ids kept past
+/// `EVENT_IDS_MAX` (their events wait) count against `BUFFER_MAX_BYTES` with the events, so the
+/// buffer takes fewer events than without ids, exactly as many as the two fit in, and the
+/// service's memory stays within the cap (a full 256 MiB buffer of such events took 2.17 times
+/// the cap before). Everything accepted is stored once after the thaw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ids_kept_for_waiting_events_count_against_the_buffer() {
+    let ch = ClickHouse::start();
+    let cap_rows = 200;
+    let room = (cap_rows * EventRow::SIZE).to_string();
+    let app = TestApp::spawn_on(
+        &ch.url(),
+        &fresh_db(),
+        &[
+            ("REDIS_URL", "none"),
+            ("ACK_MODE", "buffered"),
+            ("EVENT_IDS_MAX", "10"),
+            ("BUFFER_MAX_BYTES", &room),
+            ("BATCH_MAX_BYTES", &room),
+            ("FLUSH_INTERVAL", "100ms"),
+            ("INSERT_TIMEOUT", "1h"),
+            ("REPLAY_CLAIM_IDLE", "2h"),
+        ],
+    )
+    .await;
+    ch.freeze();
+    let mut accepted = 0;
+    let refused = loop {
+        let items: Vec<Value> = (0..10)
+            .map(|_| json!({"adId": AD, "kind": "start", "eventId": uuid::Uuid::new_v4().to_string()}))
+            .collect();
+        let resp = app.post("/ads/events", &Value::Array(items)).await;
+        if resp.status() != 202 {
+            break resp;
+        }
+        accepted += 10;
+        assert!(accepted <= cap_rows, "more events than the buffer holds without ids");
+    };
+    assert_eq!(refused.status(), 503);
+    // The batch that fit: its events and the ids past the bound before it; the one refused:
+    // its events, and the ids past the bound with the last one held.
+    let (size, past) = (EventRow::SIZE, |n: usize| n.saturating_sub(10) * ID_BYTES);
+    assert!(accepted * size + past(accepted - 10) <= cap_rows * size, "{accepted} accepted");
+    assert!((accepted + 10) * size + past(accepted) > cap_rows * size, "{accepted} accepted");
+    assert!(accepted < cap_rows, "{accepted} accepted: the ids were not counted");
+    assert_eq!(app.metric("adbeacon_buffer_ids_bytes").await, past(accepted) as u64);
+    assert_eq!(app.metric("adbeacon_event_ids_remembered").await, accepted as u64);
+    ch.thaw();
+    assert_eq!(app.wait_flushed(accepted as u64).await, accepted as u64);
+    assert_eq!(app.number("SELECT count() FROM events").await, accepted as u64);
+    assert_eq!(app.number("SELECT uniqExact(event_id) FROM events").await, accepted as u64);
 }
 
 /// An item whose eventId another request is storing right now (its log write under way) is
