@@ -178,8 +178,8 @@ pub struct Metrics {
     pub buffer_bytes: IntGauge,
     /// BUFFER_MAX_BYTES: beyond it tracking requests get 503 (set once at start-up).
     pub buffer_max_bytes: IntGauge,
-    /// Bytes of the client event ids remembered past EVENT_IDS_MAX, counted against
-    /// BUFFER_MAX_BYTES with the buffer's events.
+    /// Bytes of the client event ids remembered past EVENT_IDS_MAX counted against
+    /// BUFFER_MAX_BYTES: at most [`crate::ingest::buffer::ID_BYTES`] per event held.
     pub buffer_ids_bytes: IntGauge,
     /// Batches confirmed by ClickHouse.
     pub batches_flushed: IntCounter,
@@ -457,7 +457,7 @@ impl Metrics {
             ),
             buffer_ids_bytes: gauge(
                 "adbeacon_buffer_ids_bytes",
-                "Bytes of the client event ids remembered past EVENT_IDS_MAX for the buffer's events (about 56 each), counted against BUFFER_MAX_BYTES",
+                "Bytes of the client event ids remembered past EVENT_IDS_MAX counted against BUFFER_MAX_BYTES: about 56 each, at most 56 per event held",
             ),
             books_balance: gauge(
                 "adbeacon_books_balance",

@@ -58,6 +58,11 @@ pub struct Limits {
     pub max_age: Duration,
 }
 
+/// The memory of one client event id remembered for a buffered event, about: its 40-byte slot in
+/// the id store and its place in the store's index (8 bytes, at most 3/4 full); 2.4 million ids
+/// measured 127 MiB, 55 bytes each.
+pub const ID_BYTES: usize = 56;
+
 /// Rows taken from the buffer to be inserted together, under one token.
 #[derive(Debug)]
 pub struct Batch {
@@ -119,8 +124,8 @@ pub struct Buffer {
     pending: Mutex<Pending>,
     wake: Notify,
     held_bytes: AtomicUsize,
-    /// Memory held outside the buffer because of the events it holds: the client event ids
-    /// remembered past their bound while their events wait ([`Buffer::set_ids_bytes`]).
+    /// The memory of the client event ids remembered past their bound
+    /// ([`Buffer::set_ids_bytes`]); counted against the cap up to [`ID_BYTES`] per held event.
     ids_bytes: AtomicUsize,
     closed: AtomicBool,
     confirmed: Mutex<Confirmed>,
@@ -176,7 +181,7 @@ impl Buffer {
         let bytes = rows * EventRow::SIZE;
         // Reserve first, so that concurrent pushes can never overshoot the cap together.
         let before = self.held_bytes.fetch_add(bytes, Ordering::AcqRel);
-        if before + bytes + self.ids_bytes() > self.limits.max_bytes {
+        if before + bytes + self.ids_charge() > self.limits.max_bytes {
             self.held_bytes.fetch_sub(bytes, Ordering::AcqRel);
             return Err(PushError::Full);
         }
@@ -204,6 +209,9 @@ impl Buffer {
         };
         // The room is now held by the rows; `release` gives it back.
         room.bytes = 0;
+        if self.ids_bytes.load(Ordering::Relaxed) > 0 {
+            self.show_ids_bytes();
+        }
         Ok(seqs)
     }
 
@@ -428,6 +436,7 @@ impl Buffer {
         self.held_bytes.fetch_sub(bytes, Ordering::AcqRel);
         self.metrics.buffer_events.sub(rows as i64);
         self.metrics.buffer_bytes.sub(bytes as i64);
+        self.show_ids_bytes();
         let mut c = self.confirmed.lock();
         for r in batch.seqs.iter().filter(|r| !r.is_empty()) {
             if r.start <= c.below {
@@ -478,20 +487,32 @@ impl Buffer {
 
     /// True when a push of one event would be refused for lack of room.
     pub fn is_full(&self) -> bool {
-        self.held_bytes() + self.ids_bytes() + EventRow::SIZE > self.limits.max_bytes
+        self.held_bytes() + self.ids_charge() + EventRow::SIZE > self.limits.max_bytes
     }
 
-    /// Counts `bytes` of memory held for the buffered events elsewhere against
-    /// `BUFFER_MAX_BYTES`: the client event ids kept past `EVENT_IDS_MAX` because their events
-    /// wait (the id store reports them). Without it, a buffer full of events with ids took
-    /// twice its cap and more (docs/PERFORMANCE.md, "Ids kept for a full buffer").
+    /// Counts the memory of the client event ids remembered past `EVENT_IDS_MAX` (`bytes`, as the
+    /// id store reports it) against `BUFFER_MAX_BYTES`, up to [`ID_BYTES`] per event held: while
+    /// events wait, those ids are theirs (each waiting id has an event here), and without the
+    /// charge a buffer full of events with ids took twice its cap and more (docs/PERFORMANCE.md,
+    /// "Ids kept for a full buffer"). Once the events are stored the ids stay a while for late
+    /// retries, and count at most one per event held: an empty buffer charges nothing, and the
+    /// buffer always has room for `BUFFER_MAX_BYTES / (EventRow::SIZE + ID_BYTES)` events (whole
+    /// ids kept against the cap left a buffer no room at all after repeated outages).
     pub fn set_ids_bytes(&self, bytes: usize) {
         self.ids_bytes.store(bytes, Ordering::Release);
-        self.metrics.buffer_ids_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.show_ids_bytes();
     }
 
-    fn ids_bytes(&self) -> usize {
-        self.ids_bytes.load(Ordering::Acquire)
+    /// What the ids take of the cap now (see [`Buffer::set_ids_bytes`]).
+    fn ids_charge(&self) -> usize {
+        let held_rows = self.held_bytes() / EventRow::SIZE;
+        self.ids_bytes.load(Ordering::Acquire).min(held_rows * ID_BYTES)
+    }
+
+    /// Sets `adbeacon_buffer_ids_bytes` to the charge: when the ids' memory or the events held
+    /// change (a reservation's room counts only for the moment it is reserved).
+    fn show_ids_bytes(&self) {
+        self.metrics.buffer_ids_bytes.set(i64::try_from(self.ids_charge()).unwrap_or(i64::MAX));
     }
 }
 
@@ -585,19 +606,29 @@ mod tests {
     }
 
     #[test]
-    fn the_ids_kept_for_the_events_count_against_the_cap() {
+    fn the_ids_kept_for_the_events_count_against_the_cap_while_events_are_held() {
         let b = buffer(10, 10);
         b.push(rows(4)).unwrap();
-        // Ids taking four rows' worth: room for two more rows, not three.
-        b.set_ids_bytes(4 * EventRow::SIZE);
+        // More ids past the bound than events held: each held event counts with one id at most
+        // (a waiting id has an event here), so 6 rows fit with theirs, not 7.
+        b.set_ids_bytes(1_000_000);
         assert_eq!(b.push(rows(3)), Err(PushError::Full));
         b.push(rows(2)).unwrap();
-        assert!(b.is_full());
-        // Forgotten: the room comes back.
-        b.set_ids_bytes(0);
-        assert!(!b.is_full());
-        b.push(rows(4)).unwrap();
         assert_eq!(b.push(rows(1)), Err(PushError::Full));
+        assert!(b.is_full());
+        assert_eq!(b.metrics.buffer_ids_bytes.get(), (6 * ID_BYTES) as i64);
+        // Stored: the ids stay (for late retries); nothing held, nothing charged, and new events
+        // count one id each at most.
+        let batch = b.take(Instant::now(), true).unwrap();
+        b.release(&batch);
+        assert_eq!(b.metrics.buffer_ids_bytes.get(), 0);
+        assert!(!b.is_full());
+        b.push(rows(5)).unwrap();
+        assert_eq!(b.push(rows(2)), Err(PushError::Full));
+        // Fewer ids than events: the ids count as they are.
+        b.set_ids_bytes(ID_BYTES);
+        b.push(rows(4)).unwrap();
+        assert_eq!(b.metrics.buffer_ids_bytes.get(), ID_BYTES as i64);
     }
 
     #[test]

@@ -124,7 +124,8 @@ async fn the_limits_are_413_and_a_batch_that_cannot_be_held_is_503_with_nothing_
 /// `EVENT_IDS_MAX` (their events wait) count against `BUFFER_MAX_BYTES` with the events, so the
 /// buffer takes fewer events than without ids, exactly as many as the two fit in, and the
 /// service's memory stays within the cap (a full 256 MiB buffer of such events took 2.17 times
-/// the cap before). Everything accepted is stored once after the thaw.
+/// the cap before). Everything accepted is stored once after the thaw; the ids stay (for late
+/// retries), counted one per event held at most, and a second outage takes as many.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ids_kept_for_waiting_events_count_against_the_buffer() {
     let ch = ClickHouse::start();
@@ -145,23 +146,28 @@ async fn the_ids_kept_for_waiting_events_count_against_the_buffer() {
         ],
     )
     .await;
-    ch.freeze();
-    let mut accepted = 0;
-    let refused = loop {
-        let items: Vec<Value> = (0..10)
-            .map(|_| json!({"adId": AD, "kind": "start", "eventId": uuid::Uuid::new_v4().to_string()}))
-            .collect();
-        let resp = app.post("/ads/events", &Value::Array(items)).await;
-        if resp.status() != 202 {
-            break resp;
+    // Batches of 10 fresh ids until one is refused: how many were accepted.
+    let fill = || async {
+        let mut accepted = 0;
+        loop {
+            let items: Vec<Value> = (0..10)
+                .map(|_| json!({"adId": AD, "kind": "start", "eventId": uuid::Uuid::new_v4().to_string()}))
+                .collect();
+            let resp = app.post("/ads/events", &Value::Array(items)).await;
+            if resp.status() != 202 {
+                assert_eq!(resp.status(), 503);
+                return accepted;
+            }
+            accepted += 10;
+            assert!(accepted <= cap_rows, "more events than the buffer holds without ids");
         }
-        accepted += 10;
-        assert!(accepted <= cap_rows, "more events than the buffer holds without ids");
     };
-    assert_eq!(refused.status(), 503);
+    ch.freeze();
+    let accepted = fill().await;
     // The batch that fit: its events and the ids past the bound before it; the one refused:
     // its events, and the ids past the bound with the last one held.
     let (size, past) = (EventRow::SIZE, |n: usize| n.saturating_sub(10) * ID_BYTES);
+    assert!(accepted >= 10, "the first batch was refused");
     assert!(accepted * size + past(accepted - 10) <= cap_rows * size, "{accepted} accepted");
     assert!((accepted + 10) * size + past(accepted) > cap_rows * size, "{accepted} accepted");
     assert!(accepted < cap_rows, "{accepted} accepted: the ids were not counted");
@@ -169,8 +175,16 @@ async fn the_ids_kept_for_waiting_events_count_against_the_buffer() {
     assert_eq!(app.metric("adbeacon_event_ids_remembered").await, accepted as u64);
     ch.thaw();
     assert_eq!(app.wait_flushed(accepted as u64).await, accepted as u64);
-    assert_eq!(app.number("SELECT count() FROM events").await, accepted as u64);
-    assert_eq!(app.number("SELECT uniqExact(event_id) FROM events").await, accepted as u64);
+    assert_eq!(app.metric("adbeacon_buffer_ids_bytes").await, 0, "stored: nothing held, nothing charged");
+    assert_eq!(app.metric("adbeacon_event_ids_remembered").await, accepted as u64, "kept for late retries");
+    ch.freeze();
+    let again = fill().await;
+    assert_eq!(again, accepted, "the second outage takes as many");
+    ch.thaw();
+    let total = (accepted + again) as u64;
+    assert_eq!(app.wait_flushed(total).await, total);
+    assert_eq!(app.number("SELECT count() FROM events").await, total);
+    assert_eq!(app.number("SELECT uniqExact(event_id) FROM events").await, total);
 }
 
 /// An item whose eventId another request is storing right now (its log write under way) is
