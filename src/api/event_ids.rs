@@ -61,8 +61,9 @@ const STEPS_PER_ID: usize = 2;
 pub use crate::ingest::buffer::ID_BYTES;
 
 /// How often [`EventIds::tidy_every`] gives the fronts of the lines their turns, and how many
-/// ids each turn takes at most: up to 100,000 ids a second, the lock held for well under a
-/// millisecond each time.
+/// ids each line gives at most: up to 100,000 ids a second per line. With nothing due a tidy
+/// holds the lock for well under a microsecond; forgetting 2,000 ids from each line held it
+/// 0.64 ms at most (the store alone, 1.5 million ids, release build).
 const TIDY_EVERY: Duration = Duration::from_millis(20);
 const TIDY_STEPS: usize = 2_000;
 

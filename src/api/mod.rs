@@ -352,10 +352,7 @@ impl State {
     /// in flight until the request settles it) for exactly one of any number of concurrent
     /// requests, under one lock ([`event_ids::EventIds::claim`]).
     pub fn claim(&self, id: Uuid, claims: &mut Claims) -> Claim {
-        if claims.owner == 0 {
-            claims.owner = self.event_ids.owner();
-        }
-        let claimed = self.event_ids.claim(id, claims.owner);
+        let claimed = self.event_ids.claim(id, self.owner(claims));
         self.claimed(id, claimed, claims)
     }
 
@@ -365,13 +362,19 @@ impl State {
         if ids.is_empty() {
             return Vec::new();
         }
-        if claims.owner == 0 {
-            claims.owner = self.event_ids.owner();
-        }
-        let all = self.event_ids.claim_all(ids, claims.owner);
+        let all = self.event_ids.claim_all(ids, self.owner(claims));
         ids.iter().zip(all).map(|(&id, claimed)| self.claimed(id, claimed, claims)).collect()
     }
 
+    /// The request's number in the id store, taken at its first claim.
+    fn owner(&self, claims: &mut Claims) -> u64 {
+        if claims.owner == 0 {
+            claims.owner = self.event_ids.owner();
+        }
+        claims.owner
+    }
+
+    /// What a claim of `id` means for the request, noting a fresh one in `claims`.
     fn claimed(&self, id: Uuid, claimed: event_ids::Claimed, claims: &mut Claims) -> Claim {
         match claimed {
             event_ids::Claimed::Fresh => {
