@@ -4,18 +4,20 @@
 //!
 //! An id is remembered for `EVENT_ID_TTL` after it was taken, and among the last
 //! `EVENT_IDS_MAX` ids (the oldest go first). Some ids are *kept* instead when their turn
-//! comes (their time is up, or too many are remembered): they leave the line for a second one,
-//! where their time brings their next turn:
-//! - while this instance still holds its events, in neither ClickHouse, the Redis spill nor the
-//!   dead letters yet, whatever the bounds say: during a long outage more of them can wait
-//!   than the bound counts, and their clients are the ones that retry (a 2xx lost on the way).
-//!   The buffer (`BUFFER_MAX_BYTES`) bounds their number;
-//! - for another `EVENT_ID_TTL` once its events are found stored, if a request for it ended
-//!   without a 2xx while they waited (a 503 in `committed` mode, a client that hung up): that
-//!   client retries until it gets a 2xx, however long the outage lasted and however many new
-//!   ids came meanwhile. Past a bound of their own (`EVENT_IDS_MAX`, or as many events as the
-//!   buffer holds if that is more) the oldest of these go first, after that one more turn,
-//!   counted as forgotten early.
+//! comes (their time is up, or too many are remembered): they leave the first line for one of
+//! two others:
+//! - the *waiting* line while this instance still holds its events, in neither ClickHouse, the
+//!   Redis spill nor the dead letters yet, whatever the bounds say: during a long outage more
+//!   of them can wait than the bound counts, and their clients are the ones that retry (a 2xx
+//!   lost on the way). The buffer (`BUFFER_MAX_BYTES`) bounds their number. An id there has its
+//!   next turn as soon as its events are stored and it is at the front: past the bound, it goes
+//!   then (counted as forgotten early), as it would have in the first line;
+//! - the *late* line for another `EVENT_ID_TTL` once its events are found stored, if a request
+//!   for it ended without a 2xx while they waited (a 503 in `committed` mode, a client that
+//!   hung up): that client retries until it gets a 2xx, however long the outage lasted and
+//!   however many new ids came meanwhile. Its time brings its next turn. Past a bound of their
+//!   own (`EVENT_IDS_MAX`, or as many events as the buffer holds if that is more) the oldest of
+//!   these go first, counted as forgotten early.
 //!
 //! Everything sits under one lock, which every claim and every settlement takes once (a batch
 //! claims all its ids under one): an id must be in flight or remembered at every moment in
@@ -76,10 +78,13 @@ const CHUNK: usize = 1 << CHUNK_BITS;
 /// [`Slot::len`]'s flag: a request for the id ended without a 2xx ([`Unanswered`]), so its
 /// client may retry once its events are stored. Cleared at the turn that finds them stored.
 const RETRIED: u32 = 1 << 31;
-/// [`Slot::len`]'s flag: in the kept line, not the first.
+/// [`Slot::len`]'s flag: kept (in the waiting line or the late one), not in the first.
 const KEPT: u32 = 1 << 30;
-/// [`Slot::len`]'s bits that count events (a request holds far fewer than 2^30).
-const LEN: u32 = KEPT - 1;
+/// [`Slot::len`]'s flag, with [`KEPT`]: kept a turn more after its events were stored, for a
+/// late retry (the late line), not while they waited.
+const LATE: u32 = 1 << 29;
+/// [`Slot::len`]'s bits that count events (a request holds far fewer than 2^29).
+const LEN: u32 = LATE - 1;
 
 /// The outcome of [`EventIds::claim`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,13 +130,15 @@ impl Slot {
         self.start..self.start + u64::from(self.len & LEN)
     }
 
-    fn kept(&self) -> bool {
-        self.len & KEPT != 0
-    }
-
-    /// Which of [`Ids::lines`] it is in.
+    /// Which of [`Ids::lines`] it is in: [`FIRST`], [`WAITED`] or [`LATE_LINE`].
     fn line(&self) -> usize {
-        usize::from(self.kept())
+        if self.len & LATE != 0 {
+            LATE_LINE
+        } else if self.len & KEPT != 0 {
+            WAITED
+        } else {
+            FIRST
+        }
     }
 
     /// Whether [`RETRIED`] was set, clearing it.
@@ -140,6 +147,30 @@ impl Slot {
         self.len &= !RETRIED;
         retried
     }
+}
+
+/// [`Ids::lines`]: ids in the order they were taken.
+const FIRST: usize = 0;
+/// [`Ids::lines`]: ids kept because their events still waited when their turn came, in the
+/// order they were kept. Each goes at its next turn once its events are stored, which comes as
+/// soon as it is at the front: kept until their time was up, the ids of a backlog that
+/// ClickHouse stored long ago filled this line to its bound (as many ids as the buffer holds
+/// events), half the buffer's size again in memory that its cap does not count.
+const WAITED: usize = 1;
+/// [`Ids::lines`]: ids kept a turn more after their events were stored, because a request for
+/// them ended without a 2xx (their clients retry however long that takes), in the order they
+/// were kept; each stays until its time is up or the line passes its bound.
+const LATE_LINE: usize = 2;
+
+/// Why an id whose turn came stays ([`EventIds::stays`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stay {
+    /// It goes.
+    No,
+    /// Its events still wait: into the waiting line.
+    Waiting,
+    /// Its events are stored and a request for it ended without a 2xx: into the late line.
+    Late,
 }
 
 /// A line of slots, oldest first.
@@ -295,9 +326,9 @@ struct Ids {
     chunks: Vec<Vec<Slot>>,
     /// The first free slot.
     free: u32,
-    /// The first line (remembered ids in the order they were taken) and the kept one (in the
-    /// order they were last kept).
-    lines: [Line; 2],
+    /// The first line, the waiting one and the late one ([`FIRST`], [`WAITED`],
+    /// [`LATE_LINE`]).
+    lines: [Line; 3],
 }
 
 impl Ids {
@@ -308,7 +339,7 @@ impl Ids {
             hasher: DefaultHashBuilder::default(),
             chunks: Vec::new(),
             free: NIL,
-            lines: [Line::EMPTY; 2],
+            lines: [Line::EMPTY; 3],
         }
     }
 
@@ -401,10 +432,10 @@ impl Ids {
         self.index.len()
     }
 
-    /// Ids in the kept line.
+    /// Ids kept, in the waiting line and the late one.
     #[cfg(test)]
     fn kept_len(&self) -> usize {
-        self.lines[1].len
+        self.lines[WAITED].len + self.lines[LATE_LINE].len
     }
 }
 
@@ -534,8 +565,9 @@ impl EventIds {
                 return Claimed::Held(seqs);
             }
             // Its time is up: its turn has come here rather than in its line.
-            if self.stays(ids.slot_mut(i)) {
-                Self::keep(ids, i, now);
+            let stay = self.stays(ids.slot_mut(i));
+            if stay != Stay::No {
+                Self::keep(ids, i, now, stay);
                 // The fronts get their turns from this look too, as from a new id: during an
                 // outage with retries only, an id at the front that still waits is kept for
                 // another time, so that its client's retry after the store is still a repeat.
@@ -587,10 +619,17 @@ impl EventIds {
         self.counted(&ids);
     }
 
-    /// Whether an id whose turn came is kept: while its events wait, and for one more turn once
-    /// they are found stored if a request for it ended without a 2xx (see the module docs).
-    fn stays(&self, slot: &mut Slot) -> bool {
-        self.waiting(&slot.seqs()) || slot.take_retried()
+    /// Whether an id whose turn came is kept, and where: while its events wait, and for one
+    /// more turn once they are found stored if a request for it ended without a 2xx (see the
+    /// module docs).
+    fn stays(&self, slot: &mut Slot) -> Stay {
+        if self.waiting(&slot.seqs()) {
+            Stay::Waiting
+        } else if slot.take_retried() {
+            Stay::Late
+        } else {
+            Stay::No
+        }
     }
 
     /// Requests for these ids ended without a 2xx while their events may still wait: their
@@ -613,36 +652,45 @@ impl EventIds {
         Unanswered { store: self.clone(), ids }
     }
 
-    /// Moves slot `i` to the back of the kept line, as looked at `now`.
-    fn keep(ids: &mut Ids, i: u32, now: u32) {
+    /// Moves slot `i` to the back of the line `stay` names, as looked at `now`.
+    fn keep(ids: &mut Ids, i: u32, now: u32, stay: Stay) {
         ids.unlink(i);
         let slot = ids.slot_mut(i);
         slot.since = now;
-        slot.len |= KEPT;
+        slot.len = (slot.len & !LATE) | KEPT | if stay == Stay::Late { LATE } else { 0 };
         ids.push_back(i);
     }
 
-    /// Takes up to `steps` ids from the front of each line (at most once round it): from the
-    /// first while there are too many or the front one's time is up, from the kept line while
-    /// the front one's time is up. Each is forgotten, or kept if it stays
+    /// Takes up to `steps` ids from the front of each line (at most once round it): while
+    /// there are too many in it or the front one's time is up, and in the waiting line also
+    /// while the front one's events are stored. Each is forgotten, or kept if it stays
     /// ([`EventIds::stays`]).
     fn forget(&self, ids: &mut Ids, now: u32, steps: usize) {
-        self.turns(ids, now, steps, false);
-        self.turns(ids, now, steps, true);
+        for l in [FIRST, WAITED, LATE_LINE] {
+            self.turns(ids, now, steps, l);
+        }
     }
 
-    /// [`EventIds::forget`] on one line: the first (`kept` false), bounded by `max`, or the
-    /// kept line, bounded by `kept_max`.
-    fn turns(&self, ids: &mut Ids, now: u32, steps: usize, kept: bool) {
-        let (l, bound) = if kept { (1, self.kept_max) } else { (0, self.max) };
+    /// Whether the front of line `l`, slot `i`, has its turn with `len` ids in the line.
+    fn due(&self, l: usize, len: usize, slot: &Slot, now: u32) -> bool {
+        let bound = if l == FIRST { self.max } else { self.kept_max };
+        len > bound
+            || now.saturating_sub(slot.since) > self.ttl
+            || (l == WAITED && !self.waiting(&slot.seqs()))
+    }
+
+    /// [`EventIds::forget`] on line `l`: the first, bounded by `max`, or one of the kept lines,
+    /// each bounded by `kept_max`.
+    fn turns(&self, ids: &mut Ids, now: u32, steps: usize, l: usize) {
         let steps = steps.min(ids.lines[l].len);
         // The index places of the ids whose turn comes, read first, together (see
-        // `Index::touch`). Only a guess in the kept line, where an id kept stays in the line:
-        // some may stay unread; and an id kept rather than forgotten was read for nothing.
+        // `Index::touch`). Only a guess where an id kept stays in its line (the waiting and
+        // late lines): some may stay unread; and an id kept rather than forgotten was read for
+        // nothing.
         let mut i = ids.lines[l].head;
         for k in 0..steps {
             let slot = ids.slot(i);
-            if ids.lines[l].len - k <= bound && now.saturating_sub(slot.since) <= self.ttl {
+            if !self.due(l, ids.lines[l].len - k, slot, now) {
                 break;
             }
             ids.index.touch(ids.hasher.hash_one(slot.id));
@@ -650,24 +698,27 @@ impl EventIds {
         }
         for _ in 0..steps {
             let i = ids.lines[l].head;
-            let full = ids.lines[l].len > bound;
-            let expired = now.saturating_sub(ids.slot(i).since) > self.ttl;
-            if !full && !expired {
+            if !self.due(l, ids.lines[l].len, ids.slot(i), now) {
                 break;
             }
-            if self.stays(ids.slot_mut(i)) {
-                Self::keep(ids, i, now);
+            let expired = now.saturating_sub(ids.slot(i).since) > self.ttl;
+            let stay = self.stays(ids.slot_mut(i));
+            if stay != Stay::No {
+                Self::keep(ids, i, now, stay);
                 continue;
             }
             ids.remove(i);
+            // A kept id's time counts from when it was kept, so one of the waiting line whose
+            // events waited past their first `EVENT_ID_TTL` (an outage of over an hour) counts
+            // here too.
             if !expired {
                 self.metrics.forgotten_early.inc();
             }
         }
     }
 
-    /// Gives the fronts of both lines up to `steps` turns, as new ids do: ids whose time is up,
-    /// or past the bound once their events are stored, are forgotten.
+    /// Gives the fronts of the lines up to `steps` turns each, as new ids do: ids whose time is
+    /// up, or past the bound once their events are stored, are forgotten.
     pub fn tidy(&self, steps: usize) {
         let mut ids = self.lock();
         self.forget(&mut ids, self.now(), steps);
@@ -675,9 +726,10 @@ impl EventIds {
     }
 
     /// [`EventIds::tidy`] every 20 ms until `stop`: without it, ids were forgotten only as new
-    /// ids came, so ids past the bound whose events were stored (those of the first line) and
-    /// ids past their time stayed for as long as traffic without ids went on. The kept line's
-    /// ids stay until their own time is up or that line passes its bound, as before.
+    /// ids came, so ids past the bound whose events were stored (those of the first line and
+    /// of the waiting one) and ids past their time stayed for as long as traffic without ids
+    /// went on. The late line's ids stay until their own time is up or that line passes its
+    /// bound.
     pub async fn tidy_every(self: Arc<Self>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(TIDY_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -802,20 +854,57 @@ mod tests {
         // Seven kept while they wait, past the kept ids' own bound too.
         assert_eq!(ids.lock().kept_len(), 7);
         assert_eq!(ids.metrics.forgotten_early.get(), 0);
-        // Stored at last (their requests answered 2xx): the bounds apply again.
+        // Stored at last (their requests answered 2xx): the bound applies again, and the kept
+        // ids go at their next turns, long before their time is up.
         below.store(10, Ordering::Relaxed);
         assert_eq!(ids.claim(id(0), 0), Claimed::Held(0..1));
-        for n in 10..40 {
+        take(&ids, 10..11, 10..11);
+        below.store(11, Ordering::Relaxed);
+        ids.tidy(100);
+        assert_eq!((ids.len(), ids.lock().kept_len()), (3, 0));
+        assert_eq!(ids.metrics.forgotten_early.get(), 8);
+        for n in 11..40 {
             take(&ids, n..n + 1, n as u64..n as u64 + 1);
             below.store(n as u64 + 1, Ordering::Relaxed);
         }
-        assert_eq!(ids.len(), 6);
-        assert_eq!(ids.lock().kept_len(), 3);
+        assert_eq!((ids.len(), ids.lock().kept_len()), (3, 0));
         assert_eq!(ids.claim(id(39), 0), Claimed::Held(39..40));
         assert_eq!(ids.claim(id(36), 0), Claimed::Fresh);
         assert_eq!(ids.claim(id(0), 0), Claimed::Fresh);
-        assert_eq!(ids.claim(id(6), 0), Claimed::Held(6..7));
-        assert_eq!(ids.claim(id(7), 0), Claimed::Fresh);
+        assert_eq!(ids.claim(id(6), 0), Claimed::Fresh);
+    }
+
+    #[test]
+    fn a_backlog_larger_than_the_bound_keeps_only_the_ids_whose_events_still_wait() {
+        // ClickHouse behind for a long time: 500 events always wait, ten times the bound, and
+        // every request got its 2xx. The ids kept while their events waited go once their events
+        // are stored, as new ids come; they did not stay for their time until the kept ids'
+        // bound (as many ids as the buffer holds events) filled up.
+        let (ids, below) = store(50, Duration::from_secs(3600));
+        let ids = ids.keeping(5_000);
+        for n in 0..20_000u128 {
+            take(&ids, n..n + 1, n as u64..n as u64 + 1);
+            below.store((n as u64 + 1).saturating_sub(500), Ordering::Relaxed);
+            if n % 1_000 == 999 {
+                assert!(ids.len() <= 50 + 500 + 2, "{} ids after {n}", ids.len());
+                check_lines(&ids.lock());
+            }
+        }
+        // Every id whose events wait is still a repeat.
+        for n in 19_500..20_000u128 {
+            assert_eq!(ids.claim(id(n), 0), Claimed::Held(n as u64..n as u64 + 1), "id {n}");
+        }
+        // A request left unanswered still keeps its id a turn more after the store.
+        let ids = Arc::new(ids);
+        drop(ids.until_answered(vec![id(19_600)]));
+        below.store(20_000, Ordering::Relaxed);
+        for n in 20_000..21_000u128 {
+            take(&ids, n..n + 1, n as u64..n as u64 + 1);
+            below.store(n as u64 + 1, Ordering::Relaxed);
+        }
+        assert_eq!(ids.claim(id(19_600), 0), Claimed::Held(19_600..19_601));
+        assert_eq!(ids.claim(id(19_601), 0), Claimed::Fresh);
+        assert_eq!(ids.len(), 51);
     }
 
     #[test]
@@ -980,7 +1069,7 @@ mod tests {
         assert_eq!(ids.lock().kept_len(), 1, "id 0 kept while it waits");
         drop(ids.until_answered(vec![id(0)]));
         below.store(2, Ordering::Relaxed);
-        // Four ids at once: eight steps, over a kept line of four, too many for its bound.
+        // Four ids at once: eight steps over each line, the late one too many for its bound.
         take(&ids, 2..6, 2..6);
         assert_eq!(ids.claim(id(0), 0), Claimed::Held(0..2), "its one more turn, not two at once");
     }
@@ -1167,8 +1256,8 @@ mod tests {
     }
 
     /// The remembered ids of each line in order, as (id, start, len, since).
-    fn lines_of(ids: &Ids) -> [Vec<(Uuid, u64, u32, u32)>; 2] {
-        [0, 1].map(|l| {
+    fn lines_of(ids: &Ids) -> [Vec<(Uuid, u64, u32, u32)>; 3] {
+        [FIRST, WAITED, LATE_LINE].map(|l| {
             let mut out = Vec::new();
             let mut i = ids.lines[l].head;
             while i != NIL {
@@ -1269,11 +1358,10 @@ mod tests {
         tick();
         ids.tidy(100);
         assert_eq!(ids.len(), 30);
-        // Stored: no new id comes, and the tidy forgets them at their turn (their time is up:
-        // those of the kept line stay until then, for late retries), as new ids would have; the
-        // charge goes with them.
+        // Stored: no new id comes, and the tidy forgets them at their turn, as new ids would
+        // have (all of them are in the waiting line now, kept at the tick, and go once stored,
+        // their time up or not); the charge goes with them.
         below.store(30, Ordering::Relaxed);
-        tick();
         ids.tidy(100);
         assert_eq!(ids.len(), 0);
         assert_eq!(charged.load(Ordering::Relaxed), 0);
@@ -1509,7 +1597,7 @@ mod tests {
             assert_eq!(ids.claim(id(n), 0), Claimed::Held(n as u64..n as u64 + 1), "id {n}");
         }
         drop(ids.until_answered(vec![id(C - 1), id(C)]));
-        // Stored: each new id frees old slots (two steps over the kept line) and takes one
+        // Stored: each new id frees old slots (two steps over each kept line) and takes one
         // (the most recently freed), so slots on both sides of the boundary are reused.
         below.store(N as u64, Ordering::Relaxed);
         for n in N..3 * N {

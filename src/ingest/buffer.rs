@@ -617,8 +617,8 @@ mod tests {
         assert_eq!(b.push(rows(1)), Err(PushError::Full));
         assert!(b.is_full());
         assert_eq!(b.metrics.buffer_ids_bytes.get(), (6 * ID_BYTES) as i64);
-        // Stored: the ids stay (for late retries); nothing held, nothing charged, and new events
-        // count one id each at most.
+        // Stored: whatever ids the store still reports (those kept for late retries), nothing
+        // is held, so nothing is charged, and new events count one id each at most.
         let batch = b.take(Instant::now(), true).unwrap();
         b.release(&batch);
         assert_eq!(b.metrics.buffer_ids_bytes.get(), 0);
