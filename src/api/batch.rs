@@ -20,6 +20,7 @@ use super::{
     ApiTags, Claim, Claims, State,
     body::{BodyLimit, SerdeJson, describe_malformed, json_or_text, malformed, read_body},
     error::ApiError,
+    event_ids::Seqs,
     pixel::event_id,
     tracking::{ad_id, ip, one_of, rfc3339, uuid},
 };
@@ -469,12 +470,12 @@ impl BatchApi {
         // held: a 503 for the repeats then holds none of them, and the batch sent again stores
         // them once, with or without event ids (held first, they were stored, and stored again
         // by each retry of a batch whose repeat went to the spill).
-        repeated.dedup();
         // Returning (or the client hanging up meanwhile) drops the claims, which gives the new
         // items' event ids and repeat-rule marks back. Until the batch's 2xx the repeated ids
         // count as unanswered: a 503 for its new items, or a client that hangs up, leaves them
         // to be retried as well.
-        let unanswered = st.event_ids.until_answered(repeated_ids);
+        let unanswered = st.event_ids.until_answered(repeated_ids, Seqs::Each(repeated.clone()));
+        repeated.dedup();
         st.repeats_confirmed(&repeated).await?;
         if !rows.is_empty() {
             st.hold(rows, claims).await?;

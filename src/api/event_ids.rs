@@ -10,14 +10,17 @@
 //!   Redis spill nor the dead letters yet, whatever the bounds say: during a long outage more
 //!   of them can wait than the bound counts, and their clients are the ones that retry (a 2xx
 //!   lost on the way). The buffer (`BUFFER_MAX_BYTES`) bounds their number. An id there has its
-//!   next turn as soon as its events are stored and it is at the front: past the bound, it goes
-//!   then (counted as forgotten early), as it would have in the first line;
+//!   next turn as soon as its events are stored and it is at the front, and goes then, as it
+//!   would have in the first line past the bound (counted as forgotten early unless its time
+//!   was up too);
 //! - the *late* line for another `EVENT_ID_TTL` once its events are found stored, if a request
 //!   for it ended without a 2xx while they waited (a 503 in `committed` mode, a client that
 //!   hung up): that client retries until it gets a 2xx, however long the outage lasted and
 //!   however many new ids came meanwhile. Its time brings its next turn. Past a bound of their
 //!   own (`EVENT_IDS_MAX`, or as many events as the buffer holds if that is more) the oldest of
-//!   these go first, counted as forgotten early.
+//!   these go first, counted as forgotten early. A request can also end without its 2xx just
+//!   after its events were stored, when its ids may have had their turn already: they come
+//!   back then, into this line.
 //!
 //! Everything sits under one lock, which every claim and every settlement takes once (a batch
 //! claims all its ids under one): an id must be in flight or remembered at every moment in
@@ -115,9 +118,10 @@ struct Slot {
     id: Uuid,
     /// The first sequence number of the events of the request that took it.
     start: u64,
-    /// How many events that request held (the bits of [`LEN`]), with [`KEPT`] and [`RETRIED`].
+    /// How many events that request held (the bits of [`LEN`]), with [`KEPT`], [`LATE`] and
+    /// [`RETRIED`].
     len: u32,
-    /// The second it was taken, or last kept.
+    /// The second it was taken (in the waiting line too), or went into the late line.
     since: u32,
     /// The slot before it in its line.
     prev: u32,
@@ -352,6 +356,7 @@ impl Ids {
     }
 
     /// The slot of a remembered id.
+    #[cfg(test)]
     fn find(&self, id: &Uuid) -> Option<u32> {
         self.find_hashed(self.hasher.hash_one(id), id)
     }
@@ -594,10 +599,7 @@ impl EventIds {
     /// flight (both under one lock, so that no repeat finds them in neither).
     pub fn remember(&self, claimed: impl IntoIterator<Item = Uuid>, seqs: &Range<u64>) {
         let now = self.now();
-        // A request holds far fewer than 2^30 events; were it more, the range keeps its end,
-        // which tells whether they wait.
-        let len = u32::try_from(seqs.end.saturating_sub(seqs.start)).unwrap_or(LEN).min(LEN);
-        let start = seqs.end - u64::from(len);
+        let (start, len) = Self::span(seqs);
         let mut ids = self.lock();
         let mut added = 0;
         for id in claimed {
@@ -633,31 +635,72 @@ impl EventIds {
     }
 
     /// Requests for these ids ended without a 2xx while their events may still wait: their
-    /// clients retry, so the ids stay a turn after the events are stored.
+    /// clients retry, so the ids stay a turn after the events are stored. (Tests: the service
+    /// names the events, [`EventIds::unanswered_naming`].)
+    #[cfg(test)]
     fn unanswered(&self, unanswered: &[Uuid]) {
+        self.unanswered_naming(unanswered, &Seqs::Each(Vec::new()));
+    }
+
+    /// [`EventIds::unanswered`], where `seqs` names the events of each id. An id already
+    /// forgotten comes back, with those events, into the late line (or the waiting one, were
+    /// they still waiting): its turn can come between its events' store and the request's
+    /// answer (a batch refused for a full buffer once its repeats were confirmed, a `committed`
+    /// request whose events went to the spill), and in the waiting line it comes at once.
+    /// Unless another request has it in flight: that one stores it again.
+    fn unanswered_naming(&self, unanswered: &[Uuid], seqs: &Seqs) {
         let mut ids = self.lock();
-        for id in unanswered {
-            if let Some(i) = ids.find(id) {
+        let now = self.now();
+        let mut back = false;
+        for (k, &id) in unanswered.iter().enumerate() {
+            let hash = ids.hasher.hash_one(id);
+            if let Some(i) = ids.find_hashed(hash, &id) {
                 ids.slot_mut(i).len |= RETRIED;
+                continue;
             }
+            let seqs = seqs.of(k);
+            if seqs.is_empty() || ids.in_flight.contains_key(&id) {
+                continue;
+            }
+            let (start, len) = Self::span(&seqs);
+            let flags = if self.waiting(&seqs) { KEPT | RETRIED } else { KEPT | LATE };
+            ids.insert(hash, Slot { id, start, len: len | flags, since: now, prev: NIL, next: NIL });
+            back = true;
         }
+        if back {
+            self.counted(&ids);
+        }
+    }
+
+    /// A request's events `seqs` as a slot holds them: the first sequence number and how many,
+    /// at most [`LEN`] (were it more, the range keeps its end, which tells whether they wait).
+    fn span(seqs: &Range<u64>) -> (u64, u32) {
+        let len = u32::try_from(seqs.end.saturating_sub(seqs.start)).unwrap_or(LEN).min(LEN);
+        (seqs.end - u64::from(len), len)
     }
 
     /// A guard over the ids of a request until its answer (it may wait for the log, or in
     /// `committed` mode for its events or its repeats' first events to be confirmed): unless
     /// [`Unanswered::answered`] says the request got its 2xx, dropping it marks them as
     /// unanswered. So a 503, an error, and a client that hung up while the request waited (its
-    /// future dropped) all count.
-    pub fn until_answered(self: &Arc<Self>, ids: Vec<Uuid>) -> Unanswered {
-        Unanswered { store: self.clone(), ids }
+    /// future dropped) all count. `seqs` names the events of each id (see
+    /// [`EventIds::unanswered_naming`]).
+    pub fn until_answered(self: &Arc<Self>, ids: Vec<Uuid>, seqs: Seqs) -> Unanswered {
+        Unanswered { store: self.clone(), ids, seqs }
     }
 
-    /// Moves slot `i` to the back of the line `stay` names, as looked at `now`.
+    /// Moves slot `i` to the back of the line `stay` names, as looked at `now`. In the waiting
+    /// line an id keeps the second it was taken: its time does not bring its turn there, and
+    /// when it goes it tells whether it went early. In the late line its time starts again.
     fn keep(ids: &mut Ids, i: u32, now: u32, stay: Stay) {
         ids.unlink(i);
         let slot = ids.slot_mut(i);
-        slot.since = now;
-        slot.len = (slot.len & !LATE) | KEPT | if stay == Stay::Late { LATE } else { 0 };
+        if stay == Stay::Late {
+            slot.since = now;
+            slot.len |= KEPT | LATE;
+        } else {
+            slot.len = (slot.len & !LATE) | KEPT;
+        }
         ids.push_back(i);
     }
 
@@ -671,12 +714,16 @@ impl EventIds {
         }
     }
 
-    /// Whether the front of line `l`, slot `i`, has its turn with `len` ids in the line.
+    /// Whether `slot`, the front of line `l`, has its turn with `len` ids in the line.
     fn due(&self, l: usize, len: usize, slot: &Slot, now: u32) -> bool {
-        let bound = if l == FIRST { self.max } else { self.kept_max };
-        len > bound
-            || now.saturating_sub(slot.since) > self.ttl
-            || (l == WAITED && !self.waiting(&slot.seqs()))
+        let expired = || now.saturating_sub(slot.since) > self.ttl;
+        match l {
+            FIRST => len > self.max || expired(),
+            // Kept whatever its time while its events wait, so only their store brings its turn
+            // (or too many kept: the front, still waiting, goes to the back).
+            WAITED => len > self.kept_max || !self.waiting(&slot.seqs()),
+            _ => len > self.kept_max || expired(),
+        }
     }
 
     /// [`EventIds::forget`] on line `l`: the first, bounded by `max`, or one of the kept lines,
@@ -708,9 +755,6 @@ impl EventIds {
                 continue;
             }
             ids.remove(i);
-            // A kept id's time counts from when it was kept, so one of the waiting line whose
-            // events waited past their first `EVENT_ID_TTL` (an outage of over an hour) counts
-            // here too.
             if !expired {
                 self.metrics.forgotten_early.inc();
             }
@@ -752,11 +796,32 @@ impl EventIds {
     }
 }
 
+/// The events the ids of an [`Unanswered`] name.
+#[derive(Debug, Clone)]
+pub enum Seqs {
+    /// The same events for every id: the request's own.
+    All(Range<u64>),
+    /// The events of each id in turn: repeats, each naming its first request's (none past the
+    /// end of the list).
+    Each(Vec<Range<u64>>),
+}
+
+impl Seqs {
+    /// The events of the `k`-th id.
+    fn of(&self, k: usize) -> Range<u64> {
+        match self {
+            Seqs::All(seqs) => seqs.clone(),
+            Seqs::Each(each) => each.get(k).cloned().unwrap_or(0..0),
+        }
+    }
+}
+
 /// The ids of a request that has not been answered 2xx yet ([`EventIds::until_answered`]).
 #[must_use = "dropping it marks the ids as unanswered at once"]
 pub struct Unanswered {
     store: Arc<EventIds>,
     ids: Vec<Uuid>,
+    seqs: Seqs,
 }
 
 impl Unanswered {
@@ -769,7 +834,7 @@ impl Unanswered {
 impl Drop for Unanswered {
     fn drop(&mut self) {
         if !self.ids.is_empty() {
-            self.store.unanswered(&self.ids);
+            self.store.unanswered_naming(&self.ids, &self.seqs);
         }
     }
 }
@@ -799,6 +864,16 @@ mod tests {
 
     fn id(n: u128) -> Uuid {
         Uuid::from_u128(n + 1)
+    }
+
+    /// The guard a request's answer settles, over ids `ns`, naming the events the store holds
+    /// for each (as the service names those it took or found held).
+    fn guard(ids: &Arc<EventIds>, ns: Vec<Uuid>) -> Unanswered {
+        let seqs = {
+            let g = ids.lock();
+            ns.iter().map(|n| g.find(n).map_or(0..0, |i| g.slot(i).seqs())).collect()
+        };
+        ids.until_answered(ns, Seqs::Each(seqs))
     }
 
     /// Takes ids `ns` as one request holding events `seqs`.
@@ -896,7 +971,7 @@ mod tests {
         }
         // A request left unanswered still keeps its id a turn more after the store.
         let ids = Arc::new(ids);
-        drop(ids.until_answered(vec![id(19_600)]));
+        drop(guard(&ids, vec![id(19_600)]));
         below.store(20_000, Ordering::Relaxed);
         for n in 20_000..21_000u128 {
             take(&ids, n..n + 1, n as u64..n as u64 + 1);
@@ -998,8 +1073,8 @@ mod tests {
         let ids = Arc::new(ids);
         take(&ids, 0..3, 0..3);
         // A 503 or a client that hung up: the guard is dropped. A 2xx: answered.
-        drop(ids.until_answered(vec![id(0)]));
-        ids.until_answered(vec![id(1)]).answered();
+        drop(guard(&ids, vec![id(0)]));
+        guard(&ids, vec![id(1)]).answered();
         below.store(3, Ordering::Relaxed);
         tick();
         take(&ids, 3..4, 3..4);
@@ -1040,7 +1115,7 @@ mod tests {
         let ids = Arc::new(ids);
         for n in 0..1000u128 {
             take(&ids, n..n + 1, n as u64..n as u64 + 1);
-            drop(ids.until_answered(vec![id(n)]));
+            drop(guard(&ids, vec![id(n)]));
             below.store(n as u64 + 1, Ordering::Relaxed);
         }
         assert!(ids.len() <= 3 + 3 + 1, "{}", ids.len());
@@ -1053,7 +1128,7 @@ mod tests {
         let ids = Arc::new(ids.keeping(10));
         for n in 0..30u128 {
             take(&ids, n..n + 1, n as u64..n as u64 + 1);
-            drop(ids.until_answered(vec![id(n)]));
+            drop(guard(&ids, vec![id(n)]));
             below.store(n as u64 + 1, Ordering::Relaxed);
         }
         assert!((12..=14).contains(&ids.len()), "{}", ids.len());
@@ -1067,9 +1142,10 @@ mod tests {
         let ids = Arc::new(ids);
         take(&ids, 0..2, 0..2);
         assert_eq!(ids.lock().kept_len(), 1, "id 0 kept while it waits");
-        drop(ids.until_answered(vec![id(0)]));
+        drop(guard(&ids, vec![id(0)]));
         below.store(2, Ordering::Relaxed);
-        // Four ids at once: eight steps over each line, the late one too many for its bound.
+        // Four ids at once: eight steps over each line. Id 0 goes from the waiting line to the
+        // late one in that pass, and the late line's turns in the same pass leave it alone.
         take(&ids, 2..6, 2..6);
         assert_eq!(ids.claim(id(0), 0), Claimed::Held(0..2), "its one more turn, not two at once");
     }
@@ -1526,7 +1602,7 @@ mod tests {
             match next(50) {
                 // The watermark only rises, and leaves about a hundred ids waiting behind it.
                 0 => _ = below.fetch_max(seq.saturating_sub(200), Ordering::Relaxed),
-                1..10 => drop(ids.until_answered(vec![id(n)])),
+                1..10 => drop(guard(&ids, vec![id(n)])),
                 _ => {
                     let owner = ids.owner();
                     match ids.claim(id(n), owner) {
@@ -1596,7 +1672,7 @@ mod tests {
         for n in [0, C - 2, C - 1, C, C + 1, N - 1] {
             assert_eq!(ids.claim(id(n), 0), Claimed::Held(n as u64..n as u64 + 1), "id {n}");
         }
-        drop(ids.until_answered(vec![id(C - 1), id(C)]));
+        drop(guard(&ids, vec![id(C - 1), id(C)]));
         // Stored: each new id frees old slots (two steps over each kept line) and takes one
         // (the most recently freed), so slots on both sides of the boundary are reused.
         below.store(N as u64, Ordering::Relaxed);
@@ -1644,15 +1720,59 @@ mod tests {
     #[test]
     fn an_id_waiting_past_its_time_gets_its_turn_from_retries_of_other_ids() {
         let (ids, below) = store(100, Duration::ZERO);
+        let ids = Arc::new(ids);
         take(&ids, 0..1, 0..1);
         take(&ids, 1..2, 1..2);
+        take(&ids, 2..3, 2..3);
+        drop(guard(&ids, vec![id(2)]));
         tick();
         // An outage with retries only: id 1 is retried while its events wait, and its retry
-        // gives id 0 (at the front, waiting) its turn too: kept for a time more.
+        // gives the front its turns too: ids 0 and 2, their time up, are kept while they wait.
         assert_eq!(ids.claim(id(1), 0), Claimed::Held(1..2));
+        let lines = {
+            let g = ids.lock();
+            (g.lines[FIRST].len, g.kept_len())
+        };
+        assert_eq!(lines, (0, 3));
+        below.store(3, Ordering::Relaxed);
+        // Stored, past their time: id 0's request got its 2xx, so a retry now is new; id 2's
+        // ended without one, so it stays a turn more for its client's retry.
+        assert_eq!(ids.claim(id(0), 0), Claimed::Fresh);
+        assert_eq!(ids.claim(id(2), 0), Claimed::Held(2..3));
+        tick();
+        assert_eq!(ids.claim(id(2), 0), Claimed::Fresh);
+        assert_eq!(ids.metrics.forgotten_early.get(), 0, "none went before its time");
+    }
+
+    #[test]
+    fn an_id_whose_request_fails_after_its_events_are_stored_comes_back_for_the_retry() {
+        // A bound of one, so that ids wait in the waiting line; their turn comes as soon as
+        // their events are stored, before the request that found them held is answered.
+        let (ids, below) = store(1, Duration::from_secs(3600));
+        let ids = Arc::new(ids);
+        take(&ids, 0..1, 0..1);
+        take(&ids, 1..2, 1..2);
+        // A batch repeats id 0 and waits for its first events; another repeats id 1.
+        let (first, second) = (ids.claim(id(0), 0), ids.claim(id(1), 0));
+        let seqs = |c: &Claimed| match c {
+            Claimed::Held(s) => s.clone(),
+            other => panic!("{other:?}"),
+        };
+        let a = ids.until_answered(vec![id(0)], Seqs::Each(vec![seqs(&first)]));
+        let b = ids.until_answered(vec![id(1)], Seqs::All(seqs(&second)));
         below.store(2, Ordering::Relaxed);
-        // Stored; id 0's client (its 2xx lost) retries within that time.
+        take(&ids, 2..3, 2..3);
+        assert_eq!(ids.lock().find(&id(0)), None, "its turn came with the store");
+        // Then the batch is refused (its new items find the buffer full): the id is back, for
+        // the retry its client sends now. The other batch got its 2xx.
+        drop(a);
+        b.answered();
         assert_eq!(ids.claim(id(0), 0), Claimed::Held(0..1));
+        assert_eq!(ids.claim(id(1), 0), Claimed::Fresh);
+        // Not while another request has it in flight: that one stores it.
+        let c = ids.until_answered(vec![id(1)], Seqs::All(1..2));
+        drop(c);
+        assert_eq!(ids.claim(id(1), ids.owner()), Claimed::InFlight);
     }
 
     #[test]
@@ -1667,7 +1787,7 @@ mod tests {
         for round in 0..30_000 {
             match next(40) {
                 0 => _ = below.fetch_max(seq.saturating_sub(next(300)), Ordering::Relaxed),
-                1..6 => drop(ids.until_answered(vec![id(u128::from(next(800)))])),
+                1..6 => drop(guard(&ids, vec![id(u128::from(next(800)))])),
                 _ => {
                     let owner = ids.owner();
                     let mut fresh = Vec::new();

@@ -251,7 +251,8 @@ impl State {
             match self.claim(id, &mut claims) {
                 Claim::Fresh => {}
                 Claim::Held(held) => {
-                    let unanswered = self.event_ids.until_answered(vec![id]);
+                    let unanswered =
+                        self.event_ids.until_answered(vec![id], event_ids::Seqs::All(held.clone()));
                     self.repeats_confirmed(&[held]).await?;
                     unanswered.answered();
                     self.metrics.event_id_repeats.inc();
@@ -524,7 +525,7 @@ impl Settle<'_> {
                 // `State::claim` takes too), so that no repeat finds them in neither.
                 let ids = claims.in_flight.as_ref()?;
                 ids.remember(claims.ids.iter().copied(), &held.seqs());
-                Some(ids.until_answered(std::mem::take(&mut claims.ids)))
+                Some(ids.until_answered(std::mem::take(&mut claims.ids), event_ids::Seqs::All(held.seqs())))
             }
             Err(e) => {
                 // Given back when the claims are dropped: the ids leave the in-flight set and
