@@ -20,7 +20,8 @@
 //!   own (`EVENT_IDS_MAX`, or as many events as the buffer holds if that is more) the oldest of
 //!   these go first, counted as forgotten early. A request can also end without its 2xx just
 //!   after its events were stored, when its ids may have had their turn already: they come
-//!   back then, into this line.
+//!   back then, straight into this line (unless another request has one in flight, to store
+//!   it again).
 //!
 //! Everything sits under one lock, which every claim and every settlement takes once (a batch
 //! claims all its ids under one): an id must be in flight or remembered at every moment in
@@ -569,15 +570,13 @@ impl EventIds {
             if now.saturating_sub(ids.slot(i).since) <= self.ttl {
                 return Claimed::Held(seqs);
             }
-            // Its time is up: its turn has come here rather than in its line.
+            // Its time is up: its turn has come here rather than in its line. The fronts get
+            // no turns from this look: within a batch's claims (one lock) an id found held must
+            // stay found for its repeats later in the batch, and the tidy gives the fronts
+            // their turns when no new ids come.
             let stay = self.stays(ids.slot_mut(i));
             if stay != Stay::No {
                 Self::keep(ids, i, now, stay);
-                // The fronts get their turns from this look too, as from a new id: during an
-                // outage with retries only, an id at the front that still waits is kept for
-                // another time, so that its client's retry after the store is still a repeat.
-                self.forget(ids, now, STEPS_PER_ID);
-                self.counted(ids);
                 return Claimed::Held(seqs);
             }
             ids.remove(i);
@@ -643,31 +642,34 @@ impl EventIds {
     }
 
     /// [`EventIds::unanswered`], where `seqs` names the events of each id. An id already
-    /// forgotten comes back, with those events, into the late line (or the waiting one, were
-    /// they still waiting): its turn can come between its events' store and the request's
-    /// answer (a batch refused for a full buffer once its repeats were confirmed, a `committed`
-    /// request whose events went to the spill), and in the waiting line it comes at once.
-    /// Unless another request has it in flight: that one stores it again.
+    /// forgotten comes back, with those events, into the late line: its turn can come between
+    /// its events' store and the request's answer (a batch refused for a full buffer once its
+    /// repeats were confirmed, a `committed` request whose events went to the spill), and in
+    /// the waiting line it comes as soon as it is at the front. Unless another request has it
+    /// in flight: that one stores it again.
     fn unanswered_naming(&self, unanswered: &[Uuid], seqs: &Seqs) {
         let mut ids = self.lock();
         let now = self.now();
-        let mut back = false;
+        // Ids brought back here: one named twice (twice in a batch) gets one turn more, not two.
+        let mut back = Vec::new();
         for (k, &id) in unanswered.iter().enumerate() {
             let hash = ids.hasher.hash_one(id);
             if let Some(i) = ids.find_hashed(hash, &id) {
-                ids.slot_mut(i).len |= RETRIED;
+                if !back.contains(&id) {
+                    ids.slot_mut(i).len |= RETRIED;
+                }
                 continue;
             }
+            // Forgotten, so its events are stored (no id goes while they wait).
             let seqs = seqs.of(k);
-            if seqs.is_empty() || ids.in_flight.contains_key(&id) {
+            if seqs.is_empty() || self.waiting(&seqs) || ids.in_flight.contains_key(&id) {
                 continue;
             }
             let (start, len) = Self::span(&seqs);
-            let flags = if self.waiting(&seqs) { KEPT | RETRIED } else { KEPT | LATE };
-            ids.insert(hash, Slot { id, start, len: len | flags, since: now, prev: NIL, next: NIL });
-            back = true;
+            ids.insert(hash, Slot { id, start, len: len | KEPT | LATE, since: now, prev: NIL, next: NIL });
+            back.push(id);
         }
-        if back {
+        if !back.is_empty() {
             self.counted(&ids);
         }
     }
@@ -690,8 +692,9 @@ impl EventIds {
     }
 
     /// Moves slot `i` to the back of the line `stay` names, as looked at `now`. In the waiting
-    /// line an id keeps the second it was taken: its time does not bring its turn there, and
-    /// when it goes it tells whether it went early. In the late line its time starts again.
+    /// line an id keeps the second it was taken: at the front, its time does not bring its
+    /// turn there (a claim of it once its time is up does, wherever it is), and when it goes it
+    /// tells whether it went early. In the late line its time starts again.
     fn keep(ids: &mut Ids, i: u32, now: u32, stay: Stay) {
         ids.unlink(i);
         let slot = ids.slot_mut(i);
@@ -1602,7 +1605,10 @@ mod tests {
             match next(50) {
                 // The watermark only rises, and leaves about a hundred ids waiting behind it.
                 0 => _ = below.fetch_max(seq.saturating_sub(200), Ordering::Relaxed),
-                1..10 => drop(guard(&ids, vec![id(n)])),
+                1..10 => {
+                    let seqs = Seqs::Each(vec![taken.get(&n).cloned().unwrap_or(0..0)]);
+                    drop(ids.until_answered(vec![id(n)], seqs));
+                }
                 _ => {
                     let owner = ids.owner();
                     match ids.claim(id(n), owner) {
@@ -1718,7 +1724,7 @@ mod tests {
     }
 
     #[test]
-    fn an_id_waiting_past_its_time_gets_its_turn_from_retries_of_other_ids() {
+    fn an_id_whose_time_passed_while_it_waited_goes_with_the_store_unless_left_unanswered() {
         let (ids, below) = store(100, Duration::ZERO);
         let ids = Arc::new(ids);
         take(&ids, 0..1, 0..1);
@@ -1726,9 +1732,10 @@ mod tests {
         take(&ids, 2..3, 2..3);
         drop(guard(&ids, vec![id(2)]));
         tick();
-        // An outage with retries only: id 1 is retried while its events wait, and its retry
-        // gives the front its turns too: ids 0 and 2, their time up, are kept while they wait.
+        // An outage with retries only: id 1 is retried while its events wait, and the tidy
+        // gives the front its turns: ids 0 and 2, their time up, are kept while they wait.
         assert_eq!(ids.claim(id(1), 0), Claimed::Held(1..2));
+        ids.tidy(10);
         let lines = {
             let g = ids.lock();
             (g.lines[FIRST].len, g.kept_len())
@@ -1742,6 +1749,28 @@ mod tests {
         tick();
         assert_eq!(ids.claim(id(2), 0), Claimed::Fresh);
         assert_eq!(ids.metrics.forgotten_early.get(), 0, "none went before its time");
+    }
+
+    #[test]
+    fn an_id_found_held_in_a_batch_stays_held_for_its_repeats_in_the_batch() {
+        let (ids, below) = store(1, Duration::ZERO);
+        let ids = Arc::new(ids);
+        // X: its request ended without a 2xx, and its time is up by the batch.
+        take(&ids, 1..2, 0..1);
+        drop(guard(&ids, vec![id(1)]));
+        tick();
+        // Y, taken in the batch's second; Z after it sends both to the waiting line.
+        while ids.epoch.elapsed().subsec_millis() > 500 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        take(&ids, 0..1, 1..2);
+        take(&ids, 2..3, 2..3);
+        below.store(3, Ordering::Relaxed);
+        // Y, then X (its turn comes with the look: kept for its retry), then Y again: X's turn
+        // gave the fronts none, so Y, at the front of the waiting line and stored, is still
+        // there for its repeat.
+        let got = ids.claim_all(&[id(0), id(1), id(0)], ids.owner());
+        assert_eq!(got, vec![Claimed::Held(1..2), Claimed::Held(0..1), Claimed::Held(1..2)]);
     }
 
     #[test]
@@ -1787,7 +1816,11 @@ mod tests {
         for round in 0..30_000 {
             match next(40) {
                 0 => _ = below.fetch_max(seq.saturating_sub(next(300)), Ordering::Relaxed),
-                1..6 => drop(guard(&ids, vec![id(u128::from(next(800)))])),
+                1..6 => {
+                    let n = u128::from(next(800));
+                    let seqs = Seqs::Each(vec![taken.get(&n).cloned().unwrap_or(0..0)]);
+                    drop(ids.until_answered(vec![id(n)], seqs));
+                }
                 _ => {
                     let owner = ids.owner();
                     let mut fresh = Vec::new();
