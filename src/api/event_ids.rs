@@ -158,9 +158,9 @@ impl Slot {
 const FIRST: usize = 0;
 /// [`Ids::lines`]: ids kept because their events still waited when their turn came, in the
 /// order they were kept. Each goes at its next turn once its events are stored, which comes as
-/// soon as it is at the front: kept until their time was up, the ids of a backlog that
-/// ClickHouse stored long ago filled this line to its bound (as many ids as the buffer holds
-/// events), half the buffer's size again in memory that its cap does not count.
+/// soon as it is at the front. (When they stayed until their time was up instead, the ids of a
+/// backlog that ClickHouse had stored long before filled this line to its bound, as many ids as
+/// the buffer holds events: half the buffer's size again, in memory its cap did not count.)
 const WAITED: usize = 1;
 /// [`Ids::lines`]: ids kept a turn more after their events were stored, because a request for
 /// them ended without a 2xx (their clients retry however long that takes), in the order they
@@ -708,9 +708,9 @@ impl EventIds {
     }
 
     /// Takes up to `steps` ids from the front of each line (at most once round it): while
-    /// there are too many in it or the front one's time is up, and in the waiting line also
-    /// while the front one's events are stored. Each is forgotten, or kept if it stays
-    /// ([`EventIds::stays`]).
+    /// there are too many in it, or, in the first and the late line, while the front one's
+    /// time is up, and in the waiting line while the front one's events are stored. Each is
+    /// forgotten, or kept if it stays ([`EventIds::stays`]).
     fn forget(&self, ids: &mut Ids, now: u32, steps: usize) {
         for l in [FIRST, WAITED, LATE_LINE] {
             self.turns(ids, now, steps, l);
