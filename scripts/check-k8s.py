@@ -9,7 +9,8 @@ No cluster is needed. Three parts:
 2. What a schema cannot know: the settings named in the ConfigMap and Secret are real adbeacon
    settings (the README's configuration table, which a test keeps equal to src/config.rs), the
    probes hit /healthz and /readyz on the served port, the pod runs non-root on a read-only root
-   filesystem with a writable volume at DATA_DIR, the termination grace period covers preStop,
+   filesystem with a writable volume at DATA_DIR, the memory limit covers a full buffer with its
+   client event ids (memory_needed), the termination grace period covers preStop,
    in-flight requests and SHUTDOWN_TIMEOUT, labels and selectors agree across workload, Services,
    PodDisruptionBudget and HPA, and kustomization.yaml lists every manifest. REDIS_URL is set
    (the default, 127.0.0.1, has no Redis in a pod), in the ConfigMap only without a password.
@@ -69,6 +70,28 @@ errors = []
 
 def fail(where, message):
     errors.append(f"{where}: {message}")
+
+
+# Bytes a remembered client event id takes: a 40-byte slot and its place in the index (10.7 to
+# 21.3 bytes; twice that while the index doubles), with room (docs/PERFORMANCE.md, "The id
+# store's slab" and "The id index and reads issued ahead").
+ID_BYTES = 80
+# Bytes of an event in the buffer, as BUFFER_MAX_BYTES counts it (EventRow::SIZE).
+EVENT_BYTES = 104
+
+
+def memory_needed(buffer, ids_max, ack_mode):
+    """The memory limit an adbeacon pod needs with its buffer full: at least twice the buffer,
+    and at least what was measured (docs/PERFORMANCE.md, "Ids kept while their events
+    waited"): the process without traffic (41 MiB) and its caches and connections under load,
+    64 MiB together; the buffer as its chunks hold it (a full 256 MiB buffer took 307 MiB more);
+    and the EVENT_IDS_MAX ids remembered outside it. In `committed` mode every request answered
+    503 during an outage keeps its ids a turn more after the store, outside the buffer too: up to
+    EVENT_IDS_MAX of them, or as many as the buffer holds events."""
+    need = 64 * 2**20 + buffer * 5 // 4 + ids_max * ID_BYTES
+    if ack_mode == "committed":
+        need += max(ids_max, buffer // EVENT_BYTES) * ID_BYTES
+    return max(2 * buffer, need)
 
 
 def readme_settings():
@@ -506,9 +529,12 @@ def main():
             try:
                 buffer = size_bytes(setting("BUFFER_MAX_BYTES"))
                 limit = size_bytes(limits["memory"])
-                if limit < 2 * buffer:
-                    fail(where, f"memory limit {limits['memory']} is under twice BUFFER_MAX_BYTES "
-                                f"({setting('BUFFER_MAX_BYTES')}): a full buffer would get the pod OOM-killed")
+                need = memory_needed(buffer, int(setting("EVENT_IDS_MAX")), setting("ACK_MODE"))
+                if limit < need:
+                    fail(where, f"memory limit {limits['memory']} is under {need / 2**20:.0f} MiB, what a full "
+                                f"buffer needs (BUFFER_MAX_BYTES {setting('BUFFER_MAX_BYTES')}, EVENT_IDS_MAX "
+                                f"{setting('EVENT_IDS_MAX')}, ACK_MODE {setting('ACK_MODE')}; see memory_needed): "
+                                "the pod would be OOM-killed")
                 if "memory" in requests and size_bytes(requests["memory"]) > limit:
                     fail(where, "memory request is above its limit")
             except ValueError as e:
