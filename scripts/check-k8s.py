@@ -82,13 +82,13 @@ EVENT_BYTES = 104
 
 def memory_needed(buffer, ids_max, ack_mode):
     """The memory limit an adbeacon pod needs with its buffer full: at least twice the buffer,
-    and at least what was measured (docs/PERFORMANCE.md, "Ids kept while their events
-    waited"): the process without traffic (41 MiB) and its caches and connections under load,
-    64 MiB together; the buffer as its chunks hold it (a full 256 MiB buffer took 307 MiB more);
-    and the EVENT_IDS_MAX ids remembered outside it. In `committed` mode every request answered
-    503 during an outage keeps its ids a turn more after the store, outside the buffer too: up to
-    EVENT_IDS_MAX of them, or as many as the buffer holds events."""
-    need = 64 * 2**20 + buffer * 5 // 4 + ids_max * ID_BYTES
+    and at least the sum of what was measured (deploy/k8s/README.md, "Memory"): the process (41
+    MiB idle, about 70 MiB under load with its caches and connections; 96 MiB here, with room);
+    the buffer as its chunks hold it (a full 256 MiB buffer took 307 MiB); and the EVENT_IDS_MAX
+    ids remembered outside it. In `committed` mode every request answered 503 during an outage
+    keeps its ids a turn more after the store, outside the buffer too: up to EVENT_IDS_MAX of
+    them, or as many as the buffer holds events."""
+    need = 96 * 2**20 + buffer * 5 // 4 + ids_max * ID_BYTES
     if ack_mode == "committed":
         need += max(ids_max, buffer // EVENT_BYTES) * ID_BYTES
     return max(2 * buffer, need)
