@@ -266,11 +266,25 @@ async fn clickhouse_frozen_then_thawed_stores_every_event_once() {
     assert!(stored.values().all(|n| *n == 1));
 }
 
+/// Each attempt of the flusher asks ClickHouse for the table's layout before its INSERT. An
+/// INSERT is stored twice only if the freeze comes after that answer and before the INSERT's
+/// own: its bytes then wait in the frozen server's socket and run after the thaw, while the
+/// batch also goes to the spill. A freeze between flushes stops the layout query instead, and
+/// nothing reaches the server (measured: about one run in seven, by the timing of the load). So
+/// the scenario runs up to three times, until one shows the duplicates.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn negative_control_without_the_check_a_frozen_clickhouse_stores_events_twice() {
-    let (_, stored) = frozen_clickhouse(false).await;
-    let twice = stored.values().filter(|n| **n > 1).count();
-    eprintln!("negative control: {twice} events stored more than once without the check");
+    let mut twice = 0;
+    for attempt in 1..=3 {
+        let (_, stored) = frozen_clickhouse(false).await;
+        twice = stored.values().filter(|n| **n > 1).count();
+        eprintln!(
+            "negative control, attempt {attempt}: {twice} events stored more than once without the check"
+        );
+        if twice > 0 {
+            break;
+        }
+    }
     assert!(
         twice > 0,
         "without the check the frozen INSERTs must be stored twice; the test cannot see duplicates"
