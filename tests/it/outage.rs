@@ -270,7 +270,7 @@ async fn clickhouse_frozen_then_thawed_stores_every_event_once() {
 /// INSERT is stored twice only if the freeze comes after that answer and before the INSERT's
 /// own: its bytes then wait in the frozen server's socket and run after the thaw, while the
 /// batch also goes to the spill. A freeze between flushes stops the layout query instead, and
-/// nothing reaches the server (measured: about one run in seven, by the timing of the load). So
+/// nothing reaches the server (measured: 3 runs of 27 here, by the timing of the load). So
 /// the scenario runs up to three times, until one shows the duplicates.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn negative_control_without_the_check_a_frozen_clickhouse_stores_events_twice() {
