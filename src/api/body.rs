@@ -470,7 +470,7 @@ mod tests {
 pub struct SerdeJson<T>(pub T);
 
 /// What [`SerdeJson`] answers with, as `Json<T>` does.
-const JSON_UTF8: &str = "application/json; charset=utf-8";
+pub(crate) const JSON_UTF8: &str = "application/json; charset=utf-8";
 
 impl<T: Type + serde::Serialize + Send> poem_openapi::payload::Payload for SerdeJson<T> {
     const CONTENT_TYPE: &'static str = JSON_UTF8;
