@@ -67,7 +67,7 @@ build_release
 pin_cores
 pinning="none (BENCH_PIN=0 or nproc=$ncpu)"
 if [ -n "$wrk_cpu" ]; then
-  pinning="adbeacon on cpu $srv_cpus; wrk ($wrk_rt_note), and ClickHouse and Redis at nice 19 (SCHED_IDLE during the paced runs), on cpu $wrk_cpu"
+  pinning="adbeacon on cpu $srv_cpus; wrk ($wrk_rt_note), and ClickHouse and Redis at nice 19, their autogroups too (SCHED_IDLE during the paced runs), on cpu $wrk_cpu"
 fi
 log "pinning: $pinning"
 

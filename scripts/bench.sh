@@ -118,7 +118,7 @@ pin_cores
 if [ -n "$wrk_cpu" ]; then
   pin_mode=pinned
   target_pct=([click]=80 [pixel]=85)
-  pinning="adbeacon, its no-op twin and bare on cpu $srv_cpus; wrk ($wrk_rt_note), and ClickHouse at nice 19 (SCHED_IDLE during the half-load runs), on cpu $wrk_cpu (nproc=$ncpu)"
+  pinning="adbeacon, its no-op twin and bare on cpu $srv_cpus; wrk ($wrk_rt_note), and ClickHouse at nice 19, its autogroup too (SCHED_IDLE during the half-load runs), on cpu $wrk_cpu (nproc=$ncpu)"
 else
   pin_mode=unpinned
   target_pct=([click]=70 [pixel]=70)
