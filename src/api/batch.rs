@@ -253,7 +253,7 @@ impl BatchResult {
     /// The answer's JSON text, byte for byte what serde_json writes for it (a test holds the two
     /// equal), written directly: the names, statuses and ids need no escaping, and serde_json
     /// checked each of their characters. An item's result took about 1,400 instructions that
-    /// way, a seventh of a batch's CPU per event (callgrind, 100 events with ids).
+    /// way, a seventh of a batch's instructions per event (callgrind, 100 events with ids).
     fn json_text(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(80 + 72 * self.results.len());
         let mut number = itoa::Buffer::new();
@@ -409,7 +409,7 @@ fn raw_items(bytes: &[u8]) -> poem::Result<Vec<&str>> {
 /// follows the array. The items themselves are left to serde. For a valid array the split is
 /// serde's; for anything else, at least one item's text is not valid JSON.
 ///
-/// serde's reading of the raw items took about a fifth of a batch's CPU (callgrind, 100 events
+/// serde's reading of the raw items took about a fifth of a batch's instructions (callgrind, 100 events
 /// with ids: 1,890 instructions an event), reading every string and value through its parser.
 fn split_items(text: &str) -> Option<Vec<&str>> {
     let b = text.as_bytes();
