@@ -192,6 +192,9 @@ pub struct Metrics {
     pub insert_found_stored: IntCounter,
     /// Rows to re-send whose month raw retention may have dropped: kept as dead letters.
     pub insert_unverifiable: IntCounter,
+    /// Rows found stored in `events` after ClickHouse answered their INSERT with an error: the
+    /// views that had not run by then may lack them.
+    pub insert_views_short: IntCounter,
     /// Catalog look-ups answered from the cache.
     pub catalog_hits: IntCounter,
     /// Catalog look-ups that had to wait for ClickHouse.
@@ -470,6 +473,10 @@ impl Metrics {
             insert_found_stored: counter(
                 "adbeacon_insert_found_stored_total",
                 "Failed INSERTs that the check before a retry found stored (wholly or in part); only missing rows were sent again",
+            ),
+            insert_views_short: counter(
+                "adbeacon_insert_views_short_total",
+                "Rows found stored in events after ClickHouse answered their INSERT with an error: the materialized views may lack them; compare and rebuild the aggregates of their times (README, Delivery)",
             ),
             insert_unverifiable: counter(
                 "adbeacon_insert_unverifiable_total",

@@ -21,7 +21,7 @@
 
 use std::{
     collections::HashSet,
-    sync::Arc,
+    sync::{Arc, atomic::AtomicBool},
     time::{Duration, Instant},
 };
 
@@ -144,6 +144,8 @@ impl Flusher {
         let mut holds_unknown = false;
         let query_id = batch.id.to_string();
         let check = [query_id.clone()];
+        // Whether ClickHouse answered an INSERT of this batch with an error (see `Sender::refused`).
+        let refused = AtomicBool::new(false);
         // Past the shutdown budget, an INSERT gets one last try before the batch counts as lost.
         let mut last_try_made = false;
         loop {
@@ -259,6 +261,7 @@ impl Flusher {
                     renew_by: None,
                     stop: None,
                     retention_months: self.retention_months,
+                    refused: &refused,
                 };
                 // Counted as sent before the send starts: during shutdown the timeout below can
                 // drop this future after the INSERT went out, and the next attempt must check.

@@ -16,7 +16,13 @@
 //! again (if the earlier INSERT had landed, the aggregates, which keep every month, would count
 //! them twice) but returned as bad, for the dead letters, with the reason.
 
-use std::{collections::HashSet, future::Future, pin::Pin, time::Instant};
+use std::{
+    collections::HashSet,
+    future::Future,
+    pin::Pin,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Instant,
+};
 
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -89,6 +95,19 @@ pub struct Sender<'a> {
     pub stop: Option<&'a CancellationToken>,
     /// RAW_RETENTION_MONTHS: rows of months it may have dropped cannot be looked up.
     pub retention_months: u32,
+    /// Set when an INSERT of these rows ended with an error that ClickHouse itself answered (an
+    /// exception after the INSERT began, not a lost answer); cleared by the next look-up that
+    /// completes. Rows that look-up finds stored were then written to `events` by an INSERT
+    /// that failed afterwards, in a materialized view or in a later part: the aggregates may
+    /// lack them (see [`Sender::look_up`]). Kept by the caller across its attempts.
+    pub refused: &'a AtomicBool,
+}
+
+/// Whether `error` is an exception ClickHouse answered (its text carries ClickHouse's
+/// `Code: N`), rather than a timeout, a lost connection or a refusal of the client's own.
+fn answered_by_clickhouse(error: &StoreError) -> bool {
+    let (StoreError::Retryable(text) | StoreError::Rejected(text)) = error;
+    crate::store::clickhouse::error_code(text).is_some()
 }
 
 impl Sender<'_> {
@@ -196,17 +215,34 @@ impl Sender<'_> {
             .into_iter()
             .collect();
         if stored.is_empty() {
+            self.refused.store(false, Ordering::Relaxed);
             return Ok(rows.iter().map(|r| (*r).clone()).collect());
         }
         self.metrics.insert_found_stored.inc();
         let missing: Vec<EventRow> =
             rows.iter().filter(|r| !stored.contains(&r.event_id)).map(|r| (*r).clone()).collect();
-        tracing::info!(
-            batches = tokens.len(),
-            rows = rows.len(),
-            stored = rows.len() - missing.len(),
-            "an earlier INSERT had been stored (wholly or in part); sending only the missing rows"
-        );
+        let found = rows.len() - missing.len();
+        if self.refused.swap(false, Ordering::Relaxed) {
+            // ClickHouse answered the INSERT with an error, yet `events` holds these rows: it
+            // failed after the table's write, and the views that had not run by then never saw
+            // them. They are not sent again (events would count them twice); the operator
+            // compares and rebuilds the aggregates of these times (README, Delivery).
+            self.metrics.insert_views_short.inc_by(found as u64);
+            tracing::error!(
+                batches = ?tokens,
+                rows = found,
+                first_event = %first,
+                last_event = %last,
+                "an INSERT that ClickHouse refused had stored these rows in events; its materialized views may lack them: compare the aggregates of these times with a recount from events and rebuild them if they differ (README, Delivery)"
+            );
+        } else {
+            tracing::info!(
+                batches = tokens.len(),
+                rows = rows.len(),
+                stored = found,
+                "an earlier INSERT had been stored (wholly or in part); sending only the missing rows"
+            );
+        }
         Ok(missing)
     }
 
@@ -237,6 +273,9 @@ impl Sender<'_> {
                 Ok(()) => return Ok(()),
                 Err(e @ StoreError::Retryable(_)) => {
                     self.metrics.insert_failed(true);
+                    if answered_by_clickhouse(&e) {
+                        self.refused.store(true, Ordering::Relaxed);
+                    }
                     return Err(e);
                 }
                 // Refused before it was sent: the table no longer lays out its columns as the
@@ -253,6 +292,7 @@ impl Sender<'_> {
             self.metrics.insert_failed(false);
             // A rejected INSERT can have stored part of its rows (a view failing after the
             // table's part was written): only what is missing is split and tried again.
+            self.refused.store(true, Ordering::Relaxed);
             let rest = self.missing(rows, bad).await?;
             match rest.len() {
                 0 => Ok(()),

@@ -26,7 +26,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::Arc,
+    sync::{Arc, atomic::AtomicBool},
     time::{Duration, Instant},
 };
 
@@ -307,6 +307,7 @@ impl Replayer {
         let query_id = format!("{QUERY_PREFIX}{}-{}", self.consumer, Uuid::new_v4().simple());
         let mut check: Option<Vec<String>> = uncertain.then(|| tokens.clone());
         let mut backoff = FIRST_BACKOFF;
+        let refused = AtomicBool::new(false);
         let mut sender = Sender {
             clickhouse: &self.clickhouse,
             metrics: &self.metrics,
@@ -315,6 +316,7 @@ impl Replayer {
             renew_by: None,
             stop: Some(stop),
             retention_months: self.retention_months,
+            refused: &refused,
         };
         let chunk_rows = self.chunk_rows();
         let mut bad: Bad = Vec::new();

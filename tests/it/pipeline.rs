@@ -9,6 +9,7 @@ use serde_json::json;
 use crate::support::{ClickHouse, TestApp, fresh_db, servers::Redis};
 
 const AD1: &str = "11111111-1111-1111-1111-111111111111";
+const AD2: &str = "22222222-2222-2222-2222-222222222222";
 
 #[tokio::test]
 async fn shutdown_flushes_everything_buffered() {
@@ -294,6 +295,35 @@ async fn an_insert_stored_despite_a_timeout_is_not_sent_twice() {
         .and_then(|v| v.parse().ok())
         .unwrap();
     assert!(found > 0, "no INSERT was stored behind a timeout; the test did not exercise the check");
+    // Behind a lost answer the INSERT completed, its views too: nothing to report.
+    assert_eq!(app.metric("adbeacon_insert_views_short_total").await, 0);
+}
+
+/// A materialized view that fails after `events` took the rows (created last here, so every
+/// view of the migrations ran; one that fails earlier leaves them short): ClickHouse answers the
+/// INSERT with an error. The retry finds the rows stored and does not send them again (`events`
+/// would count them twice), and says that the aggregates may lack them:
+/// `adbeacon_insert_views_short_total` and an ERROR line. A lost answer is no such case (the
+/// timeout test checks that it leaves the counter at 0).
+#[tokio::test]
+async fn rows_that_an_insert_stored_before_a_view_failed_are_reported() {
+    let app = TestApp::spawn_with(&[("FLUSH_INTERVAL", "100ms"), ("REDIS_URL", "none")]).await;
+    app.query(&format!(
+        "CREATE MATERIALIZED VIEW zz_fails ENGINE = Null AS SELECT throwIf(ad_id = toUUID('{AD2}')) AS failed FROM events"
+    ))
+    .await;
+    for _ in 0..5 {
+        assert_eq!(app.post("/ads/click", &json!({"adId": AD2})).await.status(), 202);
+    }
+    assert_eq!(app.wait_flushed(5).await, 5);
+    assert_eq!(app.metric("adbeacon_insert_views_short_total").await, 5);
+    assert!(app.metric("adbeacon_insert_found_stored_total").await >= 1);
+    app.query("DROP TABLE zz_fails").await;
+    assert_eq!(app.post("/ads/click", &json!({"adId": AD1})).await.status(), 202);
+    assert_eq!(app.wait_flushed(6).await, 6);
+    assert_eq!(app.number("SELECT count() FROM events").await, 6, "lost or duplicated");
+    assert_eq!(app.number("SELECT uniqExact(event_id) FROM events").await, 6, "duplicates");
+    assert_eq!(app.metric("adbeacon_insert_views_short_total").await, 5, "a later batch counted");
 }
 
 /// One click stored, then `events.error_code` widened from UInt16 to UInt64 under the running
