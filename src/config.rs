@@ -506,6 +506,27 @@ pub fn parse_duration(v: &str) -> Result<Duration, String> {
 /// The longest duration a setting takes.
 const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
 
+/// A duration as a setting is written (`364d`, `90m`, `30s`, `500ms`): in the largest unit that
+/// holds it whole. humantime's own formatting counts in months of 30.44 days, so MAX_EVENT_AGE's
+/// default of 13 28-day months read `11months 29days 3h 50m 24s`.
+pub fn format_duration(d: Duration) -> String {
+    let (secs, nanos) = (d.as_secs(), d.subsec_nanos());
+    if nanos != 0 {
+        return if nanos % 1_000_000 == 0 && secs < 1_000_000 {
+            format!("{}ms", d.as_millis())
+        } else {
+            humantime::format_duration(d).to_string()
+        };
+    }
+    match secs {
+        0 => "0s".into(),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3_600 == 0 => format!("{}h", s / 3_600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
 /// Parses a byte size like `64KiB`, `16MiB`, `1GiB`, `512KB` or a plain number of bytes.
 pub fn parse_size(v: &str) -> Result<usize, String> {
     let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
@@ -749,7 +770,7 @@ impl Config {
         if config.replay_claim_idle <= config.insert_timeout {
             return Err(ConfigError {
                 name: "REPLAY_CLAIM_IDLE",
-                shown: format!("={}", humantime::format_duration(config.replay_claim_idle)),
+                shown: format!("={}", format_duration(config.replay_claim_idle)),
                 form: "a duration longer than INSERT_TIMEOUT",
                 reason: "a replayer still waiting for its INSERT would be taken for dead".into(),
             });
@@ -763,7 +784,7 @@ impl Config {
         if config.max_event_age > retained {
             return Err(ConfigError {
                 name: "MAX_EVENT_AGE",
-                shown: format!("={}", humantime::format_duration(config.max_event_age)),
+                shown: format!("={}", format_duration(config.max_event_age)),
                 form: "a duration no longer than RAW_RETENTION_MONTHS (counted as 28-day months)",
                 reason: format!(
                     "events that old would be dropped by raw retention ({} months)",
@@ -797,6 +818,25 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_shown_as_settings_are_written() {
+        let ms = Duration::from_millis;
+        for (d, text) in [
+            (Duration::from_secs(13 * 28 * 86_400), "364d"),
+            (Duration::from_secs(300), "5m"),
+            (Duration::from_secs(7_200), "2h"),
+            (Duration::from_secs(90), "90s"),
+            (Duration::ZERO, "0s"),
+            (ms(500), "500ms"),
+            (ms(1_500), "1500ms"),
+        ] {
+            assert_eq!(format_duration(d), text);
+            // What is shown reads back as the same setting.
+            assert_eq!(parse_duration(text), Ok(d), "{text}");
+        }
+        assert_eq!(format_duration(Duration::from_nanos(1_500)), "1us 500ns");
+    }
 
     #[test]
     fn defaults_are_valid() {

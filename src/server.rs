@@ -605,7 +605,7 @@ fn refusal_answer(head: &[u8], id: &poem::http::HeaderValue) -> Option<Vec<u8>> 
     let body = serde_json::to_vec(&crate::api::error::ErrorBody { error }).ok()?;
     let mut answer = format!(
         "HTTP/1.1 {status}\r\ncontent-type: application/json; charset=utf-8\r\ncontent-length: {}\r\n\
-         connection: close\r\nx-request-id: {}\r\n",
+         connection: close\r\ncache-control: no-store\r\nx-request-id: {}\r\n",
         body.len(),
         id.to_str().unwrap_or_default(),
     );
@@ -645,6 +645,7 @@ mod tests {
             for line in [
                 "content-type: application/json; charset=utf-8",
                 "connection: close",
+                "cache-control: no-store",
                 "x-request-id: id-1",
                 date,
             ] {

@@ -183,7 +183,9 @@ pub struct ItemResult {
     pub index: u32,
     /// accepted, duplicate, rejected or retry.
     pub status: ItemStatus,
-    /// The event id (yours, or the one the server gave it); absent when rejected.
+    /// The event's id as stored: your `eventId` when it is a UUID; for any other string, a
+    /// UUID derived from it, the ad and the kind (the same for the same three); without one, the
+    /// id the server gave it. Absent when rejected.
     #[oai(skip_serializing_if_is_none)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event_id: Option<Uuid>,

@@ -138,7 +138,7 @@ pub(crate) async fn read_body(
             StatusCode::REQUEST_TIMEOUT,
             format!(
                 "the request body did not arrive within {} (BODY_READ_TIMEOUT)",
-                humantime::format_duration(timeout)
+                crate::config::format_duration(timeout)
             ),
             RejectReason::BodyTimeout,
         )),

@@ -191,8 +191,9 @@ impl ApiError {
     pub fn no_redis() -> Self {
         Self::conflict(
             "dead letters are kept in Redis and REDIS_URL is none: this instance writes them as \
-             files under DATA_DIR/dead-letter/ instead (each loads with clickhouse-client -q \
-             'INSERT INTO events FORMAT JSONEachRow' < FILE); set REDIS_URL to manage them here",
+             files under DATA_DIR/dead-letter/ instead (load each one through the staging table \
+             of the README, Delivery, which skips events ClickHouse holds already: a plain INSERT \
+             of the file could store some twice); set REDIS_URL to manage them here",
         )
     }
 

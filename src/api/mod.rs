@@ -869,6 +869,8 @@ impl<A: Endpoint, O: Endpoint> Front<A, O> {
                 self.metrics.http_requests.with_label_values(&[method_label, template, "204"]).inc();
                 return resp;
             }
+            let preflight_refused = method == poem::http::Method::OPTIONS
+                && req.headers().contains_key(poem::http::header::ACCESS_CONTROL_REQUEST_METHOD);
             let uri = req.uri().clone();
             let path = req.uri().path();
             let (docs, fallback) = if path.starts_with("/docs") {
@@ -917,13 +919,17 @@ impl<A: Endpoint, O: Endpoint> Front<A, O> {
             if status == StatusCode::METHOD_NOT_ALLOWED
                 && let Some((template, allow)) = self.methods.find(uri.path())
             {
-                resp = error::error_response(
-                    status,
-                    &format!(
-                        "{method} is not served on {template}; it serves {}",
-                        allow.to_str().unwrap_or("")
-                    ),
-                );
+                let serves = allow.to_str().unwrap_or("");
+                // A preflight of a path without CORS: OPTIONS itself is served there (plain).
+                let text = if preflight_refused {
+                    format!(
+                        "cross-origin requests are not served on {template} (only the tracking endpoints \
+                         answer CORS preflights); it serves {serves} to same-origin and server-side callers"
+                    )
+                } else {
+                    format!("{method} is not served on {template}; it serves {serves}")
+                };
+                resp = error::error_response(status, &text);
                 resp.headers_mut().insert(poem::http::header::ALLOW, allow.clone());
                 path = template;
             }

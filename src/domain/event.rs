@@ -200,14 +200,14 @@ pub fn event_time(
         return Err(format!(
             "timestamp is {} ahead of the server's clock; at most {} ahead is accepted (MAX_CLOCK_SKEW)",
             roughly(at - secs),
-            humantime::format_duration(max_skew)
+            crate::config::format_duration(max_skew)
         ));
     }
     if at < earliest {
         return Err(format!(
             "timestamp is {} before the server's clock; at most {} before is accepted (MAX_EVENT_AGE)",
             roughly(secs - at),
-            humantime::format_duration(max_age)
+            crate::config::format_duration(max_age)
         ));
     }
     // Stored in UTC: the offset the client wrote is not part of the event.

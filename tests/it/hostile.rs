@@ -708,6 +708,12 @@ async fn hostile_options_and_head() {
     assert_eq!(refused.status(), 405);
     assert_eq!(refused.headers()["allow"], "GET, HEAD, OPTIONS");
     assert!(refused.headers().get("access-control-allow-origin").is_none());
+    let error: Value = refused.json().await.unwrap();
+    assert_eq!(
+        error["error"],
+        "cross-origin requests are not served on /ads/analytics (only the tracking endpoints answer \
+         CORS preflights); it serves GET, HEAD, OPTIONS to same-origin and server-side callers"
+    );
     let no_redirects =
         reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
     for path in [
@@ -1104,6 +1110,8 @@ async fn requests_hyper_refuses_are_answered_in_json_and_counted() {
         assert!(statuses.contains(&raw.status), "{i}: {} {}", raw.headers, raw.body);
         assert_refused(&raw, raw.status, needle);
         assert!(raw.headers.contains("x-request-id: "), "{i}: {}", raw.headers);
+        // As every error answer of the service: no cache keeps a refusal.
+        assert!(raw.headers.contains("cache-control: no-store"), "{i}: {}", raw.headers);
     }
     assert_eq!(app.metric(sample).await, cases.len() as u64);
 }
