@@ -27,7 +27,7 @@ use std::{
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use time::OffsetDateTime;
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use super::Health;
 use crate::{
@@ -231,8 +231,8 @@ impl Sender<'_> {
             tracing::error!(
                 batches = ?tokens,
                 rows = found,
-                first_event = %first,
-                last_event = %last,
+                first_event = %first.format(&Rfc3339).unwrap_or_default(),
+                last_event = %last.format(&Rfc3339).unwrap_or_default(),
                 "an INSERT that ClickHouse refused had stored these rows in events; its materialized views may lack them: compare the aggregates of these times with a recount from events and rebuild them if they differ (README, Delivery)"
             );
         } else {
