@@ -60,7 +60,7 @@ pub struct BatchEvent {
     #[serde(rename = "playbackTime", default)]
     #[oai(nullable)]
     pub playback_time: Option<f64>,
-    /// VAST error code, for `error` (900, undefined, when absent).
+    /// VAST error code (100 to 999), for `error` (900, undefined, when absent).
     #[serde(rename = "errorCode", default)]
     #[oai(nullable)]
     pub error_code: Option<u16>,
@@ -146,9 +146,13 @@ impl TryFrom<BatchEvent> for EventReport {
             one_of([("playbackTime", e.playback_time), ("playback_time", e.playback_time_snake)])?
                 .map(|(name, s)| PlaybackTime::new(s).map_err(|m| format!("{name} {m}")))
                 .transpose()?;
-        let code = one_of([("errorCode", e.error_code), ("error_code", e.error_code_snake)])?.map(|(_, c)| c);
-        let error_code = match kind {
-            EventKind::Error => code.unwrap_or(super::pixel::UNDEFINED_VAST_ERROR),
+        let code = one_of([("errorCode", e.error_code), ("error_code", e.error_code_snake)])?;
+        let error_code = match (kind, code) {
+            (EventKind::Error, Some((_, c))) if super::pixel::VAST_ERROR_CODES.contains(&c) => c,
+            (EventKind::Error, Some((name, c))) => {
+                return Err(format!("{name} must be a VAST error code, 100 to 999, got {c}"));
+            }
+            (EventKind::Error, None) => super::pixel::UNDEFINED_VAST_ERROR,
             _ => 0,
         };
         Ok(EventReport { event_id, ad_id, kind, client_time: e.timestamp, playback_time, error_code })
@@ -692,6 +696,29 @@ mod tests {
         assert!(parse(serde_json::json!(5)).unwrap_err().contains("JSON object"));
         let err = serde_json::json!({"adId": "11111111-1111-1111-1111-111111111111", "kind": "error"});
         assert_eq!(parse(err).unwrap().0.error_code, 900);
+        let coded = |code: u32, name: &str| {
+            let mut v = serde_json::json!({"adId": "11111111-1111-1111-1111-111111111111", "kind": "error"});
+            v[name] = code.into();
+            parse(v).map(|(r, _)| r.error_code)
+        };
+        assert_eq!(coded(405, "errorCode"), Ok(405));
+        assert_eq!(coded(100, "error_code"), Ok(100));
+        assert_eq!(
+            coded(0, "errorCode"),
+            Err("errorCode must be a VAST error code, 100 to 999, got 0".into())
+        );
+        assert_eq!(
+            coded(1000, "error_code"),
+            Err("error_code must be a VAST error code, 100 to 999, got 1000".into())
+        );
+        // Not an error event: its code is not looked at.
+        let start = serde_json::json!({"adId": "11111111-1111-1111-1111-111111111111", "kind": "start",
+            "errorCode": 0});
+        assert_eq!(parse(start).unwrap().0.error_code, 0);
+        // A blank eventId is none of an event's: refused, not taken as a label.
+        let blank = serde_json::json!({"adId": "11111111-1111-1111-1111-111111111111", "kind": "start",
+            "eventId": "   "});
+        assert_eq!(parse(blank).unwrap_err(), "eventId must be 1 to 200 characters, got 0");
         let ua = |n: usize| {
             serde_json::json!({"adId": "11111111-1111-1111-1111-111111111111", "kind": "start",
                 "userAgent": "é".repeat(n)})

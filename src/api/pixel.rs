@@ -41,6 +41,10 @@ const NO_STORE: &str = "no-store";
 /// VAST 4's "undefined error", stored for an error beacon whose code is missing or unreadable.
 pub const UNDEFINED_VAST_ERROR: u16 = 900;
 
+/// The codes VAST defines (100 to 999); any other stands for [`UNDEFINED_VAST_ERROR`] on a
+/// beacon (0 would read as "no error" in the aggregates) and is refused in a batch.
+pub const VAST_ERROR_CODES: std::ops::RangeInclusive<u16> = 100..=999;
+
 /// The longest client event id taken as is; ids are usually UUIDs.
 const MAX_EVENT_ID_LEN: usize = 200;
 /// Why the nil UUID is no event id: it is what an SDK sends when it never filled the id in, the
@@ -134,10 +138,16 @@ fn beacon_event_id(text: &str, ad: Uuid, kind: EventKind) -> Option<Uuid> {
     if t.is_empty() || macro_left || t == b"-1" || t == b"-2" {
         return None;
     }
+    let text = text.trim();
     match Uuid::try_parse(text) {
         // By its value, so that its spelling (upper or lower case, braces) does not matter.
         Ok(id) if !id.is_nil() => Some(scoped_id(b"uuid", id.as_bytes(), ad, kind)),
-        _ => event_id(text, ad, kind).ok(),
+        Ok(_) => None,
+        // A label of its own namespace: a beacon's `eid` never names the event that a JSON
+        // `eventId` with the same text names (README).
+        Err(_) => {
+            (text.chars().count() <= MAX_EVENT_ID_LEN).then(|| scoped_id(b"eid", text.as_bytes(), ad, kind))
+        }
     }
 }
 
@@ -225,6 +235,9 @@ impl Digits<'_> {
 /// session id reused for another ad or event kind is not taken for a repeat. An error when it is
 /// empty, too long to be an id, or the nil UUID ([`NIL_EVENT_ID`]).
 pub(crate) fn event_id(text: &str, ad: Uuid, kind: EventKind) -> Result<Uuid, String> {
+    // Trimmed as the UUID fields of the click and the impression are: a retry that spaces its
+    // id differently is the same event, and a blank id is none.
+    let text = text.trim();
     if let Ok(id) = Uuid::try_parse(text) {
         return if id.is_nil() { Err(format!("eid {NIL_EVENT_ID}")) } else { Ok(id) };
     }
@@ -235,10 +248,14 @@ pub(crate) fn event_id(text: &str, ad: Uuid, kind: EventKind) -> Result<Uuid, St
     Ok(scoped_id(b"", text.as_bytes(), ad, kind))
 }
 
-/// A stable UUID for `value` (of the sort `tag` names: b"" for a label) with the ad and kind.
+/// A stable UUID for `value` (of the sort `tag` names: b"" for a JSON label, b"eid" for a
+/// beacon's, b"uuid" for a beacon's UUID) with the ad and kind. The tag's and the value's lengths
+/// go first, so that no two (tag, value) pairs feed the hash the same bytes.
 fn scoped_id(tag: &[u8], value: &[u8], ad: Uuid, kind: EventKind) -> Uuid {
     let mut h = SipHasher13::new_with_keys(0x6164_6265_6163_6f6e, 0x6576_656e_7420_6964);
+    h.write(&(tag.len() as u32).to_le_bytes());
     h.write(tag);
+    h.write(&(value.len() as u32).to_le_bytes());
     h.write(value);
     h.write(ad.as_bytes());
     h.write(kind.as_str().as_bytes());
@@ -261,7 +278,11 @@ fn parse(b: &Beacon<'_>) -> Result<Parsed, ApiError> {
     })?;
     let client_time = b.ts.map(vast_time);
     let error_code = match kind {
-        EventKind::Error => b.code.and_then(|c| c.parse().ok()).unwrap_or(UNDEFINED_VAST_ERROR),
+        EventKind::Error => b
+            .code
+            .and_then(|c| c.trim().parse().ok())
+            .filter(|c| VAST_ERROR_CODES.contains(c))
+            .unwrap_or(UNDEFINED_VAST_ERROR),
         _ => 0,
     };
     let event_id = b.eid.and_then(|e| beacon_event_id(e, ad_id, kind));
@@ -387,7 +408,8 @@ impl PixelApi {
         /// The client's event id, for idempotency: unique to the ad play (`[TRANSACTIONID]`),
         /// taken per ad and event kind.
         eid: Query<Option<String>>,
-        /// VAST error code for `error`: `[ERRORCODE]` (900, undefined, when missing or unreadable).
+        /// VAST error code for `error`: `[ERRORCODE]` (900, undefined, when missing, unreadable
+        /// or outside VAST's 100 to 999).
         code: Query<Option<String>>,
         /// `204` for an empty answer instead of the GIF.
         f: Query<Option<String>>,
@@ -659,18 +681,60 @@ mod tests {
             assert_eq!(parse(&b).unwrap().report.event_id, None, "{eid:?}");
         }
         let ad = Uuid::parse_str(AD).unwrap();
-        for eid in ["sess-42-7", "[half", "-3", "%5B"] {
+        let beacon_id = |eid| {
             let mut b = beacon("start", Some(AD));
             b.eid = Some(eid);
-            assert_eq!(
-                parse(&b).unwrap().report.event_id,
-                event_id(eid, ad, EventKind::Start).ok(),
-                "{eid:?}"
-            );
+            parse(&b).unwrap().report.event_id
+        };
+        for eid in ["sess-42-7", "[half", "-3", "%5B"] {
+            let id = beacon_id(eid).unwrap_or_else(|| panic!("{eid:?} is an id"));
+            assert_eq!(beacon_id(eid), Some(id), "{eid:?}");
+            // Its own namespace: a JSON eventId with the same text names another event.
+            assert_ne!(Some(id), event_id(eid, ad, EventKind::Start).ok(), "{eid:?}");
         }
-        // The JSON endpoints still refuse it (their callers can fix and resend).
-        assert!(event_id("", ad, EventKind::Start).is_err());
-        assert!(event_id(&long, ad, EventKind::Start).is_err());
+        // Spaces around it do not make another id; the nil UUID is none, spaced or not (a `+`
+        // in a query is a space).
+        assert_eq!(beacon_id(" sess-42-7 "), beacon_id("sess-42-7"));
+        assert_eq!(beacon_id(" 00000000-0000-0000-0000-000000000000"), None);
+        // The JSON endpoints still refuse these (their callers can fix and resend).
+        for bad in ["", "  ", &long, " 00000000-0000-0000-0000-000000000000 "] {
+            assert!(event_id(bad, ad, EventKind::Start).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            event_id(" 5b0c1a52-8a35-4c8b-9a4d-2f0e6b3c9d11\t", ad, EventKind::Start).unwrap().to_string(),
+            "5b0c1a52-8a35-4c8b-9a4d-2f0e6b3c9d11"
+        );
+    }
+
+    #[test]
+    fn no_two_sorts_of_id_feed_the_hash_the_same_bytes() {
+        let ad = Uuid::parse_str(AD).unwrap();
+        // Without the lengths, the tag "uuid" and a UUID's 16 bytes read as a label's text.
+        let uuid = Uuid::from_bytes([0x41; 16]);
+        assert_ne!(
+            scoped_id(b"uuid", uuid.as_bytes(), ad, EventKind::Start),
+            scoped_id(b"", b"uuidAAAAAAAAAAAAAAAA", ad, EventKind::Start)
+        );
+        assert_ne!(scoped_id(b"", b"ab", ad, EventKind::Start), scoped_id(b"a", b"b", ad, EventKind::Start));
+    }
+
+    #[test]
+    fn an_error_code_outside_vasts_range_is_undefined() {
+        for (code, want) in [
+            (None, 900),
+            (Some("405"), 405),
+            (Some(" 100 "), 100),
+            (Some("999"), 999),
+            (Some("0"), 900),
+            (Some("42"), 900),
+            (Some("1000"), 900),
+            (Some("70000"), 900),
+            (Some("[ERRORCODE]"), 900),
+        ] {
+            let mut b = beacon("error", Some(AD));
+            b.code = code;
+            assert_eq!(parse(&b).unwrap().report.error_code, want, "{code:?}");
+        }
     }
 
     #[test]

@@ -309,17 +309,18 @@ async fn with_no_room_a_beacon_gets_503_and_a_click_through_still_redirects() {
 #[tokio::test]
 async fn analytics_count_vast_errors_by_code() {
     let app = TestApp::spawn().await;
-    for code in ["402", "402", "405", "[ERRORCODE]"] {
+    // 0 is no VAST code (it would read as "no error"): undefined, as an unexpanded macro.
+    for code in ["402", "402", "405", "[ERRORCODE]", "0"] {
         assert_eq!(app.get(&format!("/t/error?ad={AD}&code={code}")).await.status(), 200);
     }
     assert_eq!(app.get(&format!("/t/start?ad={AD}&code=402")).await.status(), 200);
-    assert_eq!(app.wait_flushed(5).await, 5);
+    assert_eq!(app.wait_flushed(6).await, 6);
     let a: Value = app.get(&format!("/ads/analytics?adId={AD}&timeframe=1h")).await.json().await.unwrap();
     assert_eq!(
         a["errorCodes"],
-        serde_json::json!([{"code": 402, "count": 2}, {"code": 405, "count": 1}, {"code": 900, "count": 1}])
+        serde_json::json!([{"code": 402, "count": 2}, {"code": 900, "count": 2}, {"code": 405, "count": 1}])
     );
-    assert_eq!(a["video"]["errors"], 4);
+    assert_eq!(a["video"]["errors"], 5);
     // Outside the window, nothing.
     let old: Value = app
         .get(&format!("/ads/analytics?adId={AD}&from=2026-01-01T00:00:00Z&to=2026-01-02T00:00:00Z"))
