@@ -42,7 +42,9 @@ EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/8080 && printf 'GET /healthz HTTP/1.1\\r\\nHost: localhost\\r\\nConnection: close\\r\\n\\r\\n' >&3 && head -n 1 <&3 | grep -q ' 200 '"]
 
-# SIGTERM (docker stop) flushes the buffer before exit; give it SHUTDOWN_TIMEOUT (30s) and more.
+# SIGTERM (docker stop) flushes the buffer before exit; give it SHUTDOWN_TIMEOUT (30s) and more:
+# `docker stop -t 60`, `docker run --stop-timeout 60` (docker's own default is 10 s), or
+# docker-compose.yml's stop_grace_period.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["adbeacon"]
 CMD ["serve"]
