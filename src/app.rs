@@ -87,10 +87,12 @@ pub struct App {
 /// connections, the log's segments, dead-letter files, the replay thread's pool.
 const RESERVED_FDS: usize = 256;
 
-/// MAX_CONNECTIONS, lowered to what the process's open-file limit leaves after
-/// [`RESERVED_FDS`] (where `/proc/self/limits` says it), so that connections cannot take the
-/// descriptors the pipeline needs.
+/// MAX_CONNECTIONS, lowered to what the process's open-file limit (its soft limit raised to the
+/// hard one first, [`raise_open_files`]) leaves after [`RESERVED_FDS`] (where
+/// `/proc/self/limits` says it), so that connections cannot take the descriptors the pipeline
+/// needs.
 fn connection_limit(configured: usize) -> usize {
+    raise_open_files();
     let soft = std::fs::read_to_string("/proc/self/limits").ok().and_then(|text| {
         let line = text.lines().find(|l| l.starts_with("Max open files"))?;
         line.split_whitespace().nth(3)?.parse::<usize>().ok()
@@ -107,6 +109,19 @@ fn connection_limit(configured: usize) -> usize {
             limit
         }
         _ => configured,
+    }
+}
+
+/// Raises the open-file soft limit to the hard one, as Go's runtime does for the services this
+/// one replaces. Container runtimes start processes with a soft limit of 1,024 (containerd 2,
+/// Docker 25 and later under systemd) and a far higher hard one: left as it is, it capped
+/// connections at 768, and at that cap the kubelet's probes wait behind clients.
+fn raise_open_files() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(files) => tracing::debug!(open_files = files, "raised the open-file limit to the hard limit"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-file limit; connections stay capped by it")
+        }
     }
 }
 
@@ -502,6 +517,17 @@ impl App {
 mod tests {
     use super::*;
     use crate::api::tracking::Hot;
+
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_limit() {
+        let (_, hard) = rlimit::Resource::NOFILE.get().unwrap();
+        // As a container runtime starts a process (nextest runs each test in its own).
+        rlimit::Resource::NOFILE.set(hard.min(1024), hard).unwrap();
+        let configured = usize::try_from(hard).unwrap_or(usize::MAX).min(1 << 20);
+        let limit = connection_limit(configured);
+        assert_eq!(rlimit::Resource::NOFILE.get().unwrap(), (hard, hard));
+        assert_eq!(limit, configured.min(usize::try_from(hard).unwrap_or(usize::MAX) - RESERVED_FDS));
+    }
 
     /// The front endpoint serves the hot routes by itself and names each by its operation id,
     /// which labels its metrics: each id must be the operation that the spec serves on that
