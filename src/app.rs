@@ -159,6 +159,7 @@ async fn open_wal(
     let wal_config =
         WalConfig { dir: dir.clone(), segment_bytes: config.wal_segment_bytes, fsync: config.wal_fsync };
     let context = format!("write-ahead log under DATA_DIR ({})", dir.display());
+    metrics.wal_segment_max_bytes.set(i64::try_from(config.wal_segment_bytes).unwrap_or(i64::MAX));
     let (wal, recovery) =
         Wal::open(wal_config, buffer.clone(), metrics.clone()).await.map_err(io(context))?;
     if recovery.fresh_events + recovery.uncertain_events > 0 || recovery.corrupt_bytes > 0 {

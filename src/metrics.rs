@@ -211,6 +211,8 @@ pub struct Metrics {
     pub wal_bytes: IntGauge,
     /// Segments of the write-ahead log on disk.
     pub wal_segments: IntGauge,
+    /// WAL_SEGMENT_BYTES: how long a segment grows before the log rotates (for alert rules).
+    pub wal_segment_max_bytes: IntGauge,
     /// Duration of the log's fdatasync calls.
     pub wal_fsync_duration: Histogram,
     /// Failed writes or syncs of the log (each answered 503).
@@ -501,6 +503,10 @@ impl Metrics {
             ),
             wal_bytes: gauge("adbeacon_wal_bytes", "Bytes of the write-ahead log on disk"),
             wal_segments: gauge("adbeacon_wal_segments", "Segments of the write-ahead log on disk"),
+            wal_segment_max_bytes: gauge(
+                "adbeacon_wal_segment_max_bytes",
+                "WAL_SEGMENT_BYTES: a segment of the write-ahead log grows to this size before the log rotates",
+            ),
             wal_fsync_duration,
             wal_write_errors: counter(
                 "adbeacon_wal_write_errors_total",

@@ -869,8 +869,11 @@ impl<A: Endpoint, O: Endpoint> Front<A, O> {
                 self.metrics.http_requests.with_label_values(&[method_label, template, "204"]).inc();
                 return resp;
             }
+            // A CORS preflight of a path without CORS (the tracking paths answered theirs above).
             let preflight_refused = method == poem::http::Method::OPTIONS
-                && req.headers().contains_key(poem::http::header::ACCESS_CONTROL_REQUEST_METHOD);
+                && req.headers().contains_key(poem::http::header::ORIGIN)
+                && req.headers().contains_key(poem::http::header::ACCESS_CONTROL_REQUEST_METHOD)
+                && !cors::is_tracking_path(req.uri().path());
             let uri = req.uri().clone();
             let path = req.uri().path();
             let (docs, fallback) = if path.starts_with("/docs") {

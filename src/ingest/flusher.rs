@@ -21,7 +21,7 @@
 
 use std::{
     collections::HashSet,
-    sync::{Arc, atomic::AtomicBool},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -32,7 +32,7 @@ use super::{
     Health,
     buffer::{Batch, Buffer},
     dead_letter::{DeadLetters, Kept, Source},
-    insert::{Bad, Sender, dead_letter_reason, past_retention},
+    insert::{Bad, Refused, Sender, dead_letter_reason, past_retention},
     spill::Spill,
     wal::Wal,
 };
@@ -144,8 +144,8 @@ impl Flusher {
         let mut holds_unknown = false;
         let query_id = batch.id.to_string();
         let check = [query_id.clone()];
-        // Whether ClickHouse answered an INSERT of this batch with an error (see `Sender::refused`).
-        let refused = AtomicBool::new(false);
+        // Rows of INSERTs of this batch that ClickHouse answered with an error (`Sender::refused`).
+        let refused = Refused::new(format!("batch {}", batch.id));
         // Past the shutdown budget, an INSERT gets one last try before the batch counts as lost.
         let mut last_try_made = false;
         loop {

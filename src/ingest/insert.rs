@@ -16,13 +16,7 @@
 //! again (if the earlier INSERT had landed, the aggregates, which keep every month, would count
 //! them twice) but returned as bad, for the dead letters, with the reason.
 
-use std::{
-    collections::HashSet,
-    future::Future,
-    pin::Pin,
-    sync::atomic::{AtomicBool, Ordering},
-    time::Instant,
-};
+use std::{collections::HashSet, future::Future, pin::Pin, time::Instant};
 
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -95,12 +89,53 @@ pub struct Sender<'a> {
     pub stop: Option<&'a CancellationToken>,
     /// RAW_RETENTION_MONTHS: rows of months it may have dropped cannot be looked up.
     pub retention_months: u32,
-    /// Set when an INSERT of these rows ended with an error that ClickHouse itself answered (an
-    /// exception after the INSERT began, not a lost answer); cleared by the next look-up that
-    /// completes. Rows that look-up finds stored were then written to `events` by an INSERT
-    /// that failed afterwards, in a materialized view or in a later part: the aggregates may
-    /// lack them (see [`Sender::look_up`]). Kept by the caller across its attempts.
-    pub refused: &'a AtomicBool,
+    /// The event ids of INSERTs that ended with an error ClickHouse itself answered (an
+    /// exception after the INSERT began, not a lost answer), until a look-up checks them. Those
+    /// the look-up finds stored were written to `events` by an INSERT that failed afterwards, in
+    /// a materialized view or in a later part: the aggregates may lack them (see
+    /// [`Sender::look_up`]). Kept by the caller across its attempts ([`Refused`]).
+    pub refused: &'a Refused,
+}
+
+/// The event ids of a delivery's INSERTs that ClickHouse refused and no look-up has checked
+/// since (see [`Sender::refused`]). Dropped with ids still in it (the delivery ended otherwise:
+/// spilled, left in the log, kept as dead letters), it says so: whoever sends those events
+/// next does not know that an INSERT of them failed after writing.
+pub struct Refused {
+    ids: parking_lot::Mutex<HashSet<Uuid>>,
+    /// The delivery's batch (or the replayer's entries), for the warning.
+    what: String,
+}
+
+impl Refused {
+    /// An empty set for the delivery of `what`.
+    pub fn new(what: impl Into<String>) -> Self {
+        Refused { ids: parking_lot::Mutex::new(HashSet::new()), what: what.into() }
+    }
+
+    fn note(&self, rows: &[EventRow]) {
+        self.ids.lock().extend(rows.iter().map(|r| r.event_id));
+    }
+
+    /// Of `rows` (just looked up), how many an INSERT refused since the last look-up and
+    /// `stored` holds; the rows are checked now.
+    fn checked(&self, rows: &[&EventRow], stored: &HashSet<Uuid>) -> usize {
+        let mut ids = self.ids.lock();
+        if ids.is_empty() {
+            return 0;
+        }
+        rows.iter().filter(|r| ids.remove(&r.event_id) && stored.contains(&r.event_id)).count()
+    }
+}
+
+impl Drop for Refused {
+    fn drop(&mut self) {
+        let unchecked = self.ids.get_mut().len();
+        if unchecked > 0 {
+            tracing::warn!(delivery = %self.what, rows = unchecked,
+                "an INSERT that ClickHouse refused may have stored some of these rows in events before it failed, and they left this delivery unchecked (spilled, kept in the log or as dead letters): if they are found stored later, compare the aggregates of their times with a recount from events (README, Delivery)");
+        }
+    }
 }
 
 /// Whether `error` is an exception ClickHouse answered (its text carries ClickHouse's
@@ -214,23 +249,23 @@ impl Sender<'_> {
             .map_err(retryable)?
             .into_iter()
             .collect();
+        let short = self.refused.checked(rows, &stored);
         if stored.is_empty() {
-            self.refused.store(false, Ordering::Relaxed);
             return Ok(rows.iter().map(|r| (*r).clone()).collect());
         }
         self.metrics.insert_found_stored.inc();
         let missing: Vec<EventRow> =
             rows.iter().filter(|r| !stored.contains(&r.event_id)).map(|r| (*r).clone()).collect();
         let found = rows.len() - missing.len();
-        if self.refused.swap(false, Ordering::Relaxed) {
-            // ClickHouse answered the INSERT with an error, yet `events` holds these rows: it
+        if short > 0 {
+            // ClickHouse answered their INSERT with an error, yet `events` holds these rows: it
             // failed after the table's write, and the views that had not run by then never saw
             // them. They are not sent again (events would count them twice); the operator
             // compares and rebuilds the aggregates of these times (README, Delivery).
-            self.metrics.insert_views_short.inc_by(found as u64);
+            self.metrics.insert_views_short.inc_by(short as u64);
             tracing::error!(
                 batches = ?tokens,
-                rows = found,
+                rows = short,
                 first_event = %first.format(&Rfc3339).unwrap_or_default(),
                 last_event = %last.format(&Rfc3339).unwrap_or_default(),
                 "an INSERT that ClickHouse refused had stored these rows in events; its materialized views may lack them: compare the aggregates of these times with a recount from events and rebuild them if they differ (README, Delivery)"
@@ -274,7 +309,7 @@ impl Sender<'_> {
                 Err(e @ StoreError::Retryable(_)) => {
                     self.metrics.insert_failed(true);
                     if answered_by_clickhouse(&e) {
-                        self.refused.store(true, Ordering::Relaxed);
+                        self.refused.note(rows);
                     }
                     return Err(e);
                 }
@@ -292,7 +327,7 @@ impl Sender<'_> {
             self.metrics.insert_failed(false);
             // A rejected INSERT can have stored part of its rows (a view failing after the
             // table's part was written): only what is missing is split and tried again.
-            self.refused.store(true, Ordering::Relaxed);
+            self.refused.note(rows);
             let rest = self.missing(rows, bad).await?;
             match rest.len() {
                 0 => Ok(()),
@@ -331,5 +366,46 @@ fn retryable(e: StoreError) -> StoreError {
     match e {
         StoreError::Rejected(text) => StoreError::Retryable(text),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{EventKind, Traffic};
+
+    fn row(n: u8) -> EventRow {
+        EventRow {
+            event_id: Uuid::from_bytes([n; 16]),
+            ad_id: Uuid::nil(),
+            kind: EventKind::Click,
+            event_time: OffsetDateTime::UNIX_EPOCH,
+            received_at: OffsetDateTime::UNIX_EPOCH,
+            ip_hash: 0,
+            playback_time: None,
+            error_code: 0,
+            batch_id: Uuid::nil(),
+            traffic: Traffic::Valid,
+        }
+    }
+
+    /// A batch split in halves: the left half stored whole, the right one refused by ClickHouse
+    /// with nothing written. The next look-up of the whole batch finds the left half stored,
+    /// which no refused INSERT wrote: nothing to report. Then the right half is found stored
+    /// (its INSERT failed after writing): those rows, once.
+    #[test]
+    fn only_rows_of_refused_inserts_found_stored_count() {
+        let rows: Vec<EventRow> = (0..4).map(row).collect();
+        let all: Vec<&EventRow> = rows.iter().collect();
+        let refused = Refused::new("a test batch");
+        refused.note(&rows[2..]);
+        let left: HashSet<Uuid> = rows[..2].iter().map(|r| r.event_id).collect();
+        assert_eq!(refused.checked(&all, &left), 0);
+        refused.note(&rows[2..]);
+        let both: HashSet<Uuid> = rows.iter().map(|r| r.event_id).collect();
+        assert_eq!(refused.checked(&all, &both), 2);
+        // Checked: a later look-up finds nothing more to report.
+        assert_eq!(refused.checked(&all, &both), 0);
+        assert!(refused.ids.lock().is_empty());
     }
 }

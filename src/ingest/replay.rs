@@ -26,7 +26,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, atomic::AtomicBool},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -37,7 +37,7 @@ use super::{
     Health,
     buffer::Buffer,
     dead_letter::{Source, corrupt_fields, rows_fields},
-    insert::{Bad, Sender, dead_letter_reason, past_retention},
+    insert::{Bad, Refused, Sender, dead_letter_reason, past_retention},
     spill::{Acked, Entry, RedisState, Spill, Spilled},
 };
 use crate::{
@@ -307,7 +307,7 @@ impl Replayer {
         let query_id = format!("{QUERY_PREFIX}{}-{}", self.consumer, Uuid::new_v4().simple());
         let mut check: Option<Vec<String>> = uncertain.then(|| tokens.clone());
         let mut backoff = FIRST_BACKOFF;
-        let refused = AtomicBool::new(false);
+        let refused = Refused::new(format!("spill entries replayed by {}", self.consumer));
         let mut sender = Sender {
             clickhouse: &self.clickhouse,
             metrics: &self.metrics,

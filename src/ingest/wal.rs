@@ -692,7 +692,8 @@ impl Owed {
     }
 
     fn push(&mut self, first_seq: u64, rows: Vec<EventRow>) {
-        self.seqs.extend(first_seq..first_seq + rows.len() as u64);
+        // As the map's `(first_seq..).zip(rows)` numbered them, in step with the rows.
+        self.seqs.extend((first_seq..).take(rows.len()));
         let mut rows = rows.into_iter();
         while rows.len() > 0 {
             if self.pieces.last().is_none_or(|p| p.len() == PIECE_ROWS) {
