@@ -372,21 +372,9 @@ fn retryable(e: StoreError) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{EventKind, Traffic};
 
     fn row(n: u8) -> EventRow {
-        EventRow {
-            event_id: Uuid::from_bytes([n; 16]),
-            ad_id: Uuid::nil(),
-            kind: EventKind::Click,
-            event_time: OffsetDateTime::UNIX_EPOCH,
-            received_at: OffsetDateTime::UNIX_EPOCH,
-            ip_hash: 0,
-            playback_time: None,
-            error_code: 0,
-            batch_id: Uuid::nil(),
-            traffic: Traffic::Valid,
-        }
+        EventRow::test_click(n)
     }
 
     /// A batch split in halves: the left half stored whole, the right one refused by ClickHouse

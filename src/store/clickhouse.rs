@@ -132,6 +132,23 @@ pub struct EventRow {
 impl EventRow {
     /// Memory one buffered row accounts for.
     pub const SIZE: usize = std::mem::size_of::<EventRow>();
+
+    /// For tests: a valid click of the nil ad at the epoch, its event id `[n; 16]`.
+    #[cfg(test)]
+    pub fn test_click(n: u8) -> EventRow {
+        EventRow {
+            event_id: Uuid::from_bytes([n; 16]),
+            ad_id: Uuid::nil(),
+            kind: EventKind::Click,
+            event_time: OffsetDateTime::UNIX_EPOCH,
+            received_at: OffsetDateTime::UNIX_EPOCH,
+            ip_hash: 0,
+            playback_time: None,
+            error_code: 0,
+            batch_id: Uuid::nil(),
+            traffic: Traffic::Valid,
+        }
+    }
 }
 
 impl From<Event> for EventRow {
@@ -559,18 +576,7 @@ mod tests {
     fn dedup_is_for_current_servers_and_tokens_follow_the_rows() {
         assert!(ServerVersion { major: 18, minor: 16 } < DEDUP_SINCE);
         assert!(ServerVersion { major: 24, minor: 8 } >= DEDUP_SINCE);
-        let row = |n: u8| EventRow {
-            event_id: Uuid::from_bytes([n; 16]),
-            ad_id: Uuid::nil(),
-            kind: EventKind::Click,
-            event_time: OffsetDateTime::UNIX_EPOCH,
-            received_at: OffsetDateTime::UNIX_EPOCH,
-            ip_hash: 0,
-            playback_time: None,
-            error_code: 0,
-            batch_id: Uuid::nil(),
-            traffic: Traffic::Valid,
-        };
+        let row = EventRow::test_click;
         let all = [row(1), row(2), row(3)];
         assert_eq!(dedup_token(&all), dedup_token(&all.clone()));
         assert_ne!(dedup_token(&all), dedup_token(&all[1..]), "a re-send of the missing rows is new");
