@@ -856,10 +856,12 @@ impl<A: Endpoint, O: Endpoint> Front<A, O> {
                     return resp;
                 }
             }
-            // A plain OPTIONS learns what the path serves. A preflight of a path without CORS (the
+            // A plain OPTIONS learns what the path serves (one with Access-Control-Request-Method
+            // but no Origin is no browser's preflight). A preflight of a path without CORS (the
             // catalog, analytics) is not granted: it falls through to the router's 405.
             if method == poem::http::Method::OPTIONS
-                && !req.headers().contains_key(poem::http::header::ACCESS_CONTROL_REQUEST_METHOD)
+                && !(req.headers().contains_key(poem::http::header::ORIGIN)
+                    && req.headers().contains_key(poem::http::header::ACCESS_CONTROL_REQUEST_METHOD))
                 && let Some((template, allow)) = self.methods.find(req.uri().path())
             {
                 let mut resp = methods::options(allow);

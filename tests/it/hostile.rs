@@ -708,6 +708,18 @@ async fn hostile_options_and_head() {
     assert_eq!(refused.status(), 405);
     assert_eq!(refused.headers()["allow"], "GET, HEAD, OPTIONS");
     assert!(refused.headers().get("access-control-allow-origin").is_none());
+    // Without an Origin it is no browser's preflight: a plain OPTIONS.
+    let plain = app
+        .http
+        .request(reqwest::Method::OPTIONS, format!("{}/ads/analytics", app.base))
+        .header("access-control-request-method", "GET")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (plain.status().as_u16(), &plain.headers()["allow"]),
+        (204, &"GET, HEAD, OPTIONS".parse().unwrap())
+    );
     let error: Value = refused.json().await.unwrap();
     assert_eq!(
         error["error"],
