@@ -708,9 +708,7 @@ impl Owed {
     /// The rows at `keep`, in that order, in pieces again.
     fn repiece(&self, keep: impl Iterator<Item = usize>) -> Vec<Vec<EventRow>> {
         let mut again = Owed::with_capacity(0);
-        for i in keep {
-            again.push(0, vec![self.row(i).clone()]);
-        }
+        again.push(0, keep.map(|i| self.row(i).clone()).collect());
         again.pieces
     }
 
